@@ -1,0 +1,231 @@
+"""Analyse every 2-D weight of a model: spectra, metrics, MPO bond profiles, cached.
+
+The result is a polars DataFrame with one row per unique matrix (tied weights are
+analysed once, their other names listed in `aliases`) and the spectra kept as list
+columns. Tables are cached under `cache_dir()/analysis`, keyed by the content hash
+of every tensor, the settings and CACHE_VERSION.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from spectra import cache, models, mpo
+from spectra.metrics import spectrum_metrics
+from spectra.roles import ROLES
+from spectra.svd import singular_values, singular_values_torch
+
+Progress = Callable[[int, int, str], None]
+GPU_BATCH_BYTES = 2 * 2**30  # float64 bytes of matrices moved to the GPU at once
+
+
+@dataclass(frozen=True)
+class AnalysisSettings:
+    """What an analysis computes; part of the cache key.
+
+    Attributes:
+        cores: number of MPO cores K (2..6).
+        mpo_eps: relative error at which `bond_chi` (chi(eps) per bond) is reported.
+        mpo_ratio: parameter ratio at which `mpo_chi_for_ratio` is reported.
+    """
+
+    cores: int = 3
+    mpo_eps: float = 0.1
+    mpo_ratio: float = 0.5
+
+    def __post_init__(self):
+        mpo.check_cores(self.cores)
+        if not 0 < self.mpo_eps < 1:
+            raise ValueError(f"mpo_eps={self.mpo_eps}: must be in (0, 1)")
+        if not 0 < self.mpo_ratio <= 1:
+            raise ValueError(f"mpo_ratio={self.mpo_ratio}: must be in (0, 1]")
+
+
+def analyze(
+    spec: str,
+    device: str = "auto",
+    cores: int = 3,
+    use_cache: bool = True,
+    progress: Progress | None = None,
+    settings: AnalysisSettings | None = None,
+    info: dict | None = None,
+):
+    """Analyse a model (spec as in `models.resolve`); returns a polars DataFrame.
+
+    Args:
+        spec: `demo`, a Hugging Face directory, a .safetensors or .gguf file, or a hub id.
+        device: `auto` (cuda when present), `cpu` or `cuda`.
+        cores: MPO cores K for the bond profiles (2..6).
+        use_cache: read and write the on-disk cache.
+        progress: called as progress(done, total, name) after each matrix.
+        settings: full settings (overrides `cores`).
+        info: if given, filled with `cached`, `device`, `fingerprint`, `matrices`.
+    """
+    info = {} if info is None else info
+    import polars as pl
+
+    settings = settings or AnalysisSettings(cores=cores)
+    source = models.resolve(spec)
+    mats = models.matrices(source)
+    hashes = {}
+    for f in source.files:
+        refs = [m.ref for m in mats if m.ref.path == f]
+        hashes.update(cache.file_tensor_hashes(f, refs))
+    unique, aliases = _dedupe(mats, hashes)
+    fingerprint = cache.key(
+        cache.CACHE_VERSION, asdict(settings),
+        [(m.name, hashes[m.ref.name], m.transposed, m.role) for m in unique],
+    )
+    path = cache.cache_dir() / "analysis" / f"{fingerprint}.parquet"
+    names = [m.name for m in unique]
+    if use_cache:
+        hit = _read_table(path, names)
+        info.update(cached=hit is not None, device="cache", fingerprint=fingerprint,
+                    matrices=len(names))
+        if hit is not None:
+            return hit
+    device = models.resolve_device(device)
+    info.update(cached=False, device=device, fingerprint=fingerprint, matrices=len(names))
+    rows = (_run_cuda if device.startswith("cuda") else _run_cpu)(unique, settings, device, progress)
+    for r, m in zip(rows, unique, strict=True):
+        r.update(name=m.name, role=m.role, block=m.block, shape_m=m.shape[0], shape_n=m.shape[1],
+                 dtype=m.ref.dtype, content_hash=hashes[m.ref.name], aliases=aliases[m.name])
+    df = pl.DataFrame(rows, schema=_schema(), strict=False).select(list(_schema()))
+    df = df.sort(by=_order_key(df)).drop("_order", strict=False)
+    if use_cache:
+        with cache.atomic_path(path) as tmp:
+            df.write_parquet(tmp)
+    return df
+
+
+def _dedupe(mats, hashes):
+    """Keep the first matrix of each content hash; tied copies become aliases."""
+    first: dict[tuple, models.Matrix] = {}
+    aliases: dict[str, list[str]] = {}
+    for m in mats:
+        k = (hashes[m.ref.name], m.shape)
+        if k in first:
+            aliases[first[k].name].append(m.name)
+        else:
+            first[k] = m
+            aliases[m.name] = []
+    return list(first.values()), aliases
+
+
+def _order_key(df):
+    import polars as pl
+
+    group = pl.when(pl.col("role") == "embed").then(0).when(pl.col("role") == "lm_head").then(2)
+    role_idx = pl.col("role").replace_strict({r: i for i, r in enumerate(ROLES)}, default=99)
+    return [group.otherwise(1), pl.col("block").fill_null(-1), role_idx, pl.col("name")]
+
+
+def _read_table(path, names):
+    """A cached table, or None if it is missing, unreadable or not for these matrices."""
+    import polars as pl
+
+    if not path.is_file():
+        return None
+    try:
+        df = pl.read_parquet(path)
+    except Exception:  # truncated or garbage file: recompute
+        return None
+    if set(df.columns) != set(_schema()) or sorted(df["name"].to_list()) != sorted(names):
+        return None
+    return df
+
+
+def matrix_row(w: np.ndarray, settings: AnalysisSettings) -> dict:
+    """Spectrum, metrics and MPO profile of one (m, n) matrix (numpy, CPU)."""
+    s = singular_values(w)
+    mf, nf = (mpo.factorize(d, settings.cores) for d in w.shape)
+    return _row(s, mpo.bond_spectra(w, mf, nf), mf, nf, settings)
+
+
+def _row(s, bonds, mf, nf, settings) -> dict:
+    row = spectrum_metrics(s)
+    row.update(
+        sigma=s.tolist(),
+        mpo_cores=len(mf), mpo_m=list(mf), mpo_n=list(nf),
+        bond_dims=mpo.full_bond_dims(mf, nf),
+        bond_entropy=[mpo.entropy(b) for b in bonds],
+        bond_spectra=[b.tolist() for b in bonds],
+        mpo_eps=settings.mpo_eps,
+        bond_chi=mpo.chi_for_eps(bonds, settings.mpo_eps),
+        mpo_params_full=mpo.mpo_params(mf, nf, mpo.full_bond_dims(mf, nf)),
+        mpo_ratio=settings.mpo_ratio,
+        mpo_chi_for_ratio=mpo.chi_for_ratio(mf, nf, settings.mpo_ratio),
+    )
+    return row
+
+
+def _run_cpu(mats, settings, device, progress):
+    from threadpoolctl import threadpool_limits
+
+    order = sorted(range(len(mats)), key=lambda i: -math.prod(mats[i].shape))
+    rows: list[dict | None] = [None] * len(mats)
+    workers = max(1, min(os.cpu_count() or 1, 8))
+
+    def work(i):
+        rows[i] = matrix_row(mats[i].read_scratch(), settings)
+        return i
+
+    # one BLAS thread per worker: LAPACK's eigensolver scales poorly across threads
+    with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
+        for done, i in enumerate(pool.map(work, order), 1):
+            if progress:
+                progress(done, len(mats), mats[i].name)
+    return rows
+
+
+def _run_cuda(mats, settings, device, progress):
+    """Batched by shape on the GPU: spectra and bond spectra; metrics on the CPU."""
+    import torch
+
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, m in enumerate(mats):
+        groups.setdefault(m.shape, []).append(i)
+    rows: list[dict | None] = [None] * len(mats)
+    done = 0
+    for (mm, nn), idx in groups.items():
+        mf, nf = mpo.factorize(mm, settings.cores), mpo.factorize(nn, settings.cores)
+        per_batch = max(1, GPU_BATCH_BYTES // (mm * nn * 8))
+        for lo in range(0, len(idx), per_batch):
+            chunk = idx[lo : lo + per_batch]
+            w = torch.stack([torch.from_numpy(np.ascontiguousarray(mats[i].read())) for i in chunk])
+            w = w.to(device, torch.float64)
+            s = singular_values_torch(w).cpu().numpy()
+            bonds = [
+                singular_values_torch(mpo.unfolding(w, mf, nf, k)).cpu().numpy()
+                for k in range(settings.cores - 1)
+            ]
+            del w
+            for j, i in enumerate(chunk):
+                rows[i] = _row(s[j], [b[j] for b in bonds], mf, nf, settings)
+                done += 1
+                if progress:
+                    progress(done, len(mats), mats[i].name)
+    return rows
+
+
+def _schema():
+    import polars as pl
+
+    f64, i64, f64s, i64s = pl.Float64, pl.Int64, pl.List(pl.Float64), pl.List(pl.Int64)
+    return {
+        "name": pl.String, "role": pl.String, "block": i64, "shape_m": i64, "shape_n": i64,
+        "dtype": pl.String, "content_hash": pl.String, "aliases": pl.List(pl.String),
+        "sigma_max": f64, "fro_norm": f64, "nuclear_norm": f64, "stable_rank": f64, "erank": f64,
+        "energy_rank_90": i64, "energy_rank_99": i64, "participation_ratio": f64,
+        "alpha": f64, "alpha_xmin": f64, "alpha_ks": f64, "alpha_n": i64,
+        "sigma": f64s,
+        "mpo_cores": i64, "mpo_m": i64s, "mpo_n": i64s, "bond_dims": i64s, "bond_entropy": f64s,
+        "bond_spectra": pl.List(f64s), "mpo_eps": f64, "bond_chi": i64s,
+        "mpo_params_full": i64, "mpo_ratio": f64, "mpo_chi_for_ratio": i64,
+    }

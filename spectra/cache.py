@@ -1,0 +1,92 @@
+"""On-disk cache: where it lives, content fingerprints, atomic writes.
+
+Results are keyed by the content of the weights (xxh3-128 of every tensor's bytes),
+the computation's settings and CACHE_VERSION. Per-file tensor hashes are memoised
+against the file's size, mtime and inode, so a repeat run stats files instead of
+reading them; a rewritten file gets a new mtime and is hashed again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import xxhash
+
+CACHE_VERSION = 1
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def cache_dir() -> Path:
+    """`SPECTRA_CACHE`, else the checkout's `cache/`, else the user cache directory."""
+    env = os.environ.get("SPECTRA_CACHE")
+    if env:
+        return Path(env)
+    if (_REPO_ROOT / "pyproject.toml").is_file() and (_REPO_ROOT / "cache").is_dir():
+        return _REPO_ROOT / "cache"
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(xdg) / "spectra"
+
+
+def key(*parts: object) -> str:
+    """A short stable key for JSON-serialisable parts."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:24]
+
+
+def hash_bytes(buf) -> str:
+    return xxhash.xxh3_128(buf).hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | os.PathLike):
+    """Yield a temporary path beside `final`; rename it over `final` only on success."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+
+
+def read_json(path: str | os.PathLike):
+    """Parsed JSON, or None when the file is missing or unreadable (a cache miss)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def file_tensor_hashes(path: Path, refs: Iterable) -> dict[str, str]:
+    """Content hash of every tensor in one safetensors file, memoised by file stat."""
+    st = path.stat()
+    stamp = [str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino, CACHE_VERSION]
+    memo = cache_dir() / "hashes" / f"{key(str(path.resolve()))}.json"
+    cached = read_json(memo)
+    if isinstance(cached, dict) and cached.get("stamp") == stamp:
+        return cached["tensors"]
+    hashes = {r.name: hash_bytes(r.read_bytes()) for r in refs}
+    write_json(memo, {"stamp": stamp, "tensors": hashes})
+    return hashes

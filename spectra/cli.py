@@ -1,0 +1,175 @@
+"""The `spectra` command line.
+
+Exit codes: 0 success, 2 bad input (one line on stderr, no traceback), 1 internal error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from spectra.errors import SpectraInputError
+
+OUT_FORMATS = (".parquet", ".csv", ".json")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, like every other bad input
+        raise SpectraInputError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="spectra", description="Weight spectra of transformer language models.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    a = sub.add_parser("analyze", help="spectra, metrics and MPO bond profiles of every matrix")
+    a.add_argument("model", help="demo, a model directory, a .safetensors/.gguf file or a hub id")
+    a.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda")
+    a.add_argument("--cores", type=int, default=3, help="MPO cores K for bond profiles (2..6)")
+    a.add_argument("--out", type=Path, help="write the full table (.parquet, .csv or .json)")
+    a.add_argument("--json", action="store_true", help="print machine-readable results on stdout")
+    a.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
+    a.set_defaults(func=cmd_analyze)
+
+    app = sub.add_parser("app", help="open the Streamlit app")
+    app.add_argument("model", nargs="?", default="demo")
+    app.add_argument("--port", type=int, default=8501)
+    app.set_defaults(func=cmd_app)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args) or 0
+    except SpectraInputError as e:
+        print(f"spectra: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("spectra: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # internal error: one line unless SPECTRA_DEBUG is set
+        if os.environ.get("SPECTRA_DEBUG"):
+            raise
+        print(f"spectra: internal error: {e.__class__.__name__}: {e}", file=sys.stderr)
+        return 1
+
+
+def check_out_path(out: Path, formats=OUT_FORMATS) -> None:
+    """Fail early, before any work, if `out` has a bad suffix or cannot be written."""
+    if out.suffix.lower() not in formats:
+        raise SpectraInputError(f"--out {out}: unsupported format (use {', '.join(formats)})")
+    if out.is_dir():
+        raise SpectraInputError(f"--out {out}: is a directory")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise SpectraInputError(f"--out {out}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise SpectraInputError(f"--out {out}: not writable")
+
+
+def cmd_analyze(args) -> int:
+    from spectra import mpo
+
+    mpo.check_cores(args.cores)
+    if args.out is not None:
+        check_out_path(args.out)
+    from spectra.analyze import analyze
+    from spectra.report import format_table, summaries
+
+    info: dict = {}
+    t0 = time.perf_counter()
+    with _progress_bar("analyzing") as progress:
+        df = analyze(args.model, device=args.device, cores=args.cores,
+                     use_cache=not args.no_cache, progress=progress, info=info)
+    seconds = time.perf_counter() - t0
+    if args.out is not None:
+        write_table(df, args.out)
+    by_role, by_block = summaries(df)
+    params = int((df["shape_m"] * df["shape_n"]).sum())
+    where = "cache" if info.get("cached") else info.get("device", "?")
+    if args.json:
+        scalars = df.drop([c for c, t in df.schema.items() if t.is_nested()])
+        print(json.dumps({
+            "model": args.model, "matrices": df.height, "params": params,
+            "seconds": round(seconds, 3), "source": where, "cores": args.cores,
+            "out": str(args.out) if args.out else None,
+            "by_role": by_role.to_dicts(), "by_block": by_block.to_dicts(),
+            "rows": scalars.to_dicts(),
+        }, default=str))
+        return 0
+    print(f"{args.model}: {df.height} matrices, {params / 1e6:.1f}M parameters, "
+          f"analysed in {seconds:.2f} s ({where})")
+    print("\nby role (means)\n" + format_table(by_role))
+    print("\nby block (means)\n" + format_table(by_block))
+    if args.out is not None:
+        print(f"\nfull table: {args.out}")
+    return 0
+
+
+def write_table(df, out: Path) -> None:
+    """Write the analysis table atomically; CSV gets list columns as JSON strings."""
+    import polars as pl
+
+    from spectra.cache import atomic_path
+
+    with atomic_path(out) as tmp:
+        suffix = out.suffix.lower()
+        if suffix == ".parquet":
+            df.write_parquet(tmp)
+        elif suffix == ".json":
+            df.write_json(tmp)
+        else:
+            nested = [c for c, t in df.schema.items() if t.is_nested()]
+            flat = df.with_columns(
+                pl.Series(c, [json.dumps(v) for v in df[c].to_list()], dtype=pl.String)
+                for c in nested
+            )
+            flat.write_csv(tmp)
+
+
+class _progress_bar:
+    """tqdm on an interactive terminal, silent otherwise; yields a progress callback."""
+
+    def __init__(self, desc: str):
+        self.desc, self.bar = desc, None
+
+    def __enter__(self):
+        if not sys.stderr.isatty():
+            return None
+        from tqdm import tqdm
+
+        def update(done, total, name):
+            if self.bar is None:
+                self.bar = tqdm(total=total, desc=self.desc, unit="matrix", file=sys.stderr)
+            self.bar.update(done - self.bar.n)
+            self.bar.set_postfix_str(name[-40:], refresh=False)
+
+        return update
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()
+        return False
+
+
+def cmd_app(args) -> int:
+    import subprocess
+
+    main_py = Path(__file__).resolve().parent.parent / "app" / "main.py"
+    if not main_py.is_file():
+        import app
+
+        main_py = Path(app.__file__).resolve().parent / "main.py"
+    env = dict(os.environ, SPECTRA_APP_MODEL=args.model)
+    cmd = [sys.executable, "-m", "streamlit", "run", str(main_py),
+           "--server.port", str(args.port), "--browser.gatherUsageStats", "false"]
+    return subprocess.call(cmd, env=env)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

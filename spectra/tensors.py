@@ -1,0 +1,121 @@
+"""Lazy, torch-free reading of safetensors files.
+
+The header is parsed by hand (8-byte little-endian length, then JSON) and each
+tensor is read with one positioned read into a fresh buffer, so memory holds only
+the tensors being worked on, never a mapping of the whole checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from spectra.errors import SpectraInputError
+
+_MAX_HEADER = 100 * 2**20
+# safetensors dtype -> (numpy dtype used to read the bytes, bytes per element)
+_DTYPES = {
+    "F64": (np.float64, 8),
+    "F32": (np.float32, 4),
+    "F16": (np.float16, 2),
+    "BF16": (np.uint16, 2),  # widened to float32 by a 16-bit shift
+    "I64": (np.int64, 8),
+    "I32": (np.int32, 4),
+    "I16": (np.int16, 2),
+    "I8": (np.int8, 1),
+    "U8": (np.uint8, 1),
+    "BOOL": (np.bool_, 1),
+}
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """Where one tensor lives: file, byte range, dtype and shape."""
+
+    name: str
+    path: Path
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    def read_bytes(self, buf: np.ndarray | None = None) -> np.ndarray:
+        """The raw bytes, read into `buf` (uint8, exactly nbytes long) when given."""
+        buf = np.empty(self.nbytes, dtype=np.uint8) if buf is None else buf
+        with open(self.path, "rb") as f:
+            f.seek(self.start)
+            got = f.readinto(memoryview(buf))
+        if got != self.nbytes:
+            raise SpectraInputError(f"{self.path}: truncated safetensors file (tensor {self.name})")
+        return buf
+
+    def read(self, dtype=np.float32) -> np.ndarray:
+        """The tensor as a numpy array of `dtype` (bf16/f16 are widened exactly)."""
+        raw = self.read_bytes()
+        np_dtype, _ = _DTYPES[self.dtype]
+        arr = raw.view(np_dtype).reshape(self.shape)
+        if self.dtype == "BF16":
+            arr = (arr.astype(np.uint32) << 16).view(np.float32)
+        return arr.astype(dtype, copy=False)
+
+    def read_float64(self) -> np.ndarray:
+        """The tensor as float64 in this thread's scratch buffer (valid until the next call)."""
+        from spectra import scratch
+
+        raw = self.read_bytes(scratch.buffer("raw", self.nbytes, np.uint8))
+        src = raw.view(_DTYPES[self.dtype][0]).reshape(self.shape)
+        if self.dtype == "BF16":
+            src = (src.astype(np.uint32) << 16).view(np.float32)
+        out = scratch.buffer("w64", src.size).reshape(self.shape)
+        np.copyto(out, src)
+        return out
+
+
+def read_header(path: str | os.PathLike) -> list[TensorRef]:
+    """Parse a safetensors header; raise SpectraInputError naming the file if it is corrupt."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise SpectraInputError(f"{path}: not a safetensors file (too short)")
+            (n,) = struct.unpack("<Q", head)
+            if n == 0 or n > _MAX_HEADER or 8 + n > size:
+                raise SpectraInputError(f"{path}: corrupt or truncated safetensors header")
+            meta = json.loads(f.read(n))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SpectraInputError(f"{path}: corrupt safetensors header ({e.__class__.__name__})") from e
+    except OSError as e:
+        raise SpectraInputError(f"{path}: cannot read ({e.strerror})") from e
+    if not isinstance(meta, dict):
+        raise SpectraInputError(f"{path}: corrupt safetensors header")
+    base = 8 + n
+    refs = []
+    for name, info in meta.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape = info["dtype"], tuple(int(s) for s in info["shape"])
+            lo, hi = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise SpectraInputError(f"{path}: corrupt safetensors entry for {name!r}") from e
+        if dtype not in _DTYPES:
+            continue  # fp8 and friends: not analysed
+        expected = int(np.prod(shape, dtype=np.int64)) * _DTYPES[dtype][1]
+        if hi - lo != expected or lo < 0 or base + hi > size:
+            raise SpectraInputError(
+                f"{path}: corrupt or truncated safetensors file (tensor {name!r} out of range)"
+            )
+        refs.append(TensorRef(name, path, dtype, shape, base + lo, base + hi))
+    return refs
