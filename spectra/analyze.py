@@ -79,23 +79,35 @@ def analyze(
         hashes.update(cache.file_tensor_hashes(f, refs))
     unique, aliases = _dedupe(mats, hashes)
     fingerprint = cache.key(
-        cache.CACHE_VERSION, asdict(settings),
+        cache.CACHE_VERSION,
+        asdict(settings),
         [(m.name, hashes[m.ref.name], m.transposed, m.role) for m in unique],
     )
     path = cache.cache_dir() / "analysis" / f"{fingerprint}.parquet"
     names = [m.name for m in unique]
     if use_cache:
         hit = _read_table(path, names)
-        info.update(cached=hit is not None, device="cache", fingerprint=fingerprint,
-                    matrices=len(names))
+        info.update(
+            cached=hit is not None, device="cache", fingerprint=fingerprint, matrices=len(names)
+        )
         if hit is not None:
             return hit
     device = models.resolve_device(device)
     info.update(cached=False, device=device, fingerprint=fingerprint, matrices=len(names))
-    rows = (_run_cuda if device.startswith("cuda") else _run_cpu)(unique, settings, device, progress)
+    rows = (_run_cuda if device.startswith("cuda") else _run_cpu)(
+        unique, settings, device, progress
+    )
     for r, m in zip(rows, unique, strict=True):
-        r.update(name=m.name, role=m.role, block=m.block, shape_m=m.shape[0], shape_n=m.shape[1],
-                 dtype=m.ref.dtype, content_hash=hashes[m.ref.name], aliases=aliases[m.name])
+        r.update(
+            name=m.name,
+            role=m.role,
+            block=m.block,
+            shape_m=m.shape[0],
+            shape_n=m.shape[1],
+            dtype=m.ref.dtype,
+            content_hash=hashes[m.ref.name],
+            aliases=aliases[m.name],
+        )
     df = pl.DataFrame(rows, schema=_schema(), strict=False).select(list(_schema()))
     df = df.sort(by=_order_key(df)).drop("_order", strict=False)
     if use_cache:
@@ -105,10 +117,10 @@ def analyze(
 
 
 def _dedupe(mats, hashes):
-    """Keep the first matrix of each content hash; tied copies become aliases."""
+    """Keep one matrix per content hash (not the lm_head); tied copies become aliases."""
     first: dict[tuple, models.Matrix] = {}
     aliases: dict[str, list[str]] = {}
-    for m in mats:
+    for m in sorted(mats, key=lambda m: m.role == "lm_head"):
         k = (hashes[m.ref.name], m.shape)
         if k in first:
             aliases[first[k].name].append(m.name)
@@ -152,7 +164,9 @@ def _row(s, bonds, mf, nf, settings) -> dict:
     row = spectrum_metrics(s)
     row.update(
         sigma=s.tolist(),
-        mpo_cores=len(mf), mpo_m=list(mf), mpo_n=list(nf),
+        mpo_cores=len(mf),
+        mpo_m=list(mf),
+        mpo_n=list(nf),
         bond_dims=mpo.full_bond_dims(mf, nf),
         bond_entropy=[mpo.entropy(b) for b in bonds],
         bond_spectra=[b.tolist() for b in bonds],
@@ -219,13 +233,36 @@ def _schema():
 
     f64, i64, f64s, i64s = pl.Float64, pl.Int64, pl.List(pl.Float64), pl.List(pl.Int64)
     return {
-        "name": pl.String, "role": pl.String, "block": i64, "shape_m": i64, "shape_n": i64,
-        "dtype": pl.String, "content_hash": pl.String, "aliases": pl.List(pl.String),
-        "sigma_max": f64, "fro_norm": f64, "nuclear_norm": f64, "stable_rank": f64, "erank": f64,
-        "energy_rank_90": i64, "energy_rank_99": i64, "participation_ratio": f64,
-        "alpha": f64, "alpha_xmin": f64, "alpha_ks": f64, "alpha_n": i64,
+        "name": pl.String,
+        "role": pl.String,
+        "block": i64,
+        "shape_m": i64,
+        "shape_n": i64,
+        "dtype": pl.String,
+        "content_hash": pl.String,
+        "aliases": pl.List(pl.String),
+        "sigma_max": f64,
+        "fro_norm": f64,
+        "nuclear_norm": f64,
+        "stable_rank": f64,
+        "erank": f64,
+        "energy_rank_90": i64,
+        "energy_rank_99": i64,
+        "participation_ratio": f64,
+        "alpha": f64,
+        "alpha_xmin": f64,
+        "alpha_ks": f64,
+        "alpha_n": i64,
         "sigma": f64s,
-        "mpo_cores": i64, "mpo_m": i64s, "mpo_n": i64s, "bond_dims": i64s, "bond_entropy": f64s,
-        "bond_spectra": pl.List(f64s), "mpo_eps": f64, "bond_chi": i64s,
-        "mpo_params_full": i64, "mpo_ratio": f64, "mpo_chi_for_ratio": i64,
+        "mpo_cores": i64,
+        "mpo_m": i64s,
+        "mpo_n": i64s,
+        "bond_dims": i64s,
+        "bond_entropy": f64s,
+        "bond_spectra": pl.List(f64s),
+        "mpo_eps": f64,
+        "bond_chi": i64s,
+        "mpo_params_full": i64,
+        "mpo_ratio": f64,
+        "mpo_chi_for_ratio": i64,
     }

@@ -68,8 +68,13 @@ def check_out_path(out: Path, formats=OUT_FORMATS) -> None:
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise SpectraInputError(f"--out {out}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
-        raise SpectraInputError(f"--out {out}: not writable")
+    import tempfile
+
+    try:  # a real probe: os.access says yes to root even on read-only mounts
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".spectra-probe-"):
+            pass
+    except OSError as e:
+        raise SpectraInputError(f"--out {out}: not writable ({e.strerror})") from e
 
 
 def cmd_analyze(args) -> int:
@@ -84,8 +89,14 @@ def cmd_analyze(args) -> int:
     info: dict = {}
     t0 = time.perf_counter()
     with _progress_bar("analyzing") as progress:
-        df = analyze(args.model, device=args.device, cores=args.cores,
-                     use_cache=not args.no_cache, progress=progress, info=info)
+        df = analyze(
+            args.model,
+            device=args.device,
+            cores=args.cores,
+            use_cache=not args.no_cache,
+            progress=progress,
+            info=info,
+        )
     seconds = time.perf_counter() - t0
     if args.out is not None:
         write_table(df, args.out)
@@ -94,16 +105,28 @@ def cmd_analyze(args) -> int:
     where = "cache" if info.get("cached") else info.get("device", "?")
     if args.json:
         scalars = df.drop([c for c, t in df.schema.items() if t.is_nested()])
-        print(json.dumps({
-            "model": args.model, "matrices": df.height, "params": params,
-            "seconds": round(seconds, 3), "source": where, "cores": args.cores,
-            "out": str(args.out) if args.out else None,
-            "by_role": by_role.to_dicts(), "by_block": by_block.to_dicts(),
-            "rows": scalars.to_dicts(),
-        }, default=str))
+        print(
+            json.dumps(
+                {
+                    "model": args.model,
+                    "matrices": df.height,
+                    "params": params,
+                    "seconds": round(seconds, 3),
+                    "source": where,
+                    "cores": args.cores,
+                    "out": str(args.out) if args.out else None,
+                    "by_role": by_role.to_dicts(),
+                    "by_block": by_block.to_dicts(),
+                    "rows": scalars.to_dicts(),
+                },
+                default=str,
+            )
+        )
         return 0
-    print(f"{args.model}: {df.height} matrices, {params / 1e6:.1f}M parameters, "
-          f"analysed in {seconds:.2f} s ({where})")
+    print(
+        f"{args.model}: {df.height} matrices, {params / 1e6:.1f}M parameters, "
+        f"analysed in {seconds:.2f} s ({where})"
+    )
     print("\nby role (means)\n" + format_table(by_role))
     print("\nby block (means)\n" + format_table(by_block))
     if args.out is not None:
@@ -158,16 +181,25 @@ class _progress_bar:
 
 
 def cmd_app(args) -> int:
+    import importlib.util
     import subprocess
 
-    main_py = Path(__file__).resolve().parent.parent / "app" / "main.py"
-    if not main_py.is_file():
-        import app
-
-        main_py = Path(app.__file__).resolve().parent / "main.py"
+    found = importlib.util.find_spec("app")  # located, not imported: spectra stays headless
+    if found is None or not found.submodule_search_locations:
+        raise SpectraInputError("the app package is not installed")
+    main_py = Path(next(iter(found.submodule_search_locations))) / "main.py"
     env = dict(os.environ, SPECTRA_APP_MODEL=args.model)
-    cmd = [sys.executable, "-m", "streamlit", "run", str(main_py),
-           "--server.port", str(args.port), "--browser.gatherUsageStats", "false"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(main_py),
+        "--server.port",
+        str(args.port),
+        "--browser.gatherUsageStats",
+        "false",
+    ]
     return subprocess.call(cmd, env=env)
 
 

@@ -24,9 +24,20 @@ def spectrum_metrics(s: np.ndarray) -> dict[str, float | int]:
     smax = float(s[0]) if s.size else 0.0
     if smax == 0.0:
         nan = float("nan")
-        return dict(sigma_max=0.0, fro_norm=0.0, nuclear_norm=0.0, stable_rank=nan, erank=nan,
-                    energy_rank_90=0, energy_rank_99=0, participation_ratio=nan,
-                    alpha=nan, alpha_xmin=nan, alpha_ks=nan, alpha_n=0)
+        return dict(
+            sigma_max=0.0,
+            fro_norm=0.0,
+            nuclear_norm=0.0,
+            stable_rank=nan,
+            erank=nan,
+            energy_rank_90=0,
+            energy_rank_99=0,
+            participation_ratio=nan,
+            alpha=nan,
+            alpha_xmin=nan,
+            alpha_ks=nan,
+            alpha_n=0,
+        )
     p = s / s.sum()
     p = p[p > 0]
     alpha, xmin, ks, n_tail = powerlaw_fit(s2)
@@ -59,7 +70,9 @@ def rank_error_curve(s: np.ndarray) -> np.ndarray:
     return np.sqrt(np.clip(tail / tail[0], 0.0, None)) if tail[0] > 0 else np.zeros_like(tail)
 
 
-def powerlaw_fit(evals: np.ndarray, thresh: float = EVALS_THRESH) -> tuple[float, float, float, int]:
+def powerlaw_fit(
+    evals: np.ndarray, thresh: float = EVALS_THRESH
+) -> tuple[float, float, float, int]:
     """(alpha, xmin, KS distance, tail size) of the eigenvalue tail; NaNs when too few values.
 
     Vectorised over all xmin candidates: O(N^2) work in a handful of array passes.

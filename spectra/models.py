@@ -225,7 +225,9 @@ def _ensure_gguf_converted(gguf: Path, out: Path) -> Path:
         )
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except Exception as e:  # gguf raises a zoo of types on corrupt files
-        raise SpectraInputError(f"{gguf}: corrupt or unsupported GGUF file ({_first_line(e)})") from e
+        raise SpectraInputError(
+            f"{gguf}: corrupt or unsupported GGUF file ({_first_line(e)})"
+        ) from e
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

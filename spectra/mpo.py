@@ -55,13 +55,17 @@ def check_cores(k: int) -> None:
     if not MIN_CORES <= k <= MAX_CORES:
         from spectra.errors import SpectraInputError
 
-        raise SpectraInputError(f"cores={k}: the number of MPO cores must be in {MIN_CORES}..{MAX_CORES}")
+        raise SpectraInputError(
+            f"cores={k}: the number of MPO cores must be in {MIN_CORES}..{MAX_CORES}"
+        )
 
 
 def full_bond_dims(mf: tuple[int, ...], nf: tuple[int, ...]) -> list[int]:
     """Bond dimensions of an exact MPO: min(left size, right size) at each bond."""
     sizes = [a * b for a, b in zip(mf, nf, strict=True)]
-    return [min(math.prod(sizes[: k + 1]), math.prod(sizes[k + 1 :])) for k in range(len(sizes) - 1)]
+    return [
+        min(math.prod(sizes[: k + 1]), math.prod(sizes[k + 1 :])) for k in range(len(sizes) - 1)
+    ]
 
 
 def paired(w, mf, nf):
@@ -98,7 +102,7 @@ def bond_spectra(w: np.ndarray, mf, nf) -> list[np.ndarray]:
 
 
 def _reshuffle(w: np.ndarray, ml: int, mr: int, nl: int, nr: int) -> np.ndarray:
-    """(ml*mr, nl*nr) -> (ml*nl, mr*nr) with [(a,b),(c,d)] -> [(a,c),(b,d)], into a reused buffer."""
+    """(ml*mr, nl*nr) -> (ml*nl, mr*nr), [(a,b),(c,d)] -> [(a,c),(b,d)], in a reused buffer."""
     buf = scratch.buffer("reshuffle", w.size)
     out = buf.reshape(ml, nl, mr, nr)
     np.copyto(out, w.reshape(ml, mr, nl, nr).transpose(0, 2, 1, 3))

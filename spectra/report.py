@@ -19,7 +19,9 @@ def format_table(df, floats: int = 2) -> str:
     """Fixed-width text table of a small polars DataFrame."""
     cols = df.columns
     cells = [[_fmt(v, floats) for v in row] for row in df.iter_rows()]
-    widths = [max(len(c), *(len(r[i]) for r in cells)) if cells else len(c) for i, c in enumerate(cols)]
+    widths = [
+        max(len(c), *(len(r[i]) for r in cells)) if cells else len(c) for i, c in enumerate(cols)
+    ]
     lines = ["  ".join(c.rjust(w) for c, w in zip(cols, widths, strict=True))]
     lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
     return "\n".join(lines)

@@ -95,7 +95,9 @@ def read_header(path: str | os.PathLike) -> list[TensorRef]:
                 raise SpectraInputError(f"{path}: corrupt or truncated safetensors header")
             meta = json.loads(f.read(n))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SpectraInputError(f"{path}: corrupt safetensors header ({e.__class__.__name__})") from e
+        raise SpectraInputError(
+            f"{path}: corrupt safetensors header ({e.__class__.__name__})"
+        ) from e
     except OSError as e:
         raise SpectraInputError(f"{path}: cannot read ({e.strerror})") from e
     if not isinstance(meta, dict):
