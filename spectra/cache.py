@@ -87,6 +87,16 @@ def file_tensor_hashes(path: Path, refs: Iterable) -> dict[str, str]:
     cached = read_json(memo)
     if isinstance(cached, dict) and cached.get("stamp") == stamp:
         return cached["tensors"]
-    hashes = {r.name: hash_bytes(r.read_bytes()) for r in refs}
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    from spectra import scratch
+
+    def one(r):
+        return r.name, hash_bytes(r.read_bytes(scratch.buffer("raw", r.nbytes, np.uint8)))
+
+    with ThreadPoolExecutor(max(1, min(os.cpu_count() or 1, 8))) as pool:
+        hashes = dict(pool.map(one, refs))
     write_json(memo, {"stamp": stamp, "tensors": hashes})
     return hashes
