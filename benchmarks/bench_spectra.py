@@ -75,6 +75,9 @@ def child_weightwatcher(model_dir: str) -> dict:
 
 
 def child_spectra(spec: str, device: str) -> dict:
+    import polars  # noqa: F401  (library imports are not the analysis's memory)
+    import threadpoolctl  # noqa: F401
+
     from spectra.analyze import analyze
 
     info: dict = {}

@@ -73,10 +73,26 @@ def analyze(
     settings = settings or AnalysisSettings(cores=cores)
     source = models.resolve(spec)
     mats = models.matrices(source)
-    hashes = {}
-    for f in source.files:
-        refs = [m.ref for m in mats if m.ref.path == f]
-        hashes.update(cache.file_tensor_hashes(f, refs))
+    device = models.resolve_device(device)
+    run = _run_cuda if device.startswith("cuda") else _run_cpu
+    stamps = {f: cache.file_stamp(f) for f in source.files}
+    hashes = _known_hashes(stamps) if use_cache else None
+    rows_by_name = None
+    if hashes is None and run is _run_cpu:
+        # first sight of these files: hash each tensor from the bytes read for the analysis
+        hashes = {}
+        rows_by_name = dict(
+            zip([m.name for m in mats], run(mats, settings, device, progress, hashes), strict=True)
+        )
+        if use_cache:
+            for f in source.files:
+                cache.store_hashes(
+                    f, stamps[f], {m.ref.name: hashes[m.ref.name] for m in mats if m.ref.path == f}
+                )
+    elif hashes is None:
+        hashes = {}
+        for f in source.files:
+            hashes.update(cache.file_tensor_hashes(f, [m.ref for m in mats if m.ref.path == f]))
     unique, aliases = _dedupe(mats, hashes)
     fingerprint = cache.key(
         cache.CACHE_VERSION,
@@ -85,18 +101,16 @@ def analyze(
     )
     path = cache.cache_dir() / "analysis" / f"{fingerprint}.parquet"
     names = [m.name for m in unique]
-    if use_cache:
-        hit = _read_table(path, names)
-        info.update(
-            cached=hit is not None, device="cache", fingerprint=fingerprint, matrices=len(names)
-        )
-        if hit is not None:
-            return hit
-    device = models.resolve_device(device)
     info.update(cached=False, device=device, fingerprint=fingerprint, matrices=len(names))
-    rows = (_run_cuda if device.startswith("cuda") else _run_cpu)(
-        unique, settings, device, progress
-    )
+    if use_cache and rows_by_name is None:
+        hit = _read_table(path, names)
+        if hit is not None:
+            info.update(cached=True, device="cache")
+            return hit
+    if rows_by_name is None:
+        rows = run(unique, settings, device, progress)
+    else:
+        rows = [rows_by_name[m.name] for m in unique]
     for r, m in zip(rows, unique, strict=True):
         r.update(
             name=m.name,
@@ -114,6 +128,17 @@ def analyze(
         with cache.atomic_path(path) as tmp:
             df.write_parquet(tmp)
     return df
+
+
+def _known_hashes(stamps) -> dict[str, str] | None:
+    """Memoised hashes of every file's tensors, or None if any file is new or changed."""
+    hashes: dict[str, str] = {}
+    for f, stamp in stamps.items():
+        memo = cache.memoized_hashes(f, stamp)
+        if memo is None:
+            return None
+        hashes.update(memo)
+    return hashes
 
 
 def _dedupe(mats, hashes):
@@ -179,7 +204,8 @@ def _row(s, bonds, mf, nf, settings) -> dict:
     return row
 
 
-def _run_cpu(mats, settings, device, progress):
+def _run_cpu(mats, settings, device, progress, hashes=None):
+    """Rows for `mats` from a thread pool; fills `hashes` (name -> content hash) if given."""
     from threadpoolctl import threadpool_limits
 
     order = sorted(range(len(mats)), key=lambda i: -math.prod(mats[i].shape))
@@ -187,7 +213,7 @@ def _run_cpu(mats, settings, device, progress):
     workers = max(1, min(os.cpu_count() or 1, 8))
 
     def work(i):
-        rows[i] = matrix_row(mats[i].read_scratch(), settings)
+        rows[i] = matrix_row(mats[i].read_scratch(hashes), settings)
         return i
 
     # one BLAS thread per worker: LAPACK's eigensolver scales poorly across threads

@@ -79,14 +79,36 @@ def read_json(path: str | os.PathLike):
         return None
 
 
+def file_stamp(path: Path) -> list:
+    """What must be unchanged for a file's memoised tensor hashes to be reused."""
+    st = path.stat()
+    return [str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino, CACHE_VERSION]
+
+
+def _memo_path(path: Path) -> Path:
+    return cache_dir() / "hashes" / f"{key(str(path.resolve()))}.json"
+
+
+def memoized_hashes(path: Path, stamp: list) -> dict[str, str] | None:
+    """The tensor hashes remembered for `path`, or None when absent, stale or corrupt."""
+    cached = read_json(_memo_path(path))
+    if isinstance(cached, dict) and cached.get("stamp") == stamp:
+        tensors = cached.get("tensors")
+        if isinstance(tensors, dict):
+            return tensors
+    return None
+
+
+def store_hashes(path: Path, stamp: list, hashes: dict[str, str]) -> None:
+    write_json(_memo_path(path), {"stamp": stamp, "tensors": hashes})
+
+
 def file_tensor_hashes(path: Path, refs: Iterable) -> dict[str, str]:
     """Content hash of every tensor in one safetensors file, memoised by file stat."""
-    st = path.stat()
-    stamp = [str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino, CACHE_VERSION]
-    memo = cache_dir() / "hashes" / f"{key(str(path.resolve()))}.json"
-    cached = read_json(memo)
-    if isinstance(cached, dict) and cached.get("stamp") == stamp:
-        return cached["tensors"]
+    stamp = file_stamp(path)
+    hashes = memoized_hashes(path, stamp)
+    if hashes is not None:
+        return hashes
     from concurrent.futures import ThreadPoolExecutor
 
     import numpy as np
@@ -98,5 +120,5 @@ def file_tensor_hashes(path: Path, refs: Iterable) -> dict[str, str]:
 
     with ThreadPoolExecutor(max(1, min(os.cpu_count() or 1, 8))) as pool:
         hashes = dict(pool.map(one, refs))
-    write_json(memo, {"stamp": stamp, "tensors": hashes})
+    store_hashes(path, stamp, hashes)
     return hashes

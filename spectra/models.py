@@ -59,9 +59,9 @@ class Matrix:
         w = self.ref.read(dtype)
         return w.T if self.transposed else w
 
-    def read_scratch(self) -> np.ndarray:
+    def read_scratch(self, hashes: dict | None = None) -> np.ndarray:
         """(out, in) float64 in this thread's scratch buffer, valid until its next read."""
-        w = self.ref.read_float64()
+        w = self.ref.read_float64(hashes)
         return w.T if self.transposed else w
 
 

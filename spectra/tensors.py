@@ -68,11 +68,16 @@ class TensorRef:
             arr = (arr.astype(np.uint32) << 16).view(np.float32)
         return arr.astype(dtype, copy=False)
 
-    def read_float64(self) -> np.ndarray:
-        """The tensor as float64 in this thread's scratch buffer (valid until the next call)."""
-        from spectra import scratch
+    def read_float64(self, hashes: dict | None = None) -> np.ndarray:
+        """The tensor as float64 in this thread's scratch buffer (valid until the next call).
+
+        With `hashes`, also stores the content hash of the bytes read under this name.
+        """
+        from spectra import cache, scratch
 
         raw = self.read_bytes(scratch.buffer("raw", self.nbytes, np.uint8))
+        if hashes is not None:
+            hashes[self.name] = cache.hash_bytes(raw)
         src = raw.view(_DTYPES[self.dtype][0]).reshape(self.shape)
         if self.dtype == "BF16":
             src = (src.astype(np.uint32) << 16).view(np.float32)
