@@ -70,11 +70,17 @@ def child_weightwatcher(model_dir: str) -> dict:
         details = ww.WeightWatcher(model=model).analyze()
         seconds = time.perf_counter() - t0
     alphas = {str(r.longname): float(r.alpha) for r in details.itertuples()}
-    return dict(seconds=seconds, peak_rss_increase_mb=mem.increase_mb, peak_rss_mb=mem.peak_mb,
-                matrices=len(details), alphas=alphas, version=ww.__version__)
+    return dict(
+        seconds=seconds,
+        peak_rss_increase_mb=mem.increase_mb,
+        peak_rss_mb=mem.peak_mb,
+        matrices=len(details),
+        alphas=alphas,
+        version=ww.__version__,
+    )
 
 
-def child_spectra(spec: str, device: str) -> dict:
+def child_spectra(spec: str, device: str, with_mpo: bool = True) -> dict:
     import polars  # noqa: F401  (library imports are not the analysis's memory)
     import threadpoolctl  # noqa: F401
 
@@ -83,16 +89,22 @@ def child_spectra(spec: str, device: str) -> dict:
     info: dict = {}
     with PeakRSS() as mem:
         t0 = time.perf_counter()
-        df = analyze(spec, device=device, info=info)
+        df = analyze(spec, device=device, with_mpo=with_mpo, info=info)
         cold = time.perf_counter() - t0
     t0 = time.perf_counter()
-    analyze(spec, device=device, info=info)
+    analyze(spec, device=device, with_mpo=with_mpo, info=info)
     hit = time.perf_counter() - t0
     assert info["cached"], "second analysis was not served from the cache"
     largest = int((df["shape_m"] * df["shape_n"]).max())
-    return dict(seconds=cold, cache_hit_seconds=hit, peak_rss_increase_mb=mem.increase_mb,
-                peak_rss_mb=mem.peak_mb, matrices=df.height, largest_matrix_elements=largest,
-                alphas=dict(zip(df["name"], df["alpha"], strict=True)))
+    return dict(
+        seconds=cold,
+        cache_hit_seconds=hit,
+        peak_rss_increase_mb=mem.increase_mb,
+        peak_rss_mb=mem.peak_mb,
+        matrices=df.height,
+        largest_matrix_elements=largest,
+        alphas=dict(zip(df["name"], df["alpha"], strict=True)),
+    )
 
 
 def run_child(kind: str, arg: str, env: dict, device: str = "auto") -> dict:
@@ -106,8 +118,12 @@ def run_child(kind: str, arg: str, env: dict, device: str = "auto") -> dict:
 def cli_cache_hit(spec: str, env: dict) -> float:
     """Wall time of a whole `spectra analyze` process answered from the cache."""
     t0 = time.perf_counter()
-    subprocess.run([str(Path(sys.executable).parent / "spectra"), "analyze", spec],
-                   env=env, check=True, capture_output=True)
+    subprocess.run(
+        [str(Path(sys.executable).parent / "spectra"), "analyze", spec],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
     return time.perf_counter() - t0
 
 
@@ -120,18 +136,24 @@ def fresh_cache(demo: Path | None) -> tuple[str, dict]:
     return root, dict(os.environ, SPECTRA_CACHE=root)
 
 
-def write_synthetic(path: Path, hidden: int, intermediate: int, layers: int, dtype: str,
-                    shards: int) -> dict:
+def write_synthetic(
+    path: Path, hidden: int, intermediate: int, layers: int, dtype: str, shards: int
+) -> dict:
     """Random weights with Llama shapes, as sharded safetensors + index (7 linears a layer)."""
     import numpy as np
     from safetensors.numpy import save_file
 
     path.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
-    shapes = {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (hidden, hidden),
-              "self_attn.v_proj": (hidden, hidden), "self_attn.o_proj": (hidden, hidden),
-              "mlp.gate_proj": (intermediate, hidden), "mlp.up_proj": (intermediate, hidden),
-              "mlp.down_proj": (hidden, intermediate)}
+    shapes = {
+        "self_attn.q_proj": (hidden, hidden),
+        "self_attn.k_proj": (hidden, hidden),
+        "self_attn.v_proj": (hidden, hidden),
+        "self_attn.o_proj": (hidden, hidden),
+        "mlp.gate_proj": (intermediate, hidden),
+        "mlp.up_proj": (intermediate, hidden),
+        "mlp.down_proj": (hidden, intermediate),
+    }
     per_shard = -(-layers // shards)
     weight_map, total = {}, 0
     for s in range(shards):
@@ -164,17 +186,37 @@ def bench_cpu(args) -> dict:
         hit_cli = min(cli_cache_hit("demo", env) for _ in range(3))
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    root, env = fresh_cache(demo)
+    try:  # the analysis WeightWatcher does: spectra and metrics, no MPO profiles
+        lean = run_child("spectra-no-mpo", "demo", env, args.device)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
     common = sorted(set(ww["alphas"]) & set(sp["alphas"]))
     diffs = [abs(ww["alphas"][k] - sp["alphas"][k]) for k in common]
     result.update(
-        weightwatcher=dict(seconds=ww["seconds"], peak_rss_increase_mb=ww["peak_rss_increase_mb"],
-                           matrices=ww["matrices"], version=ww["version"]),
-        spectra=dict(seconds=sp["seconds"], peak_rss_increase_mb=sp["peak_rss_increase_mb"],
-                     matrices=sp["matrices"], cache_hit_seconds=sp["cache_hit_seconds"],
-                     cache_hit_cli_process_seconds=hit_cli),
+        weightwatcher=dict(
+            seconds=ww["seconds"],
+            peak_rss_increase_mb=ww["peak_rss_increase_mb"],
+            matrices=ww["matrices"],
+            version=ww["version"],
+        ),
+        spectra=dict(
+            seconds=sp["seconds"],
+            peak_rss_increase_mb=sp["peak_rss_increase_mb"],
+            matrices=sp["matrices"],
+            cache_hit_seconds=sp["cache_hit_seconds"],
+            cache_hit_cli_process_seconds=hit_cli,
+        ),
+        spectra_no_mpo=dict(
+            seconds=lean["seconds"], peak_rss_increase_mb=lean["peak_rss_increase_mb"]
+        ),
         speedup=ww["seconds"] / sp["seconds"],
-        alpha_agreement=dict(matrices_compared=len(common), max_abs_diff=max(diffs),
-                             median_abs_diff=sorted(diffs)[len(diffs) // 2]),
+        speedup_same_analysis=ww["seconds"] / lean["seconds"],
+        alpha_agreement=dict(
+            matrices_compared=len(common),
+            max_abs_diff=max(diffs),
+            median_abs_diff=sorted(diffs)[len(diffs) // 2],
+        ),
     )
     if not args.skip_memory:
         result["sharded_memory"] = bench_memory(args)
@@ -195,11 +237,16 @@ def bench_memory(args) -> dict:
     workers = min(os.cpu_count() or 1, 8)
     # per worker: raw bytes + float64 copy + reshuffled float64 copy of the largest matrix
     bound_mb = workers * sp["largest_matrix_elements"] * (4 + 8 + 8) / 2**20
-    return dict(checkpoint_mb=meta["bytes_on_disk"] / 2**20, matrices=meta["matrices"],
-                shapes=MEMORY_SHAPES, seconds=sp["seconds"],
-                peak_rss_increase_mb=sp["peak_rss_increase_mb"],
-                largest_tensor_bound_mb=bound_mb, workers=workers,
-                checkpoint_over_bound=meta["bytes_on_disk"] / 2**20 / bound_mb)
+    return dict(
+        checkpoint_mb=meta["bytes_on_disk"] / 2**20,
+        matrices=meta["matrices"],
+        shapes=MEMORY_SHAPES,
+        seconds=sp["seconds"],
+        peak_rss_increase_mb=sp["peak_rss_increase_mb"],
+        largest_tensor_bound_mb=bound_mb,
+        workers=workers,
+        checkpoint_over_bound=meta["bytes_on_disk"] / 2**20 / bound_mb,
+    )
 
 
 def bench_cuda(args) -> dict:
@@ -216,11 +263,16 @@ def bench_cuda(args) -> dict:
             shutil.rmtree(work, ignore_errors=True)
     import torch
 
-    return dict(model="synthetic Llama-2-7B shapes (224 linear matrices, float16, 8 shards)",
-                gpu=torch.cuda.get_device_name(0), seconds_end_to_end=sp["seconds"],
-                write_seconds=written, matrices=sp["matrices"],
-                cache_hit_seconds=sp["cache_hit_seconds"],
-                peak_rss_increase_mb=sp["peak_rss_increase_mb"], checkpoint=meta)
+    return dict(
+        model="synthetic Llama-2-7B shapes (224 linear matrices, float16, 8 shards)",
+        gpu=torch.cuda.get_device_name(0),
+        seconds_end_to_end=sp["seconds"],
+        write_seconds=written,
+        matrices=sp["matrices"],
+        cache_hit_seconds=sp["cache_hit_seconds"],
+        peak_rss_increase_mb=sp["peak_rss_increase_mb"],
+        checkpoint=meta,
+    )
 
 
 def main() -> None:
@@ -234,14 +286,19 @@ def main() -> None:
     p.add_argument("--child-arg", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        fn = child_weightwatcher if args.child == "ww" else child_spectra
-        res = fn(args.child_arg) if args.child == "ww" else fn(args.child_arg, args.device)
+        if args.child == "ww":
+            res = child_weightwatcher(args.child_arg)
+        else:
+            res = child_spectra(args.child_arg, args.device, args.child != "spectra-no-mpo")
         print(json.dumps(res))
         return
     res = bench_cuda(args) if args.synthetic else bench_cpu(args)
-    res.update(machine=dict(cpus=os.cpu_count(), platform=platform.platform(),
-                            python=platform.python_version()),
-               date=time.strftime("%Y-%m-%d %H:%M:%S"))
+    res.update(
+        machine=dict(
+            cpus=os.cpu_count(), platform=platform.platform(), python=platform.python_version()
+        ),
+        date=time.strftime("%Y-%m-%d %H:%M:%S"),
+    )
     name = "bench_spectra_cuda.json" if args.synthetic else "bench_spectra.json"
     out = args.out or REPO / "benchmarks" / "results" / name
     out.parent.mkdir(parents=True, exist_ok=True)

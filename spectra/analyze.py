@@ -31,11 +31,13 @@ class AnalysisSettings:
 
     Attributes:
         cores: number of MPO cores K (2..6).
+        mpo: compute the MPO bond profiles (False leaves those columns null).
         mpo_eps: relative error at which `bond_chi` (chi(eps) per bond) is reported.
         mpo_ratio: parameter ratio at which `mpo_chi_for_ratio` is reported.
     """
 
     cores: int = 3
+    mpo: bool = True
     mpo_eps: float = 0.1
     mpo_ratio: float = 0.5
 
@@ -51,6 +53,7 @@ def analyze(
     spec: str,
     device: str = "auto",
     cores: int = 3,
+    with_mpo: bool = True,
     use_cache: bool = True,
     progress: Progress | None = None,
     settings: AnalysisSettings | None = None,
@@ -62,6 +65,7 @@ def analyze(
         spec: `demo`, a Hugging Face directory, a .safetensors or .gguf file, or a hub id.
         device: `auto` (cuda when present), `cpu` or `cuda`.
         cores: MPO cores K for the bond profiles (2..6).
+        with_mpo: compute the MPO bond profiles (False: spectra and metrics only).
         use_cache: read and write the on-disk cache.
         progress: called as progress(done, total, name) after each matrix.
         settings: full settings (overrides `cores`).
@@ -70,7 +74,7 @@ def analyze(
     info = {} if info is None else info
     import polars as pl
 
-    settings = settings or AnalysisSettings(cores=cores)
+    settings = settings or AnalysisSettings(cores=cores, mpo=with_mpo)
     source = models.resolve(spec)
     mats = models.matrices(source)
     device = models.resolve_device(device)
@@ -181,14 +185,18 @@ def _read_table(path, names):
 def matrix_row(w: np.ndarray, settings: AnalysisSettings) -> dict:
     """Spectrum, metrics and MPO profile of one (m, n) matrix (numpy, CPU)."""
     s = singular_values(w)
+    if not settings.mpo:
+        return _row(s, None, None, None, settings)
     mf, nf = (mpo.factorize(d, settings.cores) for d in w.shape)
     return _row(s, mpo.bond_spectra(w, mf, nf), mf, nf, settings)
 
 
 def _row(s, bonds, mf, nf, settings) -> dict:
     row = spectrum_metrics(s)
+    row.update(sigma=s.tolist())
+    if bonds is None:
+        return row
     row.update(
-        sigma=s.tolist(),
         mpo_cores=len(mf),
         mpo_m=list(mf),
         mpo_n=list(nf),
@@ -241,13 +249,18 @@ def _run_cuda(mats, settings, device, progress):
             w = torch.stack([torch.from_numpy(np.ascontiguousarray(mats[i].read())) for i in chunk])
             w = w.to(device, torch.float64)
             s = singular_values_torch(w).cpu().numpy()
-            bonds = [
-                singular_values_torch(mpo.unfolding(w, mf, nf, k)).cpu().numpy()
-                for k in range(settings.cores - 1)
-            ]
+            bonds = (
+                [
+                    singular_values_torch(mpo.unfolding(w, mf, nf, k)).cpu().numpy()
+                    for k in range(settings.cores - 1)
+                ]
+                if settings.mpo
+                else None
+            )
             del w
             for j, i in enumerate(chunk):
-                rows[i] = _row(s[j], [b[j] for b in bonds], mf, nf, settings)
+                b = [x[j] for x in bonds] if bonds is not None else None
+                rows[i] = _row(s[j], b, mf, nf, settings)
                 done += 1
                 if progress:
                     progress(done, len(mats), mats[i].name)

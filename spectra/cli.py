@@ -30,6 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("model", help="demo, a model directory, a .safetensors/.gguf file or a hub id")
     a.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda")
     a.add_argument("--cores", type=int, default=3, help="MPO cores K for bond profiles (2..6)")
+    a.add_argument(
+        "--no-mpo",
+        action="store_true",
+        help="skip the MPO bond profiles (spectra and metrics only)",
+    )
     a.add_argument("--out", type=Path, help="write the full table (.parquet, .csv or .json)")
     a.add_argument("--json", action="store_true", help="print machine-readable results on stdout")
     a.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
@@ -93,6 +98,7 @@ def cmd_analyze(args) -> int:
             args.model,
             device=args.device,
             cores=args.cores,
+            with_mpo=not args.no_mpo,
             use_cache=not args.no_cache,
             progress=progress,
             info=info,

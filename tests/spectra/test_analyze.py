@@ -166,3 +166,11 @@ def test_demo_analysis(demo_dir):
     q0 = df.filter(pl.col("name") == "model.layers.0.self_attn.q_proj").row(0, named=True)
     assert 1 <= q0["energy_rank_90"] <= 576 and q0["alpha"] > 1
     assert q0["bond_dims"] == [64, 81] and len(q0["sigma"]) == 576
+
+
+def test_without_mpo_the_profile_columns_are_null_and_spectra_equal(tiny_llama_dir):
+    full = an.analyze(str(tiny_llama_dir))
+    lean = an.analyze(str(tiny_llama_dir), with_mpo=False)
+    assert lean["bond_spectra"].null_count() == lean.height
+    assert full["bond_spectra"].null_count() == 0
+    assert lean.select("name", "sigma", "alpha").equals(full.select("name", "sigma", "alpha"))
