@@ -7,7 +7,9 @@
 Each measurement runs in its own child process so peak memory is its own: RSS is
 sampled every 2 ms from a thread and reported as the peak increase over the RSS
 just before the call (the model or library already loaded). Results are printed
-and written as JSON (default benchmarks/results/bench_spectra[_cuda].json).
+and written as JSON (default benchmarks/results/bench_spectra[_cuda].json). The CPU
+run alternates WeightWatcher, `spectra analyze` and `spectra analyze --no-mpo` (the
+analysis WeightWatcher does) `--repeat` times and reports medians.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 LLAMA2_7B = dict(hidden=4096, intermediate=11008, layers=32)
-# sharded checkpoint for the memory bound: 24 layers of 1024/2816, float32, ~1.2 GB
+# sharded checkpoints for the memory bound: 12 and 24 layers of 1024/2816, float32
 MEMORY_SHAPES = dict(hidden=1024, intermediate=2816, layers=24)
 
 
@@ -174,59 +176,71 @@ def write_synthetic(
     return dict(params=total, bytes_on_disk=size, matrices=len(weight_map))
 
 
+def stats(xs: list[float]) -> dict:
+    xs = sorted(xs)
+    return dict(median=xs[len(xs) // 2], min=xs[0], max=xs[-1], samples=xs)
+
+
 def bench_cpu(args) -> dict:
     from spectra import models
 
     demo = models.resolve("demo").root  # convert once, outside every timing
-    result: dict = dict(model="demo (SmolLM2-135M-Instruct)")
-    root, env = fresh_cache(demo)
-    try:
-        ww = run_child("ww", str(demo), env)
-        sp = run_child("spectra", "demo", env, args.device)
-        hit_cli = min(cli_cache_hit("demo", env) for _ in range(3))
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-    root, env = fresh_cache(demo)
-    try:  # the analysis WeightWatcher does: spectra and metrics, no MPO profiles
-        lean = run_child("spectra-no-mpo", "demo", env, args.device)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-    common = sorted(set(ww["alphas"]) & set(sp["alphas"]))
-    diffs = [abs(ww["alphas"][k] - sp["alphas"][k]) for k in common]
-    result.update(
+    runs: dict[str, list[dict]] = {"ww": [], "spectra": [], "spectra-no-mpo": []}
+    hit_cli = []
+    for _ in range(args.repeat):  # alternate, each in a fresh process and a cold cache
+        for kind in runs:
+            root, env = fresh_cache(demo)
+            try:
+                runs[kind].append(
+                    run_child(kind, str(demo) if kind == "ww" else "demo", env, args.device)
+                )
+                if kind == "spectra":
+                    hit_cli.append(cli_cache_hit("demo", env))
+            finally:
+                shutil.rmtree(root, ignore_errors=True)
+    ww, sp, lean = (runs[k] for k in ("ww", "spectra", "spectra-no-mpo"))
+    t_ww = stats([r["seconds"] for r in ww])
+    t_sp = stats([r["seconds"] for r in sp])
+    t_lean = stats([r["seconds"] for r in lean])
+    common = sorted(set(ww[0]["alphas"]) & set(sp[0]["alphas"]))
+    diffs = sorted(abs(ww[0]["alphas"][k] - sp[0]["alphas"][k]) for k in common)
+    result = dict(
+        model="demo (SmolLM2-135M-Instruct)",
+        repeats=args.repeat,
         weightwatcher=dict(
-            seconds=ww["seconds"],
-            peak_rss_increase_mb=ww["peak_rss_increase_mb"],
-            matrices=ww["matrices"],
-            version=ww["version"],
+            seconds=t_ww,
+            matrices=ww[0]["matrices"],
+            version=ww[0]["version"],
+            peak_rss_increase_mb=max(r["peak_rss_increase_mb"] for r in ww),
         ),
         spectra=dict(
-            seconds=sp["seconds"],
-            peak_rss_increase_mb=sp["peak_rss_increase_mb"],
-            matrices=sp["matrices"],
-            cache_hit_seconds=sp["cache_hit_seconds"],
-            cache_hit_cli_process_seconds=hit_cli,
+            seconds=t_sp,
+            matrices=sp[0]["matrices"],
+            peak_rss_increase_mb=max(r["peak_rss_increase_mb"] for r in sp),
+            cache_hit_seconds=stats([r["cache_hit_seconds"] for r in sp]),
+            cache_hit_cli_process_seconds=stats(hit_cli),
         ),
         spectra_no_mpo=dict(
-            seconds=lean["seconds"], peak_rss_increase_mb=lean["peak_rss_increase_mb"]
+            seconds=t_lean, peak_rss_increase_mb=max(r["peak_rss_increase_mb"] for r in lean)
         ),
-        speedup=ww["seconds"] / sp["seconds"],
-        speedup_same_analysis=ww["seconds"] / lean["seconds"],
+        speedup=t_ww["median"] / t_sp["median"],
+        speedup_same_analysis=t_ww["median"] / t_lean["median"],
         alpha_agreement=dict(
             matrices_compared=len(common),
-            max_abs_diff=max(diffs),
-            median_abs_diff=sorted(diffs)[len(diffs) // 2],
+            max_abs_diff=diffs[-1],
+            median_abs_diff=diffs[len(diffs) // 2],
         ),
     )
     if not args.skip_memory:
-        result["sharded_memory"] = bench_memory(args)
+        result["sharded_memory"] = [bench_memory(args, layers) for layers in (12, 24)]
     return result
 
 
-def bench_memory(args) -> dict:
+def bench_memory(args, layers: int) -> dict:
+    shapes = dict(MEMORY_SHAPES, layers=layers)
     work = Path(tempfile.mkdtemp(prefix="spectra-bench-ckpt-"))
     try:
-        meta = write_synthetic(work / "ckpt", dtype="float32", shards=6, **MEMORY_SHAPES)
+        meta = write_synthetic(work / "ckpt", dtype="float32", shards=6, **shapes)
         root, env = fresh_cache(None)
         try:
             sp = run_child("spectra", str(work / "ckpt"), env, args.device)
@@ -235,12 +249,12 @@ def bench_memory(args) -> dict:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     workers = min(os.cpu_count() or 1, 8)
-    # per worker: raw bytes + float64 copy + reshuffled float64 copy of the largest matrix
-    bound_mb = workers * sp["largest_matrix_elements"] * (4 + 8 + 8) / 2**20
+    # per worker: the largest matrix in float64, and its reshuffled float64 copy
+    bound_mb = workers * sp["largest_matrix_elements"] * (8 + 8) / 2**20
     return dict(
         checkpoint_mb=meta["bytes_on_disk"] / 2**20,
         matrices=meta["matrices"],
-        shapes=MEMORY_SHAPES,
+        shapes=shapes,
         seconds=sp["seconds"],
         peak_rss_increase_mb=sp["peak_rss_increase_mb"],
         largest_tensor_bound_mb=bound_mb,
@@ -280,6 +294,7 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--synthetic", choices=["llama2-7b"], help="GPU run on a synthetic checkpoint")
     p.add_argument("--skip-memory", action="store_true", help="skip the sharded-memory check")
+    p.add_argument("--repeat", type=int, default=3, help="alternating repeats (medians reported)")
     p.add_argument("--workdir", help="where to write the synthetic checkpoint (kept)")
     p.add_argument("--out", type=Path)
     p.add_argument("--child", help=argparse.SUPPRESS)
