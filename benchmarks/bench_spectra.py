@@ -266,11 +266,12 @@ def bench_memory(args, layers: int) -> dict:
 def bench_cuda(args) -> dict:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="spectra-bench-7b-"))
     t0 = time.perf_counter()
-    meta = write_synthetic(work / "ckpt", dtype="float16", shards=8, **LLAMA2_7B)
+    shapes = dict(LLAMA2_7B, layers=args.layers or LLAMA2_7B["layers"])
+    meta = write_synthetic(work / "ckpt", dtype="float16", shards=8, **shapes)
     written = time.perf_counter() - t0
     root, env = fresh_cache(None)
     try:
-        sp = run_child("spectra", str(work / "ckpt"), env, "cuda")
+        sp = run_child("spectra", str(work / "ckpt"), env, args.device)
     finally:
         shutil.rmtree(root, ignore_errors=True)
         if not args.workdir:
@@ -278,8 +279,9 @@ def bench_cuda(args) -> dict:
     import torch
 
     return dict(
-        model="synthetic Llama-2-7B shapes (224 linear matrices, float16, 8 shards)",
-        gpu=torch.cuda.get_device_name(0),
+        model=f"synthetic Llama-2-7B shapes ({meta['matrices']} linear matrices, float16)",
+        device=args.device,
+        gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         seconds_end_to_end=sp["seconds"],
         write_seconds=written,
         matrices=sp["matrices"],
@@ -295,6 +297,7 @@ def main() -> None:
     p.add_argument("--synthetic", choices=["llama2-7b"], help="GPU run on a synthetic checkpoint")
     p.add_argument("--skip-memory", action="store_true", help="skip the sharded-memory check")
     p.add_argument("--repeat", type=int, default=3, help="alternating repeats (medians reported)")
+    p.add_argument("--layers", type=int, help="with --synthetic: fewer layers (smoke test)")
     p.add_argument("--workdir", help="where to write the synthetic checkpoint (kept)")
     p.add_argument("--out", type=Path)
     p.add_argument("--child", help=argparse.SUPPRESS)

@@ -174,3 +174,10 @@ def test_without_mpo_the_profile_columns_are_null_and_spectra_equal(tiny_llama_d
     assert lean["bond_spectra"].null_count() == lean.height
     assert full["bond_spectra"].null_count() == 0
     assert lean.select("name", "sigma", "alpha").equals(full.select("name", "sigma", "alpha"))
+
+
+def test_progress_reports_every_matrix(tiny_llama_dir):
+    calls = []
+    an.analyze(str(tiny_llama_dir), use_cache=False, progress=lambda *a: calls.append(a))
+    assert [c[0] for c in calls] == list(range(1, 17))
+    assert {c[1] for c in calls} == {16} and all(isinstance(c[2], str) for c in calls)

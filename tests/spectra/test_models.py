@@ -188,3 +188,17 @@ def test_in_place_widening_read_equals_a_plain_read(tmp_path, dtype, shape):
     got = refs["w.weight"].read_float64(hashes)
     np.testing.assert_array_equal(got, x.double().numpy())
     assert len(hashes["w.weight"]) == 32
+
+
+@pytest.mark.demo
+@pytest.mark.slow
+def test_a_gguf_file_path_is_converted_once_into_the_cache(demo_dir, isolated_cache):
+    gguf = models.demo_gguf()
+    source = models.resolve(str(gguf))
+    assert source.kind == "gguf" and source.root.parent == isolated_cache / "models"
+    assert (source.root / ".complete").is_file() and (source.root / "tokenizer.json").is_file()
+    names = [m.name for m in models.matrices(source)]
+    assert names == [m.name for m in models.matrices("demo")]
+    t0 = __import__("time").perf_counter()
+    assert models.resolve(str(gguf)).root == source.root  # second time: no conversion
+    assert __import__("time").perf_counter() - t0 < 1.0
