@@ -19,10 +19,15 @@ import numpy as np
 from spectra import cache, models, mpo
 from spectra.metrics import spectrum_metrics
 from spectra.roles import ROLES
-from spectra.svd import singular_values, singular_values_torch
+from spectra.svd import singular_values, singular_values_streamed, singular_values_torch
+from spectra.tensors import iter_row_chunks
 
 Progress = Callable[[int, int, str], None]
 GPU_BATCH_BYTES = 2 * 2**30  # float64 bytes of matrices moved to the GPU at once
+# without MPO profiles, tall matrices above this float64 size (embeddings, lm_heads) are
+# never held whole: their Gram is accumulated from row blocks of STREAM_CHUNK_BYTES
+STREAM_MIN_BYTES = 32 * 2**20
+STREAM_CHUNK_BYTES = 8 * 2**20
 
 
 @dataclass(frozen=True)
@@ -221,7 +226,14 @@ def _run_cpu(mats, settings, device, progress, hashes=None):
     workers = max(1, min(os.cpu_count() or 1, 8))
 
     def work(i):
-        rows[i] = matrix_row(mats[i].read_scratch(hashes), settings)
+        m = mats[i]
+        if not settings.mpo and _streamable(m):
+            chunk = max(1, STREAM_CHUNK_BYTES // (8 * m.ref.shape[1]))
+            s = singular_values_streamed(iter_row_chunks(m.ref, chunk, hashes))
+            if s is not None:
+                rows[i] = _row(s, None, None, None, settings)
+                return i
+        rows[i] = matrix_row(m.read_scratch(hashes), settings)
         return i
 
     # one BLAS thread per worker: LAPACK's eigensolver scales poorly across threads
@@ -230,6 +242,12 @@ def _run_cpu(mats, settings, device, progress, hashes=None):
             if progress:
                 progress(done, len(mats), mats[i].name)
     return rows
+
+
+def _streamable(m: models.Matrix) -> bool:
+    """Tall (as stored) and large: its Gram is accumulated from row blocks read in turn."""
+    a, b = m.ref.shape
+    return a >= b and a * b * 8 >= STREAM_MIN_BYTES
 
 
 def _run_cuda(mats, settings, device, progress):

@@ -45,3 +45,19 @@ def singular_values_torch(w):
     if bad.any():
         s[bad] = torch.linalg.svdvals(w[bad])
     return s
+
+
+def singular_values_streamed(chunks) -> np.ndarray | None:
+    """Spectrum of a tall matrix given as float64 row blocks: G = sum_c c^T c, never the whole.
+
+    Returns None when the spectrum reaches below GRAM_FLOOR * sigma_max (the caller
+    then needs the whole matrix for a float64 SVD).
+    """
+    g = None
+    for c in chunks:
+        part = c.T @ c
+        g = part if g is None else g.__iadd__(part)
+    s = np.sqrt(np.clip(np.linalg.eigvalsh(g)[::-1], 0.0, None))
+    if s[0] > 0 and s[-1] < GRAM_FLOOR * s[0]:
+        return None
+    return s

@@ -89,6 +89,35 @@ class TensorRef:
         return out.reshape(self.shape)
 
 
+def iter_row_chunks(ref: TensorRef, rows: int, hashes: dict | None = None):
+    """Yield a 2-D tensor as float64 blocks of at most `rows` rows, in scratch buffers.
+
+    With `hashes`, the content hash of all its bytes (streamed, identical to a one-shot
+    hash) is stored under the tensor's name once the last block has been read.
+    """
+    import xxhash
+
+    from spectra import scratch
+
+    a, b = ref.shape
+    np_dtype, e = _DTYPES[ref.dtype]
+    digest = xxhash.xxh3_128() if hashes is not None else None
+    with open(ref.path, "rb") as f:
+        for lo in range(0, a, rows):
+            r = min(rows, a - lo)
+            raw = scratch.buffer("chunk_raw", r * b * e, np.uint8)
+            f.seek(ref.start + lo * b * e)
+            if f.readinto(memoryview(raw)) != raw.size:
+                raise SpectraInputError(f"{ref.path}: truncated safetensors file ({ref.name})")
+            if digest is not None:
+                digest.update(raw)
+            out = scratch.buffer("chunk64", r * b).reshape(r, b)
+            np.copyto(out, _as_float(raw.view(np_dtype).reshape(r, b), ref.dtype))
+            yield out
+    if hashes is not None:
+        hashes[ref.name] = digest.hexdigest()
+
+
 def _widen_in_place(out: np.ndarray, raw: np.ndarray, dtype: str) -> None:
     """Convert the elements stored in `raw` (the tail of `out`'s bytes) into `out`.
 

@@ -181,3 +181,32 @@ def test_progress_reports_every_matrix(tiny_llama_dir):
     an.analyze(str(tiny_llama_dir), use_cache=False, progress=lambda *a: calls.append(a))
     assert [c[0] for c in calls] == list(range(1, 17))
     assert {c[1] for c in calls} == {16} and all(isinstance(c[2], str) for c in calls)
+
+
+def test_streamed_gram_of_a_large_tall_matrix_matches_the_whole(tmp_path, monkeypatch):
+    rng = np.random.default_rng(4)
+    big = rng.standard_normal((3000, 40)).astype(np.float32)
+    save_file({"model.embed_tokens.weight": big}, tmp_path / "model.safetensors")
+    monkeypatch.setattr(an, "STREAM_MIN_BYTES", 1)  # stream it
+    monkeypatch.setattr(an, "STREAM_CHUNK_BYTES", 7 * 40 * 8)  # in blocks of 7 rows
+    called = []
+    real = an.singular_values_streamed
+    monkeypatch.setattr(an, "singular_values_streamed", lambda c: called.append(1) or real(c))
+    lean = an.analyze(str(tmp_path), with_mpo=False, use_cache=False)
+    assert called
+    ref = scipy.linalg.svdvals(big.astype(np.float64))
+    np.testing.assert_allclose(lean["sigma"][0].to_numpy(), ref, rtol=1e-10)
+    full = an.analyze(str(tmp_path), use_cache=False)
+    assert lean["content_hash"][0] == full["content_hash"][0]
+
+
+def test_streamed_falls_back_to_svd_when_ill_conditioned(tmp_path, monkeypatch):
+    rng = np.random.default_rng(5)
+    low = (rng.standard_normal((500, 3)) @ rng.standard_normal((3, 20))).astype(np.float32)
+    save_file({"model.embed_tokens.weight": low}, tmp_path / "model.safetensors")
+    monkeypatch.setattr(an, "STREAM_MIN_BYTES", 1)
+    df = an.analyze(str(tmp_path), with_mpo=False, use_cache=False)
+    s = df["sigma"][0].to_numpy()
+    ref = scipy.linalg.svdvals(low.astype(np.float64))
+    np.testing.assert_allclose(s[:3], ref[:3], rtol=1e-6)
+    assert np.all(s[3:] < 1e-5 * s[0])
