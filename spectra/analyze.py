@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from spectra import cache, models, mpo
+from spectra import cache, models, mpo, scratch
 from spectra.metrics import spectrum_metrics
 from spectra.roles import ROLES
 from spectra.svd import singular_values, singular_values_streamed, singular_values_torch
@@ -221,6 +221,7 @@ def _run_cpu(mats, settings, device, progress, hashes=None):
     """Rows for `mats` from a thread pool; fills `hashes` (name -> content hash) if given."""
     from threadpoolctl import threadpool_limits
 
+    scratch.tune_allocator()
     order = sorted(range(len(mats)), key=lambda i: -math.prod(mats[i].shape))
     rows: list[dict | None] = [None] * len(mats)
     workers = max(1, min(os.cpu_count() or 1, 8))
