@@ -5,7 +5,7 @@
     python benchmarks/bench_spectra.py --device cuda --synthetic llama2-7b   # GPU timing
 
 Each measurement runs in its own child process so peak memory is its own: RSS is
-sampled every 2 ms from a thread and reported as the peak increase over the RSS
+sampled every 10 ms from a thread and reported as the peak increase over the RSS
 just before the call (the model or library already loaded). Results are printed
 and written as JSON (default benchmarks/results/bench_spectra[_cuda].json). The CPU
 run alternates WeightWatcher, `spectra analyze` and `spectra analyze --no-mpo` (the
@@ -48,7 +48,7 @@ class PeakRSS:
     def _sample(self):
         while not self.stop.is_set():
             self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(0.002)
+            time.sleep(0.01)  # 10 ms: finer sampling competed for the GIL with the work
 
     def __exit__(self, *exc):
         self.stop.set()
