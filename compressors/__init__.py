@@ -1,0 +1,1 @@
+"""Compression methods: one module each, one registry (`compressors.registry.REGISTRY`)."""

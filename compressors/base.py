@@ -1,0 +1,95 @@
+"""The contract every compressor keeps.
+
+A method module holds a frozen `XxxConfig` that validates itself in `__post_init__`
+and a pure `compress(weight, config, calib=None) -> Factorization` that never
+modifies `weight` ((out, in), any float dtype). A Factorization knows its dense
+reconstruction, its parameter count, the storage it needs in bits (scales, zero
+points and sparse indices included) and how to become an nn.Module whose forward
+uses the compact form.
+
+Storage convention: unquantized parameters (dense weights, low-rank factors, MPO
+cores, sparse values) count DENSE_BITS = 16 bits each, as they would be stored in
+fp16/bf16; quantized codes count their bit width, their scales and zero points 16
+bits each.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from spectra.errors import SpectraInputError
+
+DENSE_BITS = 16
+
+
+class ConfigError(SpectraInputError):
+    """A compressor setting that the method does not accept; names field and value."""
+
+
+def config_error(method: str, field: str, value, why: str) -> ConfigError:
+    return ConfigError(f"{method}: {field}={value!r}: {why}")
+
+
+class Factorization:
+    """Compact form of one weight matrix (out, in)."""
+
+    shape: tuple[int, int]
+
+    def to_dense(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def n_params(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def bits(self) -> int:
+        raise NotImplementedError
+
+    def as_module(self, bias: torch.Tensor | None = None) -> nn.Module:
+        raise NotImplementedError
+
+    def relative_error(self, weight: torch.Tensor) -> float:
+        """||W - W_hat||_F / ||W||_F, in float64."""
+        w = weight.detach().to(torch.float64)
+        return float(
+            torch.linalg.norm(w - self.to_dense().to(torch.float64)) / torch.linalg.norm(w)
+        )
+
+
+def config_to_dict(config) -> dict:
+    """Plain dict of a config (for YAML/JSON), method name first."""
+    return {"method": config.method, **dataclasses.asdict(config)}
+
+
+def csr_index_bits(rows: int, cols: int, nnz: int) -> int:
+    """Bits of CSR indices: a ceil(log2 cols)-bit column index per value, 32-bit row pointers."""
+    return nnz * max(1, math.ceil(math.log2(max(cols, 2)))) + 32 * (rows + 1)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What data-aware methods need from the activations X (tokens, in) entering a module.
+
+    Attributes:
+        hessian: H = X^T X, (in, in), float64.
+        count: number of token rows accumulated into H.
+    """
+
+    hessian: torch.Tensor
+    count: int
+
+    @property
+    def col_norms(self) -> torch.Tensor:
+        """||X[:, j]||_2 per input feature (what Wanda scales |W| by)."""
+        return torch.sqrt(torch.clamp(torch.diagonal(self.hessian), min=0))
+
+    @staticmethod
+    def from_activations(x: torch.Tensor) -> Calibration:
+        x = x.reshape(-1, x.shape[-1]).to(torch.float64)
+        return Calibration(hessian=x.T @ x, count=x.shape[0])

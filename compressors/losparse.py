@@ -1,0 +1,144 @@
+"""Low-rank plus sparse: W ~ U V + S (LoSparse, Li et al. 2023, post-training form).
+
+LoSparse initialises the low-rank part by the truncated SVD of W and keeps the
+residual W - U V as a sparse matrix pruned by magnitude; the paper then fine-tunes
+with iterative pruning, which a data-free post-training tool cannot do. What is
+kept: SVD init, then S = the largest-|.| entries of the residual at `sparsity`
+(fraction of zeros), either unstructured or whole rows (`structured: rows`, rows
+ranked by residual norm). With `iters` > 0 the two parts are refined by alternating
+projections (U V = trunc_r(W - S), S = top-k(W - U V)), each step never increasing
+the error, as in GoDec-style robust PCA.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from compressors.base import DENSE_BITS, Calibration, Factorization, config_error
+from compressors.lowrank import LowRankLinear
+from compressors.sparse import CSR, SparseLinear, top_k_mask
+
+STRUCTURES = ("none", "rows")
+
+
+@dataclass(frozen=True)
+class LoSparseConfig:
+    """Settings of `losparse`.
+
+    Attributes:
+        rank: rank r of U V (1..min(m, n)).
+        sparsity: fraction of the residual's entries (or rows) set to zero, in [0, 1).
+        structured: `none` (unstructured top-|S|) or `rows` (whole rows of S).
+        iters: alternating refinement steps after the SVD init (0 = LoSparse's init).
+    """
+
+    method: ClassVar[str] = "losparse"
+    rank: int = 8
+    sparsity: float = 0.95
+    structured: str = "none"
+    iters: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise config_error(self.method, "rank", self.rank, "must be an integer >= 1")
+        if not 0 <= self.sparsity < 1:
+            raise config_error(self.method, "sparsity", self.sparsity, "must be in [0, 1)")
+        if self.structured not in STRUCTURES:
+            raise config_error(self.method, "structured", self.structured, f"one of {STRUCTURES}")
+        if not isinstance(self.iters, int) or self.iters < 0:
+            raise config_error(self.method, "iters", self.iters, "must be an integer >= 0")
+
+    def check_shape(self, m: int, n: int) -> None:
+        if self.rank > min(m, n):
+            raise config_error(self.method, "rank", self.rank, f"above min(m, n) = {min(m, n)}")
+
+
+@dataclass
+class LowRankSparse(Factorization):
+    a: torch.Tensor  # (m, r)
+    b: torch.Tensor  # (r, n)
+    s: CSR  # unstructured residual
+    rows: torch.Tensor | None = None  # row indices when the residual keeps whole rows
+    row_values: torch.Tensor | None = None  # (k, n)
+
+    @property
+    def shape(self):
+        return (self.a.shape[0], self.b.shape[1])
+
+    def sparse_dense(self) -> torch.Tensor:
+        if self.rows is None:
+            return self.s.to_dense()
+        out = self.a.new_zeros(self.shape)
+        out[self.rows] = self.row_values
+        return out
+
+    def to_dense(self):
+        return self.a @ self.b + self.sparse_dense()
+
+    @property
+    def n_params(self):
+        lr = self.a.shape[1] * sum(self.shape)
+        return lr + (self.s.nnz if self.rows is None else self.row_values.numel())
+
+    @property
+    def bits(self):
+        lr = DENSE_BITS * self.a.shape[1] * sum(self.shape)
+        if self.rows is None:
+            return lr + self.s.bits
+        return lr + DENSE_BITS * self.row_values.numel() + 32 * self.rows.numel()
+
+    def as_module(self, bias=None):
+        return LowRankSparseLinear(self, bias)
+
+
+class LowRankSparseLinear(nn.Module):
+    def __init__(self, f: LowRankSparse, bias):
+        super().__init__()
+        self.low = LowRankLinear(f.a, f.b, bias)
+        if f.rows is None:
+            self.sparse = SparseLinear(f.s, None)
+        else:
+            self.sparse = None
+            self.register_buffer("rows", f.rows)
+            self.register_buffer("row_values", f.row_values)
+
+    def forward(self, x):
+        y = self.low(x)
+        if self.sparse is not None:
+            return y + self.sparse(x)
+        return y.index_add(-1, self.rows, nn.functional.linear(x, self.row_values))
+
+
+def compress(weight: torch.Tensor, config: LoSparseConfig, calib: Calibration | None = None):
+    """SVD low-rank part + magnitude-kept sparse residual, optionally alternated."""
+    m, n = weight.shape
+    config.check_shape(m, n)
+    w = weight.detach().to(torch.float64)
+    sparse = torch.zeros_like(w)
+    for _ in range(config.iters + 1):
+        u, s, vt = torch.linalg.svd(w - sparse, full_matrices=False)
+        low = (u[:, : config.rank] * s[: config.rank]) @ vt[: config.rank]
+        sparse = _keep(w - low, config)
+    root = s[: config.rank].sqrt()
+    a = (u[:, : config.rank] * root).to(weight.dtype)
+    b = (root[:, None] * vt[: config.rank]).to(weight.dtype)
+    if config.structured == "rows":
+        rows = torch.nonzero(sparse.abs().sum(1) > 0).flatten()
+        empty = CSR.from_dense(sparse, torch.zeros_like(sparse, dtype=torch.bool))
+        return LowRankSparse(a, b, empty, rows, sparse[rows].to(weight.dtype))
+    keep = sparse != 0
+    return LowRankSparse(a, b, CSR.from_dense(sparse.to(weight.dtype), keep))
+
+
+def _keep(residual: torch.Tensor, config: LoSparseConfig) -> torch.Tensor:
+    m, n = residual.shape
+    if config.structured == "rows":
+        k = round((1 - config.sparsity) * m)
+        mask = top_k_mask(residual.norm(dim=1), k)[:, None].expand(m, n)
+    else:
+        mask = top_k_mask(residual.abs(), round((1 - config.sparsity) * m * n))
+    return residual * mask

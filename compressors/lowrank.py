@@ -1,0 +1,129 @@
+"""Low-rank SVD: W ~ A B with A (m, r), B (r, n).
+
+Plain: the truncated SVD, optimal in Frobenius and spectral norm (Eckart-Young).
+Whitened (`whiten: true`, SVD-LLM, Wang et al. 2024): with calibration activations
+X and H = X^T X = L L^T (Cholesky), the rank-r W' minimising ||(W - W') X^T||_F is
+trunc_r(W L) L^{-1}. When H is not positive definite a growing multiple of its mean
+diagonal is added until the Cholesky succeeds (the jitter is recorded).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from compressors.base import DENSE_BITS, Calibration, Factorization, config_error
+
+JITTERS = (0.0, 1e-8, 1e-6, 1e-4, 1e-2, 1e-1)
+
+
+@dataclass(frozen=True)
+class LowRankConfig:
+    """Settings of `lowrank`.
+
+    Attributes:
+        rank: kept rank r (1..min(m, n)); give this or `energy`.
+        energy: keep the smallest rank whose share of ||W||_F^2 (of ||W L||_F^2 when
+            whitened) reaches this fraction, in (0, 1].
+        whiten: activation-aware truncation (needs calibration data).
+    """
+
+    method: ClassVar[str] = "lowrank"
+    rank: int | None = None
+    energy: float | None = None
+    whiten: bool = False
+
+    def __post_init__(self):
+        if (self.rank is None) == (self.energy is None):
+            raise config_error(self.method, "rank", self.rank, "give exactly one of rank or energy")
+        if self.rank is not None and (not isinstance(self.rank, int) or self.rank < 1):
+            raise config_error(self.method, "rank", self.rank, "must be an integer >= 1")
+        if self.energy is not None and not 0 < self.energy <= 1:
+            raise config_error(self.method, "energy", self.energy, "must be in (0, 1]")
+
+    def check_shape(self, m: int, n: int) -> None:
+        if self.rank is not None and self.rank > min(m, n):
+            raise config_error(self.method, "rank", self.rank, f"above min(m, n) = {min(m, n)}")
+
+
+@dataclass
+class LowRank(Factorization):
+    a: torch.Tensor  # (m, r)
+    b: torch.Tensor  # (r, n)
+
+    @property
+    def shape(self):
+        return (self.a.shape[0], self.b.shape[1])
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[1]
+
+    def to_dense(self):
+        return self.a @ self.b
+
+    @property
+    def n_params(self):
+        return self.rank * (self.shape[0] + self.shape[1])
+
+    @property
+    def bits(self):
+        return DENSE_BITS * self.n_params
+
+    def as_module(self, bias=None):
+        return LowRankLinear(self.a, self.b, bias)
+
+
+class LowRankLinear(nn.Module):
+    """y = (x B^T) A^T + b: two thin products, W never formed."""
+
+    def __init__(self, a, b, bias=None):
+        super().__init__()
+        self.a = nn.Parameter(a, requires_grad=False)
+        self.b = nn.Parameter(b, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x):
+        return nn.functional.linear(nn.functional.linear(x, self.b), self.a, self.bias)
+
+
+def whitening_factor(h: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Lower Cholesky factor L of H (+ jitter * mean diag), and the jitter that was needed."""
+    h = h.to(torch.float64)
+    scale = float(torch.diagonal(h).mean().clamp_min(1e-30))
+    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    for jitter in JITTERS:
+        chol, info = torch.linalg.cholesky_ex(h + jitter * scale * eye)
+        if int(info) == 0:
+            return chol, jitter
+    raise config_error("lowrank", "whiten", True, "calibration Gram is not positive definite")
+
+
+def compress(
+    weight: torch.Tensor, config: LowRankConfig, calib: Calibration | None = None
+) -> LowRank:
+    """Truncated (optionally whitened) SVD of `weight` (out, in)."""
+    m, n = weight.shape
+    config.check_shape(m, n)
+    w = weight.detach().to(torch.float64)
+    chol = None
+    if config.whiten:
+        if calib is None:
+            raise config_error("lowrank", "whiten", True, "needs calibration data")
+        chol, _ = whitening_factor(calib.hessian)
+        w = w @ chol
+    u, s, vt = torch.linalg.svd(w, full_matrices=False)
+    r = config.rank if config.rank is not None else _energy_rank(s, config.energy)
+    root = s[:r].sqrt()
+    a, b = u[:, :r] * root, root[:, None] * vt[:r]
+    if chol is not None:  # B L^{-1}: solve X L = B
+        b = torch.linalg.solve_triangular(chol, b, upper=False, left=False)
+    return LowRank(a.to(weight.dtype), b.to(weight.dtype))
+
+
+def _energy_rank(s: torch.Tensor, q: float) -> int:
+    cum = torch.cumsum(s**2, 0)
+    return int(torch.searchsorted(cum, q * cum[-1] * (1 - 1e-12)).item()) + 1

@@ -1,0 +1,77 @@
+"""Sparse matrices in CSR form with exact storage accounting, shared by LoSparse and pruning."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from compressors.base import DENSE_BITS, csr_index_bits
+
+
+@dataclass
+class CSR:
+    """A (rows, cols) sparse matrix: 16-bit values, column indices, 32-bit row pointers."""
+
+    crow: torch.Tensor  # (rows + 1,) int64
+    col: torch.Tensor  # (nnz,) int64
+    values: torch.Tensor  # (nnz,)
+    shape: tuple[int, int]
+
+    @staticmethod
+    def from_dense(dense: torch.Tensor, keep: torch.Tensor) -> CSR:
+        """Keep the entries of `dense` where the boolean mask `keep` is True."""
+        with warnings.catch_warnings():  # CSR support is "beta" in torch; it is what we need
+            warnings.simplefilter("ignore")
+            sp = (dense * keep).to_sparse_csr() if keep.any() else None
+        if sp is None:
+            rows = dense.shape[0]
+            empty = torch.zeros(0, dtype=torch.int64)
+            return CSR(
+                torch.zeros(rows + 1, dtype=torch.int64),
+                empty,
+                dense.new_zeros(0),
+                tuple(dense.shape),
+            )
+        # to_sparse_csr drops exact zeros inside the mask too: they cost nothing to drop
+        return CSR(sp.crow_indices(), sp.col_indices(), sp.values(), tuple(dense.shape))
+
+    @property
+    def nnz(self) -> int:
+        return int(self.values.numel())
+
+    @property
+    def bits(self) -> int:
+        return DENSE_BITS * self.nnz + csr_index_bits(self.shape[0], self.shape[1], self.nnz)
+
+    def torch_sparse(self) -> torch.Tensor:
+        return torch.sparse_csr_tensor(
+            self.crow, self.col, self.values, self.shape, check_invariants=False
+        )
+
+    def to_dense(self) -> torch.Tensor:
+        return self.torch_sparse().to_dense()
+
+
+def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the k largest entries of `scores` (ties broken by position)."""
+    mask = torch.zeros(scores.numel(), dtype=torch.bool)
+    if k > 0:
+        mask[torch.topk(scores.reshape(-1), k, sorted=False).indices] = True
+    return mask.reshape(scores.shape)
+
+
+class SparseLinear(torch.nn.Module):
+    """y = x S^T + b with S kept in CSR."""
+
+    def __init__(self, s: CSR, bias: torch.Tensor | None):
+        super().__init__()
+        self.register_buffer("weight_csr", s.torch_sparse())
+        self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        y = (self.weight_csr @ flat.T).T
+        y = y.reshape(*x.shape[:-1], y.shape[-1])
+        return y if self.bias is None else y + self.bias
