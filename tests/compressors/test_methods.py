@@ -1,0 +1,125 @@
+"""Known-answer tests: planted structure is recovered; whitening is optimal in H-norm."""
+
+import numpy as np
+import pytest
+import torch
+
+from compressors import lowrank
+from compressors.base import Calibration
+from compressors.registry import compress, make_config
+from spectra import mpo as tt
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("random_state", [1, 1234])
+def test_lowrank_recovers_planted_rank(random_state):
+    g = gen(random_state)
+    w = torch.randn(60, 5, generator=g, dtype=torch.float64) @ torch.randn(
+        5, 45, generator=g, dtype=torch.float64
+    )
+    f = compress(w, make_config("lowrank", rank=5))
+    assert f.relative_error(w) < 1e-12
+    assert compress(w, make_config("lowrank", energy=0.999999)).rank == 5
+
+
+@pytest.mark.parametrize("random_state", [1, 1234])
+def test_losparse_recovers_low_rank_plus_sparse(random_state):
+    g = gen(random_state)
+    m, n, r = 80, 70, 3
+    low = torch.randn(m, r, generator=g, dtype=torch.float64) @ torch.randn(
+        r, n, generator=g, dtype=torch.float64
+    )
+    spikes = torch.zeros(m * n, dtype=torch.float64)
+    idx = torch.randperm(m * n, generator=g)[: int(0.01 * m * n)]
+    spikes[idx] = 20 * torch.sign(torch.randn(idx.numel(), generator=g, dtype=torch.float64))
+    w = low + spikes.reshape(m, n)
+    init = compress(w, make_config("losparse", rank=r, sparsity=0.99))
+    refined = compress(w, make_config("losparse", rank=r, sparsity=0.99, iters=30))
+    assert refined.relative_error(w) < 1e-8 < init.relative_error(w)
+    lowrank_only = compress(w, make_config("lowrank", rank=r))
+    assert refined.relative_error(w) < lowrank_only.relative_error(w)
+
+
+def test_losparse_rows_keeps_whole_rows():
+    g = gen(3)
+    w = torch.randn(30, 20, generator=g)
+    f = compress(w, make_config("losparse", rank=2, sparsity=0.8, structured="rows"))
+    assert f.rows.numel() == 6 and f.row_values.shape == (6, 20)
+    assert f.n_params == 2 * 50 + 6 * 20 and f.bits == 16 * (2 * 50 + 6 * 20) + 32 * 6
+    x = torch.randn(4, 20)
+    torch.testing.assert_close(f.as_module()(x), x @ f.to_dense().T, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("random_state", [1, 1234])
+def test_mpo_recovers_planted_tt_rank(random_state):
+    rng = np.random.default_rng(random_state)
+    mf, nf, ranks = (4, 4, 4), (3, 4, 5), [2, 3]
+    r = [1, *ranks, 1]
+    cores = [rng.standard_normal((r[k], mf[k], nf[k], r[k + 1])) for k in range(3)]
+    w = torch.from_numpy(tt.tt_to_dense(cores))
+    f = compress(w, make_config("mpo", cores=3, bond_dim=3))
+    assert f.relative_error(w) < 1e-10
+    assert [c.shape[3] for c in f.cores[:-1]] == [3, 3]  # capped at bond_dim, exact anyway
+
+
+def test_quant_is_exact_on_its_own_grid():
+    g = gen(5)
+    codes = torch.randint(0, 16, (12, 32), generator=g).double()
+    codes[:, ::8] = 0  # every group of 8 spans the full grid 0..15
+    codes[:, 1::8] = 15
+    scale = torch.rand(12, 4, generator=g, dtype=torch.float64) + 0.1
+    zero = torch.full((12, 4), 5.0, dtype=torch.float64)
+    per_col = torch.arange(32) // 8
+    w = (codes - zero[:, per_col]) * scale[:, per_col]
+    f = compress(w, make_config("quant", bits=4, group_size=8))
+    assert f.relative_error(w) < 1e-12
+
+
+def test_prune_keeps_exactly_the_planted_support():
+    g = gen(6)
+    w = torch.randn(20, 30, generator=g) * (torch.rand(20, 30, generator=g) < 0.25)
+    density = float((w != 0).float().mean())
+    f = compress(w, make_config("prune", sparsity=1 - density))
+    assert f.relative_error(w) == 0.0 and f.n_params == int((w != 0).sum())
+
+
+def h_error(w, w_hat, h):
+    d = (w - w_hat).double()
+    return float(torch.sqrt(torch.trace(d @ h @ d.T)))
+
+
+@pytest.mark.parametrize("random_state", [1, 1234])
+def test_whitened_lowrank_is_optimal_in_the_activation_norm(random_state):
+    g = gen(random_state)
+    n = 24
+    x = torch.randn(400, n, generator=g, dtype=torch.float64) * torch.logspace(1, -1, n)
+    calib = Calibration.from_activations(x)
+    w = torch.randn(30, n, generator=g, dtype=torch.float64)
+    cfg, plain = make_config("lowrank", rank=6, whiten=True), make_config("lowrank", rank=6)
+    white = compress(w, cfg, calib)
+    e_white = h_error(w, white.to_dense(), calib.hessian)
+    e_plain = h_error(w, compress(w, plain).to_dense(), calib.hessian)
+    assert e_white < e_plain
+    # the optimum: tail singular values of W L with H = L L^T
+    s = torch.linalg.svdvals(w @ torch.linalg.cholesky(calib.hessian))
+    assert e_white == pytest.approx(float(torch.sqrt((s[6:] ** 2).sum())), rel=1e-8)
+
+
+def test_whitening_falls_back_to_jitter_when_h_is_singular():
+    g = gen(7)
+    x = torch.randn(5, 16, generator=g, dtype=torch.float64)  # 5 tokens: H has rank 5
+    chol, jitter = lowrank.whitening_factor(Calibration.from_activations(x).hessian)
+    assert jitter > 0 and torch.isfinite(chol).all()
+    w = torch.randn(10, 16, generator=g, dtype=torch.float64)
+    f = compress(w, make_config("lowrank", rank=4, whiten=True), Calibration.from_activations(x))
+    assert torch.isfinite(f.to_dense()).all()
+
+
+def test_whitening_without_calibration_is_an_input_error():
+    from compressors.base import ConfigError
+
+    with pytest.raises(ConfigError, match="calibration"):
+        compress(torch.randn(8, 6), make_config("lowrank", rank=2, whiten=True))
