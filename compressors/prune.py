@@ -1,7 +1,10 @@
-"""Unstructured magnitude pruning (the classic baseline; Han et al. 2015).
+"""Unstructured pruning baselines: magnitude (Han et al. 2015) and Wanda (Sun et al. 2023).
 
-The `sparsity` fraction of entries with the smallest |W| in the matrix is set to
-zero and the rest kept in CSR form.
+Magnitude: the `sparsity` fraction of entries with the smallest |W| in the matrix
+is set to zero. Wanda: entries are scored |W_ij| * ||X_j||_2 with the calibration
+activations' input-feature norms, and each output row drops its lowest-scoring
+`sparsity` fraction (the paper's per-output comparison group). Kept entries are
+stored in CSR form.
 """
 
 from __future__ import annotations
@@ -21,10 +24,12 @@ class PruneConfig:
 
     Attributes:
         sparsity: fraction of weights set to zero, in [0, 1).
+        wanda: score by |W| times activation norm, per output row (needs calibration).
     """
 
     method: ClassVar[str] = "prune"
     sparsity: float = 0.5
+    wanda: bool = False
 
     def __post_init__(self):
         if not 0 <= self.sparsity < 1:
@@ -58,7 +63,16 @@ class Pruned(Factorization):
 
 
 def compress(weight: torch.Tensor, config: PruneConfig, calib: Calibration | None = None):
-    """Keep the largest-|W| (1 - sparsity) fraction of entries."""
+    """Keep the largest-|W| (1 - sparsity) fraction, or Wanda's top scores per row."""
     w = weight.detach()
-    keep = top_k_mask(w.abs().to(torch.float64), round((1 - config.sparsity) * w.numel()))
+    if not config.wanda:
+        keep = top_k_mask(w.abs().to(torch.float64), round((1 - config.sparsity) * w.numel()))
+        return Pruned(CSR.from_dense(w, keep))
+    if calib is None:
+        raise config_error("prune", "wanda", True, "needs calibration data")
+    score = w.abs().to(torch.float64) * calib.col_norms[None, :]
+    k = round((1 - config.sparsity) * w.shape[1])
+    keep = torch.zeros_like(score, dtype=torch.bool)
+    if k > 0:
+        keep.scatter_(1, torch.topk(score, k, dim=1).indices, True)
     return Pruned(CSR.from_dense(w, keep))

@@ -1,10 +1,18 @@
-"""Group-wise round-to-nearest weight quantization (the RTN baseline of GPTQ-era papers).
+"""Group-wise weight quantization: round-to-nearest, or GPTQ / LDLQ with calibration.
 
-Each output row is cut into groups of `group_size` consecutive input columns (the
+RTN: each output row is cut into groups of `group_size` consecutive input columns (the
 last group may be shorter); each group gets an asymmetric min-max grid of 2^bits
 levels: scale = (max - min) / (2^bits - 1), zero = round(-min / scale), code =
 clamp(round(w / scale) + zero, 0, 2^bits - 1). Storage: `bits` per weight plus a
 16-bit scale and a 16-bit zero point per group.
+
+GPTQ (Frantar et al. 2022; the same update as LDLQ in QuIP, Chee et al. 2023):
+columns are quantized in order and each column's rounding error, scaled by the
+upper Cholesky factor U of H^{-1} (H = X^T X + 1% of its mean diagonal), is pushed
+onto the columns not yet quantized, which minimises ||(W - Q) X^T||_F greedily.
+A group's grid is fixed when its first column is reached, from the updated
+weights (GPTQ's default). Columns are processed in blocks of 128 with the update
+to later blocks applied once per block ("lazy batch"), which is exact.
 """
 
 from __future__ import annotations
@@ -18,6 +26,8 @@ from torch import nn
 
 from compressors.base import DENSE_BITS, Calibration, Factorization, config_error
 
+DAMP = 0.01  # GPTQ's percdamp: this fraction of mean(diag H) is added to the diagonal
+
 
 @dataclass(frozen=True)
 class QuantConfig:
@@ -26,11 +36,13 @@ class QuantConfig:
     Attributes:
         bits: bits per weight, 2..8.
         group_size: input columns sharing one scale and zero point (>= 1).
+        gptq: error feedback through the calibration Hessian (needs calibration data).
     """
 
     method: ClassVar[str] = "quant"
     bits: int = 4
     group_size: int = 128
+    gptq: bool = False
 
     def __post_init__(self):
         if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
@@ -111,10 +123,60 @@ def quantize(w: torch.Tensor, scale, zero, bits: int, group_size: int) -> torch.
 
 
 def compress(weight: torch.Tensor, config: QuantConfig, calib: Calibration | None = None):
-    """Group-wise asymmetric round-to-nearest."""
+    """Group-wise asymmetric round-to-nearest, or GPTQ when `config.gptq`."""
     w = weight.detach().to(torch.float64)
-    scale, zero = grid(w, config.bits, config.group_size)
-    codes = quantize(w, scale, zero, config.bits, config.group_size).to(torch.uint8)
+    if config.gptq:
+        if calib is None:
+            raise config_error("quant", "gptq", True, "needs calibration data")
+        codes, scale, zero = ldlq(w, calib.hessian, config.bits, config.group_size)
+    else:
+        scale, zero = grid(w, config.bits, config.group_size)
+        codes = quantize(w, scale, zero, config.bits, config.group_size)
     return Quantized(
-        codes, scale.to(weight.dtype), zero.to(weight.dtype), config.bits, config.group_size
+        codes.to(torch.uint8),
+        scale.to(weight.dtype),
+        zero.to(weight.dtype),
+        config.bits,
+        config.group_size,
     )
+
+
+def hessian_inverse_factor(h: torch.Tensor, damp: float = DAMP):
+    """(upper Cholesky factor of (H + damp * mean diag)^-1, mask of dead input columns)."""
+    h = h.to(torch.float64).clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    h += damp * torch.diagonal(h).mean() * torch.eye(h.shape[0], dtype=h.dtype)
+    inv = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    return torch.linalg.cholesky(inv, upper=True), dead
+
+
+def ldlq(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, block: int = 128):
+    """GPTQ/LDLQ: (codes, scales, zeros) of w (m, n) under the Hessian h (n, n)."""
+    w = w.clone()
+    m, n = w.shape
+    # blocks hold whole groups, so a group's grid never reads columns whose lazy update
+    # from an earlier block is still pending
+    block = max(group_size, block // group_size * group_size)
+    u, dead = hessian_inverse_factor(h)
+    w[:, dead] = 0
+    groups = math.ceil(n / group_size)
+    scale = torch.ones(m, groups, dtype=w.dtype)
+    zero = torch.zeros(m, groups, dtype=w.dtype)
+    codes = torch.zeros_like(w)
+    top = 2**bits - 1
+    for b0 in range(0, n, block):
+        b1 = min(b0 + block, n)
+        err = torch.zeros(m, b1 - b0, dtype=w.dtype)
+        for i in range(b0, b1):
+            g = i // group_size
+            if i % group_size == 0:  # the group's grid, from the weights as updated so far
+                s, z = grid(w[:, i : min(i + group_size, n)], bits, group_size)
+                scale[:, g], zero[:, g] = s[:, 0], z[:, 0]
+            q = torch.clamp(torch.round(w[:, i] / scale[:, g]) + zero[:, g], 0, top)
+            codes[:, i] = q
+            e = (w[:, i] - (q - zero[:, g]) * scale[:, g]) / u[i, i]
+            w[:, i + 1 : b1] -= e[:, None] * u[i, i + 1 : b1][None, :]
+            err[:, i - b0] = e
+        w[:, b1:] -= err @ u[b0:b1, b1:]
+    return codes, scale, zero

@@ -123,3 +123,58 @@ def test_whitening_without_calibration_is_an_input_error():
 
     with pytest.raises(ConfigError, match="calibration"):
         compress(torch.randn(8, 6), make_config("lowrank", rank=2, whiten=True))
+
+
+def anisotropic_calibration(seed, n=64, tokens=2000):
+    g = gen(seed)
+    scales = torch.logspace(1, -1, n, dtype=torch.float64)[torch.randperm(n, generator=g)]
+    x = torch.randn(tokens, n, generator=g, dtype=torch.float64) * scales
+    mix = torch.eye(n, dtype=torch.float64) + 0.3 * torch.randn(
+        n, n, generator=g, dtype=torch.float64
+    )
+    return Calibration.from_activations(x @ mix)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_gptq_beats_rtn_in_the_activation_norm(bits):
+    calib = anisotropic_calibration(bits)
+    w = torch.randn(48, 64, generator=gen(10 + bits), dtype=torch.float64)
+    rtn = compress(w, make_config("quant", bits=bits, group_size=16))
+    gptq = compress(w, make_config("quant", bits=bits, group_size=16, gptq=True), calib)
+    e_rtn = h_error(w, rtn.to_dense(), calib.hessian)
+    e_gptq = h_error(w, gptq.to_dense(), calib.hessian)
+    assert e_gptq < 0.9 * e_rtn, (e_gptq, e_rtn)
+    assert gptq.bits == rtn.bits  # same storage: only the codes differ
+    assert int(gptq.codes.max()) <= 2**bits - 1
+
+
+def test_gptq_block_size_does_not_change_the_result():
+    from compressors.quant import ldlq
+
+    calib = anisotropic_calibration(0, n=40)
+    w = torch.randn(8, 40, generator=gen(1), dtype=torch.float64)
+    a = ldlq(w, calib.hessian, 3, 8, block=128)
+    b = ldlq(w, calib.hessian, 3, 8, block=7)  # rounded up to one group of 8
+    for x, y in zip(a, b, strict=True):
+        torch.testing.assert_close(x, y)
+
+
+def test_wanda_beats_magnitude_on_outlier_features():
+    calib = anisotropic_calibration(3)
+    w = torch.randn(48, 64, generator=gen(4), dtype=torch.float64)
+    mag = compress(w, make_config("prune", sparsity=0.625))
+    wanda = compress(w, make_config("prune", sparsity=0.625, wanda=True), calib)
+    assert wanda.n_params == mag.n_params == 24 * 48
+    assert h_error(w, wanda.to_dense(), calib.hessian) < h_error(w, mag.to_dense(), calib.hessian)
+    per_row = (wanda.to_dense() != 0).sum(1)
+    assert (per_row == 24).all()  # per-output comparison groups
+
+
+@pytest.mark.parametrize(
+    "method,knobs", [("quant", dict(bits=4, gptq=True)), ("prune", dict(sparsity=0.5, wanda=True))]
+)
+def test_data_aware_settings_without_calibration_are_input_errors(method, knobs):
+    from compressors.base import ConfigError
+
+    with pytest.raises(ConfigError, match="calibration"):
+        compress(torch.randn(8, 16), make_config(method, **knobs))
