@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from compressors import losparse, lowrank, mpo, prune, quant
+from compressors import joint, losparse, lowrank, mpo, prune, quant
 from compressors.base import config_error
 
 REGISTRY = {
     "lowrank": (lowrank.LowRankConfig, lowrank.compress),
+    "joint": (joint.JointConfig, joint.compress),
     "losparse": (losparse.LoSparseConfig, losparse.compress),
     "mpo": (mpo.MPOConfig, mpo.compress),
     "quant": (quant.QuantConfig, quant.compress),

@@ -16,6 +16,7 @@ M, N = 48, 40
 # per method: settings of rising capacity (error must fall along them)
 LADDERS = {
     "lowrank": [dict(rank=2), dict(rank=8), dict(rank=24)],
+    "joint": [dict(rank=2), dict(rank=8), dict(rank=24)],
     "losparse": [
         dict(rank=2, sparsity=0.95),
         dict(rank=2, sparsity=0.7),
@@ -37,7 +38,7 @@ def csr_bits(nnz):
 
 def expected_accounting(method, knobs, f):
     """(n_params, bits) by hand from the settings (and nnz where it is data-dependent)."""
-    if method == "lowrank":
+    if method in ("lowrank", "joint"):
         p = knobs["rank"] * (M + N)
         return p, DENSE_BITS * p
     if method == "losparse":
@@ -124,6 +125,7 @@ def test_config_round_trips_through_json_and_yaml(method):
         ("prune", dict(sparsity=1.0), "sparsity"),
         ("prune", dict(density=0.5), "density"),
         ("lowrank", dict(rank=4, bits=4), "bits"),
+        ("joint", dict(rank=0), "rank"),
         ("nosuch", dict(), "method"),
     ],
 )
@@ -133,7 +135,10 @@ def test_bad_settings_name_field_and_value(method, knobs, field):
     assert "=" in str(e.value) and "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("method,knobs", [("lowrank", dict(rank=41)), ("losparse", dict(rank=41))])
+@pytest.mark.parametrize(
+    "method,knobs",
+    [("lowrank", dict(rank=41)), ("losparse", dict(rank=41)), ("joint", dict(rank=41))],
+)
 def test_rank_above_min_dim_is_refused(method, knobs):
     with pytest.raises(ConfigError, match="min\\(m, n\\) = 40"):
         compress(weight(), make_config(method, **knobs))

@@ -178,3 +178,39 @@ def test_data_aware_settings_without_calibration_are_input_errors(method, knobs)
 
     with pytest.raises(ConfigError, match="calibration"):
         compress(torch.randn(8, 16), make_config(method, **knobs))
+
+
+@pytest.mark.parametrize("random_state", [1, 1234])
+def test_joint_recovers_a_shared_row_space_with_fewer_parameters(random_state):
+    g = gen(random_state)
+    n, k, ms = 50, 6, (40, 20, 20)
+    c = torch.randn(k, n, generator=g, dtype=torch.float64)  # shared input directions
+    ws = [torch.randn(m, k, generator=g, dtype=torch.float64) @ c for m in ms]
+    f = compress(ws, make_config("joint", rank=k))
+    for i, w in enumerate(ws):
+        torch.testing.assert_close(f.member_dense(i), w, atol=1e-10, rtol=0)
+    assert f.n_params == k * (n + sum(ms)) < sum(k * (n + m) for m in ms)
+
+
+def test_joint_members_compute_the_shared_projection_once():
+    g = gen(2)
+    ws = [torch.randn(m, 16, generator=g) for m in (12, 4, 4)]
+    f = compress(ws, make_config("joint", rank=5))
+    mods = f.member_modules()
+    x = torch.randn(3, 7, 16)
+    outs = [mod(x) for mod in mods]
+    assert mods[0].shared.computed == 1  # q, k, v of one attention: one V^T x
+    for i, y in enumerate(outs):
+        torch.testing.assert_close(y, x @ f.member_dense(i).T, atol=1e-5, rtol=1e-5)
+    x2 = x.clone()
+    mods[1](x2)
+    assert mods[0].shared.computed == 2  # a new input is projected again
+    x2.mul_(2)  # in-place change of the same tensor must not reuse the stale projection
+    torch.testing.assert_close(mods[2](x2), x2 @ f.member_dense(2).T, atol=1e-5, rtol=1e-5)
+
+
+def test_joint_refuses_members_with_different_inputs():
+    from compressors.base import ConfigError
+
+    with pytest.raises(ConfigError, match="same input"):
+        compress([torch.randn(4, 8), torch.randn(4, 9)], make_config("joint", rank=2))

@@ -1,0 +1,127 @@
+"""Data-free joint rank-k approximation (Peng et al. 2024).
+
+Matrices that read the same input (q, k, v under one attention; gate, up under one
+MLP) are stacked by rows, W = [W_1; ...; W_g] (sum m_i, n). The top-k right
+singular vectors V (n, k) of the stack span the input directions that matter most
+to the group as a whole; each member keeps A_i = W_i V (m_i, k) and W_i ~ A_i V^T.
+Parameters: k (n + sum m_i), against k (n + m_i) per member when each is truncated
+alone. The group's forward computes z = V^T x once and y_i = A_i z per member.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from compressors.base import DENSE_BITS, Calibration, Factorization, config_error
+
+
+@dataclass(frozen=True)
+class JointConfig:
+    """Settings of `joint`.
+
+    Attributes:
+        rank: shared rank k (1..min(sum m_i, n)).
+    """
+
+    method: ClassVar[str] = "joint"
+    rank: int = 64
+
+    def __post_init__(self):
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise config_error(self.method, "rank", self.rank, "must be an integer >= 1")
+
+    def check_shape(self, m: int, n: int) -> None:
+        if self.rank > min(m, n):
+            raise config_error(self.method, "rank", self.rank, f"above min(m, n) = {min(m, n)}")
+
+
+@dataclass
+class JointGroup(Factorization):
+    v: torch.Tensor  # (n, k), shared
+    a: list[torch.Tensor]  # (m_i, k) per member
+
+    @property
+    def shape(self):
+        return (sum(x.shape[0] for x in self.a), self.v.shape[0])
+
+    @property
+    def rank(self) -> int:
+        return self.v.shape[1]
+
+    def member_dense(self, i: int) -> torch.Tensor:
+        return self.a[i] @ self.v.T
+
+    def to_dense(self):
+        return torch.cat([x @ self.v.T for x in self.a])
+
+    @property
+    def n_params(self):
+        return self.rank * sum(self.shape)
+
+    @property
+    def bits(self):
+        return DENSE_BITS * self.n_params
+
+    def member_modules(self, biases=None) -> list[nn.Module]:
+        """One module per member, all sharing one projection z = V^T x."""
+        shared = SharedProjection(self.v)
+        biases = biases or [None] * len(self.a)
+        return [JointMemberLinear(shared, a, b) for a, b in zip(self.a, biases, strict=True)]
+
+    def as_module(self, bias=None):
+        """The whole stack as one module (outputs concatenated), for a single-matrix group."""
+        return JointMemberLinear(SharedProjection(self.v), torch.cat(self.a), bias)
+
+
+class SharedProjection(nn.Module):
+    """z = x V, remembered for the last input object so group members compute it once."""
+
+    def __init__(self, v):
+        super().__init__()
+        self.v = nn.Parameter(v, requires_grad=False)
+        self._last: tuple | None = None
+        self.computed = 0  # how many projections were actually computed (for tests)
+
+    def forward(self, x):
+        last = self._last
+        if last is not None and last[0]() is x and last[1] == x._version:
+            return last[2]
+        z = x @ self.v
+        self.computed += 1
+        self._last = (weakref.ref(x), x._version, z)
+        return z
+
+
+class JointMemberLinear(nn.Module):
+    def __init__(self, shared: SharedProjection, a, bias=None):
+        super().__init__()
+        self.shared = shared
+        self.a = nn.Parameter(a, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x):
+        return nn.functional.linear(self.shared(x), self.a, self.bias)
+
+
+def compress(weight, config: JointConfig, calib: Calibration | None = None) -> JointGroup:
+    """Joint rank-k of a group: `weight` is one (m, n) matrix or a list sharing n."""
+    members = list(weight) if isinstance(weight, list | tuple) else [weight]
+    n = members[0].shape[1]
+    if any(w.shape[1] != n for w in members):
+        raise config_error(
+            "joint",
+            "targets",
+            [tuple(w.shape) for w in members],
+            "members of a joint group must read the same input size",
+        )
+    stack = torch.cat([w.detach().to(torch.float64) for w in members])
+    config.check_shape(*stack.shape)
+    _, _, vt = torch.linalg.svd(stack, full_matrices=False)
+    v = vt[: config.rank].T  # (n, k)
+    dtype = members[0].dtype
+    return JointGroup(v.to(dtype), [(w.detach().to(torch.float64) @ v).to(dtype) for w in members])
