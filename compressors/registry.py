@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from compressors import joint, losparse, lowrank, mpo, prune, quant
+from compressors import caldera, joint, losparse, lowrank, mpo, prune, quant
 from compressors.base import config_error
 
 REGISTRY = {
     "lowrank": (lowrank.LowRankConfig, lowrank.compress),
     "joint": (joint.JointConfig, joint.compress),
     "losparse": (losparse.LoSparseConfig, losparse.compress),
+    "caldera": (caldera.CalderaConfig, caldera.compress),
     "mpo": (mpo.MPOConfig, mpo.compress),
     "quant": (quant.QuantConfig, quant.compress),
     "prune": (prune.PruneConfig, prune.compress),

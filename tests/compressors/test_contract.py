@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from compressors.base import DENSE_BITS, ConfigError, config_to_dict
+from compressors.base import DENSE_BITS, Calibration, ConfigError, config_to_dict
 from compressors.registry import REGISTRY, compress, make_config
 from spectra import mpo as tt
 
@@ -29,6 +29,11 @@ LADDERS = {
         dict(bits=8, group_size=16),
     ],
     "prune": [dict(sparsity=0.9), dict(sparsity=0.5), dict(sparsity=0.1)],
+    "caldera": [
+        dict(rank=2, bits=2, factor_bits=4, group_size=16, iters=3),
+        dict(rank=8, bits=3, factor_bits=4, group_size=16, iters=3),
+        dict(rank=16, bits=4, factor_bits=8, group_size=16, iters=3),
+    ],
 }
 
 
@@ -53,6 +58,12 @@ def expected_accounting(method, knobs, f):
     if method == "prune":
         nnz = round((1 - knobs["sparsity"]) * M * N)
         return nnz, csr_bits(nnz)
+    if method == "caldera":
+        r, gs, fb = knobs["rank"], knobs["group_size"], knobs["factor_bits"]
+        q = knobs["bits"] * M * N + 2 * DENSE_BITS * M * math.ceil(N / gs)
+        lf = fb * M * r + 2 * DENSE_BITS * M * math.ceil(r / min(gs, r))
+        rf = fb * r * N + 2 * DENSE_BITS * r * math.ceil(N / gs)
+        return M * N + r * (M + N), q + lf + rf + DENSE_BITS + 64
     raise AssertionError(f"add {method} to expected_accounting")
 
 
@@ -74,10 +85,13 @@ def test_contract(method):
     before = w.clone()
     bias = torch.randn(M)
     x = torch.randn(5, 3, N)
+    calib = Calibration.from_activations(
+        torch.randn(500, N, generator=torch.Generator().manual_seed(9))
+    )
     errors = []
     for knobs in LADDERS[method]:
         config = make_config(method, **knobs)
-        f = compress(w, config)
+        f = compress(w, config, calib)
         assert torch.equal(w, before), "compress modified its input"
         dense = f.to_dense()
         assert tuple(dense.shape) == (M, N) and tuple(f.shape) == (M, N)
@@ -127,6 +141,9 @@ def test_config_round_trips_through_json_and_yaml(method):
         ("lowrank", dict(rank=4, bits=4), "bits"),
         ("joint", dict(rank=0), "rank"),
         ("nosuch", dict(), "method"),
+        ("caldera", dict(bits=1), "bits"),
+        ("caldera", dict(factor_bits=12), "factor_bits"),
+        ("caldera", dict(rank=0), "rank"),
     ],
 )
 def test_bad_settings_name_field_and_value(method, knobs, field):
@@ -137,8 +154,14 @@ def test_bad_settings_name_field_and_value(method, knobs, field):
 
 @pytest.mark.parametrize(
     "method,knobs",
-    [("lowrank", dict(rank=41)), ("losparse", dict(rank=41)), ("joint", dict(rank=41))],
+    [
+        ("lowrank", dict(rank=41)),
+        ("losparse", dict(rank=41)),
+        ("joint", dict(rank=41)),
+        ("caldera", dict(rank=41)),
+    ],
 )
 def test_rank_above_min_dim_is_refused(method, knobs):
+    calib = Calibration.from_activations(torch.randn(100, N))
     with pytest.raises(ConfigError, match="min\\(m, n\\) = 40"):
-        compress(weight(), make_config(method, **knobs))
+        compress(weight(), make_config(method, **knobs), calib)

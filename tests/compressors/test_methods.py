@@ -214,3 +214,47 @@ def test_joint_refuses_members_with_different_inputs():
 
     with pytest.raises(ConfigError, match="same input"):
         compress([torch.randn(4, 8), torch.randn(4, 9)], make_config("joint", rank=2))
+
+
+@pytest.mark.parametrize("random_state", [1, 1234])
+def test_caldera_beats_ldlq_only_and_rtn_at_the_same_backbone_bits(random_state):
+    calib = anisotropic_calibration(random_state)
+    g = gen(random_state + 7)
+    w = torch.randn(96, 64, generator=g, dtype=torch.float64)
+    w[torch.randint(0, 96, (4,), generator=g), torch.randint(0, 64, (4,), generator=g)] = 15.0
+    cal = compress(w, make_config("caldera", rank=8, bits=2, factor_bits=4, iters=8), calib)
+    ldlq = compress(w, make_config("quant", bits=2, group_size=64, gptq=True), calib)
+    rtn = compress(w, make_config("quant", bits=2, group_size=64), calib)
+    e = {
+        k: h_error(w, f.to_dense().double(), calib.hessian)
+        for k, f in dict(caldera=cal, ldlq=ldlq, rtn=rtn).items()
+    }
+    assert e["caldera"] < e["ldlq"] < e["rtn"], e
+    # the error it reports is the error of what it returns
+    norm = h_error(w, torch.zeros_like(w), calib.hessian)
+    assert cal.h_error == pytest.approx(e["caldera"] / norm, rel=1e-6)
+
+
+@pytest.mark.parametrize("random_state", [11, 12])
+def test_caldera_incoherence_and_unquantized_factors(random_state):
+    calib = anisotropic_calibration(random_state)
+    g = gen(random_state + 1)
+    w = torch.randn(96, 64, generator=g, dtype=torch.float64)
+    # 3% scattered outliers: too many for the rank-8 part, so Q's grid must cover them
+    # unless the rotation spreads them out
+    mask = torch.rand(96, 64, generator=g) < 0.03
+    w[mask] = 8.0 * torch.sign(torch.randn(int(mask.sum()), generator=g, dtype=torch.float64))
+    base = dict(rank=8, bits=2, group_size=64, iters=6)
+    rotated = compress(w, make_config("caldera", factor_bits=4, **base), calib)
+    plain = compress(w, make_config("caldera", factor_bits=4, incoherence=False, **base), calib)
+    assert rotated.h_error < 0.8 * plain.h_error
+    full = compress(w, make_config("caldera", factor_bits=16, **base), calib)
+    assert full.h_error <= rotated.h_error * 1.02  # 16-bit factors are at least as good
+    assert full.bits - rotated.bits == (16 - 4) * 8 * (96 + 64) - 2 * 16 * (96 * 1 + 8 * 1)
+
+
+def test_caldera_without_calibration_is_an_input_error():
+    from compressors.base import ConfigError
+
+    with pytest.raises(ConfigError, match="calibration"):
+        compress(torch.randn(16, 8), make_config("caldera", rank=2))

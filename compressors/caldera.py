@@ -1,0 +1,247 @@
+"""CALDERA: W ~ Q + L R, a low-precision backbone plus low-rank, low-precision factors
+(Saha et al. 2024, "Compressing Large Language Models using Low Rank and Low Precision
+Decomposition").
+
+Objective: the calibration-weighted error ||(Q + L R - W) X^T||_F^2 = tr(E H E^T),
+H = X^T X. Steps, as in the paper's Algorithms 1 and 2:
+- per-matrix scaling (W / rms(W), one 16-bit scalar) and incoherence processing:
+  W' = U W V^T, H' = V H V^T with seeded random orthogonal U, V (Hadamard kron a small
+  Haar-random factor, random signs; see compressors.rotation), which leave the
+  objective unchanged and spread outliers so scalar grids fit;
+- `iters` outer iterations: Q = LDLQ(W' - L R) at `bits` under H' (group-wise grid,
+  compressors.quant.ldlq), then (L, R) = LPLR(W' - Q): the closed-form H-weighted
+  rank-r fit trunc_r(A C) C^{-1} (H' = C C^T), refined `lplr_iters` times by
+  quantizing R with LDLQ under H', refitting L in closed form and quantizing it with
+  LDLQ under R H' R^T, then refitting R; factors at `factor_bits` (16 = unquantized);
+- the iterate with the smallest H-weighted error is kept (the paper's "track best").
+Open choices made here: rotations are structured (not dense Haar) so they cost no
+storage; H is damped by 1% of its mean diagonal inside LDLQ (GPTQ's default).
+Storage: Q and the factors count their codes plus a 16-bit scale and zero point per
+group; the rotation seed 64 bits; the matrix scale 16 bits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from compressors.base import DENSE_BITS, Calibration, Factorization, config_error
+from compressors.quant import Quantized, ldlq
+from compressors.rotation import Rotation
+
+FACTOR_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
+SEED_BITS = 64
+
+
+@dataclass(frozen=True)
+class CalderaConfig:
+    """Settings of `caldera`.
+
+    Attributes:
+        rank: rank r of L R (1..min(m, n)).
+        bits: bits per entry of the backbone Q, 2..8.
+        factor_bits: bits per entry of L and R, 2..8, or 16 for unquantized factors.
+        group_size: columns sharing one scale and zero point in every quantizer.
+        iters: outer iterations (Q update, then L R update).
+        lplr_iters: quantized refinement steps of L and R inside each outer iteration.
+        incoherence: apply the seeded random rotations.
+        seed: seed of the rotations.
+    """
+
+    method: ClassVar[str] = "caldera"
+    rank: int = 32
+    bits: int = 2
+    factor_bits: int = 4
+    group_size: int = 64
+    iters: int = 20
+    lplr_iters: int = 3
+    incoherence: bool = True
+    seed: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise config_error(self.method, "rank", self.rank, "must be an integer >= 1")
+        if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise config_error(self.method, "bits", self.bits, "must be an integer in 2..8")
+        if self.factor_bits not in FACTOR_BITS:
+            raise config_error(self.method, "factor_bits", self.factor_bits, "must be 2..8 or 16")
+        for name in ("group_size", "iters"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise config_error(self.method, name, getattr(self, name), "must be >= 1")
+        if not isinstance(self.lplr_iters, int) or self.lplr_iters < 0:
+            raise config_error(self.method, "lplr_iters", self.lplr_iters, "must be >= 0")
+
+    def check_shape(self, m: int, n: int) -> None:
+        if self.rank > min(m, n):
+            raise config_error(self.method, "rank", self.rank, f"above min(m, n) = {min(m, n)}")
+
+
+@dataclass
+class Plain:
+    """An unquantized factor (factor_bits = 16)."""
+
+    value: torch.Tensor
+
+    def to_dense(self):
+        return self.value
+
+    @property
+    def bits(self):
+        return DENSE_BITS * self.value.numel()
+
+
+@dataclass
+class Caldera(Factorization):
+    q: Quantized  # (m, n), rotated and scaled coordinates
+    l: Quantized | Plain  # (m, r)
+    r: Quantized | Plain  # (r, n)
+    scale: float
+    seed: int | None  # None: no rotation
+    h_error: float  # relative calibration-weighted error of the kept iterate
+
+    @property
+    def shape(self):
+        return self.q.shape
+
+    def rotations(self):
+        m, n = self.shape
+        return Rotation(m, self.seed), Rotation(n, self.seed + 1)
+
+    def to_dense(self):
+        w = (self.q.to_dense() + self.l.to_dense() @ self.r.to_dense()).to(torch.float64)
+        if self.seed is not None:
+            u, v = self.rotations()
+            w = u.apply_inverse(v.apply_inverse(w).T).T  # U^T W' V
+        return (self.scale * w).to(self.q.scales.dtype)
+
+    @property
+    def rank(self) -> int:
+        return self.l.to_dense().shape[1]
+
+    @property
+    def n_params(self):
+        m, n = self.shape
+        return m * n + self.rank * (m + n)
+
+    @property
+    def bits(self):
+        seed = SEED_BITS if self.seed is not None else 0
+        return self.q.bits + self.l.bits + self.r.bits + DENSE_BITS + seed
+
+    def as_module(self, bias=None):
+        return CalderaLinear(self, bias)
+
+
+class CalderaLinear(nn.Module):
+    """y = s U^T (Q + L R) V x + b, with Q, L, R dequantized in the forward, W never stored."""
+
+    def __init__(self, f: Caldera, bias=None):
+        super().__init__()
+        self.f = f
+        self.rot = f.rotations() if f.seed is not None else None
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x):
+        dtype = x.dtype
+        if self.rot is not None:
+            x = self.rot[1].apply(x.to(torch.float64)).to(dtype)  # x V^T
+        y = nn.functional.linear(x, self.f.q.to_dense().to(dtype))
+        y = y + nn.functional.linear(
+            nn.functional.linear(x, self.f.r.to_dense().to(dtype)), self.f.l.to_dense().to(dtype)
+        )
+        if self.rot is not None:
+            y = self.rot[0].apply_inverse(y.to(torch.float64)).to(dtype)  # (.) U
+        y = y * self.f.scale
+        return y if self.bias is None else y + self.bias
+
+
+def compress(weight: torch.Tensor, config: CalderaConfig, calib: Calibration | None = None):
+    """Q + L R minimizing the calibration-weighted error (needs calibration data)."""
+    m, n = weight.shape
+    config.check_shape(m, n)
+    if calib is None:
+        raise config_error("caldera", "calibration", None, "caldera needs calibration data")
+    w = weight.detach().to(torch.float64)
+    scale = float(w.pow(2).mean().sqrt()) or 1.0
+    w = w / scale
+    h = calib.hessian.to(torch.float64)
+    h = h / torch.diagonal(h).mean().clamp_min(1e-30)
+    if config.incoherence:
+        u, v = Rotation(m, config.seed), Rotation(n, config.seed + 1)
+        w = u.apply(v.apply(w).T).T  # U W V^T
+        h = v.apply(v.apply(h).T)  # V H V^T
+    chol = _cholesky(h)
+    norm = _h_norm(w, h)
+    lr = torch.zeros_like(w)
+    best = None
+    for _ in range(config.iters):
+        q = _quantize(w - lr, h, config.bits, config.group_size)
+        lq, rq = _lplr(w - q.to_dense(), h, chol, config)
+        lr = lq.to_dense() @ rq.to_dense()
+        err = _h_norm(w - q.to_dense() - lr, h) / norm
+        if best is None or err < best[0]:
+            best = (err, q, lq, rq)
+    err, q, lq, rq = best
+    dtype = weight.dtype
+    return Caldera(
+        _cast(q, dtype),
+        _cast(lq, dtype),
+        _cast(rq, dtype),
+        scale,
+        config.seed if config.incoherence else None,
+        err,
+    )
+
+
+def _quantize(a, h, bits, group_size) -> Quantized:
+    codes, s, z = ldlq(a, h, bits, group_size)
+    return Quantized(codes, s, z, bits, group_size)
+
+
+def _lplr(a, h, chol, config):
+    """Quantized H-weighted rank-r factorization of a (Algorithm 2, LPLRFactorize)."""
+    r = config.rank
+    u, s, vt = torch.linalg.svd(a @ chol, full_matrices=False)
+    root = s[:r].sqrt()
+    left = u[:, :r] * root
+    right = torch.linalg.solve_triangular(chol, root[:, None] * vt[:r], upper=False, left=False)
+    if config.factor_bits == 16:
+        return Plain(left), Plain(right)
+    best = None
+    gs = config.group_size
+    for _ in range(max(1, config.lplr_iters)):
+        rq = _quantize(right, h, config.factor_bits, gs)
+        rd = rq.to_dense()
+        h_l = rd @ h @ rd.T  # the Hessian that L's error sees
+        left = torch.linalg.lstsq(h_l, (a @ h @ rd.T).T).solution.T
+        lq = _quantize(left, h_l, config.factor_bits, min(gs, r))
+        ld = lq.to_dense()
+        err = _h_norm(a - ld @ rd, h)
+        if best is None or err < best[0]:
+            best = (err, lq, rq)
+        right = torch.linalg.lstsq(ld, a).solution  # H cancels in the R-step
+    return best[1], best[2]
+
+
+def _cholesky(h):
+    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    for jitter in (0.0, 1e-8, 1e-6, 1e-4, 1e-2):
+        chol, info = torch.linalg.cholesky_ex(h + jitter * eye)
+        if int(info) == 0:
+            return chol
+    raise config_error("caldera", "calibration", None, "calibration Gram is not positive definite")
+
+
+def _h_norm(e, h) -> float:
+    return float(torch.sqrt(torch.clamp(torch.einsum("ij,jk,ik->", e, h, e), min=0)))
+
+
+def _cast(f, dtype):
+    if isinstance(f, Plain):
+        return Plain(f.value.to(dtype))
+    return Quantized(
+        f.codes.to(torch.uint8), f.scales.to(dtype), f.zeros.to(dtype), f.nbits, f.group_size
+    )
