@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from compressors.base import DENSE_BITS, Calibration, Factorization, config_error
-from compressors.quant import Quantized, ldlq
+from compressors.quant import Quantized, hessian_inverse_factor, ldlq
 from compressors.rotation import Rotation
 
 FACTOR_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
@@ -57,7 +57,7 @@ class CalderaConfig:
     factor_bits: int = 4
     group_size: int = 64
     iters: int = 20
-    lplr_iters: int = 3
+    lplr_iters: int = 1
     incoherence: bool = True
     seed: int = 0
 
@@ -174,14 +174,15 @@ def compress(weight: torch.Tensor, config: CalderaConfig, calib: Calibration | N
         w = u.apply(v.apply(w).T).T  # U W V^T
         h = v.apply(v.apply(h).T)  # V H V^T
     chol = _cholesky(h)
+    factor = hessian_inverse_factor(h)  # shared by every LDLQ call under H'
     norm = _h_norm(w, h)
     lr = torch.zeros_like(w)
     best = None
     for _ in range(config.iters):
-        q = _quantize(w - lr, h, config.bits, config.group_size)
-        lq, rq = _lplr(w - q.to_dense(), h, chol, config)
+        q = _quantize(w - lr, h, config.bits, config.group_size, factor)
+        lq, rq, err2 = _lplr(w - q.to_dense(), h, chol, factor, config)
         lr = lq.to_dense() @ rq.to_dense()
-        err = _h_norm(w - q.to_dense() - lr, h) / norm
+        err = max(err2, 0.0) ** 0.5 / norm  # ||(W' - Q - L R) C||_F, from LPLR
         if best is None or err < best[0]:
             best = (err, q, lq, rq)
     err, q, lq, rq = best
@@ -196,34 +197,49 @@ def compress(weight: torch.Tensor, config: CalderaConfig, calib: Calibration | N
     )
 
 
-def _quantize(a, h, bits, group_size) -> Quantized:
-    codes, s, z = ldlq(a, h, bits, group_size)
+def _quantize(a, h, bits, group_size, factor=None) -> Quantized:
+    codes, s, z = ldlq(a, h, bits, group_size, factor=factor)
     return Quantized(codes, s, z, bits, group_size)
 
 
-def _lplr(a, h, chol, config):
-    """Quantized H-weighted rank-r factorization of a (Algorithm 2, LPLRFactorize)."""
+def _lplr(a, h, chol, factor, config):
+    """Quantized H-weighted rank-r factorization of a (Algorithm 2, LPLRFactorize).
+
+    Errors of candidates are evaluated without an (m, n, n) product each time:
+    ||(A - L R) C||^2 = ||A C||^2 - 2 <L, A H R^T> + ||L (R C)||^2, with A H and
+    ||A C||^2 computed once.
+    """
     r = config.rank
-    u, s, vt = torch.linalg.svd(a @ chol, full_matrices=False)
+    ac = a @ chol
+    ah = ac @ chol.T
+    a_norm2 = float((ac * ac).sum())
+    # randomized range finder for the top-r factors, as LPLR (Saha et al. 2023) does
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(config.seed)
+    u, s, v = torch.svd_lowrank(ac, q=min(r + 10, min(ac.shape)), niter=4)
+    torch.random.set_rng_state(gen_state)
     root = s[:r].sqrt()
     left = u[:, :r] * root
-    right = torch.linalg.solve_triangular(chol, root[:, None] * vt[:r], upper=False, left=False)
+    right = torch.linalg.solve_triangular(chol, root[:, None] * v[:, :r].T, upper=False, left=False)
     if config.factor_bits == 16:
-        return Plain(left), Plain(right)
+        lrc = left @ (right @ chol)
+        err2 = a_norm2 - 2 * float((left * (ah @ right.T)).sum()) + float((lrc * lrc).sum())
+        return Plain(left), Plain(right), err2
     best = None
     gs = config.group_size
     for _ in range(max(1, config.lplr_iters)):
-        rq = _quantize(right, h, config.factor_bits, gs)
+        rq = _quantize(right, h, config.factor_bits, gs, factor)
         rd = rq.to_dense()
         h_l = rd @ h @ rd.T  # the Hessian that L's error sees
-        left = torch.linalg.lstsq(h_l, (a @ h @ rd.T).T).solution.T
+        left = torch.linalg.lstsq(h_l, (ah @ rd.T).T).solution.T
         lq = _quantize(left, h_l, config.factor_bits, min(gs, r))
         ld = lq.to_dense()
-        err = _h_norm(a - ld @ rd, h)
-        if best is None or err < best[0]:
-            best = (err, lq, rq)
+        lrc = ld @ (rd @ chol)
+        err2 = a_norm2 - 2 * float((ld * (ah @ rd.T)).sum()) + float((lrc * lrc).sum())
+        if best is None or err2 < best[0]:
+            best = (err2, lq, rq)
         right = torch.linalg.lstsq(ld, a).solution  # H cancels in the R-step
-    return best[1], best[2]
+    return best[1], best[2], best[0]
 
 
 def _cholesky(h):

@@ -21,6 +21,7 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -151,32 +152,60 @@ def hessian_inverse_factor(h: torch.Tensor, damp: float = DAMP):
     return torch.linalg.cholesky(inv, upper=True), dead
 
 
-def ldlq(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, block: int = 128):
-    """GPTQ/LDLQ: (codes, scales, zeros) of w (m, n) under the Hessian h (n, n)."""
-    w = w.clone()
+def ldlq(
+    w: torch.Tensor,
+    h: torch.Tensor,
+    bits: int,
+    group_size: int,
+    block: int = 128,
+    factor: tuple[torch.Tensor, torch.Tensor] | None = None,
+):
+    """GPTQ/LDLQ: (codes, scales, zeros) of w (m, n) under the Hessian h (n, n).
+
+    `factor` is hessian_inverse_factor(h), when the caller quantizes several matrices
+    under the same Hessian.
+
+    The column loop runs in numpy float64: it is sequential by nature and its cost is
+    per-call overhead on short vectors, where numpy is several times cheaper than torch.
+    """
     m, n = w.shape
     # blocks hold whole groups, so a group's grid never reads columns whose lazy update
     # from an earlier block is still pending
     block = max(group_size, block // group_size * group_size)
-    u, dead = hessian_inverse_factor(h)
-    w[:, dead] = 0
+    u_t, dead = factor if factor is not None else hessian_inverse_factor(h)
+    u = u_t.numpy()
+    wk = w.detach().to(torch.float64).numpy().copy()
+    wk[:, dead.numpy()] = 0
     groups = math.ceil(n / group_size)
-    scale = torch.ones(m, groups, dtype=w.dtype)
-    zero = torch.zeros(m, groups, dtype=w.dtype)
-    codes = torch.zeros_like(w)
+    scale = np.ones((m, groups))
+    zero = np.zeros((m, groups))
+    codes = np.zeros((m, n))
     top = 2**bits - 1
     for b0 in range(0, n, block):
         b1 = min(b0 + block, n)
-        err = torch.zeros(m, b1 - b0, dtype=w.dtype)
+        err = np.zeros((m, b1 - b0))
         for i in range(b0, b1):
             g = i // group_size
             if i % group_size == 0:  # the group's grid, from the weights as updated so far
-                s, z = grid(w[:, i : min(i + group_size, n)], bits, group_size)
-                scale[:, g], zero[:, g] = s[:, 0], z[:, 0]
-            q = torch.clamp(torch.round(w[:, i] / scale[:, g]) + zero[:, g], 0, top)
+                s, z = _grid_np(wk[:, i : min(i + group_size, n)], bits)
+                scale[:, g], zero[:, g] = s, z
+            s, z = scale[:, g], zero[:, g]
+            col = wk[:, i]
+            q = np.clip(np.rint(col / s) + z, 0, top)
             codes[:, i] = q
-            e = (w[:, i] - (q - zero[:, g]) * scale[:, g]) / u[i, i]
-            w[:, i + 1 : b1] -= e[:, None] * u[i, i + 1 : b1][None, :]
+            e = (col - (q - z) * s) / u[i, i]
+            if i + 1 < b1:
+                wk[:, i + 1 : b1] -= np.outer(e, u[i, i + 1 : b1])
             err[:, i - b0] = e
-        w[:, b1:] -= err @ u[b0:b1, b1:]
-    return codes, scale, zero
+        if b1 < n:
+            wk[:, b1:] -= err @ u[b0:b1, b1:]
+    return torch.from_numpy(codes), torch.from_numpy(scale), torch.from_numpy(zero)
+
+
+def _grid_np(block: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """grid() for one group of columns, in numpy (same arithmetic)."""
+    lo = np.minimum(block.min(axis=1), 0)
+    hi = np.maximum(block.max(axis=1), 0)
+    scale = (hi - lo) / (2**bits - 1)
+    scale = np.where(scale > 0, scale, 1.0)
+    return scale, np.round(-lo / scale)
