@@ -22,6 +22,7 @@ group; the rotation seed 64 bits; the matrix scale 16 bits.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -77,6 +78,20 @@ class CalderaConfig:
     def check_shape(self, m: int, n: int) -> None:
         if self.rank > min(m, n):
             raise config_error(self.method, "rank", self.rank, f"above min(m, n) = {min(m, n)}")
+
+    def cost(self, m: int, n: int) -> tuple[int, int]:
+        r, gs, fb = self.rank, self.group_size, self.factor_bits
+        q = self.bits * m * n + 2 * DENSE_BITS * m * math.ceil(n / gs)
+        if fb == 16:
+            factors = DENSE_BITS * r * (m + n)
+        else:
+            factors = (
+                fb * r * (m + n)
+                + 2 * DENSE_BITS * m * math.ceil(r / min(gs, r))
+                + 2 * DENSE_BITS * r * math.ceil(n / gs)
+            )
+        seed = SEED_BITS if self.incoherence else 0
+        return m * n + r * (m + n), q + factors + DENSE_BITS + seed
 
 
 @dataclass

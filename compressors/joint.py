@@ -39,6 +39,10 @@ class JointConfig:
         if self.rank > min(m, n):
             raise config_error(self.method, "rank", self.rank, f"above min(m, n) = {min(m, n)}")
 
+    def cost(self, m: int, n: int) -> tuple[int, int]:
+        """(parameters, bits) of a group whose stacked rows number m (sum of m_i)."""
+        return self.rank * (m + n), DENSE_BITS * self.rank * (m + n)
+
 
 @dataclass
 class JointGroup(Factorization):

@@ -18,7 +18,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from compressors.base import DENSE_BITS, Calibration, Factorization, config_error
+from compressors.base import DENSE_BITS, Calibration, Factorization, config_error, csr_index_bits
 from compressors.lowrank import LowRankLinear
 from compressors.sparse import CSR, SparseLinear, top_k_mask
 
@@ -55,6 +55,14 @@ class LoSparseConfig:
     def check_shape(self, m: int, n: int) -> None:
         if self.rank > min(m, n):
             raise config_error(self.method, "rank", self.rank, f"above min(m, n) = {min(m, n)}")
+
+    def cost(self, m: int, n: int) -> tuple[int, int]:
+        lr = self.rank * (m + n)
+        if self.structured == "rows":
+            k = round((1 - self.sparsity) * m)
+            return lr + k * n, DENSE_BITS * (lr + k * n) + 32 * k
+        nnz = round((1 - self.sparsity) * m * n)
+        return lr + nnz, DENSE_BITS * (lr + nnz) + csr_index_bits(m, n, nnz)
 
 
 @dataclass

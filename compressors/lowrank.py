@@ -48,6 +48,13 @@ class LowRankConfig:
         if self.rank is not None and self.rank > min(m, n):
             raise config_error(self.method, "rank", self.rank, f"above min(m, n) = {min(m, n)}")
 
+    def cost(self, m: int, n: int, rank: int | None = None) -> tuple[int, int]:
+        """(parameters, bits) for an (m, n) weight; `rank` resolves an `energy` setting."""
+        r = self.rank if self.rank is not None else rank
+        if r is None:
+            raise ValueError("an energy setting needs the spectrum to know its rank")
+        return r * (m + n), DENSE_BITS * r * (m + n)
+
 
 @dataclass
 class LowRank(Factorization):

@@ -45,6 +45,11 @@ class MPOConfig:
     def check_shape(self, m: int, n: int) -> None:
         pass  # any bond_dim is valid: bonds are capped at their full dimension
 
+    def cost(self, m: int, n: int) -> tuple[int, int]:
+        mf, nf = tt.factorize(m, self.cores), tt.factorize(n, self.cores)
+        p = tt.params_at_chi(mf, nf, self.bond_dim)
+        return p, DENSE_BITS * p
+
 
 @dataclass
 class MPO(Factorization):

@@ -14,7 +14,7 @@ from typing import ClassVar
 
 import torch
 
-from compressors.base import Calibration, Factorization, config_error
+from compressors.base import DENSE_BITS, Calibration, Factorization, config_error, csr_index_bits
 from compressors.sparse import CSR, SparseLinear, top_k_mask
 
 
@@ -37,6 +37,12 @@ class PruneConfig:
 
     def check_shape(self, m: int, n: int) -> None:
         pass
+
+    def cost(self, m: int, n: int) -> tuple[int, int]:
+        nnz = (
+            round((1 - self.sparsity) * n) * m if self.wanda else round((1 - self.sparsity) * m * n)
+        )
+        return nnz, DENSE_BITS * nnz + csr_index_bits(m, n, nnz)
 
 
 @dataclass

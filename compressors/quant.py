@@ -54,6 +54,9 @@ class QuantConfig:
     def check_shape(self, m: int, n: int) -> None:
         pass
 
+    def cost(self, m: int, n: int) -> tuple[int, int]:
+        return m * n, self.bits * m * n + 2 * DENSE_BITS * m * math.ceil(n / self.group_size)
+
 
 @dataclass
 class Quantized(Factorization):

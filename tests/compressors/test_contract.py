@@ -96,6 +96,7 @@ def test_contract(method):
         dense = f.to_dense()
         assert tuple(dense.shape) == (M, N) and tuple(f.shape) == (M, N)
         assert (f.n_params, f.bits) == expected_accounting(method, knobs, f)
+        assert config.cost(M, N) == (f.n_params, f.bits), "cost() disagrees with compress()"
         errors.append(f.relative_error(w))
         module = f.as_module(bias)
         torch.testing.assert_close(
@@ -165,3 +166,22 @@ def test_rank_above_min_dim_is_refused(method, knobs):
     calib = Calibration.from_activations(torch.randn(100, N))
     with pytest.raises(ConfigError, match="min\\(m, n\\) = 40"):
         compress(weight(), make_config(method, **knobs), calib)
+
+
+@pytest.mark.parametrize(
+    "method,knobs",
+    [
+        ("losparse", dict(rank=3, sparsity=0.8, structured="rows")),
+        ("prune", dict(sparsity=0.625, wanda=True)),
+        ("quant", dict(bits=3, group_size=7, gptq=True)),
+        ("caldera", dict(rank=4, bits=2, factor_bits=16, group_size=16, iters=2)),
+        ("caldera", dict(rank=4, bits=3, factor_bits=4, group_size=16, iters=2, incoherence=False)),
+    ],
+)
+def test_cost_matches_compress_for_every_variant(method, knobs):
+    calib = Calibration.from_activations(
+        torch.randn(300, N, generator=torch.Generator().manual_seed(3))
+    )
+    config = make_config(method, **knobs)
+    f = compress(weight(1), config, calib)
+    assert config.cost(M, N) == (f.n_params, f.bits)
