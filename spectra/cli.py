@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from spectra.errors import SpectraInputError
+from spectra.roles import ROLES
 
 OUT_FORMATS = (".parquet", ".csv", ".json")
 
@@ -39,6 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--json", action="store_true", help="print machine-readable results on stdout")
     a.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
     a.set_defaults(func=cmd_analyze)
+
+    plan = sub.add_parser("plan", help="compression plans")
+    plan_sub = plan.add_subparsers(dest="plan_command", required=True, parser_class=_Parser)
+    show = plan_sub.add_parser("show", help="the plan resolved against a model, module by module")
+    show.add_argument("plan", type=Path)
+    show.add_argument("--model", required=True)
+    show.add_argument("--json", action="store_true", help="print the resolved table as JSON")
+    show.set_defaults(func=cmd_plan_show)
 
     app = sub.add_parser("app", help="open the Streamlit app")
     app.add_argument("model", nargs="?", default="demo")
@@ -184,6 +193,95 @@ class _progress_bar:
         if self.bar is not None:
             self.bar.close()
         return False
+
+
+def cmd_plan_show(args) -> int:
+    from spectra import models
+    from spectra import plan as plans
+
+    plan = plans.load(args.plan)
+    mats = models.matrices(args.model)
+    entries = plans.resolve(plan, mats, rank_of=_energy_ranks(args.model))
+    order = {r: i for i, r in enumerate(ROLES)}
+    entries.sort(key=lambda e: (-1 if e.block is None else e.block, order.get(e.role, 99)))
+    rows = [
+        dict(
+            module=e.name,
+            rule=e.source or "-",
+            method=_settings(e.config),
+            shape=f"{e.shape[0]}x{e.shape[1]}",
+            params_before=e.params_before,
+            params_after=e.params_after,
+            bits_before=e.bits_before,
+            bits_after=e.bits_after,
+        )
+        for e in entries
+    ]
+    linear = [e for e in entries if e.role not in plans.NOT_TARGETABLE]
+    done = [e for e in linear if e.config is not None]
+    totals = dict(
+        modules=len(linear),
+        compressed=len(done),
+        params_before=sum(e.params_before for e in linear),
+        params_after=sum(e.params_after for e in linear),
+        bits_before=sum(e.bits_before for e in linear),
+        bits_after=sum(e.bits_after for e in linear),
+    )
+    totals["params_ratio"] = totals["params_after"] / totals["params_before"]
+    totals["bits_per_param"] = totals["bits_after"] / totals["params_before"]
+    totals["size_mb_after"] = totals["bits_after"] / 8 / 2**20
+    if args.json:
+        print(
+            json.dumps(
+                {"plan": str(args.plan), "model": args.model, "modules": rows, "totals": totals}
+            )
+        )
+        return 0
+    import polars as pl
+
+    from spectra.report import format_table
+
+    print(format_table(pl.DataFrame(rows)))
+    print(
+        f"\n{totals['compressed']} of {totals['modules']} linear modules compressed; "
+        f"parameters {totals['params_before'] / 1e6:.2f}M -> {totals['params_after'] / 1e6:.2f}M "
+        f"({totals['params_ratio']:.1%}); {totals['bits_per_param']:.2f} bits per parameter "
+        f"({totals['size_mb_after']:.1f} MB)"
+    )
+    return 0
+
+
+def _settings(config) -> str:
+    """`method(knob=value, ...)` with the knobs that differ from the method's defaults."""
+    if config is None:
+        return "dense"
+    import dataclasses
+
+    knobs = [
+        f"{f.name}={getattr(config, f.name)}"
+        for f in dataclasses.fields(config)
+        if getattr(config, f.name) != f.default
+    ]
+    return f"{config.method}({', '.join(knobs)})"
+
+
+def _energy_ranks(model: str):
+    """rank_of(name, energy) from the model's cached spectra, computed on first need."""
+    cache: dict = {}
+
+    def rank_of(name: str, energy: float) -> int:
+        if "df" not in cache:
+            from spectra.analyze import analyze
+
+            cache["df"] = {
+                r["name"]: r["sigma"]
+                for r in analyze(model, with_mpo=False).select("name", "sigma").to_dicts()
+            }
+        from spectra.metrics import energy_rank
+
+        return energy_rank(cache["df"][name], energy)
+
+    return rank_of
 
 
 def cmd_app(args) -> int:

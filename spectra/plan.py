@@ -1,0 +1,297 @@
+"""Compression plans: YAML/JSON in, validated typed objects, resolved per module.
+
+A plan has `rules` (first match wins; `targets` and `ignore` are exact module names
+or `re:` + a regex that must match the whole name) and explicit `layers` entries,
+which win over rules. Every error is a PlanError whose one-line message names the
+field, the value and, once a model is known, the module.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from spectra.errors import SpectraInputError
+
+PLAN_VERSION = 1
+TOP_KEYS = {"version", "model", "calibration", "rules", "layers"}
+CALIB_KEYS = {"corpus", "samples", "seqlen", "seed"}
+NOT_TARGETABLE = {"embed"}  # embeddings are lookups, not linear layers
+
+
+class PlanError(SpectraInputError):
+    """An invalid plan, or a plan that does not fit the model."""
+
+
+@dataclass(frozen=True)
+class CalibrationSpec:
+    """Where calibration activations come from (builtin = the stdlib's pydoc topics)."""
+
+    corpus: str = "builtin"
+    samples: int = 64
+    seqlen: int = 512
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Pattern:
+    text: str
+    regex: re.Pattern | None
+
+    def matches(self, name: str) -> bool:
+        return bool(self.regex.fullmatch(name)) if self.regex else name == self.text
+
+
+@dataclass(frozen=True)
+class Rule:
+    where: str  # "rules[i]"
+    targets: tuple[Pattern, ...]
+    ignore: tuple[Pattern, ...]
+    config: object
+
+    def matches(self, name: str) -> bool:
+        return any(p.matches(name) for p in self.targets) and not any(
+            p.matches(name) for p in self.ignore
+        )
+
+
+@dataclass(frozen=True)
+class Plan:
+    version: int = PLAN_VERSION
+    model: str | None = None
+    calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
+    rules: tuple[Rule, ...] = ()
+    layers: dict = field(default_factory=dict)  # module name -> config
+
+
+@dataclass
+class Entry:
+    """One module of the model under a plan."""
+
+    name: str
+    shape: tuple[int, int]
+    role: str
+    block: int | None
+    source: str | None  # "rules[i]", "layers", or None (stays dense)
+    config: object | None
+    group: str | None = None  # joint groups: the shared parent
+    params_after: int = 0
+    bits_after: int = 0
+
+    @property
+    def params_before(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def bits_before(self) -> int:
+        from compressors.base import DENSE_BITS
+
+        return DENSE_BITS * self.params_before
+
+
+def load(path: str | Path) -> Plan:
+    """Read and validate a plan file (YAML or JSON)."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise PlanError(f"{path}: cannot read plan ({e.strerror})") from e
+    except yaml.YAMLError as e:
+        raise PlanError(f"{path}: not valid YAML/JSON ({str(e).splitlines()[0]})") from e
+    return parse(data)
+
+
+def parse(data) -> Plan:
+    """Validate a plan given as plain data."""
+    from compressors.registry import make_config
+
+    if not isinstance(data, dict):
+        raise PlanError("plan: must be a mapping with rules and/or layers")
+    for k in data:
+        if k not in TOP_KEYS:
+            raise PlanError(f"plan: unknown key {k!r} (known: {', '.join(sorted(TOP_KEYS))})")
+    version = data.get("version", PLAN_VERSION)
+    if version != PLAN_VERSION:
+        raise PlanError(f"plan: version={version!r}: only version {PLAN_VERSION} is known")
+    calib = _calibration(data.get("calibration") or {})
+    rules = []
+    for i, raw in enumerate(_as_list(data.get("rules"), "rules")):
+        where = f"rules[{i}]"
+        if not isinstance(raw, dict):
+            raise PlanError(f"{where}: must be a mapping")
+        raw = dict(raw)
+        targets = _patterns(raw.pop("targets", None), f"{where}.targets", required=True)
+        ignore = _patterns(raw.pop("ignore", None), f"{where}.ignore", required=False)
+        rules.append(Rule(where, targets, ignore, _config(make_config, raw, where)))
+    layers = {}
+    raw_layers = data.get("layers") or {}
+    if not isinstance(raw_layers, dict):
+        raise PlanError("layers: must be a mapping of module name to settings")
+    for name, raw in raw_layers.items():
+        if not isinstance(raw, dict):
+            raise PlanError(f"layers.{name}: must be a mapping with a method")
+        layers[str(name)] = _config(make_config, dict(raw), f"layers.{name}")
+    model = data.get("model")
+    return Plan(version, None if model is None else str(model), calib, tuple(rules), layers)
+
+
+def to_dict(plan: Plan) -> dict:
+    """Plain data that `parse` turns back into an equal plan."""
+    from compressors.base import config_to_dict
+
+    out: dict = {"version": plan.version}
+    if plan.model is not None:
+        out["model"] = plan.model
+    out["calibration"] = dict(vars(plan.calibration))
+    if plan.rules:
+        out["rules"] = [
+            {
+                "targets": [p.text for p in r.targets],
+                **({"ignore": [p.text for p in r.ignore]} if r.ignore else {}),
+                **config_to_dict(r.config),
+            }
+            for r in plan.rules
+        ]
+    if plan.layers:
+        out["layers"] = {k: config_to_dict(c) for k, c in plan.layers.items()}
+    return out
+
+
+def dumps(plan: Plan, fmt: str = "yaml") -> str:
+    data = to_dict(plan)
+    return json.dumps(data, indent=2) if fmt == "json" else yaml.safe_dump(data, sort_keys=False)
+
+
+def resolve(plan: Plan, modules, rank_of=None) -> list[Entry]:
+    """Entries for `modules` (objects with name, shape, role): who matches what, and costs.
+
+    `rank_of(name, energy)` gives the rank that keeps `energy` for energy-based settings.
+    Raises PlanError for layers entries naming unknown modules, rules that match
+    nothing, and settings impossible for a module's shape.
+    """
+    names = {m.name for m in modules}
+    for name in plan.layers:
+        if name not in names:
+            raise PlanError(f"layers.{name}: no such module in this model")
+    used = {r.where: 0 for r in plan.rules}
+    entries = []
+    for m in modules:
+        entry = Entry(m.name, tuple(m.shape), m.role, m.block, None, None)
+        if m.role not in NOT_TARGETABLE:
+            if m.name in plan.layers:
+                entry.source, entry.config = "layers", plan.layers[m.name]
+            else:
+                for rule in plan.rules:
+                    if rule.matches(m.name):
+                        entry.source, entry.config = rule.where, rule.config
+                        used[rule.where] += 1
+                        break
+        entries.append(entry)
+    for where, count in used.items():
+        if count == 0:
+            rule = next(r for r in plan.rules if r.where == where)
+            targets = [p.text for p in rule.targets]
+            raise PlanError(f"{where}.targets: {targets} match no module of this model")
+    _cost(entries, rank_of)
+    return entries
+
+
+def _cost(entries, rank_of):
+    from compressors.base import DENSE_BITS
+
+    groups: dict[tuple, list[Entry]] = {}
+    for e in entries:
+        if e.config is None:
+            e.params_after, e.bits_after = e.params_before, e.bits_before
+        elif e.config.method == "joint":
+            e.group = e.name.rsplit(".", 1)[0]
+            groups.setdefault((e.source, e.group), []).append(e)
+        else:
+            m, n = e.shape
+            _check(e, e.config.check_shape, m, n)
+            if e.config.method == "lowrank" and e.config.rank is None:
+                if rank_of is None:
+                    raise PlanError(
+                        f"{e.name}: lowrank energy={e.config.energy} needs the "
+                        "model's spectra to be costed"
+                    )
+                e.params_after, e.bits_after = e.config.cost(m, n, rank_of(e.name, e.config.energy))
+            else:
+                e.params_after, e.bits_after = e.config.cost(m, n)
+    for (_, parent), members in groups.items():
+        n = members[0].shape[1]
+        if any(x.shape[1] != n for x in members):
+            shapes = {x.name: x.shape for x in members}
+            raise PlanError(f"{parent}: joint members must read the same input size, got {shapes}")
+        config = members[0].config
+        total_m = sum(x.shape[0] for x in members)
+        _check(members[0], config.check_shape, total_m, n)
+        for i, x in enumerate(members):  # the shared V is counted with the first member
+            x.params_after = config.rank * (x.shape[0] + (n if i == 0 else 0))
+            x.bits_after = DENSE_BITS * x.params_after
+
+
+def _check(entry, fn, *args):
+    try:
+        fn(*args)
+    except SpectraInputError as e:
+        raise PlanError(f"{entry.name}: {e}") from e
+
+
+def _calibration(raw) -> CalibrationSpec:
+    if not isinstance(raw, dict):
+        raise PlanError("calibration: must be a mapping")
+    for k in raw:
+        if k not in CALIB_KEYS:
+            raise PlanError(
+                f"calibration: unknown key {k!r} (known: {', '.join(sorted(CALIB_KEYS))})"
+            )
+    spec = CalibrationSpec(**raw)
+    for k in ("samples", "seqlen"):
+        v = getattr(spec, k)
+        if not isinstance(v, int) or v < 1:
+            raise PlanError(f"calibration.{k}={v!r}: must be an integer >= 1")
+    return spec
+
+
+def _as_list(value, where):
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise PlanError(f"{where}: must be a list")
+    return value
+
+
+def _patterns(value, where, required: bool) -> tuple[Pattern, ...]:
+    if value is None or value == []:
+        if required:
+            raise PlanError(f"{where}: at least one target is required")
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    out = []
+    for text in _as_list(value, where):
+        if not isinstance(text, str):
+            raise PlanError(f"{where}: {text!r} is not a string")
+        regex = None
+        if text.startswith("re:"):
+            try:
+                regex = re.compile(text[3:])
+            except re.error as e:
+                raise PlanError(f"{where}: {text!r} does not compile ({e})") from e
+        out.append(Pattern(text, regex))
+    return tuple(out)
+
+
+def _config(make_config, raw: dict, where: str):
+    method = raw.pop("method", None)
+    if method is None:
+        raise PlanError(f"{where}.method: missing")
+    try:
+        return make_config(method, **raw)
+    except SpectraInputError as e:
+        raise PlanError(f"{where}: {e}") from e
