@@ -49,6 +49,15 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--json", action="store_true", help="print the resolved table as JSON")
     show.set_defaults(func=cmd_plan_show)
 
+    ev = sub.add_parser("eval", help="perplexity on a corpus (GPTQ / SVD-LLM convention)")
+    ev.add_argument("model")
+    ev.add_argument("--corpus", default="builtin", help="builtin, wikitext2 or a text file")
+    ev.add_argument("--seqlen", type=int, default=512)
+    ev.add_argument("--max-tokens", type=int, help="score only the first N tokens")
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--json", action="store_true")
+    ev.set_defaults(func=cmd_eval)
+
     app = sub.add_parser("app", help="open the Streamlit app")
     app.add_argument("model", nargs="?", default="demo")
     app.add_argument("--port", type=int, default=8501)
@@ -282,6 +291,40 @@ def _energy_ranks(model: str):
         return energy_rank(cache["df"][name], energy)
 
     return rank_of
+
+
+def cmd_eval(args) -> int:
+    from spectra import eval as ev
+    from spectra import models
+
+    if args.seqlen < 2:
+        raise SpectraInputError(f"--seqlen {args.seqlen}: must be at least 2")
+    if args.max_tokens is not None and args.max_tokens < args.seqlen:
+        raise SpectraInputError(
+            f"--max-tokens {args.max_tokens}: less than one window (--seqlen {args.seqlen})"
+        )
+    tokenizer = models.load_tokenizer(args.model)
+    ids = ev.token_stream(tokenizer, args.corpus, "eval")  # bad corpora fail before loading
+    model = models.load(args.model, device=args.device)
+    with _progress_bar("evaluating") as progress:
+        cb = (lambda done, total: progress(done, total, "")) if progress else None
+        r = ev.perplexity(
+            model,
+            tokenizer,
+            corpus=args.corpus,
+            seqlen=args.seqlen,
+            max_tokens=args.max_tokens,
+            ids=ids,
+            progress=cb,
+        )
+    if args.json:
+        print(json.dumps({"model": args.model, **r.to_dict()}))
+    else:
+        print(
+            f"{args.model}: perplexity {r.ppl:.3f} on {r.corpus} ({r.split}), {r.tokens} tokens "
+            f"in {r.windows} windows of {r.seqlen}, {r.dtype}, {r.seconds:.1f} s"
+        )
+    return 0
 
 
 def cmd_app(args) -> int:
