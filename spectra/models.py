@@ -183,9 +183,11 @@ def load(spec: str, device: str = "auto", dtype=None):
     """The transformers causal LM for `spec`, on `device` (cuda when available)."""
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     source = resolve(spec)
     device = resolve_device(device)
+    hf_logging.disable_progress_bar()  # the caller shows its own progress
     try:
         model = AutoModelForCausalLM.from_pretrained(source.root, dtype=dtype or torch.float32)
     except (OSError, ValueError, KeyError) as e:
