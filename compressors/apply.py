@@ -1,0 +1,278 @@
+"""Apply a plan to a model: module surgery for every method, one place.
+
+`apply(model, plan, ...)` works on a deep copy (the source model is never touched),
+replaces each planned nn.Linear (or GPT-2 Conv1D) by its factorization's compact
+module and returns the copy with a per-module report. When a data-aware setting is
+planned (caldera, whitened lowrank, GPTQ, Wanda), calibration follows GPTQ's
+layer-wise scheme: the inputs of the first transformer block are caught once, then
+block by block the dense block runs on them with hooks that accumulate H = X^T X for
+each planned module (modules reading the same tensor share one product), its
+modules are compressed, and the dense block's outputs become the next block's
+inputs. Memory: the model, the calibration activations and one block's Hessians.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from compressors.base import Calibration
+from compressors.registry import compress
+from spectra import roles
+from spectra.plan import Entry, PlanError, resolve
+
+DATA_AWARE = {"caldera": None, "lowrank": "whiten", "quant": "gptq", "prune": "wanda"}
+
+
+@dataclass
+class ModuleReport:
+    name: str
+    method: str
+    settings: dict
+    params_before: int
+    params_after: int
+    bits_before: int
+    bits_after: int
+    rel_error: float
+    calib_error: float | None
+    seconds: float
+
+
+@dataclass
+class Target:
+    """A linear module as the plan sees it: name, (out, in) shape, role, block."""
+
+    name: str
+    shape: tuple[int, int]
+    role: str
+    block: int | None
+    conv1d: bool
+
+    def weight(self, module) -> torch.Tensor:
+        w = module.weight.detach()
+        return w.T if self.conv1d else w
+
+
+def needs_data(config) -> bool:
+    if config.method not in DATA_AWARE:
+        return False
+    flag = DATA_AWARE[config.method]
+    return flag is None or bool(getattr(config, flag))
+
+
+def linear_targets(model) -> dict[str, tuple[Target, nn.Module]]:
+    """Every nn.Linear / Conv1D of the model with its (out, in) shape and tags."""
+    out = {}
+    for name, mod in model.named_modules():
+        conv1d = type(mod).__name__ == "Conv1D"
+        if isinstance(mod, nn.Linear) or conv1d:
+            shape = tuple(mod.weight.shape[::-1] if conv1d else mod.weight.shape)
+            out[name] = (
+                Target(name, shape, roles.role_of(name), roles.block_of(name), conv1d),
+                mod,
+            )
+    return out
+
+
+def apply(model, plan, calib_ids=None, progress=None):
+    """(compressed copy, reports, factorizations by module) for `plan` on `model`.
+
+    Args:
+        calib_ids: (samples, seqlen) token windows, needed when a data-aware method is planned.
+        progress: called as progress(done, total, module name).
+    """
+    model = copy.deepcopy(model).eval()
+    targets = linear_targets(model)
+    entries = resolve(plan, [t for t, _ in targets.values()], rank_of=_rank_of(targets))
+    todo = [e for e in entries if e.config is not None]
+    data = any(needs_data(e.config) for e in todo)
+    if data and calib_ids is None:
+        raise PlanError("this plan has data-aware settings: calibration tokens are required")
+    if data and any(needs_data(e.config) and e.block is None for e in todo):
+        name = next(e.name for e in todo if needs_data(e.config) and e.block is None)
+        raise PlanError(f"{name}: data-aware methods are supported inside transformer blocks only")
+    state = _Run(model, targets, todo, progress)
+    if data:
+        _by_block_with_calibration(model, state, calib_ids)
+    state.compress_rest()
+    return model, state.reports, state.factorizations
+
+
+class _Run:
+    """Bookkeeping of one apply: what is left, reports, module swapping."""
+
+    def __init__(self, model, targets, todo, progress):
+        self.model, self.targets, self.progress = model, targets, progress
+        self.todo = {e.name: e for e in todo}
+        self.total = len(todo)
+        self.reports: list[ModuleReport] = []
+        self.factorizations: dict = {}
+
+    def compress_entries(self, entries: list[Entry], grams: dict | None = None) -> None:
+        groups: dict[tuple, list[Entry]] = {}
+        for e in entries:
+            if e.config.method == "joint":
+                groups.setdefault((e.source, e.group), []).append(e)
+            else:
+                self._one([e], grams)
+        for members in groups.values():
+            self._one(members, grams)
+
+    def compress_rest(self) -> None:
+        self.compress_entries(list(self.todo.values()))
+
+    def _one(self, members: list[Entry], grams) -> None:
+        t0 = time.perf_counter()
+        config = members[0].config
+        mods = [self.targets[e.name][1] for e in members]
+        weights = [self.targets[e.name][0].weight(m) for e, m in zip(members, mods, strict=True)]
+        calib = None
+        if grams is not None and needs_data(config):
+            h, count = grams[members[0].name]
+            calib = Calibration(h, count)
+        if config.method == "joint":
+            f = compress(weights, config, calib)
+            new = f.member_modules([m.bias.detach() if m.bias is not None else None for m in mods])
+            dense = [f.member_dense(i) for i in range(len(members))]
+        else:
+            f = compress(weights[0], config, calib)
+            bias = mods[0].bias.detach() if mods[0].bias is not None else None
+            new, dense = [f.as_module(bias)], [f.to_dense()]
+        seconds = (time.perf_counter() - t0) / len(members)
+        for e, w, d, module in zip(members, weights, dense, new, strict=True):
+            _set_module(self.model, e.name, module)
+            self.factorizations[e.name] = f
+            self.reports.append(
+                ModuleReport(
+                    e.name,
+                    config.method,
+                    {k: v for k, v in asdict(config).items()},
+                    e.params_before,
+                    e.params_after,
+                    e.bits_before,
+                    e.bits_after,
+                    _rel(w, d),
+                    _calib_rel(w, d, calib),
+                    seconds,
+                )
+            )
+            del self.todo[e.name]
+            if self.progress:
+                self.progress(self.total - len(self.todo), self.total, e.name)
+
+
+def _by_block_with_calibration(model, state: _Run, calib_ids) -> None:
+    layers = _decoder_layers(model)
+    args, kwargs = _catch_block_inputs(model, layers, calib_ids)
+    for index, layer in enumerate(layers):
+        entries = [e for e in state.todo.values() if e.block == index]
+        names = {e.name for e in entries}
+        grams: dict = {}
+        hooks = []
+        per_call: dict = {}
+        for e in entries:
+            module = state.targets[e.name][1]
+            hooks.append(module.register_forward_pre_hook(_gram_hook(e.name, grams, per_call)))
+        outs = []
+        with torch.no_grad():
+            for a, k in zip(args, kwargs, strict=True):
+                per_call.clear()
+                y = layer(*a, **k)
+                outs.append(y[0] if isinstance(y, tuple) else y)
+        for h in hooks:
+            h.remove()
+        state.compress_entries([e for e in entries if e.name in names], grams)
+        args = [(o, *a[1:]) for o, a in zip(outs, args, strict=True)]
+
+
+def _gram_hook(name, grams, per_call):
+    """Accumulate X^T X of the module's input; one product per input tensor per call.
+
+    Inputs are keyed by object identity and held until the call ends, so a freed
+    tensor's memory can never be reused by another input under the same key.
+    """
+
+    def hook(module, inputs):
+        x = inputs[0]
+        if id(x) not in per_call:
+            flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+            per_call[id(x)] = (x, flat.T @ flat, flat.shape[0])
+        _, h, c = per_call[id(x)]
+        old = grams.get(name)
+        grams[name] = (h.clone(), c) if old is None else (old[0] + h, old[1] + c)
+
+    return hook
+
+
+class _Stop(Exception):
+    pass
+
+
+def _catch_block_inputs(model, layers, calib_ids, batch_size: int = 4):
+    """(args, kwargs) of the first block's forward for every calibration batch."""
+    args, kwargs = [], []
+    first = layers[0]
+
+    class Catcher(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = first
+
+        def forward(self, *a, **k):
+            args.append(a)
+            kwargs.append(k)
+            raise _Stop
+
+    layers[0] = Catcher()
+    try:
+        with torch.no_grad():
+            for lo in range(0, calib_ids.shape[0], batch_size):
+                with contextlib.suppress(_Stop):
+                    model(calib_ids[lo : lo + batch_size])
+    finally:
+        layers[0] = first
+    return args, kwargs
+
+
+def _decoder_layers(model) -> nn.ModuleList:
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and name.rsplit(".", 1)[-1] in ("layers", "h", "blocks"):
+            return mod
+    raise PlanError("cannot find the model's transformer blocks for calibration")
+
+
+def _set_module(model, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def _rel(w, d) -> float:
+    w = w.to(torch.float64)
+    return float(torch.linalg.norm(w - d.to(torch.float64)) / torch.linalg.norm(w))
+
+
+def _calib_rel(w, d, calib) -> float | None:
+    if calib is None:
+        return None
+    w = w.to(torch.float64)
+    e = w - d.to(torch.float64)
+    h = calib.hessian
+    num = torch.einsum("ij,jk,ik->", e, h, e)
+    den = torch.einsum("ij,jk,ik->", w, h, w)
+    return float(torch.sqrt(torch.clamp(num, min=0) / den)) if den > 0 else None
+
+
+def _rank_of(targets):
+    def rank_of(name, energy):
+        from spectra.metrics import energy_rank
+        from spectra.svd import singular_values
+
+        target, module = targets[name]
+        return energy_rank(singular_values(target.weight(module).double().numpy()), energy)
+
+    return rank_of

@@ -1,0 +1,126 @@
+"""apply(): module surgery on a tiny Llama, reports, calibration, the source untouched."""
+
+import pytest
+import torch
+
+from compressors import apply as ap
+from compressors.base import DENSE_BITS
+from spectra import plan as plans
+from spectra.plan import PlanError
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+
+
+def calib_ids(n=6, seqlen=16):
+    return torch.randint(0, 128, (n, seqlen), generator=torch.Generator().manual_seed(0))
+
+
+PLAN = {
+    "rules": [
+        {"targets": [r"re:model\.layers\.\d+\.self_attn\.[qk]_proj"], "method": "joint", "rank": 8},
+        {
+            "targets": [r"re:model\.layers\.\d+\.mlp\.(gate|up)_proj"],
+            "method": "lowrank",
+            "rank": 12,
+        },
+    ],
+    "layers": {
+        "model.layers.0.mlp.down_proj": {"method": "mpo", "cores": 2, "bond_dim": 6},
+        "model.layers.1.mlp.down_proj": {"method": "losparse", "rank": 4, "sparsity": 0.9},
+        "model.layers.1.self_attn.o_proj": {"method": "prune", "sparsity": 0.5},
+        "model.layers.0.self_attn.o_proj": {"method": "quant", "bits": 4, "group_size": 16},
+    },
+}
+
+
+def test_apply_replaces_planned_modules_and_leaves_the_source(tiny):
+    before = {k: v.clone() for k, v in tiny.state_dict().items()}
+    plan = plans.parse(PLAN)
+    model, reports, facts = ap.apply(tiny, plan)
+    assert all(torch.equal(v, tiny.state_dict()[k]) for k, v in before.items())
+    assert len(reports) == 12 and set(facts) == {r.name for r in reports}
+    layer0 = model.model.layers[0]
+    assert type(layer0.mlp.gate_proj).__name__ == "LowRankLinear"
+    assert type(layer0.self_attn.q_proj).__name__ == "JointMemberLinear"
+    assert layer0.self_attn.q_proj.shared is layer0.self_attn.k_proj.shared
+    assert type(layer0.mlp.down_proj).__name__ == "MPOLinear"
+    # the compressed model computes what its dense reconstruction computes
+    dense = ap.copy.deepcopy(tiny)
+    for name, f in facts.items():
+        w = (
+            f.member_dense(["q_proj", "k_proj"].index(name.rsplit(".", 1)[1]))
+            if type(f).__name__ == "JointGroup"
+            else f.to_dense()
+        )
+        dense.get_submodule(name).weight.data = w.to(torch.float32)
+    x = calib_ids(2, 12)
+    torch.testing.assert_close(model(x).logits, dense(x).logits, atol=2e-4, rtol=1e-3)
+    by = {r.name: r for r in reports}
+    up = by["model.layers.1.mlp.up_proj"]
+    assert (up.params_after, up.bits_after) == (12 * 160, DENSE_BITS * 12 * 160)
+    assert 0 < up.rel_error < 1 and up.calib_error is None
+
+
+def test_data_aware_plans_calibrate_block_by_block(tiny):
+    plan = plans.parse(
+        {
+            "rules": [
+                {
+                    "targets": [r"re:model\.layers\.\d+\.mlp\.down_proj"],
+                    "method": "quant",
+                    "bits": 3,
+                    "group_size": 16,
+                    "gptq": True,
+                },
+                {
+                    "targets": [r"re:model\.layers\.\d+\.self_attn\.[qkv]_proj"],
+                    "method": "lowrank",
+                    "rank": 8,
+                    "whiten": True,
+                },
+            ]
+        }
+    )
+    ids = calib_ids()
+    model, reports, _ = ap.apply(tiny, plan, calib_ids=ids)
+    assert all(r.calib_error is not None and r.calib_error > 0 for r in reports)
+    # the Hessian of layer 1's down_proj is what its input really is in the dense model
+    grab = {}
+    hook = tiny.model.layers[1].mlp.down_proj.register_forward_pre_hook(
+        lambda m, i: grab.setdefault("x", []).append(i[0].detach())
+    )
+    with torch.no_grad():
+        for lo in range(0, ids.shape[0], 4):
+            tiny(ids[lo : lo + 4])
+    hook.remove()
+    x = torch.cat([t.reshape(-1, t.shape[-1]) for t in grab["x"]]).double()
+    h = x.T @ x
+    gptq_plain = ap.compress(
+        tiny.model.layers[1].mlp.down_proj.weight.detach(),
+        plan.rules[0].config,
+        ap.Calibration(h, x.shape[0]),
+    )
+    got = model.model.layers[1].mlp.down_proj
+    assert torch.equal(got.codes, gptq_plain.codes)
+
+
+def test_data_aware_plan_without_calibration_is_refused(tiny):
+    plan = plans.parse(
+        {
+            "rules": [
+                {
+                    "targets": ["model.layers.0.mlp.up_proj"],
+                    "method": "prune",
+                    "sparsity": 0.5,
+                    "wanda": True,
+                }
+            ]
+        }
+    )
+    with pytest.raises(PlanError, match="calibration tokens"):
+        ap.apply(tiny, plan)
