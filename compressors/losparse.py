@@ -106,7 +106,8 @@ class LowRankSparse(Factorization):
 class LowRankSparseLinear(nn.Module):
     def __init__(self, f: LowRankSparse, bias):
         super().__init__()
-        self.low = LowRankLinear(f.a, f.b, bias)
+        self.low = LowRankLinear(f.a, f.b)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         if f.rows is None:
             self.sparse = SparseLinear(f.s, None)
         else:
@@ -117,8 +118,10 @@ class LowRankSparseLinear(nn.Module):
     def forward(self, x):
         y = self.low(x)
         if self.sparse is not None:
-            return y + self.sparse(x)
-        return y.index_add(-1, self.rows, nn.functional.linear(x, self.row_values))
+            y = y + self.sparse(x)
+        else:
+            y = y.index_add(-1, self.rows, nn.functional.linear(x, self.row_values))
+        return y if self.bias is None else y + self.bias
 
 
 def compress(weight: torch.Tensor, config: LoSparseConfig, calib: Calibration | None = None):

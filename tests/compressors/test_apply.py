@@ -124,3 +124,46 @@ def test_data_aware_plan_without_calibration_is_refused(tiny):
     )
     with pytest.raises(PlanError, match="calibration tokens"):
         ap.apply(tiny, plan)
+
+
+def test_save_and_load_give_the_same_logits(tiny, tmp_path):
+    from compressors import io
+
+    plan = plans.parse(PLAN)
+    model, reports, facts = ap.apply(tiny, plan)
+    report = {"modules": [ap.asdict(r) for r in reports]}
+    io.save(tmp_path / "out", model, facts, plans.dumps(plan), report, dense=True)
+    again, facts2 = io.load(tmp_path / "out")
+    x = calib_ids(2, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x).logits, model(x).logits, atol=1e-5, rtol=1e-5)
+    assert {k: type(v).__name__ for k, v in facts2.items()} == {
+        k: type(v).__name__ for k, v in facts.items()
+    }
+    q, k = again.model.layers[1].self_attn.q_proj, again.model.layers[1].self_attn.k_proj
+    assert q.shared is k.shared  # the joint group is one group again
+    assert sum(f.bits for f in {id(f): f for f in facts2.values()}.values()) == sum(
+        f.bits for f in {id(f): f for f in facts.values()}.values()
+    )
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "dense").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x).logits, model(x).logits, atol=2e-4, rtol=1e-3)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_existing_out_is_refused_and_corrupt_checkpoints_are_input_errors(tiny, tmp_path):
+    from compressors import io
+    from spectra.errors import SpectraInputError
+
+    plan = plans.parse(PLAN)
+    model, reports, facts = ap.apply(tiny, plan)
+    io.save(tmp_path / "out", model, facts, "", {})
+    with pytest.raises(SpectraInputError, match="already exists"):
+        io.save(tmp_path / "out", model, facts, "", {})
+    io.save(tmp_path / "out", model, facts, "", {}, force=True)  # replaced whole
+    data = (tmp_path / "out" / "factors.safetensors").read_bytes()
+    (tmp_path / "out" / "factors.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(SpectraInputError, match="corrupt compressed checkpoint"):
+        io.load(tmp_path / "out")

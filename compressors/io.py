@@ -1,0 +1,230 @@
+"""Compressed checkpoints on disk: write atomically, reload into the same model.
+
+OUT/ holds config.json and the tokenizer of the source model; dense.safetensors with
+every parameter that was not compressed; factors.safetensors with every
+factorization's tensors; manifest.json describing each factorization (its class and
+scalar fields, generically from its dataclass fields: no pickle, no per-method
+code); plan.yaml and report.json. `--dense` adds OUT/dense/, an ordinary Hugging
+Face checkpoint with the reconstructed weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from spectra.errors import SpectraInputError
+
+FORMAT = 1
+
+
+def flatten(obj, prefix: str, tensors: dict) -> dict:
+    """A JSON description of a factorization; its tensors go into `tensors` by key."""
+    if isinstance(obj, torch.Tensor):
+        key = prefix
+        tensors[key] = obj.detach().contiguous()
+        return {"tensor": key}
+    if dataclasses.is_dataclass(obj):
+        cls = type(obj)
+        return {
+            "class": f"{cls.__module__}.{cls.__qualname__}",
+            "fields": {
+                f.name: flatten(getattr(obj, f.name), f"{prefix}.{f.name}", tensors)
+                for f in dataclasses.fields(obj)
+            },
+        }
+    if isinstance(obj, list | tuple):
+        return {"list": [flatten(x, f"{prefix}.{i}", tensors) for i, x in enumerate(obj)]}
+    if obj is None or isinstance(obj, bool | int | float | str):
+        return {"value": obj}
+    raise TypeError(f"cannot serialise {type(obj).__name__} at {prefix}")
+
+
+def unflatten(desc: dict, tensors: dict):
+    if "tensor" in desc:
+        return tensors[desc["tensor"]]
+    if "class" in desc:
+        module, _, name = desc["class"].rpartition(".")
+        if not module.startswith("compressors."):
+            raise SpectraInputError(f"manifest names a foreign class {desc['class']!r}")
+        cls = getattr(importlib.import_module(module), name)
+        return cls(**{k: unflatten(v, tensors) for k, v in desc["fields"].items()})
+    if "list" in desc:
+        return [unflatten(x, tensors) for x in desc["list"]]
+    return desc["value"]
+
+
+def save(
+    out: Path,
+    model,
+    factorizations: dict,
+    plan_text: str,
+    report: dict,
+    tokenizer=None,
+    dense: bool = False,
+    force: bool = False,
+) -> None:
+    """Write OUT through a temporary sibling directory renamed at the end."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise SpectraInputError(f"{out}: already exists (pass --force to replace it)")
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        _write(tmp, model, factorizations, plan_text, report, tokenizer, dense)
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write(tmp: Path, model, factorizations, plan_text, report, tokenizer, dense):
+    compressed = set(factorizations)
+    keep, seen = {}, {}
+    for k, v in model.state_dict().items():
+        owner = k.rsplit(".", 1)[0]
+        if any(owner == c or owner.startswith(c + ".") for c in compressed):
+            continue
+        if v.data_ptr() in seen:  # tied weights are stored once
+            continue
+        seen[v.data_ptr()] = k
+        keep[k] = v.detach().contiguous()
+    save_file(keep, tmp / "dense.safetensors")
+    tensors, modules, done = {}, {}, {}
+    for name, f in factorizations.items():
+        key = done.get(id(f))
+        if key is None:
+            key = done[id(f)] = name
+            desc = flatten(f, f"{name}#f", tensors)
+        else:
+            desc = None  # a joint group's later member: points at the first one
+        bias = model.get_submodule(name).bias
+        if bias is not None:
+            tensors[f"{name}#bias"] = bias.detach().contiguous()
+        modules[name] = {
+            "factorization": desc,
+            "shared_with": None if desc else key,
+            "bias": bias is not None,
+        }
+    save_file(tensors, tmp / "factors.safetensors")
+    members = {n: i for n, i in _joint_members(factorizations).items()}
+    for name, i in members.items():
+        modules[name]["member"] = i
+    (tmp / "manifest.json").write_text(json.dumps({"format": FORMAT, "modules": modules}, indent=1))
+    model.config.to_json_file(tmp / "config.json")
+    (tmp / "plan.yaml").write_text(plan_text)
+    (tmp / "report.json").write_text(json.dumps(report, indent=1))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    if dense:
+        _write_dense(tmp / "dense", model, factorizations, tokenizer, keep)
+
+
+def _joint_members(factorizations) -> dict[str, int]:
+    """Member index of each module that belongs to a joint group (in group order)."""
+    out, count = {}, {}
+    for name, f in factorizations.items():
+        if type(f).__name__ == "JointGroup":
+            out[name] = count.get(id(f), 0)
+            count[id(f)] = out[name] + 1
+    return out
+
+
+def _write_dense(path: Path, model, factorizations, tokenizer, keep: dict):
+    """An ordinary checkpoint: the architecture from its config, weights reconstructed."""
+    from transformers import AutoModelForCausalLM
+
+    path.mkdir()
+    dense = AutoModelForCausalLM.from_config(model.config)
+    dense.load_state_dict(keep, strict=False)
+    members = _joint_members(factorizations)
+    for name, f in factorizations.items():
+        w = f.member_dense(members[name]) if name in members else f.to_dense()
+        target = dense.get_submodule(name)
+        w = w.T if type(target).__name__ == "Conv1D" else w  # GPT-2 stores (in, out)
+        target.weight.data = w.to(target.weight.dtype).contiguous()
+        bias = model.get_submodule(name).bias
+        if bias is not None:
+            target.bias.data = bias.detach().clone()
+    dense.tie_weights()
+    dense.save_pretrained(path)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+
+
+def is_compressed_checkpoint(path) -> bool:
+    return (Path(path) / "manifest.json").is_file() and (
+        Path(path) / "factors.safetensors"
+    ).is_file()
+
+
+def load(out, device: str = "cpu"):
+    """(model, factorizations) rebuilt from OUT; corrupt files are input errors."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    out = Path(out)
+    try:
+        manifest = json.loads((out / "manifest.json").read_text())
+        tensors = load_file(out / "factors.safetensors")
+        dense = load_file(out / "dense.safetensors")
+        config = AutoConfig.from_pretrained(out)
+    except Exception as e:  # truncated, garbage or missing parts
+        raise SpectraInputError(
+            f"{out}: corrupt compressed checkpoint ({e.__class__.__name__})"
+        ) from e
+    if manifest.get("format") != FORMAT:
+        raise SpectraInputError(f"{out}: unknown checkpoint format {manifest.get('format')!r}")
+    model = AutoModelForCausalLM.from_config(config)
+    try:
+        factorizations = {}
+        for name, spec in manifest["modules"].items():
+            if spec["factorization"] is not None:
+                factorizations[name] = unflatten(spec["factorization"], tensors)
+        for name, spec in manifest["modules"].items():
+            if spec["factorization"] is None:
+                factorizations[name] = factorizations[spec["shared_with"]]
+        group_of = {
+            name: spec["shared_with"] or name
+            for name, spec in manifest["modules"].items()
+            if "member" in spec
+        }
+        size = {g: list(group_of.values()).count(g) for g in group_of.values()}
+        shared = {}
+        for name, spec in manifest["modules"].items():
+            f = factorizations[name]
+            bias = tensors.get(f"{name}#bias")
+            if "member" in spec:
+                group = group_of[name]
+                if group not in shared:
+                    shared[group] = f.member_modules([None] * size[group])
+                module = shared[group][spec["member"]]
+                if bias is not None:
+                    module.bias = torch.nn.Parameter(bias, requires_grad=False)
+            else:
+                module = f.as_module(bias)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, module)
+        missing, unexpected = model.load_state_dict(dense, strict=False)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise SpectraInputError(
+            f"{out}: corrupt compressed checkpoint ({e.__class__.__name__}: {e})"
+        ) from e
+    if unexpected:
+        raise SpectraInputError(
+            f"{out}: corrupt compressed checkpoint (unexpected {unexpected[0]})"
+        )
+    model.tie_weights()
+    return model.to(device).eval(), factorizations
