@@ -68,9 +68,11 @@ def needs_data(config) -> bool:
 def linear_targets(model) -> dict[str, tuple[Target, nn.Module]]:
     """Every nn.Linear / Conv1D of the model with its (out, in) shape and tags."""
     out = {}
+    # a tied lm_head is the embedding matrix: compressing it would untie the two
+    tied = {m.weight.data_ptr() for m in model.modules() if isinstance(m, nn.Embedding)}
     for name, mod in model.named_modules():
         conv1d = type(mod).__name__ == "Conv1D"
-        if isinstance(mod, nn.Linear) or conv1d:
+        if (isinstance(mod, nn.Linear) or conv1d) and mod.weight.data_ptr() not in tied:
             shape = tuple(mod.weight.shape[::-1] if conv1d else mod.weight.shape)
             out[name] = (
                 Target(name, shape, roles.role_of(name), roles.block_of(name), conv1d),

@@ -8,4 +8,12 @@ __version__ = "0.1.0"
 
 from spectra.errors import SpectraInputError  # noqa: E402
 
-__all__ = ["SpectraInputError", "__version__"]
+
+def load_compressed(out, device: str = "cpu"):
+    """The model written by `spectra apply` to OUT, with its compact modules."""
+    from compressors import io  # the one bridge from the library to the compressors
+
+    return io.load(out, device)[0]
+
+
+__all__ = ["SpectraInputError", "__version__", "load_compressed"]

@@ -49,6 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--json", action="store_true", help="print the resolved table as JSON")
     show.set_defaults(func=cmd_plan_show)
 
+    ap = sub.add_parser("apply", help="compress a model with a plan into OUT")
+    ap.add_argument("plan", type=Path)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("-o", "--out", type=Path, required=True)
+    ap.add_argument("--dense", action="store_true", help="also write OUT/dense, a plain checkpoint")
+    ap.add_argument("--force", action="store_true", help="replace an existing OUT")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--json", action="store_true")
+    ap.set_defaults(func=cmd_apply)
+
     ev = sub.add_parser("eval", help="perplexity on a corpus (GPTQ / SVD-LLM convention)")
     ev.add_argument("model")
     ev.add_argument("--corpus", default="builtin", help="builtin, wikitext2 or a text file")
@@ -56,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-tokens", type=int, help="score only the first N tokens")
     ev.add_argument("--device", default="auto")
     ev.add_argument("--json", action="store_true")
+    ev.add_argument(
+        "--no-baseline",
+        action="store_true",
+        help="for a compressed OUT: skip the dense model's perplexity",
+    )
     ev.set_defaults(func=cmd_eval)
 
     app = sub.add_parser("app", help="open the Streamlit app")
@@ -293,7 +308,85 @@ def _energy_ranks(model: str):
     return rank_of
 
 
+def cmd_apply(args) -> int:
+    from spectra import models
+    from spectra import plan as plans
+
+    plan = plans.load(args.plan)
+    out = args.out
+    if out.exists() and not args.force:
+        raise SpectraInputError(f"{out}: already exists (pass --force to replace it)")
+    if not out.parent.is_dir():
+        raise SpectraInputError(f"{out}: directory {out.parent} does not exist")
+    # the plan must fit the model before anything heavy is loaded
+    plans.resolve(plan, models.matrices(args.model), rank_of=_energy_ranks(args.model))
+    from compressors import apply as applying
+    from compressors import io
+
+    t0 = time.perf_counter()
+    model = models.load(args.model, device=args.device)
+    entries = plans.resolve(
+        plan,
+        [t for t, _ in applying.linear_targets(model).values()],
+        rank_of=_energy_ranks(args.model),
+    )
+    needs_data = any(e.config is not None and applying.needs_data(e.config) for e in entries)
+    try:
+        tokenizer = models.load_tokenizer(args.model)
+    except SpectraInputError:
+        if needs_data:
+            raise
+        tokenizer = None  # a data-free plan needs none; OUT then has no tokenizer either
+    calib = calibration_windows(tokenizer, plan.calibration) if needs_data else None
+    with _progress_bar("compressing") as progress:
+        compressed, reports, facts = applying.apply(model, plan, calib_ids=calib, progress=progress)
+    seconds = time.perf_counter() - t0
+    rows = [applying.asdict(r) for r in reports]
+    before = sum(e.params_before for e in entries if e.role not in plans.NOT_TARGETABLE)
+    totals = dict(
+        modules=len(rows),
+        params_before=before,
+        params_after=before - sum(r["params_before"] - r["params_after"] for r in rows),
+        bits_before=16 * before,
+        bits_after=16 * before - sum(r["bits_before"] - r["bits_after"] for r in rows),
+        seconds=seconds,
+    )
+    totals["bits_per_param"] = totals["bits_after"] / before
+    report = dict(
+        model=args.model,
+        plan=str(args.plan),
+        calibration=vars(plan.calibration),
+        calibration_tokens=0 if calib is None else int(calib.numel()),
+        totals=totals,
+        modules=rows,
+    )
+    io.save(
+        out, compressed, facts, args.plan.read_text(), report, tokenizer, args.dense, args.force
+    )
+    if args.json:
+        print(json.dumps({"out": str(out), **totals}))
+    else:
+        print(
+            f"{out}: {totals['modules']} modules compressed in {seconds:.1f} s; linear "
+            f"parameters {before / 1e6:.2f}M -> {totals['params_after'] / 1e6:.2f}M, "
+            f"{totals['bits_per_param']:.2f} bits per parameter; report: {out / 'report.json'}"
+        )
+    return 0
+
+
+def calibration_windows(tokenizer, spec):
+    """`samples` windows of `seqlen` calibration tokens, chosen with `seed`."""
+    import torch
+
+    from spectra import eval as ev
+
+    ids = ev.windows(ev.token_stream(tokenizer, spec.corpus, "calib"), spec.seqlen)
+    pick = torch.randperm(ids.shape[0], generator=torch.Generator().manual_seed(spec.seed))
+    return ids[pick[: spec.samples]]
+
+
 def cmd_eval(args) -> int:
+    from compressors import io
     from spectra import eval as ev
     from spectra import models
 
@@ -303,12 +396,46 @@ def cmd_eval(args) -> int:
         raise SpectraInputError(
             f"--max-tokens {args.max_tokens}: less than one window (--seqlen {args.seqlen})"
         )
-    tokenizer = models.load_tokenizer(args.model)
-    ids = ev.token_stream(tokenizer, args.corpus, "eval")  # bad corpora fail before loading
-    model = models.load(args.model, device=args.device)
+    compressed = io.is_compressed_checkpoint(args.model)
+    device = models.resolve_device(args.device)
+    if compressed:  # a corrupt OUT fails here, on the checkpoint itself
+        model = io.load(args.model, device)[0]
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(args.model)
+        except (OSError, ValueError) as e:
+            raise SpectraInputError(f"{args.model}: no usable tokenizer in the checkpoint") from e
+        ids = ev.token_stream(tokenizer, args.corpus, "eval")
+    else:
+        tokenizer = models.load_tokenizer(args.model)
+        ids = ev.token_stream(tokenizer, args.corpus, "eval")  # bad corpora fail before loading
+        model = models.load(args.model, device)
+    result = {"model": args.model, **_ppl(model, tokenizer, ids, args).to_dict()}
+    if compressed and not args.no_baseline:
+        source = json.loads((Path(args.model) / "report.json").read_text()).get("model")
+        base = _ppl(models.load(source, device), tokenizer, ids, args)
+        result["baseline"] = {"model": source, **base.to_dict()}
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(
+        f"{args.model}: perplexity {result['ppl']:.3f} on {result['corpus']} "
+        f"({result['split']}), {result['tokens']} tokens in {result['windows']} windows of "
+        f"{result['seqlen']}, {result['dtype']}, {result['seconds']:.1f} s"
+    )
+    if "baseline" in result:
+        b = result["baseline"]
+        print(f"{b['model']} (dense baseline, same tokens): perplexity {b['ppl']:.3f}")
+    return 0
+
+
+def _ppl(model, tokenizer, ids, args):
+    from spectra import eval as ev
+
     with _progress_bar("evaluating") as progress:
         cb = (lambda done, total: progress(done, total, "")) if progress else None
-        r = ev.perplexity(
+        return ev.perplexity(
             model,
             tokenizer,
             corpus=args.corpus,
@@ -317,14 +444,6 @@ def cmd_eval(args) -> int:
             ids=ids,
             progress=cb,
         )
-    if args.json:
-        print(json.dumps({"model": args.model, **r.to_dict()}))
-    else:
-        print(
-            f"{args.model}: perplexity {r.ppl:.3f} on {r.corpus} ({r.split}), {r.tokens} tokens "
-            f"in {r.windows} windows of {r.seqlen}, {r.dtype}, {r.seconds:.1f} s"
-        )
-    return 0
 
 
 def cmd_app(args) -> int:
@@ -347,6 +466,8 @@ def cmd_app(args) -> int:
         "--browser.gatherUsageStats",
         "false",
     ]
+    if not os.environ.get("DISPLAY"):
+        cmd += ["--server.headless", "true"]  # no browser to open on a server
     return subprocess.call(cmd, env=env)
 
 

@@ -1,0 +1,161 @@
+"""spectra apply / eval on OUT: outputs, refusals, and an interrupted apply."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from spectra.cli import main
+
+PLAN = {
+    "version": 1,
+    "rules": [
+        {
+            "targets": [r"re:model\.layers\.\d+\.mlp\.(gate|up)_proj"],
+            "method": "lowrank",
+            "rank": 12,
+        },
+        {"targets": [r"re:model\.layers\.\d+\.self_attn\.[qk]_proj"], "method": "joint", "rank": 8},
+    ],
+    "layers": {"model.layers.1.mlp.down_proj": {"method": "quant", "bits": 4, "group_size": 32}},
+}
+
+
+def run(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "spectra.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.fixture()
+def plan_file(tmp_path):
+    p = tmp_path / "plan.yaml"
+    p.write_text(yaml.safe_dump(PLAN))
+    return p
+
+
+def test_apply_writes_out_that_reloads_with_its_report(tiny_llama_dir, plan_file, tmp_path):
+    import spectra
+
+    out = tmp_path / "out"
+    r = run("apply", plan_file, "--model", tiny_llama_dir, "-o", out, "--json", "--dense")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    report = json.loads((out / "report.json").read_text())
+    assert summary["modules"] == len(report["modules"]) == 9
+    assert report["totals"]["params_after"] < report["totals"]["params_before"]
+    model = spectra.load_compressed(out)
+    from compressors import io
+
+    _, facts = io.load(out)
+    unique = {id(f): f for f in facts.values()}.values()
+    saved_bits = sum(r["bits_after"] for r in report["modules"])
+    assert sum(f.bits for f in unique) == saved_bits
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(out / "dense").eval()
+    x = torch.randint(0, 128, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, plain(x).logits, atol=2e-4, rtol=1e-3)
+    assert (tiny_llama_dir / "model.safetensors").is_file()  # source untouched
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda t, p: ["apply", p, "--model", t, "-o", p.parent / "exists"], "already exists"),
+        (
+            lambda t, p: ["apply", p.parent / "nope.yaml", "--model", t, "-o", p.parent / "o"],
+            "cannot read plan",
+        ),
+        (lambda t, p: ["apply", _bad_plan(p), "--model", t, "-o", p.parent / "o"], "bits=1"),
+        (
+            lambda t, p: ["apply", _gpt2_plan(p), "--model", t, "-o", p.parent / "o"],
+            "match no module",
+        ),
+        (lambda t, p: ["eval", _corrupt_out(p)], "corrupt compressed checkpoint"),
+    ],
+    ids=["out-exists", "no-plan", "bad-bits", "other-architecture", "corrupt-out"],
+)
+def test_bad_apply_and_eval_inputs_exit_2(tiny_llama_dir, plan_file, make, match):
+    (plan_file.parent / "exists").mkdir()
+    r = run(*make(tiny_llama_dir, plan_file))
+    assert r.returncode == 2, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and match in r.stderr
+    assert not (plan_file.parent / "o").exists()
+
+
+def _bad_plan(p):
+    q = p.parent / "bad.yaml"
+    q.write_text(
+        yaml.safe_dump({"layers": {"model.layers.0.mlp.up_proj": {"method": "quant", "bits": 1}}})
+    )
+    return q
+
+
+def _gpt2_plan(p):
+    q = p.parent / "gpt2.yaml"
+    q.write_text(
+        yaml.safe_dump(
+            {
+                "rules": [
+                    {
+                        "targets": [r"re:transformer\.h\.\d+\.mlp\.c_fc"],
+                        "method": "lowrank",
+                        "rank": 4,
+                    }
+                ]
+            }
+        )
+    )
+    return q
+
+
+def _corrupt_out(p):
+    out = p.parent / "corrupt"
+    out.mkdir()
+    (out / "manifest.json").write_text("{")
+    (out / "factors.safetensors").write_bytes(b"\0" * 10)
+    (out / "tokenizer_config.json").write_text("{}")
+    return out
+
+
+def test_an_interrupted_apply_leaves_no_out_and_the_source_intact(
+    tiny_llama_dir, plan_file, tmp_path, monkeypatch, capsys
+):
+    from compressors import apply as ap
+
+    before = (tiny_llama_dir / "model.safetensors").read_bytes()
+    calls = {"n": 0}
+    real = ap.compress
+
+    def failing(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("injected failure")
+        return real(*a, **k)
+
+    monkeypatch.setattr(ap, "compress", failing)
+    out = tmp_path / "out"
+    assert main(["apply", str(plan_file), "--model", str(tiny_llama_dir), "-o", str(out)]) == 1
+    assert "injected failure" in capsys.readouterr().err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert (tiny_llama_dir / "model.safetensors").read_bytes() == before
+
+
+def test_a_failure_while_writing_leaves_no_out(tiny_llama_dir, plan_file, tmp_path, monkeypatch):
+    from compressors import io
+
+    def broken(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(io, "save_file", broken)
+    out = tmp_path / "out"
+    assert main(["apply", str(plan_file), "--model", str(tiny_llama_dir), "-o", str(out)]) == 1
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
