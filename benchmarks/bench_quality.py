@@ -1,0 +1,180 @@
+"""Perplexity of every compressor on the demo model at matched budgets.
+
+    python benchmarks/bench_quality.py [--max-tokens N] [--only NAME ...]
+
+Dense baseline first, then (1) about 2.4 bits per linear parameter: CALDERA (Q at 2
+bits + rank 32 at 4-bit factors) vs 2-bit GPTQ vs 2-bit RTN, with 3- and 4-bit RTN
+for reference; (2) 50% and 80% of linear parameters kept: lowrank, whitened lowrank,
+joint (q,k and gate,up groups), losparse (half the budget low-rank, half sparse),
+mpo, magnitude and Wanda pruning. Perplexity on the builtin evaluation part (seqlen
+512, all of it unless --max-tokens), calibration from the builtin calibration part
+(64 x 512 tokens). Each plan is explicit per module; the wall time of each apply is
+recorded. Results: benchmarks/results/bench_quality.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CALIB = {"corpus": "builtin", "samples": 64, "seqlen": 512, "seed": 0}
+BLOCK_LINEARS = r"re:model\.layers\.\d+\.(self_attn\.[qkvo]|mlp\.(gate|up|down))_proj"
+
+
+def linears(model):
+    from compressors.apply import linear_targets
+
+    return [t for t, _ in linear_targets(model).values()]
+
+
+def per_module(model, make) -> dict:
+    """A plan with one explicit `layers:` entry per linear module."""
+    return {
+        "version": 1,
+        "model": "demo",
+        "calibration": CALIB,
+        "layers": {t.name: make(*t.shape) for t in linears(model)},
+    }
+
+
+def rank_for(m, n, ratio):
+    return max(1, min(min(m, n), int(ratio * m * n / (m + n))))
+
+
+def plans(model) -> dict[str, dict]:
+    from spectra import mpo
+
+    out = {
+        "caldera-2bit-r32": per_module(
+            model,
+            lambda m, n: dict(method="caldera", rank=32, bits=2, factor_bits=4, group_size=64),
+        ),
+        "gptq-2bit": per_module(
+            model, lambda m, n: dict(method="quant", bits=2, group_size=64, gptq=True)
+        ),
+        "rtn-2bit": per_module(model, lambda m, n: dict(method="quant", bits=2, group_size=64)),
+        "rtn-3bit": per_module(model, lambda m, n: dict(method="quant", bits=3, group_size=64)),
+        "rtn-4bit": per_module(model, lambda m, n: dict(method="quant", bits=4, group_size=64)),
+    }
+    for ratio in (0.5, 0.8):
+        tag = f"{int(ratio * 100)}%"
+        out[f"lowrank-{tag}"] = per_module(
+            model, lambda m, n, r=ratio: dict(method="lowrank", rank=rank_for(m, n, r))
+        )
+        out[f"lowrank-whiten-{tag}"] = per_module(
+            model, lambda m, n, r=ratio: dict(method="lowrank", rank=rank_for(m, n, r), whiten=True)
+        )
+        out[f"joint-{tag}"] = joint_plan(model, ratio)
+        out[f"losparse-{tag}"] = per_module(
+            model,
+            lambda m, n, r=ratio: dict(
+                method="losparse", rank=rank_for(m, n, r / 2), sparsity=1 - r / 2
+            ),
+        )
+        out[f"mpo-{tag}"] = per_module(
+            model,
+            lambda m, n, r=ratio: dict(
+                method="mpo",
+                cores=3,
+                bond_dim=max(1, mpo.chi_for_ratio(mpo.factorize(m, 3), mpo.factorize(n, 3), r)),
+            ),
+        )
+        out[f"prune-magnitude-{tag}"] = per_module(
+            model, lambda m, n, r=ratio: dict(method="prune", sparsity=round(1 - r, 6))
+        )
+        out[f"prune-wanda-{tag}"] = per_module(
+            model, lambda m, n, r=ratio: dict(method="prune", sparsity=round(1 - r, 6), wanda=True)
+        )
+    return out
+
+
+def joint_plan(model, ratio):
+    """q,k and gate,up share a factor per block; v, o, down get plain low-rank at the ratio."""
+    ts = {t.name: t for t in linears(model)}
+    blocks = sorted({t.block for t in ts.values() if t.block is not None})
+    rules = []
+    for b in blocks:
+        for parent, members in (
+            (f"model.layers.{b}.self_attn", ("q_proj", "k_proj")),
+            (f"model.layers.{b}.mlp", ("gate_proj", "up_proj")),
+        ):
+            shapes = [ts[f"{parent}.{x}"].shape for x in members]
+            n, total_m = shapes[0][1], sum(s[0] for s in shapes)
+            k = max(1, int(ratio * sum(m * n for m, _ in shapes) / (n + total_m)))
+            rules.append(
+                {"targets": [f"{parent}.{x}" for x in members], "method": "joint", "rank": k}
+            )
+    plan = per_module(model, lambda m, n: dict(method="lowrank", rank=rank_for(m, n, ratio)))
+    for name in list(plan["layers"]):
+        if name.rsplit(".", 1)[1] in ("q_proj", "k_proj", "gate_proj", "up_proj"):
+            del plan["layers"][name]
+    plan["rules"] = rules
+    return plan
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--max-tokens", type=int)
+    p.add_argument("--only", nargs="*", help="run only these configurations")
+    p.add_argument(
+        "--out", type=Path, default=REPO / "benchmarks" / "results" / "bench_quality.json"
+    )
+    args = p.parse_args()
+
+    from compressors.apply import apply, needs_data
+    from spectra import eval as ev
+    from spectra import models
+    from spectra import plan as plan_mod
+    from spectra.cli import calibration_windows
+
+    model = models.load("demo", device="cpu")
+    tok = models.load_tokenizer("demo")
+    ids = ev.token_stream(tok, "builtin", "eval")
+    spec = plan_mod.CalibrationSpec(**CALIB)
+    calib = calibration_windows(tok, spec)
+    results = json.loads(args.out.read_text()) if args.out.is_file() and args.only else {}
+    base = ev.perplexity(model, tok, ids=ids, max_tokens=args.max_tokens)
+    results["dense"] = dict(
+        ppl=base.ppl, tokens=base.tokens, bits_per_param=16.0, params_kept=1.0, apply_seconds=0.0
+    )
+    print(f"dense: ppl {base.ppl:.3f} on {base.tokens} tokens", flush=True)
+    for name, raw in plans(model).items():
+        if args.only and name not in args.only:
+            continue
+        plan = plan_mod.parse(raw)
+        entries = plan_mod.resolve(plan, linears(model))
+        data = any(e.config is not None and needs_data(e.config) for e in entries)
+        t0 = time.perf_counter()
+        compressed, reports, _ = apply(model, plan, calib_ids=calib if data else None)
+        seconds = time.perf_counter() - t0
+        r = ev.perplexity(compressed, tok, ids=ids, max_tokens=args.max_tokens)
+        before = sum(e.params_before for e in entries)
+        after_p = sum(e.params_after for e in entries)
+        after_b = sum(e.bits_after for e in entries)
+        results[name] = dict(
+            ppl=r.ppl,
+            tokens=r.tokens,
+            apply_seconds=seconds,
+            params_kept=after_p / before,
+            bits_per_param=after_b / before,
+            median_rel_error=sorted(x.rel_error for x in reports)[len(reports) // 2],
+        )
+        print(
+            f"{name}: ppl {r.ppl:.3f}, params kept {after_p / before:.3f}, "
+            f"{after_b / before:.2f} bits/param, apply {seconds:.0f} s",
+            flush=True,
+        )
+        del compressed
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2) + "\n")  # partial results survive
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"written to {args.out}")
+    assert math.isfinite(base.ppl)
+
+
+if __name__ == "__main__":
+    main()
