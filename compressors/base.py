@@ -35,6 +35,18 @@ def config_error(method: str, field: str, value, why: str) -> ConfigError:
     return ConfigError(f"{method}: {field}={value!r}: {why}")
 
 
+def require_int(method: str, field: str, value, minimum: int) -> None:
+    """An integer setting at least `minimum`, or a ConfigError naming it."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise config_error(method, field, value, f"must be an integer >= {minimum}")
+
+
+def check_rank(method: str, rank: int, m: int, n: int) -> None:
+    """A rank that an (m, n) matrix can have, or a ConfigError naming it."""
+    if rank > min(m, n):
+        raise config_error(method, "rank", rank, f"above min(m, n) = {min(m, n)}")
+
+
 class Factorization:
     """Compact form of one weight matrix (out, in)."""
 

@@ -29,7 +29,14 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from compressors.base import DENSE_BITS, Calibration, Factorization, config_error
+from compressors.base import (
+    DENSE_BITS,
+    Calibration,
+    Factorization,
+    check_rank,
+    config_error,
+    require_int,
+)
 from compressors.quant import Quantized, hessian_inverse_factor, ldlq
 from compressors.rotation import Rotation
 
@@ -63,21 +70,17 @@ class CalderaConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if not isinstance(self.rank, int) or self.rank < 1:
-            raise config_error(self.method, "rank", self.rank, "must be an integer >= 1")
+        require_int(self.method, "rank", self.rank, 1)
         if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
             raise config_error(self.method, "bits", self.bits, "must be an integer in 2..8")
         if self.factor_bits not in FACTOR_BITS:
             raise config_error(self.method, "factor_bits", self.factor_bits, "must be 2..8 or 16")
-        for name in ("group_size", "iters"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise config_error(self.method, name, getattr(self, name), "must be >= 1")
-        if not isinstance(self.lplr_iters, int) or self.lplr_iters < 0:
-            raise config_error(self.method, "lplr_iters", self.lplr_iters, "must be >= 0")
+        require_int(self.method, "group_size", self.group_size, 1)
+        require_int(self.method, "iters", self.iters, 1)
+        require_int(self.method, "lplr_iters", self.lplr_iters, 0)
 
     def check_shape(self, m: int, n: int) -> None:
-        if self.rank > min(m, n):
-            raise config_error(self.method, "rank", self.rank, f"above min(m, n) = {min(m, n)}")
+        check_rank(self.method, self.rank, m, n)
 
     def cost(self, m: int, n: int) -> tuple[int, int]:
         r, gs, fb = self.rank, self.group_size, self.factor_bits

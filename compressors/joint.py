@@ -17,7 +17,14 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from compressors.base import DENSE_BITS, Calibration, Factorization, config_error
+from compressors.base import (
+    DENSE_BITS,
+    Calibration,
+    Factorization,
+    check_rank,
+    config_error,
+    require_int,
+)
 
 
 @dataclass(frozen=True)
@@ -32,12 +39,10 @@ class JointConfig:
     rank: int = 64
 
     def __post_init__(self):
-        if not isinstance(self.rank, int) or self.rank < 1:
-            raise config_error(self.method, "rank", self.rank, "must be an integer >= 1")
+        require_int(self.method, "rank", self.rank, 1)
 
     def check_shape(self, m: int, n: int) -> None:
-        if self.rank > min(m, n):
-            raise config_error(self.method, "rank", self.rank, f"above min(m, n) = {min(m, n)}")
+        check_rank(self.method, self.rank, m, n)
 
     def cost(self, m: int, n: int) -> tuple[int, int]:
         """(parameters, bits) of a group whose stacked rows number m (sum of m_i)."""

@@ -18,7 +18,15 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from compressors.base import DENSE_BITS, Calibration, Factorization, config_error, csr_index_bits
+from compressors.base import (
+    DENSE_BITS,
+    Calibration,
+    Factorization,
+    check_rank,
+    config_error,
+    csr_index_bits,
+    require_int,
+)
 from compressors.lowrank import LowRankLinear
 from compressors.sparse import CSR, SparseLinear, top_k_mask
 
@@ -43,18 +51,15 @@ class LoSparseConfig:
     iters: int = 0
 
     def __post_init__(self):
-        if not isinstance(self.rank, int) or self.rank < 1:
-            raise config_error(self.method, "rank", self.rank, "must be an integer >= 1")
+        require_int(self.method, "rank", self.rank, 1)
         if not 0 <= self.sparsity < 1:
             raise config_error(self.method, "sparsity", self.sparsity, "must be in [0, 1)")
         if self.structured not in STRUCTURES:
             raise config_error(self.method, "structured", self.structured, f"one of {STRUCTURES}")
-        if not isinstance(self.iters, int) or self.iters < 0:
-            raise config_error(self.method, "iters", self.iters, "must be an integer >= 0")
+        require_int(self.method, "iters", self.iters, 0)
 
     def check_shape(self, m: int, n: int) -> None:
-        if self.rank > min(m, n):
-            raise config_error(self.method, "rank", self.rank, f"above min(m, n) = {min(m, n)}")
+        check_rank(self.method, self.rank, m, n)
 
     def cost(self, m: int, n: int) -> tuple[int, int]:
         lr = self.rank * (m + n)

@@ -15,7 +15,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from compressors.base import DENSE_BITS, Calibration, Factorization, config_error
+from compressors.base import DENSE_BITS, Calibration, Factorization, check_rank, config_error
 
 JITTERS = (0.0, 1e-8, 1e-6, 1e-4, 1e-2, 1e-1)
 
@@ -45,8 +45,8 @@ class LowRankConfig:
             raise config_error(self.method, "energy", self.energy, "must be in (0, 1]")
 
     def check_shape(self, m: int, n: int) -> None:
-        if self.rank is not None and self.rank > min(m, n):
-            raise config_error(self.method, "rank", self.rank, f"above min(m, n) = {min(m, n)}")
+        if self.rank is not None:
+            check_rank(self.method, self.rank, m, n)
 
     def cost(self, m: int, n: int, rank: int | None = None) -> tuple[int, int]:
         """(parameters, bits) for an (m, n) weight; `rank` resolves an `energy` setting."""

@@ -70,3 +70,39 @@ def demo_dir() -> Path:
     if not link.exists():
         os.symlink(root, link)
     return root
+
+
+def _run_cli(*args, env=None, timeout=600):
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "spectra.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.fixture()
+def cli():
+    """Run `spectra ARGS...` as a real subprocess; returns the CompletedProcess."""
+    return _run_cli
+
+
+def planted_tt(random_state, mf=(4, 4, 4), nf=(3, 4, 5), ranks=(2, 3)):
+    """(W, mf, nf, ranks): a matrix that is exactly an MPO with the given bond ranks."""
+    import numpy as np
+
+    from spectra import mpo
+
+    rng = np.random.default_rng(random_state)
+    r = [1, *ranks, 1]
+    cores = [rng.standard_normal((r[k], mf[k], nf[k], r[k + 1])) for k in range(len(mf))]
+    return mpo.tt_to_dense(cores), mf, nf, list(ranks)
+
+
+@pytest.fixture()
+def planted():
+    return planted_tt

@@ -2,26 +2,12 @@
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import polars as pl
 import pytest
 
 from spectra.cli import main
-
-SPECTRA = [sys.executable, "-m", "spectra.cli"]
-
-
-def run(*args, env=None):
-    return subprocess.run(
-        [*SPECTRA, *map(str, args)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-        timeout=300,
-    )
 
 
 @pytest.mark.parametrize("suffix", [".parquet", ".csv", ".json"])
@@ -93,14 +79,14 @@ def _write(path, data):
 
 
 @pytest.mark.parametrize("case", list(BAD))
-def test_bad_input_exits_2_with_one_line(case, tmp_path, tiny_llama_dir):
+def test_bad_input_exits_2_with_one_line(case, tmp_path, tiny_llama_dir, cli):
     if case == "cuda-absent" and __import__("torch").cuda.is_available():
         pytest.skip("a CUDA device is present")
     make, needle = BAD[case]
     work = tmp_path / "work"
     work.mkdir()
     before = sorted(p.name for p in tiny_llama_dir.iterdir())
-    r = run(*make(work, tiny_llama_dir))
+    r = cli(*make(work, tiny_llama_dir))
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
@@ -109,7 +95,7 @@ def test_bad_input_exits_2_with_one_line(case, tmp_path, tiny_llama_dir):
     assert sorted(p.name for p in tiny_llama_dir.iterdir()) == before  # source untouched
 
 
-def test_subprocess_success_exit_code(tiny_llama_dir, tmp_path):
-    r = run("analyze", tiny_llama_dir, "--out", tmp_path / "t.parquet")
+def test_subprocess_success_exit_code(tiny_llama_dir, tmp_path, cli):
+    r = cli("analyze", tiny_llama_dir, "--out", tmp_path / "t.parquet")
     assert r.returncode == 0 and "analysed in" in r.stdout
     assert pl.read_parquet(tmp_path / "t.parquet").height == 16

@@ -1,8 +1,6 @@
 """spectra apply / eval on OUT: outputs, refusals, and an interrupted apply."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -24,15 +22,6 @@ PLAN = {
 }
 
 
-def run(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "spectra.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-
-
 @pytest.fixture()
 def plan_file(tmp_path):
     p = tmp_path / "plan.yaml"
@@ -40,11 +29,11 @@ def plan_file(tmp_path):
     return p
 
 
-def test_apply_writes_out_that_reloads_with_its_report(tiny_llama_dir, plan_file, tmp_path):
+def test_apply_writes_out_that_reloads_with_its_report(tiny_llama_dir, plan_file, tmp_path, cli):
     import spectra
 
     out = tmp_path / "out"
-    r = run("apply", plan_file, "--model", tiny_llama_dir, "-o", out, "--json", "--dense")
+    r = cli("apply", plan_file, "--model", tiny_llama_dir, "-o", out, "--json", "--dense")
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
     report = json.loads((out / "report.json").read_text())
@@ -83,9 +72,9 @@ def test_apply_writes_out_that_reloads_with_its_report(tiny_llama_dir, plan_file
     ],
     ids=["out-exists", "no-plan", "bad-bits", "other-architecture", "corrupt-out"],
 )
-def test_bad_apply_and_eval_inputs_exit_2(tiny_llama_dir, plan_file, make, match):
+def test_bad_apply_and_eval_inputs_exit_2(tiny_llama_dir, plan_file, make, match, cli):
     (plan_file.parent / "exists").mkdir()
-    r = run(*make(tiny_llama_dir, plan_file))
+    r = cli(*make(tiny_llama_dir, plan_file))
     assert r.returncode == 2, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and match in r.stderr
     assert not (plan_file.parent / "o").exists()

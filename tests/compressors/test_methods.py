@@ -1,13 +1,11 @@
 """Known-answer tests: planted structure is recovered; whitening is optimal in H-norm."""
 
-import numpy as np
 import pytest
 import torch
 
 from compressors import lowrank
 from compressors.base import Calibration
 from compressors.registry import compress, make_config
-from spectra import mpo as tt
 
 
 def gen(seed):
@@ -54,12 +52,9 @@ def test_losparse_rows_keeps_whole_rows():
 
 
 @pytest.mark.parametrize("random_state", [1, 1234])
-def test_mpo_recovers_planted_tt_rank(random_state):
-    rng = np.random.default_rng(random_state)
-    mf, nf, ranks = (4, 4, 4), (3, 4, 5), [2, 3]
-    r = [1, *ranks, 1]
-    cores = [rng.standard_normal((r[k], mf[k], nf[k], r[k + 1])) for k in range(3)]
-    w = torch.from_numpy(tt.tt_to_dense(cores))
+def test_mpo_recovers_planted_tt_rank(random_state, planted):
+    w, *_ = planted(random_state)
+    w = torch.from_numpy(w)
     f = compress(w, make_config("mpo", cores=3, bond_dim=3))
     assert f.relative_error(w) < 1e-10
     assert [c.shape[3] for c in f.cores[:-1]] == [3, 3]  # capped at bond_dim, exact anyway

@@ -2,8 +2,6 @@
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -57,32 +55,11 @@ def test_text_file_corpus_and_bad_corpora(tmp_path):
 
 
 @pytest.mark.demo
-def test_eval_cli_on_the_demo(demo_dir):
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "spectra.cli",
-            "eval",
-            "demo",
-            "--max-tokens",
-            "1024",
-            "--seqlen",
-            "256",
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+def test_eval_cli_on_the_demo(demo_dir, cli):
+    r = cli("eval", "demo", "--max-tokens", "1024", "--seqlen", "256", "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["tokens"] == 1024 and out["windows"] == 4 and out["corpus"] == "builtin"
     assert 2 < out["ppl"] < 100  # SmolLM2 on Python's own documentation
-    bad = subprocess.run(
-        [sys.executable, "-m", "spectra.cli", "eval", "demo", "--corpus", "nope.txt"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    bad = cli("eval", "demo", "--corpus", "nope.txt")
     assert bad.returncode == 2 and "nope.txt" in bad.stderr and len(bad.stderr.splitlines()) == 1

@@ -75,12 +75,8 @@ def test_tt_svd_matches_tensorly(random_state):
 
 
 @pytest.mark.parametrize("random_state", [1, 1234])
-def test_planted_tt_rank_is_recovered(random_state):
-    rng = np.random.default_rng(random_state)
-    mf, nf, ranks = (4, 4, 4), (3, 4, 5), [2, 3]
-    r = [1, *ranks, 1]
-    cores = [rng.standard_normal((r[k], mf[k], nf[k], r[k + 1])) for k in range(3)]
-    w = mpo.tt_to_dense(cores)
+def test_planted_tt_rank_is_recovered(random_state, planted):
+    w, mf, nf, ranks = planted(random_state)
     spectra = mpo.bond_spectra(w, mf, nf)
     for s, rk in zip(spectra, ranks, strict=True):
         assert np.all(s[:rk] > 1e-6 * s[0]) and np.all(s[rk:] < 1e-10 * s[0])

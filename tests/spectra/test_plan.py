@@ -1,8 +1,6 @@
 """Plans: parsing, every validation error, full-match targets, resolution and costs."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import yaml
@@ -138,24 +136,10 @@ def test_energy_rules_are_costed_from_the_spectrum(tiny_llama_dir):
     assert e.params_after == 5 * (96 + 64)
 
 
-def test_plan_show_cli(tiny_llama_dir, tmp_path):
+def test_plan_show_cli(tiny_llama_dir, tmp_path, cli):
     path = tmp_path / "plan.yaml"
     path.write_text(yaml.safe_dump(GOOD))
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "spectra.cli",
-            "plan",
-            "show",
-            str(path),
-            "--model",
-            str(tiny_llama_dir),
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-    )
+    r = cli("plan", "show", str(path), "--model", str(tiny_llama_dir), "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     # 2 blocks x 7 linears + the untied lm_head; the embedding is not a linear layer
@@ -163,19 +147,6 @@ def test_plan_show_cli(tiny_llama_dir, tmp_path):
     assert out["totals"]["params_after"] < out["totals"]["params_before"]
     bad = tmp_path / "bad.yaml"
     bad.write_text("rules:\n  - targets: ['re:(']\n    method: prune\n")
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "spectra.cli",
-            "plan",
-            "show",
-            str(bad),
-            "--model",
-            str(tiny_llama_dir),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    r = cli("plan", "show", str(bad), "--model", str(tiny_llama_dir))
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
     assert "does not compile" in r.stderr
