@@ -129,7 +129,7 @@ def main() -> None:
     from spectra import eval as ev
     from spectra import models
     from spectra import plan as plan_mod
-    from spectra.cli import calibration_windows
+    from spectra.cli_compress import calibration_windows
 
     model = models.load("demo", device="cpu")
     tok = models.load_tokenizer("demo")

@@ -1,0 +1,238 @@
+"""`spectra plan show`, `spectra apply` and `spectra eval`: the compression commands."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from spectra.errors import SpectraInputError
+from spectra.progress import progress_bar
+from spectra.roles import ROLES
+
+
+def cmd_plan_show(args) -> int:
+    from spectra import models
+    from spectra import plan as plans
+
+    plan = plans.load(args.plan)
+    mats = models.matrices(args.model)
+    entries = plans.resolve(plan, mats, rank_of=_energy_ranks(args.model))
+    order = {r: i for i, r in enumerate(ROLES)}
+    entries.sort(key=lambda e: (-1 if e.block is None else e.block, order.get(e.role, 99)))
+    rows = [
+        dict(
+            module=e.name,
+            rule=e.source or "-",
+            method=_settings(e.config),
+            shape=f"{e.shape[0]}x{e.shape[1]}",
+            params_before=e.params_before,
+            params_after=e.params_after,
+            bits_before=e.bits_before,
+            bits_after=e.bits_after,
+        )
+        for e in entries
+    ]
+    linear = [e for e in entries if e.role not in plans.NOT_TARGETABLE]
+    done = [e for e in linear if e.config is not None]
+    totals = dict(
+        modules=len(linear),
+        compressed=len(done),
+        params_before=sum(e.params_before for e in linear),
+        params_after=sum(e.params_after for e in linear),
+        bits_before=sum(e.bits_before for e in linear),
+        bits_after=sum(e.bits_after for e in linear),
+    )
+    totals["params_ratio"] = totals["params_after"] / totals["params_before"]
+    totals["bits_per_param"] = totals["bits_after"] / totals["params_before"]
+    totals["size_mb_after"] = totals["bits_after"] / 8 / 2**20
+    if args.json:
+        print(
+            json.dumps(
+                {"plan": str(args.plan), "model": args.model, "modules": rows, "totals": totals}
+            )
+        )
+        return 0
+    import polars as pl
+
+    from spectra.report import format_table
+
+    print(format_table(pl.DataFrame(rows)))
+    print(
+        f"\n{totals['compressed']} of {totals['modules']} linear modules compressed; "
+        f"parameters {totals['params_before'] / 1e6:.2f}M -> {totals['params_after'] / 1e6:.2f}M "
+        f"({totals['params_ratio']:.1%}); {totals['bits_per_param']:.2f} bits per parameter "
+        f"({totals['size_mb_after']:.1f} MB)"
+    )
+    return 0
+
+
+def _settings(config) -> str:
+    """`method(knob=value, ...)` with the knobs that differ from the method's defaults."""
+    if config is None:
+        return "dense"
+    import dataclasses
+
+    knobs = [
+        f"{f.name}={getattr(config, f.name)}"
+        for f in dataclasses.fields(config)
+        if getattr(config, f.name) != f.default
+    ]
+    return f"{config.method}({', '.join(knobs)})"
+
+
+def _energy_ranks(model: str):
+    """rank_of(name, energy) from the model's cached spectra, computed on first need."""
+    cache: dict = {}
+
+    def rank_of(name: str, energy: float) -> int:
+        if "df" not in cache:
+            from spectra.analyze import analyze
+
+            cache["df"] = {
+                r["name"]: r["sigma"]
+                for r in analyze(model, with_mpo=False).select("name", "sigma").to_dicts()
+            }
+        from spectra.metrics import energy_rank
+
+        return energy_rank(cache["df"][name], energy)
+
+    return rank_of
+
+
+def cmd_apply(args) -> int:
+    from spectra import models
+    from spectra import plan as plans
+
+    plan = plans.load(args.plan)
+    out = args.out
+    if out.exists() and not args.force:
+        raise SpectraInputError(f"{out}: already exists (pass --force to replace it)")
+    if not out.parent.is_dir():
+        raise SpectraInputError(f"{out}: directory {out.parent} does not exist")
+    # the plan must fit the model before anything heavy is loaded
+    plans.resolve(plan, models.matrices(args.model), rank_of=_energy_ranks(args.model))
+    from compressors import apply as applying
+    from compressors import io
+
+    t0 = time.perf_counter()
+    model = models.load(args.model, device=args.device)
+    entries = plans.resolve(
+        plan,
+        [t for t, _ in applying.linear_targets(model).values()],
+        rank_of=_energy_ranks(args.model),
+    )
+    needs_data = any(e.config is not None and applying.needs_data(e.config) for e in entries)
+    try:
+        tokenizer = models.load_tokenizer(args.model)
+    except SpectraInputError:
+        if needs_data:
+            raise
+        tokenizer = None  # a data-free plan needs none; OUT then has no tokenizer either
+    calib = calibration_windows(tokenizer, plan.calibration) if needs_data else None
+    with progress_bar("compressing") as progress:
+        compressed, reports, facts = applying.apply(model, plan, calib_ids=calib, progress=progress)
+    seconds = time.perf_counter() - t0
+    rows = [applying.asdict(r) for r in reports]
+    before = sum(e.params_before for e in entries if e.role not in plans.NOT_TARGETABLE)
+    totals = dict(
+        modules=len(rows),
+        params_before=before,
+        params_after=before - sum(r["params_before"] - r["params_after"] for r in rows),
+        bits_before=16 * before,
+        bits_after=16 * before - sum(r["bits_before"] - r["bits_after"] for r in rows),
+        seconds=seconds,
+    )
+    totals["bits_per_param"] = totals["bits_after"] / before
+    report = dict(
+        model=args.model,
+        plan=str(args.plan),
+        calibration=vars(plan.calibration),
+        calibration_tokens=0 if calib is None else int(calib.numel()),
+        totals=totals,
+        modules=rows,
+    )
+    io.save(
+        out, compressed, facts, args.plan.read_text(), report, tokenizer, args.dense, args.force
+    )
+    if args.json:
+        print(json.dumps({"out": str(out), **totals}))
+    else:
+        print(
+            f"{out}: {totals['modules']} modules compressed in {seconds:.1f} s; linear "
+            f"parameters {before / 1e6:.2f}M -> {totals['params_after'] / 1e6:.2f}M, "
+            f"{totals['bits_per_param']:.2f} bits per parameter; report: {out / 'report.json'}"
+        )
+    return 0
+
+
+def calibration_windows(tokenizer, spec):
+    """`samples` windows of `seqlen` calibration tokens, chosen with `seed`."""
+    import torch
+
+    from spectra import eval as ev
+
+    ids = ev.windows(ev.token_stream(tokenizer, spec.corpus, "calib"), spec.seqlen)
+    pick = torch.randperm(ids.shape[0], generator=torch.Generator().manual_seed(spec.seed))
+    return ids[pick[: spec.samples]]
+
+
+def cmd_eval(args) -> int:
+    from compressors import io
+    from spectra import eval as ev
+    from spectra import models
+
+    if args.seqlen < 2:
+        raise SpectraInputError(f"--seqlen {args.seqlen}: must be at least 2")
+    if args.max_tokens is not None and args.max_tokens < args.seqlen:
+        raise SpectraInputError(
+            f"--max-tokens {args.max_tokens}: less than one window (--seqlen {args.seqlen})"
+        )
+    compressed = io.is_compressed_checkpoint(args.model)
+    device = models.resolve_device(args.device)
+    if compressed:  # a corrupt OUT fails here, on the checkpoint itself
+        model = io.load(args.model, device)[0]
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(args.model)
+        except (OSError, ValueError) as e:
+            raise SpectraInputError(f"{args.model}: no usable tokenizer in the checkpoint") from e
+        ids = ev.token_stream(tokenizer, args.corpus, "eval")
+    else:
+        tokenizer = models.load_tokenizer(args.model)
+        ids = ev.token_stream(tokenizer, args.corpus, "eval")  # bad corpora fail before loading
+        model = models.load(args.model, device)
+    result = {"model": args.model, **_ppl(model, tokenizer, ids, args).to_dict()}
+    if compressed and not args.no_baseline:
+        source = json.loads((Path(args.model) / "report.json").read_text()).get("model")
+        base = _ppl(models.load(source, device), tokenizer, ids, args)
+        result["baseline"] = {"model": source, **base.to_dict()}
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(
+        f"{args.model}: perplexity {result['ppl']:.3f} on {result['corpus']} "
+        f"({result['split']}), {result['tokens']} tokens in {result['windows']} windows of "
+        f"{result['seqlen']}, {result['dtype']}, {result['seconds']:.1f} s"
+    )
+    if "baseline" in result:
+        b = result["baseline"]
+        print(f"{b['model']} (dense baseline, same tokens): perplexity {b['ppl']:.3f}")
+    return 0
+
+
+def _ppl(model, tokenizer, ids, args):
+    from spectra import eval as ev
+
+    with progress_bar("evaluating") as progress:
+        cb = (lambda done, total: progress(done, total, "")) if progress else None
+        return ev.perplexity(
+            model,
+            tokenizer,
+            corpus=args.corpus,
+            seqlen=args.seqlen,
+            max_tokens=args.max_tokens,
+            ids=ids,
+            progress=cb,
+        )

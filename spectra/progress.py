@@ -1,0 +1,30 @@
+"""A terminal progress bar for long commands: tqdm on a TTY, silent otherwise."""
+
+from __future__ import annotations
+
+import sys
+
+
+class progress_bar:
+    """tqdm on an interactive terminal, silent otherwise; yields a progress callback."""
+
+    def __init__(self, desc: str):
+        self.desc, self.bar = desc, None
+
+    def __enter__(self):
+        if not sys.stderr.isatty():
+            return None
+        from tqdm import tqdm
+
+        def update(done, total, name):
+            if self.bar is None:
+                self.bar = tqdm(total=total, desc=self.desc, unit="matrix", file=sys.stderr)
+            self.bar.update(done - self.bar.n)
+            self.bar.set_postfix_str(name[-40:], refresh=False)
+
+        return update
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()
+        return False
