@@ -234,8 +234,8 @@ def _catch_block_inputs(model, layers, calib_ids, batch_size: int = 4):
     try:
         with torch.no_grad():
             for lo in range(0, calib_ids.shape[0], batch_size):
-                with contextlib.suppress(_Stop):
-                    model(calib_ids[lo : lo + batch_size])
+                with contextlib.suppress(_Stop):  # no KV cache: it would grow with every call
+                    model(calib_ids[lo : lo + batch_size], use_cache=False)
     finally:
         layers[0] = first
     return args, kwargs
