@@ -116,6 +116,19 @@ def joint_plan(model, ratio):
     return plan
 
 
+def markdown_table(results: dict) -> str:
+    rows = [
+        "| configuration | params kept | bits / param | perplexity | apply time |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, r in results.items():
+        rows.append(
+            f"| {name} | {r['params_kept']:.3f} | {r['bits_per_param']:.2f} | "
+            f"{r['ppl']:,.2f} | {r['apply_seconds']:.0f} s |"
+        )
+    return "\n".join(rows)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--max-tokens", type=int)
@@ -123,7 +136,13 @@ def main() -> None:
     p.add_argument(
         "--out", type=Path, default=REPO / "benchmarks" / "results" / "bench_quality.json"
     )
+    p.add_argument(
+        "--table", action="store_true", help="print the results file as a markdown table"
+    )
     args = p.parse_args()
+    if args.table:
+        print(markdown_table(json.loads(args.out.read_text())))
+        return
 
     from compressors.apply import apply, needs_data
     from spectra import eval as ev
