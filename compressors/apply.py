@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from compressors.base import Calibration
+from compressors.base import Calibration, h_norm, relative_error
 from compressors.registry import compress
 from spectra import roles
 from spectra.plan import Entry, PlanError, resolve
@@ -158,7 +158,7 @@ class _Run:
                     e.params_after,
                     e.bits_before,
                     e.bits_after,
-                    _rel(w, d),
+                    relative_error(w, d),
                     _calib_rel(w, d, calib),
                     seconds,
                 )
@@ -253,20 +253,11 @@ def _set_module(model, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-def _rel(w, d) -> float:
-    w = w.to(torch.float64)
-    return float(torch.linalg.norm(w - d.to(torch.float64)) / torch.linalg.norm(w))
-
-
 def _calib_rel(w, d, calib) -> float | None:
     if calib is None:
         return None
-    w = w.to(torch.float64)
-    e = w - d.to(torch.float64)
-    h = calib.hessian
-    num = torch.einsum("ij,jk,ik->", e, h, e)
-    den = torch.einsum("ij,jk,ik->", w, h, w)
-    return float(torch.sqrt(torch.clamp(num, min=0) / den)) if den > 0 else None
+    den = h_norm(w, calib.hessian)
+    return h_norm(w.to(torch.float64) - d.to(torch.float64), calib.hessian) / den if den else None
 
 
 def _rank_of(targets):

@@ -68,10 +68,19 @@ class Factorization:
 
     def relative_error(self, weight: torch.Tensor) -> float:
         """||W - W_hat||_F / ||W||_F, in float64."""
-        w = weight.detach().to(torch.float64)
-        return float(
-            torch.linalg.norm(w - self.to_dense().to(torch.float64)) / torch.linalg.norm(w)
-        )
+        return relative_error(weight, self.to_dense())
+
+
+def relative_error(w: torch.Tensor, w_hat: torch.Tensor) -> float:
+    """||W - W_hat||_F / ||W||_F, in float64."""
+    w = w.detach().to(torch.float64)
+    return float(torch.linalg.norm(w - w_hat.to(torch.float64)) / torch.linalg.norm(w))
+
+
+def h_norm(e: torch.Tensor, h: torch.Tensor) -> float:
+    """sqrt(tr(E H E^T)) = ||E X^T||_F for H = X^T X: the calibration-weighted norm."""
+    e = e.to(torch.float64)
+    return float(torch.sqrt(torch.clamp(torch.einsum("ij,jk,ik->", e, h, e), min=0)))
 
 
 def config_to_dict(config) -> dict:

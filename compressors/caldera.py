@@ -35,6 +35,7 @@ from compressors.base import (
     Factorization,
     check_rank,
     config_error,
+    h_norm,
     require_int,
 )
 from compressors.quant import Quantized, hessian_inverse_factor, ldlq
@@ -193,7 +194,7 @@ def compress(weight: torch.Tensor, config: CalderaConfig, calib: Calibration | N
         h = v.apply(v.apply(h).T)  # V H V^T
     chol = _cholesky(h)
     factor = hessian_inverse_factor(h)  # shared by every LDLQ call under H'
-    norm = _h_norm(w, h)
+    norm = h_norm(w, h)
     lr = torch.zeros_like(w)
     best = None
     for _ in range(config.iters):
@@ -267,10 +268,6 @@ def _cholesky(h):
         if int(info) == 0:
             return chol
     raise config_error("caldera", "calibration", None, "calibration Gram is not positive definite")
-
-
-def _h_norm(e, h) -> float:
-    return float(torch.sqrt(torch.clamp(torch.einsum("ij,jk,ik->", e, h, e), min=0)))
 
 
 def _cast(f, dtype):
