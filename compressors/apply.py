@@ -15,10 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import torch
+from threadpoolctl import threadpool_limits
 from torch import nn
 
 from compressors.base import Calibration, h_norm, relative_error
@@ -116,20 +120,22 @@ class _Run:
         self.factorizations: dict = {}
 
     def compress_entries(self, entries: list[Entry], grams: dict | None = None) -> None:
+        units: list[list[Entry]] = []
         groups: dict[tuple, list[Entry]] = {}
         for e in entries:
             if e.config.method == "joint":
                 groups.setdefault((e.source, e.group), []).append(e)
             else:
-                self._one([e], grams)
-        for members in groups.values():
-            self._one(members, grams)
+                units.append([e])
+        units += groups.values()
+        jobs = [self._job(members, grams) for members in units]
+        for job, (f, seconds) in zip(jobs, _map_parallel(_factorize, jobs), strict=True):
+            self._install(job, f, seconds)
 
     def compress_rest(self) -> None:
         self.compress_entries(list(self.todo.values()))
 
-    def _one(self, members: list[Entry], grams) -> None:
-        t0 = time.perf_counter()
+    def _job(self, members: list[Entry], grams) -> _Job:
         config = members[0].config
         mods = [self.targets[e.name][1] for e in members]
         weights = [self.targets[e.name][0].weight(m) for e, m in zip(members, mods, strict=True)]
@@ -137,15 +143,16 @@ class _Run:
         if grams is not None and needs_data(config):
             h, count = grams[members[0].name]
             calib = Calibration(h, count)
+        return _Job(members, config, mods, weights, calib)
+
+    def _install(self, job: _Job, f, seconds: float) -> None:
+        members, config, mods, weights, calib = job
+        biases = [m.bias.detach() if m.bias is not None else None for m in mods]
         if config.method == "joint":
-            f = compress(weights, config, calib)
-            new = f.member_modules([m.bias.detach() if m.bias is not None else None for m in mods])
+            new = f.member_modules(biases)
             dense = [f.member_dense(i) for i in range(len(members))]
         else:
-            f = compress(weights[0], config, calib)
-            bias = mods[0].bias.detach() if mods[0].bias is not None else None
-            new, dense = [f.as_module(bias)], [f.to_dense()]
-        seconds = (time.perf_counter() - t0) / len(members)
+            new, dense = [f.as_module(biases[0])], [f.to_dense()]
         for e, w, d, module in zip(members, weights, dense, new, strict=True):
             _set_module(self.model, e.name, module)
             self.factorizations[e.name] = f
@@ -153,19 +160,58 @@ class _Run:
                 ModuleReport(
                     e.name,
                     config.method,
-                    {k: v for k, v in asdict(config).items()},
+                    asdict(config),
                     e.params_before,
                     e.params_after,
                     e.bits_before,
                     e.bits_after,
                     relative_error(w, d),
                     _calib_rel(w, d, calib),
-                    seconds,
+                    seconds / len(members),
                 )
             )
             del self.todo[e.name]
             if self.progress:
                 self.progress(self.total - len(self.todo), self.total, e.name)
+
+
+class _Job(NamedTuple):
+    members: list[Entry]
+    config: object
+    mods: list[nn.Module]
+    weights: list[torch.Tensor]
+    calib: Calibration | None
+
+
+def _factorize(job: _Job):
+    """(factorization, seconds) of one module or one joint group."""
+    t0 = time.perf_counter()
+    if job.config.method == "joint":
+        f = compress(job.weights, job.config, job.calib)
+    else:
+        f = compress(job.weights[0], job.config, job.calib)
+    return f, time.perf_counter() - t0
+
+
+def _map_parallel(fn, jobs):
+    """fn over jobs in order, on one thread per core with one BLAS thread each.
+
+    Factorizations are chains of mid-sized BLAS calls and short Python loops: one
+    single-threaded job per core is about twice as fast on 2 cores as one job at a
+    time on both (CALDERA: 12.1 s vs 24.1 s for four demo-sized matrices). Torch and
+    numpy release the GIL inside those calls. Results come back in submission order.
+    """
+    workers = min(len(jobs), os.cpu_count() or 1)
+    if workers < 2:
+        yield from map(fn, jobs)
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(1), ThreadPoolExecutor(workers) as pool:
+            yield from pool.map(fn, jobs)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _by_block_with_calibration(model, state: _Run, calib_ids) -> None:

@@ -226,17 +226,12 @@ def _lplr(a, h, chol, factor, config):
 
     Errors of candidates are evaluated without an (m, n, n) product each time:
     ||(A - L R) C||^2 = ||A C||^2 - 2 <L, A H R^T> + ||L (R C)||^2, with A H and
-    ||A C||^2 computed once.
+    ||A C||^2 = <A, A H> computed once; A C itself is never formed.
     """
     r = config.rank
-    ac = a @ chol
-    ah = ac @ chol.T
-    a_norm2 = float((ac * ac).sum())
-    # randomized range finder for the top-r factors, as LPLR (Saha et al. 2023) does
-    gen_state = torch.random.get_rng_state()
-    torch.manual_seed(config.seed)
-    u, s, v = torch.svd_lowrank(ac, q=min(r + 10, min(ac.shape)), niter=4)
-    torch.random.set_rng_state(gen_state)
+    ah = a @ h
+    a_norm2 = float((a * ah).sum())
+    u, s, v = _top_svd(a, chol, r, config.seed)
     root = s[:r].sqrt()
     left = u[:, :r] * root
     right = torch.linalg.solve_triangular(chol, root[:, None] * v[:, :r].T, upper=False, left=False)
@@ -259,6 +254,21 @@ def _lplr(a, h, chol, factor, config):
             best = (err2, lq, rq)
         right = torch.linalg.lstsq(ld, a).solution  # H cancels in the R-step
     return best[1], best[2], best[0]
+
+
+def _top_svd(a, c, r, seed, oversample=10, niter=4):
+    """Top-r singular triplets (U, s, V) of A C by a seeded randomized range finder, as
+    LPLR (Saha et al. 2023) uses. A C is only applied to thin blocks, never formed; the
+    generator is local, so concurrent calls stay reproducible."""
+    g = torch.Generator().manual_seed(seed)
+    k = min(r + oversample, min(a.shape))
+    omega = torch.randn(a.shape[1], k, generator=g, dtype=a.dtype)
+    q = torch.linalg.qr(a @ (c @ omega)).Q
+    for _ in range(niter):  # power iterations, re-orthonormalized each half step
+        p = torch.linalg.qr(c.T @ (a.T @ q)).Q
+        q = torch.linalg.qr(a @ (c @ p)).Q
+    u, s, vh = torch.linalg.svd((q.T @ a) @ c, full_matrices=False)
+    return q @ u, s, vh.T
 
 
 def _cholesky(h):

@@ -168,8 +168,14 @@ def ldlq(
     `factor` is hessian_inverse_factor(h), when the caller quantizes several matrices
     under the same Hessian.
 
-    The column loop runs in numpy float64: it is sequential by nature and its cost is
-    per-call overhead on short vectors, where numpy is several times cheaper than torch.
+    The column loop runs in numpy float64 on the transposed weight (a column is a
+    contiguous row): it is sequential by nature and its cost is per-call overhead on
+    short vectors, where numpy is several times cheaper than torch. Inside a block it
+    is left-looking: a column gathers the pending updates of the earlier columns of its
+    group when it is reached (one vector-matrix product), and a group gathers those of
+    the block's earlier groups when its grid is set (one matrix product); the block's
+    errors reach the later blocks in one product. Same arithmetic as the right-looking
+    form, about 4x less memory traffic.
     """
     m, n = w.shape
     # blocks hold whole groups, so a group's grid never reads columns whose lazy update
@@ -177,32 +183,36 @@ def ldlq(
     block = max(group_size, block // group_size * group_size)
     u_t, dead = factor if factor is not None else hessian_inverse_factor(h)
     u = u_t.numpy()
-    wk = w.detach().to(torch.float64).numpy().copy()
-    wk[:, dead.numpy()] = 0
+    diag = np.diagonal(u)
+    wt = w.detach().to(torch.float64).numpy().T.copy()  # (n, m)
+    wt[dead.numpy()] = 0
     groups = math.ceil(n / group_size)
-    scale = np.ones((m, groups))
-    zero = np.zeros((m, groups))
-    codes = np.zeros((m, n))
+    scale = np.ones((groups, m))
+    zero = np.zeros((groups, m))
+    codes = np.zeros((n, m))
     top = 2**bits - 1
     for b0 in range(0, n, block):
         b1 = min(b0 + block, n)
-        err = np.zeros((m, b1 - b0))
-        for i in range(b0, b1):
-            g = i // group_size
-            if i % group_size == 0:  # the group's grid, from the weights as updated so far
-                s, z = _grid_np(wk[:, i : min(i + group_size, n)], bits)
-                scale[:, g], zero[:, g] = s, z
-            s, z = scale[:, g], zero[:, g]
-            col = wk[:, i]
-            q = np.clip(np.rint(col / s) + z, 0, top)
-            codes[:, i] = q
-            e = (col - (q - z) * s) / u[i, i]
-            if i + 1 < b1:
-                wk[:, i + 1 : b1] -= np.outer(e, u[i, i + 1 : b1])
-            err[:, i - b0] = e
+        err = np.empty((b1 - b0, m))
+        for g0 in range(b0, b1, group_size):
+            g1 = min(g0 + group_size, n)
+            if g0 > b0:
+                wt[g0:g1] -= u[b0:g0, g0:g1].T @ err[: g0 - b0]
+            # the group's grid, from the weights as updated so far
+            s, z = _grid_np(wt[g0:g1].T, bits)
+            scale[g0 // group_size], zero[g0 // group_size] = s, z
+            for i in range(g0, g1):
+                col = wt[i] if i == g0 else wt[i] - u[g0:i, i] @ err[g0 - b0 : i - b0]
+                q = np.clip(np.rint(col / s) + z, 0, top)
+                codes[i] = q
+                err[i - b0] = (col - (q - z) * s) / diag[i]
         if b1 < n:
-            wk[:, b1:] -= err @ u[b0:b1, b1:]
-    return torch.from_numpy(codes), torch.from_numpy(scale), torch.from_numpy(zero)
+            wt[b1:] -= u[b0:b1, b1:].T @ err
+    return (
+        torch.from_numpy(codes.T.copy()),
+        torch.from_numpy(scale.T.copy()),
+        torch.from_numpy(zero.T.copy()),
+    )
 
 
 def _grid_np(block: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
