@@ -85,16 +85,19 @@ def linear_targets(model) -> dict[str, tuple[Target, nn.Module]]:
     return out
 
 
-def apply(model, plan, calib_ids=None, progress=None):
+def apply(model, plan, calib_ids=None, progress=None, rank_of=None):
     """(compressed copy, reports, factorizations by module) for `plan` on `model`.
 
     Args:
         calib_ids: (samples, seqlen) token windows, needed when a data-aware method is planned.
         progress: called as progress(done, total, module name).
+        rank_of: rank_of(name, energy) for energy-based low-rank settings; by default
+            from the singular values of the model's own weights.
     """
     model = copy.deepcopy(model).eval()
     targets = linear_targets(model)
-    entries = resolve(plan, [t for t, _ in targets.values()], rank_of=_rank_of(targets))
+    rank_of = rank_of or _rank_of(targets)
+    entries = resolve(plan, [t for t, _ in targets.values()], rank_of=rank_of)
     todo = [e for e in entries if e.config is not None]
     data = any(needs_data(e.config) for e in todo)
     if data and calib_ids is None:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from compressors.base import DENSE_BITS, Calibration, Factorization, check_rank, config_error
+from spectra.metrics import energy_rank
 
 JITTERS = (0.0, 1e-8, 1e-6, 1e-4, 1e-2, 1e-1)
 
@@ -26,8 +27,9 @@ class LowRankConfig:
 
     Attributes:
         rank: kept rank r (1..min(m, n)); give this or `energy`.
-        energy: keep the smallest rank whose share of ||W||_F^2 (of ||W L||_F^2 when
-            whitened) reaches this fraction, in (0, 1].
+        energy: keep the smallest rank whose share of ||W||_F^2 reaches this fraction,
+            in (0, 1]. Always the weight's own spectrum, also when whitened, so that a
+            plan's budget is known from the spectra before any calibration.
         whiten: activation-aware truncation (needs calibration data).
     """
 
@@ -116,6 +118,9 @@ def compress(
     m, n = weight.shape
     config.check_shape(m, n)
     w = weight.detach().to(torch.float64)
+    r = config.rank
+    if r is None:
+        r = energy_rank(torch.linalg.svdvals(w).numpy(), config.energy)
     chol = None
     if config.whiten:
         if calib is None:
@@ -123,14 +128,8 @@ def compress(
         chol, _ = whitening_factor(calib.hessian)
         w = w @ chol
     u, s, vt = torch.linalg.svd(w, full_matrices=False)
-    r = config.rank if config.rank is not None else _energy_rank(s, config.energy)
     root = s[:r].sqrt()
     a, b = u[:, :r] * root, root[:, None] * vt[:r]
     if chol is not None:  # B L^{-1}: solve X L = B
         b = torch.linalg.solve_triangular(chol, b, upper=False, left=False)
     return LowRank(a.to(weight.dtype), b.to(weight.dtype))
-
-
-def _energy_rank(s: torch.Tensor, q: float) -> int:
-    cum = torch.cumsum(s**2, 0)
-    return int(torch.searchsorted(cum, q * cum[-1] * (1 - 1e-12)).item()) + 1

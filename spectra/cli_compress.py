@@ -33,19 +33,7 @@ def cmd_plan_show(args) -> int:
         )
         for e in entries
     ]
-    linear = [e for e in entries if e.role not in plans.NOT_TARGETABLE]
-    done = [e for e in linear if e.config is not None]
-    totals = dict(
-        modules=len(linear),
-        compressed=len(done),
-        params_before=sum(e.params_before for e in linear),
-        params_after=sum(e.params_after for e in linear),
-        bits_before=sum(e.bits_before for e in linear),
-        bits_after=sum(e.bits_after for e in linear),
-    )
-    totals["params_ratio"] = totals["params_after"] / totals["params_before"]
-    totals["bits_per_param"] = totals["bits_after"] / totals["params_before"]
-    totals["size_mb_after"] = totals["bits_after"] / 8 / 2**20
+    totals = plans.totals(entries)
     if args.json:
         print(
             json.dumps(
@@ -111,17 +99,13 @@ def cmd_apply(args) -> int:
     if not out.parent.is_dir():
         raise SpectraInputError(f"{out}: directory {out.parent} does not exist")
     # the plan must fit the model before anything heavy is loaded
-    plans.resolve(plan, models.matrices(args.model), rank_of=_energy_ranks(args.model))
+    rank_of = _energy_ranks(args.model)
+    entries = plans.resolve(plan, models.matrices(args.model), rank_of=rank_of)
     from compressors import apply as applying
     from compressors import io
 
     t0 = time.perf_counter()
     model = models.load(args.model, device=args.device)
-    entries = plans.resolve(
-        plan,
-        [t for t, _ in applying.linear_targets(model).values()],
-        rank_of=_energy_ranks(args.model),
-    )
     needs_data = any(e.config is not None and applying.needs_data(e.config) for e in entries)
     try:
         tokenizer = models.load_tokenizer(args.model)
@@ -131,19 +115,12 @@ def cmd_apply(args) -> int:
         tokenizer = None  # a data-free plan needs none; OUT then has no tokenizer either
     calib = calibration_windows(tokenizer, plan.calibration) if needs_data else None
     with progress_bar("compressing") as progress:
-        compressed, reports, facts = applying.apply(model, plan, calib_ids=calib, progress=progress)
-    seconds = time.perf_counter() - t0
+        compressed, reports, facts = applying.apply(
+            model, plan, calib_ids=calib, progress=progress, rank_of=rank_of
+        )
     rows = [applying.asdict(r) for r in reports]
-    before = sum(e.params_before for e in entries if e.role not in plans.NOT_TARGETABLE)
-    totals = dict(
-        modules=len(rows),
-        params_before=before,
-        params_after=before - sum(r["params_before"] - r["params_after"] for r in rows),
-        bits_before=16 * before,
-        bits_after=16 * before - sum(r["bits_before"] - r["bits_after"] for r in rows),
-        seconds=seconds,
-    )
-    totals["bits_per_param"] = totals["bits_after"] / before
+    totals = plans.totals(entries)
+    totals["seconds"] = time.perf_counter() - t0
     report = dict(
         model=args.model,
         plan=str(args.plan),
@@ -159,8 +136,9 @@ def cmd_apply(args) -> int:
         print(json.dumps({"out": str(out), **totals}))
     else:
         print(
-            f"{out}: {totals['modules']} modules compressed in {seconds:.1f} s; linear "
-            f"parameters {before / 1e6:.2f}M -> {totals['params_after'] / 1e6:.2f}M, "
+            f"{out}: {totals['compressed']} modules compressed in {totals['seconds']:.1f} s; "
+            f"linear parameters {totals['params_before'] / 1e6:.2f}M -> "
+            f"{totals['params_after'] / 1e6:.2f}M, "
             f"{totals['bits_per_param']:.2f} bits per parameter; report: {out / 'report.json'}"
         )
     return 0

@@ -200,6 +200,24 @@ def resolve(plan: Plan, modules, rank_of=None) -> list[Entry]:
     return entries
 
 
+def totals(entries: list[Entry]) -> dict:
+    """Budget of resolved entries over the linear modules (embeddings excluded)."""
+    linear = [e for e in entries if e.role not in NOT_TARGETABLE]
+    out = dict(
+        modules=len(linear),
+        compressed=sum(e.config is not None for e in linear),
+        params_before=sum(e.params_before for e in linear),
+        params_after=sum(e.params_after for e in linear),
+        bits_before=sum(e.bits_before for e in linear),
+        bits_after=sum(e.bits_after for e in linear),
+    )
+    before = max(out["params_before"], 1)
+    out["params_ratio"] = out["params_after"] / before
+    out["bits_per_param"] = out["bits_after"] / before
+    out["size_mb_after"] = out["bits_after"] / 8 / 2**20
+    return out
+
+
 def _cost(entries, rank_of):
     from compressors.base import DENSE_BITS
 

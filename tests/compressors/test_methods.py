@@ -23,6 +23,24 @@ def test_lowrank_recovers_planted_rank(random_state):
     assert compress(w, make_config("lowrank", energy=0.999999)).rank == 5
 
 
+def test_whitened_energy_rank_is_the_weight_spectrums_as_planned():
+    """An energy setting is costed from the weight's spectrum before any calibration:
+    the whitened factorization must keep that same rank, not one of W L's spectrum."""
+    from spectra.metrics import energy_rank
+
+    g = gen(3)
+    w = torch.randn(40, 30, generator=g, dtype=torch.float64) * torch.logspace(0, -2, 30)
+    x = torch.randn(500, 30, generator=g, dtype=torch.float64) * torch.logspace(-2, 1, 30)
+    calib = Calibration.from_activations(x)
+    planned = energy_rank(torch.linalg.svdvals(w).numpy(), 0.9)
+    whitened_spectrum_rank = energy_rank(
+        torch.linalg.svdvals(w @ torch.linalg.cholesky(calib.hessian)).numpy(), 0.9
+    )
+    assert whitened_spectrum_rank != planned  # the case where the two readings differ
+    f = compress(w, make_config("lowrank", energy=0.9, whiten=True), calib)
+    assert f.rank == planned
+
+
 @pytest.mark.parametrize("random_state", [1, 1234])
 def test_losparse_recovers_low_rank_plus_sparse(random_state):
     g = gen(random_state)
