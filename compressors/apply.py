@@ -15,19 +15,17 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
 import torch
-from threadpoolctl import threadpool_limits
 from torch import nn
 
 from compressors.base import Calibration, h_norm, relative_error
 from compressors.registry import compress
 from spectra import roles
+from spectra.parallel import parallel_map
 from spectra.plan import Entry, PlanError, resolve
 
 DATA_AWARE = {"caldera": None, "lowrank": "whiten", "quant": "gptq", "prune": "wanda"}
@@ -132,7 +130,7 @@ class _Run:
                 units.append([e])
         units += groups.values()
         jobs = [self._job(members, grams) for members in units]
-        for job, (f, seconds) in zip(jobs, _map_parallel(_factorize, jobs), strict=True):
+        for job, (f, seconds) in zip(jobs, parallel_map(_factorize, jobs), strict=True):
             self._install(job, f, seconds)
 
     def compress_rest(self) -> None:
@@ -194,27 +192,6 @@ def _factorize(job: _Job):
     else:
         f = compress(job.weights[0], job.config, job.calib)
     return f, time.perf_counter() - t0
-
-
-def _map_parallel(fn, jobs):
-    """fn over jobs in order, on one thread per core with one BLAS thread each.
-
-    Factorizations are chains of mid-sized BLAS calls and short Python loops: one
-    single-threaded job per core is about twice as fast on 2 cores as one job at a
-    time on both (CALDERA: 12.1 s vs 24.1 s for four demo-sized matrices). Torch and
-    numpy release the GIL inside those calls. Results come back in submission order.
-    """
-    workers = min(len(jobs), os.cpu_count() or 1)
-    if workers < 2:
-        yield from map(fn, jobs)
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with threadpool_limits(1), ThreadPoolExecutor(workers) as pool:
-            yield from pool.map(fn, jobs)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _by_block_with_calibration(model, state: _Run, calib_ids) -> None:

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from spectra.cli_compress import cmd_apply, cmd_eval, cmd_plan_show
+from spectra.cli_compress import cmd_apply, cmd_eval, cmd_plan_auto, cmd_plan_show
 from spectra.errors import SpectraInputError
 from spectra.progress import progress_bar
 
@@ -49,6 +49,36 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--model", required=True)
     show.add_argument("--json", action="store_true", help="print the resolved table as JSON")
     show.set_defaults(func=cmd_plan_show)
+
+    auto = plan_sub.add_parser(
+        "auto", help="choose every module's setting for a global budget (explicit layers plan)"
+    )
+    auto.add_argument("model")
+    auto.add_argument(
+        "--method", required=True, help="lowrank, joint, losparse, mpo, quant, caldera or mixed"
+    )
+    budget = auto.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--target-params", type=float, help="fraction of linear parameters kept")
+    budget.add_argument("--target-bits", type=float, help="average bits per linear parameter")
+    auto.add_argument("--sensitivity", default="none", help="none, fisher or ppl")
+    auto.add_argument("--tokens", type=int, help="sensitivity tokens (fisher 8192, ppl 2048)")
+    auto.add_argument("--keep-dense", help="full-match regex of modules left dense")
+    auto.add_argument(
+        "--min-rank",
+        action="append",
+        metavar="ROLE=FRACTION",
+        help="rank floor as a fraction of min(m, n), e.g. down=0.5 (repeatable)",
+    )
+    auto.add_argument(
+        "--min-bits",
+        action="append",
+        metavar="ROLE=BITS",
+        help="bits floor for quant and caldera, e.g. down=4 (repeatable)",
+    )
+    auto.add_argument("--device", default="auto")
+    auto.add_argument("-o", "--out", type=Path, required=True, help="plan file (.yaml or .json)")
+    auto.add_argument("--json", action="store_true")
+    auto.set_defaults(func=cmd_plan_auto)
 
     ap = sub.add_parser("apply", help="compress a model with a plan into OUT")
     ap.add_argument("plan", type=Path)

@@ -55,6 +55,66 @@ def cmd_plan_show(args) -> int:
     return 0
 
 
+def cmd_plan_auto(args) -> int:
+    from spectra import autoplan, cache
+    from spectra import plan as plans
+    from spectra import sensitivity as sens
+    from spectra.cli import check_out_path
+
+    check_out_path(args.out, (".yaml", ".yml", ".json"))
+    floors = autoplan.parse_floors(args.min_rank, args.min_bits, args.keep_dense)
+    settings = None
+    if args.sensitivity in ("fisher", "ppl"):
+        default = 8192 if args.sensitivity == "fisher" else 2048
+        seqlen = 256 if args.sensitivity == "fisher" else 512
+        settings = sens.SensitivitySettings(
+            kind=args.sensitivity, tokens=args.tokens or default, seqlen=seqlen
+        )
+    with progress_bar(args.sensitivity) as progress:
+        result = autoplan.auto_plan(
+            args.model,
+            args.method,
+            args.target_params,
+            args.target_bits,
+            args.sensitivity,
+            floors,
+            settings,
+            device=args.device,
+            progress=progress,
+        )
+    fmt = "json" if args.out.suffix.lower() == ".json" else "yaml"
+    body = plans.dumps(result.plan, fmt)
+    s = result.summary()
+    if fmt == "yaml":
+        body = (
+            f"# spectra plan auto {args.model} --method {args.method} "
+            f"--{'target-params' if s['key'] == 'params' else 'target-bits'} "
+            f"{args.target_params if s['key'] == 'params' else args.target_bits} "
+            f"--sensitivity {args.sensitivity}\n"
+            f"# params kept {s['params_ratio']:.4f}, {s['bits_per_param']:.3f} bits per "
+            f"parameter, predicted damage {s['predicted_damage']:.6g}\n" + body
+        )
+    with cache.atomic_path(args.out) as tmp:
+        tmp.write_text(body)
+    if args.json:
+        print(json.dumps({"out": str(args.out), **s}))
+        return 0
+    what = {
+        "none": "sum of squared relative weight errors",
+        "fisher": "Fisher-predicted loss increase (nats/token)",
+        "ppl": "probe-scaled loss increase (nats/token)",
+    }
+    print(
+        f"{args.out}: {s['compressed']} of {s['modules']} linear modules compressed with "
+        f"{args.method}; parameters kept {s['params_ratio']:.1%}, "
+        f"{s['bits_per_param']:.2f} bits per parameter "
+        f"(budget {'params' if s['key'] == 'params' else 'bits'} "
+        f"{s['spent']:,} of {s['budget']:,}); predicted damage {s['predicted_damage']:.4g} "
+        f"({what[args.sensitivity]}); {s['seconds']['total']:.1f} s"
+    )
+    return 0
+
+
 def _settings(config) -> str:
     """`method(knob=value, ...)` with the knobs that differ from the method's defaults."""
     if config is None:

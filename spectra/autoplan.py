@@ -1,0 +1,187 @@
+"""`spectra plan auto`: candidates, damage and allocation turned into an explicit plan."""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import dataclass
+
+import torch
+
+from spectra import candidates as cands
+from spectra import models
+from spectra.allocate import BudgetError, Candidate, Unit, allocate, reachable
+from spectra.errors import SpectraInputError
+from spectra.plan import NOT_TARGETABLE, Plan
+from spectra.roles import ROLES
+
+SENSITIVITIES = ("none", "fisher", "ppl")
+
+
+@dataclass
+class AutoResult:
+    method: str
+    sensitivity: str
+    plan: Plan
+    units: list[Unit]
+    chosen: list[Candidate]
+    key: str  # params | bits
+    budget: int
+    total_params: int  # dense parameters of the linear modules
+    seconds: dict
+
+    @property
+    def spent(self) -> int:
+        return sum(c.cost(self.key) for c in self.chosen)
+
+    @property
+    def damage(self) -> float:
+        return sum(c.damage for c in self.chosen)
+
+    @property
+    def params_ratio(self) -> float:
+        return sum(c.params for c in self.chosen) / self.total_params
+
+    @property
+    def bits_per_param(self) -> float:
+        return sum(c.bits for c in self.chosen) / self.total_params
+
+    def summary(self) -> dict:
+        return dict(
+            method=self.method,
+            sensitivity=self.sensitivity,
+            key=self.key,
+            budget=self.budget,
+            spent=self.spent,
+            params_ratio=self.params_ratio,
+            bits_per_param=self.bits_per_param,
+            predicted_damage=self.damage,
+            modules=sum(len(u.names) for u in self.units),
+            compressed=sum(
+                len(u.names) for u, c in zip(self.units, self.chosen, strict=True) if c.config
+            ),
+            seconds=self.seconds,
+        )
+
+
+def parse_floors(min_rank: list[str] | None, min_bits: list[str] | None, keep_dense: str | None):
+    """Floors from `ROLE=VALUE` strings and a full-match regex (exit 2 on nonsense)."""
+
+    def pairs(items, flag, cast, ok):
+        out = {}
+        for item in items or []:
+            role, sep, value = item.partition("=")
+            if not sep or role not in ROLES:
+                raise SpectraInputError(
+                    f"{flag} {item!r}: use ROLE=VALUE with ROLE one of {', '.join(ROLES)}"
+                )
+            try:
+                v = cast(value)
+            except ValueError:
+                v = None
+            if v is None or not ok(v):
+                raise SpectraInputError(f"{flag} {item!r}: bad value {value!r}")
+            out[role] = v
+        return out
+
+    pattern = None
+    if keep_dense is not None:
+        try:
+            pattern = re.compile(keep_dense)
+        except re.error as e:
+            raise SpectraInputError(f"--keep-dense {keep_dense!r}: does not compile ({e})") from e
+    return cands.Floors(
+        pairs(min_rank, "--min-rank", float, lambda v: 0 < v <= 1),
+        pairs(min_bits, "--min-bits", int, lambda v: 2 <= v <= 16),
+        pattern,
+    )
+
+
+def load_modules(spec: str) -> list[cands.Module]:
+    out = []
+    for m in models.matrices(spec):
+        if m.role in NOT_TARGETABLE:
+            continue
+        out.append(cands.Module(m.name, m.role, m.block, torch.from_numpy(m.read())))
+    return out
+
+
+def auto_plan(
+    spec: str,
+    method: str,
+    target_params: float | None = None,
+    target_bits: float | None = None,
+    sensitivity: str = "none",
+    floors: cands.Floors | None = None,
+    sens_settings=None,
+    device: str = "auto",
+    progress=None,
+    use_cache: bool = True,
+) -> AutoResult:
+    """An explicit per-module plan for `method` that meets the budget with least damage."""
+    from spectra import sensitivity as sens
+
+    t0 = time.perf_counter()
+    if method not in cands.METHODS:
+        raise SpectraInputError(f"--method {method}: use one of {', '.join(cands.METHODS)}")
+    if sensitivity not in SENSITIVITIES:
+        raise SpectraInputError(f"--sensitivity {sensitivity}: use {', '.join(SENSITIVITIES)}")
+    if (target_params is None) == (target_bits is None):
+        raise SpectraInputError("give exactly one of --target-params and --target-bits")
+    if target_params is not None and not 0 < target_params <= 1:
+        raise SpectraInputError(f"--target-params {target_params}: must be in (0, 1]")
+    if target_bits is not None and not 0 < target_bits <= 16:
+        raise SpectraInputError(f"--target-bits {target_bits}: must be in (0, 16]")
+    floors = floors or cands.Floors()
+    modules = load_modules(spec)
+    if floors.keep_dense is not None and not any(
+        floors.keep_dense.fullmatch(m.name) for m in modules
+    ):
+        raise SpectraInputError(f"--keep-dense {floors.keep_dense.pattern!r}: matches no module")
+    seconds = {}
+    dmg = cands.Damage()
+    if sensitivity != "none":
+        t = time.perf_counter()
+        settings = sens_settings or sens.SensitivitySettings(kind=sensitivity)
+        if settings.kind != sensitivity:
+            raise ValueError("sens_settings.kind differs from sensitivity")
+        result = sens.compute(spec, settings, device=device, use_cache=use_cache, progress=progress)
+        if sensitivity == "fisher":
+            dmg = cands.Damage(fisher=result)
+        else:
+            dmg = cands.Damage(
+                scale={k: v["delta_loss"] / max(v["err2"], 1e-30) for k, v in result.items()}
+            )
+        seconds["sensitivity"] = time.perf_counter() - t
+    t = time.perf_counter()
+    sigmas = None
+    if dmg.spectral and method in ("lowrank", "joint", "mixed"):
+        from spectra.analyze import analyze
+
+        df = analyze(spec, with_mpo=False, use_cache=use_cache).select("name", "sigma", "aliases")
+        sigmas = {r["name"]: r["sigma"] for r in df.to_dicts()}
+    units = cands.units_for(modules, method, dmg, floors, sigmas)
+    seconds["candidates"] = time.perf_counter() - t
+    total = sum(u.params_before for u in units)
+    key = "params" if target_params is not None else "bits"
+    target = target_params if key == "params" else target_bits
+    budget = math.floor(target * total)
+    lo, _ = reachable(units, key)
+    if lo > budget:
+        unit = "of the linear parameters" if key == "params" else "bits per parameter"
+        raise BudgetError(
+            f"--target-{key} {target}: {method} cannot go below "
+            f"{lo / total:.4g} {unit} with these floors and dense modules"
+        )
+    t = time.perf_counter()
+    chosen = allocate(units, budget, key)
+    seconds["allocate"] = time.perf_counter() - t
+    seconds["total"] = time.perf_counter() - t0
+    layers = {}
+    for u, c in zip(units, chosen, strict=True):
+        if c.config is not None:
+            for name in u.names:
+                layers[name] = c.config
+    plan = Plan(model=spec, layers=layers)
+    return AutoResult(method, sensitivity, plan, units, chosen, key, budget, total, seconds)

@@ -1,0 +1,357 @@
+"""Candidate settings per module, with exact costs and predicted damage, for allocation.
+
+Costs come from each method's own `cost(m, n)`, so a plan built from the chosen
+candidates has exactly the accounted budget. Damage is one of:
+- weight (`--sensitivity none`): ||W - W_hat||_F^2 / ||W||_F^2, the squared relative
+  weight error. Relative, because each layer's scale is arbitrary after a norm.
+- fisher: 0.5 * sum F (W - W_hat)^2, the loss increase predicted by the diagonal
+  empirical Fisher (spectra.sensitivity).
+- ppl: the squared relative error scaled by the module's measured loss increase at a
+  probe setting: s_j * err^2 / err_probe^2.
+Low-rank, joint and pruning candidates under a weight-type damage are read off the
+spectrum or the sorted magnitudes in closed form; all others reconstruct W_hat.
+
+Candidate grids: every rank for low rank and joint under weight-type damage (the
+allocation is then the exact greedy over singular values), 48 ranks otherwise; quant
+bits 2..8 (group 128); prune sparsity 0.1..0.95; losparse ranks 1/16..1/2 of the
+break-even rank x sparsity 0.9..0.99; mpo 3 cores x 12 bond dimensions, damage by the
+TT-SVD bound sum of squared bond tails (exact for one bond); caldera bits 2..4 x rank
+16..64, damage by a data-free proxy W_r + RTN(W - W_r) at the same bits (the real
+CALDERA error is smaller; the proxy orders the settings). `mixed` offers lowrank,
+quant and prune candidates to every module. Every module may also stay dense.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from compressors.base import DENSE_BITS
+from compressors.registry import make_config
+from spectra.allocate import Candidate, Unit
+
+METHODS = ("lowrank", "joint", "losparse", "mpo", "quant", "caldera", "mixed")
+QUANT_BITS = (2, 3, 4, 5, 6, 7, 8)
+QUANT_GROUP = 128
+PRUNE_SPARSITY = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+LOSPARSE_RANK_FRACTIONS = (1 / 16, 1 / 8, 1 / 4, 1 / 2)
+LOSPARSE_SPARSITY = (0.9, 0.95, 0.98, 0.99)
+MPO_CORES = 3
+MPO_BONDS = 12
+CALDERA_BITS = (2, 3, 4)
+CALDERA_RANKS = (16, 32, 64)
+GRID = 48
+JOINT_ROLES = (("q", "k", "v"), ("gate", "up"))
+
+
+@dataclass
+class Floors:
+    """Lower limits on settings: rank fraction or bits per role, modules kept dense."""
+
+    min_rank: dict[str, float] = field(default_factory=dict)  # role -> fraction of min(m, n)
+    min_bits: dict[str, int] = field(default_factory=dict)  # role -> bits
+    keep_dense: re.Pattern | None = None
+
+
+@dataclass
+class Module:
+    name: str
+    role: str
+    block: int | None
+    weight: torch.Tensor  # (out, in) float32
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.weight.shape)
+
+
+class Damage:
+    """Damage of an error matrix; see the module docstring."""
+
+    def __init__(self, fisher: dict | None = None, scale: dict | None = None):
+        self.fisher, self.scale = fisher, scale or {}
+
+    @property
+    def spectral(self) -> bool:
+        """Damage depends only on ||E||_F (closed forms from spectra apply)."""
+        return self.fisher is None
+
+    def relative(self, name: str, err2: float, norm2: float) -> float:
+        return self.scale.get(name, 1.0) * err2 / max(norm2, 1e-300)
+
+    def __call__(self, mod: Module, e: torch.Tensor) -> float:
+        if self.fisher is None:
+            return self.relative(mod.name, float(e.double().pow(2).sum()), _norm2(mod.weight))
+        f = self.fisher[mod.name]
+        return 0.5 * float((f * e.to(f.dtype).pow(2)).sum(dtype=torch.float64))
+
+
+def _norm2(w: torch.Tensor) -> float:
+    return float(w.double().pow(2).sum())
+
+
+def dense(m: int, n: int) -> Candidate:
+    return Candidate(None, m * n, DENSE_BITS * m * n, 0.0)
+
+
+def _cand(config, m: int, n: int, damage: float) -> Candidate:
+    p, b = config.cost(m, n)
+    return Candidate(config, p, b, damage)
+
+
+def _ranks(lo: int, hi: int, spectral: bool) -> list[int]:
+    if hi < lo:
+        return []
+    if spectral or hi - lo + 1 <= GRID:
+        return list(range(lo, hi + 1))
+    return sorted({int(round(x)) for x in np.linspace(lo, hi, GRID)})
+
+
+def _min_rank(mod: Module, floors: Floors, full: int) -> int:
+    return max(1, math.ceil(floors.min_rank.get(mod.role, 0.0) * full))
+
+
+def lowrank(mod: Module, dmg: Damage, floors: Floors, sigma=None) -> list[Candidate]:
+    """`sigma`: the weight's singular values when known (the analysis cache has them)."""
+    m, n = mod.shape
+    rmax = (m * n - 1) // (m + n)  # the largest rank that stores fewer numbers than W
+    ranks = _ranks(_min_rank(mod, floors, min(m, n)), rmax, dmg.spectral)
+    if not ranks:
+        return []
+    out = []
+    if dmg.spectral:
+        if sigma is None:
+            sigma = torch.linalg.svdvals(mod.weight.double())
+        s2 = torch.as_tensor(np.asarray(sigma), dtype=torch.float64).pow(2)
+        tail = torch.flip(torch.cumsum(torch.flip(s2, (0,)), 0), (0,)).tolist() + [0.0]
+        total = float(s2.sum())
+        for r in ranks:
+            d = dmg.relative(mod.name, tail[r], total)
+            out.append(_cand(make_config("lowrank", rank=r), m, n, d))
+        return out
+    u, s, vh = _svd(mod.weight)
+    e = mod.weight.clone()
+    done = 0
+    for r in ranks:
+        e -= (u[:, done:r] * s[done:r]) @ vh[done:r]
+        done = r
+        out.append(_cand(make_config("lowrank", rank=r), m, n, dmg(mod, e)))
+    return out
+
+
+def quant(mod: Module, dmg: Damage, floors: Floors) -> list[Candidate]:
+    from compressors.quant import dequantize, grid, quantize
+
+    m, n = mod.shape
+    out = []
+    for bits in QUANT_BITS:
+        if bits < floors.min_bits.get(mod.role, 0):
+            continue
+        scale, zero = grid(mod.weight, bits, QUANT_GROUP)
+        q = quantize(mod.weight, scale, zero, bits, QUANT_GROUP)
+        e = mod.weight - dequantize(q, scale, zero, QUANT_GROUP)
+        config = make_config("quant", bits=bits, group_size=QUANT_GROUP)
+        out.append(_cand(config, m, n, dmg(mod, e)))
+    return out
+
+
+def prune(mod: Module, dmg: Damage, floors: Floors) -> list[Candidate]:
+    m, n = mod.shape
+    if floors.min_bits.get(mod.role, 0) > 0 or floors.min_rank.get(mod.role, 0) > 0:
+        return []  # a floor on this role: pruning cannot honour it
+    mags = mod.weight.reshape(-1).abs()
+    order = torch.argsort(mags)
+    sq = mags[order].double().pow(2)
+    cum = torch.cumsum(sq, 0)
+    out = []
+    for s in PRUNE_SPARSITY:
+        k = round(s * m * n)  # the k smallest magnitudes are zeroed
+        config = make_config("prune", sparsity=s)
+        if dmg.spectral:
+            d = dmg.relative(mod.name, float(cum[k - 1]) if k else 0.0, float(cum[-1]))
+        else:
+            e = torch.zeros(m * n)
+            e[order[:k]] = mod.weight.reshape(-1)[order[:k]]
+            d = dmg(mod, e.reshape(m, n))
+        out.append(_cand(config, m, n, d))
+    return out
+
+
+def losparse(mod: Module, dmg: Damage, floors: Floors, svd=None) -> list[Candidate]:
+    m, n = mod.shape
+    rmax = (m * n - 1) // (m + n)
+    lo = _min_rank(mod, floors, min(m, n))
+    ranks = sorted({max(lo, max(1, round(f * rmax))) for f in LOSPARSE_RANK_FRACTIONS})
+    u, s, vh = svd if svd is not None else _svd(mod.weight)
+    out = []
+    for r in ranks:
+        resid = mod.weight - (u[:, :r] * s[:r]) @ vh[:r]
+        flat = resid.reshape(-1)
+        order = torch.argsort(flat.abs(), descending=True)
+        for sp in LOSPARSE_SPARSITY:
+            config = make_config("losparse", rank=r, sparsity=sp)
+            p, b = config.cost(m, n)
+            if p >= m * n:
+                continue
+            keep = m * n - round(sp * m * n)  # residual entries kept in S
+            e = flat.clone()
+            e[order[:keep]] = 0
+            out.append(Candidate(config, p, b, dmg(mod, e.reshape(m, n))))
+    return out
+
+
+def mpo(mod: Module, dmg: Damage, floors: Floors) -> list[Candidate]:
+    from spectra import mpo as tt
+
+    m, n = mod.shape
+    mf, nf = tt.factorize(m, MPO_CORES), tt.factorize(n, MPO_CORES)
+    top = max(tt.full_bond_dims(mf, nf))
+    chis = sorted({int(round(x)) for x in np.geomspace(2, top, MPO_BONDS)})
+    w = mod.weight.double().numpy()
+    spectra = tt.bond_spectra(w, mf, nf) if dmg.spectral else None
+    out = []
+    for chi in chis:
+        config = make_config("mpo", cores=MPO_CORES, bond_dim=chi)
+        p, b = config.cost(m, n)
+        if p >= m * n:
+            continue
+        if dmg.spectral:
+            err2 = sum(float(np.sum(s[chi:] ** 2)) for s in spectra)
+            d = dmg.relative(mod.name, err2, float(np.sum(w * w)))
+        else:
+            ranks = [min(chi, d) for d in tt.full_bond_dims(mf, nf)]
+            approx = tt.tt_to_dense(tt.tt_svd(w, mf, nf, ranks=ranks))
+            d = dmg(mod, torch.from_numpy(w - approx).float())
+        out.append(Candidate(config, p, b, d))
+    return out
+
+
+def caldera(mod: Module, dmg: Damage, floors: Floors, svd=None) -> list[Candidate]:
+    from compressors.quant import dequantize, grid, quantize
+
+    m, n = mod.shape
+    u, s, vh = svd if svd is not None else _svd(mod.weight)
+    lo = _min_rank(mod, floors, min(m, n))
+    out = []
+    for r in CALDERA_RANKS:
+        if r < lo or r > min(m, n):
+            continue
+        low = (u[:, :r] * s[:r]) @ vh[:r]
+        resid = mod.weight - low
+        for bits in CALDERA_BITS:
+            if bits < floors.min_bits.get(mod.role, 0):
+                continue
+            config = make_config("caldera", rank=r, bits=bits)
+            p, b = config.cost(m, n)
+            if b >= DENSE_BITS * m * n:
+                continue
+            gs = config.group_size
+            sc, z = grid(resid, bits, gs)
+            q = dequantize(quantize(resid, sc, z, bits, gs), sc, z, gs)
+            out.append(Candidate(config, p, b, dmg(mod, resid - q)))
+    return out
+
+
+def joint(group: list[Module], dmg: Damage, floors: Floors) -> list[Candidate]:
+    """Candidates for a group sharing V: cost and damage summed over its members."""
+    n = group[0].shape[1]
+    stacked = torch.cat([g.weight for g in group]).double()
+    total_m = stacked.shape[0]
+    dense_params = total_m * n
+    kmax = (dense_params - 1) // (n + total_m)
+    lo = max(_min_rank(g, floors, min(g.shape)) for g in group)
+    ks = _ranks(lo, kmax, dmg.spectral)
+    if not ks:
+        return []
+    _, _, vh = torch.linalg.svd(stacked, full_matrices=False)
+    v = vh.T  # (n, min)
+    out = []
+    projections = [g.weight.double() @ v for g in group]  # W_i V
+    if dmg.spectral:
+        cums = [torch.cumsum(p.pow(2).sum(0), 0) for p in projections]
+        norms = [_norm2(g.weight) for g in group]
+    for k in ks:
+        config = make_config("joint", rank=k)
+        params = k * (n + total_m)
+        if dmg.spectral:
+            d = sum(
+                dmg.relative(g.name, nrm - float(c[k - 1]), nrm)
+                for g, c, nrm in zip(group, cums, norms, strict=True)
+            )
+        else:
+            d = sum(
+                dmg(g, (g.weight.double() - p[:, :k] @ v[:, :k].T).float())
+                for g, p in zip(group, projections, strict=True)
+            )
+        out.append(Candidate(config, params, DENSE_BITS * params, d))
+    return out
+
+
+def _svd(w: torch.Tensor):
+    return torch.linalg.svd(w, full_matrices=False)
+
+
+def units_for(
+    modules: list[Module], method: str, dmg: Damage, floors: Floors, sigmas: dict | None = None
+) -> list[Unit]:
+    """Allocation units with their candidates (dense included) for `method`.
+
+    `sigmas`: singular values by module name, when known (spares an SVD per module).
+    """
+    sigmas = sigmas or {}
+    from spectra.parallel import parallel_map
+
+    kept = floors.keep_dense
+    groups: list[list[Module]] = []
+    if method == "joint":
+        by_parent: dict[tuple, list[Module]] = {}
+        for mod in modules:
+            parent = mod.name.rsplit(".", 1)[0]
+            family = next((f for f in JOINT_ROLES if mod.role in f), None)
+            if family is None:
+                groups.append([mod])
+            else:
+                by_parent.setdefault((parent, family, mod.shape[1]), []).append(mod)
+        groups += by_parent.values()
+    else:
+        groups = [[mod] for mod in modules]
+
+    def build(group: list[Module]) -> Unit:
+        m_total = sum(g.shape[0] for g in group)
+        n = group[0].shape[1]
+        unit = Unit(
+            tuple(g.name for g in group),
+            [],
+            m_total * n,
+            group[0].role,
+            group[0].block,
+        )
+        base = dense(m_total, n)
+        if kept is not None and all(kept.fullmatch(g.name) for g in group):
+            unit.candidates = [base]
+            return unit
+        mod = group[0]
+        if len(group) > 1:
+            cands = joint(group, dmg, floors)
+        elif method in ("lowrank", "joint"):
+            cands = lowrank(mod, dmg, floors, sigmas.get(mod.name))
+        elif method == "quant":
+            cands = quant(mod, dmg, floors)
+        elif method == "mpo":
+            cands = mpo(mod, dmg, floors)
+        elif method in ("losparse", "caldera"):
+            svd = _svd(mod.weight)
+            cands = (losparse if method == "losparse" else caldera)(mod, dmg, floors, svd)
+        elif method == "mixed":
+            cands = lowrank(mod, dmg, floors, sigmas.get(mod.name))
+            cands += quant(mod, dmg, floors) + prune(mod, dmg, floors)
+        else:
+            raise ValueError(method)
+        unit.candidates = [base, *cands]
+        return unit
+
+    return list(parallel_map(build, groups))

@@ -1,0 +1,32 @@
+"""One thread per core with one BLAS thread each, for lists of mid-sized numeric jobs."""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+
+def parallel_map(fn, jobs):
+    """fn over jobs in order, on one thread per core with one BLAS thread each.
+
+    Factorizations and per-module error curves are chains of mid-sized BLAS calls and
+    short Python loops: one single-threaded job per core is about twice as fast on 2
+    cores as one job at a time on both (CALDERA: 12.1 s vs 24.1 s for four demo-sized
+    matrices). Torch and numpy release the GIL inside those calls. Results come back
+    in submission order.
+    """
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    jobs = list(jobs)
+    workers = min(len(jobs), os.cpu_count() or 1)
+    if workers < 2:
+        yield from map(fn, jobs)
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(1), ThreadPoolExecutor(workers) as pool:
+            yield from pool.map(fn, jobs)
+    finally:
+        torch.set_num_threads(threads)

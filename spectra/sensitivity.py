@@ -1,0 +1,245 @@
+"""Per-module sensitivity of the model's loss to compressing that module.
+
+- `fisher`: one pass over calibration windows accumulates the squared gradient of
+  each window's summed token NLL, divided by its token count, for every linear
+  weight: F ~ E_token[g^2] if tokens within a window contribute independent
+  gradients (the usual per-sample empirical Fisher, estimated per window). The
+  predicted mean-NLL increase of replacing W by W_hat is 0.5 * sum F (W - W_hat)^2
+  (second-order Taylor at a trained optimum, Hessian ~ Fisher), for any candidate,
+  with no further forward pass.
+- `ppl`: the measured mean-NLL increase on a small token budget when only that module
+  is replaced by its reconstruction at a probe setting: the slow exact reference.
+  One forward pass per module; the other weights stay dense.
+
+Both are cached under cache/sensitivity/, keyed by the weights' content fingerprint,
+the corpus, token count, window length and (for ppl) the probe settings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from spectra import cache, models
+from spectra.errors import SpectraInputError
+
+
+@dataclass(frozen=True)
+class SensitivitySettings:
+    kind: str = "fisher"  # fisher | ppl
+    corpus: str = "builtin"
+    tokens: int = 8192
+    seqlen: int = 256
+    probe: str = "lowrank-half"  # ppl only: see PROBES
+
+    def __post_init__(self):
+        if self.kind not in ("fisher", "ppl"):
+            raise SpectraInputError(f"sensitivity {self.kind!r}: use fisher or ppl")
+        if self.probe not in PROBES:
+            raise SpectraInputError(f"probe {self.probe!r}: known are {', '.join(PROBES)}")
+        if self.tokens < self.seqlen or self.seqlen < 2:
+            raise SpectraInputError(
+                f"tokens={self.tokens}, seqlen={self.seqlen}: need at least one window"
+            )
+
+
+def _lowrank_half(m: int, n: int):
+    from compressors.registry import make_config
+
+    return make_config("lowrank", rank=max(1, m * n // (2 * (m + n))))
+
+
+def _rtn3(m: int, n: int):
+    from compressors.registry import make_config
+
+    return make_config("quant", bits=3, group_size=128)
+
+
+# probe settings for `ppl`: rank keeping half a module's parameters, or 3-bit RTN
+PROBES = {"lowrank-half": _lowrank_half, "rtn-3bit": _rtn3}
+
+
+def fingerprint(spec: str) -> str:
+    """Content key of all the model's weights (2-D hashes memoised, the rest read)."""
+    source = models.resolve(spec)
+    mats = models.matrices(source)
+    from spectra.tensors import read_header
+
+    parts = []
+    for f in source.files:
+        refs = [m.ref for m in mats if m.ref.path == f]
+        hashes = cache.file_tensor_hashes(f, refs)
+        known = {r.name for r in refs}
+        for r in read_header(f):
+            h = hashes.get(r.name) if r.name in known else cache.hash_bytes(r.read_bytes())
+            parts.append((r.name, h))
+    return cache.key(cache.CACHE_VERSION, sorted(parts))
+
+
+def linear_modules(model) -> dict[str, torch.nn.Module]:
+    from compressors.apply import linear_targets
+
+    return {name: mod for name, (_, mod) in linear_targets(model).items()}
+
+
+def _windows(tokenizer, settings: SensitivitySettings, split: str):
+    from spectra import eval as ev
+
+    return ev.windows(ev.token_stream(tokenizer, settings.corpus, split), settings.seqlen)[
+        : settings.tokens // settings.seqlen
+    ]
+
+
+def fisher(model, windows, progress=None) -> dict[str, torch.Tensor]:
+    """Diagonal empirical Fisher of every linear weight, (out, in) float32 on the CPU."""
+    from compressors.apply import linear_targets
+
+    targets = linear_targets(model)
+    params = {name: mod.weight for name, (_, mod) in targets.items()}
+    saved = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for w in params.values():
+        w.requires_grad_(True)
+    acc = {name: torch.zeros_like(w, dtype=torch.float32) for name, w in params.items()}
+    device = next(model.parameters()).device
+    try:
+        for i, x in enumerate(windows):
+            x = x[None].to(device)
+            logits = model(x, use_cache=False).logits[:, :-1].float()
+            nll = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"
+            )
+            grads = torch.autograd.grad(nll, list(params.values()))
+            tokens = x.shape[1] - 1
+            for (name, _), g in zip(params.items(), grads, strict=True):
+                acc[name] += g.float().pow(2) / tokens
+            if progress:
+                progress(i + 1, len(windows), "fisher")
+    finally:
+        for p, flag in saved.items():
+            p.requires_grad_(flag)
+    out = {}
+    for name, (target, _) in targets.items():
+        f = acc[name] / len(windows)
+        out[name] = (f.T if target.conv1d else f).contiguous().cpu()
+    return out
+
+
+def ppl_probe(model, windows, probe, progress=None) -> dict[str, dict]:
+    """Measured mean-NLL increase per module at its probe setting (others dense).
+
+    `probe(m, n)` gives the config for an (m, n) module. Returns, per module, the
+    loss increase and the probe's squared relative weight error.
+    """
+    from compressors.apply import linear_targets
+    from compressors.registry import compress
+
+    targets = linear_targets(model)
+    device = next(model.parameters()).device
+    windows = windows.to(device)
+    base = _mean_nll(model, windows)
+    out = {}
+    for i, (name, (target, mod)) in enumerate(targets.items()):
+        w = target.weight(mod)
+        config = probe(*target.shape)
+        approx = compress(w.detach().float().cpu(), config).to_dense().to(w.dtype).to(device)
+        err2 = float((w.double() - approx.double()).pow(2).sum() / w.double().pow(2).sum())
+        old = mod.weight.data
+        mod.weight.data = approx.T.contiguous() if target.conv1d else approx
+        try:
+            loss = _mean_nll(model, windows)
+        finally:
+            mod.weight.data = old
+        out[name] = {"delta_loss": loss - base, "err2": err2, "config": asdict(config)}
+        if progress:
+            progress(i + 1, len(targets), name)
+    return out
+
+
+def _mean_nll(model, windows, batch: int = 4) -> float:
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for lo in range(0, windows.shape[0], batch):
+            x = windows[lo : lo + batch]
+            logits = model(x, use_cache=False).logits[:, :-1].float()
+            nll = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"
+            )
+            total += float(nll)
+            count += x[:, 1:].numel()
+    return total / count
+
+
+def compute(
+    spec: str,
+    settings: SensitivitySettings,
+    device: str = "auto",
+    use_cache: bool = True,
+    progress=None,
+    model=None,
+    info: dict | None = None,
+):
+    """Cached sensitivity of `spec`: {name: Fisher tensor} or {name: probe result}."""
+    info = {} if info is None else info
+    key = cache.key(fingerprint(spec), asdict(settings))
+    folder = cache.cache_dir() / "sensitivity"
+    path = folder / f"{key}.{'safetensors' if settings.kind == 'fisher' else 'json'}"
+    info.update(cached=False, path=str(path))
+    if use_cache:
+        hit = _read(path, settings.kind)
+        if hit is not None:
+            info.update(cached=True)
+            return hit
+    tokenizer = models.load_tokenizer(spec)
+    split = "calib" if settings.kind == "fisher" else "eval"
+    windows = _windows(tokenizer, settings, split)
+    model = model if model is not None else models.load(spec, device)
+    if settings.kind == "fisher":
+        result = fisher(model, windows, progress)
+    else:
+        result = ppl_probe(model, windows, PROBES[settings.probe], progress)
+    if use_cache:
+        _write(path, settings.kind, result)
+    return result
+
+
+def _read(path, kind):
+    if not path.is_file():
+        return None
+    try:
+        if kind == "fisher":
+            from safetensors.torch import load_file
+
+            return {k: v.float() for k, v in load_file(path).items()}
+        data = cache.read_json(path)
+        return data if isinstance(data, dict) and data else None
+    except Exception:  # a truncated or garbage file is a miss, recomputed
+        return None
+
+
+def _write(path, kind, result) -> None:
+    if kind == "json" or kind == "ppl":
+        cache.write_json(path, result)
+        return
+    from safetensors.torch import save_file
+
+    # bfloat16 keeps float32's range (squared gradients reach 1e-20) at half the size
+    with cache.atomic_path(path) as tmp:
+        save_file({k: v.to(torch.bfloat16) for k, v in result.items()}, str(tmp))
+
+
+def scores(result: dict, kind: str, weights: dict | None = None) -> dict[str, float]:
+    """One number per module for a heatmap: the measured loss increase (ppl) or the
+    Fisher-predicted one at the lowrank-half probe (fisher; needs `weights`)."""
+    if kind == "ppl":
+        return {k: v["delta_loss"] for k, v in result.items()}
+    from compressors.registry import compress
+
+    out = {}
+    for name, f in result.items():
+        w = weights[name].float()
+        approx = compress(w, _lowrank_half(*w.shape)).to_dense().float()
+        out[name] = 0.5 * float((f * (w - approx).pow(2)).sum(dtype=torch.float64))
+    return out

@@ -1,0 +1,185 @@
+"""Allocation against brute force on small cases."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from spectra.allocate import BudgetError, Candidate, Unit, allocate, hull
+from spectra.candidates import Damage, Floors, Module, lowrank, units_for
+
+
+def brute_force(units, budget, key="params"):
+    best = None
+    for combo in itertools.product(*[u.candidates for u in units]):
+        cost = sum(c.cost(key) for c in combo)
+        dmg = sum(c.damage for c in combo)
+        if cost <= budget and (best is None or dmg < best):
+            best = dmg
+    return best
+
+
+def spectral_units(rng, shapes):
+    """Every rank 0..min(m, n) of random decaying spectra: cost k (m + n), damage the
+    tail sum of sigma^2 (what the greedy over singular values optimizes)."""
+    units = []
+    for i, (m, n) in enumerate(shapes):
+        s = np.sort(rng.uniform(0.1, 3.0, min(m, n)) * np.exp(-rng.uniform(0.05, 0.6)))[::-1]
+        tail = np.concatenate([np.cumsum((s**2)[::-1])[::-1], [0.0]])
+        cands = [
+            Candidate(k, k * (m + n), 16 * k * (m + n), float(tail[k])) for k in range(len(s) + 1)
+        ]
+        units.append(Unit((f"m{i}",), cands, m * n))
+    return units
+
+
+def test_lowrank_candidates_are_the_truncation_errors():
+    import torch
+
+    rng = np.random.default_rng(5)
+    w = torch.from_numpy(rng.standard_normal((30, 20)) * np.exp(-0.2 * np.arange(20))).float()
+    mod = Module("m", "down", 0, w)
+    cands = lowrank(mod, Damage(), Floors())
+    assert [c.config.rank for c in cands] == list(range(1, (30 * 20 - 1) // 50 + 1))
+    u, s, vh = np.linalg.svd(w.double().numpy())
+    for c in cands:
+        r = c.config.rank
+        approx = (u[:, :r] * s[:r]) @ vh[:r]
+        want = np.sum((w.double().numpy() - approx) ** 2) / np.sum(w.double().numpy() ** 2)
+        assert c.damage == pytest.approx(want, rel=1e-6)
+        assert (c.params, c.bits) == (r * 50, 16 * r * 50)
+    fisher = Damage(fisher={"m": torch.ones(30, 20)})  # F = 1: half the squared error
+    for c in lowrank(mod, fisher, Floors()):
+        r = c.config.rank
+        approx = (u[:, :r] * s[:r]) @ vh[:r]
+        want = 0.5 * np.sum((w.double().numpy() - approx) ** 2)
+        assert c.damage == pytest.approx(want, rel=1e-4)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_greedy_lowrank_equals_brute_force_with_equal_costs(seed):
+    """Equal m + n: the greedy over sigma^2 per parameter is the exact optimum at every
+    budget (every unit's steps cost the same, the curves are convex)."""
+    rng = np.random.default_rng(seed)
+    units = spectral_units(rng, [(9, 7), (8, 8), (10, 6)])
+    total = sum(u.params_before for u in units)
+    total = sum(u.candidates[-1].params for u in units)
+    for budget in range(0, total + 1, 2):
+        try:
+            chosen = allocate(units, budget)
+        except BudgetError:
+            assert brute_force(units, budget) is None
+            continue
+        assert sum(c.params for c in chosen) <= budget
+        assert sum(c.damage for c in chosen) == pytest.approx(brute_force(units, budget), abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_greedy_lowrank_is_exact_where_it_stops_and_never_over_budget(seed):
+    """Unequal costs: optimal for the budget the greedy prefix spends (a fractional
+    knapsack that ends integral); at any budget, never over it and within one step."""
+    rng = np.random.default_rng(100 + seed)
+    units = spectral_units(rng, [(9, 5), (6, 8), (12, 4)])
+    total = sum(u.params_before for u in units)
+    steps = [max(c.damage for c in u.candidates) for u in units]
+    total = sum(u.candidates[-1].params for u in units)
+    for budget in range(0, total + 1, 2):
+        try:
+            chosen = allocate(units, budget)
+        except BudgetError:
+            assert brute_force(units, budget) is None
+            continue
+        spent = sum(c.params for c in chosen)
+        got = sum(c.damage for c in chosen)
+        assert spent <= budget
+        assert got == pytest.approx(brute_force(units, spent), abs=1e-12)
+        assert got <= brute_force(units, budget) + max(steps) + 1e-12
+
+
+def random_units(rng, n_units=4, n_cands=5):
+    units = []
+    for i in range(n_units):
+        dense = int(rng.integers(40, 80))
+        cands = [Candidate(None, dense, 16 * dense, 0.0)]
+        for _ in range(n_cands):  # arbitrary, non-convex curves
+            p = int(rng.integers(1, dense))
+            cands.append(Candidate(f"c{p}", p, 16 * p, float(rng.uniform(0, 10) * (dense - p))))
+        units.append(Unit((f"u{i}",), cands, dense))
+    return units
+
+
+def max_hull_step(units, key="params"):
+    return max(
+        (h[i].damage - h[i + 1].damage)
+        for h in (hull(u.candidates, key) for u in units)
+        for i in range(len(h) - 1)
+    )
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_lagrangian_never_exceeds_budget_and_is_within_one_step(seed):
+    rng = np.random.default_rng(seed)
+    units = random_units(rng)
+    total = sum(u.params_before for u in units)
+    lo = sum(min(c.params for c in u.candidates) for u in units)
+    step = max_hull_step(units)
+    for budget in range(lo, total + 1, 5):
+        chosen = allocate(units, budget)
+        assert sum(c.params for c in chosen) <= budget
+        opt = brute_force(units, budget)
+        got = sum(c.damage for c in chosen)
+        assert opt - 1e-9 <= got <= opt + step + 1e-9
+
+
+def test_hull_is_convex_and_falling():
+    rng = np.random.default_rng(7)
+    for u in random_units(rng, 10, 12):
+        h = hull(u.candidates, "params")
+        assert [c.params for c in h] == sorted(c.params for c in h)
+        assert all(a.damage > b.damage for a, b in zip(h, h[1:], strict=False))
+        slopes = [
+            (a.damage - b.damage) / (b.params - a.params) for a, b in zip(h, h[1:], strict=False)
+        ]
+        assert all(s1 >= s2 - 1e-12 for s1, s2 in zip(slopes, slopes[1:], strict=False))
+        # every candidate lies on or above the hull
+        xs, ys = [p.params for p in h], [p.damage for p in h]
+        for c in u.candidates:
+            assert c.params >= xs[0]
+            if c.params <= xs[-1]:
+                assert c.damage >= np.interp(c.params, xs, ys) - 1e-9
+
+
+def test_budget_below_reach_is_an_error():
+    units = random_units(np.random.default_rng(0))
+    lo = sum(min(c.params for c in u.candidates) for u in units)
+    with pytest.raises(BudgetError, match=str(lo)):
+        allocate(units, lo - 1)
+
+
+def test_bits_budget_on_quant_and_floors():
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    mods = [
+        Module(f"model.layers.{i}.mlp.{r}_proj", r, i, torch.randn(64, 48, generator=g))
+        for i in range(2)
+        for r in ("down", "up")
+    ]
+    floors = Floors(min_bits={"down": 4})
+    units = units_for(mods, "quant", Damage(), floors)
+    for u in units:
+        bits = [c.config.bits for c in u.candidates if c.config is not None]
+        assert min(bits) == (4 if u.role == "down" else 2)
+    total = sum(u.params_before for u in units)
+    # 48 columns, groups of 128: 2 x 16 bits of scale and zero per row add 2/3 bit
+    with pytest.raises(BudgetError):
+        allocate(units, int(3.6 * total), "bits")  # the floors need (4 + 2) / 2 + 2/3
+    chosen = allocate(units, int(4.2 * total), "bits")
+    assert sum(c.bits for c in chosen) <= 4.2 * total
+    # more bits where the floor says so; damage falls with bits
+    for u, c in zip(units, chosen, strict=True):
+        if u.role == "down":
+            assert c.config.bits >= 4
+    for u in units:
+        q = sorted((c for c in u.candidates if c.config is not None), key=lambda c: c.bits)
+        assert all(a.damage > b.damage for a, b in zip(q, q[1:], strict=False))
