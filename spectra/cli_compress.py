@@ -65,11 +65,8 @@ def cmd_plan_auto(args) -> int:
     floors = autoplan.parse_floors(args.min_rank, args.min_bits, args.keep_dense)
     settings = None
     if args.sensitivity in ("fisher", "ppl"):
-        default = 8192 if args.sensitivity == "fisher" else 2048
-        seqlen = 256 if args.sensitivity == "fisher" else 512
-        settings = sens.SensitivitySettings(
-            kind=args.sensitivity, tokens=args.tokens or default, seqlen=seqlen
-        )
+        default = 4096 if args.sensitivity == "fisher" else 512
+        settings = sens.SensitivitySettings(kind=args.sensitivity, tokens=args.tokens or default)
     with progress_bar(args.sensitivity) as progress:
         result = autoplan.auto_plan(
             args.model,

@@ -29,7 +29,7 @@ from spectra.errors import SpectraInputError
 class SensitivitySettings:
     kind: str = "fisher"  # fisher | ppl
     corpus: str = "builtin"
-    tokens: int = 8192
+    tokens: int = 4096  # fisher: calibration tokens; ppl: evaluation tokens per probe
     seqlen: int = 256
     probe: str = "lowrank-half"  # ppl only: see PROBES
 
@@ -127,16 +127,18 @@ def fisher(model, windows, progress=None) -> dict[str, torch.Tensor]:
     return out
 
 
-def ppl_probe(model, windows, probe, progress=None) -> dict[str, dict]:
+def ppl_probe(model, windows, probe, progress=None, names=None) -> dict[str, dict]:
     """Measured mean-NLL increase per module at its probe setting (others dense).
 
-    `probe(m, n)` gives the config for an (m, n) module. Returns, per module, the
-    loss increase and the probe's squared relative weight error.
+    `probe(m, n)` gives the config for an (m, n) module; `names` limits the modules.
+    Returns, per module, the loss increase and the probe's squared relative error.
     """
     from compressors.apply import linear_targets
     from compressors.registry import compress
 
     targets = linear_targets(model)
+    if names is not None:
+        targets = {k: v for k, v in targets.items() if k in set(names)}
     device = next(model.parameters()).device
     windows = windows.to(device)
     base = _mean_nll(model, windows)
@@ -180,10 +182,15 @@ def compute(
     progress=None,
     model=None,
     info: dict | None = None,
+    names: list[str] | None = None,
 ):
-    """Cached sensitivity of `spec`: {name: Fisher tensor} or {name: probe result}."""
+    """Cached sensitivity of `spec`: {name: Fisher tensor} or {name: probe result}.
+
+    `model`: the already loaded model of `spec`, if any; `names`: probe only these
+    modules (ppl).
+    """
     info = {} if info is None else info
-    key = cache.key(fingerprint(spec), asdict(settings))
+    key = cache.key(fingerprint(spec), asdict(settings), sorted(names) if names else None)
     folder = cache.cache_dir() / "sensitivity"
     path = folder / f"{key}.{'safetensors' if settings.kind == 'fisher' else 'json'}"
     info.update(cached=False, path=str(path))
@@ -199,7 +206,7 @@ def compute(
     if settings.kind == "fisher":
         result = fisher(model, windows, progress)
     else:
-        result = ppl_probe(model, windows, PROBES[settings.probe], progress)
+        result = ppl_probe(model, windows, PROBES[settings.probe], progress, names)
     if use_cache:
         _write(path, settings.kind, result)
     return result
