@@ -65,8 +65,7 @@ def cmd_plan_auto(args) -> int:
     floors = autoplan.parse_floors(args.min_rank, args.min_bits, args.keep_dense)
     settings = None
     if args.sensitivity in ("fisher", "ppl"):
-        default = 4096 if args.sensitivity == "fisher" else 512
-        settings = sens.SensitivitySettings(kind=args.sensitivity, tokens=args.tokens or default)
+        settings = sens.SensitivitySettings(kind=args.sensitivity, tokens=args.tokens)
     with progress_bar(args.sensitivity) as progress:
         result = autoplan.auto_plan(
             args.model,

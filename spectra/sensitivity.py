@@ -29,11 +29,13 @@ from spectra.errors import SpectraInputError
 class SensitivitySettings:
     kind: str = "fisher"  # fisher | ppl
     corpus: str = "builtin"
-    tokens: int = 4096  # fisher: calibration tokens; ppl: evaluation tokens per probe
+    tokens: int | None = None  # fisher: calibration tokens (4096); ppl: per probe (512)
     seqlen: int = 256
     probe: str = "lowrank-half"  # ppl only: see PROBES
 
     def __post_init__(self):
+        if self.tokens is None:
+            object.__setattr__(self, "tokens", 4096 if self.kind == "fisher" else 512)
         if self.kind not in ("fisher", "ppl"):
             raise SpectraInputError(f"sensitivity {self.kind!r}: use fisher or ppl")
         if self.probe not in PROBES:
@@ -227,7 +229,7 @@ def _read(path, kind):
 
 
 def _write(path, kind, result) -> None:
-    if kind == "json" or kind == "ppl":
+    if kind == "ppl":
         cache.write_json(path, result)
         return
     from safetensors.torch import save_file

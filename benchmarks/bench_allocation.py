@@ -1,0 +1,202 @@
+"""Budgeted allocation strategies on the demo model: perplexity and allocation time.
+
+    python benchmarks/bench_allocation.py [--max-tokens N] [--only NAME ...] [--plot]
+
+(1) lowrank at 40%, 50%, 60% and 80% of the linear parameters kept, five ways of
+choosing the ranks: uniform (every module keeps the same fraction of its own
+parameters), energy (one energy threshold for all modules, bisected to the budget),
+weight (allocation on the squared relative weight error from the spectra), fisher
+(allocation on the Fisher-predicted loss, 4096 calibration tokens) and ppl
+(allocation on the weight error scaled by each module's measured loss increase at
+lowrank-half, 512 evaluation tokens per module).
+(2) 2.5 and 3 average bits per linear parameter: mixed (lowrank, RTN quant and
+magnitude pruning per module, Fisher damage) against quant alone (RTN bits allocated
+per module, Fisher damage) and uniform RTN.
+Perplexity on the builtin evaluation part (seqlen 512, all of it unless --max-tokens).
+Results: benchmarks/results/bench_allocation.json; --plot writes allocation.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"
+BUDGETS = (0.4, 0.5, 0.6, 0.8)
+BITS = (2.5, 3.0)
+STRATEGIES = ("uniform", "energy", "weight", "fisher", "ppl")
+
+
+def uniform_plan(mats, ratio: float) -> dict:
+    return {
+        m.name: {
+            "method": "lowrank",
+            "rank": max(1, int(ratio * m.shape[0] * m.shape[1] / sum(m.shape))),
+        }
+        for m in mats
+    }
+
+
+def energy_plan(mats, sigmas, ratio: float) -> dict:
+    """One energy threshold for every module, the largest that fits the budget."""
+    import numpy as np
+
+    from spectra.metrics import energy_rank
+
+    total = sum(m.shape[0] * m.shape[1] for m in mats)
+
+    def ranks(e):
+        out = {}
+        for m in mats:
+            r = energy_rank(np.asarray(sigmas[m.name]), e)
+            if r * sum(m.shape) < m.shape[0] * m.shape[1]:
+                out[m.name] = r
+        return out
+
+    def params(rs):
+        return sum(
+            rs[m.name] * sum(m.shape) if m.name in rs else m.shape[0] * m.shape[1] for m in mats
+        )
+
+    lo, hi = 0.0, 1.0
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        if params(ranks(mid)) <= ratio * total:
+            lo = mid
+        else:
+            hi = mid
+    return {k: {"method": "lowrank", "rank": r} for k, r in ranks(lo).items()}
+
+
+def rtn_plan(mats, bits: int) -> dict:
+    return {m.name: {"method": "quant", "bits": bits, "group_size": 128} for m in mats}
+
+
+def auto_layers(method, sensitivity, **budget):
+    from compressors.base import config_to_dict
+    from spectra.autoplan import auto_plan
+
+    t0 = time.perf_counter()
+    result = auto_plan("demo", method, sensitivity=sensitivity, **budget)
+    layers = {k: config_to_dict(c) for k, c in result.plan.layers.items()}
+    return layers, time.perf_counter() - t0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--max-tokens", type=int)
+    p.add_argument("--only", nargs="*", help="run only these rows (e.g. lowrank-0.5-fisher)")
+    p.add_argument("--out", type=Path, default=RESULTS / "bench_allocation.json")
+    p.add_argument("--plot", action="store_true", help="only draw allocation.png from --out")
+    args = p.parse_args()
+    if args.plot:
+        plot(json.loads(args.out.read_text()), RESULTS / "allocation.png")
+        return
+
+    from compressors.apply import apply
+    from spectra import eval as ev
+    from spectra import models
+    from spectra import plan as plan_mod
+    from spectra.analyze import analyze
+
+    model = models.load("demo", device="cpu")
+    tok = models.load_tokenizer("demo")
+    ids = ev.token_stream(tok, "builtin", "eval")
+    mats = [m for m in models.matrices("demo") if m.role not in plan_mod.NOT_TARGETABLE]
+    sigmas = {r["name"]: r["sigma"] for r in analyze("demo", with_mpo=False).to_dicts()}
+    results = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    if "dense" not in results:
+        base = ev.perplexity(model, tok, ids=ids, max_tokens=args.max_tokens)
+        results["dense"] = dict(ppl=base.ppl, tokens=base.tokens)
+    print(f"dense: ppl {results['dense']['ppl']:.3f}", flush=True)
+
+    rows = []
+    for f in BUDGETS:
+        for s in STRATEGIES:
+            rows.append((f"lowrank-{f}-{s}", s, dict(target_params=f)))
+    for b in BITS:
+        rows += [
+            (f"mixed-{b}bit-fisher", "mixed", dict(target_bits=b)),
+            (f"quant-{b}bit-fisher", "quant", dict(target_bits=b)),
+        ]
+    rows += [("rtn-uniform-2bit", "rtn2", {}), ("rtn-uniform-3bit", "rtn3", {})]
+
+    for name, how, budget in rows:
+        if args.only and name not in args.only:
+            continue
+        if name in results and not args.only:
+            continue
+        t0 = time.perf_counter()
+        if how == "uniform":
+            layers = uniform_plan(mats, budget["target_params"])
+        elif how == "energy":
+            layers = energy_plan(mats, sigmas, budget["target_params"])
+        elif how in ("weight", "fisher", "ppl"):
+            sens = "none" if how == "weight" else how
+            layers, _ = auto_layers("lowrank", sens, **budget)
+        elif how in ("mixed", "quant"):
+            layers, _ = auto_layers(how, "fisher", **budget)
+        else:
+            layers = rtn_plan(mats, int(how[-1]))
+        alloc_seconds = time.perf_counter() - t0
+        plan = plan_mod.parse({"version": 1, "model": "demo", "layers": layers})
+        entries = plan_mod.resolve(plan, mats)
+        totals = plan_mod.totals(entries)
+        t0 = time.perf_counter()
+        compressed, _, _ = apply(model, plan)
+        apply_seconds = time.perf_counter() - t0
+        r = ev.perplexity(compressed, tok, ids=ids, max_tokens=args.max_tokens)
+        results[name] = dict(
+            ppl=r.ppl,
+            tokens=r.tokens,
+            params_kept=totals["params_ratio"],
+            bits_per_param=totals["bits_per_param"],
+            compressed_modules=totals["compressed"],
+            allocation_seconds=alloc_seconds,
+            apply_seconds=apply_seconds,
+            methods=sorted({v["method"] for v in layers.values()}),
+        )
+        print(
+            f"{name}: ppl {r.ppl:,.2f}, params {totals['params_ratio']:.3f}, "
+            f"{totals['bits_per_param']:.2f} bits, allocation {alloc_seconds:.1f} s",
+            flush=True,
+        )
+        del compressed
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2) + "\n")  # partial results survive
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    plot(results, RESULTS / "allocation.png")
+    print(f"written to {args.out}")
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    for s in STRATEGIES:
+        pts = [(f, results.get(f"lowrank-{f}-{s}", {}).get("ppl")) for f in BUDGETS]
+        pts = [(f, y) for f, y in pts if y is not None]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker="o", label=s)
+    if "dense" in results:
+        ax.axhline(results["dense"]["ppl"], color="gray", ls="--", lw=1, label="dense")
+    ax.set_yscale("log")
+    ax.set_xlabel("fraction of linear parameters kept (lowrank)")
+    ax.set_ylabel("perplexity (builtin eval, seqlen 512)")
+    ax.set_title("SmolLM2-135M: rank allocation strategies")
+    ax.legend()
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path)
+    print(f"plot: {path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
