@@ -2,7 +2,16 @@
 
 import streamlit as st
 
-from app.pages import model
+from app.pages import export, model, plan_page, sensitivity_page, spectra_page, tensor_network
 
 st.set_page_config(page_title="Spectra", layout="wide")
-st.navigation([st.Page(model.render, title="Model", url_path="model", default=True)]).run()
+st.navigation(
+    [
+        st.Page(model.render, title="Model", url_path="model", default=True),
+        st.Page(spectra_page.render, title="Spectra", url_path="spectra"),
+        st.Page(tensor_network.render, title="Tensor network", url_path="tensor-network"),
+        st.Page(sensitivity_page.render, title="Sensitivity", url_path="sensitivity"),
+        st.Page(plan_page.render, title="Plan", url_path="plan"),
+        st.Page(export.render, title="Export", url_path="export"),
+    ]
+).run()

@@ -1,4 +1,11 @@
-"""Thin caching wrappers around library calls, and the UI state the pages share."""
+"""Thin caching wrappers around library calls, and the UI state the pages share.
+
+Everything numerical happens in spectra/ and compressors/; this module only caches
+it: st.cache_resource for loaded models and the shared store of compressed modules
+(never mutated by a page), st.cache_data for tables and per-setting errors, so no
+spectrum or compression is computed twice for the same inputs, across reruns and
+sessions. The spectra and sensitivities are also on disk (spectra's own cache).
+"""
 
 from __future__ import annotations
 
@@ -7,10 +14,40 @@ import os
 import streamlit as st
 
 from spectra import models
+from spectra.roles import ROLES
+
+METRICS = {
+    "erank": "effective rank",
+    "stable_rank": "stable rank",
+    "energy_rank_90": "energy rank 90%",
+    "energy_rank_99": "energy rank 99%",
+    "alpha": "power-law alpha",
+    "sigma_max": "sigma max",
+}
 
 
 def default_model() -> str:
     return os.environ.get("SPECTRA_APP_MODEL", "demo")
+
+
+def model_spec() -> str:
+    """The model every page works on (chosen on the Model page)."""
+    if "model_spec" not in st.session_state:
+        st.session_state.model_spec = default_model()
+    return st.session_state.model_spec
+
+
+def checked_model() -> str | None:
+    """The chosen model, or None after showing why it cannot be read."""
+    from spectra.errors import SpectraInputError
+
+    spec = model_spec()
+    try:
+        matrix_table(spec)
+    except SpectraInputError as e:
+        st.error(str(e))
+        return None
+    return spec
 
 
 @st.cache_data(show_spinner=False)
@@ -27,5 +64,160 @@ def matrix_table(spec: str):
             "shape": [f"{m.shape[0]} x {m.shape[1]}" for m in mats],
             "params": [m.shape[0] * m.shape[1] for m in mats],
             "dtype": [m.ref.dtype for m in mats],
+        }
+    )
+
+
+@st.cache_data(show_spinner=False)
+def summary(spec: str) -> dict:
+    """Architecture, sizes, dtype, device and cache status, from config and headers."""
+    import json
+
+    source = models.resolve(spec)
+    config = {}
+    path = source.root / "config.json"
+    if path.is_file():
+        config = json.loads(path.read_text())
+    mats = models.matrices(source)
+    return dict(
+        architecture=", ".join(config.get("architectures") or [source.model_type or "?"]),
+        model_type=source.model_type or config.get("model_type") or "?",
+        layers=config.get("num_hidden_layers") or config.get("n_layer") or "?",
+        hidden=config.get("hidden_size") or config.get("n_embd") or "?",
+        params=sum(m.shape[0] * m.shape[1] for m in mats),
+        matrices=len(mats),
+        dtype=", ".join(sorted({m.ref.dtype for m in mats})),
+        device=models.resolve_device("auto"),
+        root=str(source.root),
+    )
+
+
+@st.cache_data(show_spinner=False)
+def analysis(spec: str, cores: int = 3):
+    """The analysis table (spectra, metrics, MPO bond profiles) and whether it was cached."""
+    from spectra.analyze import analyze
+
+    info: dict = {}
+    df = analyze(spec, cores=cores, info=info)
+    return df, bool(info.get("cached"))
+
+
+@st.cache_resource(show_spinner=False)
+def loaded(spec: str):
+    """(model, tokenizer) for previews and sensitivities; shared, never mutated."""
+    return models.load(spec, device="auto"), models.load_tokenizer(spec)
+
+
+@st.cache_resource(show_spinner=False)
+def built_modules(spec: str) -> dict:
+    """Compressed modules by (names, config), shared by every session's previewer."""
+    return {}
+
+
+def previewer(spec: str):
+    """This session's Previewer on `spec` (its compressed modules shared)."""
+    from spectra.preview import Previewer
+
+    key = f"previewer::{spec}"
+    if key not in st.session_state:
+        model, tok = loaded(spec)
+        pv = Previewer(model, tok)
+        pv.built = built_modules(spec)
+        st.session_state[key] = pv
+    return st.session_state[key]
+
+
+@st.cache_data(show_spinner=False, max_entries=20000)
+def row_error(spec: str, name: str, settings: tuple) -> float:
+    """Relative weight error of one module under one setting (settings as sorted items)."""
+    from compressors.registry import make_config
+    from spectra.preview import module_error
+
+    config = make_config(**dict(settings))
+    sigma = None
+    if config.method == "lowrank":
+        df, _ = analysis(spec)
+        sigma = df.filter(df["name"] == name)["sigma"].to_list()
+        sigma = sigma[0] if sigma else None
+    weight = None
+    if sigma is None or config.method != "lowrank" or config.rank is None:
+        weight = next(m for m in models.matrices(spec) if m.name == name).read()
+    return module_error(weight, config, sigma)
+
+
+@st.cache_data(show_spinner=False)
+def auto_layers(spec: str, method: str, key: str, target: float, sensitivity: str) -> dict:
+    """Auto-allocated explicit plan layers (module -> settings dict) and its summary."""
+    from compressors.base import config_to_dict
+    from spectra.autoplan import auto_plan
+
+    budget = {"target_params": target} if key == "params" else {"target_bits": target}
+    result = auto_plan(spec, method, sensitivity=sensitivity, **budget)
+    return {
+        "layers": {k: config_to_dict(c) for k, c in result.plan.layers.items()},
+        "summary": result.summary(),
+    }
+
+
+def heatmap_frame(df, metric: str):
+    """(blocks, roles, z) for a block x role heatmap of `metric`; missing cells None."""
+    rows = df.filter(df["block"].is_not_null())
+    blocks = sorted(set(rows["block"].to_list()))
+    present = set(rows["role"].to_list())
+    roles = [r for r in ROLES if r in present] + sorted(present - set(ROLES))
+    z = [[None] * len(blocks) for _ in roles]
+    index = {b: i for i, b in enumerate(blocks)}
+    for r in rows.select("block", "role", metric).iter_rows():
+        if r[1] in roles:
+            z[roles.index(r[1])][index[r[0]]] = r[2]
+    return blocks, roles, z
+
+
+def csv_text(df) -> str:
+    """CSV of a table whose list columns are written as space-separated values."""
+    import polars as pl
+
+    cols = [
+        pl.col(c).list.eval(pl.element().cast(pl.String)).list.join(" ")
+        if isinstance(df.schema[c], pl.List)
+        else pl.col(c)
+        for c in df.columns
+    ]
+    return df.select(cols).write_csv()
+
+
+def sensitivity_scores(spec: str, kind: str, tokens: int, progress=None):
+    """Per-module sensitivity scores (name, role, block, score) as a table.
+
+    The sensitivity itself is computed here with progress (and cached on disk by the
+    library); the per-module scores derived from it are cached by Streamlit."""
+    from spectra import sensitivity as sens
+
+    settings = sens.SensitivitySettings(kind=kind, tokens=tokens)
+    sens.compute(spec, settings, progress=progress, model=loaded(spec)[0])
+    return _sensitivity_scores(spec, kind, tokens)
+
+
+@st.cache_data(show_spinner=False)
+def _sensitivity_scores(spec: str, kind: str, tokens: int):
+    import polars as pl
+    import torch
+
+    from spectra import sensitivity as sens
+
+    settings = sens.SensitivitySettings(kind=kind, tokens=tokens)
+    result = sens.compute(spec, settings, model=loaded(spec)[0])
+    mats = {m.name: m for m in models.matrices(spec)}
+    weights = None
+    if kind == "fisher":
+        weights = {k: torch.from_numpy(mats[k].read()) for k in result}
+    scores = sens.scores(result, kind, weights)
+    names = [n for n in mats if n in scores]
+    return pl.DataFrame(
+        {
+            "name": names,
+            "role": [mats[n].role for n in names],
+            "block": [mats[n].block for n in names],
+            "score": [scores[n] for n in names],
         }
     )

@@ -324,3 +324,20 @@ def _schema():
         "mpo_ratio": f64,
         "mpo_chi_for_ratio": i64,
     }
+
+
+def energy_ranks(model: str):
+    """rank_of(name, energy) from the model's cached spectra, computed on first need."""
+    cache: dict = {}
+
+    def rank_of(name: str, energy: float) -> int:
+        if "df" not in cache:
+            cache["df"] = {
+                r["name"]: r["sigma"]
+                for r in analyze(model, with_mpo=False).select("name", "sigma").to_dicts()
+            }
+        from spectra.metrics import energy_rank
+
+        return energy_rank(cache["df"][name], energy)
+
+    return rank_of

@@ -6,6 +6,7 @@ import json
 import time
 from pathlib import Path
 
+from spectra.analyze import energy_ranks
 from spectra.errors import SpectraInputError
 from spectra.progress import progress_bar
 from spectra.roles import ROLES
@@ -17,7 +18,7 @@ def cmd_plan_show(args) -> int:
 
     plan = plans.load(args.plan)
     mats = models.matrices(args.model)
-    entries = plans.resolve(plan, mats, rank_of=_energy_ranks(args.model))
+    entries = plans.resolve(plan, mats, rank_of=energy_ranks(args.model))
     order = {r: i for i, r in enumerate(ROLES)}
     entries.sort(key=lambda e: (-1 if e.block is None else e.block, order.get(e.role, 99)))
     rows = [
@@ -125,25 +126,6 @@ def _settings(config) -> str:
     return f"{config.method}({', '.join(knobs)})"
 
 
-def _energy_ranks(model: str):
-    """rank_of(name, energy) from the model's cached spectra, computed on first need."""
-    cache: dict = {}
-
-    def rank_of(name: str, energy: float) -> int:
-        if "df" not in cache:
-            from spectra.analyze import analyze
-
-            cache["df"] = {
-                r["name"]: r["sigma"]
-                for r in analyze(model, with_mpo=False).select("name", "sigma").to_dicts()
-            }
-        from spectra.metrics import energy_rank
-
-        return energy_rank(cache["df"][name], energy)
-
-    return rank_of
-
-
 def cmd_apply(args) -> int:
     from spectra import models
     from spectra import plan as plans
@@ -155,7 +137,7 @@ def cmd_apply(args) -> int:
     if not out.parent.is_dir():
         raise SpectraInputError(f"{out}: directory {out.parent} does not exist")
     # the plan must fit the model before anything heavy is loaded
-    rank_of = _energy_ranks(args.model)
+    rank_of = energy_ranks(args.model)
     entries = plans.resolve(plan, models.matrices(args.model), rank_of=rank_of)
     from compressors import apply as applying
     from compressors import io

@@ -1,23 +1,145 @@
-"""The app renders with Streamlit's AppTest on a tiny model (no browser needed)."""
+"""The app renders and reacts with Streamlit's AppTest on a tiny model (no browser)."""
 
+import tempfile
 from pathlib import Path
 
+import pytest
 from streamlit.testing.v1 import AppTest
 
 MAIN = str(Path(__file__).resolve().parents[2] / "app" / "main.py")
+PAGES = ["model", "spectra_page", "tensor_network", "sensitivity_page", "plan_page", "export"]
 
 
-def test_model_page_lists_the_matrices(tiny_llama_dir, monkeypatch):
+def page_script(page: str):
+    """An AppTest script that renders one page module (the router is tested apart)."""
+    src = f"from app.pages import {page}\n{page}.render()\n"
+    path = Path(tempfile.gettempdir()) / f"spectra_app_page_{page}.py"
+    path.write_text(src)
+    return str(path)
+
+
+@pytest.fixture()
+def on_tiny(tiny_llama_dir, monkeypatch):
     monkeypatch.setenv("SPECTRA_APP_MODEL", str(tiny_llama_dir))
-    at = AppTest.from_file(MAIN, default_timeout=60).run()
+    return tiny_llama_dir
+
+
+def run_page(page: str) -> AppTest:
+    return AppTest.from_file(page_script(page), default_timeout=120).run()
+
+
+def test_router_opens_on_the_model_page(on_tiny):
+    at = AppTest.from_file(MAIN, default_timeout=120).run()
     assert not at.exception
-    assert at.metric[0].value == "16"
+    assert at.title[0].value == "Model"
+    assert at.metric[2].value == "16"
     table = at.dataframe[0].value
     assert len(table) == 16 and "model.layers.1.mlp.down_proj" in list(table["name"])
 
 
+@pytest.mark.parametrize("page", PAGES)
+def test_every_page_renders_without_exception(on_tiny, page):
+    at = run_page(page)
+    assert not at.exception, at.exception
+    assert at.title[0].value.lower().replace(" ", "_") in page.replace("_page", "")
+
+
 def test_bad_path_shows_an_error_not_a_traceback(tmp_path, monkeypatch):
     monkeypatch.setenv("SPECTRA_APP_MODEL", str(tmp_path / "missing"))
-    at = AppTest.from_file(MAIN, default_timeout=60).run()
+    for page in PAGES:
+        at = run_page(page)
+        assert not at.exception, page
+        assert "no such model" in at.error[0].value, page
+
+
+def test_corrupt_file_shows_an_error(tmp_path, monkeypatch):
+    bad = tmp_path / "model.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    monkeypatch.setenv("SPECTRA_APP_MODEL", str(bad))
+    at = run_page("model")
     assert not at.exception
-    assert "no such model" in at.error[0].value
+    assert at.error and str(bad.name) in at.error[0].value
+
+
+def relative_error(at) -> str:
+    return next(m.value for m in at.metric if m.label == "Relative error")
+
+
+def test_editing_a_rank_changes_the_shown_error(on_tiny):
+    at = run_page("plan_page")
+    name = "model.layers.1.mlp.down_proj"
+    at.selectbox(key="plan_module").set_value(name).run()
+    assert relative_error(at) == "0.0000"  # dense
+    at.selectbox(key=f"pm_method::{name}::[]").set_value("lowrank").run()
+    assert not at.exception
+    first = relative_error(at)
+    rank = next(n for n in at.number_input if n.label == "rank")
+    assert rank.value == 64 * 96 // (2 * (64 + 96))
+    rank.set_value(4).run()
+    assert not at.exception
+    second = relative_error(at)
+    assert float(second) > float(first) > 0
+    assert at.session_state.plan_layers[name] == {"method": "lowrank", "rank": 4}
+    # the totals follow: one 64 x 96 module at rank 4 keeps 4 * 160 of its 6144
+    kept = next(m.value for m in at.metric if m.label == "Parameters kept")
+    total = 2 * (64 * 64 * 2 + 32 * 64 * 2 + 96 * 64 * 3) + 128 * 64
+    assert kept == f"{(total - 64 * 96 + 4 * 160) / total:.1%}"
+
+
+def test_table_edit_changes_the_plan(on_tiny):
+    at = run_page("plan_page")
+    key = f"plan_table_{at.session_state.plan_v}"
+    base = at.session_state.plan_base
+    index = next(i for i, r in enumerate(base) if r["module"].endswith("0.mlp.up_proj"))
+    at.session_state[key] = {
+        "edited_rows": {str(index): {"method": "quant", "bits": 3}},
+        "added_rows": [],
+        "deleted_rows": [],
+    }
+    at.run()
+    assert not at.exception
+    assert at.session_state.plan_layers["model.layers.0.mlp.up_proj"] == {
+        "method": "quant",
+        "bits": 3,
+    }
+
+
+def test_auto_allocate_fills_the_table(on_tiny):
+    at = run_page("plan_page")
+    at.number_input(key="auto_target_params").set_value(0.5)
+    at.button(key="auto_go").click().run()
+    assert not at.exception
+    layers = at.session_state.plan_layers
+    assert layers and all(v["method"] == "lowrank" for v in layers.values())
+    kept = next(m.value for m in at.metric if m.label == "Parameters kept")
+    assert float(kept.rstrip("%")) <= 50.0
+
+
+def test_invalid_plan_file_on_import_shows_an_error(on_tiny):
+    at = run_page("export")
+    at.file_uploader(key="import_file").set_value(
+        (
+            "plan.yaml",
+            b"layers:\n  model.layers.0.mlp.up_proj: {method: lowrank, rank: 0}\n",
+            "application/x-yaml",
+        )
+    ).run()
+    assert not at.exception
+    assert "rank" in at.error[0].value and "plan.yaml" in at.error[0].value
+    at.file_uploader(key="import_file").set_value(
+        (
+            "plan.yaml",
+            b"layers:\n  model.layers.0.mlp.up_proj: {method: lowrank, rank: 5}\n",
+            "application/x-yaml",
+        )
+    ).run()
+    assert not at.error
+    at.button(key="import_go").click().run()
+    assert at.session_state.plan_layers == {
+        "model.layers.0.mlp.up_proj": {
+            "method": "lowrank",
+            "rank": 5,
+            "energy": None,
+            "whiten": False,
+        }
+    }

@@ -1,0 +1,72 @@
+"""Export page: download the plan, see the `spectra apply` command, import a plan."""
+
+import shlex
+
+import streamlit as st
+import yaml
+
+from app import state
+from app.pages import plan_page
+from spectra import models
+from spectra import plan as plans
+from spectra import plan_edit as pe
+from spectra.errors import SpectraInputError
+
+
+def render() -> None:
+    st.title("Export")
+    plan_page.init()
+    spec = state.checked_model()
+    if spec is None:
+        return
+    layers = st.session_state.plan_layers
+    try:
+        plan = plans.parse({"version": 1, "model": spec, "layers": layers})
+    except SpectraInputError as e:
+        st.error(str(e))
+        return
+    st.write(f"{len(layers)} modules with explicit settings; every other module stays dense.")
+    c = st.columns(2)
+    c[0].download_button(
+        "Download plan.yaml",
+        plans.dumps(plan, "yaml"),
+        "plan.yaml",
+        "application/x-yaml",
+        key="export_yaml",
+        type="primary",
+    )
+    c[1].download_button(
+        "Download plan.json",
+        plans.dumps(plan, "json"),
+        "plan.json",
+        "application/json",
+        key="export_json",
+    )
+    tokens = (st.session_state.preview_history or [{}])[-1].get("tokens", 2048)
+    st.code(
+        f"spectra plan show plan.yaml --model {shlex.quote(spec)}\n"
+        f"spectra apply plan.yaml --model {shlex.quote(spec)} -o compressed\n"
+        f"spectra eval compressed --max-tokens {tokens}",
+        language="bash",
+    )
+    st.subheader("Import a plan")
+    upload = st.file_uploader(
+        "plan.yaml or plan.json", type=["yaml", "yml", "json"], key="import_file"
+    )
+    if upload is not None:
+        try:
+            try:
+                data = yaml.safe_load(upload.getvalue().decode())
+            except (yaml.YAMLError, UnicodeDecodeError) as e:
+                raise SpectraInputError(f"{upload.name}: not YAML or JSON ({e})") from e
+            imported = plans.parse(data)
+            mats = [m for m in models.matrices(spec) if m.role != "embed"]
+            new = pe.layers_from_plan(imported, mats, spec)
+        except SpectraInputError as e:
+            st.error(f"{upload.name}: {e}")
+            return
+        if st.button(
+            f"Load {upload.name} into the Plan page ({len(new)} modules)", key="import_go"
+        ):
+            plan_page.rebase(new)
+            st.success(f"Loaded {len(new)} module settings from {upload.name}.")

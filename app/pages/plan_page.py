@@ -1,0 +1,288 @@
+"""Plan page: per-module settings with live errors, totals, Auto-allocate, ppl preview.
+
+UI state: `plan_layers` (module -> settings dict, compressed modules only) is the
+plan. The table is rebuilt from it whenever another control changes it (its key
+carries `plan_v`); the table's own edits are read back from its widget state at the
+top of the run, so every control below sees the same plan.
+"""
+
+import polars as pl
+import streamlit as st
+
+from app import state
+from spectra import models
+from spectra import plan_edit as pe
+from spectra.errors import SpectraInputError
+
+AUTO_METHODS = ("lowrank", "joint", "losparse", "mpo", "quant", "caldera", "mixed")
+
+
+def init() -> None:
+    if "plan_layers" not in st.session_state:
+        st.session_state.plan_layers = {}
+        st.session_state.plan_v = 0
+        st.session_state.plan_base = None
+        st.session_state.preview_history = []
+
+
+def rebase(layers: dict) -> None:
+    """Replace the plan by `layers` and start a fresh table from it."""
+    st.session_state.plan_layers = dict(layers)
+    st.session_state.plan_v += 1
+    st.session_state.plan_base = None
+
+
+def table_key() -> str:
+    return f"plan_table_{st.session_state.plan_v}"
+
+
+def read_table_edits(mats) -> list[str]:
+    """Fold the table's pending edits into plan_layers; returns problems found."""
+    base = st.session_state.plan_base
+    edits = st.session_state.get(table_key(), {}).get("edited_rows", {})
+    if base is None or not edits:
+        return []
+    layers, problems = dict(st.session_state.plan_layers), []
+    for index, change in edits.items():
+        r = {**base[int(index)], **change}
+        if "method" in change and change["method"] != base[int(index)]["method"]:
+            for k in pe.KNOBS:  # a new method starts from its own defaults
+                r[k] = change.get(k)
+        try:
+            settings = pe.settings_of(r)
+            pe.config_of(settings)
+        except SpectraInputError as e:
+            problems.append(str(e))
+            continue
+        if settings is None:
+            layers.pop(r["module"], None)
+        else:
+            layers[r["module"]] = settings
+    st.session_state.plan_layers = layers
+    return problems
+
+
+def set_module(name: str, settings: dict | None, mats) -> None:
+    """Change one module (a joint member changes its whole group) and rebase the table."""
+    layers = dict(st.session_state.plan_layers)
+    group = [name]
+    if settings and settings["method"] == "joint":
+        parent = name.rsplit(".", 1)[0]
+        family = [m.name for m in mats if m.name.rsplit(".", 1)[0] == parent]
+        group = [n for n in family if layers.get(n, {}).get("method") == "joint"] or [name]
+        if name not in group:
+            group.append(name)
+    for n in group:
+        if settings is None:
+            layers.pop(n, None)
+        else:
+            layers[n] = dict(settings)
+    rebase(layers)
+
+
+def budget_controls(spec: str) -> None:
+    c = st.columns([2, 2, 2, 2, 1])
+    method = c[0].selectbox("Method", AUTO_METHODS, key="auto_method")
+    kind = c[1].radio(
+        "Budget",
+        ["params", "bits"],
+        horizontal=True,
+        key="auto_kind",
+        format_func={"params": "fraction of params", "bits": "bits/param"}.get,
+    )
+    if kind == "params":
+        target = c[2].number_input("Target", 0.01, 1.0, 0.5, 0.05, key="auto_target_params")
+    else:
+        target = c[2].number_input("Target", 0.5, 16.0, 3.0, 0.25, key="auto_target_bits")
+    sens = c[3].selectbox(
+        "Damage",
+        ["none", "fisher"],
+        key="auto_sens",
+        format_func={"none": "weight error", "fisher": "Fisher loss"}.get,
+    )
+    c[4].write("")
+    if c[4].button("Auto-allocate", key="auto_go", type="primary"):
+        try:
+            with st.spinner("Allocating..."):
+                out = state.auto_layers(spec, method, kind, float(target), sens)
+        except SpectraInputError as e:
+            st.error(str(e))
+            return
+        rebase(out["layers"])
+        s = out["summary"]
+        st.session_state.auto_message = (
+            f"Auto-allocated {method}: {s['compressed']} of {s['modules']} modules compressed, "
+            f"{s['params_ratio']:.1%} of parameters, {s['bits_per_param']:.2f} bits/param."
+        )
+    if st.session_state.get("auto_message"):
+        st.info(st.session_state.auto_message)
+
+
+def module_editor(spec: str, mats) -> None:
+    """The selected module's settings with its error, updated at once."""
+    names = [m.name for m in mats]
+    by_name = {m.name: m for m in mats}
+    if "plan_module" not in st.session_state:
+        st.session_state.plan_module = names[0]
+    name = st.selectbox("Module", names, key="plan_module")
+    mat = by_name[name]
+    current = st.session_state.plan_layers.get(name)
+    tag = repr(sorted((current or {}).items()))  # fresh widgets whenever the setting changes
+    c = st.columns(6)
+    methods = list(pe.METHODS)
+    method = c[0].selectbox(
+        "Method",
+        methods,
+        index=methods.index(current["method"] if current else "dense"),
+        key=f"pm_method::{name}::{tag}",
+    )
+    if method != (current["method"] if current else "dense"):
+        set_module(
+            name, None if method == "dense" else pe.default_settings(method, *mat.shape), mats
+        )
+        st.rerun()
+    settings = dict(current or {})
+    knobs = {k: v for k, v in settings.items() if k in pe.METHOD_KNOBS.get(method, ())}
+    widgets = {
+        "rank": lambda col, v: col.number_input("rank", 1, max(mat.shape), int(v or 1), 1),
+        "sparsity": lambda col, v: col.number_input("sparsity", 0.0, 0.999, float(v), 0.01),
+        "bits": lambda col, v: col.number_input("bits", 2, 8, int(v), 1),
+        "factor_bits": lambda col, v: col.number_input("factor bits", 2, 16, int(v), 1),
+        "bond_dim": lambda col, v: col.number_input("bond dim", 1, 100000, int(v), 1),
+        "cores": lambda col, v: col.number_input("cores", 2, 6, int(v), 1),
+    }
+    if method != "dense":
+        config = pe.config_of(settings)
+        full = dict(config.__dict__)
+        edited = dict(settings)
+        i = 1
+        for k in pe.METHOD_KNOBS[method]:
+            if k not in widgets or (k == "rank" and full.get("rank") is None):
+                continue
+            with c[i]:
+                value = widgets[k](st, knobs.get(k, full.get(k)))
+            i += 1
+            if value != full.get(k):
+                edited[k] = value
+        if edited != settings:
+            try:
+                pe.config_of(edited)
+            except SpectraInputError as e:
+                st.error(str(e))
+            else:
+                set_module(name, edited, mats)
+                st.rerun()
+    try:
+        err = state.row_error(spec, name, tuple(sorted(settings.items()))) if current else 0.0
+        c[5].metric("Relative error", f"{err:.4f}")
+        st.session_state.setdefault("row_errors", {})[name] = err
+    except SpectraInputError as e:
+        c[5].metric("Relative error", "n/a")
+        st.caption(str(e))
+
+
+def totals_and_preview(spec: str, mats) -> None:
+    layers = st.session_state.plan_layers
+    try:
+        t = pe.totals(spec, layers, mats)
+    except SpectraInputError as e:
+        st.error(str(e))
+        return
+    c = st.columns(4)
+    c[0].metric("Modules compressed", f"{t['compressed']} / {t['modules']}")
+    c[1].metric("Parameters kept", f"{t['params_ratio']:.1%}")
+    c[2].metric("Bits per parameter", f"{t['bits_per_param']:.2f}")
+    c[3].metric("Size", f"{t['size_mb_after']:.1f} MB")
+    p = st.columns([2, 2, 6])
+    tokens = p[0].selectbox(
+        "Preview tokens", [512, 1024, 2048, 4096], index=2, key="preview_tokens"
+    )
+    if p[1].button("Preview perplexity", key="preview_go"):
+        try:
+            configs = {k: pe.config_of(v) for k, v in layers.items()}
+            with st.spinner("Scoring (only changed modules are recompressed)..."):
+                r = state.previewer(spec).preview(configs, int(tokens))
+        except SpectraInputError as e:
+            st.error(str(e))
+        else:
+            st.session_state.preview_history.append(
+                dict(
+                    tokens=r.tokens,
+                    dense_ppl=r.dense_ppl,
+                    ppl=r.ppl,
+                    changed=len(r.changed),
+                    recompressed=r.recompressed,
+                    first_block=r.first_block,
+                    seconds=round(r.seconds, 2),
+                    params_kept=round(t["params_ratio"], 4),
+                    bits_per_param=round(t["bits_per_param"], 3),
+                )
+            )
+    history = st.session_state.preview_history
+    if history:
+        last = history[-1]
+        q = st.columns(3)
+        q[0].metric("Dense perplexity", f"{last['dense_ppl']:.4f}")
+        q[1].metric(
+            "Compressed perplexity",
+            f"{last['ppl']:.4f}",
+            delta=f"{last['ppl'] - last['dense_ppl']:+.4f}",
+            delta_color="inverse",
+        )
+        q[2].metric("Preview time", f"{last['seconds']:.2f} s")
+        st.dataframe(
+            pl.DataFrame(history[::-1]), hide_index=True, width="stretch", key="preview_table"
+        )
+
+
+def table(spec: str, mats) -> None:
+    if st.session_state.plan_base is None:
+        st.session_state.plan_base = [
+            pe.row(m, st.session_state.plan_layers.get(m.name)) for m in mats
+        ]
+    base = st.session_state.plan_base
+    errors = st.session_state.get("row_errors", {})
+    df = pl.DataFrame(base).with_columns(
+        pl.Series("rel_error", [errors.get(r["module"]) for r in base], dtype=pl.Float64)
+    )
+    st.data_editor(
+        df,
+        key=table_key(),
+        hide_index=True,
+        width="stretch",
+        height=420,
+        disabled=["module", "role", "block", "m", "n", "rel_error"],
+        column_config={
+            "method": st.column_config.SelectboxColumn("method", options=list(pe.METHODS)),
+            "rank": st.column_config.NumberColumn("rank", min_value=1, step=1),
+            "energy": st.column_config.NumberColumn("energy", min_value=0.0, max_value=1.0),
+            "sparsity": st.column_config.NumberColumn("sparsity", min_value=0.0, max_value=0.999),
+            "bits": st.column_config.NumberColumn("bits", min_value=2, max_value=8, step=1),
+            "factor_bits": st.column_config.NumberColumn(
+                "factor_bits", min_value=2, max_value=16, step=1
+            ),
+            "bond_dim": st.column_config.NumberColumn("bond_dim", min_value=1, step=1),
+            "cores": st.column_config.NumberColumn("cores", min_value=2, max_value=6, step=1),
+            "rel_error": st.column_config.NumberColumn("rel. error", format="%.4f"),
+        },
+    )
+
+
+def render() -> None:
+    st.title("Plan")
+    init()
+    spec = state.model_spec()
+    try:
+        mats = [m for m in models.matrices(spec) if m.role != "embed"]
+    except SpectraInputError as e:
+        st.error(str(e))
+        return
+    for problem in read_table_edits(mats):
+        st.error(problem)
+    budget_controls(spec)
+    st.subheader("Selected module")
+    module_editor(spec, mats)
+    st.subheader("Budget and perplexity")
+    totals_and_preview(spec, mats)
+    st.subheader("All modules")
+    table(spec, mats)

@@ -1,0 +1,98 @@
+"""Per-module plan editing for the app: rows <-> settings, defaults, exact totals.
+
+A row is a plain dict: module, role, block, m, n, method ("dense" or a registered
+method) and the knobs (rank, energy, sparsity, bits, factor_bits, bond_dim, cores);
+a knob a method does not use is None.
+"""
+
+from __future__ import annotations
+
+from compressors.base import config_to_dict
+from compressors.registry import make_config
+from spectra import plan as plans
+from spectra.errors import SpectraInputError
+
+KNOBS = ("rank", "energy", "sparsity", "bits", "factor_bits", "bond_dim", "cores")
+METHOD_KNOBS = {
+    "dense": (),
+    "lowrank": ("rank", "energy"),
+    "joint": ("rank",),
+    "losparse": ("rank", "sparsity"),
+    "mpo": ("cores", "bond_dim"),
+    "quant": ("bits",),
+    "caldera": ("rank", "bits", "factor_bits"),
+    "prune": ("sparsity",),
+}
+METHODS = tuple(METHOD_KNOBS)
+
+
+def default_settings(method: str, m: int, n: int) -> dict:
+    """Settings a newly chosen method starts from for an (m, n) module."""
+    half = max(1, m * n // (2 * (m + n)))
+    if method == "lowrank":
+        return {"method": method, "rank": half}
+    if method == "joint":
+        return {"method": method, "rank": half}
+    if method == "losparse":
+        return {"method": method, "rank": max(1, half // 2), "sparsity": 0.95}
+    if method == "caldera":
+        return {"method": method, "rank": min(32, m, n)}
+    return {"method": method}
+
+
+def config_of(settings: dict | None):
+    """A validated config from settings (None = dense)."""
+    if not settings or settings.get("method") in (None, "dense"):
+        return None
+    return make_config(**settings)
+
+
+def row(mat, settings: dict | None) -> dict:
+    out = dict(module=mat.name, role=mat.role, block=mat.block, m=mat.shape[0], n=mat.shape[1])
+    config = config_of(settings)
+    out["method"] = "dense" if config is None else config.method
+    full = {} if config is None else config_to_dict(config)
+    for k in KNOBS:
+        out[k] = full.get(k) if k in METHOD_KNOBS[out["method"]] else None
+    return out
+
+
+def settings_of(r: dict) -> dict | None:
+    """Settings from an edited row: the method's knobs that are set; defaults fill gaps."""
+    method = r.get("method") or "dense"
+    if method == "dense":
+        return None
+    if method not in METHOD_KNOBS:
+        raise SpectraInputError(f"{r['module']}: unknown method {method!r}")
+    out = default_settings(method, r["m"], r["n"])
+    given = {k: r.get(k) for k in METHOD_KNOBS[method] if r.get(k) is not None}
+    if method == "lowrank" and "energy" in given:
+        out.pop("rank", None)
+        given.pop("rank", None)
+    out.update(given)
+    for k in ("rank", "bits", "factor_bits", "bond_dim", "cores"):
+        if k in out and out[k] is not None:
+            out[k] = int(out[k])
+    return out
+
+
+def totals(spec: str, layers: dict[str, dict], mats=None) -> dict:
+    """Exact params/bits totals of explicit layers (module -> settings) on a model."""
+    from spectra import models
+
+    mats = mats if mats is not None else models.matrices(spec)
+    plan = plans.parse({"layers": layers})
+    return plans.totals(plans.resolve(plan, mats, rank_of=energy_ranks(spec)))
+
+
+def energy_ranks(spec: str):
+    """rank_of(name, energy) from the model's cached spectra."""
+    from spectra.analyze import energy_ranks as ranks
+
+    return ranks(spec)
+
+
+def layers_from_plan(plan: plans.Plan, mats, spec: str) -> dict[str, dict]:
+    """An imported plan (rules and layers) resolved to explicit per-module settings."""
+    entries = plans.resolve(plan, mats, rank_of=energy_ranks(spec))
+    return {e.name: config_to_dict(e.config) for e in entries if e.config is not None}

@@ -1,0 +1,229 @@
+"""Live previews for an edited plan: one module's error, and an incremental perplexity.
+
+`module_error` gives a module's relative weight error under a setting: from the
+spectrum for low rank (Eckart-Young: sqrt of the tail energy), else from one
+compression of that matrix. `Previewer` keeps a working copy of the model and, for
+each preview, swaps in only the modules whose settings changed since the last one
+(each distinct (module, setting) is compressed once and kept), then scores the
+evaluation tokens. It also records every block's output for those tokens: blocks
+before the first changed one replay their recorded outputs instead of running, so
+one changed module in block b costs the blocks from b on, the final norm and the
+head. The perplexity is the `spectra eval` convention on the first `tokens` of the
+evaluation part (same windows, same batches), so `spectra eval OUT --max-tokens N`
+of the applied plan reproduces it.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from spectra.errors import SpectraInputError
+
+
+def module_error(weight: np.ndarray | torch.Tensor | None, config, sigma=None) -> float:
+    """Relative Frobenius error ||W - W_hat|| / ||W|| of `config` on one (out, in) weight.
+
+    For a plain low-rank setting the singular values `sigma` suffice (weight may be None).
+    """
+    from compressors.base import relative_error
+    from compressors.registry import compress
+
+    if config is None:
+        return 0.0
+    if config.method == "lowrank" and config.rank is not None and not config.whiten:
+        from spectra.metrics import rank_error_curve
+
+        if sigma is None:
+            sigma = torch.linalg.svdvals(torch.as_tensor(weight).double()).numpy()
+        curve = rank_error_curve(np.asarray(sigma))
+        return float(curve[min(config.rank, len(curve) - 1)])
+    w = torch.as_tensor(weight).float()
+    if config.method == "joint":  # alone, a joint setting is its member's own rank-k SVD
+        from compressors.registry import make_config
+
+        config = make_config("lowrank", rank=min(config.rank, *w.shape))
+    from compressors.apply import needs_data
+
+    if needs_data(config):
+        raise SpectraInputError(
+            f"{config.method}: needs calibration data; its error shows after `spectra apply`"
+        )
+    return float(relative_error(w, compress(w, config).to_dense()))
+
+
+@dataclass
+class PreviewResult:
+    ppl: float
+    dense_ppl: float
+    tokens: int
+    changed: list[str]
+    recompressed: int
+    first_block: int | None  # first block that ran; None when nothing changed
+    seconds: float
+
+
+class _Replay(nn.Module):
+    """Stands in for a block: returns its recorded outputs in call order."""
+
+    def __init__(self, outputs):
+        super().__init__()
+        self.outputs, self.calls = outputs, 0
+
+    def forward(self, *args, **kwargs):
+        out = self.outputs[self.calls]
+        self.calls += 1
+        return out
+
+
+class Previewer:
+    """Incremental perplexity previews of per-module settings on one model."""
+
+    def __init__(self, model, tokenizer, corpus: str = "builtin", seqlen: int = 512):
+        from compressors.apply import _decoder_layers, linear_targets
+        from spectra import eval as ev
+
+        self.work = copy.deepcopy(model).eval()  # the caller's model is never touched
+        self.targets = linear_targets(self.work)  # name -> (Target, dense module)
+        self.layers = _decoder_layers(self.work)
+        self.ids = ev.token_stream(tokenizer, corpus, "eval")
+        self.seqlen = seqlen
+        self.current: dict[str, object] = {}  # name -> installed config
+        self.built: dict[tuple, list[nn.Module]] = {}  # (names, config) -> modules
+        self.records: dict[int, list] | None = None  # tokens -> per-block outputs
+        self.tokens: int | None = None
+        self.dense_ppl: dict[int, float] = {}
+        self.history: list[PreviewResult] = []
+
+    def _group(self, name: str, config) -> tuple[str, ...]:
+        if config is not None and config.method == "joint":
+            parent = name.rsplit(".", 1)[0]
+            return (parent,)
+        return (name,)
+
+    def _install(self, layers: dict[str, object]) -> tuple[list[str], int]:
+        """Swap in the modules whose setting changed; returns (changed names, compressions)."""
+        from compressors.apply import _set_module, needs_data
+        from compressors.registry import compress
+
+        changed = [n for n in self.targets if self.current.get(n) != layers.get(n)]
+        for n in layers:
+            if n not in self.targets:
+                raise SpectraInputError(f"layers.{n}: no such module in this model")
+        bad = [n for n in changed if layers.get(n) is not None and needs_data(layers[n])]
+        if bad:
+            raise SpectraInputError(
+                f"{bad[0]}: {layers[bad[0]].method} needs calibration data; the preview "
+                "covers data-free settings (run `spectra apply` for this one)"
+            )
+        # joint members are rebuilt together with their whole group
+        groups: dict[tuple, list[str]] = {}
+        for n in changed:
+            c = layers.get(n)
+            if c is not None and c.method == "joint":
+                parent = n.rsplit(".", 1)[0]
+                members = [
+                    m for m in self.targets if m.rsplit(".", 1)[0] == parent and layers.get(m) == c
+                ]
+                groups[(tuple(members), c)] = members
+            else:
+                groups[((n,), c)] = [n]
+        compressions = 0
+        for (names, config), members in groups.items():
+            if config is None:
+                for n in members:
+                    _set_module(self.work, n, self.targets[n][1])
+                    self.current.pop(n, None)
+                continue
+            key = (names, config)
+            if key not in self.built:
+                dense = [self.targets[n][1] for n in names]
+                weights = [self.targets[n][0].weight(d) for n, d in zip(names, dense, strict=True)]
+                biases = [d.bias.detach() if d.bias is not None else None for d in dense]
+                if config.method == "joint":
+                    f = compress(weights, config)
+                    self.built[key] = f.member_modules(biases)
+                else:
+                    self.built[key] = [compress(weights[0], config).as_module(biases[0])]
+                compressions += 1
+            for n, module in zip(names, self.built[key], strict=True):
+                _set_module(self.work, n, module)
+                self.current[n] = config
+        return changed, compressions
+
+    def preview(self, layers: dict[str, object], tokens: int = 2048) -> PreviewResult:
+        """Perplexity of the model with `layers` (module name -> config) on `tokens`."""
+        from spectra import eval as ev
+
+        t0 = time.perf_counter()
+        batches = ev.windows(self.ids, self.seqlen, tokens)
+        if tokens not in self.dense_ppl:
+            self._install({})
+            self.records, self.tokens = None, None
+            self.dense_ppl[tokens] = self._score(batches, 0)
+            self.tokens = tokens
+        blocks_before = {
+            self.targets[n][0].block for n in self.targets if self.current.get(n) != layers.get(n)
+        }
+        changed, compressions = self._install(layers)
+        if self.tokens != tokens:
+            self.records = None
+        first = None
+        if changed or self.records is None:
+            known = [b for b in blocks_before if b is not None]
+            first = 0 if self.records is None or len(known) < len(blocks_before) else min(known)
+            ppl = self._score(batches, first)
+            self.tokens = tokens
+        else:
+            ppl = self.history[-1].ppl if self.history else self._score(batches, 0)
+        result = PreviewResult(
+            ppl,
+            self.dense_ppl[tokens],
+            int(batches.numel()),
+            changed,
+            compressions,
+            first,
+            time.perf_counter() - t0,
+        )
+        self.history.append(result)
+        return result
+
+    def _score(self, batches, first: int, batch_size: int = 4) -> float:
+        """spectra.eval's perplexity, replaying blocks before `first` and recording the rest."""
+        import math
+
+        device = next(self.work.parameters()).device
+        saved = list(self.layers)
+        old = self.records or {}
+        new: dict[int, list] = {i: [] for i in range(len(saved))}
+        for i in range(first):
+            new[i] = old[i]
+            self.layers[i] = _Replay(old[i])
+        hooks = [
+            self.layers[i].register_forward_hook(lambda mod, args, out, i=i: new[i].append(out))
+            for i in range(first, len(saved))
+        ]
+        losses = []
+        try:
+            with torch.no_grad():
+                for lo in range(0, batches.shape[0], batch_size):
+                    x = batches[lo : lo + batch_size].to(device)
+                    logits = self.work(x, use_cache=False).logits[:, :-1].float()
+                    nll = nn.functional.cross_entropy(
+                        logits.reshape(-1, logits.shape[-1]),
+                        x[:, 1:].reshape(-1),
+                        reduction="none",
+                    ).reshape(x.shape[0], -1)
+                    losses.append(nll.mean(dim=1).double().cpu())
+        finally:
+            for h in hooks:
+                h.remove()
+            for i, layer in enumerate(saved):
+                self.layers[i] = layer
+        self.records = new
+        return math.exp(float(torch.cat(losses).mean()))
