@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from app.pages import export, model, plan_page, sensitivity_page, spectra_page, tensor_network
+from app.views import export, model, plan_page, sensitivity_page, spectra_page, tensor_network
 
 st.set_page_config(page_title="Spectra", layout="wide")
 st.navigation(

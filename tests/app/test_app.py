@@ -12,7 +12,7 @@ PAGES = ["model", "spectra_page", "tensor_network", "sensitivity_page", "plan_pa
 
 def page_script(page: str):
     """An AppTest script that renders one page module (the router is tested apart)."""
-    src = f"from app.pages import {page}\n{page}.render()\n"
+    src = f"from app.views import {page}\n{page}.render()\n"
     path = Path(tempfile.gettempdir()) / f"spectra_app_page_{page}.py"
     path.write_text(src)
     return str(path)

@@ -5,7 +5,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from app import state
-from app.pages.spectra_page import heatmap
+from app.views.spectra_page import heatmap
 from spectra import mpo
 from spectra.errors import SpectraInputError
 

@@ -6,7 +6,7 @@ import streamlit as st
 import yaml
 
 from app import state
-from app.pages import plan_page
+from app.views import plan_page
 from spectra import models
 from spectra import plan as plans
 from spectra import plan_edit as pe

@@ -81,8 +81,8 @@ def set_module(name: str, settings: dict | None, mats) -> None:
 
 
 def budget_controls(spec: str) -> None:
-    c = st.columns([2, 2, 2, 2, 1])
-    method = c[0].selectbox("Method", AUTO_METHODS, key="auto_method")
+    c = st.columns([2, 2, 2, 2, 1.4])
+    method = c[0].selectbox("Allocate with", AUTO_METHODS, key="auto_method")
     kind = c[1].radio(
         "Budget",
         ["params", "bits"],

@@ -3,7 +3,7 @@
 import streamlit as st
 
 from app import state
-from app.pages.spectra_page import heatmap
+from app.views.spectra_page import heatmap
 from spectra.errors import SpectraInputError
 
 

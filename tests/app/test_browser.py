@@ -1,0 +1,199 @@
+"""End to end in a real browser: `spectra app demo` as a real server, driven by headless
+Debian Chromium through Playwright; then the downloaded plan goes through `spectra
+apply` and `spectra eval`, whose perplexity must equal the app's preview.
+
+Screenshots of every page land in test-artifacts/ (SPECTRA_ARTIFACTS overrides)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+CHROMIUM = "/usr/bin/chromium"
+TOKENS = 2048
+MODULE = "model.layers.3.mlp.down_proj"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def server(demo_dir, tmp_path_factory):
+    port = free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    env = dict(os.environ)
+    env.pop("DISPLAY", None)
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "spectra", "app", "demo", "--port", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=REPO,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            raise RuntimeError(f"the app did not start: {log.read_text()[-2000:]}")
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    assert Path(CHROMIUM).is_file(), "Debian chromium is missing: `make test` installs it"
+    with sync_playwright() as p:
+        b = p.chromium.launch(
+            executable_path=CHROMIUM, args=["--headless", "--no-sandbox", "--disable-gpu"]
+        )
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def artifacts() -> Path:
+    out = Path(os.environ.get("SPECTRA_ARTIFACTS", REPO / "test-artifacts"))
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def metric(page, label: str) -> str:
+    box = page.locator('[data-testid="stMetric"]').filter(has_text=label).first
+    return box.locator('[data-testid="stMetricValue"]').inner_text().strip()
+
+
+def wait_metric_change(page, label: str, old: str, timeout: float = 60) -> str:
+    end = time.time() + timeout
+    while time.time() < end:
+        value = metric(page, label)
+        if value != old:
+            return value
+        page.wait_for_timeout(200)
+    raise AssertionError(f"{label} stayed {old}")
+
+
+def choose(page, label: str, option: str) -> None:
+    """Pick `option` in the Streamlit selectbox labelled `label`."""
+    box = page.locator('[data-testid="stSelectbox"]').filter(has_text=label).first
+    box.click()
+    page.keyboard.type(option)
+    page.locator('[role="option"]').filter(has_text=option).first.click()
+
+
+def idle(page, timeout: float = 180_000) -> None:
+    """Wait until the script run has finished (the status widget disappears)."""
+    page.wait_for_timeout(300)
+    page.locator('[data-testid="stStatusWidget"]').wait_for(state="hidden", timeout=timeout)
+
+
+@pytest.mark.demo
+@pytest.mark.slow
+def test_browser_session_to_apply_and_eval(server, browser, artifacts, tmp_path, cli):
+    page = browser.new_page(viewport={"width": 1500, "height": 1100})
+    page.set_default_timeout(180_000)
+
+    page.goto(server)  # the default page, Model, lives at the root
+    page.get_by_text("Parameters in them").wait_for()
+    idle(page)
+    assert metric(page, "2-D weights") == "211"
+    page.screenshot(path=artifacts / "model.png", full_page=True)
+
+    page.locator('[data-testid="stSidebarNav"]').get_by_text("Spectra", exact=True).click()
+    page.locator('[data-testid="stPlotlyChart"] .js-plotly-plot').first.wait_for()
+    idle(page)
+    page.screenshot(path=artifacts / "spectra.png", full_page=True)
+
+    page.locator('[data-testid="stSidebarNav"]').get_by_text("Tensor network", exact=True).click()
+    page.get_by_text("Entanglement entropy per bond").first.wait_for()
+    idle(page)
+    page.screenshot(path=artifacts / "tensor-network.png", full_page=True)
+
+    page.locator('[data-testid="stSidebarNav"]').get_by_text("Sensitivity", exact=True).click()
+    page.get_by_text("Token budget").wait_for()
+    idle(page)
+    page.screenshot(path=artifacts / "sensitivity.png", full_page=True)
+
+    # Plan: select a matrix, give it a low rank, see its error change with the rank
+    page.locator('[data-testid="stSidebarNav"]').get_by_text("Plan", exact=True).click()
+    page.get_by_text("Selected module").wait_for()
+    idle(page)
+    choose(page, "Module", MODULE)
+    idle(page)
+    assert metric(page, "Relative error") == "0.0000"
+    choose(page, "Method", "lowrank")
+    idle(page)
+    first = wait_metric_change(page, "Relative error", "0.0000")
+    rank = page.locator('[data-testid="stNumberInput"]').filter(has_text="rank").locator("input")
+    rank.fill("8")
+    rank.press("Enter")
+    idle(page)
+    second = wait_metric_change(page, "Relative error", first)
+    assert float(second) > float(first) > 0
+
+    # a perplexity preview of that one-module plan
+    page.get_by_role("button", name="Preview perplexity").click()
+    page.get_by_text("Compressed perplexity").wait_for()
+    idle(page)
+    one_module = float(metric(page, "Compressed perplexity"))
+    dense = float(metric(page, "Dense perplexity"))
+    assert one_module > dense > 1
+
+    # auto-allocate lowrank at 50% of the parameters, preview it
+    page.get_by_role("button", name="Auto-allocate").click()
+    page.get_by_text("Auto-allocated lowrank").wait_for()
+    idle(page)
+    kept = metric(page, "Parameters kept")
+    assert float(kept.rstrip("%")) <= 50.0
+    page.get_by_role("button", name="Preview perplexity").click()
+    idle(page)
+    preview = float(
+        wait_metric_change(page, "Compressed perplexity", f"{one_module:.4f}", timeout=400)
+    )
+    page.screenshot(path=artifacts / "plan.png", full_page=True)
+
+    # export: download plan.yaml
+    # within the app (a page load would start a new session without the plan)
+    page.locator('[data-testid="stSidebarNav"]').get_by_text("Export").click()
+    page.get_by_text("Import a plan").wait_for()
+    idle(page)
+    page.screenshot(path=artifacts / "export.png", full_page=True)
+    with page.expect_download() as info:
+        page.get_by_role("button", name="Download plan.yaml").click()
+    plan = tmp_path / "plan.yaml"
+    info.value.save_as(plan)
+    page.close()
+
+    out = tmp_path / "out"
+    r = cli("apply", plan, "--model", "demo", "-o", out, "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["params_ratio"] == pytest.approx(
+        float(kept.rstrip("%")) / 100, abs=6e-4
+    )
+    r = cli("eval", out, "--max-tokens", str(TOKENS), "--json", "--no-baseline")
+    assert r.returncode == 0, r.stderr
+    measured = json.loads(r.stdout)["ppl"]
+    assert measured == pytest.approx(preview, rel=1e-3)
