@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.spectra-setup
 
-.PHONY: setup app test bench lint clean-cache
+.PHONY: setup browser app test bench lint clean-cache
 
 setup: $(STAMP)
 
@@ -22,7 +22,14 @@ $(STAMP): pyproject.toml Makefile
 app: setup
 	$(BIN)/spectra app demo
 
-test: setup
+# the browser test drives Debian's Chromium (playwright cannot download browsers here)
+browser:
+	@test -x /usr/bin/chromium || { \
+	  SUDO=$$(test "$$(id -u)" = 0 || echo sudo); \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }
+
+test: setup browser
 	$(BIN)/ruff check spectra compressors app tests benchmarks
 	$(BIN)/python -m pytest -q
 

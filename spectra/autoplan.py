@@ -169,10 +169,13 @@ def auto_plan(
     budget = math.floor(target * total)
     lo, _ = reachable(units, key)
     if lo > budget:
-        unit = "of the linear parameters" if key == "params" else "bits per parameter"
+        if key == "params":
+            reach = f"{lo / total:.4g} of the linear parameters ({lo:,} of {total:,})"
+        else:
+            reach = f"{lo / total:.4g} bits per linear parameter"
         raise BudgetError(
-            f"--target-{key} {target}: {method} cannot go below "
-            f"{lo / total:.4g} {unit} with these floors and dense modules"
+            f"--target-{key} {target}: {method} cannot go below {reach} "
+            "with these floors and dense modules"
         )
     t = time.perf_counter()
     chosen = allocate(units, budget, key)

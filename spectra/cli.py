@@ -113,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     try:
+        argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
         args = build_parser().parse_args(argv)
+        args.argv = argv
         return args.func(args) or 0
     except SpectraInputError as e:
         print(f"spectra: error: {e}", file=sys.stderr)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import time
 from pathlib import Path
 
@@ -84,10 +85,7 @@ def cmd_plan_auto(args) -> int:
     s = result.summary()
     if fmt == "yaml":
         body = (
-            f"# spectra plan auto {args.model} --method {args.method} "
-            f"--{'target-params' if s['key'] == 'params' else 'target-bits'} "
-            f"{args.target_params if s['key'] == 'params' else args.target_bits} "
-            f"--sensitivity {args.sensitivity}\n"
+            f"# {shlex.join(['spectra', *args.argv])}\n"
             f"# params kept {s['params_ratio']:.4f}, {s['bits_per_param']:.3f} bits per "
             f"parameter, predicted damage {s['predicted_damage']:.6g}\n" + body
         )
