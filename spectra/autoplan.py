@@ -16,7 +16,7 @@ from spectra.errors import SpectraInputError
 from spectra.plan import NOT_TARGETABLE, Plan
 from spectra.roles import ROLES
 
-SENSITIVITIES = ("none", "fisher", "ppl")
+SENSITIVITIES = ("none", "fisher", "ppl", "calib")
 
 
 @dataclass
@@ -141,7 +141,17 @@ def auto_plan(
         raise SpectraInputError(f"--keep-dense {floors.keep_dense.pattern!r}: matches no module")
     seconds = {}
     dmg = cands.Damage()
-    if sensitivity != "none":
+    if sensitivity == "calib":
+        t = time.perf_counter()
+        tokens = (sens_settings.tokens if sens_settings else None) or 4096
+        settings = sens.SensitivitySettings(kind="fisher", tokens=tokens)
+        tokenizer = models.load_tokenizer(spec)
+        h = sens.hessians(
+            models.load(spec, device), sens._windows(tokenizer, settings, "calib"), progress
+        )
+        dmg = cands.Damage(hessian=h)
+        seconds["sensitivity"] = time.perf_counter() - t
+    elif sensitivity != "none":
         t = time.perf_counter()
         settings = sens_settings or sens.SensitivitySettings(kind=sensitivity)
         if settings.kind != sensitivity:

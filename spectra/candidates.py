@@ -6,6 +6,9 @@ candidates has exactly the accounted budget. Damage is one of:
   weight error. Relative, because each layer's scale is arbitrary after a norm.
 - fisher: 0.5 * sum F (W - W_hat)^2, the loss increase predicted by the diagonal
   empirical Fisher (spectra.sensitivity).
+- calib: tr(E H E^T) / tr(W H W^T) with H = X^T X of the module's calibration inputs,
+  the calibration-weighted squared relative error (closed form over the spectrum for
+  low rank: sum_{i>r} sigma_i^2 v_i^T H v_i).
 - ppl: the squared relative error scaled by the module's measured loss increase at a
   probe setting: s_j * err^2 / err_probe^2.
 Low-rank, joint and pruning candidates under a weight-type damage are read off the
@@ -72,18 +75,32 @@ class Module:
 class Damage:
     """Damage of an error matrix; see the module docstring."""
 
-    def __init__(self, fisher: dict | None = None, scale: dict | None = None):
-        self.fisher, self.scale = fisher, scale or {}
+    def __init__(
+        self, fisher: dict | None = None, scale: dict | None = None, hessian: dict | None = None
+    ):
+        self.fisher, self.scale, self.hessian = fisher, scale or {}, hessian
+        self._den: dict[str, float] = {}
 
     @property
     def spectral(self) -> bool:
         """Damage depends only on ||E||_F (closed forms from spectra apply)."""
-        return self.fisher is None
+        return self.fisher is None and self.hessian is None
+
+    def h_weighted(self, mod: Module, e: torch.Tensor) -> float:
+        """tr(E H E^T) / tr(W H W^T): the calibration-weighted squared relative error."""
+        h = self.hessian[mod.name]
+        if mod.name not in self._den:
+            w = mod.weight.to(h.dtype)
+            self._den[mod.name] = float(((w @ h) * w).sum(dtype=torch.float64))
+        e = e.to(h.dtype)
+        return float(((e @ h) * e).sum(dtype=torch.float64)) / max(self._den[mod.name], 1e-300)
 
     def relative(self, name: str, err2: float, norm2: float) -> float:
         return self.scale.get(name, 1.0) * err2 / max(norm2, 1e-300)
 
     def __call__(self, mod: Module, e: torch.Tensor) -> float:
+        if self.hessian is not None:
+            return self.h_weighted(mod, e)
         if self.fisher is None:
             return self.relative(mod.name, float(e.double().pow(2).sum()), _norm2(mod.weight))
         f = self.fisher[mod.name]
@@ -134,6 +151,19 @@ def lowrank(mod: Module, dmg: Damage, floors: Floors, sigma=None) -> list[Candid
             out.append(_cand(make_config("lowrank", rank=r), m, n, d))
         return out
     u, s, vh = _svd(mod.weight)
+    if dmg.hessian is not None:
+        # E_r = sum_{i>r} s_i u_i v_i^T, so tr(E_r H E_r^T) = sum_{i>r} s_i^2 v_i^T H v_i
+        h = dmg.hessian[mod.name].to(vh.dtype)
+        q = ((vh @ h) * vh).sum(1).double()
+        terms = s.double().pow(2) * q
+        tail = torch.flip(torch.cumsum(torch.flip(terms, (0,)), 0), (0,)).tolist() + [0.0]
+        den = max(float(terms.sum()), 1e-300)
+        return [
+            _cand(
+                make_config("lowrank", rank=r), m, n, dmg.scale.get(mod.name, 1.0) * tail[r] / den
+            )
+            for r in ranks
+        ]
     e = mod.weight.clone()
     done = 0
     for r in ranks:

@@ -60,8 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     budget = auto.add_mutually_exclusive_group(required=True)
     budget.add_argument("--target-params", type=float, help="fraction of linear parameters kept")
     budget.add_argument("--target-bits", type=float, help="average bits per linear parameter")
-    auto.add_argument("--sensitivity", default="none", help="none, fisher or ppl")
-    auto.add_argument("--tokens", type=int, help="sensitivity tokens (fisher 4096, ppl 512)")
+    auto.add_argument(
+        "--sensitivity", default="none", help="damage: none (weight error), fisher, ppl or calib"
+    )
+    auto.add_argument(
+        "--tokens", type=int, help="sensitivity tokens (fisher and calib 4096, ppl 512)"
+    )
     auto.add_argument("--keep-dense", help="full-match regex of modules left dense")
     auto.add_argument(
         "--min-rank",

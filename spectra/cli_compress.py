@@ -66,7 +66,9 @@ def cmd_plan_auto(args) -> int:
     check_out_path(args.out, (".yaml", ".yml", ".json"))
     floors = autoplan.parse_floors(args.min_rank, args.min_bits, args.keep_dense)
     settings = None
-    if args.sensitivity in ("fisher", "ppl"):
+    if args.sensitivity == "calib":
+        settings = sens.SensitivitySettings(kind="fisher", tokens=args.tokens)
+    elif args.sensitivity in ("fisher", "ppl"):
         settings = sens.SensitivitySettings(kind=args.sensitivity, tokens=args.tokens)
     with progress_bar(args.sensitivity) as progress:
         result = autoplan.auto_plan(
@@ -98,6 +100,7 @@ def cmd_plan_auto(args) -> int:
         "none": "sum of squared relative weight errors",
         "fisher": "Fisher-predicted loss increase (nats/token)",
         "ppl": "probe-scaled loss increase (nats/token)",
+        "calib": "sum of squared calibration-weighted relative errors",
     }
     print(
         f"{args.out}: {s['compressed']} of {s['modules']} linear modules compressed with "

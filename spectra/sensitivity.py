@@ -252,3 +252,42 @@ def scores(result: dict, kind: str, weights: dict | None = None) -> dict[str, fl
         approx = compress(w, _lowrank_half(*w.shape)).to_dense().float()
         out[name] = 0.5 * float((f * (w - approx).pow(2)).sum(dtype=torch.float64))
     return out
+
+
+def hessians(model, windows, progress=None) -> dict[str, torch.Tensor]:
+    """H = X^T X (float32, on the CPU) of every linear module's input over `windows`;
+    modules that read the same tensor share one matrix."""
+    from compressors.apply import linear_targets
+
+    targets = linear_targets(model)
+    acc: dict[str, torch.Tensor] = {}
+    per_call: dict[int, tuple] = {}
+    owner: dict[str, str] = {}  # module -> the module whose matrix it shares
+
+    def hook(name):
+        def fn(module, inputs):
+            x = inputs[0]
+            if id(x) not in per_call:
+                flat = x.detach().reshape(-1, x.shape[-1]).float()
+                per_call[id(x)] = (x, name)
+                owner.setdefault(name, name)
+                key = name
+                acc[key] = acc.get(key, 0) + (flat.T @ flat).cpu()
+            else:
+                owner.setdefault(name, per_call[id(x)][1])
+
+        return fn
+
+    handles = [mod.register_forward_pre_hook(hook(name)) for name, (_, mod) in targets.items()]
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for i, x in enumerate(windows):
+                per_call.clear()
+                model(x[None].to(device), use_cache=False)
+                if progress:
+                    progress(i + 1, len(windows), "calibration")
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: acc[owner[name]] for name in targets if name in owner}

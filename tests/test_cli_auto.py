@@ -97,6 +97,7 @@ def test_floors_and_keep_dense_are_honoured(tiny_llama_dir, tmp_path, cli):
             "ROLE=VALUE",
         ),
         (("--method", "nope", "--target-params", "0.5"), "--method nope"),
+        (("--method", "lowrank", "--target-params", "0.5", "--sensitivity", "calib"), "tokenizer"),
         (
             (
                 "--method",

@@ -44,8 +44,11 @@ def render() -> None:
     )
     clicked = heatmap(df, metric, state.METRICS[metric], "spectra_heatmap")
     names = df["name"].to_list()
-    if "spectra_selected" not in st.session_state:
-        st.session_state.spectra_selected = names[:1]
+    if "spectra_selected" not in st.session_state:  # one middle block's q, o and down
+        blocks = sorted(b for b in set(df["block"].to_list()) if b is not None)
+        mid = blocks[len(blocks) // 2] if blocks else None
+        pick = df.filter((df["block"] == mid) & df["role"].is_in(["q", "o", "down"]))
+        st.session_state.spectra_selected = pick["name"].to_list() or names[:1]
     if clicked and clicked not in st.session_state.spectra_selected:
         st.session_state.spectra_selected = [*st.session_state.spectra_selected, clicked][-6:]
     chosen = st.multiselect("Matrices", names, key="spectra_selected")

@@ -183,3 +183,46 @@ def test_bits_budget_on_quant_and_floors():
     for u in units:
         q = sorted((c for c in u.candidates if c.config is not None), key=lambda c: c.bits)
         assert all(a.damage > b.damage for a, b in zip(q, q[1:], strict=False))
+
+
+def test_calibration_weighted_lowrank_closed_form_matches_explicit():
+    import torch
+
+    rng = np.random.default_rng(9)
+    w = torch.from_numpy(rng.standard_normal((24, 18)) * np.exp(-0.2 * np.arange(18))).float()
+    x = torch.from_numpy(rng.standard_normal((300, 18)) * np.linspace(0.1, 3, 18)).float()
+    h = x.T @ x
+    mod = Module("m", "down", 0, w)
+    dmg = Damage(hessian={"m": h})
+    u, s, vh = np.linalg.svd(w.double().numpy())
+    wd, hd = w.double().numpy(), h.double().numpy()
+    for c in lowrank(mod, dmg, Floors()):
+        r = c.config.rank
+        e = wd - (u[:, :r] * s[:r]) @ vh[:r]
+        want = np.trace(e @ hd @ e.T) / np.trace(wd @ hd @ wd.T)
+        assert c.damage == pytest.approx(want, rel=1e-4)
+        assert dmg(mod, torch.from_numpy(e).float()) == pytest.approx(want, rel=1e-4)
+
+
+def test_hessians_are_the_inputs_gram_and_shared_by_siblings(tiny_llama_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from spectra.sensitivity import hessians
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    windows = torch.randint(0, 128, (3, 16), generator=torch.Generator().manual_seed(0))
+    seen = []
+    down = model.model.layers[1].mlp.down_proj
+    handle = down.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()))
+    h = hessians(model, windows)
+    handle.remove()
+    x = torch.cat([s.reshape(-1, s.shape[-1]) for s in seen]).double()
+    torch.testing.assert_close(
+        h["model.layers.1.mlp.down_proj"].double(), x.T @ x, rtol=1e-4, atol=1e-4
+    )
+    attn = "model.layers.0.self_attn."
+    assert h[attn + "q_proj"] is h[attn + "k_proj"] is h[attn + "v_proj"]
+    assert h[attn + "o_proj"] is not h[attn + "q_proj"]
+    assert h["model.layers.0.mlp.gate_proj"] is h["model.layers.0.mlp.up_proj"]
+    assert len(h) == 15  # 7 per block and the untied lm_head
