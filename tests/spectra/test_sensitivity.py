@@ -10,7 +10,7 @@ NAMES = [
 ]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture()
 def demo_model(demo_dir):
     from spectra import models
 
