@@ -1,0 +1,65 @@
+"""Incremental previews agree with a full recomputation and with apply + eval."""
+
+import pytest
+
+from compressors.registry import make_config
+
+
+@pytest.fixture()
+def demo(demo_dir):
+    from spectra import models
+
+    return models.load(str(demo_dir), "cpu"), models.load_tokenizer(str(demo_dir))
+
+
+@pytest.mark.demo
+def test_replayed_blocks_give_the_full_result_and_reverts_reuse_modules(demo):
+    from compressors.apply import apply
+    from spectra import eval as ev
+    from spectra import plan as plans
+    from spectra.preview import Previewer
+
+    model, tok = demo
+    one = {"model.layers.2.mlp.up_proj": make_config("lowrank", rank=48)}
+    two = {**one, "model.layers.20.self_attn.o_proj": make_config("quant", bits=3)}
+    pv = Previewer(model, tok)
+    first = pv.preview(one, 1024)
+    assert first.recompressed == 1 and first.first_block == 2
+    second = pv.preview(two, 1024)
+    assert second.changed == ["model.layers.20.self_attn.o_proj"]
+    assert second.recompressed == 1 and second.first_block == 20
+    full = Previewer(model, tok).preview(two, 1024)  # nothing replayed
+    assert second.ppl == pytest.approx(full.ppl, rel=1e-6)
+    back = pv.preview(one, 1024)  # the o_proj goes back to dense: no compression
+    assert back.recompressed == 0 and back.ppl == pytest.approx(first.ppl, rel=1e-6)
+    # and the convention is spectra eval's on the applied plan
+    plan = plans.parse({"layers": {k: {"method": c.method, **c.__dict__} for k, c in two.items()}})
+    compressed, _, _ = apply(model, plan)
+    ref = ev.perplexity(compressed, tok, max_tokens=1024)
+    assert ref.ppl == pytest.approx(second.ppl, rel=1e-5)
+    assert first.dense_ppl == pytest.approx(
+        ev.perplexity(model, tok, max_tokens=1024).ppl, rel=1e-6
+    )
+
+
+def test_module_error_from_the_spectrum_equals_the_compression():
+    import torch
+
+    from compressors.base import relative_error
+    from compressors.registry import compress
+    from spectra.preview import module_error
+
+    w = torch.randn(40, 30, generator=torch.Generator().manual_seed(0))
+    for config in (
+        make_config("lowrank", rank=7),
+        make_config("quant", bits=3),
+        make_config("prune", sparsity=0.6),
+        make_config("mpo", bond_dim=4),
+    ):
+        want = float(relative_error(w, compress(w, config).to_dense()))
+        assert module_error(w, config) == pytest.approx(want, rel=1e-5)
+    sigma = torch.linalg.svdvals(w.double()).numpy()
+    assert module_error(None, make_config("lowrank", rank=7), sigma) == pytest.approx(
+        float(relative_error(w, compress(w, make_config("lowrank", rank=7)).to_dense())),
+        rel=1e-5,
+    )
