@@ -5,7 +5,8 @@
 (1) lowrank at 40%, 50%, 60% and 80% of the linear parameters kept, five ways of
 choosing the ranks: uniform (every module keeps the same fraction of its own
 parameters), energy (one energy threshold for all modules, bisected to the budget),
-weight (allocation on the squared relative weight error from the spectra), fisher
+weight (allocation on the squared relative weight error from the spectra), calib
+(on the calibration-weighted error, H = X^T X over 4096 calibration tokens), fisher
 (allocation on the Fisher-predicted loss, 4096 calibration tokens) and ppl
 (allocation on the weight error scaled by each module's measured loss increase at
 lowrank-half, 512 evaluation tokens per module).
@@ -28,7 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 BUDGETS = (0.4, 0.5, 0.6, 0.8)
 BITS = (2.5, 3.0)
-STRATEGIES = ("uniform", "energy", "weight", "fisher", "ppl")
+STRATEGIES = ("uniform", "energy", "weight", "calib", "fisher", "ppl")
 
 
 def uniform_plan(mats, ratio: float) -> dict:
@@ -135,7 +136,7 @@ def main() -> None:
             layers = uniform_plan(mats, budget["target_params"])
         elif how == "energy":
             layers = energy_plan(mats, sigmas, budget["target_params"])
-        elif how in ("weight", "fisher", "ppl"):
+        elif how in ("weight", "calib", "fisher", "ppl"):
             sens = "none" if how == "weight" else how
             layers, _ = auto_layers("lowrank", sens, **budget)
         elif how in ("mixed", "quant"):
