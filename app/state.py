@@ -102,6 +102,15 @@ def analysis(spec: str, cores: int = 3):
     return df, bool(info.get("cached"))
 
 
+@st.cache_data(show_spinner=False)
+def sigmas(spec: str) -> dict:
+    """Singular values by module name, from the cached analysis."""
+    import numpy as np
+
+    df, _ = analysis(spec)
+    return {r["name"]: np.asarray(r["sigma"]) for r in df.select("name", "sigma").to_dicts()}
+
+
 @st.cache_resource(show_spinner=False)
 def loaded(spec: str):
     """(model, tokenizer) for previews and sensitivities; shared, never mutated."""

@@ -13,6 +13,7 @@ from app import state
 from spectra import models
 from spectra import plan_edit as pe
 from spectra.errors import SpectraInputError
+from spectra.preview import module_error
 
 AUTO_METHODS = ("lowrank", "joint", "losparse", "mpo", "quant", "caldera", "mixed")
 
@@ -241,7 +242,14 @@ def table(spec: str, mats) -> None:
             pe.row(m, st.session_state.plan_layers.get(m.name)) for m in mats
         ]
     base = st.session_state.plan_base
-    errors = st.session_state.get("row_errors", {})
+    errors = dict(st.session_state.get("row_errors", {}))
+    sigmas = state.sigmas(spec)
+    layers = st.session_state.plan_layers
+    for r in base:  # low-rank rows: the error straight from the cached spectrum
+        settings = layers.get(r["module"])
+        if settings and settings.get("method") == "lowrank" and settings.get("rank"):
+            config = pe.config_of(settings)
+            errors[r["module"]] = module_error(None, config, sigmas.get(r["module"]))
     df = pl.DataFrame(base).with_columns(
         pl.Series("rel_error", [errors.get(r["module"]) for r in base], dtype=pl.Float64)
     )
