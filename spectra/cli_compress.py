@@ -91,6 +91,14 @@ def cmd_plan_auto(args) -> int:
             f"# params kept {s['params_ratio']:.4f}, {s['bits_per_param']:.3f} bits per "
             f"parameter, predicted damage {s['predicted_damage']:.6g}\n" + body
         )
+        dense = [
+            n
+            for u, c in zip(result.units, result.chosen, strict=True)
+            if c.config is None
+            for n in u.names
+        ]
+        if dense:  # the plan format has no "dense" setting: say which modules stay so
+            body += "# left dense:\n" + "".join(f"#   {n}\n" for n in dense)
     with cache.atomic_path(args.out) as tmp:
         tmp.write_text(body)
     if args.json:

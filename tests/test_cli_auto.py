@@ -70,8 +70,25 @@ def test_floors_and_keep_dense_are_honoured(tiny_llama_dir, tmp_path, cli):
     )
     assert r.returncode == 0, r.stderr
     assert "parameters kept" in r.stdout
-    layers = yaml.safe_load(out.read_text())["layers"]
+    text = out.read_text()
+    layers = yaml.safe_load(text)["layers"]
     assert not any(k.startswith("model.layers.0.") for k in layers)
+    # every module is accounted for: its setting, or listed as left dense
+    dense = [line.strip("# ").strip() for line in text.split("# left dense:\n")[1].splitlines()]
+    assert set(dense) | set(layers) == {
+        f"model.layers.{b}.{m}"
+        for b in (0, 1)
+        for m in (
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        )
+    } | {"lm_head"}
+    assert not set(dense) & set(layers)
     for name, s in layers.items():
         if name.endswith("down_proj"):
             assert s["rank"] >= 32  # min(64, 96) / 2
