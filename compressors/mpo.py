@@ -80,24 +80,61 @@ class MPO(Factorization):
 
 
 class MPOLinear(nn.Module):
-    """y = W x + b with W held as MPO cores; contracts one core at a time."""
+    """y = W x + b with W held as MPO cores, contracted one core at a time.
+
+    The contraction runs from the first core or from the last, whichever needs fewer
+    multiplications per token for these bond dimensions (up to 1.75x apart on the
+    demo's 576 x 1536 shapes); from the last, the input's column factors and the
+    output's row factors are taken in reverse order and the cores with their bonds
+    swapped, which is the same product.
+    """
 
     def __init__(self, cores, bias=None):
         super().__init__()
         self.cores = nn.ParameterList([nn.Parameter(c, requires_grad=False) for c in cores])
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.mf = [c.shape[1] for c in cores]
+        self.nf = [c.shape[2] for c in cores]
+        self.reverse = contraction_cost(cores, reverse=True) < contraction_cost(cores)
+        for i, c in enumerate(reversed(cores) if self.reverse else ()):
+            self.register_buffer(f"_rev{i}", c.permute(3, 1, 2, 0).contiguous(), persistent=False)
 
     def forward(self, x):
-        lead = x.shape[:-1]
-        state = x.reshape(-1, 1, 1, x.shape[-1])  # (B, rows done, bond, columns left)
-        for core in self.cores:
-            b, done, r, left = state.shape
-            _, mk, nk, r2 = core.shape
-            state = state.reshape(b, done, r, nk, left // nk)
-            state = torch.einsum("bdrnz,rmns->bdmsz", state, core)
-            state = state.reshape(b, done * mk, r2, left // nk)
-        y = state.reshape(*lead, -1)
+        lead, k = x.shape[:-1], len(self.cores)
+        if not self.reverse:
+            y = _contract(x.reshape(-1, x.shape[-1]), list(self.cores))
+        else:
+            flip = [0, *range(k, 0, -1)]
+            xr = x.reshape(-1, *self.nf).permute(*flip).reshape(-1, x.shape[-1])
+            cores = [getattr(self, f"_rev{i}") for i in range(k)]
+            y = _contract(xr, cores).reshape(-1, *self.mf[::-1]).permute(*flip)
+        y = y.reshape(*lead, -1)
         return y if self.bias is None else y + self.bias
+
+
+def _contract(x, cores):
+    """(B, n) -> (B, m) through cores (r_{k-1}, m_k, n_k, r_k), first core first."""
+    state = x.reshape(x.shape[0], 1, 1, x.shape[-1])  # (B, rows done, bond, columns left)
+    for core in cores:
+        b, done, r, left = state.shape
+        _, mk, nk, r2 = core.shape
+        state = state.reshape(b, done, r, nk, left // nk)
+        state = torch.einsum("bdrnz,rmns->bdmsz", state, core)
+        state = state.reshape(b, done * mk, r2, left // nk)
+    return state.reshape(x.shape[0], -1)
+
+
+def contraction_cost(cores, reverse: bool = False) -> int:
+    """Multiplications per input row of the one-core-at-a-time contraction."""
+    shapes = [tuple(c.shape) for c in cores]
+    if reverse:
+        shapes = [(s[3], s[1], s[2], s[0]) for s in reversed(shapes)]
+    done, left = 1, math.prod(s[2] for s in shapes)
+    total = 0
+    for r, mk, nk, r2 in shapes:
+        total += done * r * left * mk * r2
+        done, left = done * mk, left // nk
+    return total
 
 
 def compress(weight: torch.Tensor, config: MPOConfig, calib: Calibration | None = None) -> MPO:

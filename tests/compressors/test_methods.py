@@ -271,3 +271,24 @@ def test_caldera_without_calibration_is_an_input_error():
 
     with pytest.raises(ConfigError, match="calibration"):
         compress(torch.randn(16, 8), make_config("caldera", rank=2))
+
+
+def test_mpo_forward_in_either_direction_equals_the_dense_forward():
+    """The contraction starts from whichever end is cheaper: (m, n) and (n, m) of an
+    asymmetric factorization take opposite ends, and both give W x."""
+    from compressors.mpo import contraction_cost
+
+    g = gen(11)
+    directions = set()
+    for m, n in ((96, 36), (36, 96)):
+        w = torch.randn(m, n, generator=g, dtype=torch.float64)
+        f = compress(w, make_config("mpo", cores=3, bond_dim=5))
+        module = f.as_module(torch.randn(m, generator=g, dtype=torch.float64))
+        forward, backward = contraction_cost(f.cores), contraction_cost(f.cores, reverse=True)
+        assert forward != backward
+        assert module.reverse == (backward < forward)
+        directions.add(module.reverse)
+        x = torch.randn(2, 7, n, generator=g, dtype=torch.float64)
+        want = x @ f.to_dense().T + module.bias
+        torch.testing.assert_close(module(x), want, rtol=1e-10, atol=1e-10)
+    assert directions == {True, False}
