@@ -92,6 +92,17 @@ def windows(ids, seqlen: int, max_tokens: int | None = None):
     return ids[: n * seqlen].reshape(n, seqlen)
 
 
+def window_nll(model, x):
+    """Mean next-token NLL of each window of x (B, seqlen), float64 on the CPU."""
+    import torch
+
+    logits = model(x, use_cache=False).logits[:, :-1].float()
+    nll = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="none"
+    ).reshape(x.shape[0], -1)
+    return nll.mean(dim=1).double().cpu()
+
+
 def perplexity(
     model,
     tokenizer,
@@ -114,12 +125,7 @@ def perplexity(
     losses = []
     with torch.no_grad():
         for lo in range(0, batches.shape[0], batch_size):
-            x = batches[lo : lo + batch_size].to(device)
-            logits = model(x).logits[:, :-1].float()
-            nll = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="none"
-            ).reshape(x.shape[0], -1)
-            losses.append(nll.mean(dim=1).double().cpu())  # one mean NLL per window
+            losses.append(window_nll(model, batches[lo : lo + batch_size].to(device)))
             if progress:
                 progress(min(lo + batch_size, batches.shape[0]), batches.shape[0])
     nll = float(torch.cat(losses).mean())

@@ -197,6 +197,8 @@ class Previewer:
         """spectra.eval's perplexity, replaying blocks before `first` and recording the rest."""
         import math
 
+        from spectra import eval as ev
+
         device = next(self.work.parameters()).device
         saved = list(self.layers)
         old = self.records or {}
@@ -213,13 +215,7 @@ class Previewer:
             with torch.no_grad():
                 for lo in range(0, batches.shape[0], batch_size):
                     x = batches[lo : lo + batch_size].to(device)
-                    logits = self.work(x, use_cache=False).logits[:, :-1].float()
-                    nll = nn.functional.cross_entropy(
-                        logits.reshape(-1, logits.shape[-1]),
-                        x[:, 1:].reshape(-1),
-                        reduction="none",
-                    ).reshape(x.shape[0], -1)
-                    losses.append(nll.mean(dim=1).double().cpu())
+                    losses.append(ev.window_nll(self.work, x))
         finally:
             for h in hooks:
                 h.remove()

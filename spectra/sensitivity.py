@@ -163,17 +163,14 @@ def ppl_probe(model, windows, probe, progress=None, names=None) -> dict[str, dic
 
 
 def _mean_nll(model, windows, batch: int = 4) -> float:
-    total, count = 0.0, 0
+    """Mean token NLL over equal-length windows (spectra.eval's convention)."""
+    from spectra import eval as ev
+
     with torch.no_grad():
-        for lo in range(0, windows.shape[0], batch):
-            x = windows[lo : lo + batch]
-            logits = model(x, use_cache=False).logits[:, :-1].float()
-            nll = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"
-            )
-            total += float(nll)
-            count += x[:, 1:].numel()
-    return total / count
+        nll = [
+            ev.window_nll(model, windows[lo : lo + batch]) for lo in range(0, len(windows), batch)
+        ]
+    return float(torch.cat(nll).mean())
 
 
 def compute(
