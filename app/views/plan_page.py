@@ -19,11 +19,16 @@ AUTO_METHODS = ("lowrank", "joint", "losparse", "mpo", "quant", "caldera", "mixe
 
 
 def init() -> None:
-    if "plan_layers" not in st.session_state:
+    """The plan state, started afresh for a new session or a different model."""
+    spec = state.model_spec()
+    if st.session_state.get("plan_model") != spec:
+        st.session_state.plan_model = spec
         st.session_state.plan_layers = {}
-        st.session_state.plan_v = 0
+        st.session_state.plan_v = st.session_state.get("plan_v", 0) + 1
         st.session_state.plan_base = None
         st.session_state.preview_history = []
+        st.session_state.row_errors = {}
+        st.session_state.auto_message = None
 
 
 def rebase(layers: dict) -> None:

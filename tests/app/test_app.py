@@ -143,3 +143,15 @@ def test_invalid_plan_file_on_import_shows_an_error(on_tiny):
             "whiten": False,
         }
     }
+
+
+def test_plan_starts_afresh_for_another_model(on_tiny, tiny_gpt2_dir):
+    at = run_page("plan_page")
+    at.number_input(key="auto_target_params").set_value(0.5)
+    at.button(key="auto_go").click().run()
+    assert at.session_state.plan_layers
+    at.session_state["model_spec"] = str(tiny_gpt2_dir)
+    at.run()
+    assert not at.exception and not at.error
+    assert at.session_state.plan_layers == {}
+    assert "transformer.h.0.mlp.c_fc" in [o for o in at.selectbox(key="plan_module").options]
