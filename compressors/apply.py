@@ -200,41 +200,61 @@ def _by_block_with_calibration(model, state: _Run, calib_ids) -> None:
     for index, layer in enumerate(layers):
         entries = [e for e in state.todo.values() if e.block == index]
         names = {e.name for e in entries}
-        grams: dict = {}
-        hooks = []
-        per_call: dict = {}
-        for e in entries:
-            module = state.targets[e.name][1]
-            hooks.append(module.register_forward_pre_hook(_gram_hook(e.name, grams, per_call)))
+        collector = GramCollector({e.name: state.targets[e.name][1] for e in entries})
         outs = []
-        with torch.no_grad():
-            for a, k in zip(args, kwargs, strict=True):
-                per_call.clear()
-                y = layer(*a, **k)
-                outs.append(y[0] if isinstance(y, tuple) else y)
-        for h in hooks:
-            h.remove()
+        try:
+            with torch.no_grad():
+                for a, k in zip(args, kwargs, strict=True):
+                    collector.next_call()
+                    y = layer(*a, **k)
+                    outs.append(y[0] if isinstance(y, tuple) else y)
+        finally:
+            collector.remove()
+        grams = collector.grams()
         state.compress_entries([e for e in entries if e.name in names], grams)
         args = [(o, *a[1:]) for o, a in zip(outs, args, strict=True)]
 
 
-def _gram_hook(name, grams, per_call):
-    """Accumulate X^T X of the module's input; one product per input tensor per call.
+class GramCollector:
+    """H = X^T X of each hooked module's input, with its row count, summed over calls.
 
-    Inputs are keyed by object identity and held until the call ends, so a freed
+    One product per input tensor per call: modules that read the same tensor (q, k, v;
+    gate, up) share one accumulator, so their H is one tensor (compressors only read
+    it). Inputs are keyed by object identity and held until `next_call()`, so a freed
     tensor's memory can never be reused by another input under the same key.
     """
 
-    def hook(module, inputs):
-        x = inputs[0]
-        if id(x) not in per_call:
-            flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
-            per_call[id(x)] = (x, flat.T @ flat, flat.shape[0])
-        _, h, c = per_call[id(x)]
-        old = grams.get(name)
-        grams[name] = (h.clone(), c) if old is None else (old[0] + h, old[1] + c)
+    def __init__(self, modules: dict[str, nn.Module], dtype=torch.float64):
+        self.dtype = dtype
+        self.owner: dict[str, str] = {}  # module -> the module whose accumulator it reads
+        self.sums: dict[str, list] = {}  # owner -> [H, rows]
+        self._call: dict[int, tuple] = {}
+        self._handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in modules.items()]
 
-    return hook
+    def _hook(self, name: str):
+        def hook(module, inputs):
+            x = inputs[0]
+            seen = self._call.get(id(x))
+            if seen is None:
+                flat = x.detach().reshape(-1, x.shape[-1]).to(self.dtype)
+                seen = self._call[id(x)] = (x, name)
+                acc = self.sums.setdefault(name, [None, 0])
+                acc[0] = flat.T @ flat if acc[0] is None else acc[0].add_(flat.T @ flat)
+                acc[1] += flat.shape[0]
+            if self.owner.setdefault(name, seen[1]) != seen[1]:
+                raise RuntimeError(f"{name}: reads a differently shared input from call to call")
+
+        return hook
+
+    def next_call(self) -> None:
+        self._call.clear()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+    def grams(self) -> dict[str, tuple[torch.Tensor, int]]:
+        return {n: (self.sums[o][0], self.sums[o][1]) for n, o in self.owner.items()}
 
 
 class _Stop(Exception):

@@ -15,8 +15,9 @@ from spectra.allocate import BudgetError, Candidate, Unit, allocate, reachable
 from spectra.errors import SpectraInputError
 from spectra.plan import NOT_TARGETABLE, Plan
 from spectra.roles import ROLES
+from spectra.sensitivity import KINDS
 
-SENSITIVITIES = ("none", "fisher", "ppl", "calib")
+SENSITIVITIES = ("none", *KINDS)
 
 
 @dataclass
@@ -141,17 +142,7 @@ def auto_plan(
         raise SpectraInputError(f"--keep-dense {floors.keep_dense.pattern!r}: matches no module")
     seconds = {}
     dmg = cands.Damage()
-    if sensitivity == "calib":
-        t = time.perf_counter()
-        tokens = (sens_settings.tokens if sens_settings else None) or 4096
-        settings = sens.SensitivitySettings(kind="fisher", tokens=tokens)
-        tokenizer = models.load_tokenizer(spec)
-        h = sens.hessians(
-            models.load(spec, device), sens._windows(tokenizer, settings, "calib"), progress
-        )
-        dmg = cands.Damage(hessian=h)
-        seconds["sensitivity"] = time.perf_counter() - t
-    elif sensitivity != "none":
+    if sensitivity != "none":
         t = time.perf_counter()
         settings = sens_settings or sens.SensitivitySettings(kind=sensitivity)
         if settings.kind != sensitivity:
@@ -159,6 +150,8 @@ def auto_plan(
         result = sens.compute(spec, settings, device=device, use_cache=use_cache, progress=progress)
         if sensitivity == "fisher":
             dmg = cands.Damage(fisher=result)
+        elif sensitivity == "calib":
+            dmg = cands.Damage(hessian=result)
         else:
             dmg = cands.Damage(
                 scale={k: v["delta_loss"] / max(v["err2"], 1e-30) for k, v in result.items()}

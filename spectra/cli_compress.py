@@ -66,9 +66,7 @@ def cmd_plan_auto(args) -> int:
     check_out_path(args.out, (".yaml", ".yml", ".json"))
     floors = autoplan.parse_floors(args.min_rank, args.min_bits, args.keep_dense)
     settings = None
-    if args.sensitivity == "calib":
-        settings = sens.SensitivitySettings(kind="fisher", tokens=args.tokens)
-    elif args.sensitivity in ("fisher", "ppl"):
+    if args.sensitivity in sens.KINDS:
         settings = sens.SensitivitySettings(kind=args.sensitivity, tokens=args.tokens)
     with progress_bar(args.sensitivity) as progress:
         result = autoplan.auto_plan(

@@ -11,8 +11,13 @@
   is replaced by its reconstruction at a probe setting: the slow exact reference.
   One forward pass per module; the other weights stay dense.
 
-Both are cached under cache/sensitivity/, keyed by the weights' content fingerprint,
-the corpus, token count, window length and (for ppl) the probe settings.
+- `calib`: H = X^T X of every linear module's inputs over calibration windows, for
+  the calibration-weighted error tr(E H E^T) / tr(W H W^T) (spectra.candidates).
+
+Fisher and ppl are cached under cache/sensitivity/, keyed by the weights' content
+fingerprint, the corpus, token count, window length and (for ppl) the probe
+settings. The calibration Grams are recomputed (one forward pass; about 500 MB for
+the demo in float32, more than a cache file is worth).
 """
 
 from __future__ import annotations
@@ -24,20 +29,22 @@ import torch
 from spectra import cache, models
 from spectra.errors import SpectraInputError
 
+KINDS = ("fisher", "ppl", "calib")
+
 
 @dataclass(frozen=True)
 class SensitivitySettings:
-    kind: str = "fisher"  # fisher | ppl
+    kind: str = "fisher"  # fisher | ppl | calib
     corpus: str = "builtin"
-    tokens: int | None = None  # fisher: calibration tokens (4096); ppl: per probe (512)
+    tokens: int | None = None  # calibration tokens (4096); ppl: per probe (512)
     seqlen: int = 256
     probe: str = "lowrank-half"  # ppl only: see PROBES
 
     def __post_init__(self):
+        if self.kind not in KINDS:
+            raise SpectraInputError(f"sensitivity {self.kind!r}: use {', '.join(KINDS)}")
         if self.tokens is None:
-            object.__setattr__(self, "tokens", 4096 if self.kind == "fisher" else 512)
-        if self.kind not in ("fisher", "ppl"):
-            raise SpectraInputError(f"sensitivity {self.kind!r}: use fisher or ppl")
+            object.__setattr__(self, "tokens", 512 if self.kind == "ppl" else 4096)
         if self.probe not in PROBES:
             raise SpectraInputError(f"probe {self.probe!r}: known are {', '.join(PROBES)}")
         if self.tokens < self.seqlen or self.seqlen < 2:
@@ -79,12 +86,6 @@ def fingerprint(spec: str) -> str:
     return cache.key(cache.CACHE_VERSION, sorted(parts))
 
 
-def linear_modules(model) -> dict[str, torch.nn.Module]:
-    from compressors.apply import linear_targets
-
-    return {name: mod for name, (_, mod) in linear_targets(model).items()}
-
-
 def _windows(tokenizer, settings: SensitivitySettings, split: str):
     from spectra import eval as ev
 
@@ -96,6 +97,7 @@ def _windows(tokenizer, settings: SensitivitySettings, split: str):
 def fisher(model, windows, progress=None) -> dict[str, torch.Tensor]:
     """Diagonal empirical Fisher of every linear weight, (out, in) float32 on the CPU."""
     from compressors.apply import linear_targets
+    from spectra import eval as ev
 
     targets = linear_targets(model)
     params = {name: mod.weight for name, (_, mod) in targets.items()}
@@ -109,12 +111,9 @@ def fisher(model, windows, progress=None) -> dict[str, torch.Tensor]:
     try:
         for i, x in enumerate(windows):
             x = x[None].to(device)
-            logits = model(x, use_cache=False).logits[:, :-1].float()
-            nll = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"
-            )
-            grads = torch.autograd.grad(nll, list(params.values()))
             tokens = x.shape[1] - 1
+            nll = ev.window_nll(model, x)[0] * tokens  # the window's summed token NLL
+            grads = torch.autograd.grad(nll, list(params.values()))
             for (name, _), g in zip(params.items(), grads, strict=True):
                 acc[name] += g.float().pow(2) / tokens
             if progress:
@@ -189,6 +188,11 @@ def compute(
     modules (ppl).
     """
     info = {} if info is None else info
+    if settings.kind == "calib":
+        info.update(cached=False, path=None)
+        tokenizer = models.load_tokenizer(spec)
+        model = model if model is not None else models.load(spec, device)
+        return hessians(model, _windows(tokenizer, settings, "calib"), progress)
     key = cache.key(fingerprint(spec), asdict(settings), sorted(names) if names else None)
     folder = cache.cache_dir() / "sensitivity"
     path = folder / f"{key}.{'safetensors' if settings.kind == 'fisher' else 'json'}"
@@ -254,37 +258,22 @@ def scores(result: dict, kind: str, weights: dict | None = None) -> dict[str, fl
 def hessians(model, windows, progress=None) -> dict[str, torch.Tensor]:
     """H = X^T X (float32, on the CPU) of every linear module's input over `windows`;
     modules that read the same tensor share one matrix."""
-    from compressors.apply import linear_targets
+    from compressors.apply import GramCollector, linear_targets
 
     targets = linear_targets(model)
-    acc: dict[str, torch.Tensor] = {}
-    per_call: dict[int, tuple] = {}
-    owner: dict[str, str] = {}  # module -> the module whose matrix it shares
-
-    def hook(name):
-        def fn(module, inputs):
-            x = inputs[0]
-            if id(x) not in per_call:
-                flat = x.detach().reshape(-1, x.shape[-1]).float()
-                per_call[id(x)] = (x, name)
-                owner.setdefault(name, name)
-                key = name
-                acc[key] = acc.get(key, 0) + (flat.T @ flat).cpu()
-            else:
-                owner.setdefault(name, per_call[id(x)][1])
-
-        return fn
-
-    handles = [mod.register_forward_pre_hook(hook(name)) for name, (_, mod) in targets.items()]
+    collector = GramCollector({n: mod for n, (_, mod) in targets.items()}, torch.float32)
     device = next(model.parameters()).device
     try:
         with torch.no_grad():
             for i, x in enumerate(windows):
-                per_call.clear()
+                collector.next_call()
                 model(x[None].to(device), use_cache=False)
                 if progress:
                     progress(i + 1, len(windows), "calibration")
     finally:
-        for h in handles:
-            h.remove()
-    return {name: acc[owner[name]] for name in targets if name in owner}
+        collector.remove()
+    moved: dict[int, torch.Tensor] = {}  # one CPU copy per shared matrix
+    for h, _ in collector.grams().values():
+        if id(h) not in moved:
+            moved[id(h)] = h.cpu()
+    return {n: moved[id(h)] for n, (h, _) in collector.grams().items()}
