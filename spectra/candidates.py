@@ -120,6 +120,19 @@ def _cand(config, m: int, n: int, damage: float) -> Candidate:
     return Candidate(config, p, b, damage)
 
 
+def _error(w: torch.Tensor, config) -> torch.Tensor:
+    """W - W_hat for what `config` builds: the registry's own compressor."""
+    from compressors.registry import compress
+
+    return w - compress(w, config).to_dense().to(w.dtype)
+
+
+def _tail_sums(terms: torch.Tensor) -> list[float]:
+    """t[k] = sum of terms[k:], for k = 0..len(terms) (the last is 0)."""
+    t = terms.double()
+    return torch.flip(torch.cumsum(torch.flip(t, (0,)), 0), (0,)).tolist() + [0.0]
+
+
 def _ranks(lo: int, hi: int, spectral: bool) -> list[int]:
     if hi < lo:
         return []
@@ -143,11 +156,9 @@ def lowrank(mod: Module, dmg: Damage, floors: Floors, sigma=None) -> list[Candid
     if dmg.spectral:
         if sigma is None:
             sigma = torch.linalg.svdvals(mod.weight.double())
-        s2 = torch.as_tensor(np.asarray(sigma), dtype=torch.float64).pow(2)
-        tail = torch.flip(torch.cumsum(torch.flip(s2, (0,)), 0), (0,)).tolist() + [0.0]
-        total = float(s2.sum())
+        tail = _tail_sums(torch.as_tensor(np.asarray(sigma), dtype=torch.float64).pow(2))
         for r in ranks:
-            d = dmg.relative(mod.name, tail[r], total)
+            d = dmg.relative(mod.name, tail[r], tail[0])
             out.append(_cand(make_config("lowrank", rank=r), m, n, d))
         return out
     u, s, vh = _svd(mod.weight)
@@ -155,13 +166,9 @@ def lowrank(mod: Module, dmg: Damage, floors: Floors, sigma=None) -> list[Candid
         # E_r = sum_{i>r} s_i u_i v_i^T, so tr(E_r H E_r^T) = sum_{i>r} s_i^2 v_i^T H v_i
         h = dmg.hessian[mod.name].to(vh.dtype)
         q = ((vh @ h) * vh).sum(1).double()
-        terms = s.double().pow(2) * q
-        tail = torch.flip(torch.cumsum(torch.flip(terms, (0,)), 0), (0,)).tolist() + [0.0]
-        den = max(float(terms.sum()), 1e-300)
+        tail = _tail_sums(s.double().pow(2) * q)
         return [
-            _cand(
-                make_config("lowrank", rank=r), m, n, dmg.scale.get(mod.name, 1.0) * tail[r] / den
-            )
+            _cand(make_config("lowrank", rank=r), m, n, dmg.relative(mod.name, tail[r], tail[0]))
             for r in ranks
         ]
     e = mod.weight.clone()
@@ -174,18 +181,13 @@ def lowrank(mod: Module, dmg: Damage, floors: Floors, sigma=None) -> list[Candid
 
 
 def quant(mod: Module, dmg: Damage, floors: Floors) -> list[Candidate]:
-    from compressors.quant import dequantize, grid, quantize
-
     m, n = mod.shape
     out = []
     for bits in QUANT_BITS:
         if bits < floors.min_bits.get(mod.role, 0):
             continue
-        scale, zero = grid(mod.weight, bits, QUANT_GROUP)
-        q = quantize(mod.weight, scale, zero, bits, QUANT_GROUP)
-        e = mod.weight - dequantize(q, scale, zero, QUANT_GROUP)
         config = make_config("quant", bits=bits, group_size=QUANT_GROUP)
-        out.append(_cand(config, m, n, dmg(mod, e)))
+        out.append(_cand(config, m, n, dmg(mod, _error(mod.weight, config))))
     return out
 
 
@@ -211,12 +213,12 @@ def prune(mod: Module, dmg: Damage, floors: Floors) -> list[Candidate]:
     return out
 
 
-def losparse(mod: Module, dmg: Damage, floors: Floors, svd=None) -> list[Candidate]:
+def losparse(mod: Module, dmg: Damage, floors: Floors) -> list[Candidate]:
     m, n = mod.shape
     rmax = (m * n - 1) // (m + n)
     lo = _min_rank(mod, floors, min(m, n))
     ranks = sorted({max(lo, max(1, round(f * rmax))) for f in LOSPARSE_RANK_FRACTIONS})
-    u, s, vh = svd if svd is not None else _svd(mod.weight)
+    u, s, vh = _svd(mod.weight)
     out = []
     for r in ranks:
         resid = mod.weight - (u[:, :r] * s[:r]) @ vh[:r]
@@ -253,18 +255,14 @@ def mpo(mod: Module, dmg: Damage, floors: Floors) -> list[Candidate]:
             err2 = sum(float(np.sum(s[chi:] ** 2)) for s in spectra)
             d = dmg.relative(mod.name, err2, float(np.sum(w * w)))
         else:
-            ranks = [min(chi, d) for d in tt.full_bond_dims(mf, nf)]
-            approx = tt.tt_to_dense(tt.tt_svd(w, mf, nf, ranks=ranks))
-            d = dmg(mod, torch.from_numpy(w - approx).float())
+            d = dmg(mod, _error(mod.weight, config))
         out.append(Candidate(config, p, b, d))
     return out
 
 
-def caldera(mod: Module, dmg: Damage, floors: Floors, svd=None) -> list[Candidate]:
-    from compressors.quant import dequantize, grid, quantize
-
+def caldera(mod: Module, dmg: Damage, floors: Floors) -> list[Candidate]:
     m, n = mod.shape
-    u, s, vh = svd if svd is not None else _svd(mod.weight)
+    u, s, vh = _svd(mod.weight)
     lo = _min_rank(mod, floors, min(m, n))
     out = []
     for r in CALDERA_RANKS:
@@ -279,10 +277,8 @@ def caldera(mod: Module, dmg: Damage, floors: Floors, svd=None) -> list[Candidat
             p, b = config.cost(m, n)
             if b >= DENSE_BITS * m * n:
                 continue
-            gs = config.group_size
-            sc, z = grid(resid, bits, gs)
-            q = dequantize(quantize(resid, sc, z, bits, gs), sc, z, gs)
-            out.append(Candidate(config, p, b, dmg(mod, resid - q)))
+            rtn = make_config("quant", bits=bits, group_size=config.group_size)
+            out.append(Candidate(config, p, b, dmg(mod, _error(resid, rtn))))
     return out
 
 
@@ -306,7 +302,6 @@ def joint(group: list[Module], dmg: Damage, floors: Floors) -> list[Candidate]:
         norms = [_norm2(g.weight) for g in group]
     for k in ks:
         config = make_config("joint", rank=k)
-        params = k * (n + total_m)
         if dmg.spectral:
             d = sum(
                 dmg.relative(g.name, nrm - float(c[k - 1]), nrm)
@@ -317,7 +312,7 @@ def joint(group: list[Module], dmg: Damage, floors: Floors) -> list[Candidate]:
                 dmg(g, (g.weight.double() - p[:, :k] @ v[:, :k].T).float())
                 for g, p in zip(group, projections, strict=True)
             )
-        out.append(Candidate(config, params, DENSE_BITS * params, d))
+        out.append(_cand(config, total_m, n, d))
     return out
 
 
@@ -373,9 +368,10 @@ def units_for(
             cands = quant(mod, dmg, floors)
         elif method == "mpo":
             cands = mpo(mod, dmg, floors)
-        elif method in ("losparse", "caldera"):
-            svd = _svd(mod.weight)
-            cands = (losparse if method == "losparse" else caldera)(mod, dmg, floors, svd)
+        elif method == "losparse":
+            cands = losparse(mod, dmg, floors)
+        elif method == "caldera":
+            cands = caldera(mod, dmg, floors)
         elif method == "mixed":
             cands = lowrank(mod, dmg, floors, sigmas.get(mod.name))
             cands += quant(mod, dmg, floors) + prune(mod, dmg, floors)
