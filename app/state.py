@@ -130,9 +130,7 @@ def previewer(spec: str):
     key = f"previewer::{spec}"
     if key not in st.session_state:
         model, tok = loaded(spec)
-        pv = Previewer(model, tok)
-        pv.built = built_modules(spec)
-        st.session_state[key] = pv
+        st.session_state[key] = Previewer(model, tok, built=built_modules(spec))
     return st.session_state[key]
 
 
@@ -143,14 +141,9 @@ def row_error(spec: str, name: str, settings: tuple) -> float:
     from spectra.preview import module_error
 
     config = make_config(**dict(settings))
-    sigma = None
-    if config.method == "lowrank":
-        df, _ = analysis(spec)
-        sigma = df.filter(df["name"] == name)["sigma"].to_list()
-        sigma = sigma[0] if sigma else None
-    weight = None
-    if sigma is None or config.method != "lowrank" or config.rank is None:
-        weight = next(m for m in models.matrices(spec) if m.name == name).read()
+    sigma = sigmas(spec).get(name) if config.method == "lowrank" else None
+    spectral = sigma is not None and config.rank is not None and not config.whiten
+    weight = None if spectral else next(m for m in models.matrices(spec) if m.name == name).read()
     return module_error(weight, config, sigma)
 
 

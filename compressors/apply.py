@@ -148,12 +148,11 @@ class _Run:
 
     def _install(self, job: _Job, f, seconds: float) -> None:
         members, config, mods, weights, calib = job
-        biases = [m.bias.detach() if m.bias is not None else None for m in mods]
+        new = compact_modules(f, config, mods)
         if config.method == "joint":
-            new = f.member_modules(biases)
             dense = [f.member_dense(i) for i in range(len(members))]
         else:
-            new, dense = [f.as_module(biases[0])], [f.to_dense()]
+            dense = [f.to_dense()]
         for e, w, d, module in zip(members, weights, dense, new, strict=True):
             _set_module(self.model, e.name, module)
             self.factorizations[e.name] = f
@@ -187,11 +186,20 @@ class _Job(NamedTuple):
 def _factorize(job: _Job):
     """(factorization, seconds) of one module or one joint group."""
     t0 = time.perf_counter()
-    if job.config.method == "joint":
-        f = compress(job.weights, job.config, job.calib)
-    else:
-        f = compress(job.weights[0], job.config, job.calib)
+    f = factorize(job.config, job.weights, job.calib)
     return f, time.perf_counter() - t0
+
+
+def factorize(config, weights: list[torch.Tensor], calib=None):
+    """The factorization of one module's weight, or of a joint group's weights."""
+    return compress(weights if config.method == "joint" else weights[0], config, calib)
+
+
+def compact_modules(f, config, dense: list[nn.Module]) -> list[nn.Module]:
+    """The compact modules replacing `dense` (one module, or a joint group's members),
+    each keeping its dense module's bias."""
+    biases = [m.bias.detach() if m.bias is not None else None for m in dense]
+    return f.member_modules(biases) if config.method == "joint" else [f.as_module(biases[0])]
 
 
 def _by_block_with_calibration(model, state: _Run, calib_ids) -> None:
@@ -307,11 +315,18 @@ def _calib_rel(w, d, calib) -> float | None:
 
 
 def _rank_of(targets):
-    def rank_of(name, energy):
-        from spectra.metrics import energy_rank
-        from spectra.svd import singular_values
+    """rank_of(name, energy) from the singular values of the module's own weight."""
+    import functools
 
+    from spectra.metrics import energy_rank
+    from spectra.svd import singular_values
+
+    @functools.cache
+    def sigma(name):
         target, module = targets[name]
-        return energy_rank(singular_values(target.weight(module).double().numpy()), energy)
+        return singular_values(target.weight(module).double().numpy())
+
+    def rank_of(name, energy):
+        return energy_rank(sigma(name), energy)
 
     return rank_of

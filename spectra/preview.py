@@ -57,6 +57,10 @@ def module_error(weight: np.ndarray | torch.Tensor | None, config, sigma=None) -
     return float(relative_error(w, compress(w, config).to_dense()))
 
 
+def _joint(config) -> bool:
+    return config is not None and config.method == "joint"
+
+
 @dataclass
 class PreviewResult:
     ppl: float
@@ -84,76 +88,80 @@ class _Replay(nn.Module):
 class Previewer:
     """Incremental perplexity previews of per-module settings on one model."""
 
-    def __init__(self, model, tokenizer, corpus: str = "builtin", seqlen: int = 512):
-        from compressors.apply import _decoder_layers, linear_targets
+    def __init__(self, model, tokenizer, corpus: str = "builtin", seqlen: int = 512, built=None):
+        """`built`: a store of compressed modules to share (e.g. between app sessions)."""
+        from compressors.apply import _decoder_layers, _rank_of, linear_targets
         from spectra import eval as ev
 
         self.work = copy.deepcopy(model).eval()  # the caller's model is never touched
         self.targets = linear_targets(self.work)  # name -> (Target, dense module)
+        self.rank_of = _rank_of(self.targets)  # energy settings: the weight's own spectrum
         self.layers = _decoder_layers(self.work)
         self.ids = ev.token_stream(tokenizer, corpus, "eval")
         self.seqlen = seqlen
         self.current: dict[str, object] = {}  # name -> installed config
-        self.built: dict[tuple, list[nn.Module]] = {}  # (names, config) -> modules
+        self.built: dict[tuple, list[nn.Module]] = {} if built is None else built
         self.records: dict[int, list] | None = None  # tokens -> per-block outputs
         self.tokens: int | None = None
         self.dense_ppl: dict[int, float] = {}
         self.history: list[PreviewResult] = []
 
-    def _group(self, name: str, config) -> tuple[str, ...]:
-        if config is not None and config.method == "joint":
-            parent = name.rsplit(".", 1)[0]
-            return (parent,)
-        return (name,)
-
     def _install(self, layers: dict[str, object]) -> tuple[list[str], int]:
-        """Swap in the modules whose setting changed; returns (changed names, compressions)."""
-        from compressors.apply import _set_module, needs_data
-        from compressors.registry import compress
+        """Swap in the modules whose setting changed; returns (changed names, compressions).
 
+        `layers` is resolved like any plan (unknown modules and impossible settings are
+        errors; joint members form their parent's group, as `spectra apply` builds it).
+        """
+        from compressors.apply import (
+            _set_module,
+            compact_modules,
+            factorize,
+            needs_data,
+        )
+        from spectra.plan import Plan, resolve
+
+        resolved = resolve(Plan(layers=layers), [t for t, _ in self.targets.values()], self.rank_of)
+        entries = {e.name: e for e in resolved}
         changed = [n for n in self.targets if self.current.get(n) != layers.get(n)]
-        for n in layers:
-            if n not in self.targets:
-                raise SpectraInputError(f"layers.{n}: no such module in this model")
         bad = [n for n in changed if layers.get(n) is not None and needs_data(layers[n])]
         if bad:
             raise SpectraInputError(
                 f"{bad[0]}: {layers[bad[0]].method} needs calibration data; the preview "
                 "covers data-free settings (run `spectra apply` for this one)"
             )
-        # joint members are rebuilt together with their whole group
-        groups: dict[tuple, list[str]] = {}
-        for n in changed:
-            c = layers.get(n)
-            if c is not None and c.method == "joint":
-                parent = n.rsplit(".", 1)[0]
-                members = [
-                    m for m in self.targets if m.rsplit(".", 1)[0] == parent and layers.get(m) == c
-                ]
-                groups[(tuple(members), c)] = members
+        # a module leaving a joint group changes the group's shared V: rebuild its rest
+        left = {n.rsplit(".", 1)[0] for n in changed if _joint(self.current.get(n))}
+        regroup = [
+            n
+            for n in self.targets
+            if n not in changed and _joint(self.current.get(n)) and n.rsplit(".", 1)[0] in left
+        ]
+        units: dict[tuple[str, ...], None] = {}  # a changed module, or its whole joint group
+        for n in changed + regroup:
+            e = entries[n]
+            if e.group is None:
+                units[(n,)] = None
             else:
-                groups[((n,), c)] = [n]
+                group = (e.source, e.group)
+                units[tuple(x.name for x in entries.values() if (x.source, x.group) == group)] = (
+                    None
+                )
         compressions = 0
-        for (names, config), members in groups.items():
+        for names in units:
+            config = entries[names[0]].config
             if config is None:
-                for n in members:
-                    _set_module(self.work, n, self.targets[n][1])
-                    self.current.pop(n, None)
+                _set_module(self.work, names[0], self.targets[names[0]][1])
+                self.current.pop(names[0], None)
                 continue
             key = (names, config)
             if key not in self.built:
                 dense = [self.targets[n][1] for n in names]
                 weights = [self.targets[n][0].weight(d) for n, d in zip(names, dense, strict=True)]
-                biases = [d.bias.detach() if d.bias is not None else None for d in dense]
-                if config.method == "joint":
-                    f = compress(weights, config)
-                    self.built[key] = f.member_modules(biases)
-                else:
-                    self.built[key] = [compress(weights[0], config).as_module(biases[0])]
+                self.built[key] = compact_modules(factorize(config, weights), config, dense)
                 compressions += 1
             for n, module in zip(names, self.built[key], strict=True):
                 _set_module(self.work, n, module)
-                self.current[n] = config
+                self.current[n] = layers[n]
         return changed, compressions
 
     def preview(self, layers: dict[str, object], tokens: int = 2048) -> PreviewResult:
@@ -167,10 +175,8 @@ class Previewer:
             self.records, self.tokens = None, None
             self.dense_ppl[tokens] = self._score(batches, 0)
             self.tokens = tokens
-        blocks_before = {
-            self.targets[n][0].block for n in self.targets if self.current.get(n) != layers.get(n)
-        }
         changed, compressions = self._install(layers)
+        blocks_before = {self.targets[n][0].block for n in changed}
         if self.tokens != tokens:
             self.records = None
         first = None

@@ -37,6 +37,14 @@ def test_replayed_blocks_give_the_full_result_and_reverts_reuse_modules(demo):
     compressed, _, _ = apply(model, plan)
     ref = ev.perplexity(compressed, tok, max_tokens=1024)
     assert ref.ppl == pytest.approx(second.ppl, rel=1e-5)
+    # a joint group, then one member leaves it: the rest is rebuilt as apply builds it
+    attn = "model.layers.5.self_attn."
+    group = {**one, **{attn + r: make_config("joint", rank=40) for r in ("q_proj", "k_proj")}}
+    pv.preview(group, 1024)
+    smaller = {**one, attn + "q_proj": make_config("joint", rank=40)}
+    after = pv.preview(smaller, 1024)
+    assert after.changed == [attn + "k_proj"]
+    assert after.ppl == pytest.approx(Previewer(model, tok).preview(smaller, 1024).ppl, rel=1e-6)
     assert first.dense_ppl == pytest.approx(
         ev.perplexity(model, tok, max_tokens=1024).ppl, rel=1e-6
     )
