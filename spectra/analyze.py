@@ -63,6 +63,7 @@ def analyze(
     progress: Progress | None = None,
     settings: AnalysisSettings | None = None,
     info: dict | None = None,
+    cached_only: bool = False,
 ):
     """Analyse a model (spec as in `models.resolve`); returns a polars DataFrame.
 
@@ -75,6 +76,7 @@ def analyze(
         progress: called as progress(done, total, name) after each matrix.
         settings: full settings (overrides `cores`).
         info: if given, filled with `cached`, `device`, `fingerprint`, `matrices`.
+        cached_only: return the cached table, or None instead of computing it.
     """
     info = {} if info is None else info
     import polars as pl
@@ -86,6 +88,8 @@ def analyze(
     run = _run_cuda if device.startswith("cuda") else _run_cpu
     stamps = {f: cache.file_stamp(f) for f in source.files}
     hashes = _known_hashes(stamps) if use_cache else None
+    if cached_only and hashes is None:
+        return None  # these files were never analysed
     rows_by_name = None
     if hashes is None and run is _run_cpu:
         # first sight of these files: hash each tensor from the bytes read for the analysis
@@ -116,6 +120,8 @@ def analyze(
         if hit is not None:
             info.update(cached=True, device="cache")
             return hit
+    if cached_only:
+        return None
     if rows_by_name is None:
         rows = run(unique, settings, device, progress)
     else:
@@ -326,18 +332,10 @@ def _schema():
     }
 
 
-def energy_ranks(model: str):
-    """rank_of(name, energy) from the model's cached spectra, computed on first need."""
-    cache: dict = {}
-
-    def rank_of(name: str, energy: float) -> int:
-        if "df" not in cache:
-            cache["df"] = {
-                r["name"]: r["sigma"]
-                for r in analyze(model, with_mpo=False).select("name", "sigma").to_dicts()
-            }
-        from spectra.metrics import energy_rank
-
-        return energy_rank(cache["df"][name], energy)
-
-    return rank_of
+def spectra_by_name(spec: str, use_cache: bool = True) -> dict[str, list[float]]:
+    """Every matrix's singular values: from the cached default analysis when there is
+    one (the app's and `spectra analyze`'s), else from a spectra-only analysis."""
+    df = analyze(spec, cached_only=True) if use_cache else None
+    if df is None:
+        df = analyze(spec, with_mpo=False, use_cache=use_cache)
+    return {r["name"]: r["sigma"] for r in df.select("name", "sigma").to_dicts()}

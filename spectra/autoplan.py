@@ -160,10 +160,9 @@ def auto_plan(
     t = time.perf_counter()
     sigmas = None
     if dmg.spectral and method in ("lowrank", "joint", "mixed"):
-        from spectra.analyze import analyze
+        from spectra.analyze import spectra_by_name
 
-        df = analyze(spec, with_mpo=False, use_cache=use_cache).select("name", "sigma", "aliases")
-        sigmas = {r["name"]: r["sigma"] for r in df.to_dicts()}
+        sigmas = spectra_by_name(spec, use_cache)
     units = cands.units_for(modules, method, dmg, floors, sigmas)
     seconds["candidates"] = time.perf_counter() - t
     total = sum(u.params_before for u in units)

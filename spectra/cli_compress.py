@@ -7,7 +7,6 @@ import shlex
 import time
 from pathlib import Path
 
-from spectra.analyze import energy_ranks
 from spectra.errors import SpectraInputError
 from spectra.progress import progress_bar
 from spectra.roles import ROLES
@@ -19,7 +18,7 @@ def cmd_plan_show(args) -> int:
 
     plan = plans.load(args.plan)
     mats = models.matrices(args.model)
-    entries = plans.resolve(plan, mats, rank_of=energy_ranks(args.model))
+    entries = plans.resolve(plan, mats, rank_of=plans.energy_ranks(args.model))
     order = {r: i for i, r in enumerate(ROLES)}
     entries.sort(key=lambda e: (-1 if e.block is None else e.block, order.get(e.role, 99)))
     rows = [
@@ -144,7 +143,7 @@ def cmd_apply(args) -> int:
     if not out.parent.is_dir():
         raise SpectraInputError(f"{out}: directory {out.parent} does not exist")
     # the plan must fit the model before anything heavy is loaded
-    rank_of = energy_ranks(args.model)
+    rank_of = plans.energy_ranks(args.model)
     entries = plans.resolve(plan, models.matrices(args.model), rank_of=rank_of)
     from compressors import apply as applying
     from compressors import io

@@ -313,3 +313,19 @@ def _config(make_config, raw: dict, where: str):
         return make_config(method, **raw)
     except SpectraInputError as e:
         raise PlanError(f"{where}: {e}") from e
+
+
+def energy_ranks(model: str):
+    """rank_of(name, energy) from the model's cached spectra, computed on first need."""
+    cache: dict = {}
+
+    def rank_of(name: str, energy: float) -> int:
+        if "df" not in cache:
+            from spectra.analyze import spectra_by_name
+
+            cache["df"] = spectra_by_name(model)
+        from spectra.metrics import energy_rank
+
+        return energy_rank(cache["df"][name], energy)
+
+    return rank_of

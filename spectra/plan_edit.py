@@ -82,17 +82,10 @@ def totals(spec: str, layers: dict[str, dict], mats=None) -> dict:
 
     mats = mats if mats is not None else models.matrices(spec)
     plan = plans.parse({"layers": layers})
-    return plans.totals(plans.resolve(plan, mats, rank_of=energy_ranks(spec)))
-
-
-def energy_ranks(spec: str):
-    """rank_of(name, energy) from the model's cached spectra."""
-    from spectra.analyze import energy_ranks as ranks
-
-    return ranks(spec)
+    return plans.totals(plans.resolve(plan, mats, rank_of=plans.energy_ranks(spec)))
 
 
 def layers_from_plan(plan: plans.Plan, mats, spec: str) -> dict[str, dict]:
     """An imported plan (rules and layers) resolved to explicit per-module settings."""
-    entries = plans.resolve(plan, mats, rank_of=energy_ranks(spec))
+    entries = plans.resolve(plan, mats, rank_of=plans.energy_ranks(spec))
     return {e.name: config_to_dict(e.config) for e in entries if e.config is not None}

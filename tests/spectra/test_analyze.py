@@ -210,3 +210,16 @@ def test_streamed_falls_back_to_svd_when_ill_conditioned(tmp_path, monkeypatch):
     ref = scipy.linalg.svdvals(low.astype(np.float64))
     np.testing.assert_allclose(s[:3], ref[:3], rtol=1e-6)
     assert np.all(s[3:] < 1e-5 * s[0])
+
+
+def test_spectra_by_name_reads_whichever_analysis_is_cached(tiny_llama_dir):
+    from spectra.analyze import analyze, spectra_by_name
+
+    assert analyze(str(tiny_llama_dir), cached_only=True) is None  # nothing computed
+    info: dict = {}
+    full = analyze(str(tiny_llama_dir), info=info)
+    assert not info["cached"]
+    sigmas = spectra_by_name(str(tiny_llama_dir))
+    assert sigmas == {r["name"]: r["sigma"] for r in full.to_dicts()}
+    hit = analyze(str(tiny_llama_dir), with_mpo=False, cached_only=True)
+    assert hit is None  # served from the default analysis, no spectra-only table written
