@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench_quality import write_results
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 BUDGETS = (0.4, 0.5, 0.6, 0.8)
@@ -167,9 +169,8 @@ def main() -> None:
             flush=True,
         )
         del compressed
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2) + "\n")  # partial results survive
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+        write_results(args.out, results)  # finished rows survive an interruption
+    write_results(args.out, results)
     plot(results, RESULTS / "allocation.png")
     print(f"written to {args.out}")
 

@@ -27,6 +27,11 @@ CALIB = {"corpus": "builtin", "samples": 64, "seqlen": 512, "seed": 0}
 BLOCK_LINEARS = r"re:model\.layers\.\d+\.(self_attn\.[qkvo]|mlp\.(gate|up|down))_proj"
 
 
+def write_results(path: Path, results: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+
+
 def linears(model):
     from compressors.apply import linear_targets
 
@@ -208,9 +213,8 @@ def main() -> None:
             flush=True,
         )
         del compressed
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2) + "\n")  # partial results survive
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+        write_results(args.out, results)  # finished rows survive an interruption
+    write_results(args.out, results)
     print(f"written to {args.out}")
     assert math.isfinite(base.ppl)
 

@@ -26,22 +26,17 @@ def render() -> None:
         st.error(str(e))
         return
     st.write(f"{len(layers)} modules with explicit settings; every other module stays dense.")
-    c = st.columns(2)
-    c[0].download_button(
-        "Download plan.yaml",
-        plans.dumps(plan, "yaml"),
-        "plan.yaml",
-        "application/x-yaml",
-        key="export_yaml",
-        type="primary",
-    )
-    c[1].download_button(
-        "Download plan.json",
-        plans.dumps(plan, "json"),
-        "plan.json",
-        "application/json",
-        key="export_json",
-    )
+    for col, fmt, mime in zip(
+        st.columns(2), ("yaml", "json"), ("application/x-yaml", "application/json"), strict=True
+    ):
+        col.download_button(
+            f"Download plan.{fmt}",
+            plans.dumps(plan, fmt),
+            f"plan.{fmt}",
+            mime,
+            key=f"export_{fmt}",
+            type="primary" if fmt == "yaml" else "secondary",
+        )
     tokens = (st.session_state.preview_history or [{}])[-1].get("tokens", 2048)
     st.code(
         f"spectra plan show plan.yaml --model {shlex.quote(spec)}\n"

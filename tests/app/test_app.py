@@ -115,24 +115,16 @@ def test_auto_allocate_fills_the_table(on_tiny):
     assert float(kept.rstrip("%")) <= 50.0
 
 
+def upload(at, text: bytes) -> None:
+    at.file_uploader(key="import_file").set_value(("plan.yaml", text, "application/x-yaml")).run()
+
+
 def test_invalid_plan_file_on_import_shows_an_error(on_tiny):
     at = run_page("export")
-    at.file_uploader(key="import_file").set_value(
-        (
-            "plan.yaml",
-            b"layers:\n  model.layers.0.mlp.up_proj: {method: lowrank, rank: 0}\n",
-            "application/x-yaml",
-        )
-    ).run()
+    upload(at, b"layers:\n  model.layers.0.mlp.up_proj: {method: lowrank, rank: 0}\n")
     assert not at.exception
     assert "rank" in at.error[0].value and "plan.yaml" in at.error[0].value
-    at.file_uploader(key="import_file").set_value(
-        (
-            "plan.yaml",
-            b"layers:\n  model.layers.0.mlp.up_proj: {method: lowrank, rank: 5}\n",
-            "application/x-yaml",
-        )
-    ).run()
+    upload(at, b"layers:\n  model.layers.0.mlp.up_proj: {method: lowrank, rank: 5}\n")
     assert not at.error
     at.button(key="import_go").click().run()
     assert at.session_state.plan_layers == {

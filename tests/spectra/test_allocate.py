@@ -56,21 +56,27 @@ def test_lowrank_candidates_are_the_truncation_errors():
         assert c.damage == pytest.approx(want, rel=1e-4)
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_greedy_lowrank_equals_brute_force_with_equal_costs(seed):
-    """Equal m + n: the greedy over sigma^2 per parameter is the exact optimum at every
-    budget (every unit's steps cost the same, the curves are convex)."""
-    rng = np.random.default_rng(seed)
-    units = spectral_units(rng, [(9, 7), (8, 8), (10, 6)])
-    total = sum(u.params_before for u in units)
+def allocations(units, step=2):
+    """(budget, chosen) at every budget up to the largest candidates; a budget the
+    allocator refuses must be one that brute force cannot meet either."""
     total = sum(u.candidates[-1].params for u in units)
-    for budget in range(0, total + 1, 2):
+    for budget in range(0, total + 1, step):
         try:
             chosen = allocate(units, budget)
         except BudgetError:
             assert brute_force(units, budget) is None
             continue
         assert sum(c.params for c in chosen) <= budget
+        yield budget, chosen
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_greedy_lowrank_equals_brute_force_with_equal_costs(seed):
+    """Equal m + n: the greedy over sigma^2 per parameter is the exact optimum at every
+    budget (every unit's steps cost the same, the curves are convex)."""
+    rng = np.random.default_rng(seed)
+    units = spectral_units(rng, [(9, 7), (8, 8), (10, 6)])
+    for budget, chosen in allocations(units):
         assert sum(c.damage for c in chosen) == pytest.approx(brute_force(units, budget), abs=1e-12)
 
 
@@ -80,18 +86,10 @@ def test_greedy_lowrank_is_exact_where_it_stops_and_never_over_budget(seed):
     knapsack that ends integral); at any budget, never over it and within one step."""
     rng = np.random.default_rng(100 + seed)
     units = spectral_units(rng, [(9, 5), (6, 8), (12, 4)])
-    total = sum(u.params_before for u in units)
     steps = [max(c.damage for c in u.candidates) for u in units]
-    total = sum(u.candidates[-1].params for u in units)
-    for budget in range(0, total + 1, 2):
-        try:
-            chosen = allocate(units, budget)
-        except BudgetError:
-            assert brute_force(units, budget) is None
-            continue
+    for budget, chosen in allocations(units):
         spent = sum(c.params for c in chosen)
         got = sum(c.damage for c in chosen)
-        assert spent <= budget
         assert got == pytest.approx(brute_force(units, spent), abs=1e-12)
         assert got <= brute_force(units, budget) + max(steps) + 1e-12
 
