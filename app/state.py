@@ -196,19 +196,19 @@ def sensitivity_scores(spec: str, kind: str, tokens: int, progress=None):
     from spectra import sensitivity as sens
 
     settings = sens.SensitivitySettings(kind=kind, tokens=tokens)
-    sens.compute(spec, settings, progress=progress, model=loaded(spec)[0])
-    return _sensitivity_scores(spec, kind, tokens)
+    result = sens.compute(spec, settings, progress=progress, model=loaded(spec)[0])
+    return _sensitivity_scores(spec, kind, tokens, _result=result)
 
 
 @st.cache_data(show_spinner=False)
-def _sensitivity_scores(spec: str, kind: str, tokens: int):
+def _sensitivity_scores(spec: str, kind: str, tokens: int, _result=None):
+    """Scores from `_result` (the sensitivity of spec/kind/tokens; not part of the key)."""
     import polars as pl
     import torch
 
     from spectra import sensitivity as sens
 
-    settings = sens.SensitivitySettings(kind=kind, tokens=tokens)
-    result = sens.compute(spec, settings, model=loaded(spec)[0])
+    result = _result
     mats = {m.name: m for m in models.matrices(spec)}
     weights = None
     if kind == "fisher":
