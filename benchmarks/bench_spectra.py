@@ -249,8 +249,12 @@ def bench_memory(args, layers: int) -> dict:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     workers = min(os.cpu_count() or 1, 8)
-    # per worker: the largest matrix in float64, and its reshuffled float64 copy
-    bound_mb = workers * sp["largest_matrix_elements"] * (8 + 8) / 2**20
+    # per worker: the largest matrix as read (float32 here) and the float64 blocks that
+    # are summed into its Grams (spectra.svd.CHUNK_BYTES each, one for the spectrum, one
+    # for the bond unfoldings)
+    from spectra.svd import CHUNK_BYTES
+
+    bound_mb = workers * (sp["largest_matrix_elements"] * 4 + 2 * CHUNK_BYTES) / 2**20
     return dict(
         checkpoint_mb=meta["bytes_on_disk"] / 2**20,
         matrices=meta["matrices"],

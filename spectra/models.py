@@ -60,8 +60,9 @@ class Matrix:
         return w.T if self.transposed else w
 
     def read_scratch(self, hashes: dict | None = None) -> np.ndarray:
-        """(out, in) float64 in this thread's scratch buffer, valid until its next read."""
-        w = self.ref.read_float64(hashes)
+        """(out, in) float32 (float64 if stored so) in this thread's scratch buffer,
+        valid until its next read."""
+        w = self.ref.read_float(hashes)
         return w.T if self.transposed else w
 
 

@@ -18,7 +18,7 @@ import math
 import numpy as np
 
 from spectra import scratch
-from spectra.svd import singular_values
+from spectra.svd import CHUNK_BYTES, gram_of_blocks, gram_spectrum
 
 MIN_CORES, MAX_CORES = 2, 6
 
@@ -89,16 +89,47 @@ def bond_spectra(w: np.ndarray, mf, nf) -> list[np.ndarray]:
 
     Singular values do not depend on the order of the row or column indices of the
     unfolding, so bond k needs only W viewed as (m_<=k, m_>k, n_<=k, n_>k) with the two
-    middle axes swapped: one 4-D block reshuffle instead of the full interleaving.
+    middle axes swapped. That reshuffle is never made whole: `bond_gram` sums the
+    unfolding's smaller Gram from cache-sized reshuffled blocks (float64 even when `w`
+    is float32), and only an ill-conditioned bond is reshuffled whole for an SVD.
     """
-    w = np.asarray(w, dtype=np.float64)
     m, n = w.shape
     out = []
     for k in range(1, len(mf)):
         ml, nl = math.prod(mf[:k]), math.prod(nf[:k])
-        u = _reshuffle(w, ml, m // ml, nl, n // nl)
-        out.append(singular_values(u))
+        s = gram_spectrum(bond_gram(w, ml, nl))
+        if s is None:
+            u = _reshuffle(np.asarray(w, dtype=np.float64), ml, m // ml, nl, n // nl)
+            s = np.linalg.svd(u, compute_uv=False)
+        out.append(s)
     return out
+
+
+def bond_gram(w: np.ndarray, ml: int, nl: int) -> np.ndarray:
+    """Smaller Gram of the (ml nl, mr nr) unfolding of W viewed as (ml, mr, nl, nr).
+
+    Tall unfolding: blocks of whole m_<=k slices (rows of W) give whole rows of the
+    unfolding, G = sum B^T B. Wide: blocks of m_>k slices give whole rows of its
+    transpose, G = sum B B^T. Either way each block is one in-cache reshuffle.
+    """
+    m, n = w.shape
+    mr, nr = m // ml, n // nl
+    w4 = w.reshape(ml, mr, nl, nr)
+    per = CHUNK_BYTES // 8
+    if ml * nl >= mr * nr:
+        step = max(1, per // (mr * n))
+        blocks = (_block(w4[a : a + step].transpose(0, 2, 1, 3)) for a in range(0, ml, step))
+    else:
+        step = max(1, per // (ml * nl * nr))
+        blocks = (_block(w4[:, c : c + step].transpose(0, 2, 1, 3)).T for c in range(0, mr, step))
+    return gram_of_blocks(blocks)
+
+
+def _block(view: np.ndarray) -> np.ndarray:
+    """A 4-D view (a, b, c, d) copied (and widened) into float64 scratch as (a b, c d)."""
+    buf = scratch.buffer("bond_block", view.size).reshape(view.shape)
+    np.copyto(buf, view)
+    return buf.reshape(view.shape[0] * view.shape[1], -1)
 
 
 def _reshuffle(w: np.ndarray, ml: int, mr: int, nl: int, nr: int) -> np.ndarray:

@@ -68,23 +68,25 @@ class TensorRef:
             arr = (arr.astype(np.uint32) << 16).view(np.float32)
         return arr.astype(dtype, copy=False)
 
-    def read_float64(self, hashes: dict | None = None) -> np.ndarray:
-        """The tensor as float64 in this thread's scratch buffer (valid until the next call).
+    def read_float(self, hashes: dict | None = None) -> np.ndarray:
+        """The tensor in this thread's scratch buffer (valid until the next call), as
+        float64 when stored as F64 and float32 otherwise (16-bit floats widen exactly).
 
-        The file's bytes are read into the tail of the float64 buffer and widened in
-        place, front to back, so no second buffer of the raw size is ever touched
-        (fresh memory is the slowest part of reading a checkpoint). With `hashes`,
-        the content hash of the bytes is stored under this tensor's name.
+        The file's bytes are read into the tail of the buffer and a 16-bit tensor is
+        widened in place, front to back, so no second buffer of the raw size is ever
+        touched (fresh memory is the slowest part of reading a checkpoint). With
+        `hashes`, the content hash of the bytes is stored under this tensor's name.
         """
         from spectra import cache, scratch
 
+        wide = np.float64 if self.dtype == "F64" else np.float32
         n = int(np.prod(self.shape, dtype=np.int64))
-        out = scratch.buffer("w64", n)
-        raw = out.view(np.uint8)[8 * n - self.nbytes :]
+        out = scratch.buffer("weight", n, wide)
+        raw = out.view(np.uint8)[out.nbytes - self.nbytes :]
         self.read_bytes(raw)
         if hashes is not None:
             hashes[self.name] = cache.hash_bytes(raw)
-        if self.dtype != "F64":
+        if self.dtype not in ("F64", "F32"):
             _widen_in_place(out, raw, self.dtype)
         return out.reshape(self.shape)
 
@@ -121,15 +123,16 @@ def iter_row_chunks(ref: TensorRef, rows: int, hashes: dict | None = None):
 def _widen_in_place(out: np.ndarray, raw: np.ndarray, dtype: str) -> None:
     """Convert the elements stored in `raw` (the tail of `out`'s bytes) into `out`.
 
-    Chunk [i0, i1) is written to bytes [8 i0, 8 i1), which must end before the source
-    bytes of element i0: 8 i1 <= 8n - e n + e i0 for element size e. The chunks grow
-    geometrically smaller, and the last few elements go through a small copy.
+    With element sizes e (source) and t (out), chunk [i0, i1) is written to bytes
+    [t i0, t i1), which must end before the source bytes of element i0:
+    t i1 <= t n - e n + e i0. The chunks grow geometrically smaller, and the last few
+    elements go through a small copy.
     """
-    n, e = out.size, _DTYPES[dtype][1]
+    n, e, t = out.size, _DTYPES[dtype][1], out.itemsize
     src = raw.view(_DTYPES[dtype][0])
     i0 = 0
     while True:
-        i1 = (8 * n - e * n + e * i0) // 8
+        i1 = (t * n - e * n + e * i0) // t
         if i1 - i0 < 4096:
             break
         np.copyto(out[i0:i1], _as_float(src[i0:i1], dtype))

@@ -51,6 +51,31 @@ def test_bond_spectra_equal_explicit_unfoldings(shape, k, random_state):
         np.testing.assert_allclose(s, ref[: len(s)], rtol=1e-9, atol=1e-12 * ref[0])
 
 
+@pytest.mark.parametrize("layout", ["float64", "float32", "transposed"])
+def test_bond_spectra_from_many_small_blocks(layout, monkeypatch):
+    """Bond Grams summed over blocks a few rows long, from float32 and strided input, for
+    a wide bond (4 x 180) and a tall one (36 x 20), match the explicit unfoldings."""
+    monkeypatch.setattr(mpo, "CHUNK_BYTES", 8 * 100)  # 100 float64s: 6 and 12 blocks
+    w = np.random.default_rng(3).standard_normal((24, 30))
+    if layout == "float32":
+        w = w.astype(np.float32)
+    elif layout == "transposed":
+        w = np.asfortranarray(w)
+    mf, nf = mpo.factorize(24, 3), mpo.factorize(30, 3)
+    unfolds = [math.prod(mf[: k + 1]) * math.prod(nf[: k + 1]) for k in range(2)]
+    assert unfolds[0] < 720 // unfolds[0] and unfolds[1] > 720 // unfolds[1]  # wide, tall
+    blocks = []
+    real = mpo.gram_of_blocks
+    monkeypatch.setattr(
+        mpo, "gram_of_blocks", lambda bs: real(b for b in bs if blocks.append(1) or 1)
+    )
+    spectra = mpo.bond_spectra(w, mf, nf)
+    assert len(blocks) >= 12
+    for b, s in enumerate(spectra):
+        ref = explicit_unfolding_svals(w.astype(np.float64), mf, nf, b)
+        np.testing.assert_allclose(s, ref[: len(s)], rtol=1e-9, atol=1e-12 * ref[0])
+
+
 @pytest.mark.parametrize("random_state", [1, 1234])
 def test_tt_svd_matches_tensorly(random_state):
     tl_decomp = pytest.importorskip("tensorly.decomposition")
@@ -83,6 +108,15 @@ def test_planted_tt_rank_is_recovered(random_state, planted):
     assert mpo.chi_for_eps(spectra, 1e-8) == ranks
     rebuilt = mpo.tt_to_dense(mpo.tt_svd(w, mf, nf, eps=1e-8))
     np.testing.assert_allclose(rebuilt, w, atol=1e-9 * np.abs(w).max())
+
+
+def test_planted_tt_rank_from_blocks_falls_back_to_the_unfolding_svd(planted, monkeypatch):
+    """A rank-deficient bond (spectrum below the Gram floor) is recomputed by SVD."""
+    monkeypatch.setattr(mpo, "CHUNK_BYTES", 8 * 64)
+    w, mf, nf, ranks = planted(7)
+    spectra = mpo.bond_spectra(w, mf, nf)
+    for s, rk in zip(spectra, ranks, strict=True):
+        assert np.all(s[:rk] > 1e-6 * s[0]) and np.all(s[rk:] < 1e-10 * s[0])
 
 
 @pytest.mark.parametrize("eps", [0.02, 0.1, 0.3, 0.6])

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
+from spectra import svd
 from spectra.svd import singular_values, singular_values_torch
 
 
@@ -48,6 +49,29 @@ def ill_conditioned(rng, m, n, decades):
 def test_matches_float64_svd(make, random_state):
     w = make(np.random.default_rng(random_state))
     assert_spectrum_close(singular_values(w), reference(w))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda rng: rng.standard_normal((300, 40)).astype(np.float32),
+        lambda rng: rng.standard_normal((40, 300)).astype(np.float32),
+        lambda rng: np.asfortranarray(rng.standard_normal((300, 40))).T[:, ::2],
+        lambda rng: ill_conditioned(rng, 200, 50, 8).astype(np.float32),
+    ],
+    ids=["tall-f32", "wide-f32", "strided", "cond1e8-f32"],
+)
+def test_gram_summed_from_blocks(make, monkeypatch):
+    """Input that is not contiguous float64 is widened block by block (7 rows here)."""
+    monkeypatch.setattr(svd, "CHUNK_BYTES", 8 * 40 * 7)
+    w = make(np.random.default_rng(9))
+    blocks = []
+    real = svd.gram_of_blocks
+    monkeypatch.setattr(
+        svd, "gram_of_blocks", lambda bs: real(b for b in bs if blocks.append(b.shape) or 1)
+    )
+    assert_spectrum_close(singular_values(w), reference(w))
+    assert len(blocks) > 5 and all(b[0] <= 7 for b in blocks)
 
 
 def test_planted_rank_has_exactly_r_nonzero():
