@@ -223,3 +223,22 @@ def test_spectra_by_name_reads_whichever_analysis_is_cached(tiny_llama_dir):
     assert sigmas == {r["name"]: r["sigma"] for r in full.to_dicts()}
     hit = analyze(str(tiny_llama_dir), with_mpo=False, cached_only=True)
     assert hit is None  # served from the default analysis, no spectra-only table written
+
+
+def test_transposed_conv1d_rows_equal_the_out_by_in_matrix(tiny_gpt2_dir, monkeypatch):
+    """GPT-2 Conv1D weights are analysed as (out, in) strided views, block by block."""
+    from spectra import mpo, svd
+
+    monkeypatch.setattr(svd, "CHUNK_BYTES", 8 * 200)
+    monkeypatch.setattr(mpo, "CHUNK_BYTES", 8 * 200)
+    df = an.analyze(str(tiny_gpt2_dir), use_cache=False)
+    row = df.filter(pl.col("name") == "transformer.h.1.mlp.c_fc").row(0, named=True)
+    w = load_file(tiny_gpt2_dir / "model.safetensors")["transformer.h.1.mlp.c_fc.weight"]
+    w = np.ascontiguousarray(w.T, dtype=np.float64)  # stored (in, out): 32 x 128
+    assert (row["shape_m"], row["shape_n"]) == w.shape == (128, 32)
+    np.testing.assert_allclose(row["sigma"], scipy.linalg.svdvals(w), rtol=1e-10)
+    mf, nf = tuple(row["mpo_m"]), tuple(row["mpo_n"])
+    for k, got in enumerate(row["bond_spectra"], 1):
+        ml, nl = int(np.prod(mf[:k])), int(np.prod(nf[:k]))
+        u = w.reshape(ml, 128 // ml, nl, 32 // nl).transpose(0, 2, 1, 3).reshape(ml * nl, -1)
+        np.testing.assert_allclose(got, scipy.linalg.svdvals(u), rtol=1e-9, atol=1e-12)
