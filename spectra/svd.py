@@ -10,7 +10,8 @@ down to eps * sigma_max.
 
 A matrix that is not float64 and contiguous already (float32 weights, strided views)
 is widened in row blocks of CHUNK_BYTES, each summed into the Gram while it is
-still in cache, so no float64 copy of the whole matrix is ever made.
+still in cache: a float64 copy of the whole matrix is made only for the SVD
+fallback.
 
 On the CPU, numpy (OpenBLAS) is used matrix by matrix from a thread pool with one
 BLAS thread per worker: measured on 2 cores, that is 1.4x the throughput of torch's
