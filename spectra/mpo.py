@@ -99,7 +99,7 @@ def bond_spectra(w: np.ndarray, mf, nf) -> list[np.ndarray]:
         ml, nl = math.prod(mf[:k]), math.prod(nf[:k])
         s = gram_spectrum(bond_gram(w, ml, nl))
         if s is None:
-            u = _reshuffle(np.asarray(w, dtype=np.float64), ml, m // ml, nl, n // nl)
+            u = _reshuffle(w, ml, m // ml, nl, n // nl)  # widened by the copy
             s = np.linalg.svd(u, compute_uv=False)
         out.append(s)
     return out
@@ -133,7 +133,8 @@ def _block(view: np.ndarray) -> np.ndarray:
 
 
 def _reshuffle(w: np.ndarray, ml: int, mr: int, nl: int, nr: int) -> np.ndarray:
-    """(ml*mr, nl*nr) -> (ml*nl, mr*nr), [(a,b),(c,d)] -> [(a,c),(b,d)], in a reused buffer."""
+    """(ml*mr, nl*nr) -> (ml*nl, mr*nr), [(a,b),(c,d)] -> [(a,c),(b,d)], in a reused
+    float64 buffer (any float input is widened by the copy)."""
     buf = scratch.buffer("reshuffle", w.size)
     out = buf.reshape(ml, nl, mr, nr)
     np.copyto(out, w.reshape(ml, mr, nl, nr).transpose(0, 2, 1, 3))
