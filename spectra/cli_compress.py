@@ -194,7 +194,7 @@ def calibration_windows(tokenizer, spec):
 
     from spectra import eval as ev
 
-    ids = ev.windows(ev.token_stream(tokenizer, spec.corpus, "calib"), spec.seqlen)
+    ids = ev.token_stream(tokenizer, spec.corpus, "calib").windows(spec.seqlen)
     pick = torch.randperm(ids.shape[0], generator=torch.Generator().manual_seed(spec.seed))
     return ids[pick[: spec.samples]]
 
@@ -233,10 +233,12 @@ def cmd_eval(args) -> int:
     if args.json:
         print(json.dumps(result))
         return 0
+    peak = "" if result["peak_mb"] is None else f", peak memory +{result['peak_mb']:.0f} MB"
     print(
         f"{args.model}: perplexity {result['ppl']:.3f} on {result['corpus']} "
         f"({result['split']}), {result['tokens']} tokens in {result['windows']} windows of "
-        f"{result['seqlen']}, {result['dtype']}, {result['seconds']:.1f} s"
+        f"{result['seqlen']}{' (each BOS + text)' if result['bos'] else ''}, "
+        f"{result['dtype']}, {result['seconds']:.1f} s{peak}"
     )
     if "baseline" in result:
         b = result["baseline"]

@@ -1,9 +1,15 @@
 """Perplexity, as GPTQ / SVD-LLM / Wanda report it.
 
-The texts are joined with "\\n\\n" and tokenized once; the token stream is cut into
-non-overlapping windows of `seqlen` tokens (the tail that does not fill a window is
-dropped); each window's mean next-token NLL comes from the model, and
-ppl = exp(mean over windows). Corpora:
+The texts are joined with "\\n\\n" and tokenized once, without special tokens; the
+token stream is cut into non-overlapping windows (the tail that does not fill a window
+is dropped); each window's mean next-token NLL comes from the model, and
+ppl = exp(mean over windows). When the tokenizer adds a BOS token by default
+(Llama-2/3, Gemma, Mistral), every window is BOS + (seqlen - 1) text tokens and all of
+its text tokens are scored, as lm-evaluation-harness does; otherwise a window is
+seqlen text tokens and its first token is context only. Eval, the previews, the
+sensitivity probes and calibration all cut their windows with `windows`. The NLL is
+computed from the final hidden states in chunks of positions, so memory does not grow
+with vocabulary x batch x seqlen. Corpora:
 - `builtin`: the Python reference documentation that ships with CPython
   (`pydoc_data.topics`, 79 topics, about 113k SmolLM2 tokens), split by topic: every
   fourth topic in sorted order is the evaluation part, the rest the calibration part;
@@ -18,6 +24,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from spectra import memory
 from spectra.errors import SpectraInputError
 
 SPLITS = ("eval", "calib")
@@ -34,6 +41,8 @@ class PerplexityResult:
     split: str
     dtype: str
     seconds: float
+    bos: bool = False  # every window starts with the tokenizer's BOS token
+    peak_mb: float | None = None  # peak memory above the start (RSS on CPU, CUDA allocated)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -71,36 +80,130 @@ def corpus_texts(corpus: str = "builtin", split: str = "eval") -> list[str]:
         ) from e
 
 
-def token_stream(tokenizer, corpus: str = "builtin", split: str = "eval"):
-    """The corpus split joined with blank lines and tokenized once, as a 1-D LongTensor."""
+@dataclass(frozen=True)
+class Tokens:
+    """A corpus split's text tokens (no special tokens) and the BOS id every window gets."""
+
+    ids: object  # 1-D LongTensor
+    bos: int | None = None
+
+    def windows(self, seqlen: int, max_tokens: int | None = None):
+        return windows(self.ids, seqlen, max_tokens, self.bos)
+
+
+def bos_token(tokenizer) -> int | None:
+    """The BOS id when `tokenizer` prepends it by default, else None (probed, not assumed)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return bos if with_special[:1] == [bos] and plain[:1] != [bos] else None
+
+
+def token_stream(tokenizer, corpus: str = "builtin", split: str = "eval") -> Tokens:
+    """The corpus split joined with blank lines and tokenized once (no special tokens)."""
     import torch
 
     text = "\n\n".join(corpus_texts(corpus, split))
     ids = tokenizer(text, return_tensors=None, add_special_tokens=False)["input_ids"]
-    return torch.tensor(ids, dtype=torch.long)
+    return Tokens(torch.tensor(ids, dtype=torch.long), bos_token(tokenizer))
 
 
-def windows(ids, seqlen: int, max_tokens: int | None = None):
-    """(n_windows, seqlen) non-overlapping windows; the tail is dropped."""
+def windows(ids, seqlen: int, max_tokens: int | None = None, bos: int | None = None):
+    """(n_windows, seqlen) non-overlapping windows; the tail is dropped.
+
+    With `bos`, each window is bos + (seqlen - 1) text tokens. `max_tokens` caps the
+    window tokens (max_tokens // seqlen windows at most).
+    """
+    import torch
+
     if seqlen < 2:
         raise SpectraInputError(f"seqlen={seqlen}: must be at least 2")
+    text = seqlen - (bos is not None)
+    n = ids.numel() // text
     if max_tokens is not None:
-        ids = ids[:max_tokens]
-    n = ids.numel() // seqlen
+        n = min(n, max_tokens // seqlen)
     if n == 0:
         raise SpectraInputError(f"only {ids.numel()} tokens: not one window of seqlen={seqlen}")
-    return ids[: n * seqlen].reshape(n, seqlen)
+    out = ids[: n * text].reshape(n, text)
+    if bos is not None:
+        out = torch.cat([torch.full((n, 1), bos, dtype=out.dtype), out], dim=1)
+    return out
+
+
+CHUNK_ELEMENTS = 2**24  # logits per chunk: 64 MB of float32
 
 
 def window_nll(model, x):
-    """Mean next-token NLL of each window of x (B, seqlen), float64 on the CPU."""
+    """Mean next-token NLL of each window of x (B, seqlen), float64 on the CPU.
+
+    The head runs on chunks of positions of the final hidden states (the model itself
+    computes logits for the last position only), so the full (B, seqlen, vocab) logits
+    never exist. The chunked logits are checked against the model's own at the last
+    position; a model whose logits are not head(hidden) (a softcap is applied where
+    the config has one) is scored from its full logits instead.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    hidden, last = _final_hidden(model, x)
+    finish = _logit_transform(model, hidden, last) if hidden is not None else None
+    if finish is None:
+        logits = model(x, use_cache=False).logits[:, :-1]
+        h, head = logits.reshape(-1, logits.shape[-1]), None
+    else:
+        h, head = hidden[:, :-1].reshape(-1, hidden.shape[-1]), model.get_output_embeddings()
+    targets = x[:, 1:].reshape(-1)
+    vocab = model.config.get_text_config().vocab_size
+    rows = max(1, CHUNK_ELEMENTS // max(vocab, 1))
+    nll = torch.empty(targets.numel(), dtype=torch.float32, device=x.device)
+    for lo in range(0, targets.numel(), rows):
+        chunk = h[lo : lo + rows] if head is None else finish(head(h[lo : lo + rows]))
+        nll[lo : lo + rows] = F.cross_entropy(
+            chunk.float(), targets[lo : lo + rows], reduction="none"
+        )
+    return nll.reshape(x.shape[0], -1).mean(dim=1).double().cpu()
+
+
+def _final_hidden(model, x):
+    """(final hidden states (B, T, d), the model's own last-position logits), or
+    (None, None) when the model cannot compute logits for the last position alone."""
+    base = model.get_decoder()  # what the head reads (OPT's decoder, not its base model)
+    got = {}
+
+    def grab(module, args, out):
+        got["h"] = out[0]  # last_hidden_state of a ModelOutput or a tuple
+
+    hook = base.register_forward_hook(grab)
+    try:
+        out = model(x, use_cache=False, logits_to_keep=1)
+    except TypeError:  # a model without logits_to_keep
+        return None, None
+    finally:
+        hook.remove()
+    if "h" not in got or out.logits.shape[1] != 1:
+        return None, None
+    return got["h"], out.logits
+
+
+def _logit_transform(model, hidden, last):
+    """The function f with logits = f(head(hidden)) that reproduces the model's own
+    last-position logits, or None when neither identity nor the config's softcap does."""
     import torch
 
-    logits = model(x, use_cache=False).logits[:, :-1].float()
-    nll = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="none"
-    ).reshape(x.shape[0], -1)
-    return nll.mean(dim=1).double().cpu()
+    head = model.get_output_embeddings()
+    if head is None:
+        return None
+    raw = head(hidden[:, -1:]).float()
+    cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    options = [lambda z: z]
+    if cap:
+        options.append(lambda z: torch.tanh(z / cap) * cap)
+    for f in options:
+        if torch.allclose(f(raw), last.float(), rtol=1e-4, atol=1e-4):
+            return f
+    return None
 
 
 def perplexity(
@@ -111,7 +214,7 @@ def perplexity(
     seqlen: int = 512,
     max_tokens: int | None = None,
     batch_size: int = 4,
-    ids=None,
+    ids: Tokens | None = None,
     progress=None,
 ) -> PerplexityResult:
     """Perplexity of `model` on a corpus split (see the module docstring for the convention)."""
@@ -120,10 +223,11 @@ def perplexity(
     t0 = time.perf_counter()
     if ids is None:
         ids = token_stream(tokenizer, corpus, split)
-    batches = windows(ids, seqlen, max_tokens)
+    batches = ids.windows(seqlen, max_tokens)
     device = next(model.parameters()).device
+    memory.page_in(model.parameters())  # the model's own pages are not the evaluation's
     losses = []
-    with torch.no_grad():
+    with memory.peak(device) as peak, torch.no_grad():
         for lo in range(0, batches.shape[0], batch_size):
             losses.append(window_nll(model, batches[lo : lo + batch_size].to(device)))
             if progress:
@@ -140,4 +244,6 @@ def perplexity(
         split,
         dtype,
         time.perf_counter() - t0,
+        ids.bos is not None,
+        peak.mb,
     )

@@ -166,10 +166,9 @@ class Previewer:
 
     def preview(self, layers: dict[str, object], tokens: int = 2048) -> PreviewResult:
         """Perplexity of the model with `layers` (module name -> config) on `tokens`."""
-        from spectra import eval as ev
 
         t0 = time.perf_counter()
-        batches = ev.windows(self.ids, self.seqlen, tokens)
+        batches = self.ids.windows(self.seqlen, tokens)
         if tokens not in self.dense_ppl:
             self._install({})
             self.records, self.tokens = None, None

@@ -89,9 +89,8 @@ def fingerprint(spec: str) -> str:
 def _windows(tokenizer, settings: SensitivitySettings, split: str):
     from spectra import eval as ev
 
-    return ev.windows(ev.token_stream(tokenizer, settings.corpus, split), settings.seqlen)[
-        : settings.tokens // settings.seqlen
-    ]
+    stream = ev.token_stream(tokenizer, settings.corpus, split)
+    return stream.windows(settings.seqlen, settings.tokens)
 
 
 def fisher(model, windows, progress=None) -> dict[str, torch.Tensor]:
@@ -117,7 +116,7 @@ def fisher(model, windows, progress=None) -> dict[str, torch.Tensor]:
             for (name, _), g in zip(params.items(), grads, strict=True):
                 acc[name] += g.float().pow(2) / tokens
             if progress:
-                progress(i + 1, len(windows), "fisher")
+                progress(i + 1, len(windows), "windows")
     finally:
         for p, flag in saved.items():
             p.requires_grad_(flag)
@@ -193,7 +192,11 @@ def compute(
         tokenizer = models.load_tokenizer(spec)
         model = model if model is not None else models.load(spec, device)
         return hessians(model, _windows(tokenizer, settings, "calib"), progress)
-    key = cache.key(fingerprint(spec), asdict(settings), sorted(names) if names else None)
+    from spectra import eval as ev
+
+    tokenizer = models.load_tokenizer(spec)
+    bos = ev.bos_token(tokenizer)  # the windows differ with and without BOS
+    key = cache.key(fingerprint(spec), asdict(settings), sorted(names) if names else None, bos)
     folder = cache.cache_dir() / "sensitivity"
     path = folder / f"{key}.{'safetensors' if settings.kind == 'fisher' else 'json'}"
     info.update(cached=False, path=str(path))
@@ -202,7 +205,6 @@ def compute(
         if hit is not None:
             info.update(cached=True)
             return hit
-    tokenizer = models.load_tokenizer(spec)
     split = "calib" if settings.kind == "fisher" else "eval"
     windows = _windows(tokenizer, settings, split)
     model = model if model is not None else models.load(spec, device)

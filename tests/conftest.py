@@ -56,6 +56,92 @@ def tiny_gpt2_dir(tmp_path_factory) -> Path:
     return _save(GPT2LMHeadModel(cfg), tmp_path_factory.mktemp("tiny-gpt2"))
 
 
+def bos_tokenizer(path: Path):
+    """A real byte-level BPE tokenizer (320 tokens, trained on pydoc topics) that adds
+    BOS like Llama's, saved to `path`; returns the loaded tokenizer."""
+    from pydoc_data.topics import topics
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_VOCAB,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator([topics[k] for k in sorted(topics)[:20]], trainer)
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    fast.save_pretrained(path)
+    return AutoTokenizer.from_pretrained(path)
+
+
+TINY_VOCAB = 320
+
+
+def tiny_family(family: str):
+    """A tiny causal LM of `family` (vocab TINY_VOCAB) from its config, seeded."""
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=TINY_VOCAB, num_hidden_layers=2)
+    attn = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4)
+    if family == "llama":
+        return tf.LlamaForCausalLM(tf.LlamaConfig(**common, **attn, num_key_value_heads=2))
+    if family == "gemma3":  # final logit softcapping, sliding attention, tied head
+        cfg = tf.Gemma3TextConfig(
+            **common, **attn, num_key_value_heads=2, head_dim=16, final_logit_softcapping=5.0
+        )
+        return tf.Gemma3ForCausalLM(cfg)
+    if family == "qwen2":
+        return tf.Qwen2ForCausalLM(tf.Qwen2Config(**common, **attn, num_key_value_heads=2))
+    if family == "phi3":  # fused qkv and gate_up
+        return tf.Phi3ForCausalLM(tf.Phi3Config(**common, **attn, pad_token_id=0))
+    if family == "opt":
+        cfg = tf.OPTConfig(
+            vocab_size=TINY_VOCAB,
+            num_hidden_layers=2,
+            hidden_size=64,
+            ffn_dim=96,
+            num_attention_heads=4,
+            word_embed_proj_dim=64,
+        )
+        return tf.OPTForCausalLM(cfg)
+    if family == "gpt2":  # Conv1D weights, stored (in, out)
+        return tf.GPT2LMHeadModel(
+            tf.GPT2Config(vocab_size=TINY_VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=128)
+        )
+    raise ValueError(family)
+
+
+FAMILIES = ("llama", "gemma3", "qwen2", "phi3", "opt", "gpt2")
+
+
+@pytest.fixture(scope="session")
+def family_dir(tmp_path_factory):
+    """family_dir(name): a saved tiny model of that family with the BOS tokenizer."""
+    made: dict[str, Path] = {}
+
+    def make(family: str) -> Path:
+        if family not in made:
+            path = tmp_path_factory.mktemp(f"tiny-{family}")
+            _save(tiny_family(family), path)
+            bos_tokenizer(path)
+            made[family] = path
+        return made[family]
+
+    return make
+
+
 @pytest.fixture()
 def demo_dir() -> Path:
     """The converted demo model (converted into the checkout's cache on first use)."""
