@@ -175,7 +175,15 @@ def load(out, device: str = "cpu"):
     """(model, factorizations) rebuilt from OUT; corrupt files are input errors."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from spectra.tensors import read_header
+
     out = Path(out)
+    for part in ("factors.safetensors", "dense.safetensors"):
+        if (out / part).is_file():
+            try:
+                read_header(out / part)  # a truncated part is named as such
+            except SpectraInputError as e:
+                raise SpectraInputError(f"{out}: corrupt compressed checkpoint: {e}") from e
     try:
         manifest = json.loads((out / "manifest.json").read_text())
         tensors = load_file(out / "factors.safetensors")

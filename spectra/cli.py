@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -116,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    _speak()
     try:
         argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
         args = build_parser().parse_args(argv)
@@ -132,6 +134,29 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"spectra: internal error: {e.__class__.__name__}: {e}", file=sys.stderr)
         return 1
+
+
+class _Stderr(logging.StreamHandler):
+    """A handler that writes to whatever sys.stderr is at the time."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def _speak() -> None:
+    """The library's log lines (a one-time GGUF conversion) go to stderr."""
+    log = logging.getLogger("spectra")
+    if not any(isinstance(h, _Stderr) for h in log.handlers):
+        handler = _Stderr()
+        handler.setFormatter(logging.Formatter("spectra: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
 
 
 def check_out_path(out: Path, formats=OUT_FORMATS) -> None:
@@ -158,9 +183,11 @@ def cmd_analyze(args) -> int:
     mpo.check_cores(args.cores)
     if args.out is not None:
         check_out_path(args.out)
+    from spectra import models
     from spectra.analyze import analyze
     from spectra.report import format_table, summaries
 
+    models.resolve(args.model)  # a one-time GGUF conversion is timed apart (it says so)
     info: dict = {}
     t0 = time.perf_counter()
     with progress_bar("analyzing") as progress:
@@ -232,12 +259,18 @@ def write_table(df, out: Path) -> None:
 
 
 def cmd_app(args) -> int:
+    """Replace this process by the Streamlit server (exec), so that a signal sent to
+    `spectra app` reaches the server itself and stops it."""
     import importlib.util
-    import subprocess
+
+    from spectra import models
 
     found = importlib.util.find_spec("app")  # located, not imported: spectra stays headless
     if found is None or not found.submodule_search_locations:
         raise SpectraInputError("the app package is not installed")
+    if not 1 <= args.port <= 65535:
+        raise SpectraInputError(f"--port {args.port}: must be 1..65535")
+    models.resolve(args.model)  # a bad model fails here, with exit 2, not in the page
     main_py = Path(next(iter(found.submodule_search_locations))) / "main.py"
     env = dict(os.environ, SPECTRA_APP_MODEL=args.model)
     cmd = [
@@ -250,10 +283,15 @@ def cmd_app(args) -> int:
         str(args.port),
         "--browser.gatherUsageStats",
         "false",
+        "--client.toolbarMode",
+        "viewer",
     ]
     if not os.environ.get("DISPLAY"):
         cmd += ["--server.headless", "true"]  # no browser to open on a server
-    return subprocess.call(cmd, env=env)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, cmd, env)
+    return 1  # not reached
 
 
 if __name__ == "__main__":

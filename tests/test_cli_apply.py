@@ -59,6 +59,12 @@ def test_apply_writes_out_that_reloads_with_its_report(tiny_llama_dir, plan_file
     with torch.no_grad():
         torch.testing.assert_close(model(x).logits, plain(x).logits, atol=2e-4, rtol=1e-3)
     assert (tiny_llama_dir / "model.safetensors").is_file()  # source untouched
+    del model, plain  # they map OUT's files
+    factors = (out / "factors.safetensors").read_bytes()
+    (out / "factors.safetensors").write_bytes(factors[:-100])  # OUT cut short
+    r = cli("eval", out, "--seqlen", "16", "--max-tokens", "32")
+    assert r.returncode == 2 and "truncated safetensors" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize(
