@@ -183,10 +183,11 @@ def auto_plan(
     chosen = allocate(units, budget, key)
     seconds["allocate"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - t0
-    layers = {}
+    layers, shapes = {}, {}
+    shape_of = {m.name: m.shape for m in modules}
     for u, c in zip(units, chosen, strict=True):
         if c.config is not None:
             for name in u.names:
-                layers[name] = c.config
-    plan = Plan(model=spec, layers=layers)
+                layers[name], shapes[name] = c.config, shape_of[name]
+    plan = Plan(model=spec, layers=layers, shapes=shapes)
     return AutoResult(method, sensitivity, plan, units, chosen, key, budget, total, seconds)

@@ -19,6 +19,7 @@ def cmd_plan_show(args) -> int:
     plan = plans.load(args.plan)
     mats = models.matrices(args.model)
     entries = plans.resolve(plan, mats, rank_of=plans.energy_ranks(args.model))
+    warn_other_model(plan, args.model)
     order = {r: i for i, r in enumerate(ROLES)}
     entries.sort(key=lambda e: (-1 if e.block is None else e.block, order.get(e.role, 99)))
     rows = [
@@ -118,6 +119,22 @@ def cmd_plan_auto(args) -> int:
     return 0
 
 
+def warn_other_model(plan, spec: str) -> None:
+    """One warning line when the plan names another model than --model."""
+    import sys
+
+    if plan.model is None or plan.model == spec:
+        return
+    a, b = Path(plan.model).expanduser(), Path(spec).expanduser()
+    if a.exists() and b.exists() and a.resolve() == b.resolve():
+        return
+    print(
+        f"spectra: warning: the plan was made for {plan.model}, not {spec}; its rules are "
+        "matched by name, its layers entries checked by shape",
+        file=sys.stderr,
+    )
+
+
 def _settings(config) -> str:
     """`method(knob=value, ...)` with the knobs that differ from the method's defaults."""
     if config is None:
@@ -145,6 +162,7 @@ def cmd_apply(args) -> int:
     # the plan must fit the model before anything heavy is loaded
     rank_of = plans.energy_ranks(args.model)
     entries = plans.resolve(plan, models.matrices(args.model), rank_of=rank_of)
+    warn_other_model(plan, args.model)
     from compressors import apply as applying
     from compressors import io
 

@@ -66,6 +66,7 @@ class Plan:
     calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
     rules: tuple[Rule, ...] = ()
     layers: dict = field(default_factory=dict)  # module name -> config
+    shapes: dict = field(default_factory=dict)  # module name -> (out, in) it was planned for
 
 
 @dataclass
@@ -131,12 +132,27 @@ def parse(data) -> Plan:
     raw_layers = data.get("layers") or {}
     if not isinstance(raw_layers, dict):
         raise PlanError("layers: must be a mapping of module name to settings")
+    shapes = {}
     for name, raw in raw_layers.items():
         if not isinstance(raw, dict):
             raise PlanError(f"layers.{name}: must be a mapping with a method")
-        layers[str(name)] = _config(make_config, dict(raw), f"layers.{name}")
+        raw = dict(raw)
+        if "shape" in raw:
+            shapes[str(name)] = _shape(raw.pop("shape"), f"layers.{name}.shape")
+        layers[str(name)] = _config(make_config, raw, f"layers.{name}")
     model = data.get("model")
-    return Plan(version, None if model is None else str(model), calib, tuple(rules), layers)
+    model = None if model is None else str(model)
+    return Plan(version, model, calib, tuple(rules), layers, shapes)
+
+
+def _shape(value, where: str) -> tuple[int, int]:
+    if (
+        not isinstance(value, list | tuple)
+        or len(value) != 2
+        or not all(isinstance(v, int) and v > 0 for v in value)
+    ):
+        raise PlanError(f"{where}={value!r}: must be [out, in], two positive integers")
+    return (value[0], value[1])
 
 
 def to_dict(plan: Plan) -> dict:
@@ -157,7 +173,13 @@ def to_dict(plan: Plan) -> dict:
             for r in plan.rules
         ]
     if plan.layers:
-        out["layers"] = {k: config_to_dict(c) for k, c in plan.layers.items()}
+        out["layers"] = {
+            k: {
+                **config_to_dict(c),
+                **({"shape": list(plan.shapes[k])} if k in plan.shapes else {}),
+            }
+            for k, c in plan.layers.items()
+        }
     return out
 
 
@@ -173,10 +195,16 @@ def resolve(plan: Plan, modules, rank_of=None) -> list[Entry]:
     Raises PlanError for layers entries naming unknown modules, rules that match
     nothing, and settings impossible for a module's shape.
     """
-    names = {m.name for m in modules}
+    shapes = {m.name: tuple(m.shape) for m in modules}
     for name in plan.layers:
-        if name not in names:
+        if name not in shapes:
             raise PlanError(f"layers.{name}: no such module in this model")
+        planned = plan.shapes.get(name)
+        if planned is not None and planned != shapes[name]:
+            raise PlanError(
+                f"layers.{name}: planned for shape {planned[0]}x{planned[1]}, this model's "
+                f"is {shapes[name][0]}x{shapes[name][1]} (a plan made for another model?)"
+            )
     used = {r.where: 0 for r in plan.rules}
     entries = []
     for m in modules:

@@ -139,3 +139,67 @@ def test_bad_budgets_exit_2_with_what_is_reachable(tiny_llama_dir, tmp_path, cli
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and match in lines[0], r.stderr
     assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def wider_llama_dir(tmp_path_factory):
+    """Llama module names like tiny_llama_dir's, with wider MLPs (intermediate 128)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        tie_word_embeddings=False,
+    )
+    path = tmp_path_factory.mktemp("wider-llama")
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+def test_explicit_entries_are_checked_against_the_model(
+    tiny_llama_dir, wider_llama_dir, tmp_path, cli
+):
+    out = tmp_path / "auto.yaml"
+    r = auto(cli, tiny_llama_dir, "--method", "lowrank", "--target-params", "0.5", "-o", out)
+    assert r.returncode == 0, r.stderr
+    layers = yaml.safe_load(out.read_text())["layers"]
+    up = layers["model.layers.0.mlp.up_proj"]
+    assert up["shape"] == [96, 64]  # (out, in) as planned
+    same = cli("plan", "show", out, "--model", tiny_llama_dir)
+    assert same.returncode == 0 and same.stderr == "", same.stderr
+    for command in (["plan", "show", out], ["apply", out, "-o", tmp_path / "o"]):
+        r = cli(*command, "--model", wider_llama_dir)
+        assert r.returncode == 2, r.stderr
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and "planned for shape" in lines[0], r.stderr
+        name = lines[0].split("layers.", 1)[1].split(":")[0]  # the first mismatch, named
+        planned = "x".join(map(str, layers[name]["shape"]))
+        assert ".mlp." in name and f"planned for shape {planned}, this model's is" in lines[0]
+        assert not (tmp_path / "o").exists()
+
+
+def test_rules_travel_between_models_with_one_warning(
+    tiny_llama_dir, wider_llama_dir, tmp_path, cli
+):
+    plan = tmp_path / "rules.yaml"
+    plan.write_text(
+        yaml.safe_dump(
+            {
+                "model": str(tiny_llama_dir),
+                "rules": [{"targets": [r"re:.*\.mlp\.up_proj"], "method": "lowrank", "rank": 8}],
+            }
+        )
+    )
+    r = cli("plan", "show", plan, "--model", wider_llama_dir, "--json")
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("spectra: warning:") and "made for" in lines[0]
+    modules = {m["module"]: m for m in json.loads(r.stdout)["modules"]}
+    assert modules["model.layers.1.mlp.up_proj"]["shape"] == "128x64"
+    assert modules["model.layers.1.mlp.up_proj"]["params_after"] == 8 * (128 + 64)

@@ -150,3 +150,17 @@ def test_plan_show_cli(tiny_llama_dir, tmp_path, cli):
     r = cli("plan", "show", str(bad), "--model", str(tiny_llama_dir))
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
     assert "does not compile" in r.stderr
+
+
+def test_recorded_shapes_round_trip_and_are_validated():
+    data = {
+        "layers": {
+            "model.layers.0.mlp.up_proj": {"method": "lowrank", "rank": 4, "shape": [96, 64]}
+        }
+    }
+    plan = plans.parse(data)
+    assert plan.shapes == {"model.layers.0.mlp.up_proj": (96, 64)}
+    assert plans.parse(plans.to_dict(plan)) == plan
+    data["layers"]["model.layers.0.mlp.up_proj"]["shape"] = [96]
+    with pytest.raises(plans.PlanError, match=r"layers.model.layers.0.mlp.up_proj.shape=\[96\]"):
+        plans.parse(data)
