@@ -11,7 +11,7 @@ import torch
 
 from spectra import candidates as cands
 from spectra import models
-from spectra.allocate import BudgetError, Candidate, Unit, allocate, reachable
+from spectra.allocate import BudgetError, Candidate, Unit, allocate
 from spectra.errors import SpectraInputError
 from spectra.plan import NOT_TARGETABLE, Plan
 from spectra.roles import ROLES
@@ -108,6 +108,19 @@ def load_modules(spec: str) -> list[cands.Module]:
     return out
 
 
+def _check_reachable(lo: int, budget: int, total: int, key: str, target: float, method: str):
+    if lo <= budget:
+        return
+    if key == "params":
+        reach = f"{lo / total:.4g} of the linear parameters ({lo:,} of {total:,})"
+    else:
+        reach = f"{lo / total:.4g} bits per linear parameter"
+    raise BudgetError(
+        f"--target-{key} {target}: {method} cannot go below {reach} "
+        "with these floors and dense modules"
+    )
+
+
 def auto_plan(
     spec: str,
     method: str,
@@ -135,11 +148,19 @@ def auto_plan(
     if target_bits is not None and not 0 < target_bits <= 16:
         raise SpectraInputError(f"--target-bits {target_bits}: must be in (0, 16]")
     floors = floors or cands.Floors()
-    modules = load_modules(spec)
+    shapes = [m for m in models.matrices(spec) if m.role not in NOT_TARGETABLE]
     if floors.keep_dense is not None and not any(
-        floors.keep_dense.fullmatch(m.name) for m in modules
+        floors.keep_dense.fullmatch(m.name) for m in shapes
     ):
         raise SpectraInputError(f"--keep-dense {floors.keep_dense.pattern!r}: matches no module")
+    key = "params" if target_params is not None else "bits"
+    target = target_params if key == "params" else target_bits
+    total = sum(m.shape[0] * m.shape[1] for m in shapes)
+    budget = math.floor(target * total)
+    _check_reachable(
+        cands.cheapest(shapes, method, floors, key), budget, total, key, target, method
+    )
+    modules = load_modules(spec)
     seconds = {}
     dmg = cands.Damage()
     if sensitivity != "none":
@@ -165,20 +186,6 @@ def auto_plan(
         sigmas = spectra_by_name(spec, use_cache)
     units = cands.units_for(modules, method, dmg, floors, sigmas)
     seconds["candidates"] = time.perf_counter() - t
-    total = sum(u.params_before for u in units)
-    key = "params" if target_params is not None else "bits"
-    target = target_params if key == "params" else target_bits
-    budget = math.floor(target * total)
-    lo, _ = reachable(units, key)
-    if lo > budget:
-        if key == "params":
-            reach = f"{lo / total:.4g} of the linear parameters ({lo:,} of {total:,})"
-        else:
-            reach = f"{lo / total:.4g} bits per linear parameter"
-        raise BudgetError(
-            f"--target-{key} {target}: {method} cannot go below {reach} "
-            "with these floors and dense modules"
-        )
     t = time.perf_counter()
     chosen = allocate(units, budget, key)
     seconds["allocate"] = time.perf_counter() - t

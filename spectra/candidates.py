@@ -141,15 +141,75 @@ def _ranks(lo: int, hi: int, spectral: bool) -> list[int]:
     return sorted({int(round(x)) for x in np.linspace(lo, hi, GRID)})
 
 
-def _min_rank(mod: Module, floors: Floors, full: int) -> int:
-    return max(1, math.ceil(floors.min_rank.get(mod.role, 0.0) * full))
+def _floor_rank(role: str, floors: Floors, full: int) -> int:
+    return max(1, math.ceil(floors.min_rank.get(role, 0.0) * full))
+
+
+def grid(method: str, m: int, n: int, role: str, floors: Floors, spectral: bool = False):
+    """The settings offered to one (m, n) module of `role` (dense aside), in order.
+
+    Shared by the candidates (which add damage) and `cheapest` (which needs costs only).
+    """
+    dense_bits = DENSE_BITS * m * n
+    if method in ("lowrank", "joint"):
+        rmax = (m * n - 1) // (m + n)  # the largest rank that stores fewer numbers than W
+        ranks = _ranks(_floor_rank(role, floors, min(m, n)), rmax, spectral)
+        return [make_config("lowrank", rank=r) for r in ranks]
+    if method == "quant":
+        bits = [b for b in QUANT_BITS if b >= floors.min_bits.get(role, 0)]
+        return [make_config("quant", bits=b, group_size=QUANT_GROUP) for b in bits]
+    if method == "prune":
+        if floors.min_bits.get(role, 0) > 0 or floors.min_rank.get(role, 0) > 0:
+            return []  # a floor on this role: pruning cannot honour it
+        return [make_config("prune", sparsity=s) for s in PRUNE_SPARSITY]
+    if method == "losparse":
+        rmax = (m * n - 1) // (m + n)
+        lo = _floor_rank(role, floors, min(m, n))
+        ranks = sorted({max(lo, max(1, round(f * rmax))) for f in LOSPARSE_RANK_FRACTIONS})
+        configs = [
+            make_config("losparse", rank=r, sparsity=sp) for r in ranks for sp in LOSPARSE_SPARSITY
+        ]
+        return [c for c in configs if c.cost(m, n)[0] < m * n]
+    if method == "mpo":
+        from spectra import mpo as tt
+
+        mf, nf = tt.factorize(m, MPO_CORES), tt.factorize(n, MPO_CORES)
+        top = max(tt.full_bond_dims(mf, nf))
+        chis = sorted({int(round(x)) for x in np.geomspace(2, top, MPO_BONDS)})
+        configs = [make_config("mpo", cores=MPO_CORES, bond_dim=chi) for chi in chis]
+        return [c for c in configs if c.cost(m, n)[0] < m * n]
+    if method == "caldera":
+        lo = _floor_rank(role, floors, min(m, n))
+        configs = [
+            make_config("caldera", rank=r, bits=b)
+            for r in CALDERA_RANKS
+            if lo <= r <= min(m, n)
+            for b in CALDERA_BITS
+            if b >= floors.min_bits.get(role, 0)
+        ]
+        return [c for c in configs if c.cost(m, n)[1] < dense_bits]
+    if method == "mixed":
+        return [
+            c
+            for part in ("lowrank", "quant", "prune")
+            for c in grid(part, m, n, role, floors, spectral)
+        ]
+    raise ValueError(method)
+
+
+def joint_grid(group_shapes: list[tuple[int, int]], roles: list[str], floors: Floors, spectral):
+    """Shared ranks offered to a joint group (stacked rows, one input size)."""
+    n = group_shapes[0][1]
+    total_m = sum(m for m, _ in group_shapes)
+    kmax = (total_m * n - 1) // (n + total_m)
+    lo = max(_floor_rank(r, floors, min(s)) for s, r in zip(group_shapes, roles, strict=True))
+    return [make_config("joint", rank=k) for k in _ranks(lo, kmax, spectral)]
 
 
 def lowrank(mod: Module, dmg: Damage, floors: Floors, sigma=None) -> list[Candidate]:
     """`sigma`: the weight's singular values when known (the analysis cache has them)."""
     m, n = mod.shape
-    rmax = (m * n - 1) // (m + n)  # the largest rank that stores fewer numbers than W
-    ranks = _ranks(_min_rank(mod, floors, min(m, n)), rmax, dmg.spectral)
+    ranks = [c.rank for c in grid("lowrank", m, n, mod.role, floors, dmg.spectral)]
     if not ranks:
         return []
     out = []
@@ -182,27 +242,24 @@ def lowrank(mod: Module, dmg: Damage, floors: Floors, sigma=None) -> list[Candid
 
 def quant(mod: Module, dmg: Damage, floors: Floors) -> list[Candidate]:
     m, n = mod.shape
-    out = []
-    for bits in QUANT_BITS:
-        if bits < floors.min_bits.get(mod.role, 0):
-            continue
-        config = make_config("quant", bits=bits, group_size=QUANT_GROUP)
-        out.append(_cand(config, m, n, dmg(mod, _error(mod.weight, config))))
-    return out
+    return [
+        _cand(config, m, n, dmg(mod, _error(mod.weight, config)))
+        for config in grid("quant", m, n, mod.role, floors)
+    ]
 
 
 def prune(mod: Module, dmg: Damage, floors: Floors) -> list[Candidate]:
     m, n = mod.shape
-    if floors.min_bits.get(mod.role, 0) > 0 or floors.min_rank.get(mod.role, 0) > 0:
-        return []  # a floor on this role: pruning cannot honour it
+    configs = grid("prune", m, n, mod.role, floors)
+    if not configs:
+        return []
     mags = mod.weight.reshape(-1).abs()
     order = torch.argsort(mags)
     sq = mags[order].double().pow(2)
     cum = torch.cumsum(sq, 0)
     out = []
-    for s in PRUNE_SPARSITY:
-        k = round(s * m * n)  # the k smallest magnitudes are zeroed
-        config = make_config("prune", sparsity=s)
+    for config in configs:
+        k = round(config.sparsity * m * n)  # the k smallest magnitudes are zeroed
         if dmg.spectral:
             d = dmg.relative(mod.name, float(cum[k - 1]) if k else 0.0, float(cum[-1]))
         else:
@@ -215,24 +272,20 @@ def prune(mod: Module, dmg: Damage, floors: Floors) -> list[Candidate]:
 
 def losparse(mod: Module, dmg: Damage, floors: Floors) -> list[Candidate]:
     m, n = mod.shape
-    rmax = (m * n - 1) // (m + n)
-    lo = _min_rank(mod, floors, min(m, n))
-    ranks = sorted({max(lo, max(1, round(f * rmax))) for f in LOSPARSE_RANK_FRACTIONS})
     u, s, vh = _svd(mod.weight)
     out = []
-    for r in ranks:
-        resid = mod.weight - (u[:, :r] * s[:r]) @ vh[:r]
-        flat = resid.reshape(-1)
-        order = torch.argsort(flat.abs(), descending=True)
-        for sp in LOSPARSE_SPARSITY:
-            config = make_config("losparse", rank=r, sparsity=sp)
-            p, b = config.cost(m, n)
-            if p >= m * n:
-                continue
-            keep = m * n - round(sp * m * n)  # residual entries kept in S
-            e = flat.clone()
-            e[order[:keep]] = 0
-            out.append(Candidate(config, p, b, dmg(mod, e.reshape(m, n))))
+    residuals: dict[int, tuple] = {}
+    for config in grid("losparse", m, n, mod.role, floors):
+        r = config.rank
+        if r not in residuals:
+            flat = (mod.weight - (u[:, :r] * s[:r]) @ vh[:r]).reshape(-1)
+            residuals[r] = (flat, torch.argsort(flat.abs(), descending=True))
+        flat, order = residuals[r]
+        keep = m * n - round(config.sparsity * m * n)  # residual entries kept in S
+        e = flat.clone()
+        e[order[:keep]] = 0
+        p, b = config.cost(m, n)
+        out.append(Candidate(config, p, b, dmg(mod, e.reshape(m, n))))
     return out
 
 
@@ -241,18 +294,13 @@ def mpo(mod: Module, dmg: Damage, floors: Floors) -> list[Candidate]:
 
     m, n = mod.shape
     mf, nf = tt.factorize(m, MPO_CORES), tt.factorize(n, MPO_CORES)
-    top = max(tt.full_bond_dims(mf, nf))
-    chis = sorted({int(round(x)) for x in np.geomspace(2, top, MPO_BONDS)})
     w = mod.weight.double().numpy()
     spectra = tt.bond_spectra(w, mf, nf) if dmg.spectral else None
     out = []
-    for chi in chis:
-        config = make_config("mpo", cores=MPO_CORES, bond_dim=chi)
+    for config in grid("mpo", m, n, mod.role, floors):
         p, b = config.cost(m, n)
-        if p >= m * n:
-            continue
         if dmg.spectral:
-            err2 = sum(float(np.sum(s[chi:] ** 2)) for s in spectra)
+            err2 = sum(float(np.sum(s[config.bond_dim :] ** 2)) for s in spectra)
             d = dmg.relative(mod.name, err2, float(np.sum(w * w)))
         else:
             d = dmg(mod, _error(mod.weight, config))
@@ -263,22 +311,15 @@ def mpo(mod: Module, dmg: Damage, floors: Floors) -> list[Candidate]:
 def caldera(mod: Module, dmg: Damage, floors: Floors) -> list[Candidate]:
     m, n = mod.shape
     u, s, vh = _svd(mod.weight)
-    lo = _min_rank(mod, floors, min(m, n))
     out = []
-    for r in CALDERA_RANKS:
-        if r < lo or r > min(m, n):
-            continue
-        low = (u[:, :r] * s[:r]) @ vh[:r]
-        resid = mod.weight - low
-        for bits in CALDERA_BITS:
-            if bits < floors.min_bits.get(mod.role, 0):
-                continue
-            config = make_config("caldera", rank=r, bits=bits)
-            p, b = config.cost(m, n)
-            if b >= DENSE_BITS * m * n:
-                continue
-            rtn = make_config("quant", bits=bits, group_size=config.group_size)
-            out.append(Candidate(config, p, b, dmg(mod, _error(resid, rtn))))
+    residuals: dict[int, torch.Tensor] = {}
+    for config in grid("caldera", m, n, mod.role, floors):
+        r = config.rank
+        if r not in residuals:
+            residuals[r] = mod.weight - (u[:, :r] * s[:r]) @ vh[:r]
+        p, b = config.cost(m, n)
+        rtn = make_config("quant", bits=config.bits, group_size=config.group_size)
+        out.append(Candidate(config, p, b, dmg(mod, _error(residuals[r], rtn))))
     return out
 
 
@@ -287,10 +328,8 @@ def joint(group: list[Module], dmg: Damage, floors: Floors) -> list[Candidate]:
     n = group[0].shape[1]
     stacked = torch.cat([g.weight for g in group]).double()
     total_m = stacked.shape[0]
-    dense_params = total_m * n
-    kmax = (dense_params - 1) // (n + total_m)
-    lo = max(_min_rank(g, floors, min(g.shape)) for g in group)
-    ks = _ranks(lo, kmax, dmg.spectral)
+    configs = joint_grid([g.shape for g in group], [g.role for g in group], floors, dmg.spectral)
+    ks = [c.rank for c in configs]
     if not ks:
         return []
     _, _, vh = torch.linalg.svd(stacked, full_matrices=False)
@@ -320,6 +359,43 @@ def _svd(w: torch.Tensor):
     return torch.linalg.svd(w, full_matrices=False)
 
 
+def group_modules(modules: list, method: str) -> list[list]:
+    """Allocation groups: joint siblings (q,k,v / gate,up under one parent) together for
+    `joint`, else one module each. Needs only name, role and shape."""
+    if method != "joint":
+        return [[mod] for mod in modules]
+    groups: list[list] = []
+    by_parent: dict[tuple, list] = {}
+    for mod in modules:
+        parent = mod.name.rsplit(".", 1)[0]
+        family = next((f for f in JOINT_ROLES if mod.role in f), None)
+        if family is None:
+            groups.append([mod])
+        else:
+            by_parent.setdefault((parent, family, mod.shape[1]), []).append(mod)
+    return groups + list(by_parent.values())
+
+
+def cheapest(modules: list, method: str, floors: Floors, key: str) -> int:
+    """The least total cost (`params` or `bits`) `method` can reach from the shapes alone:
+    every group at its cheapest setting, or dense where that is cheaper or required."""
+    total = 0
+    for group in group_modules(modules, method):
+        m, n = sum(g.shape[0] for g in group), group[0].shape[1]
+        options = [dense(m, n)]
+        kept = floors.keep_dense
+        if not (kept is not None and all(kept.fullmatch(g.name) for g in group)):
+            if len(group) > 1:
+                configs = joint_grid(
+                    [g.shape for g in group], [g.role for g in group], floors, False
+                )
+            else:
+                configs = grid(method, m, n, group[0].role, floors)
+            options += [_cand(c, m, n, 0.0) for c in configs]
+        total += min(c.cost(key) for c in options)
+    return total
+
+
 def units_for(
     modules: list[Module], method: str, dmg: Damage, floors: Floors, sigmas: dict | None = None
 ) -> list[Unit]:
@@ -331,19 +407,7 @@ def units_for(
     from spectra.parallel import parallel_map
 
     kept = floors.keep_dense
-    groups: list[list[Module]] = []
-    if method == "joint":
-        by_parent: dict[tuple, list[Module]] = {}
-        for mod in modules:
-            parent = mod.name.rsplit(".", 1)[0]
-            family = next((f for f in JOINT_ROLES if mod.role in f), None)
-            if family is None:
-                groups.append([mod])
-            else:
-                by_parent.setdefault((parent, family, mod.shape[1]), []).append(mod)
-        groups += by_parent.values()
-    else:
-        groups = [[mod] for mod in modules]
+    groups = group_modules(modules, method)
 
     def build(group: list[Module]) -> Unit:
         m_total = sum(g.shape[0] for g in group)

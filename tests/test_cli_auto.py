@@ -203,3 +203,21 @@ def test_rules_travel_between_models_with_one_warning(
     modules = {m["module"]: m for m in json.loads(r.stdout)["modules"]}
     assert modules["model.layers.1.mlp.up_proj"]["shape"] == "128x64"
     assert modules["model.layers.1.mlp.up_proj"]["params_after"] == 8 * (128 + 64)
+
+
+def test_an_impossible_budget_fails_before_any_work(tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    from spectra import autoplan
+    from spectra import sensitivity as sens
+    from spectra.cli import main
+
+    def no_work(*a, **k):
+        raise AssertionError("weights read or sensitivity computed for an impossible budget")
+
+    monkeypatch.setattr(autoplan, "load_modules", no_work)
+    monkeypatch.setattr(sens, "compute", no_work)
+    out = tmp_path / "p.yaml"
+    argv = ["plan", "auto", str(tiny_llama_dir), "--method", "quant", "--target-bits", "2"]
+    assert main([*argv, "--sensitivity", "fisher", "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "quant cannot go below" in err and "bits per linear parameter" in err
+    assert not out.exists()

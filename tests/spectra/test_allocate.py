@@ -224,3 +224,25 @@ def test_hessians_are_the_inputs_gram_and_shared_by_siblings(tiny_llama_dir):
     assert h[attn + "o_proj"] is not h[attn + "q_proj"]
     assert h["model.layers.0.mlp.gate_proj"] is h["model.layers.0.mlp.up_proj"]
     assert len(h) == 15  # 7 per block and the untied lm_head
+
+
+@pytest.mark.parametrize(
+    "method", ["lowrank", "joint", "losparse", "mpo", "quant", "caldera", "mixed"]
+)
+@pytest.mark.parametrize("key", ["params", "bits"])
+def test_cheapest_from_shapes_is_the_candidates_reach(tiny_llama_dir, method, key):
+    """`plan auto` refuses impossible budgets from shapes alone: that bound must be the
+    one the real candidates reach, floors and dense modules included."""
+    import re
+
+    from spectra import models
+    from spectra.allocate import reachable
+    from spectra.autoplan import load_modules
+    from spectra.candidates import cheapest
+
+    floors = Floors(
+        min_rank={"q": 0.5}, min_bits={"down": 4}, keep_dense=re.compile(r".*\.0\.mlp\..*")
+    )
+    shapes = [m for m in models.matrices(str(tiny_llama_dir)) if m.role != "embed"]
+    units = units_for(load_modules(str(tiny_llama_dir)), method, Damage(), floors)
+    assert cheapest(shapes, method, floors, key) == reachable(units, key)[0]
