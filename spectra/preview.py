@@ -106,7 +106,7 @@ class Previewer:
         self.dense_ppl: dict[int, float] = {}
         self.history: list[PreviewResult] = []
 
-    def _install(self, layers: dict[str, object]) -> tuple[list[str], int]:
+    def _install(self, layers: dict[str, object], progress=None) -> tuple[list[str], int]:
         """Swap in the modules whose setting changed; returns (changed names, compressions).
 
         `layers` is resolved like any plan (unknown modules and impossible settings are
@@ -147,7 +147,9 @@ class Previewer:
                     None
                 )
         compressions = 0
-        for names in units:
+        for i, names in enumerate(units):
+            if progress:
+                progress(i, len(units), f"compressing {names[0]}")
             config = entries[names[0]].config
             if config is None:
                 _set_module(self.work, names[0], self.targets[names[0]][1])
@@ -164,17 +166,27 @@ class Previewer:
                 self.current[n] = layers[n]
         return changed, compressions
 
-    def preview(self, layers: dict[str, object], tokens: int = 2048) -> PreviewResult:
-        """Perplexity of the model with `layers` (module name -> config) on `tokens`."""
+    def preview(
+        self, layers: dict[str, object], tokens: int = 2048, progress=None
+    ) -> PreviewResult:
+        """Perplexity of the model with `layers` (module name -> config) on `tokens`.
 
+        `progress(done, total, what)` hears each compression and each block run (per
+        batch of windows). It may raise to cancel: the previewer stays consistent (the
+        next preview recomputes what the cancelled one left unfinished).
+        """
         t0 = time.perf_counter()
         batches = self.ids.windows(self.seqlen, tokens)
         if tokens not in self.dense_ppl:
             self._install({})
             self.records, self.tokens = None, None
-            self.dense_ppl[tokens] = self._score(batches, 0)
+            self.dense_ppl[tokens] = self._score(batches, 0, progress, "dense baseline")
             self.tokens = tokens
-        changed, compressions = self._install(layers)
+        try:
+            changed, compressions = self._install(layers, progress)
+        except BaseException:  # cancelled halfway: the records no longer match the modules
+            self.records = None
+            raise
         blocks_before = {self.targets[n][0].block for n in changed}
         if self.tokens != tokens:
             self.records = None
@@ -182,10 +194,10 @@ class Previewer:
         if changed or self.records is None:
             known = [b for b in blocks_before if b is not None]
             first = 0 if self.records is None or len(known) < len(blocks_before) else min(known)
-            ppl = self._score(batches, first)
+            ppl = self._score(batches, first, progress)
             self.tokens = tokens
         else:
-            ppl = self.history[-1].ppl if self.history else self._score(batches, 0)
+            ppl = self.history[-1].ppl if self.history else self._score(batches, 0, progress)
         result = PreviewResult(
             ppl,
             self.dense_ppl[tokens],
@@ -198,21 +210,35 @@ class Previewer:
         self.history.append(result)
         return result
 
-    def _score(self, batches, first: int, batch_size: int = 4) -> float:
-        """spectra.eval's perplexity, replaying blocks before `first` and recording the rest."""
+    def _score(self, batches, first: int, progress=None, what: str = "", batch_size: int = 4):
+        """spectra.eval's perplexity, replaying blocks before `first` and recording the rest.
+
+        Until it completes, no records are kept: an interrupted score leaves the next
+        preview to start from block 0.
+        """
         import math
 
         from spectra import eval as ev
 
         device = next(self.work.parameters()).device
         saved = list(self.layers)
-        old = self.records or {}
+        old, self.records = self.records or {}, None
         new: dict[int, list] = {i: [] for i in range(len(saved))}
         for i in range(first):
             new[i] = old[i]
             self.layers[i] = _Replay(old[i])
+        total = -(-batches.shape[0] // batch_size) * (len(saved) - first)
+        label = f"{what}, " if what else ""
+        done = [0]
+
+        def record(i, out):
+            new[i].append(out)
+            done[0] += 1
+            if progress:
+                progress(done[0], total, f"{label}block {i + 1}/{len(saved)}")
+
         hooks = [
-            self.layers[i].register_forward_hook(lambda mod, args, out, i=i: new[i].append(out))
+            self.layers[i].register_forward_hook(lambda mod, args, out, i=i: record(i, out))
             for i in range(first, len(saved))
         ]
         losses = []

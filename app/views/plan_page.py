@@ -6,6 +6,8 @@ carries `plan_v`); the table's own edits are read back from its widget state at 
 top of the run, so every control below sees the same plan.
 """
 
+import time
+
 import polars as pl
 import streamlit as st
 
@@ -203,14 +205,22 @@ def totals_and_preview(spec: str, mats) -> None:
     tokens = p[0].selectbox(
         "Preview tokens", [512, 1024, 2048, 4096], index=2, key="preview_tokens"
     )
+    if st.session_state.pop("preview_cancelled", False):
+        st.info("Preview cancelled; the next one recomputes what it left unfinished.")
     if p[1].button("Preview perplexity", key="preview_go"):
+        p[2].button(  # any click reruns the page, which stops the preview at its next block
+            "Cancel preview",
+            key="preview_cancel",
+            on_click=lambda: st.session_state.update(preview_cancelled=True),
+        )
+        bar = st.progress(0.0, "Preparing the preview...")
         try:
             configs = {k: pe.config_of(v) for k, v in layers.items()}
-            with st.spinner("Scoring (only changed modules are recompressed)..."):
-                r = state.previewer(spec).preview(configs, int(tokens))
+            r = state.previewer(spec).preview(configs, int(tokens), progress=Eta(bar))
         except SpectraInputError as e:
             st.error(str(e))
         else:
+            bar.empty()
             st.session_state.preview_history.append(
                 dict(
                     tokens=r.tokens,
@@ -241,21 +251,80 @@ def totals_and_preview(spec: str, mats) -> None:
         )
 
 
-def table(spec: str, mats) -> None:
-    if st.session_state.plan_base is None:
-        st.session_state.plan_base = [
-            pe.row(m, st.session_state.plan_layers.get(m.name)) for m in mats
-        ]
-    base = st.session_state.plan_base
+class Eta:
+    """A progress callback that shows each phase (compressing, blocks) with the time left,
+    estimated from that phase's own rate."""
+
+    def __init__(self, bar):
+        self.bar, self.phase, self.start = bar, None, time.perf_counter()
+
+    def __call__(self, done: int, total: int, what: str) -> None:
+        phase = what.split(" ", 1)[0] if what.startswith("compressing") else "blocks"
+        now = time.perf_counter()
+        if phase != self.phase:
+            self.phase, self.start = phase, now
+        frac = done / max(total, 1)
+        left = ""
+        if done and now - self.start > 0.5:
+            left = f", about {(now - self.start) / frac * (1 - frac):.0f} s left"
+        self.bar.progress(min(frac, 1.0), f"{what} ({done}/{total}{left})")
+
+
+SORTABLE = ("checkpoint order", "module", "role", "block", "m", "n", "method", "rank", "bits")
+SORTABLE += ("sparsity", "rel_error")
+
+
+def _fresh_table() -> None:
+    """A new filter or order: the table is rebuilt (its rows' order is fixed per version)."""
+    st.session_state.plan_v += 1
+    st.session_state.plan_base = None
+
+
+def _row_errors(spec: str, base: list[dict]) -> dict:
     errors = dict(st.session_state.get("row_errors", {}))
     sigmas = state.sigmas(spec)
     layers = st.session_state.plan_layers
     for r in base:  # low-rank rows: the error straight from the cached spectrum
         settings = layers.get(r["module"])
         if settings and settings.get("method") == "lowrank" and settings.get("rank"):
-            config = pe.config_of(settings)
-            errors[r["module"]] = module_error(None, config, sigmas.get(r["module"]))
-    df = pl.DataFrame(base).with_columns(
+            errors[r["module"]] = module_error(
+                None, pe.config_of(settings), sigmas.get(r["module"])
+            )
+    return errors
+
+
+def table(spec: str, mats) -> None:
+    layers = st.session_state.plan_layers
+    c = st.columns([2, 2, 1.2, 4])
+    only = c[0].toggle(
+        "Only compressed modules", value=True, key="plan_only", on_change=_fresh_table
+    )
+    order = c[1].selectbox("Sort by", SORTABLE, key="plan_sort", on_change=_fresh_table)
+    descending = c[2].toggle("Descending", key="plan_desc", on_change=_fresh_table)
+    if st.session_state.plan_base is None:
+        rows = [pe.row(m, layers.get(m.name)) for m in mats]
+        if only and layers:
+            rows = [r for r in rows if r["method"] != "dense"]
+        if order != "checkpoint order":
+            errors = _row_errors(spec, rows)
+            value = (
+                (lambda r: errors.get(r["module"]))
+                if order == "rel_error"
+                else (lambda r: r[order])
+            )
+            present = [r for r in rows if value(r) is not None]  # blanks last either way
+            present.sort(key=value, reverse=descending)
+            rows = present + [r for r in rows if value(r) is None]
+        elif descending:
+            rows = rows[::-1]
+        st.session_state.plan_base = rows
+    base = st.session_state.plan_base
+    if only and not layers:
+        c[3].caption("No module is compressed yet: every module is listed.")
+    else:
+        c[3].caption(f"{len(base)} of {len(mats)} modules listed.")
+    errors = _row_errors(spec, base)
+    df = pl.DataFrame(base, infer_schema_length=None).with_columns(
         pl.Series("rel_error", [errors.get(r["module"]) for r in base], dtype=pl.Float64)
     )
     st.data_editor(

@@ -115,6 +115,22 @@ def test_auto_allocate_fills_the_table(on_tiny):
     assert float(kept.rstrip("%")) <= 50.0
 
 
+def test_the_table_lists_compressed_modules_in_any_order(on_tiny):
+    at = run_page("plan_page")
+    assert len(at.session_state.plan_base) == 15  # nothing compressed: 14 linear + lm_head
+    at.number_input(key="auto_target_params").set_value(0.5)
+    at.button(key="auto_go").click().run()
+    layers = at.session_state.plan_layers
+    assert sorted(r["module"] for r in at.session_state.plan_base) == sorted(layers)
+    at.selectbox(key="plan_sort").set_value("rank").run()
+    at.toggle(key="plan_desc").set_value(True).run()
+    assert not at.exception
+    ranks = [r["rank"] for r in at.session_state.plan_base]
+    assert ranks == sorted(ranks, reverse=True) and len(set(ranks)) > 1
+    at.toggle(key="plan_only").set_value(False).run()
+    assert len(at.session_state.plan_base) == 15
+
+
 def upload(at, text: bytes) -> None:
     at.file_uploader(key="import_file").set_value(("plan.yaml", text, "application/x-yaml")).run()
 

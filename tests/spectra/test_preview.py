@@ -71,3 +71,39 @@ def test_module_error_from_the_spectrum_equals_the_compression():
         float(relative_error(w, compress(w, make_config("lowrank", rank=7)).to_dense())),
         rel=1e-5,
     )
+
+
+class Cancel(Exception):
+    pass
+
+
+def test_progress_by_block_and_a_cancelled_preview_leaves_it_consistent(family_dir):
+    """Progress counts compressions and block runs; a cancel at any point (here during
+    the compressions, then during the blocks) leaves the next preview exact."""
+    from spectra import models
+    from spectra.preview import Previewer
+
+    path = str(family_dir("llama"))
+    model, tok = models.load(path, "cpu"), models.load_tokenizer(path)
+    one = {"model.layers.1.mlp.up_proj": make_config("lowrank", rank=8)}
+    two = {
+        "model.layers.0.mlp.up_proj": make_config("lowrank", rank=4),
+        "model.layers.1.mlp.down_proj": make_config("quant", bits=3),
+    }
+    seen = []
+    pv = Previewer(model, tok, seqlen=32)
+    pv.preview(one, 256, progress=lambda d, t, w: seen.append((d, t, w)))
+    blocks = [x for x in seen if "block" in x[2]]
+    assert blocks[-1][0] == blocks[-1][1]  # every block run counted, 2 blocks x 2 batches
+    assert any("compressing model.layers.1.mlp.up_proj" in w for _, _, w in seen)
+    for stop_at in ("compressing", "block"):
+
+        def cancel(d, t, what, stop_at=stop_at):
+            if stop_at in what and d >= 1:
+                raise Cancel
+
+        with pytest.raises(Cancel):
+            pv.preview(two, 256, progress=cancel)
+        again = pv.preview(two, 256)
+        assert again.ppl == pytest.approx(Previewer(model, tok, seqlen=32).preview(two, 256).ppl)
+        pv.preview(one, 256)
