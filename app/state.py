@@ -80,6 +80,9 @@ def summary(spec: str) -> dict:
         config = json.loads(path.read_text())
     mats = models.matrices(source)
     return dict(
+        has_config=path.is_file(),
+        storage=models.storage(source),
+        converted=models.conversion_info(source),
         architecture=", ".join(config.get("architectures") or [source.model_type or "?"]),
         model_type=source.model_type or config.get("model_type") or "?",
         layers=config.get("num_hidden_layers") or config.get("n_layer") or "?",

@@ -16,7 +16,7 @@ import re
 import shutil
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -336,17 +336,28 @@ def _dequant_progress(progress):
 
 def conversion_info(source: Source) -> dict:
     """How a GGUF source was converted ({gguf, storage, seconds}); {} for other sources."""
-    data = cache.read_json(source.root / ".complete") if source.kind in ("demo", "gguf") else None
-    return data if isinstance(data, dict) else {}
+    if source.kind not in ("demo", "gguf"):
+        return {}
+    marker = source.root / ".complete"
+    data = cache.read_json(marker)
+    if not isinstance(data, dict):  # written before the record was JSON: the GGUF path
+        try:
+            data = {"gguf": marker.read_text().strip()}
+        except OSError:
+            return {}
+    if not data.get("storage") and Path(data.get("gguf", "")).is_file():
+        from spectra import gguf_file
+
+        with suppress(SpectraInputError):
+            data["storage"] = gguf_file.read_header(data["gguf"]).storage
+    return data
 
 
 def storage(source: Source) -> str:
     """What the weights are stored as at the source, e.g. `GGUF Q4_1` or `safetensors BF16`."""
     info = conversion_info(source)
-    if info.get("storage"):
-        return info["storage"]
-    if source.kind in ("demo", "gguf"):
-        return "GGUF"
+    if info:
+        return info.get("storage", "GGUF")
     kinds: dict[str, int] = {}
     for f in source.files:
         for ref in read_header(f):

@@ -3,6 +3,7 @@
 import streamlit as st
 
 from app import state
+from spectra import models
 from spectra.errors import SpectraInputError
 
 
@@ -14,9 +15,12 @@ def render() -> None:
         key="model_spec",
     )
     try:
-        with st.spinner(f"Reading {spec} (the demo is converted once on first use)..."):
-            table = state.matrix_table(spec)
-            info = state.summary(spec)
+        convert = st.progress(0.0, f"Reading {spec}...")
+        # uncached, so that a first GGUF conversion shows what it does; later it is instant
+        models.resolve(spec, progress=lambda d, t, what: convert.progress(d / max(t, 1), what))
+        convert.empty()
+        table = state.matrix_table(spec)
+        info = state.summary(spec)
         from spectra.analyze import analyze
 
         bar = st.progress(0.0, "spectra")
@@ -31,15 +35,32 @@ def render() -> None:
     except SpectraInputError as e:
         st.error(str(e))
         return
+    st.markdown(f"**Architecture** {info['architecture']} (`{info['model_type']}`)")
     c = st.columns(6)
-    c[0].metric("Architecture", info["model_type"])
-    c[1].metric("Blocks", info["layers"])
-    c[2].metric("2-D weights", table.height)
-    c[3].metric("Parameters in them", f"{info['params'] / 1e6:.1f}M")
-    c[4].metric("dtype", info["dtype"])
+    c[0].metric("Blocks", info["layers"])
+    c[1].metric("2-D weights", table.height)
+    c[2].metric("Parameters in them", f"{info['params'] / 1e6:.1f}M")
+    c[3].metric("Stored as", info["storage"])
+    c[4].metric("Working dtype", info["dtype"])
     c[5].metric("Device", info["device"])
-    st.caption(
-        f"{info['architecture']} from `{info['root']}`; spectra of {df.height} distinct "
-        f"matrices {'read from the cache' if cached else 'computed and cached'}."
+    converted = info["converted"]
+    origin = (
+        f"de-quantized from `{converted.get('gguf', spec)}` ({info['storage']}) to "
+        f"{info['dtype']} once"
+        + (f" in {converted['seconds']:.0f} s" if converted.get("seconds") else "")
+        + f", cached at `{info['root']}`"
+        if converted
+        else f"read from `{info['root']}`"
     )
+    st.caption(
+        f"Weights {origin}; spectra of {df.height} distinct matrices "
+        f"{'read from the cache' if cached else 'computed and cached'}."
+    )
+    if not info["has_config"]:
+        st.warning(
+            f"{info['root']} has no config.json, so the architecture is unknown and the "
+            "model cannot be built: spectra, tensor networks and plans work from the weights "
+            "alone, but perplexity previews, sensitivities and `spectra apply` need the "
+            "model's config.json beside its weights."
+        )
     st.dataframe(table, width="stretch", hide_index=True)

@@ -5,6 +5,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from app import state
+from app.views.charts import log_y
 from spectra.errors import SpectraInputError
 from spectra.metrics import rank_error_curve
 
@@ -64,7 +65,7 @@ def render() -> None:
             figs[1].add_trace(go.Scatter(x=k, y=energy, name=name, mode="lines"))
             err = rank_error_curve(s)
             figs[2].add_trace(go.Scatter(x=np.arange(len(err)), y=err, name=name, mode="lines"))
-        figs[0].update_yaxes(type="log", title="sigma")
+        log_y(figs[0], [rows[n]["sigma"] for n in chosen], "sigma")
         figs[1].update_yaxes(title="share of ||W||_F^2", range=[0, 1.01])
         figs[2].update_yaxes(title="||W - W_k|| / ||W||")
         for tab, fig, x in zip(tabs, figs, ["index", "rank k", "rank k"], strict=True):

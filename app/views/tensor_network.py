@@ -5,6 +5,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from app import state
+from app.views.charts import log_y
 from app.views.spectra_page import heatmap
 from spectra import mpo
 from spectra.errors import SpectraInputError
@@ -46,7 +47,7 @@ def render() -> None:
     for i, s in enumerate(row["bond_spectra"]):
         s = np.asarray(s)
         fig.add_trace(go.Scatter(x=np.arange(1, len(s) + 1), y=s, name=f"bond {i + 1}"))
-    fig.update_yaxes(type="log", title="singular value")
+    log_y(fig, row["bond_spectra"], "singular value")
     fig.update_layout(
         height=360, margin=dict(l=10, r=10, t=30, b=10), title="Bond spectra", xaxis_title="index"
     )

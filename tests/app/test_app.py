@@ -32,7 +32,10 @@ def test_router_opens_on_the_model_page(on_tiny):
     at = AppTest.from_file(MAIN, default_timeout=120).run()
     assert not at.exception
     assert at.title[0].value == "Model"
-    assert at.metric[2].value == "16"
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["2-D weights"] == "16" and metrics["Stored as"] == "safetensors F32"
+    assert "LlamaForCausalLM (`llama`)" in at.markdown[0].value  # in full, not cut
+    assert not at.warning
     table = at.dataframe[0].value
     assert len(table) == 16 and "model.layers.1.mlp.down_proj" in list(table["name"])
 
@@ -50,6 +53,25 @@ def test_bad_path_shows_an_error_not_a_traceback(tmp_path, monkeypatch):
         at = run_page(page)
         assert not at.exception, page
         assert "no such model" in at.error[0].value, page
+
+
+def test_a_directory_without_config_is_explained(tmp_path, tiny_llama_dir, monkeypatch):
+    import shutil
+
+    shutil.copy(tiny_llama_dir / "model.safetensors", tmp_path / "model.safetensors")
+    monkeypatch.setenv("SPECTRA_APP_MODEL", str(tmp_path))
+    at = run_page("model")
+    assert not at.exception and not at.error
+    assert "has no config.json" in at.warning[0].value and "previews" in at.warning[0].value
+    assert {m.label: m.value for m in at.metric}["2-D weights"] == "16"
+
+
+def test_log_ticks_are_readable():
+    from app.views.charts import log_ticks
+
+    assert log_ticks(1e-5, 30) == [1e-05, 1e-04, 1e-03, 1e-02, 0.1, 1.0, 10.0]
+    assert log_ticks(0.003, 0.4) == [0.005, 0.01, 0.02, 0.05, 0.1, 0.2]
+    assert log_ticks(2.1, 4.5) == [3.0, 4.0]
 
 
 def test_corrupt_file_shows_an_error(tmp_path, monkeypatch):
