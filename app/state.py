@@ -83,16 +83,26 @@ def summary(spec: str) -> dict:
         has_config=path.is_file(),
         storage=models.storage(source),
         converted=models.conversion_info(source),
-        architecture=", ".join(config.get("architectures") or [source.model_type or "?"]),
+        architecture=", ".join(config.get("architectures") or [_causal_lm(source.model_type)]),
         model_type=source.model_type or config.get("model_type") or "?",
         layers=config.get("num_hidden_layers") or config.get("n_layer") or "?",
         hidden=config.get("hidden_size") or config.get("n_embd") or "?",
         params=sum(m.shape[0] * m.shape[1] for m in mats),
         matrices=len(mats),
-        dtype=", ".join(sorted({m.ref.dtype for m in mats})),
+        dtype=", ".join(sorted({DTYPES.get(m.ref.dtype, m.ref.dtype) for m in mats})),
         device=models.resolve_device("auto"),
         root=str(source.root),
     )
+
+
+DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def _causal_lm(model_type: str | None) -> str:
+    """The transformers class a config without `architectures` is loaded as."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type or "", model_type or "?")
 
 
 @st.cache_data(show_spinner=False)

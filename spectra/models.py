@@ -289,6 +289,8 @@ def _ensure_gguf_converted(gguf: Path, out: Path, progress=None) -> Path:
         save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
         config = model.config.to_dict()
         config.pop("quantization_config", None)
+        if not config.get("architectures"):
+            config["architectures"] = [type(model).__name__]
         (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
         tok.save_pretrained(tmp)
         seconds = time.perf_counter() - t0

@@ -20,8 +20,18 @@ def render() -> None:
     if spec is None:
         return
     layers = st.session_state.plan_layers
-    try:
-        plan = plans.parse({"version": 1, "model": spec, "layers": layers})
+    shape = {m.name: list(m.shape) for m in models.matrices(spec)}
+    try:  # each entry records its module's shape, so another model's is refused
+        plan = plans.parse(
+            {
+                "version": 1,
+                "model": spec,
+                "layers": {
+                    k: {**v, **({"shape": shape[k]} if k in shape else {})}
+                    for k, v in layers.items()
+                },
+            }
+        )
     except SpectraInputError as e:
         st.error(str(e))
         return

@@ -35,14 +35,17 @@ def render() -> None:
     except SpectraInputError as e:
         st.error(str(e))
         return
-    st.markdown(f"**Architecture** {info['architecture']} (`{info['model_type']}`)")
-    c = st.columns(6)
+    st.markdown(
+        f"**Architecture** {info['architecture']} (`{info['model_type']}`) · "
+        f"**Stored as** {info['storage']}"
+        + (f", de-quantized to {info['dtype']}" if info["converted"] else "")
+    )
+    c = st.columns(5)
     c[0].metric("Blocks", info["layers"])
     c[1].metric("2-D weights", table.height)
     c[2].metric("Parameters in them", f"{info['params'] / 1e6:.1f}M")
-    c[3].metric("Stored as", info["storage"])
-    c[4].metric("Working dtype", info["dtype"])
-    c[5].metric("Device", info["device"])
+    c[3].metric("Working dtype", info["dtype"])
+    c[4].metric("Device", info["device"])
     converted = info["converted"]
     origin = (
         f"de-quantized from `{converted.get('gguf', spec)}` ({info['storage']}) to "

@@ -205,21 +205,24 @@ def totals_and_preview(spec: str, mats) -> None:
     tokens = p[0].selectbox(
         "Preview tokens", [512, 1024, 2048, 4096], index=2, key="preview_tokens"
     )
-    if st.session_state.pop("preview_cancelled", False):
+    go = p[1].button("Preview perplexity", key="preview_go")
+    p[2].caption(
+        "A running preview shows its progress and time left; Streamlit's Stop (top "
+        "right) cancels it at the next block."
+    )
+    if st.session_state.pop("preview_running", False) and not go:
         st.info("Preview cancelled; the next one recomputes what it left unfinished.")
-    if p[1].button("Preview perplexity", key="preview_go"):
-        p[2].button(  # any click reruns the page, which stops the preview at its next block
-            "Cancel preview",
-            key="preview_cancel",
-            on_click=lambda: st.session_state.update(preview_cancelled=True),
-        )
+    if go:
         bar = st.progress(0.0, "Preparing the preview...")
-        try:
+        st.session_state.preview_running = True
+        try:  # Stop (or a rerun) raises out of `bar.progress`: preview_running stays True
             configs = {k: pe.config_of(v) for k, v in layers.items()}
             r = state.previewer(spec).preview(configs, int(tokens), progress=Eta(bar))
         except SpectraInputError as e:
+            st.session_state.preview_running = False
             st.error(str(e))
         else:
+            st.session_state.preview_running = False
             bar.empty()
             st.session_state.preview_history.append(
                 dict(

@@ -33,8 +33,9 @@ def test_router_opens_on_the_model_page(on_tiny):
     assert not at.exception
     assert at.title[0].value == "Model"
     metrics = {m.label: m.value for m in at.metric}
-    assert metrics["2-D weights"] == "16" and metrics["Stored as"] == "safetensors F32"
-    assert "LlamaForCausalLM (`llama`)" in at.markdown[0].value  # in full, not cut
+    assert metrics["2-D weights"] == "16" and metrics["Working dtype"] == "float32"
+    line = at.markdown[0].value  # in full, not cut to a metric's width
+    assert "LlamaForCausalLM (`llama`)" in line and "**Stored as** safetensors F32" in line
     assert not at.warning
     table = at.dataframe[0].value
     assert len(table) == 16 and "model.layers.1.mlp.down_proj" in list(table["name"])
