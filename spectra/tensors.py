@@ -7,6 +7,7 @@ the tensors being worked on, never a mapping of the whole checkpoint.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import struct
@@ -147,10 +148,22 @@ def _as_float(a: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def read_header(path: str | os.PathLike) -> list[TensorRef]:
-    """Parse a safetensors header; raise SpectraInputError naming the file if it is corrupt."""
+    """Parse a safetensors header; raise SpectraInputError naming the file if it is corrupt.
+
+    Parsed headers are kept while the file's size and mtime are unchanged: every
+    command checks its model's files once when it resolves the model, then lists them.
+    """
     path = Path(path)
     try:
-        size = path.stat().st_size
+        st = path.stat()
+    except OSError as e:
+        raise SpectraInputError(f"{path}: cannot read ({e.strerror})") from e
+    return list(_read_header(path, st.st_size, st.st_mtime_ns, st.st_ino))
+
+
+@functools.lru_cache(maxsize=256)
+def _read_header(path: Path, size: int, mtime_ns: int, inode: int) -> tuple[TensorRef, ...]:
+    try:
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
@@ -200,4 +213,4 @@ def read_header(path: str | os.PathLike) -> list[TensorRef]:
                 f"{path}: corrupt or truncated safetensors file (tensor {name!r} out of range)"
             )
         refs.append(TensorRef(name, path, dtype, shape, base + lo, base + hi))
-    return refs
+    return tuple(refs)

@@ -28,22 +28,27 @@ def _save(model, path: Path, **kw) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory) -> Path:
+def save_tiny_llama(path: Path, intermediate_size: int = 96) -> Path:
+    """A seeded 2-block Llama (hidden 64, vocab 128, untied head) saved to `path`."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     cfg = LlamaConfig(
         hidden_size=64,
-        intermediate_size=96,
+        intermediate_size=intermediate_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
         vocab_size=128,
         tie_word_embeddings=False,
     )
-    return _save(LlamaForCausalLM(cfg), tmp_path_factory.mktemp("tiny-llama"))
+    return _save(LlamaForCausalLM(cfg), path)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="session")

@@ -144,22 +144,9 @@ def test_bad_budgets_exit_2_with_what_is_reachable(tiny_llama_dir, tmp_path, cli
 @pytest.fixture(scope="module")
 def wider_llama_dir(tmp_path_factory):
     """Llama module names like tiny_llama_dir's, with wider MLPs (intermediate 128)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from conftest import save_tiny_llama
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        tie_word_embeddings=False,
-    )
-    path = tmp_path_factory.mktemp("wider-llama")
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    return path
+    return save_tiny_llama(tmp_path_factory.mktemp("wider-llama"), intermediate_size=128)
 
 
 def test_explicit_entries_are_checked_against_the_model(
