@@ -150,6 +150,7 @@ def _settings(config) -> str:
 
 
 def cmd_apply(args) -> int:
+    from spectra import eval as ev
     from spectra import models
     from spectra import plan as plans
 
@@ -186,7 +187,10 @@ def cmd_apply(args) -> int:
     report = dict(
         model=args.model,
         plan=str(args.plan),
-        calibration=vars(plan.calibration),
+        calibration=dict(
+            vars(plan.calibration),
+            bos=tokenizer is not None and ev.bos_token(tokenizer) is not None,
+        ),
         calibration_tokens=0 if calib is None else int(calib.numel()),
         totals=totals,
         modules=rows,

@@ -39,6 +39,7 @@ def test_apply_writes_out_that_reloads_with_its_report(tiny_llama_dir, plan_file
     report = json.loads((out / "report.json").read_text())
     assert summary["compressed"] == len(report["modules"]) == 9
     totals = report["totals"]
+    assert report["calibration"]["bos"] is False  # no tokenizer: a data-free plan
     assert totals["params_after"] < totals["params_before"]
     # the planned totals are what was built
     saved = sum(r["params_before"] - r["params_after"] for r in report["modules"])
@@ -160,3 +161,27 @@ def test_a_failure_while_writing_leaves_no_out(tiny_llama_dir, plan_file, tmp_pa
     out = tmp_path / "out"
     assert main(["apply", str(plan_file), "--model", str(tiny_llama_dir), "-o", str(out)]) == 1
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_calibration_windows_start_with_bos_where_the_tokenizer_adds_one(family_dir, tmp_path, cli):
+    from spectra import models
+    from spectra.cli_compress import calibration_windows
+    from spectra.plan import CalibrationSpec
+
+    path = family_dir("llama")
+    tok = models.load_tokenizer(str(path))
+    windows = calibration_windows(tok, CalibrationSpec(samples=3, seqlen=32))
+    assert windows.shape == (3, 32) and (windows[:, 0] == tok.bos_token_id).all()
+    plan = tmp_path / "wanda.yaml"
+    plan.write_text(
+        yaml.safe_dump(
+            {
+                "calibration": {"samples": 2, "seqlen": 32},
+                "rules": [{"targets": [r"re:.*\.mlp\.up_proj"], "method": "prune", "wanda": True}],
+            }
+        )
+    )
+    r = cli("apply", plan, "--model", path, "-o", tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["calibration"]["bos"] is True and report["calibration_tokens"] == 64
