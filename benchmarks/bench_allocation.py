@@ -100,7 +100,6 @@ def main() -> None:
         plot(json.loads(args.out.read_text()), RESULTS / "allocation.png")
         return
 
-    from compressors.apply import apply
     from spectra import eval as ev
     from spectra import models
     from spectra import plan as plan_mod
@@ -150,7 +149,7 @@ def main() -> None:
         entries = plan_mod.resolve(plan, mats)
         totals = plan_mod.totals(entries)
         t0 = time.perf_counter()
-        compressed, _, _ = apply(model, plan)
+        compressed, _, _ = plan_mod.apply_plan(model, plan)
         apply_seconds = time.perf_counter() - t0
         r = ev.perplexity(compressed, tok, ids=ids, max_tokens=args.max_tokens)
         results[name] = dict(

@@ -163,7 +163,7 @@ def main() -> None:
         print(markdown_table(json.loads(args.out.read_text())))
         return
 
-    from compressors.apply import apply, needs_data
+    from compressors.apply import needs_data
     from spectra import eval as ev
     from spectra import models
     from spectra import plan as plan_mod
@@ -187,7 +187,9 @@ def main() -> None:
         entries = plan_mod.resolve(plan, linears(model))
         data = any(e.config is not None and needs_data(e.config) for e in entries)
         t0 = time.perf_counter()
-        compressed, reports, facts = apply(model, plan, calib_ids=calib if data else None)
+        compressed, reports, facts = plan_mod.apply_plan(
+            model, plan, calib_ids=calib if data else None
+        )
         seconds = time.perf_counter() - t0
         scored = compressed
         if name.startswith("mpo"):

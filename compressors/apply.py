@@ -1,8 +1,10 @@
-"""Apply a plan to a model: module surgery for every method, one place.
+"""Module surgery for every method, one place: resolved entries in, compact modules out.
 
-`apply(model, plan, ...)` works on a deep copy (the source model is never touched),
-replaces each planned nn.Linear (or GPT-2 Conv1D) by its factorization's compact
-module and returns the copy with a per-module report. When a data-aware setting is
+`apply(model, entries, ...)` works on a deep copy (the source model is never
+touched), replaces each entry's nn.Linear (or GPT-2 Conv1D) by its factorization's
+compact module and returns the copy with a per-module report. Entries come already
+resolved (`spectra.plan.resolve`, or `spectra.plan.apply_plan` for a whole plan):
+compressors know nothing of plans. When a data-aware setting is
 planned (caldera, whitened lowrank, GPTQ, Wanda), calibration follows GPTQ's
 layer-wise scheme: the inputs of the first transformer block are caught once, then
 block by block the dense block runs on them with hooks that accumulate H = X^T X for
@@ -25,8 +27,8 @@ from torch import nn
 from compressors.base import Calibration, h_norm, relative_error
 from compressors.registry import compress
 from spectra import roles
+from spectra.errors import SpectraInputError
 from spectra.parallel import parallel_map
-from spectra.plan import Entry, PlanError, resolve
 
 DATA_AWARE = {"caldera": None, "lowrank": "whiten", "quant": "gptq", "prune": "wanda"}
 
@@ -83,26 +85,30 @@ def linear_targets(model) -> dict[str, tuple[Target, nn.Module]]:
     return out
 
 
-def apply(model, plan, calib_ids=None, progress=None, rank_of=None):
-    """(compressed copy, reports, factorizations by module) for `plan` on `model`.
+def apply(model, entries, calib_ids=None, progress=None):
+    """(compressed copy, reports, factorizations by module) for resolved `entries`.
 
     Args:
+        entries: one per module of `model` (or fewer), each with `name`, `config` (None:
+            stays dense), `block`, `source` and `group` (joint members with equal
+            (source, group) share one factorization) and the planned `params_before`,
+            `params_after`, `bits_before`, `bits_after` that the report carries.
         calib_ids: (samples, seqlen) token windows, needed when a data-aware method is planned.
         progress: called as progress(done, total, module name).
-        rank_of: rank_of(name, energy) for energy-based low-rank settings; by default
-            from the singular values of the model's own weights.
     """
     model = copy.deepcopy(model).eval()
     targets = linear_targets(model)
-    rank_of = rank_of or _rank_of(targets)
-    entries = resolve(plan, [t for t, _ in targets.values()], rank_of=rank_of)
     todo = [e for e in entries if e.config is not None]
     data = any(needs_data(e.config) for e in todo)
     if data and calib_ids is None:
-        raise PlanError("this plan has data-aware settings: calibration tokens are required")
+        raise SpectraInputError(
+            "this plan has data-aware settings: calibration tokens are required"
+        )
     if data and any(needs_data(e.config) and e.block is None for e in todo):
         name = next(e.name for e in todo if needs_data(e.config) and e.block is None)
-        raise PlanError(f"{name}: data-aware methods are supported inside transformer blocks only")
+        raise SpectraInputError(
+            f"{name}: data-aware methods are supported inside transformer blocks only"
+        )
     state = _Run(model, targets, todo, progress)
     if data:
         _by_block_with_calibration(model, state, calib_ids)
@@ -120,9 +126,9 @@ class _Run:
         self.reports: list[ModuleReport] = []
         self.factorizations: dict = {}
 
-    def compress_entries(self, entries: list[Entry], grams: dict | None = None) -> None:
-        units: list[list[Entry]] = []
-        groups: dict[tuple, list[Entry]] = {}
+    def compress_entries(self, entries: list, grams: dict | None = None) -> None:
+        units: list[list] = []
+        groups: dict[tuple, list] = {}
         for e in entries:
             if e.config.method == "joint":
                 groups.setdefault((e.source, e.group), []).append(e)
@@ -136,7 +142,7 @@ class _Run:
     def compress_rest(self) -> None:
         self.compress_entries(list(self.todo.values()))
 
-    def _job(self, members: list[Entry], grams) -> _Job:
+    def _job(self, members: list, grams) -> _Job:
         config = members[0].config
         mods = [self.targets[e.name][1] for e in members]
         weights = [self.targets[e.name][0].weight(m) for e, m in zip(members, mods, strict=True)]
@@ -176,7 +182,7 @@ class _Run:
 
 
 class _Job(NamedTuple):
-    members: list[Entry]
+    members: list  # entries
     config: object
     mods: list[nn.Module]
     weights: list[torch.Tensor]
@@ -299,7 +305,7 @@ def _decoder_layers(model) -> nn.ModuleList:
     for name, mod in model.named_modules():
         if isinstance(mod, nn.ModuleList) and name.rsplit(".", 1)[-1] in ("layers", "h", "blocks"):
             return mod
-    raise PlanError("cannot find the model's transformer blocks for calibration")
+    raise SpectraInputError("cannot find the model's transformer blocks for calibration")
 
 
 def _set_module(model, name: str, module: nn.Module) -> None:
@@ -312,21 +318,3 @@ def _calib_rel(w, d, calib) -> float | None:
         return None
     den = h_norm(w, calib.hessian)
     return h_norm(w.to(torch.float64) - d.to(torch.float64), calib.hessian) / den if den else None
-
-
-def _rank_of(targets):
-    """rank_of(name, energy) from the singular values of the module's own weight."""
-    import functools
-
-    from spectra.metrics import energy_rank
-    from spectra.svd import singular_values
-
-    @functools.cache
-    def sigma(name):
-        target, module = targets[name]
-        return singular_values(target.weight(module).double().numpy())
-
-    def rank_of(name, energy):
-        return energy_rank(sigma(name), energy)
-
-    return rank_of

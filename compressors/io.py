@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from spectra.errors import SpectraInputError
+from spectra.tensors import read_header
 
 FORMAT = 1
 
@@ -174,8 +175,6 @@ def is_compressed_checkpoint(path) -> bool:
 def load(out, device: str = "cpu"):
     """(model, factorizations) rebuilt from OUT; corrupt files are input errors."""
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from spectra.tensors import read_header
 
     out = Path(out)
     for part in ("factors.safetensors", "dense.safetensors"):

@@ -178,7 +178,7 @@ def cmd_apply(args) -> int:
         tokenizer = None  # a data-free plan needs none; OUT then has no tokenizer either
     calib = calibration_windows(tokenizer, plan.calibration) if needs_data else None
     with progress_bar("compressing") as progress:
-        compressed, reports, facts = applying.apply(
+        compressed, reports, facts = plans.apply_plan(
             model, plan, calib_ids=calib, progress=progress, rank_of=rank_of
         )
     rows = [applying.asdict(r) for r in reports]

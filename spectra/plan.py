@@ -357,3 +357,40 @@ def energy_ranks(model: str):
         return energy_rank(cache["df"][name], energy)
 
     return rank_of
+
+
+def weight_ranks(targets):
+    """rank_of(name, energy) from the singular values of each module's own weight
+    (`targets`: compressors.apply.linear_targets of a loaded model)."""
+    import functools
+
+    from spectra.metrics import energy_rank
+    from spectra.svd import singular_values
+
+    @functools.cache
+    def sigma(name):
+        target, module = targets[name]
+        return singular_values(target.weight(module).double().numpy())
+
+    def rank_of(name, energy):
+        return energy_rank(sigma(name), energy)
+
+    return rank_of
+
+
+def apply_plan(model, plan: Plan, calib_ids=None, progress=None, rank_of=None):
+    """(compressed copy, reports, factorizations) of `plan` on a loaded `model`: the plan
+    resolved against the model's own linear modules, then compressors' module surgery.
+
+    `rank_of(name, energy)` sizes energy-based settings; by default from the weights.
+    """
+    from compressors import apply as surgery  # deferred: torch, for `plan show` without it
+
+    targets = surgery.linear_targets(model)
+    entries = resolve(plan, [t for t, _ in targets.values()], rank_of or weight_ranks(targets))
+    try:
+        return surgery.apply(model, entries, calib_ids=calib_ids, progress=progress)
+    except PlanError:
+        raise
+    except SpectraInputError as e:  # what the surgery refuses is this plan's doing
+        raise PlanError(str(e)) from e

@@ -90,12 +90,13 @@ class Previewer:
 
     def __init__(self, model, tokenizer, corpus: str = "builtin", seqlen: int = 512, built=None):
         """`built`: a store of compressed modules to share (e.g. between app sessions)."""
-        from compressors.apply import _decoder_layers, _rank_of, linear_targets
+        from compressors.apply import _decoder_layers, linear_targets
         from spectra import eval as ev
+        from spectra.plan import weight_ranks
 
         self.work = copy.deepcopy(model).eval()  # the caller's model is never touched
         self.targets = linear_targets(self.work)  # name -> (Target, dense module)
-        self.rank_of = _rank_of(self.targets)  # energy settings: the weight's own spectrum
+        self.rank_of = weight_ranks(self.targets)  # energy settings: the weight's own spectrum
         self.layers = _decoder_layers(self.work)
         self.ids = ev.token_stream(tokenizer, corpus, "eval")
         self.seqlen = seqlen

@@ -1,4 +1,4 @@
-"""apply(): module surgery on a tiny Llama, reports, calibration, the source untouched."""
+"""apply_plan and compressors.apply: module surgery on a tiny Llama, reports, calibration."""
 
 import pytest
 import torch
@@ -41,7 +41,7 @@ PLAN = {
 def test_apply_replaces_planned_modules_and_leaves_the_source(tiny):
     before = {k: v.clone() for k, v in tiny.state_dict().items()}
     plan = plans.parse(PLAN)
-    model, reports, facts = ap.apply(tiny, plan)
+    model, reports, facts = plans.apply_plan(tiny, plan)
     assert all(torch.equal(v, tiny.state_dict()[k]) for k, v in before.items())
     assert len(reports) == 12 and set(facts) == {r.name for r in reports}
     layer0 = model.model.layers[0]
@@ -87,7 +87,7 @@ def test_data_aware_plans_calibrate_block_by_block(tiny):
         }
     )
     ids = calib_ids()
-    model, reports, _ = ap.apply(tiny, plan, calib_ids=ids)
+    model, reports, _ = plans.apply_plan(tiny, plan, calib_ids=ids)
     assert all(r.calib_error is not None and r.calib_error > 0 for r in reports)
     # the Hessian of layer 1's down_proj is what its input really is in the dense model
     grab = {}
@@ -123,14 +123,14 @@ def test_data_aware_plan_without_calibration_is_refused(tiny):
         }
     )
     with pytest.raises(PlanError, match="calibration tokens"):
-        ap.apply(tiny, plan)
+        plans.apply_plan(tiny, plan)
 
 
 def test_save_and_load_give_the_same_logits(tiny, tmp_path):
     from compressors import io
 
     plan = plans.parse(PLAN)
-    model, reports, facts = ap.apply(tiny, plan)
+    model, reports, facts = plans.apply_plan(tiny, plan)
     report = {"modules": [ap.asdict(r) for r in reports]}
     io.save(tmp_path / "out", model, facts, plans.dumps(plan), report, dense=True)
     again, facts2 = io.load(tmp_path / "out")
@@ -158,7 +158,7 @@ def test_existing_out_is_refused_and_corrupt_checkpoints_are_input_errors(tiny, 
     from spectra.errors import SpectraInputError
 
     plan = plans.parse(PLAN)
-    model, reports, facts = ap.apply(tiny, plan)
+    model, reports, facts = plans.apply_plan(tiny, plan)
     io.save(tmp_path / "out", model, facts, "", {})
     with pytest.raises(SpectraInputError, match="already exists"):
         io.save(tmp_path / "out", model, facts, "", {})

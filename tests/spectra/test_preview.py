@@ -14,7 +14,6 @@ def demo(demo_dir):
 
 @pytest.mark.demo
 def test_replayed_blocks_give_the_full_result_and_reverts_reuse_modules(demo):
-    from compressors.apply import apply
     from spectra import eval as ev
     from spectra import plan as plans
     from spectra.preview import Previewer
@@ -34,7 +33,7 @@ def test_replayed_blocks_give_the_full_result_and_reverts_reuse_modules(demo):
     assert back.recompressed == 0 and back.ppl == pytest.approx(first.ppl, rel=1e-6)
     # and the convention is spectra eval's on the applied plan
     plan = plans.parse({"layers": {k: {"method": c.method, **c.__dict__} for k, c in two.items()}})
-    compressed, _, _ = apply(model, plan)
+    compressed, _, _ = plans.apply_plan(model, plan)
     ref = ev.perplexity(compressed, tok, max_tokens=1024)
     assert ref.ppl == pytest.approx(second.ppl, rel=1e-5)
     # a joint group, then one member leaves it: the rest is rebuilt as apply builds it
