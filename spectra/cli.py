@@ -16,8 +16,7 @@ from pathlib import Path
 from spectra.cli_compress import cmd_apply, cmd_eval, cmd_plan_auto, cmd_plan_show
 from spectra.errors import SpectraInputError
 from spectra.progress import progress_bar
-
-OUT_FORMATS = (".parquet", ".csv", ".json")
+from spectra.report import check_out_path
 
 
 class _Parser(argparse.ArgumentParser):
@@ -157,24 +156,6 @@ def _speak() -> None:
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         log.propagate = False
-
-
-def check_out_path(out: Path, formats=OUT_FORMATS) -> None:
-    """Fail early, before any work, if `out` has a bad suffix or cannot be written."""
-    if out.suffix.lower() not in formats:
-        raise SpectraInputError(f"--out {out}: unsupported format (use {', '.join(formats)})")
-    if out.is_dir():
-        raise SpectraInputError(f"--out {out}: is a directory")
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise SpectraInputError(f"--out {out}: directory {parent} does not exist")
-    import tempfile
-
-    try:  # a real probe: os.access says yes to root even on read-only mounts
-        with tempfile.NamedTemporaryFile(dir=parent, prefix=".spectra-probe-"):
-            pass
-    except OSError as e:
-        raise SpectraInputError(f"--out {out}: not writable ({e.strerror})") from e
 
 
 def cmd_analyze(args) -> int:

@@ -61,7 +61,7 @@ def cmd_plan_auto(args) -> int:
     from spectra import autoplan, cache
     from spectra import plan as plans
     from spectra import sensitivity as sens
-    from spectra.cli import check_out_path
+    from spectra.report import check_out_path
 
     check_out_path(args.out, (".yaml", ".yml", ".json"))
     floors = autoplan.parse_floors(args.min_rank, args.min_bits, args.keep_dense)

@@ -1,6 +1,13 @@
-"""Plain-text summaries of an analysis table for the terminal."""
+"""Plain-text summaries of an analysis table for the terminal, and output-path checks."""
 
 from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from spectra.errors import SpectraInputError
+
+OUT_FORMATS = (".parquet", ".csv", ".json")
 
 SUMMARY_METRICS = ("erank", "stable_rank", "energy_rank_90", "alpha")
 
@@ -33,3 +40,19 @@ def _fmt(v, floats: int) -> str:
     if isinstance(v, float):
         return f"{v:.{floats}f}"
     return str(v)
+
+
+def check_out_path(out: Path, formats=OUT_FORMATS) -> None:
+    """Fail early, before any work, if `out` has a bad suffix or cannot be written."""
+    if out.suffix.lower() not in formats:
+        raise SpectraInputError(f"--out {out}: unsupported format (use {', '.join(formats)})")
+    if out.is_dir():
+        raise SpectraInputError(f"--out {out}: is a directory")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise SpectraInputError(f"--out {out}: directory {parent} does not exist")
+    try:  # a real probe: os.access says yes to root even on read-only mounts
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".spectra-probe-"):
+            pass
+    except OSError as e:
+        raise SpectraInputError(f"--out {out}: not writable ({e.strerror})") from e

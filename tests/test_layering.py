@@ -1,31 +1,181 @@
-"""The library runs headless: nothing under spectra/ or compressors/ imports streamlit."""
+"""The layers point one way: numerics and weight I/O, then compressors, then planning
+and data, then the interfaces (CLI, app); no cycle between files; no streamlit below
+the app. Every import counts, inside functions too."""
 
 import ast
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
+PACKAGES = ("spectra", "compressors", "app")
+
+# module (or package prefix) -> layer; the longest matching prefix decides
+LAYERS = {
+    "spectra.errors": 1,
+    "spectra.tensors": 1,
+    "spectra.gguf_file": 1,
+    "spectra.models": 1,
+    "spectra.roles": 1,
+    "spectra.cache": 1,
+    "spectra.scratch": 1,
+    "spectra.svd": 1,
+    "spectra.metrics": 1,
+    "spectra.mpo": 1,
+    "spectra.parallel": 1,
+    "spectra.memory": 1,
+    "spectra.analyze": 1,
+    "compressors": 2,
+    "spectra.plan": 3,
+    "spectra.plan_edit": 3,
+    "spectra.candidates": 3,
+    "spectra.allocate": 3,
+    "spectra.autoplan": 3,
+    "spectra.sensitivity": 3,
+    "spectra.eval": 3,
+    "spectra.preview": 3,
+    "spectra": 4,  # the package root (load_compressed), the CLI and its helpers
+    "app": 4,
+}
+NAMES = {1: "numerics and weight I/O", 2: "compressors", 3: "planning and data", 4: "interfaces"}
 
 
-def imported_modules(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text())
-    names = set()
-    for node in ast.walk(tree):
+def modules(root: Path) -> dict[str, Path]:
+    out = {}
+    for pkg in PACKAGES:
+        for f in (root / pkg).rglob("*.py"):
+            name = ".".join(f.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+            out[name] = f
+    return out
+
+
+def imports(path: Path, me: str, known) -> set[str]:
+    """The project modules `path` imports, at module level or inside functions."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
-            names |= {a.name.split(".")[0] for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            names.add(node.module.split(".")[0])
-    return names
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            assert not node.level, f"{path}: relative import (the project imports absolutely)"
+            base = node.module
+            for a in node.names:  # `from pkg import module` imports the module
+                found.add(f"{base}.{a.name}" if f"{base}.{a.name}" in known else base)
+    return {m for m in found if m in known and m != me}
+
+
+def layer_of(name: str) -> int:
+    best = max((p for p in LAYERS if name == p or name.startswith(p + ".")), key=len)
+    return LAYERS[best]
+
+
+def upward(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(
+        f"{m} ({NAMES[layer_of(m)]}) imports {d} ({NAMES[layer_of(d)]})"
+        for m, deps in graph.items()
+        for d in deps
+        if layer_of(d) > layer_of(m)
+    )
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index, low, stack, on, out = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def import_graph(root: Path) -> dict[str, set[str]]:
+    known = modules(root)
+    return {m: imports(f, m, known) for m, f in known.items()}
+
+
+def test_imports_point_down_and_never_in_a_circle():
+    graph = import_graph(REPO)
+    assert len(graph) > 40
+    assert upward(graph) == []
+    assert cycles(graph) == []
+
+
+def test_every_module_has_a_layer():
+    for name in modules(REPO):
+        assert layer_of(name) in NAMES, name
+
+
+def _tree(tmp_path, files: dict[str, str]) -> Path:
+    for rel, text in files.items():
+        f = tmp_path / rel
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(text)
+    for pkg in PACKAGES:
+        (tmp_path / pkg).mkdir(exist_ok=True)
+        (tmp_path / pkg / "__init__.py").touch()
+    return tmp_path
+
+
+@pytest.mark.parametrize("where", ["top", "function"])
+def test_the_check_catches_a_planted_upward_import(tmp_path, where):
+    body = (
+        "from spectra.plan import resolve\n"
+        if where == "top"
+        else "def f():\n    from spectra import plan\n"
+    )
+    root = _tree(tmp_path, {"compressors/apply.py": body, "spectra/plan.py": "x = 1\n"})
+    assert upward(import_graph(root)) == [
+        "compressors.apply (compressors) imports spectra.plan (planning and data)"
+    ]
+
+
+def test_the_check_catches_a_planted_cycle(tmp_path):
+    root = _tree(
+        tmp_path,
+        {
+            "spectra/cli.py": "from spectra.cli_compress import cmd\n",
+            "spectra/cli_compress.py": "def cmd():\n    from spectra.cli import check\n",
+        },
+    )
+    assert cycles(import_graph(root)) == [["spectra.cli", "spectra.cli_compress"]]
 
 
 def test_library_never_imports_streamlit_or_app():
-    files = list((REPO / "spectra").rglob("*.py")) + list((REPO / "compressors").rglob("*.py"))
-    assert len(files) > 5
-    for f in files:
-        bad = imported_modules(f) & {"streamlit", "app"}
-        assert not bad, f"{f.relative_to(REPO)} imports {bad}"
-
-
-def test_the_check_itself_sees_imports(tmp_path):
-    f = tmp_path / "x.py"
-    f.write_text("def f():\n    from streamlit import session_state\n")
-    assert "streamlit" in imported_modules(f)
+    for name, f in modules(REPO).items():
+        if layer_of(name) == 4 and name.startswith("app"):
+            continue
+        tree = ast.parse(f.read_text())
+        roots = {
+            a.name.split(".")[0]
+            for n in ast.walk(tree)
+            if isinstance(n, ast.Import)
+            for a in n.names
+        }
+        roots |= {
+            n.module.split(".")[0]
+            for n in ast.walk(tree)
+            if isinstance(n, ast.ImportFrom) and n.module and not n.level
+        }
+        assert not roots & {"streamlit", "app"}, (
+            f"{f.relative_to(REPO)} imports {roots & {'streamlit', 'app'}}"
+        )
