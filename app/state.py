@@ -13,8 +13,8 @@ import os
 
 import streamlit as st
 
-from spectra import models
-from spectra.roles import ROLES
+from spectra.io import models
+from spectra.io.roles import ROLES
 
 METRICS = {
     "erank": "effective rank",
@@ -108,7 +108,7 @@ def _causal_lm(model_type: str | None) -> str:
 @st.cache_data(show_spinner=False)
 def analysis(spec: str, cores: int = 3):
     """The analysis table (spectra, metrics, MPO bond profiles) and whether it was cached."""
-    from spectra.analyze import analyze
+    from spectra.analysis import analyze
 
     info: dict = {}
     df = analyze(spec, cores=cores, info=info)
@@ -164,7 +164,7 @@ def row_error(spec: str, name: str, settings: tuple) -> float:
 def auto_layers(spec: str, method: str, key: str, target: float, sensitivity: str) -> dict:
     """Auto-allocated explicit plan layers (module -> settings dict) and its summary."""
     from compressors.base import config_to_dict
-    from spectra.autoplan import auto_plan
+    from spectra.plan.auto import auto_plan
 
     budget = {"target_params": target} if key == "params" else {"target_bits": target}
     result = auto_plan(spec, method, sensitivity=sensitivity, **budget)
@@ -206,7 +206,7 @@ def sensitivity_scores(spec: str, kind: str, tokens: int, progress=None):
 
     The sensitivity itself is computed here with progress (and cached on disk by the
     library); the per-module scores derived from it are cached by Streamlit."""
-    from spectra import sensitivity as sens
+    from spectra.plan import sensitivity as sens
 
     settings = sens.SensitivitySettings(kind=kind, tokens=tokens)
     result = sens.compute(spec, settings, progress=progress, model=loaded(spec)[0])
@@ -219,7 +219,7 @@ def _sensitivity_scores(spec: str, kind: str, tokens: int, _result=None):
     import polars as pl
     import torch
 
-    from spectra import sensitivity as sens
+    from spectra.plan import sensitivity as sens
 
     result = _result
     mats = {m.name: m for m in models.matrices(spec)}

@@ -48,7 +48,7 @@ def energy_plan(mats, sigmas, ratio: float) -> dict:
     """One energy threshold for every module, the largest that fits the budget."""
     import numpy as np
 
-    from spectra.metrics import energy_rank
+    from spectra.linalg.metrics import energy_rank
 
     total = sum(m.shape[0] * m.shape[1] for m in mats)
 
@@ -81,7 +81,7 @@ def rtn_plan(mats, bits: int) -> dict:
 
 def auto_layers(method, sensitivity, **budget):
     from compressors.base import config_to_dict
-    from spectra.autoplan import auto_plan
+    from spectra.plan.auto import auto_plan
 
     t0 = time.perf_counter()
     result = auto_plan("demo", method, sensitivity=sensitivity, **budget)
@@ -100,10 +100,10 @@ def main() -> None:
         plot(json.loads(args.out.read_text()), RESULTS / "allocation.png")
         return
 
-    from spectra import eval as ev
-    from spectra import models
-    from spectra import plan as plan_mod
-    from spectra.analyze import analyze
+    from spectra.analysis import analyze
+    from spectra.data import perplexity as ev
+    from spectra.io import models
+    from spectra.plan import format as plan_mod
 
     model = models.load("demo", device="cpu")
     tok = models.load_tokenizer("demo")

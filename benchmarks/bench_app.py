@@ -48,7 +48,7 @@ def row_edit() -> dict:
     assert len(set(errors)) == len(errors), errors  # every rank showed its own error
 
     from compressors.registry import make_config
-    from spectra.analyze import analyze
+    from spectra.analysis import analyze
     from spectra.preview import module_error
 
     df = analyze("demo")
@@ -68,7 +68,7 @@ def row_edit() -> dict:
 
 def previews() -> dict:
     from compressors.registry import make_config
-    from spectra import models
+    from spectra.io import models
     from spectra.preview import Previewer
 
     model, tok = models.load("demo", "cpu"), models.load_tokenizer("demo")

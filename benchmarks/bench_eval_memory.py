@@ -6,7 +6,7 @@ A random model with Gemma-3-270M's shapes (hidden 640, 18 layers, 262,144-token
 vocabulary, tied head; float32, about 1.07 GB) scores the same windows of random
 tokens two ways, each in a fresh process: "full logits" is how `spectra eval` worked
 before (the whole batch's (B, T, vocab) logits, widened to float32, then one
-cross-entropy), "chunked" is `spectra.eval.window_nll` (the head applied to 64
+cross-entropy), "chunked" is `spectra.data.perplexity.window_nll` (the head applied to 64
 positions at a time). Both report the peak resident memory above the model (its pages
 touched first), the time and the mean NLL, which must agree. Target: chunked under
 1.5 GB at seqlen 512. Results: benchmarks/results/bench_eval_memory.json.
@@ -57,8 +57,8 @@ def full_logits_nll(model, x):
 def measure(way: str, layers: int, windows: int, seqlen: int) -> dict:
     import torch
 
-    from spectra import eval as ev
-    from spectra import memory
+    from spectra.data import memory
+    from spectra.data import perplexity as ev
 
     model = build(layers)
     x = torch.randint(0, 262144, (windows, seqlen), generator=torch.Generator().manual_seed(0))

@@ -53,7 +53,7 @@ def rank_for(m, n, ratio):
 
 
 def plans(model) -> dict[str, dict]:
-    from spectra import mpo
+    from spectra.linalg import mpo
 
     out = {
         "caldera-2bit-r32": per_module(
@@ -164,10 +164,10 @@ def main() -> None:
         return
 
     from compressors.apply import needs_data
-    from spectra import eval as ev
-    from spectra import models
-    from spectra import plan as plan_mod
-    from spectra.cli_compress import calibration_windows
+    from spectra.data import perplexity as ev
+    from spectra.data.calibration import calibration_windows
+    from spectra.io import models
+    from spectra.plan import format as plan_mod
 
     model = models.load("demo", device="cpu")
     tok = models.load_tokenizer("demo")

@@ -86,7 +86,7 @@ def child_spectra(spec: str, device: str, with_mpo: bool = True) -> dict:
     import polars  # noqa: F401  (library imports are not the analysis's memory)
     import threadpoolctl  # noqa: F401
 
-    from spectra.analyze import analyze
+    from spectra.analysis import analyze
 
     info: dict = {}
     with PeakRSS() as mem:
@@ -182,7 +182,7 @@ def stats(xs: list[float]) -> dict:
 
 
 def bench_cpu(args) -> dict:
-    from spectra import models
+    from spectra.io import models
 
     demo = models.resolve("demo").root  # convert once, outside every timing
     runs: dict[str, list[dict]] = {"ww": [], "spectra": [], "spectra-no-mpo": []}
@@ -263,9 +263,9 @@ def bench_memory(args, layers: int, **shape) -> dict:
         shutil.rmtree(work, ignore_errors=True)
     workers = min(os.cpu_count() or 1, 8)
     # per worker: the largest matrix as read (float32 here), the float64 blocks that are
-    # summed into its Grams (spectra.svd.CHUNK_BYTES each, one for the spectrum, one for
+    # summed into its Grams (spectra.linalg.svd.CHUNK_BYTES each, one for the spectrum, one for
     # the bond unfoldings), and its Gram with one block's product (hidden^2 each)
-    from spectra.svd import CHUNK_BYTES
+    from spectra.linalg.svd import CHUNK_BYTES
 
     per_worker = sp["largest_matrix_elements"] * 4 + 2 * CHUNK_BYTES + 2 * shapes["hidden"] ** 2 * 8
     bound_mb = workers * per_worker / 2**20

@@ -26,9 +26,9 @@ from torch import nn
 
 from compressors.base import Calibration, h_norm, relative_error
 from compressors.registry import compress
-from spectra import roles
 from spectra.errors import SpectraInputError
-from spectra.parallel import parallel_map
+from spectra.io import roles
+from spectra.linalg.parallel import parallel_map
 
 DATA_AWARE = {"caldera": None, "lowrank": "whiten", "quant": "gptq", "prune": "wanda"}
 

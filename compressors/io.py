@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from spectra.errors import SpectraInputError
-from spectra.tensors import read_header
+from spectra.io.tensors import read_header
 
 FORMAT = 1
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from compressors.base import DENSE_BITS, Calibration, Factorization, check_rank, config_error
-from spectra.metrics import energy_rank
+from spectra.linalg.metrics import energy_rank
 
 JITTERS = (0.0, 1e-8, 1e-6, 1e-4, 1e-2, 1e-1)
 

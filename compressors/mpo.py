@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from compressors.base import DENSE_BITS, Calibration, Factorization, config_error
-from spectra import mpo as tt
+from spectra.linalg import mpo as tt
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,7 @@ class MPOConfig:
     """Settings of `mpo`.
 
     Attributes:
-        cores: number of MPO cores K (2..6); m and n are factored as spectra.mpo.factorize.
+        cores: number of MPO cores K (2..6); m and n are factored as spectra.linalg.mpo.factorize.
         bond_dim: maximum bond dimension chi (>= 1).
     """
 

@@ -37,7 +37,7 @@ def module_error(weight: np.ndarray | torch.Tensor | None, config, sigma=None) -
     if config is None:
         return 0.0
     if config.method == "lowrank" and config.rank is not None and not config.whiten:
-        from spectra.metrics import rank_error_curve
+        from spectra.linalg.metrics import rank_error_curve
 
         if sigma is None:
             sigma = torch.linalg.svdvals(torch.as_tensor(weight).double()).numpy()
@@ -91,8 +91,8 @@ class Previewer:
     def __init__(self, model, tokenizer, corpus: str = "builtin", seqlen: int = 512, built=None):
         """`built`: a store of compressed modules to share (e.g. between app sessions)."""
         from compressors.apply import _decoder_layers, linear_targets
-        from spectra import eval as ev
-        from spectra.plan import weight_ranks
+        from spectra.data import perplexity as ev
+        from spectra.plan.format import weight_ranks
 
         self.work = copy.deepcopy(model).eval()  # the caller's model is never touched
         self.targets = linear_targets(self.work)  # name -> (Target, dense module)
@@ -119,7 +119,7 @@ class Previewer:
             factorize,
             needs_data,
         )
-        from spectra.plan import Plan, resolve
+        from spectra.plan.format import Plan, resolve
 
         resolved = resolve(Plan(layers=layers), [t for t, _ in self.targets.values()], self.rank_of)
         entries = {e.name: e for e in resolved}
@@ -212,14 +212,14 @@ class Previewer:
         return result
 
     def _score(self, batches, first: int, progress=None, what: str = "", batch_size: int = 4):
-        """spectra.eval's perplexity, replaying blocks before `first` and recording the rest.
+        """spectra.data.perplexity's perplexity, replaying blocks before `first` and recording the rest.
 
         Until it completes, no records are kept: an interrupted score leaves the next
         preview to start from block 0.
         """
         import math
 
-        from spectra import eval as ev
+        from spectra.data import perplexity as ev
 
         device = next(self.work.parameters()).device
         saved = list(self.layers)

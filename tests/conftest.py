@@ -150,7 +150,7 @@ def family_dir(tmp_path_factory):
 @pytest.fixture()
 def demo_dir() -> Path:
     """The converted demo model (converted into the checkout's cache on first use)."""
-    from spectra import models
+    from spectra.io import models
 
     saved = os.environ.pop("SPECTRA_CACHE")
     try:
@@ -186,7 +186,7 @@ def planted_tt(random_state, mf=(4, 4, 4), nf=(3, 4, 5), ranks=(2, 3)):
     """(W, mf, nf, ranks): a matrix that is exactly an MPO with the given bond ranks."""
     import numpy as np
 
-    from spectra import mpo
+    from spectra.linalg import mpo
 
     rng = np.random.default_rng(random_state)
     r = [1, *ranks, 1]

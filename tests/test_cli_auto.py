@@ -193,9 +193,9 @@ def test_rules_travel_between_models_with_one_warning(
 
 
 def test_an_impossible_budget_fails_before_any_work(tiny_llama_dir, tmp_path, monkeypatch, capsys):
-    from spectra import autoplan
-    from spectra import sensitivity as sens
     from spectra.cli import main
+    from spectra.plan import auto as autoplan
+    from spectra.plan import sensitivity as sens
 
     def no_work(*a, **k):
         raise AssertionError("weights read or sensitivity computed for an impossible budget")

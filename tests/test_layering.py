@@ -13,28 +13,15 @@ PACKAGES = ("spectra", "compressors", "app")
 # module (or package prefix) -> layer; the longest matching prefix decides
 LAYERS = {
     "spectra.errors": 1,
-    "spectra.tensors": 1,
-    "spectra.gguf_file": 1,
-    "spectra.models": 1,
-    "spectra.roles": 1,
-    "spectra.cache": 1,
-    "spectra.scratch": 1,
-    "spectra.svd": 1,
-    "spectra.metrics": 1,
-    "spectra.mpo": 1,
-    "spectra.parallel": 1,
-    "spectra.memory": 1,
-    "spectra.analyze": 1,
+    "spectra.io": 1,  # tensors, gguf_file, models, roles, cache
+    "spectra.linalg": 1,  # svd, metrics, mpo, scratch, parallel
+    "spectra.analysis": 1,
     "compressors": 2,
-    "spectra.plan": 3,
-    "spectra.plan_edit": 3,
-    "spectra.candidates": 3,
-    "spectra.allocate": 3,
-    "spectra.autoplan": 3,
-    "spectra.sensitivity": 3,
-    "spectra.eval": 3,
+    "spectra.plan": 3,  # format, edit, candidates, allocate, auto, sensitivity
+    "spectra.data": 3,  # perplexity, calibration, memory
     "spectra.preview": 3,
-    "spectra": 4,  # the package root (load_compressed), the CLI and its helpers
+    "spectra": 4,  # the package root (load_compressed) and __main__
+    "spectra.cli": 4,
     "app": 4,
 }
 NAMES = {1: "numerics and weight I/O", 2: "compressors", 3: "planning and data", 4: "interfaces"}

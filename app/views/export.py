@@ -7,10 +7,10 @@ import yaml
 
 from app import state
 from app.views import plan_page
-from spectra import models
-from spectra import plan as plans
-from spectra import plan_edit as pe
 from spectra.errors import SpectraInputError
+from spectra.io import models
+from spectra.plan import edit as pe
+from spectra.plan import format as plans
 
 
 def render() -> None:

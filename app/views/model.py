@@ -3,8 +3,8 @@
 import streamlit as st
 
 from app import state
-from spectra import models
 from spectra.errors import SpectraInputError
+from spectra.io import models
 
 
 def render() -> None:
@@ -21,7 +21,7 @@ def render() -> None:
         convert.empty()
         table = state.matrix_table(spec)
         info = state.summary(spec)
-        from spectra.analyze import analyze
+        from spectra.analysis import analyze
 
         bar = st.progress(0.0, "spectra")
         status: dict = {}

@@ -12,9 +12,9 @@ import polars as pl
 import streamlit as st
 
 from app import state
-from spectra import models
-from spectra import plan_edit as pe
 from spectra.errors import SpectraInputError
+from spectra.io import models
+from spectra.plan import edit as pe
 from spectra.preview import module_error
 
 AUTO_METHODS = ("lowrank", "joint", "losparse", "mpo", "quant", "caldera", "mixed")

@@ -7,7 +7,7 @@ import streamlit as st
 from app import state
 from app.views.charts import log_y
 from spectra.errors import SpectraInputError
-from spectra.metrics import rank_error_curve
+from spectra.linalg.metrics import rank_error_curve
 
 
 def heatmap(df, metric: str, title: str, key: str):

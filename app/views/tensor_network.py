@@ -7,8 +7,8 @@ import streamlit as st
 from app import state
 from app.views.charts import log_y
 from app.views.spectra_page import heatmap
-from spectra import mpo
 from spectra.errors import SpectraInputError
+from spectra.linalg import mpo
 
 
 def render() -> None:

@@ -5,8 +5,8 @@ import torch
 
 from compressors import apply as ap
 from compressors.base import DENSE_BITS
-from spectra import plan as plans
-from spectra.plan import PlanError
+from spectra.plan import format as plans
+from spectra.plan.format import PlanError
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import yaml
 
 from compressors.base import DENSE_BITS, Calibration, ConfigError, config_to_dict
 from compressors.registry import REGISTRY, compress, make_config
-from spectra import mpo as tt
+from spectra.linalg import mpo as tt
 
 M, N = 48, 40
 # per method: settings of rising capacity (error must fall along them)

@@ -26,7 +26,7 @@ def test_lowrank_recovers_planted_rank(random_state):
 def test_whitened_energy_rank_is_the_weight_spectrums_as_planned():
     """An energy setting is costed from the weight's spectrum before any calibration:
     the whitened factorization must keep that same rank, not one of W L's spectrum."""
-    from spectra.metrics import energy_rank
+    from spectra.linalg.metrics import energy_rank
 
     g = gen(3)
     w = torch.randn(40, 30, generator=g, dtype=torch.float64) * torch.logspace(0, -2, 30)

@@ -5,8 +5,8 @@ import itertools
 import numpy as np
 import pytest
 
-from spectra.allocate import BudgetError, Candidate, Unit, allocate, hull
-from spectra.candidates import Damage, Floors, Module, lowrank, units_for
+from spectra.plan.allocate import BudgetError, Candidate, Unit, allocate, hull
+from spectra.plan.candidates import Damage, Floors, Module, lowrank, units_for
 
 
 def brute_force(units, budget, key="params"):
@@ -206,7 +206,7 @@ def test_hessians_are_the_inputs_gram_and_shared_by_siblings(tiny_llama_dir):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from spectra.sensitivity import hessians
+    from spectra.plan.sensitivity import hessians
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
     windows = torch.randint(0, 128, (3, 16), generator=torch.Generator().manual_seed(0))
@@ -235,10 +235,10 @@ def test_cheapest_from_shapes_is_the_candidates_reach(tiny_llama_dir, method, ke
     one the real candidates reach, floors and dense modules included."""
     import re
 
-    from spectra import models
-    from spectra.allocate import reachable
-    from spectra.autoplan import load_modules
-    from spectra.candidates import cheapest
+    from spectra.io import models
+    from spectra.plan.allocate import reachable
+    from spectra.plan.auto import load_modules
+    from spectra.plan.candidates import cheapest
 
     floors = Floors(
         min_rank={"q": 0.5}, min_bits={"down": 4}, keep_dense=re.compile(r".*\.0\.mlp\..*")

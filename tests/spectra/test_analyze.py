@@ -10,8 +10,8 @@ import pytest
 import scipy.linalg
 from safetensors.numpy import load_file, save_file
 
-from spectra import analyze as an
-from spectra import cache
+from spectra import analysis as an
+from spectra.io import cache
 
 
 def copy_model(src, dst):
@@ -129,7 +129,7 @@ def test_settings_change_the_key(tiny_llama_dir):
 
 
 def test_batched_torch_path_agrees_with_cpu_path(tiny_llama_dir):
-    from spectra import models
+    from spectra.io import models
 
     mats = models.matrices(str(tiny_llama_dir))
     settings = an.AnalysisSettings(cores=3)
@@ -213,7 +213,7 @@ def test_streamed_falls_back_to_svd_when_ill_conditioned(tmp_path, monkeypatch):
 
 
 def test_spectra_by_name_reads_whichever_analysis_is_cached(tiny_llama_dir):
-    from spectra.analyze import analyze, spectra_by_name
+    from spectra.analysis import analyze, spectra_by_name
 
     assert analyze(str(tiny_llama_dir), cached_only=True) is None  # nothing computed
     info: dict = {}
@@ -227,7 +227,7 @@ def test_spectra_by_name_reads_whichever_analysis_is_cached(tiny_llama_dir):
 
 def test_transposed_conv1d_rows_equal_the_out_by_in_matrix(tiny_gpt2_dir, monkeypatch):
     """GPT-2 Conv1D weights are analysed as (out, in) strided views, block by block."""
-    from spectra import mpo, svd
+    from spectra.linalg import mpo, svd
 
     monkeypatch.setattr(svd, "CHUNK_BYTES", 8 * 200)
     monkeypatch.setattr(mpo, "CHUNK_BYTES", 8 * 200)

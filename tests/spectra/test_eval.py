@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from spectra import eval as ev
+from spectra.data import perplexity as ev
 from spectra.errors import SpectraInputError
 
 
@@ -102,7 +102,7 @@ def test_windows_start_with_bos_when_the_tokenizer_adds_one(family_dir, cli):
 
 def test_the_preview_uses_eval_windows_with_bos(family_dir):
     from compressors.registry import make_config
-    from spectra import models
+    from spectra.io import models
     from spectra.preview import Previewer
 
     path = str(family_dir("llama"))
@@ -118,7 +118,7 @@ def test_the_preview_uses_eval_windows_with_bos(family_dir):
 
 @pytest.mark.demo
 def test_the_demo_tokenizer_adds_no_bos(demo_dir):
-    from spectra import models
+    from spectra.io import models
 
     tok = models.load_tokenizer(str(demo_dir))
     assert ev.bos_token(tok) is None

@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from spectra.metrics import energy_rank, powerlaw_fit, rank_error_curve, spectrum_metrics
-from spectra.svd import singular_values
+from spectra.linalg.metrics import energy_rank, powerlaw_fit, rank_error_curve, spectrum_metrics
+from spectra.linalg.svd import singular_values
 
 
 def metrics_of(w):

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from spectra import models, roles
 from spectra.errors import SpectraInputError
+from spectra.io import models, roles
 
 
 def test_tiny_llama_matrices_and_weights_match_state_dict(tiny_llama_dir):
@@ -172,7 +172,7 @@ def _write(path, data: bytes):
 def test_in_place_widening_read_equals_a_plain_read(tmp_path, dtype, shape):
     from safetensors.torch import save_file
 
-    from spectra.tensors import read_header
+    from spectra.io.tensors import read_header
 
     torch_dtype = {
         "F64": torch.float64,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from spectra import mpo
+from spectra.linalg import mpo
 
 
 @pytest.mark.parametrize("d,k", [(576, 3), (1536, 3), (49152, 3), (4096, 4), (97, 2), (360, 6)])

@@ -5,9 +5,9 @@ import json
 import pytest
 import yaml
 
-from spectra import models
-from spectra import plan as plans
-from spectra.plan import PlanError
+from spectra.io import models
+from spectra.plan import format as plans
+from spectra.plan.format import PlanError
 
 GOOD = {
     "version": 1,

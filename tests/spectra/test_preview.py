@@ -7,15 +7,15 @@ from compressors.registry import make_config
 
 @pytest.fixture()
 def demo(demo_dir):
-    from spectra import models
+    from spectra.io import models
 
     return models.load(str(demo_dir), "cpu"), models.load_tokenizer(str(demo_dir))
 
 
 @pytest.mark.demo
 def test_replayed_blocks_give_the_full_result_and_reverts_reuse_modules(demo):
-    from spectra import eval as ev
-    from spectra import plan as plans
+    from spectra.data import perplexity as ev
+    from spectra.plan import format as plans
     from spectra.preview import Previewer
 
     model, tok = demo
@@ -79,7 +79,7 @@ class Cancel(Exception):
 def test_progress_by_block_and_a_cancelled_preview_leaves_it_consistent(family_dir):
     """Progress counts compressions and block runs; a cancel at any point (here during
     the compressions, then during the blocks) leaves the next preview exact."""
-    from spectra import models
+    from spectra.io import models
     from spectra.preview import Previewer
 
     path = str(family_dir("llama"))

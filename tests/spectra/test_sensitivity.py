@@ -12,7 +12,7 @@ NAMES = [
 
 @pytest.fixture()
 def demo_model(demo_dir):
-    from spectra import models
+    from spectra.io import models
 
     return models.load(str(demo_dir), "cpu"), models.load_tokenizer(str(demo_dir))
 
@@ -30,7 +30,7 @@ def test_fisher_ranks_modules_like_the_measured_loss_increase(demo_model):
 
     from compressors.apply import linear_targets
     from compressors.registry import compress
-    from spectra import sensitivity as sens
+    from spectra.plan import sensitivity as sens
 
     model, tok = demo_model
     cal = sens._windows(tok, sens.SensitivitySettings(tokens=1024, seqlen=256), "calib")
@@ -52,7 +52,7 @@ def test_fisher_ranks_modules_like_the_measured_loss_increase(demo_model):
 
 @pytest.mark.demo
 def test_ppl_probe_restores_the_model_and_cache_round_trips(demo_model, demo_dir):
-    from spectra import sensitivity as sens
+    from spectra.plan import sensitivity as sens
 
     model, _ = demo_model
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from spectra import svd
-from spectra.svd import singular_values, singular_values_torch
+from spectra.linalg import svd
+from spectra.linalg.svd import singular_values, singular_values_torch
 
 
 def reference(w):
@@ -92,7 +92,7 @@ def test_torch_batched_path_agrees_with_numpy():
 
 @pytest.mark.demo
 def test_demo_matrices(demo_dir):
-    from spectra import models
+    from spectra.io import models
 
     mats = {m.name: m for m in models.matrices(str(demo_dir))}
     for name in [

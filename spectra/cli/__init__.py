@@ -6,17 +6,15 @@ Exit codes: 0 success, 2 bad input (one line on stderr, no traceback), 1 interna
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 
-from spectra.cli_compress import cmd_apply, cmd_eval, cmd_plan_auto, cmd_plan_show
+from spectra.cli.analyze import cmd_analyze
+from spectra.cli.app import cmd_app
+from spectra.cli.compress import cmd_apply, cmd_eval, cmd_plan_auto, cmd_plan_show
 from spectra.errors import SpectraInputError
-from spectra.progress import progress_bar
-from spectra.report import check_out_path
 
 
 class _Parser(argparse.ArgumentParser):
@@ -156,123 +154,6 @@ def _speak() -> None:
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         log.propagate = False
-
-
-def cmd_analyze(args) -> int:
-    from spectra import mpo
-
-    mpo.check_cores(args.cores)
-    if args.out is not None:
-        check_out_path(args.out)
-    from spectra import models
-    from spectra.analyze import analyze
-    from spectra.report import format_table, summaries
-
-    models.resolve(args.model)  # a one-time GGUF conversion is timed apart (it says so)
-    info: dict = {}
-    t0 = time.perf_counter()
-    with progress_bar("analyzing") as progress:
-        df = analyze(
-            args.model,
-            device=args.device,
-            cores=args.cores,
-            with_mpo=not args.no_mpo,
-            use_cache=not args.no_cache,
-            progress=progress,
-            info=info,
-        )
-    seconds = time.perf_counter() - t0
-    if args.out is not None:
-        write_table(df, args.out)
-    by_role, by_block = summaries(df)
-    params = int((df["shape_m"] * df["shape_n"]).sum())
-    where = "cache" if info.get("cached") else info.get("device", "?")
-    if args.json:
-        scalars = df.drop([c for c, t in df.schema.items() if t.is_nested()])
-        print(
-            json.dumps(
-                {
-                    "model": args.model,
-                    "matrices": df.height,
-                    "params": params,
-                    "seconds": round(seconds, 3),
-                    "source": where,
-                    "cores": args.cores,
-                    "out": str(args.out) if args.out else None,
-                    "by_role": by_role.to_dicts(),
-                    "by_block": by_block.to_dicts(),
-                    "rows": scalars.to_dicts(),
-                },
-                default=str,
-            )
-        )
-        return 0
-    print(
-        f"{args.model}: {df.height} matrices, {params / 1e6:.1f}M parameters, "
-        f"analysed in {seconds:.2f} s ({where})"
-    )
-    print("\nby role (means)\n" + format_table(by_role))
-    print("\nby block (means)\n" + format_table(by_block))
-    if args.out is not None:
-        print(f"\nfull table: {args.out}")
-    return 0
-
-
-def write_table(df, out: Path) -> None:
-    """Write the analysis table atomically; CSV gets list columns as JSON strings."""
-    import polars as pl
-
-    from spectra.cache import atomic_path
-
-    with atomic_path(out) as tmp:
-        suffix = out.suffix.lower()
-        if suffix == ".parquet":
-            df.write_parquet(tmp)
-        elif suffix == ".json":
-            df.write_json(tmp)
-        else:
-            nested = [c for c, t in df.schema.items() if t.is_nested()]
-            flat = df.with_columns(
-                pl.Series(c, [json.dumps(v) for v in df[c].to_list()], dtype=pl.String)
-                for c in nested
-            )
-            flat.write_csv(tmp)
-
-
-def cmd_app(args) -> int:
-    """Replace this process by the Streamlit server (exec), so that a signal sent to
-    `spectra app` reaches the server itself and stops it."""
-    import importlib.util
-
-    from spectra import models
-
-    found = importlib.util.find_spec("app")  # located, not imported: spectra stays headless
-    if found is None or not found.submodule_search_locations:
-        raise SpectraInputError("the app package is not installed")
-    if not 1 <= args.port <= 65535:
-        raise SpectraInputError(f"--port {args.port}: must be 1..65535")
-    models.resolve(args.model)  # a bad model fails here, with exit 2, not in the page
-    main_py = Path(next(iter(found.submodule_search_locations))) / "main.py"
-    env = dict(os.environ, SPECTRA_APP_MODEL=args.model)
-    cmd = [
-        sys.executable,
-        "-m",
-        "streamlit",
-        "run",
-        str(main_py),
-        "--server.port",
-        str(args.port),
-        "--browser.gatherUsageStats",
-        "false",
-        "--client.toolbarMode",
-        "viewer",
-    ]
-    if not os.environ.get("DISPLAY"):
-        cmd += ["--server.headless", "true"]  # no browser to open on a server
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(sys.executable, cmd, env)
-    return 1  # not reached
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 Each allocation unit (a module, or a joint group of modules that share one setting)
 has candidate settings, each with an exact cost (parameters and bits, from the
 method's own accounting) and a predicted damage (relative weight error squared,
-Fisher-predicted loss increase, or a probe-scaled curve; see spectra.candidates).
+Fisher-predicted loss increase, or a probe-scaled curve; see spectra.plan.candidates).
 The total damage is the sum over units, the cost the sum of the chosen costs.
 
 The solver is a Lagrangian sweep over the lower convex hull of every unit's

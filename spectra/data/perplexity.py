@@ -24,7 +24,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from spectra import memory
+from spectra.data import memory
 from spectra.errors import SpectraInputError
 
 SPLITS = ("eval", "calib")

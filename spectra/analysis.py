@@ -16,11 +16,12 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from spectra import cache, models, mpo, scratch
-from spectra.metrics import spectrum_metrics
-from spectra.roles import ROLES
-from spectra.svd import singular_values, singular_values_streamed, singular_values_torch
-from spectra.tensors import iter_row_chunks
+from spectra.io import cache, models
+from spectra.io.roles import ROLES
+from spectra.io.tensors import iter_row_chunks
+from spectra.linalg import mpo, scratch
+from spectra.linalg.metrics import spectrum_metrics
+from spectra.linalg.svd import singular_values, singular_values_streamed, singular_values_torch
 
 Progress = Callable[[int, int, str], None]
 GPU_BATCH_BYTES = 2 * 2**30  # float64 bytes of matrices moved to the GPU at once

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from spectra import cache, roles
 from spectra.errors import SpectraInputError
-from spectra.tensors import FLOAT_DTYPES, TensorRef, read_header
+from spectra.io import cache, roles
+from spectra.io.tensors import FLOAT_DTYPES, TensorRef, read_header
 
 log = logging.getLogger("spectra")
 DEMO = "demo"
@@ -252,7 +252,7 @@ def _ensure_gguf_converted(gguf: Path, out: Path, progress=None) -> Path:
     """
     if (out / ".complete").is_file():
         return out
-    from spectra import gguf_file
+    from spectra.io import gguf_file
 
     header = gguf_file.read_header(gguf)
     import torch
@@ -348,7 +348,7 @@ def conversion_info(source: Source) -> dict:
         except OSError:
             return {}
     if not data.get("storage") and Path(data.get("gguf", "")).is_file():
-        from spectra import gguf_file
+        from spectra.io import gguf_file
 
         with suppress(SpectraInputError):
             data["storage"] = gguf_file.read_header(data["gguf"]).storage

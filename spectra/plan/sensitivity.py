@@ -12,7 +12,7 @@
   One forward pass per module; the other weights stay dense.
 
 - `calib`: H = X^T X of every linear module's inputs over calibration windows, for
-  the calibration-weighted error tr(E H E^T) / tr(W H W^T) (spectra.candidates).
+  the calibration-weighted error tr(E H E^T) / tr(W H W^T) (spectra.plan.candidates).
 
 Fisher and ppl are cached under cache/sensitivity/, keyed by the weights' content
 fingerprint, the corpus, token count, window length and (for ppl) the probe
@@ -26,8 +26,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from spectra import cache, models
 from spectra.errors import SpectraInputError
+from spectra.io import cache, models
 
 KINDS = ("fisher", "ppl", "calib")
 
@@ -73,7 +73,7 @@ def fingerprint(spec: str) -> str:
     """Content key of all the model's weights (2-D hashes memoised, the rest read)."""
     source = models.resolve(spec)
     mats = models.matrices(source)
-    from spectra.tensors import read_header
+    from spectra.io.tensors import read_header
 
     parts = []
     for f in source.files:
@@ -87,7 +87,7 @@ def fingerprint(spec: str) -> str:
 
 
 def _windows(tokenizer, settings: SensitivitySettings, split: str):
-    from spectra import eval as ev
+    from spectra.data import perplexity as ev
 
     stream = ev.token_stream(tokenizer, settings.corpus, split)
     return stream.windows(settings.seqlen, settings.tokens)
@@ -96,7 +96,7 @@ def _windows(tokenizer, settings: SensitivitySettings, split: str):
 def fisher(model, windows, progress=None) -> dict[str, torch.Tensor]:
     """Diagonal empirical Fisher of every linear weight, (out, in) float32 on the CPU."""
     from compressors.apply import linear_targets
-    from spectra import eval as ev
+    from spectra.data import perplexity as ev
 
     targets = linear_targets(model)
     params = {name: mod.weight for name, (_, mod) in targets.items()}
@@ -161,8 +161,8 @@ def ppl_probe(model, windows, probe, progress=None, names=None) -> dict[str, dic
 
 
 def _mean_nll(model, windows, batch: int = 4) -> float:
-    """Mean token NLL over equal-length windows (spectra.eval's convention)."""
-    from spectra import eval as ev
+    """Mean token NLL over equal-length windows (spectra.data.perplexity's convention)."""
+    from spectra.data import perplexity as ev
 
     with torch.no_grad():
         nll = [
@@ -192,7 +192,7 @@ def compute(
         tokenizer = models.load_tokenizer(spec)
         model = model if model is not None else models.load(spec, device)
         return hessians(model, _windows(tokenizer, settings, "calib"), progress)
-    from spectra import eval as ev
+    from spectra.data import perplexity as ev
 
     tokenizer = models.load_tokenizer(spec)
     bos = ev.bos_token(tokenizer)  # the windows differ with and without BOS

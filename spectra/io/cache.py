@@ -19,7 +19,7 @@ from pathlib import Path
 import xxhash
 
 CACHE_VERSION = 1
-_REPO_ROOT = Path(__file__).resolve().parent.parent
+_REPO_ROOT = Path(__file__).resolve().parents[2]  # spectra/io/cache.py -> the checkout
 
 
 def cache_dir() -> Path:
@@ -113,7 +113,7 @@ def file_tensor_hashes(path: Path, refs: Iterable) -> dict[str, str]:
 
     import numpy as np
 
-    from spectra import scratch
+    from spectra.linalg import scratch
 
     def one(r):
         return r.name, hash_bytes(r.read_bytes(scratch.buffer("raw", r.nbytes, np.uint8)))

@@ -349,10 +349,10 @@ def energy_ranks(model: str):
 
     def rank_of(name: str, energy: float) -> int:
         if "df" not in cache:
-            from spectra.analyze import spectra_by_name
+            from spectra.analysis import spectra_by_name
 
             cache["df"] = spectra_by_name(model)
-        from spectra.metrics import energy_rank
+        from spectra.linalg.metrics import energy_rank
 
         return energy_rank(cache["df"][name], energy)
 
@@ -364,8 +364,8 @@ def weight_ranks(targets):
     (`targets`: compressors.apply.linear_targets of a loaded model)."""
     import functools
 
-    from spectra.metrics import energy_rank
-    from spectra.svd import singular_values
+    from spectra.linalg.metrics import energy_rank
+    from spectra.linalg.svd import singular_values
 
     @functools.cache
     def sigma(name):

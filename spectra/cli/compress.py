@@ -7,14 +7,14 @@ import shlex
 import time
 from pathlib import Path
 
+from spectra.cli.progress import progress_bar
 from spectra.errors import SpectraInputError
-from spectra.progress import progress_bar
-from spectra.roles import ROLES
+from spectra.io.roles import ROLES
 
 
 def cmd_plan_show(args) -> int:
-    from spectra import models
-    from spectra import plan as plans
+    from spectra.io import models
+    from spectra.plan import format as plans
 
     plan = plans.load(args.plan)
     mats = models.matrices(args.model)
@@ -45,7 +45,7 @@ def cmd_plan_show(args) -> int:
         return 0
     import polars as pl
 
-    from spectra.report import format_table
+    from spectra.cli.report import format_table
 
     print(format_table(pl.DataFrame(rows)))
     print(
@@ -58,10 +58,11 @@ def cmd_plan_show(args) -> int:
 
 
 def cmd_plan_auto(args) -> int:
-    from spectra import autoplan, cache
-    from spectra import plan as plans
-    from spectra import sensitivity as sens
-    from spectra.report import check_out_path
+    from spectra.cli.report import check_out_path
+    from spectra.io import cache
+    from spectra.plan import auto as autoplan
+    from spectra.plan import format as plans
+    from spectra.plan import sensitivity as sens
 
     check_out_path(args.out, (".yaml", ".yml", ".json"))
     floors = autoplan.parse_floors(args.min_rank, args.min_bits, args.keep_dense)
@@ -150,9 +151,9 @@ def _settings(config) -> str:
 
 
 def cmd_apply(args) -> int:
-    from spectra import eval as ev
-    from spectra import models
-    from spectra import plan as plans
+    from spectra.data import perplexity as ev
+    from spectra.io import models
+    from spectra.plan import format as plans
 
     plan = plans.load(args.plan)
     out = args.out
@@ -176,6 +177,8 @@ def cmd_apply(args) -> int:
         if needs_data:
             raise
         tokenizer = None  # a data-free plan needs none; OUT then has no tokenizer either
+    from spectra.data.calibration import calibration_windows  # deferred: torch
+
     calib = calibration_windows(tokenizer, plan.calibration) if needs_data else None
     with progress_bar("compressing") as progress:
         compressed, reports, facts = plans.apply_plan(
@@ -210,21 +213,10 @@ def cmd_apply(args) -> int:
     return 0
 
 
-def calibration_windows(tokenizer, spec):
-    """`samples` windows of `seqlen` calibration tokens, chosen with `seed`."""
-    import torch
-
-    from spectra import eval as ev
-
-    ids = ev.token_stream(tokenizer, spec.corpus, "calib").windows(spec.seqlen)
-    pick = torch.randperm(ids.shape[0], generator=torch.Generator().manual_seed(spec.seed))
-    return ids[pick[: spec.samples]]
-
-
 def cmd_eval(args) -> int:
     from compressors import io
-    from spectra import eval as ev
-    from spectra import models
+    from spectra.data import perplexity as ev
+    from spectra.io import models
 
     if args.seqlen < 2:
         raise SpectraInputError(f"--seqlen {args.seqlen}: must be at least 2")
@@ -269,7 +261,7 @@ def cmd_eval(args) -> int:
 
 
 def _ppl(model, tokenizer, ids, args):
-    from spectra import eval as ev
+    from spectra.data import perplexity as ev
 
     with progress_bar("evaluating") as progress:
         cb = (lambda done, total: progress(done, total, "")) if progress else None

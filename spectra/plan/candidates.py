@@ -5,7 +5,7 @@ candidates has exactly the accounted budget. Damage is one of:
 - weight (`--sensitivity none`): ||W - W_hat||_F^2 / ||W||_F^2, the squared relative
   weight error. Relative, because each layer's scale is arbitrary after a norm.
 - fisher: 0.5 * sum F (W - W_hat)^2, the loss increase predicted by the diagonal
-  empirical Fisher (spectra.sensitivity).
+  empirical Fisher (spectra.plan.sensitivity).
 - calib: tr(E H E^T) / tr(W H W^T) with H = X^T X of the module's calibration inputs,
   the calibration-weighted squared relative error (closed form over the spectrum for
   low rank: sum_{i>r} sigma_i^2 v_i^T H v_i).
@@ -35,7 +35,7 @@ import torch
 
 from compressors.base import DENSE_BITS
 from compressors.registry import make_config
-from spectra.allocate import Candidate, Unit
+from spectra.plan.allocate import Candidate, Unit
 
 METHODS = ("lowrank", "joint", "losparse", "mpo", "quant", "caldera", "mixed")
 QUANT_BITS = (2, 3, 4, 5, 6, 7, 8)
@@ -171,7 +171,7 @@ def grid(method: str, m: int, n: int, role: str, floors: Floors, spectral: bool 
         ]
         return [c for c in configs if c.cost(m, n)[0] < m * n]
     if method == "mpo":
-        from spectra import mpo as tt
+        from spectra.linalg import mpo as tt
 
         mf, nf = tt.factorize(m, MPO_CORES), tt.factorize(n, MPO_CORES)
         top = max(tt.full_bond_dims(mf, nf))
@@ -290,7 +290,7 @@ def losparse(mod: Module, dmg: Damage, floors: Floors) -> list[Candidate]:
 
 
 def mpo(mod: Module, dmg: Damage, floors: Floors) -> list[Candidate]:
-    from spectra import mpo as tt
+    from spectra.linalg import mpo as tt
 
     m, n = mod.shape
     mf, nf = tt.factorize(m, MPO_CORES), tt.factorize(n, MPO_CORES)
@@ -404,7 +404,7 @@ def units_for(
     `sigmas`: singular values by module name, when known (spares an SVD per module).
     """
     sigmas = sigmas or {}
-    from spectra.parallel import parallel_map
+    from spectra.linalg.parallel import parallel_map
 
     kept = floors.keep_dense
     groups = group_modules(modules, method)

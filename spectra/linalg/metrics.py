@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from spectra import scratch
+from spectra.linalg import scratch
 
 EVALS_THRESH = 1e-5  # WeightWatcher's EVALS_THRESH, for comparable alphas
 

@@ -78,7 +78,8 @@ class TensorRef:
         touched (fresh memory is the slowest part of reading a checkpoint). With
         `hashes`, the content hash of the bytes is stored under this tensor's name.
         """
-        from spectra import cache, scratch
+        from spectra.io import cache
+        from spectra.linalg import scratch
 
         wide = np.float64 if self.dtype == "F64" else np.float32
         n = int(np.prod(self.shape, dtype=np.int64))
@@ -100,7 +101,7 @@ def iter_row_chunks(ref: TensorRef, rows: int, hashes: dict | None = None):
     """
     import xxhash
 
-    from spectra import scratch
+    from spectra.linalg import scratch
 
     a, b = ref.shape
     np_dtype, e = _DTYPES[ref.dtype]

@@ -25,7 +25,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from spectra import scratch
+from spectra.linalg import scratch
 
 GRAM_FLOOR = 1e-5
 CHUNK_BYTES = 4 * 2**20

@@ -17,8 +17,8 @@ import math
 
 import numpy as np
 
-from spectra import scratch
-from spectra.svd import CHUNK_BYTES, gram_of_blocks, gram_spectrum
+from spectra.linalg import scratch
+from spectra.linalg.svd import CHUNK_BYTES, gram_of_blocks, gram_spectrum
 
 MIN_CORES, MAX_CORES = 2, 6
 

@@ -1,0 +1,1 @@
+"""Data (layer 3): corpora and perplexity, calibration windows, peak memory of a run."""

@@ -1,0 +1,1 @@
+"""Weight I/O (layer 1): safetensors and GGUF headers, model sources, roles, the cache."""
