@@ -212,7 +212,7 @@ class Previewer:
         return result
 
     def _score(self, batches, first: int, progress=None, what: str = "", batch_size: int = 4):
-        """spectra.data.perplexity's perplexity, replaying blocks before `first` and recording the rest.
+        """`spectra eval`'s perplexity, replaying blocks before `first` and recording the rest.
 
         Until it completes, no records are kept: an interrupted score leaves the next
         preview to start from block 0.
