@@ -26,6 +26,7 @@ quant and prune candidates to every module. Every module may also stay dense.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass, field
@@ -270,20 +271,22 @@ def prune(mod: Module, dmg: Damage, floors: Floors) -> list[Candidate]:
     return out
 
 
+def _residuals(w: torch.Tensor):
+    """residual(r) = W - W_r (best rank-r approximation), one SVD, each rank once."""
+    u, s, vh = _svd(w)
+    return functools.cache(lambda r: w - (u[:, :r] * s[:r]) @ vh[:r])
+
+
 def losparse(mod: Module, dmg: Damage, floors: Floors) -> list[Candidate]:
     m, n = mod.shape
-    u, s, vh = _svd(mod.weight)
+    residual = _residuals(mod.weight)
+    order = functools.cache(lambda r: torch.argsort(residual(r).abs().reshape(-1), descending=True))
     out = []
-    residuals: dict[int, tuple] = {}
     for config in grid("losparse", m, n, mod.role, floors):
-        r = config.rank
-        if r not in residuals:
-            flat = (mod.weight - (u[:, :r] * s[:r]) @ vh[:r]).reshape(-1)
-            residuals[r] = (flat, torch.argsort(flat.abs(), descending=True))
-        flat, order = residuals[r]
+        flat, largest = residual(config.rank).reshape(-1), order(config.rank)
         keep = m * n - round(config.sparsity * m * n)  # residual entries kept in S
         e = flat.clone()
-        e[order[:keep]] = 0
+        e[largest[:keep]] = 0  # the kept entries leave no error
         p, b = config.cost(m, n)
         out.append(Candidate(config, p, b, dmg(mod, e.reshape(m, n))))
     return out
@@ -310,16 +313,12 @@ def mpo(mod: Module, dmg: Damage, floors: Floors) -> list[Candidate]:
 
 def caldera(mod: Module, dmg: Damage, floors: Floors) -> list[Candidate]:
     m, n = mod.shape
-    u, s, vh = _svd(mod.weight)
+    residual = _residuals(mod.weight)
     out = []
-    residuals: dict[int, torch.Tensor] = {}
     for config in grid("caldera", m, n, mod.role, floors):
-        r = config.rank
-        if r not in residuals:
-            residuals[r] = mod.weight - (u[:, :r] * s[:r]) @ vh[:r]
         p, b = config.cost(m, n)
         rtn = make_config("quant", bits=config.bits, group_size=config.group_size)
-        out.append(Candidate(config, p, b, dmg(mod, _error(residuals[r], rtn))))
+        out.append(Candidate(config, p, b, dmg(mod, _error(residual(config.rank), rtn))))
     return out
 
 
