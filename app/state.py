@@ -13,6 +13,8 @@ import os
 
 import streamlit as st
 
+from spectra.analysis import analyze
+from spectra.errors import SpectraInputError
 from spectra.io import models
 from spectra.io.roles import ROLES
 
@@ -39,7 +41,6 @@ def model_spec() -> str:
 
 def checked_model() -> str | None:
     """The chosen model, or None after showing why it cannot be read."""
-    from spectra.errors import SpectraInputError
 
     spec = model_spec()
     try:
@@ -108,7 +109,6 @@ def _causal_lm(model_type: str | None) -> str:
 @st.cache_data(show_spinner=False)
 def analysis(spec: str, cores: int = 3):
     """The analysis table (spectra, metrics, MPO bond profiles) and whether it was cached."""
-    from spectra.analysis import analyze
 
     info: dict = {}
     df = analyze(spec, cores=cores, info=info)
@@ -138,7 +138,7 @@ def built_modules(spec: str) -> dict:
 
 def previewer(spec: str):
     """This session's Previewer on `spec` (its compressed modules shared)."""
-    from spectra.preview import Previewer
+    from spectra.preview import Previewer  # deferred: torch
 
     key = f"previewer::{spec}"
     if key not in st.session_state:
@@ -150,6 +150,7 @@ def previewer(spec: str):
 @st.cache_data(show_spinner=False, max_entries=20000)
 def row_error(spec: str, name: str, settings: tuple) -> float:
     """Relative weight error of one module under one setting (settings as sorted items)."""
+    # deferred: torch, needed only once a preview, an error or an allocation is asked for
     from compressors.registry import make_config
     from spectra.preview import module_error
 
@@ -163,6 +164,7 @@ def row_error(spec: str, name: str, settings: tuple) -> float:
 @st.cache_data(show_spinner=False)
 def auto_layers(spec: str, method: str, key: str, target: float, sensitivity: str) -> dict:
     """Auto-allocated explicit plan layers (module -> settings dict) and its summary."""
+    # deferred: torch, needed only once a preview, an error or an allocation is asked for
     from compressors.base import config_to_dict
     from spectra.plan.auto import auto_plan
 
@@ -206,7 +208,7 @@ def sensitivity_scores(spec: str, kind: str, tokens: int, progress=None):
 
     The sensitivity itself is computed here with progress (and cached on disk by the
     library); the per-module scores derived from it are cached by Streamlit."""
-    from spectra.plan import sensitivity as sens
+    from spectra.plan import sensitivity as sens  # deferred: torch
 
     settings = sens.SensitivitySettings(kind=kind, tokens=tokens)
     result = sens.compute(spec, settings, progress=progress, model=loaded(spec)[0])
@@ -219,7 +221,7 @@ def _sensitivity_scores(spec: str, kind: str, tokens: int, _result=None):
     import polars as pl
     import torch
 
-    from spectra.plan import sensitivity as sens
+    from spectra.plan import sensitivity as sens  # deferred: torch
 
     result = _result
     mats = {m.name: m for m in models.matrices(spec)}

@@ -11,7 +11,7 @@ from spectra.errors import SpectraInputError  # noqa: E402
 
 def load_compressed(out, device: str = "cpu"):
     """The model written by `spectra apply` to OUT, with its compact modules."""
-    from compressors import io  # the one bridge from the library to the compressors
+    from compressors import io  # the one bridge to the compressors; deferred: torch
 
     return io.load(out, device)[0]
 

@@ -23,7 +23,20 @@ import numpy as np
 import torch
 from torch import nn
 
+from compressors.apply import (
+    _decoder_layers,
+    _set_module,
+    compact_modules,
+    factorize,
+    linear_targets,
+    needs_data,
+)
+from compressors.base import relative_error
+from compressors.registry import compress, make_config
+from spectra.data import perplexity as ev
 from spectra.errors import SpectraInputError
+from spectra.linalg.metrics import rank_error_curve
+from spectra.plan.format import Plan, resolve, weight_ranks
 
 
 def module_error(weight: np.ndarray | torch.Tensor | None, config, sigma=None) -> float:
@@ -31,24 +44,17 @@ def module_error(weight: np.ndarray | torch.Tensor | None, config, sigma=None) -
 
     For a plain low-rank setting the singular values `sigma` suffice (weight may be None).
     """
-    from compressors.base import relative_error
-    from compressors.registry import compress
 
     if config is None:
         return 0.0
     if config.method == "lowrank" and config.rank is not None and not config.whiten:
-        from spectra.linalg.metrics import rank_error_curve
-
         if sigma is None:
             sigma = torch.linalg.svdvals(torch.as_tensor(weight).double()).numpy()
         curve = rank_error_curve(np.asarray(sigma))
         return float(curve[min(config.rank, len(curve) - 1)])
     w = torch.as_tensor(weight).float()
     if config.method == "joint":  # alone, a joint setting is its member's own rank-k SVD
-        from compressors.registry import make_config
-
         config = make_config("lowrank", rank=min(config.rank, *w.shape))
-    from compressors.apply import needs_data
 
     if needs_data(config):
         raise SpectraInputError(
@@ -90,9 +96,6 @@ class Previewer:
 
     def __init__(self, model, tokenizer, corpus: str = "builtin", seqlen: int = 512, built=None):
         """`built`: a store of compressed modules to share (e.g. between app sessions)."""
-        from compressors.apply import _decoder_layers, linear_targets
-        from spectra.data import perplexity as ev
-        from spectra.plan.format import weight_ranks
 
         self.work = copy.deepcopy(model).eval()  # the caller's model is never touched
         self.targets = linear_targets(self.work)  # name -> (Target, dense module)
@@ -113,13 +116,6 @@ class Previewer:
         `layers` is resolved like any plan (unknown modules and impossible settings are
         errors; joint members form their parent's group, as `spectra apply` builds it).
         """
-        from compressors.apply import (
-            _set_module,
-            compact_modules,
-            factorize,
-            needs_data,
-        )
-        from spectra.plan.format import Plan, resolve
 
         resolved = resolve(Plan(layers=layers), [t for t, _ in self.targets.values()], self.rank_of)
         entries = {e.name: e for e in resolved}
@@ -218,8 +214,6 @@ class Previewer:
         preview to start from block 0.
         """
         import math
-
-        from spectra.data import perplexity as ev
 
         device = next(self.work.parameters()).device
         saved = list(self.layers)

@@ -3,6 +3,7 @@
 import streamlit as st
 
 from app import state
+from spectra.analysis import analyze
 from spectra.errors import SpectraInputError
 from spectra.io import models
 
@@ -21,7 +22,6 @@ def render() -> None:
         convert.empty()
         table = state.matrix_table(spec)
         info = state.summary(spec)
-        from spectra.analysis import analyze
 
         bar = st.progress(0.0, "spectra")
         status: dict = {}

@@ -6,19 +6,19 @@ import json
 import time
 from pathlib import Path
 
+from spectra.analysis import analyze
 from spectra.cli.progress import progress_bar
-from spectra.cli.report import check_out_path
+from spectra.cli.report import check_out_path, format_table, summaries
+from spectra.io import models
+from spectra.io.cache import atomic_path
+from spectra.linalg import mpo
 
 
 def cmd_analyze(args) -> int:
-    from spectra.linalg import mpo
 
     mpo.check_cores(args.cores)
     if args.out is not None:
         check_out_path(args.out)
-    from spectra.analysis import analyze
-    from spectra.cli.report import format_table, summaries
-    from spectra.io import models
 
     models.resolve(args.model)  # a one-time GGUF conversion is timed apart (it says so)
     info: dict = {}
@@ -73,8 +73,6 @@ def cmd_analyze(args) -> int:
 def write_table(df, out: Path) -> None:
     """Write the analysis table atomically; CSV gets list columns as JSON strings."""
     import polars as pl
-
-    from spectra.io.cache import atomic_path
 
     with atomic_path(out) as tmp:
         suffix = out.suffix.lower()

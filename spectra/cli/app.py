@@ -7,14 +7,13 @@ import sys
 from pathlib import Path
 
 from spectra.errors import SpectraInputError
+from spectra.io import models
 
 
 def cmd_app(args) -> int:
     """Replace this process by the Streamlit server (exec), so that a signal sent to
     `spectra app` reaches the server itself and stops it."""
     import importlib.util
-
-    from spectra.io import models
 
     found = importlib.util.find_spec("app")  # located, not imported: spectra stays headless
     if found is None or not found.submodule_search_locations:

@@ -8,13 +8,15 @@ import time
 from pathlib import Path
 
 from spectra.cli.progress import progress_bar
+from spectra.cli.report import check_out_path, format_table
+from spectra.data import perplexity as ev
 from spectra.errors import SpectraInputError
+from spectra.io import cache, models
 from spectra.io.roles import ROLES
+from spectra.plan import format as plans
 
 
 def cmd_plan_show(args) -> int:
-    from spectra.io import models
-    from spectra.plan import format as plans
 
     plan = plans.load(args.plan)
     mats = models.matrices(args.model)
@@ -45,8 +47,6 @@ def cmd_plan_show(args) -> int:
         return 0
     import polars as pl
 
-    from spectra.cli.report import format_table
-
     print(format_table(pl.DataFrame(rows)))
     print(
         f"\n{totals['compressed']} of {totals['modules']} linear modules compressed; "
@@ -58,10 +58,8 @@ def cmd_plan_show(args) -> int:
 
 
 def cmd_plan_auto(args) -> int:
-    from spectra.cli.report import check_out_path
-    from spectra.io import cache
+    # deferred: these pull in torch; `spectra --help` imports this module
     from spectra.plan import auto as autoplan
-    from spectra.plan import format as plans
     from spectra.plan import sensitivity as sens
 
     check_out_path(args.out, (".yaml", ".yml", ".json"))
@@ -151,9 +149,6 @@ def _settings(config) -> str:
 
 
 def cmd_apply(args) -> int:
-    from spectra.data import perplexity as ev
-    from spectra.io import models
-    from spectra.plan import format as plans
 
     plan = plans.load(args.plan)
     out = args.out
@@ -165,6 +160,7 @@ def cmd_apply(args) -> int:
     rank_of = plans.energy_ranks(args.model)
     entries = plans.resolve(plan, models.matrices(args.model), rank_of=rank_of)
     warn_other_model(plan, args.model)
+    # deferred: these pull in torch; `spectra --help` imports this module
     from compressors import apply as applying
     from compressors import io
 
@@ -214,9 +210,7 @@ def cmd_apply(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from compressors import io
-    from spectra.data import perplexity as ev
-    from spectra.io import models
+    from compressors import io  # deferred: torch
 
     if args.seqlen < 2:
         raise SpectraInputError(f"--seqlen {args.seqlen}: must be at least 2")
@@ -261,7 +255,6 @@ def cmd_eval(args) -> int:
 
 
 def _ppl(model, tokenizer, ids, args):
-    from spectra.data import perplexity as ev
 
     with progress_bar("evaluating") as progress:
         cb = (lambda done, total: progress(done, total, "")) if progress else None

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import xxhash
 
+from spectra.linalg import scratch
+
 CACHE_VERSION = 1
 _REPO_ROOT = Path(__file__).resolve().parents[2]  # spectra/io/cache.py -> the checkout
 
@@ -112,8 +114,6 @@ def file_tensor_hashes(path: Path, refs: Iterable) -> dict[str, str]:
     from concurrent.futures import ThreadPoolExecutor
 
     import numpy as np
-
-    from spectra.linalg import scratch
 
     def one(r):
         return r.name, hash_bytes(r.read_bytes(scratch.buffer("raw", r.nbytes, np.uint8)))

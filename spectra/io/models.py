@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from spectra.errors import SpectraInputError
-from spectra.io import cache, roles
+from spectra.io import cache, gguf_file, roles
 from spectra.io.tensors import FLOAT_DTYPES, TensorRef, read_header
 
 log = logging.getLogger("spectra")
@@ -252,7 +252,6 @@ def _ensure_gguf_converted(gguf: Path, out: Path, progress=None) -> Path:
     """
     if (out / ".complete").is_file():
         return out
-    from spectra.io import gguf_file
 
     header = gguf_file.read_header(gguf)
     import torch
@@ -348,8 +347,6 @@ def conversion_info(source: Source) -> dict:
         except OSError:
             return {}
     if not data.get("storage") and Path(data.get("gguf", "")).is_file():
-        from spectra.io import gguf_file
-
         with suppress(SpectraInputError):
             data["storage"] = gguf_file.read_header(data["gguf"]).storage
     return data

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from spectra.errors import SpectraInputError
+from spectra.io import cache
+from spectra.linalg import scratch
 
 _MAX_HEADER = 100 * 2**20
 # safetensors dtype -> (numpy dtype used to read the bytes, bytes per element)
@@ -78,8 +80,6 @@ class TensorRef:
         touched (fresh memory is the slowest part of reading a checkpoint). With
         `hashes`, the content hash of the bytes is stored under this tensor's name.
         """
-        from spectra.io import cache
-        from spectra.linalg import scratch
 
         wide = np.float64 if self.dtype == "F64" else np.float32
         n = int(np.prod(self.shape, dtype=np.int64))
@@ -100,8 +100,6 @@ def iter_row_chunks(ref: TensorRef, rows: int, hashes: dict | None = None):
     hash) is stored under the tensor's name once the last block has been read.
     """
     import xxhash
-
-    from spectra.linalg import scratch
 
     a, b = ref.shape
     np_dtype, e = _DTYPES[ref.dtype]

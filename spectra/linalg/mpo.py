@@ -17,6 +17,7 @@ import math
 
 import numpy as np
 
+from spectra.errors import SpectraInputError
 from spectra.linalg import scratch
 from spectra.linalg.svd import CHUNK_BYTES, gram_of_blocks, gram_spectrum
 
@@ -53,8 +54,6 @@ def factorize(d: int, k: int) -> tuple[int, ...]:
 
 def check_cores(k: int) -> None:
     if not MIN_CORES <= k <= MAX_CORES:
-        from spectra.errors import SpectraInputError
-
         raise SpectraInputError(
             f"cores={k}: the number of MPO cores must be in {MIN_CORES}..{MAX_CORES}"
         )

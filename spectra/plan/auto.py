@@ -9,10 +9,12 @@ from dataclasses import dataclass
 
 import torch
 
+from spectra.analysis import spectra_by_name
 from spectra.errors import SpectraInputError
 from spectra.io import models
 from spectra.io.roles import ROLES
 from spectra.plan import candidates as cands
+from spectra.plan import sensitivity as sens
 from spectra.plan.allocate import BudgetError, Candidate, Unit, allocate
 from spectra.plan.format import NOT_TARGETABLE, Plan
 from spectra.plan.sensitivity import KINDS
@@ -134,7 +136,6 @@ def auto_plan(
     use_cache: bool = True,
 ) -> AutoResult:
     """An explicit per-module plan for `method` that meets the budget with least damage."""
-    from spectra.plan import sensitivity as sens
 
     t0 = time.perf_counter()
     if method not in cands.METHODS:
@@ -181,8 +182,6 @@ def auto_plan(
     t = time.perf_counter()
     sigmas = None
     if dmg.spectral and method in ("lowrank", "joint", "mixed"):
-        from spectra.analysis import spectra_by_name
-
         sigmas = spectra_by_name(spec, use_cache)
     units = cands.units_for(modules, method, dmg, floors, sigmas)
     seconds["candidates"] = time.perf_counter() - t

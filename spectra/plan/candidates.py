@@ -35,7 +35,9 @@ import numpy as np
 import torch
 
 from compressors.base import DENSE_BITS
-from compressors.registry import make_config
+from compressors.registry import compress, make_config
+from spectra.linalg import mpo as tt
+from spectra.linalg.parallel import parallel_map
 from spectra.plan.allocate import Candidate, Unit
 
 METHODS = ("lowrank", "joint", "losparse", "mpo", "quant", "caldera", "mixed")
@@ -123,7 +125,6 @@ def _cand(config, m: int, n: int, damage: float) -> Candidate:
 
 def _error(w: torch.Tensor, config) -> torch.Tensor:
     """W - W_hat for what `config` builds: the registry's own compressor."""
-    from compressors.registry import compress
 
     return w - compress(w, config).to_dense().to(w.dtype)
 
@@ -172,8 +173,6 @@ def grid(method: str, m: int, n: int, role: str, floors: Floors, spectral: bool 
         ]
         return [c for c in configs if c.cost(m, n)[0] < m * n]
     if method == "mpo":
-        from spectra.linalg import mpo as tt
-
         mf, nf = tt.factorize(m, MPO_CORES), tt.factorize(n, MPO_CORES)
         top = max(tt.full_bond_dims(mf, nf))
         chis = sorted({int(round(x)) for x in np.geomspace(2, top, MPO_BONDS)})
@@ -293,7 +292,6 @@ def losparse(mod: Module, dmg: Damage, floors: Floors) -> list[Candidate]:
 
 
 def mpo(mod: Module, dmg: Damage, floors: Floors) -> list[Candidate]:
-    from spectra.linalg import mpo as tt
 
     m, n = mod.shape
     mf, nf = tt.factorize(m, MPO_CORES), tt.factorize(n, MPO_CORES)
@@ -403,7 +401,6 @@ def units_for(
     `sigmas`: singular values by module name, when known (spares an SVD per module).
     """
     sigmas = sigmas or {}
-    from spectra.linalg.parallel import parallel_map
 
     kept = floors.keep_dense
     groups = group_modules(modules, method)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from compressors.base import config_to_dict
 from compressors.registry import make_config
 from spectra.errors import SpectraInputError
+from spectra.io import models
 from spectra.plan import format as plans
 
 KNOBS = ("rank", "energy", "sparsity", "bits", "factor_bits", "bond_dim", "cores")
@@ -78,7 +79,6 @@ def settings_of(r: dict) -> dict | None:
 
 def totals(spec: str, layers: dict[str, dict], mats=None) -> dict:
     """Exact params/bits totals of explicit layers (module -> settings) on a model."""
-    from spectra.io import models
 
     mats = mats if mats is not None else models.matrices(spec)
     plan = plans.parse({"layers": layers})

@@ -15,7 +15,10 @@ from pathlib import Path
 
 import yaml
 
+from spectra.analysis import spectra_by_name
 from spectra.errors import SpectraInputError
+from spectra.linalg.metrics import energy_rank
+from spectra.linalg.svd import singular_values
 
 PLAN_VERSION = 1
 TOP_KEYS = {"version", "model", "calibration", "rules", "layers"}
@@ -89,7 +92,7 @@ class Entry:
 
     @property
     def bits_before(self) -> int:
-        from compressors.base import DENSE_BITS
+        from compressors.base import DENSE_BITS  # deferred: torch (`spectra --help`)
 
         return DENSE_BITS * self.params_before
 
@@ -108,7 +111,7 @@ def load(path: str | Path) -> Plan:
 
 def parse(data) -> Plan:
     """Validate a plan given as plain data."""
-    from compressors.registry import make_config
+    from compressors.registry import make_config  # deferred: torch (`spectra --help`)
 
     if not isinstance(data, dict):
         raise PlanError("plan: must be a mapping with rules and/or layers")
@@ -157,7 +160,7 @@ def _shape(value, where: str) -> tuple[int, int]:
 
 def to_dict(plan: Plan) -> dict:
     """Plain data that `parse` turns back into an equal plan."""
-    from compressors.base import config_to_dict
+    from compressors.base import config_to_dict  # deferred: torch (`spectra --help`)
 
     out: dict = {"version": plan.version}
     if plan.model is not None:
@@ -247,7 +250,7 @@ def totals(entries: list[Entry]) -> dict:
 
 
 def _cost(entries, rank_of):
-    from compressors.base import DENSE_BITS
+    from compressors.base import DENSE_BITS  # deferred: torch (`spectra --help`)
 
     groups: dict[tuple, list[Entry]] = {}
     for e in entries:
@@ -349,10 +352,7 @@ def energy_ranks(model: str):
 
     def rank_of(name: str, energy: float) -> int:
         if "df" not in cache:
-            from spectra.analysis import spectra_by_name
-
             cache["df"] = spectra_by_name(model)
-        from spectra.linalg.metrics import energy_rank
 
         return energy_rank(cache["df"][name], energy)
 
@@ -363,9 +363,6 @@ def weight_ranks(targets):
     """rank_of(name, energy) from the singular values of each module's own weight
     (`targets`: compressors.apply.linear_targets of a loaded model)."""
     import functools
-
-    from spectra.linalg.metrics import energy_rank
-    from spectra.linalg.svd import singular_values
 
     @functools.cache
     def sigma(name):
@@ -384,7 +381,7 @@ def apply_plan(model, plan: Plan, calib_ids=None, progress=None, rank_of=None):
 
     `rank_of(name, energy)` sizes energy-based settings; by default from the weights.
     """
-    from compressors import apply as surgery  # deferred: torch, for `plan show` without it
+    from compressors import apply as surgery  # deferred: torch (`spectra --help`)
 
     targets = surgery.linear_targets(model)
     entries = resolve(plan, [t for t, _ in targets.values()], rank_of or weight_ranks(targets))

@@ -26,8 +26,12 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from compressors.apply import GramCollector, linear_targets
+from compressors.registry import compress, make_config
+from spectra.data import perplexity as ev
 from spectra.errors import SpectraInputError
 from spectra.io import cache, models
+from spectra.io.tensors import read_header
 
 KINDS = ("fisher", "ppl", "calib")
 
@@ -54,13 +58,11 @@ class SensitivitySettings:
 
 
 def _lowrank_half(m: int, n: int):
-    from compressors.registry import make_config
 
     return make_config("lowrank", rank=max(1, m * n // (2 * (m + n))))
 
 
 def _rtn3(m: int, n: int):
-    from compressors.registry import make_config
 
     return make_config("quant", bits=3, group_size=128)
 
@@ -73,7 +75,6 @@ def fingerprint(spec: str) -> str:
     """Content key of all the model's weights (2-D hashes memoised, the rest read)."""
     source = models.resolve(spec)
     mats = models.matrices(source)
-    from spectra.io.tensors import read_header
 
     parts = []
     for f in source.files:
@@ -87,7 +88,6 @@ def fingerprint(spec: str) -> str:
 
 
 def _windows(tokenizer, settings: SensitivitySettings, split: str):
-    from spectra.data import perplexity as ev
 
     stream = ev.token_stream(tokenizer, settings.corpus, split)
     return stream.windows(settings.seqlen, settings.tokens)
@@ -95,8 +95,6 @@ def _windows(tokenizer, settings: SensitivitySettings, split: str):
 
 def fisher(model, windows, progress=None) -> dict[str, torch.Tensor]:
     """Diagonal empirical Fisher of every linear weight, (out, in) float32 on the CPU."""
-    from compressors.apply import linear_targets
-    from spectra.data import perplexity as ev
 
     targets = linear_targets(model)
     params = {name: mod.weight for name, (_, mod) in targets.items()}
@@ -133,8 +131,6 @@ def ppl_probe(model, windows, probe, progress=None, names=None) -> dict[str, dic
     `probe(m, n)` gives the config for an (m, n) module; `names` limits the modules.
     Returns, per module, the loss increase and the probe's squared relative error.
     """
-    from compressors.apply import linear_targets
-    from compressors.registry import compress
 
     targets = linear_targets(model)
     if names is not None:
@@ -162,7 +158,6 @@ def ppl_probe(model, windows, probe, progress=None, names=None) -> dict[str, dic
 
 def _mean_nll(model, windows, batch: int = 4) -> float:
     """Mean token NLL over equal-length windows (spectra.data.perplexity's convention)."""
-    from spectra.data import perplexity as ev
 
     with torch.no_grad():
         nll = [
@@ -192,7 +187,6 @@ def compute(
         tokenizer = models.load_tokenizer(spec)
         model = model if model is not None else models.load(spec, device)
         return hessians(model, _windows(tokenizer, settings, "calib"), progress)
-    from spectra.data import perplexity as ev
 
     tokenizer = models.load_tokenizer(spec)
     bos = ev.bos_token(tokenizer)  # the windows differ with and without BOS
@@ -247,7 +241,6 @@ def scores(result: dict, kind: str, weights: dict | None = None) -> dict[str, fl
     Fisher-predicted one at the lowrank-half probe (fisher; needs `weights`)."""
     if kind == "ppl":
         return {k: v["delta_loss"] for k, v in result.items()}
-    from compressors.registry import compress
 
     out = {}
     for name, f in result.items():
@@ -260,7 +253,6 @@ def scores(result: dict, kind: str, weights: dict | None = None) -> dict[str, fl
 def hessians(model, windows, progress=None) -> dict[str, torch.Tensor]:
     """H = X^T X (float32, on the CPU) of every linear module's input over `windows`;
     modules that read the same tensor share one matrix."""
-    from compressors.apply import GramCollector, linear_targets
 
     targets = linear_targets(model)
     collector = GramCollector({n: mod for n, (_, mod) in targets.items()}, torch.float32)
