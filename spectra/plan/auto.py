@@ -17,6 +17,7 @@ from spectra.plan import candidates as cands
 from spectra.plan import sensitivity as sens
 from spectra.plan.allocate import BudgetError, Candidate, Unit, allocate
 from spectra.plan.format import NOT_TARGETABLE, Plan
+from spectra.plan.grid import METHODS, Floors, cheapest
 from spectra.plan.sensitivity import KINDS
 
 SENSITIVITIES = ("none", *KINDS)
@@ -94,7 +95,7 @@ def parse_floors(min_rank: list[str] | None, min_bits: list[str] | None, keep_de
             pattern = re.compile(keep_dense)
         except re.error as e:
             raise SpectraInputError(f"--keep-dense {keep_dense!r}: does not compile ({e})") from e
-    return cands.Floors(
+    return Floors(
         pairs(min_rank, "--min-rank", float, lambda v: 0 < v <= 1),
         pairs(min_bits, "--min-bits", int, lambda v: 2 <= v <= 16),
         pattern,
@@ -129,7 +130,7 @@ def auto_plan(
     target_params: float | None = None,
     target_bits: float | None = None,
     sensitivity: str = "none",
-    floors: cands.Floors | None = None,
+    floors: Floors | None = None,
     sens_settings=None,
     device: str = "auto",
     progress=None,
@@ -138,8 +139,8 @@ def auto_plan(
     """An explicit per-module plan for `method` that meets the budget with least damage."""
 
     t0 = time.perf_counter()
-    if method not in cands.METHODS:
-        raise SpectraInputError(f"--method {method}: use one of {', '.join(cands.METHODS)}")
+    if method not in METHODS:
+        raise SpectraInputError(f"--method {method}: use one of {', '.join(METHODS)}")
     if sensitivity not in SENSITIVITIES:
         raise SpectraInputError(f"--sensitivity {sensitivity}: use {', '.join(SENSITIVITIES)}")
     if (target_params is None) == (target_bits is None):
@@ -148,7 +149,7 @@ def auto_plan(
         raise SpectraInputError(f"--target-params {target_params}: must be in (0, 1]")
     if target_bits is not None and not 0 < target_bits <= 16:
         raise SpectraInputError(f"--target-bits {target_bits}: must be in (0, 16]")
-    floors = floors or cands.Floors()
+    floors = floors or Floors()
     shapes = [m for m in models.matrices(spec) if m.role not in NOT_TARGETABLE]
     if floors.keep_dense is not None and not any(
         floors.keep_dense.fullmatch(m.name) for m in shapes
@@ -158,9 +159,7 @@ def auto_plan(
     target = target_params if key == "params" else target_bits
     total = sum(m.shape[0] * m.shape[1] for m in shapes)
     budget = math.floor(target * total)
-    _check_reachable(
-        cands.cheapest(shapes, method, floors, key), budget, total, key, target, method
-    )
+    _check_reachable(cheapest(shapes, method, floors, key), budget, total, key, target, method)
     modules = load_modules(spec)
     seconds = {}
     dmg = cands.Damage()

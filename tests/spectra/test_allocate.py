@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from spectra.plan.allocate import BudgetError, Candidate, Unit, allocate, hull
-from spectra.plan.candidates import Damage, Floors, Module, lowrank, units_for
+from spectra.plan.candidates import Damage, Module, lowrank, units_for
+from spectra.plan.grid import Floors
 
 
 def brute_force(units, budget, key="params"):
@@ -238,7 +239,7 @@ def test_cheapest_from_shapes_is_the_candidates_reach(tiny_llama_dir, method, ke
     from spectra.io import models
     from spectra.plan.allocate import reachable
     from spectra.plan.auto import load_modules
-    from spectra.plan.candidates import cheapest
+    from spectra.plan.grid import cheapest
 
     floors = Floors(
         min_rank={"q": 0.5}, min_bits={"down": 4}, keep_dense=re.compile(r".*\.0\.mlp\..*")
