@@ -34,7 +34,7 @@ SPLITS = ("eval", "calib")
 class PerplexityResult:
     ppl: float
     nll: float  # mean token NLL
-    tokens: int  # tokens scored (windows x seqlen)
+    tokens: int  # window tokens (windows x seqlen), a BOS included
     windows: int
     seqlen: int
     corpus: str
