@@ -137,6 +137,8 @@ def session(page, server, artifacts, tmp_path, cli):
     page.get_by_text("Parameters in them").wait_for()
     idle(page)
     assert metric(page, "2-D weights") == "211"
+    page.locator('[data-testid="stDataFrame"]').first.wait_for()
+    page.wait_for_timeout(1500)  # the weights table draws its canvas after the page runs
     page.screenshot(path=artifacts / "model.png", full_page=True)
 
     page.locator('[data-testid="stSidebarNav"]').get_by_text("Spectra", exact=True).click()
