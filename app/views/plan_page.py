@@ -262,7 +262,7 @@ class Eta:
         self.bar, self.phase, self.start = bar, None, time.perf_counter()
 
     def __call__(self, done: int, total: int, what: str) -> None:
-        phase = what.split(" ", 1)[0] if what.startswith("compressing") else "blocks"
+        phase = "compressing" if what.startswith("compressing") else "blocks"
         now = time.perf_counter()
         if phase != self.phase:
             self.phase, self.start = phase, now

@@ -15,7 +15,6 @@ from spectra.linalg import mpo
 
 
 def cmd_analyze(args) -> int:
-
     mpo.check_cores(args.cores)
     if args.out is not None:
         check_out_path(args.out)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -17,7 +19,6 @@ from spectra.plan import format as plans
 
 
 def cmd_plan_show(args) -> int:
-
     plan = plans.load(args.plan)
     mats = models.matrices(args.model)
     entries = plans.resolve(plan, mats, rank_of=plans.energy_ranks(args.model))
@@ -120,8 +121,6 @@ def cmd_plan_auto(args) -> int:
 
 def warn_other_model(plan, spec: str) -> None:
     """One warning line when the plan names another model than --model."""
-    import sys
-
     if plan.model is None or plan.model == spec:
         return
     a, b = Path(plan.model).expanduser(), Path(spec).expanduser()
@@ -138,8 +137,6 @@ def _settings(config) -> str:
     """`method(knob=value, ...)` with the knobs that differ from the method's defaults."""
     if config is None:
         return "dense"
-    import dataclasses
-
     knobs = [
         f"{f.name}={getattr(config, f.name)}"
         for f in dataclasses.fields(config)
@@ -149,7 +146,6 @@ def _settings(config) -> str:
 
 
 def cmd_apply(args) -> int:
-
     plan = plans.load(args.plan)
     out = args.out
     if out.exists() and not args.force:
@@ -255,7 +251,6 @@ def cmd_eval(args) -> int:
 
 
 def _ppl(model, tokenizer, ids, args):
-
     with progress_bar("evaluating") as progress:
         cb = (lambda done, total: progress(done, total, "")) if progress else None
         return ev.perplexity(

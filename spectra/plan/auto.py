@@ -18,9 +18,8 @@ from spectra.plan import sensitivity as sens
 from spectra.plan.allocate import BudgetError, Candidate, Unit, allocate
 from spectra.plan.format import NOT_TARGETABLE, Plan
 from spectra.plan.grid import METHODS, Floors, cheapest
-from spectra.plan.sensitivity import KINDS
 
-SENSITIVITIES = ("none", *KINDS)
+SENSITIVITIES = ("none", *sens.KINDS)
 
 
 @dataclass
@@ -102,9 +101,10 @@ def parse_floors(min_rank: list[str] | None, min_bits: list[str] | None, keep_de
     )
 
 
-def load_modules(spec: str) -> list[cands.Module]:
+def load_modules(spec: str, mats=None) -> list[cands.Module]:
+    """The linear modules' weights (`mats`: the model's matrices, when already listed)."""
     out = []
-    for m in models.matrices(spec):
+    for m in mats if mats is not None else models.matrices(spec):
         if m.role in NOT_TARGETABLE:
             continue
         out.append(cands.Module(m.name, m.role, m.block, torch.from_numpy(m.read())))
@@ -160,7 +160,7 @@ def auto_plan(
     total = sum(m.shape[0] * m.shape[1] for m in shapes)
     budget = math.floor(target * total)
     _check_reachable(cheapest(shapes, method, floors, key), budget, total, key, target, method)
-    modules = load_modules(spec)
+    modules = load_modules(spec, shapes)
     seconds = {}
     dmg = cands.Damage()
     if sensitivity != "none":

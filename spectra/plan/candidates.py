@@ -204,7 +204,6 @@ def losparse(mod: Module, dmg: Damage, floors: Floors) -> list[Candidate]:
 
 
 def mpo(mod: Module, dmg: Damage, floors: Floors) -> list[Candidate]:
-
     m, n = mod.shape
     mf, nf = tt.factorize(m, MPO_CORES), tt.factorize(n, MPO_CORES)
     w = mod.weight.double().numpy()

@@ -58,12 +58,10 @@ class SensitivitySettings:
 
 
 def _lowrank_half(m: int, n: int):
-
     return make_config("lowrank", rank=max(1, m * n // (2 * (m + n))))
 
 
 def _rtn3(m: int, n: int):
-
     return make_config("quant", bits=3, group_size=128)
 
 
@@ -88,7 +86,6 @@ def fingerprint(spec: str) -> str:
 
 
 def _windows(tokenizer, settings: SensitivitySettings, split: str):
-
     stream = ev.token_stream(tokenizer, settings.corpus, split)
     return stream.windows(settings.seqlen, settings.tokens)
 
