@@ -164,16 +164,15 @@ def main() -> None:
         return
 
     from compressors.apply import needs_data
+    from spectra.data import calibration
     from spectra.data import perplexity as ev
-    from spectra.data.calibration import calibration_windows
     from spectra.io import models
     from spectra.plan import format as plan_mod
 
     model = models.load("demo", device="cpu")
     tok = models.load_tokenizer("demo")
     ids = ev.token_stream(tok, "builtin", "eval")
-    spec = plan_mod.CalibrationSpec(**CALIB)
-    calib = calibration_windows(tok, spec)
+    grams = None  # the calibration cache, read (or computed) at the first data-aware row
     results = json.loads(args.out.read_text()) if args.out.is_file() and args.only else {}
     base = ev.perplexity(model, tok, ids=ids, max_tokens=args.max_tokens)
     results["dense"] = dict(
@@ -187,9 +186,10 @@ def main() -> None:
         entries = plan_mod.resolve(plan, linears(model))
         data = any(e.config is not None and needs_data(e.config) for e in entries)
         t0 = time.perf_counter()
-        compressed, reports, facts = plan_mod.apply_plan(
-            model, plan, calib_ids=calib if data else None
-        )
+        if data and grams is None:
+            spec = calibration.CalibrationSpec(**CALIB)
+            grams = calibration.calibrate("demo", spec, model=model, tokenizer=tok)
+        compressed, reports, facts = plan_mod.apply_plan(model, plan, grams if data else None)
         seconds = time.perf_counter() - t0
         scored = compressed
         if name.startswith("mpo"):

@@ -4,18 +4,15 @@
 touched), replaces each entry's nn.Linear (or GPT-2 Conv1D) by its factorization's
 compact module and returns the copy with a per-module report. Entries come already
 resolved (`spectra.plan.resolve`, or `spectra.plan.apply_plan` for a whole plan):
-compressors know nothing of plans. When a data-aware setting is
-planned (caldera, whitened lowrank, GPTQ, Wanda), calibration follows GPTQ's
-layer-wise scheme: the inputs of the first transformer block are caught once, then
-block by block the dense block runs on them with hooks that accumulate H = X^T X for
-each planned module (modules reading the same tensor share one product), its
-modules are compressed, and the dense block's outputs become the next block's
-inputs. Memory: the model, the calibration activations and one block's Hessians.
+compressors know nothing of plans. Data-aware settings (caldera, whitened lowrank,
+joint, losparse and mpo, GPTQ, Wanda) read H = X^T X of their module's inputs from
+`grams`, block by block ({block: {name: (H, rows)}}: compressors.activations.collect,
+or the calibration cache of spectra.data.calibration, which reads one block at a
+time), so that memory holds one block's Grams at once.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import time
 from dataclasses import asdict, dataclass
@@ -30,7 +27,15 @@ from spectra.errors import SpectraInputError
 from spectra.io import roles
 from spectra.linalg.parallel import parallel_map
 
-DATA_AWARE = {"caldera": None, "lowrank": "whiten", "quant": "gptq", "prune": "wanda"}
+DATA_AWARE = {
+    "caldera": None,
+    "lowrank": "whiten",
+    "joint": "whiten",
+    "losparse": "whiten",
+    "mpo": "whiten",
+    "quant": "gptq",
+    "prune": "wanda",
+}
 
 
 @dataclass
@@ -85,7 +90,7 @@ def linear_targets(model) -> dict[str, tuple[Target, nn.Module]]:
     return out
 
 
-def apply(model, entries, calib_ids=None, progress=None):
+def apply(model, entries, grams=None, progress=None):
     """(compressed copy, reports, factorizations by module) for resolved `entries`.
 
     Args:
@@ -93,17 +98,16 @@ def apply(model, entries, calib_ids=None, progress=None):
             stays dense), `block`, `source` and `group` (joint members with equal
             (source, group) share one factorization) and the planned `params_before`,
             `params_after`, `bits_before`, `bits_after` that the report carries.
-        calib_ids: (samples, seqlen) token windows, needed when a data-aware method is planned.
+        grams: {block: {name: (H, rows)}} of the dense model's calibration inputs (any
+            mapping read by block), needed when a data-aware method is planned.
         progress: called as progress(done, total, module name).
     """
     model = copy.deepcopy(model).eval()
     targets = linear_targets(model)
     todo = [e for e in entries if e.config is not None]
     data = any(needs_data(e.config) for e in todo)
-    if data and calib_ids is None:
-        raise SpectraInputError(
-            "this plan has data-aware settings: calibration tokens are required"
-        )
+    if data and grams is None:
+        raise SpectraInputError("this plan has data-aware settings: calibration is required")
     if data and any(needs_data(e.config) and e.block is None for e in todo):
         name = next(e.name for e in todo if needs_data(e.config) and e.block is None)
         raise SpectraInputError(
@@ -111,7 +115,9 @@ def apply(model, entries, calib_ids=None, progress=None):
         )
     state = _Run(model, targets, todo, progress)
     if data:
-        _by_block_with_calibration(model, state, calib_ids)
+        for block in sorted({e.block for e in todo if needs_data(e.config)}):
+            entries = [e for e in state.todo.values() if e.block == block]
+            state.compress_entries(entries, _as_float64(grams[block]))
     state.compress_rest()
     return model, state.reports, state.factorizations
 
@@ -208,104 +214,12 @@ def compact_modules(f, config, dense: list[nn.Module]) -> list[nn.Module]:
     return f.member_modules(biases) if config.method == "joint" else [f.as_module(biases[0])]
 
 
-def _by_block_with_calibration(model, state: _Run, calib_ids) -> None:
-    layers = _decoder_layers(model)
-    args, kwargs = _catch_block_inputs(model, layers, calib_ids)
-    for index, layer in enumerate(layers):
-        entries = [e for e in state.todo.values() if e.block == index]
-        names = {e.name for e in entries}
-        collector = GramCollector({e.name: state.targets[e.name][1] for e in entries})
-        outs = []
-        try:
-            with torch.no_grad():
-                for a, k in zip(args, kwargs, strict=True):
-                    collector.next_call()
-                    y = layer(*a, **k)
-                    outs.append(y[0] if isinstance(y, tuple) else y)
-        finally:
-            collector.remove()
-        grams = collector.grams()
-        state.compress_entries([e for e in entries if e.name in names], grams)
-        args = [(o, *a[1:]) for o, a in zip(outs, args, strict=True)]
-
-
-class GramCollector:
-    """H = X^T X of each hooked module's input, with its row count, summed over calls.
-
-    One product per input tensor per call: modules that read the same tensor (q, k, v;
-    gate, up) share one accumulator, so their H is one tensor (compressors only read
-    it). Inputs are keyed by object identity and held until `next_call()`, so a freed
-    tensor's memory can never be reused by another input under the same key.
-    """
-
-    def __init__(self, modules: dict[str, nn.Module], dtype=torch.float64):
-        self.dtype = dtype
-        self.owner: dict[str, str] = {}  # module -> the module whose accumulator it reads
-        self.sums: dict[str, list] = {}  # owner -> [H, rows]
-        self._call: dict[int, tuple] = {}
-        self._handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in modules.items()]
-
-    def _hook(self, name: str):
-        def hook(module, inputs):
-            x = inputs[0]
-            seen = self._call.get(id(x))
-            if seen is None:
-                flat = x.detach().reshape(-1, x.shape[-1]).to(self.dtype)
-                seen = self._call[id(x)] = (x, name)
-                acc = self.sums.setdefault(name, [None, 0])
-                acc[0] = flat.T @ flat if acc[0] is None else acc[0].add_(flat.T @ flat)
-                acc[1] += flat.shape[0]
-            if self.owner.setdefault(name, seen[1]) != seen[1]:
-                raise RuntimeError(f"{name}: reads a differently shared input from call to call")
-
-        return hook
-
-    def next_call(self) -> None:
-        self._call.clear()
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-
-    def grams(self) -> dict[str, tuple[torch.Tensor, int]]:
-        return {n: (self.sums[o][0], self.sums[o][1]) for n, o in self.owner.items()}
-
-
-class _Stop(Exception):
-    pass
-
-
-def _catch_block_inputs(model, layers, calib_ids, batch_size: int = 4):
-    """(args, kwargs) of the first block's forward for every calibration batch."""
-    args, kwargs = [], []
-    first = layers[0]
-
-    class Catcher(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inner = first
-
-        def forward(self, *a, **k):
-            args.append(a)
-            kwargs.append(k)
-            raise _Stop
-
-    layers[0] = Catcher()
-    try:
-        with torch.no_grad():
-            for lo in range(0, calib_ids.shape[0], batch_size):
-                with contextlib.suppress(_Stop):  # no KV cache: it would grow with every call
-                    model(calib_ids[lo : lo + batch_size], use_cache=False)
-    finally:
-        layers[0] = first
-    return args, kwargs
-
-
-def _decoder_layers(model) -> nn.ModuleList:
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and name.rsplit(".", 1)[-1] in ("layers", "h", "blocks"):
-            return mod
-    raise SpectraInputError("cannot find the model's transformer blocks for calibration")
+def _as_float64(block: dict) -> dict:
+    """A block's Grams as float64 (as compressors expect), shared matrices kept shared."""
+    wide: dict[int, torch.Tensor] = {}
+    return {
+        n: (wide.setdefault(id(h), h.to(torch.float64)), rows) for n, (h, rows) in block.items()
+    }
 
 
 def _set_module(model, name: str, module: nn.Module) -> None:

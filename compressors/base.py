@@ -25,6 +25,7 @@ from torch import nn
 from spectra.errors import SpectraInputError
 
 DENSE_BITS = 16
+JITTERS = (0.0, 1e-8, 1e-6, 1e-4, 1e-2, 1e-1)  # of H's mean diagonal, tried in turn
 
 
 class ConfigError(SpectraInputError):
@@ -114,3 +115,22 @@ class Calibration:
     def from_activations(x: torch.Tensor) -> Calibration:
         x = x.reshape(-1, x.shape[-1]).to(torch.float64)
         return Calibration(hessian=x.T @ x, count=x.shape[0])
+
+
+def whitening_factor(method: str, calib: Calibration | None) -> torch.Tensor:
+    """Lower Cholesky factor L (float64) of the calibration Gram H = X^T X, so that
+    ||E X^T||_F = ||E L||_F: the whitening of every `whiten: true` method.
+
+    When H is not positive definite (dead or collinear inputs), the smallest multiple
+    of its mean diagonal in JITTERS that makes it so is added.
+    """
+    if calib is None:
+        raise config_error(method, "whiten", True, "needs calibration data")
+    h = calib.hessian.to(torch.float64)
+    scale = float(torch.diagonal(h).mean().clamp_min(1e-30))
+    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    for jitter in JITTERS:
+        chol, info = torch.linalg.cholesky_ex(h + jitter * scale * eye)
+        if int(info) == 0:
+            return chol
+    raise config_error(method, "whiten", True, "calibration Gram is not positive definite")

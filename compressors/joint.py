@@ -6,6 +6,12 @@ singular vectors V (n, k) of the stack span the input directions that matter mos
 to the group as a whole; each member keeps A_i = W_i V (m_i, k) and W_i ~ A_i V^T.
 Parameters: k (n + sum m_i), against k (n + m_i) per member when each is truncated
 alone. The group's forward computes z = V^T x once and y_i = A_i z per member.
+
+Whitened (`whiten: true`): the members read one input X, so one H = X^T X = L L^T
+serves the group. The objective sum_i ||(W_i - A_i V^T) X^T||_F^2 = ||[W_i L] -
+[A_i] V^T L||_F^2 is minimised over a shared row space by the top-k right singular
+vectors Q (n, k) of the stacked [W_i L]: V = L^{-T} Q and A_i = W_i L Q. With one
+member this is whitened low rank (SVD-LLM); stored form and cost are unchanged.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from compressors.base import (
     check_rank,
     config_error,
     require_int,
+    whitening_factor,
 )
 
 
@@ -33,10 +40,12 @@ class JointConfig:
 
     Attributes:
         rank: shared rank k (1..min(sum m_i, n)).
+        whiten: activation-aware shared basis (needs calibration data).
     """
 
     method: ClassVar[str] = "joint"
     rank: int = 64
+    whiten: bool = False
 
     def __post_init__(self):
         require_int(self.method, "rank", self.rank, 1)
@@ -130,7 +139,12 @@ def compress(weight, config: JointConfig, calib: Calibration | None = None) -> J
         )
     stack = torch.cat([w.detach().to(torch.float64) for w in members])
     config.check_shape(*stack.shape)
-    _, _, vt = torch.linalg.svd(stack, full_matrices=False)
-    v = vt[: config.rank].T  # (n, k)
+    chol = whitening_factor("joint", calib) if config.whiten else None
+    _, _, vt = torch.linalg.svd(stack if chol is None else stack @ chol, full_matrices=False)
+    q = vt[: config.rank].T  # (n, k), orthonormal
+    # A_i = W_i L Q and V = L^{-T} Q, so that A_i V^T = W_i L Q Q^T L^{-1}
+    basis = q if chol is None else chol @ q
+    v = q if chol is None else torch.linalg.solve_triangular(chol.T, q, upper=True)
     dtype = members[0].dtype
-    return JointGroup(v.to(dtype), [(w.detach().to(torch.float64) @ v).to(dtype) for w in members])
+    a = [(w.detach().to(torch.float64) @ basis).to(dtype) for w in members]
+    return JointGroup(v.to(dtype), a)

@@ -6,8 +6,14 @@ with iterative pruning, which a data-free post-training tool cannot do. What is
 kept: SVD init, then S = the largest-|.| entries of the residual at `sparsity`
 (fraction of zeros), either unstructured or whole rows (`structured: rows`, rows
 ranked by residual norm). With `iters` > 0 the two parts are refined by alternating
-projections (U V = trunc_r(W - S), S = top-k(W - U V)), each step never increasing
-the error, as in GoDec-style robust PCA.
+projections (U V = trunc_r(W - S), S = top-k(W - U V)), as in GoDec-style robust
+PCA; the iterate with the smallest error is kept.
+
+Whitened (`whiten: true`), objective ||(W - U V - S) X^T||_F with H = X^T X = L L^T:
+U V = trunc_r((W - S) L) L^{-1}, the best rank r under that norm (SVD-LLM), and the
+residual's entries kept by their calibration-weighted size |E_ij| ||X_j|| (Wanda's
+score), or whole rows by their weighted norm ||E_i L||; the alternation and the
+choice of the best iterate use the weighted error.
 """
 
 from __future__ import annotations
@@ -25,7 +31,9 @@ from compressors.base import (
     check_rank,
     config_error,
     csr_index_bits,
+    h_norm,
     require_int,
+    whitening_factor,
 )
 from compressors.lowrank import LowRankLinear
 from compressors.sparse import CSR, SparseLinear, top_k_mask
@@ -42,6 +50,7 @@ class LoSparseConfig:
         sparsity: fraction of the residual's entries (or rows) set to zero, in [0, 1).
         structured: `none` (unstructured top-|S|) or `rows` (whole rows of S).
         iters: alternating refinement steps after the SVD init (0 = LoSparse's init).
+        whiten: activation-aware low-rank part and residual scores (needs calibration).
     """
 
     method: ClassVar[str] = "losparse"
@@ -49,6 +58,7 @@ class LoSparseConfig:
     sparsity: float = 0.95
     structured: str = "none"
     iters: int = 0
+    whiten: bool = False
 
     def __post_init__(self):
         require_int(self.method, "rank", self.rank, 1)
@@ -130,18 +140,23 @@ class LowRankSparseLinear(nn.Module):
 
 
 def compress(weight: torch.Tensor, config: LoSparseConfig, calib: Calibration | None = None):
-    """SVD low-rank part + magnitude-kept sparse residual, optionally alternated."""
+    """SVD low-rank part + kept residual, optionally alternated and whitened."""
     m, n = weight.shape
     config.check_shape(m, n)
     w = weight.detach().to(torch.float64)
+    chol = whitening_factor("losparse", calib) if config.whiten else None
+    h = None if chol is None else calib.hessian.to(torch.float64)
     sparse = torch.zeros_like(w)
+    best = None
     for _ in range(config.iters + 1):
-        u, s, vt = torch.linalg.svd(w - sparse, full_matrices=False)
-        low = (u[:, : config.rank] * s[: config.rank]) @ vt[: config.rank]
-        sparse = _keep(w - low, config)
-    root = s[: config.rank].sqrt()
-    a = (u[:, : config.rank] * root).to(weight.dtype)
-    b = (root[:, None] * vt[: config.rank]).to(weight.dtype)
+        a, b = _low_rank(w - sparse, config.rank, chol)
+        sparse = _keep(w - a @ b, config, chol)
+        e = w - a @ b - sparse
+        err = float(torch.linalg.norm(e)) if h is None else h_norm(e, h)
+        if best is None or err < best[0]:
+            best = (err, a, b, sparse)
+    _, a, b, sparse = best
+    a, b = a.to(weight.dtype), b.to(weight.dtype)
     if config.structured == "rows":
         rows = torch.nonzero(sparse.abs().sum(1) > 0).flatten()
         empty = CSR.from_dense(sparse, torch.zeros_like(sparse, dtype=torch.bool))
@@ -150,11 +165,25 @@ def compress(weight: torch.Tensor, config: LoSparseConfig, calib: Calibration | 
     return LowRankSparse(a, b, CSR.from_dense(sparse.to(weight.dtype), keep))
 
 
-def _keep(residual: torch.Tensor, config: LoSparseConfig) -> torch.Tensor:
+def _low_rank(w: torch.Tensor, rank: int, chol: torch.Tensor | None):
+    """(A, B) of the best rank-`rank` A B: Frobenius, or under ||. L||_F when whitened."""
+    u, s, vt = torch.linalg.svd(w if chol is None else w @ chol, full_matrices=False)
+    root = s[:rank].sqrt()
+    a, b = u[:, :rank] * root, root[:, None] * vt[:rank]
+    if chol is not None:  # B L^{-1}
+        b = torch.linalg.solve_triangular(chol, b, upper=False, left=False)
+    return a, b
+
+
+def _keep(residual: torch.Tensor, config: LoSparseConfig, chol=None) -> torch.Tensor:
     m, n = residual.shape
     if config.structured == "rows":
         k = round((1 - config.sparsity) * m)
-        mask = top_k_mask(residual.norm(dim=1), k)[:, None].expand(m, n)
+        size = residual.norm(dim=1) if chol is None else (residual @ chol).norm(dim=1)
+        mask = top_k_mask(size, k)[:, None].expand(m, n)
     else:
-        mask = top_k_mask(residual.abs(), round((1 - config.sparsity) * m * n))
+        size = residual.abs()
+        if chol is not None:  # ||X_j|| = sqrt(H_jj) = the norm of L's row j
+            size = size * chol.norm(dim=1)[None, :]
+        mask = top_k_mask(size, round((1 - config.sparsity) * m * n))
     return residual * mask

@@ -15,10 +15,15 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from compressors.base import DENSE_BITS, Calibration, Factorization, check_rank, config_error
+from compressors.base import (
+    DENSE_BITS,
+    Calibration,
+    Factorization,
+    check_rank,
+    config_error,
+    whitening_factor,
+)
 from spectra.linalg.metrics import energy_rank
-
-JITTERS = (0.0, 1e-8, 1e-6, 1e-4, 1e-2, 1e-1)
 
 
 @dataclass(frozen=True)
@@ -99,18 +104,6 @@ class LowRankLinear(nn.Module):
         return nn.functional.linear(nn.functional.linear(x, self.b), self.a, self.bias)
 
 
-def whitening_factor(h: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """Lower Cholesky factor L of H (+ jitter * mean diag), and the jitter that was needed."""
-    h = h.to(torch.float64)
-    scale = float(torch.diagonal(h).mean().clamp_min(1e-30))
-    eye = torch.eye(h.shape[0], dtype=h.dtype)
-    for jitter in JITTERS:
-        chol, info = torch.linalg.cholesky_ex(h + jitter * scale * eye)
-        if int(info) == 0:
-            return chol, jitter
-    raise config_error("lowrank", "whiten", True, "calibration Gram is not positive definite")
-
-
 def compress(
     weight: torch.Tensor, config: LowRankConfig, calib: Calibration | None = None
 ) -> LowRank:
@@ -123,9 +116,7 @@ def compress(
         r = energy_rank(torch.linalg.svdvals(w).numpy(), config.energy)
     chol = None
     if config.whiten:
-        if calib is None:
-            raise config_error("lowrank", "whiten", True, "needs calibration data")
-        chol, _ = whitening_factor(calib.hessian)
+        chol = whitening_factor("lowrank", calib)
         w = w @ chol
     u, s, vt = torch.linalg.svd(w, full_matrices=False)
     root = s[:r].sqrt()

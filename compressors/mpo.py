@@ -5,6 +5,22 @@ paired index (i_k, j_k), and decomposed by TT-SVD (Oseledets 2011) with every bo
 truncated to at most `bond_dim`. CompactifAI then heals the model by brief
 retraining; this post-training form stops at the truncated TT-SVD. The forward
 contracts the input with one core at a time and never forms W.
+
+Calibrated (`whiten: true`), objective ||(W - W_hat) X^T||_F^2 = tr(E H E^T), in two
+steps:
+1. input scaling: a dense whitening L^{-1} cannot be stored beside the cores, but a
+   diagonal one can. W_hat = M diag(g) with M = TT-SVD(W diag(d)) and g = 1/d,
+   d_j = ||X_j||^alpha (activation column norms, as AWQ and Wanda weight inputs), so
+   input channels that carry more energy are truncated less; alpha is chosen from
+   ALPHAS by the calibration-weighted error (0 is the plain TT-SVD). g costs n
+   parameters, counted in `cost`; the forward scales x by g before the cores.
+2. `sweeps` H-weighted alternating least-squares sweeps over the cores (the
+   orthogonality centre moved along, as in DMRG-style ALS): the error is quadratic
+   in one core with the others fixed, and CG_STEPS conjugate-gradient steps on that
+   core's normal equations A*(A(G) H') = A*(W' H') (A: core -> dense matrix, H' =
+   diag(g) H diag(g), W' = W diag(1/g)) lower it monotonically. A core holds far too
+   many unknowns for a direct solve (r m_k n_k r'), but each CG step costs one dense
+   reconstruction, its adjoint and one (m, n) x (n, n) product.
 """
 
 from __future__ import annotations
@@ -17,8 +33,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from compressors.base import DENSE_BITS, Calibration, Factorization, config_error
+from compressors.base import DENSE_BITS, Calibration, Factorization, config_error, h_norm
 from spectra.linalg import mpo as tt
+
+ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)  # exponents of the input scaling tried when calibrated
+CG_STEPS = 6  # conjugate-gradient steps per core and sweep
 
 
 @dataclass(frozen=True)
@@ -28,11 +47,15 @@ class MPOConfig:
     Attributes:
         cores: number of MPO cores K (2..6); m and n are factored as spectra.linalg.mpo.factorize.
         bond_dim: maximum bond dimension chi (>= 1).
+        whiten: calibrated form: input scaling and H-weighted sweeps (needs calibration).
+        sweeps: H-weighted ALS sweeps over the cores of the calibrated form (>= 0).
     """
 
     method: ClassVar[str] = "mpo"
     cores: int = 3
     bond_dim: int = 32
+    whiten: bool = False
+    sweeps: int = 2
 
     def __post_init__(self):
         if not isinstance(self.cores, int) or not tt.MIN_CORES <= self.cores <= tt.MAX_CORES:
@@ -41,19 +64,22 @@ class MPOConfig:
             )
         if not isinstance(self.bond_dim, int) or self.bond_dim < 1:
             raise config_error(self.method, "bond_dim", self.bond_dim, "must be an integer >= 1")
+        if not isinstance(self.sweeps, int) or isinstance(self.sweeps, bool) or self.sweeps < 0:
+            raise config_error(self.method, "sweeps", self.sweeps, "must be an integer >= 0")
 
     def check_shape(self, m: int, n: int) -> None:
         pass  # any bond_dim is valid: bonds are capped at their full dimension
 
     def cost(self, m: int, n: int) -> tuple[int, int]:
         mf, nf = tt.factorize(m, self.cores), tt.factorize(n, self.cores)
-        p = tt.params_at_chi(mf, nf, self.bond_dim)
+        p = tt.params_at_chi(mf, nf, self.bond_dim) + (n if self.whiten else 0)
         return p, DENSE_BITS * p
 
 
 @dataclass
 class MPO(Factorization):
     cores: list[torch.Tensor]  # (r_{k-1}, m_k, n_k, r_k)
+    scale: torch.Tensor | None = None  # (n,) input scaling g: W_hat = M diag(g)
 
     @property
     def shape(self):
@@ -63,20 +89,23 @@ class MPO(Factorization):
         )
 
     def to_dense(self):
-        return torch.from_numpy(tt.tt_to_dense([c.double().numpy() for c in self.cores])).to(
-            self.cores[0].dtype
-        )
+        dense = torch.from_numpy(tt.tt_to_dense([c.double().numpy() for c in self.cores]))
+        if self.scale is not None:
+            dense = dense * self.scale.double()[None, :]
+        return dense.to(self.cores[0].dtype)
 
     @property
     def n_params(self):
-        return sum(c.numel() for c in self.cores)
+        return sum(c.numel() for c in self.cores) + (
+            0 if self.scale is None else self.scale.numel()
+        )
 
     @property
     def bits(self):
         return DENSE_BITS * self.n_params
 
     def as_module(self, bias=None):
-        return MPOLinear(self.cores, bias)
+        return MPOLinear(self.cores, bias, self.scale)
 
 
 class MPOLinear(nn.Module):
@@ -89,10 +118,11 @@ class MPOLinear(nn.Module):
     swapped, which is the same product.
     """
 
-    def __init__(self, cores, bias=None):
+    def __init__(self, cores, bias=None, scale=None):
         super().__init__()
         self.cores = nn.ParameterList([nn.Parameter(c, requires_grad=False) for c in cores])
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.scale = None if scale is None else nn.Parameter(scale, requires_grad=False)
         self.mf = [c.shape[1] for c in cores]
         self.nf = [c.shape[2] for c in cores]
         self.reverse = contraction_cost(cores, reverse=True) < contraction_cost(cores)
@@ -101,6 +131,8 @@ class MPOLinear(nn.Module):
 
     def forward(self, x):
         lead, k = x.shape[:-1], len(self.cores)
+        if self.scale is not None:
+            x = x * self.scale
         if not self.reverse:
             y = _contract(x.reshape(-1, x.shape[-1]), list(self.cores))
         else:
@@ -138,9 +170,113 @@ def contraction_cost(cores, reverse: bool = False) -> int:
 
 
 def compress(weight: torch.Tensor, config: MPOConfig, calib: Calibration | None = None) -> MPO:
-    """TT-SVD of `weight` into `cores` cores, bonds capped at `bond_dim`."""
+    """TT-SVD of `weight` into `cores` cores, bonds capped at `bond_dim` (see the module
+    doc for the calibrated form)."""
     m, n = weight.shape
     mf, nf = tt.factorize(m, config.cores), tt.factorize(n, config.cores)
-    w = weight.detach().to(torch.float64).numpy()
-    cores = tt.tt_svd(np.ascontiguousarray(w), mf, nf, ranks=config.bond_dim)
-    return MPO([torch.from_numpy(c).to(weight.dtype) for c in cores])
+    w = weight.detach().to(torch.float64)
+
+    def tt_svd(x: torch.Tensor) -> list[torch.Tensor]:
+        cores = tt.tt_svd(np.ascontiguousarray(x.numpy()), mf, nf, ranks=config.bond_dim)
+        return [torch.from_numpy(c) for c in cores]
+
+    if not config.whiten:
+        return MPO([c.to(weight.dtype) for c in tt_svd(w)])
+    if calib is None:
+        raise config_error("mpo", "whiten", True, "needs calibration data")
+    h = calib.hessian.to(torch.float64)
+    norms = calib.col_norms.to(torch.float64)
+    norms = norms / norms[norms > 0].mean() if bool((norms > 0).any()) else torch.ones(n)
+    norms = norms.clamp_min(1e-6)  # dead inputs: scaled down, never divided by zero
+    best = None
+    for alpha in ALPHAS:
+        d = norms.pow(alpha)
+        cores = tt_svd(w * d[None, :])
+        f = MPO(cores, 1 / d)
+        err = h_norm(w - f.to_dense(), h)
+        if best is None or err < best[0]:
+            best = (err, f)
+    f = best[1]
+    cores = f.cores
+    if config.sweeps:
+        g = f.scale
+        cores = refine(cores, w / g[None, :], g[:, None] * h * g[None, :], config.sweeps)
+    return MPO([c.to(weight.dtype) for c in cores], f.scale.to(weight.dtype))
+
+
+def dense(cores: list[torch.Tensor]) -> torch.Tensor:
+    """The (m, n) matrix of MPO cores (r, m_k, n_k, r'), differentiable (torch)."""
+    t = cores[0]
+    for c in cores[1:]:
+        _, mm, nn_, _ = t.shape
+        _, a, b, r = c.shape
+        t = torch.einsum("xmnr,rabs->xmanbs", t, c).reshape(1, mm * a, nn_ * b, r)
+    return t[0, :, :, 0]
+
+
+def refine(cores, target: torch.Tensor, h: torch.Tensor, sweeps: int, steps: int = CG_STEPS):
+    """Cores lowering tr((T - M) H (T - M)^T), M = dense(cores), by ALS sweeps (float64).
+
+    Cores right of the one being updated are kept right-orthogonal and those left of it
+    left-orthogonal, so each core's normal operator is as well conditioned as H allows.
+    """
+    cores = [c.to(torch.float64).clone() for c in cores]
+    k = len(cores)
+    for i in range(k - 1, 0, -1):  # right-orthogonalise: the centre moves to core 0
+        cores[i - 1], cores[i] = _shift_left(cores[i - 1], cores[i])
+    th = target @ h
+    for _ in range(sweeps):
+        for i in range(k):
+            cores[i] = _cg(cores, i, th, h, steps)
+            if i < k - 1:
+                cores[i], cores[i + 1] = _shift_right(cores[i], cores[i + 1])
+        for i in range(k - 1, 0, -1):
+            cores[i - 1], cores[i] = _shift_left(cores[i - 1], cores[i])
+    return cores
+
+
+def _cg(cores, i: int, th: torch.Tensor, h: torch.Tensor, steps: int) -> torch.Tensor:
+    """Core i after `steps` CG steps on min_G tr((T - A(G)) H (T - A(G))^T)."""
+
+    def adjoint(y: torch.Tensor) -> torch.Tensor:  # A*(Y) = d <A(G), Y> / dG
+        g = cores[i].detach().requires_grad_(True)
+        m = dense([*cores[:i], g, *cores[i + 1 :]])
+        return torch.autograd.grad(m, g, grad_outputs=y)[0]
+
+    def normal(g: torch.Tensor) -> torch.Tensor:  # A*(A(G) H)
+        with torch.no_grad():
+            m = dense([*cores[:i], g, *cores[i + 1 :]])
+        return adjoint(m @ h)
+
+    g = cores[i]
+    r = adjoint(th) - normal(g)
+    p, rr = r, float((r * r).sum())
+    for _ in range(steps):
+        if rr <= 1e-30:
+            break
+        q = normal(p)
+        pq = float((p * q).sum())
+        if pq <= 0:
+            break
+        alpha = rr / pq
+        g = g + alpha * p
+        r = r - alpha * q
+        rr, old = float((r * r).sum()), rr
+        p = r + (rr / old) * p
+    return g.detach()
+
+
+def _shift_right(c: torch.Tensor, nxt: torch.Tensor):
+    """(left-orthogonal c, nxt carrying the rest): QR of c's (r m n, r') unfolding."""
+    r, mk, nk, r2 = c.shape
+    q, rr = torch.linalg.qr(c.reshape(r * mk * nk, r2))
+    nxt = (rr @ nxt.reshape(r2, -1)).reshape(rr.shape[0], *nxt.shape[1:])
+    return q.reshape(r, mk, nk, q.shape[1]), nxt
+
+
+def _shift_left(prev: torch.Tensor, c: torch.Tensor):
+    """(prev carrying the rest, right-orthogonal c): QR of c's transposed unfolding."""
+    r, mk, nk, r2 = c.shape
+    q, rr = torch.linalg.qr(c.reshape(r, mk * nk * r2).T)
+    prev = (prev.reshape(-1, r) @ rr.T).reshape(*prev.shape[:3], rr.shape[0])
+    return prev, q.T.reshape(q.shape[1], mk, nk, r2)

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from compressors.activations import decoder_layers
 from compressors.apply import (
-    _decoder_layers,
     _set_module,
     compact_modules,
     factorize,
@@ -100,7 +100,7 @@ class Previewer:
         self.work = copy.deepcopy(model).eval()  # the caller's model is never touched
         self.targets = linear_targets(self.work)  # name -> (Target, dense module)
         self.rank_of = weight_ranks(self.targets)  # energy settings: the weight's own spectrum
-        self.layers = _decoder_layers(self.work)
+        self.layers = decoder_layers(self.work)
         self.ids = ev.token_stream(tokenizer, corpus, "eval")
         self.seqlen = seqlen
         self.current: dict[str, object] = {}  # name -> installed config

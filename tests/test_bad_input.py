@@ -69,6 +69,7 @@ NEEDS_CONFIG = {"no-config": (lambda w, s: _copy_weights(w, s, False), "has no c
 def _commands(model, work: Path, plan: Path) -> dict:
     return {
         "analyze": ["analyze", model],
+        "calibrate": ["calibrate", model, "--tokens", "64", "--seqlen", "32"],
         "plan-show": ["plan", "show", plan, "--model", model],
         "plan-auto": ["plan", "auto", model, "--method", "lowrank", "--target-params", "0.5"]
         + ["-o", work / "auto.yaml"],
@@ -84,9 +85,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-COMMANDS = ("analyze", "plan-show", "plan-auto", "apply", "eval", "app")
+COMMANDS = ("analyze", "calibrate", "plan-show", "plan-auto", "apply", "eval", "app")
 CASES = [(c, m) for c in COMMANDS for m in MODELS] + [
-    (c, m) for c in ("apply", "eval") for m in NEEDS_CONFIG
+    (c, m) for c in ("calibrate", "apply", "eval") for m in NEEDS_CONFIG
 ]
 
 

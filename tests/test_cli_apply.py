@@ -164,9 +164,8 @@ def test_a_failure_while_writing_leaves_no_out(tiny_llama_dir, plan_file, tmp_pa
 
 
 def test_calibration_windows_start_with_bos_where_the_tokenizer_adds_one(family_dir, tmp_path, cli):
-    from spectra.data.calibration import calibration_windows
+    from spectra.data.calibration import CalibrationSpec, calibration_windows
     from spectra.io import models
-    from spectra.plan.format import CalibrationSpec
 
     path = family_dir("llama")
     tok = models.load_tokenizer(str(path))

@@ -13,7 +13,9 @@ from pathlib import Path
 
 from spectra.cli.analyze import cmd_analyze
 from spectra.cli.app import cmd_app
+from spectra.cli.calibrate import cmd_calibrate
 from spectra.cli.compress import cmd_apply, cmd_eval, cmd_plan_auto, cmd_plan_show
+from spectra.data.calibration import DEFAULT_SEQLEN, DEFAULT_TOKENS
 from spectra.errors import SpectraInputError
 
 
@@ -39,6 +41,19 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--json", action="store_true", help="print machine-readable results on stdout")
     a.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
     a.set_defaults(func=cmd_analyze)
+
+    cal = sub.add_parser(
+        "calibrate", help="cache H = X^T X of every linear module's calibration inputs"
+    )
+    cal.add_argument("model", help="demo, a model directory, a .safetensors/.gguf file or a hub id")
+    cal.add_argument("--corpus", default="builtin", help="builtin, wikitext2 or a text file")
+    cal.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="calibration tokens")
+    cal.add_argument("--seqlen", type=int, default=DEFAULT_SEQLEN, help="tokens per window")
+    cal.add_argument("--seed", type=int, default=0, help="which windows are drawn")
+    cal.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda")
+    cal.add_argument("--no-cache", action="store_true", help="recompute even when cached")
+    cal.add_argument("--json", action="store_true", help="print machine-readable results on stdout")
+    cal.set_defaults(func=cmd_calibrate)
 
     plan = sub.add_parser("plan", help="compression plans")
     plan_sub = plan.add_subparsers(dest="plan_command", required=True, parser_class=_Parser)

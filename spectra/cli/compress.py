@@ -12,6 +12,7 @@ from pathlib import Path
 from spectra.cli.progress import progress_bar
 from spectra.cli.report import check_out_path, format_table
 from spectra.data import perplexity as ev
+from spectra.data.calibration import calibrate
 from spectra.errors import SpectraInputError
 from spectra.io import cache, models
 from spectra.io.roles import ROLES
@@ -169,12 +170,15 @@ def cmd_apply(args) -> int:
         if needs_data:
             raise
         tokenizer = None  # a data-free plan needs none; OUT then has no tokenizer either
-    from spectra.data.calibration import calibration_windows  # deferred: torch
-
-    calib = calibration_windows(tokenizer, plan.calibration) if needs_data else None
+    grams = None
+    if needs_data:
+        with progress_bar("calibrating", unit="block") as progress:
+            grams = calibrate(
+                args.model, plan.calibration, model=model, tokenizer=tokenizer, progress=progress
+            )
     with progress_bar("compressing") as progress:
         compressed, reports, facts = plans.apply_plan(
-            model, plan, calib_ids=calib, progress=progress, rank_of=rank_of
+            model, plan, grams=grams, progress=progress, rank_of=rank_of
         )
     rows = [applying.asdict(r) for r in reports]
     totals = plans.totals(entries)
@@ -186,7 +190,7 @@ def cmd_apply(args) -> int:
             vars(plan.calibration),
             bos=tokenizer is not None and ev.bos_token(tokenizer) is not None,
         ),
-        calibration_tokens=0 if calib is None else int(calib.numel()),
+        calibration_tokens=0 if grams is None else grams.tokens,
         totals=totals,
         modules=rows,
     )

@@ -8,8 +8,8 @@ import sys
 class progress_bar:
     """tqdm on an interactive terminal, silent otherwise; yields a progress callback."""
 
-    def __init__(self, desc: str):
-        self.desc, self.bar = desc, None
+    def __init__(self, desc: str, unit: str = "matrix"):
+        self.desc, self.unit, self.bar = desc, unit, None
 
     def __enter__(self):
         if not sys.stderr.isatty():
@@ -18,7 +18,7 @@ class progress_bar:
 
         def update(done, total, name):
             if self.bar is None:
-                self.bar = tqdm(total=total, desc=self.desc, unit="matrix", file=sys.stderr)
+                self.bar = tqdm(total=total, desc=self.desc, unit=self.unit, file=sys.stderr)
             self.bar.update(done - self.bar.n)
             self.bar.set_postfix_str(name[-40:], refresh=False)
 

@@ -1,14 +1,218 @@
-"""Calibration tokens: the windows every data-aware step computes its activations on."""
+"""Calibration: the windows every data-aware step reads, and the cached Grams of them.
+
+`calibrate(spec, settings)` gives, for every linear module inside a transformer
+block, H = X^T X of its inputs from the dense model on the calibration windows and
+the number of token rows in it (compressors.activations: layer-wise, modules that
+read one tensor share one H). The result is cached under cache/calibration/<key>/,
+one safetensors file per block (float32: H is summed in float64 and stored in
+float32, as GPTQ keeps it) plus meta.json, keyed by the weights' content
+fingerprint, the calibration windows' token ids (so corpus, tokenizer, BOS, sample
+count, window length and seed all enter) and CALIB_VERSION. The folder is built
+under a temporary name and renamed; a missing, truncated or unreadable file makes
+the whole entry a miss, recomputed. A hit reads one block at a time, when asked.
+"""
 
 from __future__ import annotations
 
-import torch
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
 
 from spectra.data import perplexity as ev
+from spectra.errors import SpectraInputError
+from spectra.io import cache, models
+
+CALIB_VERSION = 1
+DEFAULT_TOKENS = 32_768
+DEFAULT_SEQLEN = 512
+log = logging.getLogger("spectra")
 
 
-def calibration_windows(tokenizer, spec):
-    """`samples` windows of `seqlen` calibration tokens, chosen with `seed`."""
+@dataclass(frozen=True)
+class CalibrationSpec:
+    """Where calibration activations come from (builtin = the stdlib's pydoc topics).
+
+    `samples` windows of `seqlen` tokens, drawn with `seed` from the corpus's
+    calibration part (never its evaluation part).
+    """
+
+    corpus: str = "builtin"
+    samples: int = DEFAULT_TOKENS // DEFAULT_SEQLEN
+    seqlen: int = DEFAULT_SEQLEN
+    seed: int = 0
+
+    @property
+    def tokens(self) -> int:
+        return self.samples * self.seqlen
+
+    @staticmethod
+    def from_tokens(corpus="builtin", tokens=DEFAULT_TOKENS, seqlen=DEFAULT_SEQLEN, seed=0):
+        """The spec for `tokens` calibration tokens in windows of `seqlen` (rounded down)."""
+        if not isinstance(seqlen, int) or seqlen < 2:
+            raise SpectraInputError(f"--seqlen {seqlen}: must be an integer >= 2")
+        if not isinstance(tokens, int) or tokens < seqlen:
+            raise SpectraInputError(
+                f"--tokens {tokens}: must be at least one window of --seqlen {seqlen}"
+            )
+        return CalibrationSpec(corpus, tokens // seqlen, seqlen, seed)
+
+
+def calibration_windows(tokenizer, spec: CalibrationSpec):
+    """`samples` windows of `seqlen` calibration tokens, chosen with `seed`.
+
+    A corpus with fewer windows gives all it has (with a warning); one with less than
+    one window is an error.
+    """
+    import torch  # deferred: plans import CalibrationSpec, and `spectra --help` plans
+
     ids = ev.token_stream(tokenizer, spec.corpus, "calib").windows(spec.seqlen)
+    if ids.shape[0] < spec.samples:
+        log.warning(
+            f"calibration corpus {spec.corpus}: {ids.shape[0]} windows of {spec.seqlen} "
+            f"tokens, fewer than the {spec.samples} asked for; using all of them"
+        )
     pick = torch.randperm(ids.shape[0], generator=torch.Generator().manual_seed(spec.seed))
     return ids[pick[: spec.samples]]
+
+
+class Grams:
+    """A calibration on disk: `grams[block]` -> {module: (H, rows)}, H a float32 tensor,
+    read lazily.
+
+    Modules that share an input share one tensor within a block's result.
+    """
+
+    def __init__(self, folder: Path, meta: dict):
+        self.folder, self.meta = folder, meta
+
+    @property
+    def blocks(self) -> list[int]:
+        return sorted(int(b) for b in self.meta["blocks"])
+
+    @property
+    def tokens(self) -> int:
+        return int(self.meta["tokens"])
+
+    def __contains__(self, block) -> bool:
+        return str(block) in self.meta["blocks"]
+
+    def __getitem__(self, block: int) -> dict[str, tuple]:
+        from safetensors.torch import load_file
+
+        entry = self.meta["blocks"][str(block)]
+        tensors = load_file(self.folder / entry["file"])
+        return {name: (tensors[owner], rows) for name, (owner, rows) in entry["modules"].items()}
+
+    def hessians(self) -> dict:
+        """Every module's H (all blocks in memory: for allocation's damage)."""
+        return {n: h for b in self.blocks for n, (h, _) in self[b].items()}
+
+
+def calibrate(
+    spec: str,
+    settings: CalibrationSpec | None = None,
+    *,
+    model=None,
+    tokenizer=None,
+    device: str = "auto",
+    use_cache: bool = True,
+    progress=None,
+    info: dict | None = None,
+) -> Grams:
+    """The cached calibration of model `spec` (computed on a miss; see the module doc).
+
+    `model`/`tokenizer`: the already loaded ones of `spec`, if any. `info` is filled with
+    `cached`, `path`, `tokens`, `seconds`.
+    """
+    settings = settings or CalibrationSpec()
+    info = {} if info is None else info
+    t0 = time.perf_counter()
+    tokenizer = tokenizer if tokenizer is not None else models.load_tokenizer(spec)
+    windows = calibration_windows(tokenizer, settings)
+    key = cache.key(CALIB_VERSION, models.fingerprint(spec), cache.hash_bytes(windows.numpy()))
+    folder = cache.cache_dir() / "calibration" / key
+    info.update(cached=False, path=str(folder), tokens=int(windows.numel()))
+    if use_cache:
+        hit = _open(folder)
+        if hit is not None:
+            info.update(cached=True, seconds=time.perf_counter() - t0)
+            return hit
+    from compressors.activations import block_grams  # deferred: the model stack
+
+    model = model if model is not None else models.load(spec, device)
+    meta = {
+        "version": CALIB_VERSION,
+        "model": str(spec),
+        "corpus": settings.corpus,
+        "samples": int(windows.shape[0]),
+        "seqlen": settings.seqlen,
+        "seed": settings.seed,
+        "tokens": int(windows.numel()),
+        "bos": ev.bos_token(tokenizer),
+        "blocks": {},
+    }
+    with _building(folder) as tmp:
+        for block, grams in block_grams(model, windows, progress):
+            meta["blocks"][str(block)] = _write_block(tmp, block, grams)
+        meta["seconds"] = time.perf_counter() - t0
+        cache.write_json(tmp / "meta.json", meta)
+    info.update(seconds=meta["seconds"])
+    out = _open(folder)
+    if out is None:  # e.g. the cache folder is not writable
+        raise RuntimeError(f"{folder}: calibration was written but cannot be read back")
+    return out
+
+
+def _write_block(folder: Path, block: int, grams: dict) -> dict:
+    from safetensors.torch import save_file
+
+    owners: dict[int, str] = {}
+    modules = {}
+    for name, (h, rows) in grams.items():
+        owner = owners.setdefault(id(h), name)
+        modules[name] = [owner, int(rows)]
+    tensors = {owner: grams[owner][0].float().contiguous() for owner in owners.values()}
+    file = f"block_{block:04d}.safetensors"
+    save_file(tensors, str(folder / file))
+    return {"file": file, "bytes": (folder / file).stat().st_size, "modules": modules}
+
+
+@contextlib.contextmanager
+def _building(final: Path):
+    """A temporary folder beside `final`, renamed over it on success, else removed."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():  # a stale or corrupt entry
+            shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _open(folder: Path) -> Grams | None:
+    """The calibration in `folder`, or None when it is missing, truncated or garbage."""
+    meta = cache.read_json(folder / "meta.json")
+    if not isinstance(meta, dict) or meta.get("version") != CALIB_VERSION:
+        return None
+    try:
+        from safetensors import safe_open
+
+        for entry in meta["blocks"].values():
+            path = folder / entry["file"]
+            if path.stat().st_size != entry["bytes"]:
+                return None
+            with safe_open(str(path), "pt") as f:
+                owners = set(f.keys())
+            if not {owner for owner, _ in entry["modules"].values()} <= owners:
+                return None
+    except Exception:  # OSError, a malformed meta.json, safetensors' header errors: a miss
+        return None
+    return Grams(folder, meta)

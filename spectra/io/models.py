@@ -203,6 +203,22 @@ def weights(spec: Source | str) -> Iterator[tuple[str, object]]:
         yield m.name, torch.from_numpy(np.ascontiguousarray(m.read(np.float32)))
 
 
+def fingerprint(spec: str) -> str:
+    """Content key of all the model's weights (2-D hashes memoised, the rest read)."""
+    source = resolve(spec)
+    mats = matrices(source)
+
+    parts = []
+    for f in source.files:
+        refs = [m.ref for m in mats if m.ref.path == f]
+        hashes = cache.file_tensor_hashes(f, refs)
+        known = {r.name for r in refs}
+        for r in read_header(f):
+            h = hashes.get(r.name) if r.name in known else cache.hash_bytes(r.read_bytes())
+            parts.append((r.name, h))
+    return cache.key(cache.CACHE_VERSION, sorted(parts))
+
+
 def load(spec: str, device: str = "auto", dtype=None):
     """The transformers causal LM for `spec`, on `device` (cuda when available)."""
     import torch

@@ -8,7 +8,8 @@ candidates has exactly the accounted budget. Damage is one of:
   empirical Fisher (spectra.plan.sensitivity).
 - calib: tr(E H E^T) / tr(W H W^T) with H = X^T X of the module's calibration inputs,
   the calibration-weighted squared relative error (closed form over the spectrum for
-  low rank: sum_{i>r} sigma_i^2 v_i^T H v_i).
+  low rank: sum_{i>r} sigma_i^2 v_i^T H v_i). Modules outside the transformer blocks
+  (an untied LM head) have no H and are scored by their weight error.
 - ppl: the squared relative error scaled by the module's measured loss increase at a
   probe setting: s_j * err^2 / err_probe^2.
 Low-rank, joint and pruning candidates under a weight-type damage are read off the
@@ -85,7 +86,7 @@ class Damage:
         return self.scale.get(name, 1.0) * err2 / max(norm2, 1e-300)
 
     def __call__(self, mod: Module, e: torch.Tensor) -> float:
-        if self.hessian is not None:
+        if self.hessian is not None and mod.name in self.hessian:
             return self.h_weighted(mod, e)
         if self.fisher is None:
             return self.relative(mod.name, float(e.double().pow(2).sum()), _norm2(mod.weight))
@@ -134,7 +135,7 @@ def lowrank(mod: Module, dmg: Damage, floors: Floors, sigma=None) -> list[Candid
             out.append(_cand(make_config("lowrank", rank=r), m, n, d))
         return out
     u, s, vh = _svd(mod.weight)
-    if dmg.hessian is not None:
+    if dmg.hessian is not None and mod.name in dmg.hessian:
         # E_r = sum_{i>r} s_i u_i v_i^T, so tr(E_r H E_r^T) = sum_{i>r} s_i^2 v_i^T H v_i
         h = dmg.hessian[mod.name].to(vh.dtype)
         q = ((vh @ h) * vh).sum(1).double()

@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from spectra.analysis import spectra_by_name
+from spectra.data.calibration import CalibrationSpec
 from spectra.errors import SpectraInputError
 from spectra.linalg.metrics import energy_rank
 from spectra.linalg.svd import singular_values
@@ -28,16 +29,6 @@ NOT_TARGETABLE = {"embed"}  # embeddings are lookups, not linear layers
 
 class PlanError(SpectraInputError):
     """An invalid plan, or a plan that does not fit the model."""
-
-
-@dataclass(frozen=True)
-class CalibrationSpec:
-    """Where calibration activations come from (builtin = the stdlib's pydoc topics)."""
-
-    corpus: str = "builtin"
-    samples: int = 64
-    seqlen: int = 512
-    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -375,7 +366,7 @@ def weight_ranks(targets):
     return rank_of
 
 
-def apply_plan(model, plan: Plan, calib_ids=None, progress=None, rank_of=None):
+def apply_plan(model, plan: Plan, grams=None, progress=None, rank_of=None):
     """(compressed copy, reports, factorizations) of `plan` on a loaded `model`: the plan
     resolved against the model's own linear modules, then compressors' module surgery.
 
@@ -386,7 +377,7 @@ def apply_plan(model, plan: Plan, calib_ids=None, progress=None, rank_of=None):
     targets = surgery.linear_targets(model)
     entries = resolve(plan, [t for t, _ in targets.values()], rank_of or weight_ranks(targets))
     try:
-        return surgery.apply(model, entries, calib_ids=calib_ids, progress=progress)
+        return surgery.apply(model, entries, grams=grams, progress=progress)
     except PlanError:
         raise
     except SpectraInputError as e:  # what the surgery refuses is this plan's doing

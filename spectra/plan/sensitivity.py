@@ -11,13 +11,14 @@
   is replaced by its reconstruction at a probe setting: the slow exact reference.
   One forward pass per module; the other weights stay dense.
 
-- `calib`: H = X^T X of every linear module's inputs over calibration windows, for
-  the calibration-weighted error tr(E H E^T) / tr(W H W^T) (spectra.plan.candidates).
+- `calib`: H = X^T X of every linear module's inputs in the transformer blocks, for
+  the calibration-weighted error tr(E H E^T) / tr(W H W^T) (spectra.plan.candidates):
+  the calibration cache of spectra.data.calibration (32,768 tokens in windows of 512
+  by default, as `spectra calibrate`).
 
 Fisher and ppl are cached under cache/sensitivity/, keyed by the weights' content
 fingerprint, the corpus, token count, window length and (for ppl) the probe
-settings. The calibration Grams are recomputed (one forward pass; about 500 MB for
-the demo in float32, more than a cache file is worth).
+settings.
 """
 
 from __future__ import annotations
@@ -26,12 +27,12 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from compressors.apply import GramCollector, linear_targets
+from compressors.apply import linear_targets
 from compressors.registry import compress, make_config
+from spectra.data import calibration
 from spectra.data import perplexity as ev
 from spectra.errors import SpectraInputError
 from spectra.io import cache, models
-from spectra.io.tensors import read_header
 
 KINDS = ("fisher", "ppl", "calib")
 
@@ -40,21 +41,30 @@ KINDS = ("fisher", "ppl", "calib")
 class SensitivitySettings:
     kind: str = "fisher"  # fisher | ppl | calib
     corpus: str = "builtin"
-    tokens: int | None = None  # calibration tokens (4096); ppl: per probe (512)
-    seqlen: int = 256
+    tokens: int | None = None  # fisher 4096, calib 32768 calibration tokens; ppl 512 per probe
+    seqlen: int | None = None  # calib 512, else 256
     probe: str = "lowrank-half"  # ppl only: see PROBES
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise SpectraInputError(f"sensitivity {self.kind!r}: use {', '.join(KINDS)}")
         if self.tokens is None:
-            object.__setattr__(self, "tokens", 512 if self.kind == "ppl" else 4096)
+            default = {"ppl": 512, "fisher": 4096, "calib": calibration.DEFAULT_TOKENS}
+            object.__setattr__(self, "tokens", default[self.kind])
+        if self.seqlen is None:
+            seqlen = calibration.DEFAULT_SEQLEN if self.kind == "calib" else 256
+            object.__setattr__(self, "seqlen", seqlen)
         if self.probe not in PROBES:
             raise SpectraInputError(f"probe {self.probe!r}: known are {', '.join(PROBES)}")
         if self.tokens < self.seqlen or self.seqlen < 2:
             raise SpectraInputError(
                 f"tokens={self.tokens}, seqlen={self.seqlen}: need at least one window"
             )
+
+    @property
+    def calib_spec(self) -> calibration.CalibrationSpec:
+        """The calibration (spectra calibrate) that the `calib` kind reads."""
+        return calibration.CalibrationSpec.from_tokens(self.corpus, self.tokens, self.seqlen)
 
 
 def _lowrank_half(m: int, n: int):
@@ -67,22 +77,6 @@ def _rtn3(m: int, n: int):
 
 # probe settings for `ppl`: rank keeping half a module's parameters, or 3-bit RTN
 PROBES = {"lowrank-half": _lowrank_half, "rtn-3bit": _rtn3}
-
-
-def fingerprint(spec: str) -> str:
-    """Content key of all the model's weights (2-D hashes memoised, the rest read)."""
-    source = models.resolve(spec)
-    mats = models.matrices(source)
-
-    parts = []
-    for f in source.files:
-        refs = [m.ref for m in mats if m.ref.path == f]
-        hashes = cache.file_tensor_hashes(f, refs)
-        known = {r.name for r in refs}
-        for r in read_header(f):
-            h = hashes.get(r.name) if r.name in known else cache.hash_bytes(r.read_bytes())
-            parts.append((r.name, h))
-    return cache.key(cache.CACHE_VERSION, sorted(parts))
 
 
 def _windows(tokenizer, settings: SensitivitySettings, split: str):
@@ -180,14 +174,22 @@ def compute(
     """
     info = {} if info is None else info
     if settings.kind == "calib":
-        info.update(cached=False, path=None)
-        tokenizer = models.load_tokenizer(spec)
-        model = model if model is not None else models.load(spec, device)
-        return hessians(model, _windows(tokenizer, settings, "calib"), progress)
+        grams = calibration.calibrate(
+            spec,
+            settings.calib_spec,
+            model=model,
+            device=device,
+            use_cache=use_cache,
+            progress=progress,
+            info=info,
+        )
+        return grams.hessians()
 
     tokenizer = models.load_tokenizer(spec)
     bos = ev.bos_token(tokenizer)  # the windows differ with and without BOS
-    key = cache.key(fingerprint(spec), asdict(settings), sorted(names) if names else None, bos)
+    key = cache.key(
+        models.fingerprint(spec), asdict(settings), sorted(names) if names else None, bos
+    )
     folder = cache.cache_dir() / "sensitivity"
     path = folder / f"{key}.{'safetensors' if settings.kind == 'fisher' else 'json'}"
     info.update(cached=False, path=str(path))
@@ -245,26 +247,3 @@ def scores(result: dict, kind: str, weights: dict | None = None) -> dict[str, fl
         approx = compress(w, _lowrank_half(*w.shape)).to_dense().float()
         out[name] = 0.5 * float((f * (w - approx).pow(2)).sum(dtype=torch.float64))
     return out
-
-
-def hessians(model, windows, progress=None) -> dict[str, torch.Tensor]:
-    """H = X^T X (float32, on the CPU) of every linear module's input over `windows`;
-    modules that read the same tensor share one matrix."""
-
-    targets = linear_targets(model)
-    collector = GramCollector({n: mod for n, (_, mod) in targets.items()}, torch.float32)
-    device = next(model.parameters()).device
-    try:
-        with torch.no_grad():
-            for i, x in enumerate(windows):
-                collector.next_call()
-                model(x[None].to(device), use_cache=False)
-                if progress:
-                    progress(i + 1, len(windows), "calibration")
-    finally:
-        collector.remove()
-    moved: dict[int, torch.Tensor] = {}  # one CPU copy per shared matrix
-    for h, _ in collector.grams().values():
-        if id(h) not in moved:
-            moved[id(h)] = h.cpu()
-    return {n: moved[id(h)] for n, (h, _) in collector.grams().items()}

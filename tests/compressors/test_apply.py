@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from compressors import activations
 from compressors import apply as ap
 from compressors.base import DENSE_BITS
 from spectra.plan import format as plans
@@ -87,7 +88,7 @@ def test_data_aware_plans_calibrate_block_by_block(tiny):
         }
     )
     ids = calib_ids()
-    model, reports, _ = plans.apply_plan(tiny, plan, calib_ids=ids)
+    model, reports, _ = plans.apply_plan(tiny, plan, activations.collect(tiny, ids))
     assert all(r.calib_error is not None and r.calib_error > 0 for r in reports)
     # the Hessian of layer 1's down_proj is what its input really is in the dense model
     grab = {}
@@ -122,7 +123,7 @@ def test_data_aware_plan_without_calibration_is_refused(tiny):
             ]
         }
     )
-    with pytest.raises(PlanError, match="calibration tokens"):
+    with pytest.raises(PlanError, match="calibration is required"):
         plans.apply_plan(tiny, plan)
 
 

@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from compressors import lowrank
-from compressors.base import Calibration
+from compressors.base import Calibration, whitening_factor
 from compressors.registry import compress, make_config
 
 
@@ -124,8 +123,12 @@ def test_whitened_lowrank_is_optimal_in_the_activation_norm(random_state):
 def test_whitening_falls_back_to_jitter_when_h_is_singular():
     g = gen(7)
     x = torch.randn(5, 16, generator=g, dtype=torch.float64)  # 5 tokens: H has rank 5
-    chol, jitter = lowrank.whitening_factor(Calibration.from_activations(x).hessian)
+    h = Calibration.from_activations(x).hessian
+    chol = whitening_factor("lowrank", Calibration(h, 5))
+    added = chol @ chol.T - h  # the jitter: a positive multiple of the identity
+    jitter = float(added.diagonal().mean())
     assert jitter > 0 and torch.isfinite(chol).all()
+    torch.testing.assert_close(added, jitter * torch.eye(16, dtype=h.dtype), atol=1e-9, rtol=0)
     w = torch.randn(10, 16, generator=g, dtype=torch.float64)
     f = compress(w, make_config("lowrank", rank=4, whiten=True), Calibration.from_activations(x))
     assert torch.isfinite(f.to_dense()).all()

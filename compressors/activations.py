@@ -1,0 +1,166 @@
+"""What the linear modules of a model read: H = X^T X of their inputs, block by block.
+
+GPTQ's layer-wise scheme: the inputs of the first transformer block are caught once
+for all calibration windows, then block by block the (dense) block runs on them with
+hooks that accumulate H = X^T X for each of its linear modules, and its outputs
+become the next block's inputs. Memory: the model, the activations of one block and
+that block's Grams. Modules that read the same tensor (q, k, v; gate, up) share one
+product, so their H is one tensor object. The LM head and other modules outside the
+blocks get none.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+from torch import nn
+
+from spectra.errors import SpectraInputError
+from spectra.io import roles
+
+BATCH = 4  # calibration windows per forward call
+GRAM_PANELS = 4  # H in column panels: only the upper triangle's panels are multiplied
+
+
+def gram(x: torch.Tensor) -> torch.Tensor:
+    """x^T x (float32 products) for x (rows, n), multiplying only the panels on and above
+    the diagonal and mirroring the rest (about 3/4 of the full product's work)."""
+    x = x.float()
+    n = x.shape[1]
+    if n < 256:
+        return x.T @ x
+    step = math.ceil(n / GRAM_PANELS)
+    out = x.new_empty(n, n)
+    for lo in range(0, n, step):
+        hi = min(lo + step, n)
+        band = x[:, lo:hi].T @ x[:, lo:]
+        out[lo:hi, lo:] = band
+        out[hi:, lo:hi] = band[:, hi - lo :].T
+    return out
+
+
+class GramCollector:
+    """H = X^T X of each hooked module's input, with its row count, summed over calls.
+
+    One product per input tensor per call: modules that read the same tensor share
+    one accumulator. Inputs are keyed by object identity and held until `next_call()`,
+    so a freed tensor's memory can never be reused by another input under the same
+    key. Products are float32 per call (a few thousand rows), summed in `dtype`.
+    """
+
+    def __init__(self, modules: dict[str, nn.Module], dtype=torch.float64):
+        self.dtype = dtype
+        self.owner: dict[str, str] = {}  # module -> the module whose accumulator it reads
+        self.sums: dict[str, list] = {}  # owner -> [H, rows]
+        self._call: dict[int, tuple] = {}
+        self._handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in modules.items()]
+
+    def _hook(self, name: str):
+        def hook(module, inputs):
+            x = inputs[0]
+            seen = self._call.get(id(x))
+            if seen is None:
+                flat = x.detach().reshape(-1, x.shape[-1])
+                seen = self._call[id(x)] = (x, name)
+                acc = self.sums.setdefault(name, [None, 0])
+                g = gram(flat).to(self.dtype)
+                acc[0] = g if acc[0] is None else acc[0].add_(g)
+                acc[1] += flat.shape[0]
+            if self.owner.setdefault(name, seen[1]) != seen[1]:
+                raise RuntimeError(f"{name}: reads a differently shared input from call to call")
+
+        return hook
+
+    def next_call(self) -> None:
+        self._call.clear()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+    def grams(self) -> dict[str, tuple[torch.Tensor, int]]:
+        return {n: (self.sums[o][0], self.sums[o][1]) for n, o in self.owner.items()}
+
+
+def block_grams(model, calib_ids: torch.Tensor, progress=None):
+    """Yield (block index, {module name: (H float64 on the CPU, rows)}) for every
+    transformer block of `model`, from `calib_ids` (windows, seqlen) run densely.
+
+    `progress(done, total, what)` is called after each block.
+    """
+    from compressors.apply import linear_targets  # apply imports this module
+
+    targets = linear_targets(model)
+    layers = decoder_layers(model)
+    args, kwargs = catch_block_inputs(model, layers, calib_ids)
+    for index, layer in enumerate(layers):
+        mods = {n: m for n, (t, m) in targets.items() if t.block == index}
+        collector = GramCollector(mods)
+        outs = []
+        try:
+            with torch.no_grad():
+                for a, k in zip(args, kwargs, strict=True):
+                    collector.next_call()
+                    y = layer(*a, **k)
+                    outs.append(y[0] if isinstance(y, tuple) else y)
+        finally:
+            collector.remove()
+        args = [(o, *a[1:]) for o, a in zip(outs, args, strict=True)]
+        moved: dict[int, torch.Tensor] = {}  # one CPU copy per shared matrix
+        out = {}
+        for name, (h, rows) in collector.grams().items():
+            out[name] = (moved.setdefault(id(h), h.cpu()), rows)
+        if progress:
+            progress(index + 1, len(layers), f"block {index}")
+        yield index, out
+
+
+def collect(model, calib_ids: torch.Tensor, progress=None) -> dict[int, dict]:
+    """All blocks' Grams in memory: {block: {name: (H, rows)}} (see block_grams)."""
+    return dict(block_grams(model, calib_ids, progress))
+
+
+class _Stop(Exception):
+    pass
+
+
+def catch_block_inputs(model, layers, calib_ids, batch_size: int = BATCH):
+    """(args, kwargs) of the first block's forward for every calibration batch."""
+    args, kwargs = [], []
+    first = layers[0]
+
+    class Catcher(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = first
+
+        def forward(self, *a, **k):
+            args.append(a)
+            kwargs.append(k)
+            raise _Stop
+
+    layers[0] = Catcher()
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for lo in range(0, calib_ids.shape[0], batch_size):
+                with contextlib.suppress(_Stop):  # no KV cache: it would grow with every call
+                    model(calib_ids[lo : lo + batch_size].to(device), use_cache=False)
+    finally:
+        layers[0] = first
+    return args, kwargs
+
+
+def decoder_layers(model) -> nn.ModuleList:
+    """The model's list of transformer blocks (`layers`, `h` or `blocks`)."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and name.rsplit(".", 1)[-1] in ("layers", "h", "blocks"):
+            return mod
+    raise SpectraInputError("cannot find the model's transformer blocks for calibration")
+
+
+def in_block(name: str) -> bool:
+    """Whether calibration gives `name` a Gram (it sits inside a transformer block)."""
+    return roles.block_of(name) is not None
