@@ -53,8 +53,6 @@ def rank_for(m, n, ratio):
 
 
 def plans(model) -> dict[str, dict]:
-    from spectra.linalg import mpo
-
     out = {
         "caldera-2bit-r32": per_module(
             model,
@@ -65,6 +63,9 @@ def plans(model) -> dict[str, dict]:
         ),
         "rtn-2bit": per_module(model, lambda m, n: dict(method="quant", bits=2, group_size=64)),
         "rtn-3bit": per_module(model, lambda m, n: dict(method="quant", bits=3, group_size=64)),
+        "gptq-3bit": per_module(
+            model, lambda m, n: dict(method="quant", bits=3, group_size=64, gptq=True)
+        ),
         "rtn-4bit": per_module(model, lambda m, n: dict(method="quant", bits=4, group_size=64)),
     }
     for ratio in (0.5, 0.8):
@@ -76,20 +77,28 @@ def plans(model) -> dict[str, dict]:
             model, lambda m, n, r=ratio: dict(method="lowrank", rank=rank_for(m, n, r), whiten=True)
         )
         out[f"joint-{tag}"] = joint_plan(model, ratio)
-        out[f"losparse-{tag}"] = per_module(
-            model,
-            lambda m, n, r=ratio: dict(
-                method="losparse", rank=rank_for(m, n, r / 2), sparsity=1 - r / 2
-            ),
-        )
+        out[f"joint-whiten-{tag}"] = joint_plan(model, ratio, whiten=True)
+        for white in (False, True):
+            out[f"losparse{'-whiten' if white else ''}-{tag}"] = per_module(
+                model,
+                lambda m, n, r=ratio, white=white: dict(
+                    method="losparse", rank=rank_for(m, n, r / 2), sparsity=1 - r / 2, whiten=white
+                ),
+            )
         out[f"mpo-{tag}"] = per_module(
-            model,
-            lambda m, n, r=ratio: dict(
-                method="mpo",
-                cores=3,
-                bond_dim=max(1, mpo.chi_for_ratio(mpo.factorize(m, 3), mpo.factorize(n, 3), r)),
-            ),
+            model, lambda m, n, r=ratio: dict(method="mpo", cores=3, bond_dim=mpo_bond(m, n, r))
         )
+        for sweeps in (0, 2):  # the input scaling alone, then with the H-weighted sweeps
+            out[f"mpo-whiten-s{sweeps}-{tag}"] = per_module(
+                model,
+                lambda m, n, r=ratio, s=sweeps: dict(
+                    method="mpo",
+                    cores=3,
+                    bond_dim=mpo_bond(m, n, r - 1 / m),  # the n input scales fit the budget
+                    whiten=True,
+                    sweeps=s,
+                ),
+            )
         out[f"prune-magnitude-{tag}"] = per_module(
             model, lambda m, n, r=ratio: dict(method="prune", sparsity=round(1 - r, 6))
         )
@@ -99,8 +108,15 @@ def plans(model) -> dict[str, dict]:
     return out
 
 
-def joint_plan(model, ratio):
-    """q,k and gate,up share a factor per block; v, o, down get plain low-rank at the ratio."""
+def mpo_bond(m, n, ratio):
+    from spectra.linalg import mpo
+
+    return max(1, mpo.chi_for_ratio(mpo.factorize(m, 3), mpo.factorize(n, 3), ratio))
+
+
+def joint_plan(model, ratio, whiten=False):
+    """q,k and gate,up share a factor per block; v, o, down get low-rank at the ratio
+    (everything whitened with `whiten`)."""
     ts = {t.name: t for t in linears(model)}
     blocks = sorted({t.block for t in ts.values() if t.block is not None})
     rules = []
@@ -113,9 +129,16 @@ def joint_plan(model, ratio):
             n, total_m = shapes[0][1], sum(s[0] for s in shapes)
             k = max(1, int(ratio * sum(m * n for m, _ in shapes) / (n + total_m)))
             rules.append(
-                {"targets": [f"{parent}.{x}" for x in members], "method": "joint", "rank": k}
+                {
+                    "targets": [f"{parent}.{x}" for x in members],
+                    "method": "joint",
+                    "rank": k,
+                    "whiten": whiten,
+                }
             )
-    plan = per_module(model, lambda m, n: dict(method="lowrank", rank=rank_for(m, n, ratio)))
+    plan = per_module(
+        model, lambda m, n: dict(method="lowrank", rank=rank_for(m, n, ratio), whiten=whiten)
+    )
     for name in list(plan["layers"]):
         if name.rsplit(".", 1)[1] in ("q_proj", "k_proj", "gate_proj", "up_proj"):
             del plan["layers"][name]
