@@ -37,6 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="skip the MPO bond profiles (spectra and metrics only)",
     )
+    a.add_argument(
+        "--calib",
+        action="store_true",
+        help="add activation-aware spectra (calib_sigma, calib_* metrics) from the "
+        "calibration cache (spectra calibrate's defaults; computed when missing)",
+    )
     a.add_argument("--out", type=Path, help="write the full table (.parquet, .csv or .json)")
     a.add_argument("--json", action="store_true", help="print machine-readable results on stdout")
     a.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
@@ -47,8 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cal.add_argument("model", help="demo, a model directory, a .safetensors/.gguf file or a hub id")
     cal.add_argument("--corpus", default="builtin", help="builtin, wikitext2 or a text file")
-    cal.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="calibration tokens")
-    cal.add_argument("--seqlen", type=int, default=DEFAULT_SEQLEN, help="tokens per window")
+    cal.add_argument("--tokens", type=int, help=f"calibration tokens (default {DEFAULT_TOKENS:,})")
+    cal.add_argument(
+        "--seqlen",
+        type=int,
+        help=f"tokens per window (default {DEFAULT_SEQLEN}, or the model's context if shorter)",
+    )
     cal.add_argument("--seed", type=int, default=0, help="which windows are drawn")
     cal.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda")
     cal.add_argument("--no-cache", action="store_true", help="recompute even when cached")
@@ -77,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--sensitivity", default="none", help="damage: none (weight error), fisher, ppl or calib"
     )
     auto.add_argument(
-        "--tokens", type=int, help="sensitivity tokens (fisher and calib 4096, ppl 512)"
+        "--tokens", type=int, help="sensitivity tokens (fisher 4096, calib 32768, ppl 512)"
     )
     auto.add_argument("--keep-dense", help="full-match regex of modules left dense")
     auto.add_argument(

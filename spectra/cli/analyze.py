@@ -32,6 +32,18 @@ def cmd_analyze(args) -> int:
             progress=progress,
             info=info,
         )
+    if args.calib:
+        from spectra.data.calib_spectra import calib_table  # deferred: torch
+
+        with progress_bar("activation-aware spectra") as progress:
+            calib = calib_table(
+                args.model,
+                device=args.device,
+                use_cache=not args.no_cache,
+                progress=progress,
+                info=info.setdefault("calib", {}),
+            )
+        df = df.join(calib, on="name", how="left")
     seconds = time.perf_counter() - t0
     if args.out is not None:
         write_table(df, args.out)

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 
 from spectra.cli.progress import progress_bar
-from spectra.data.calibration import CalibrationSpec, calibrate
+from spectra.data.calibration import calibrate, for_model
 from spectra.io import models
 
 
 def cmd_calibrate(args) -> int:
-    settings = CalibrationSpec.from_tokens(args.corpus, args.tokens, args.seqlen, args.seed)
     models.resolve(args.model)  # a one-time GGUF conversion is timed apart (it says so)
+    settings = for_model(args.model, args.corpus, args.tokens, args.seqlen, args.seed)
     info: dict = {}
     with progress_bar("calibrating", unit="block") as progress:
         grams = calibrate(

@@ -10,13 +10,15 @@ from spectra.errors import SpectraInputError
 OUT_FORMATS = (".parquet", ".csv", ".json")
 
 SUMMARY_METRICS = ("erank", "stable_rank", "energy_rank_90", "alpha")
+CALIB_SUMMARY = ("calib_erank", "calib_energy_rank_90")  # with `analyze --calib`
 
 
 def summaries(df):
     """(by_role, by_block) polars tables: count and mean of the summary metrics."""
     import polars as pl
 
-    aggs = [pl.len().alias("n")] + [pl.col(c).mean().alias(c) for c in SUMMARY_METRICS]
+    metrics = SUMMARY_METRICS + tuple(c for c in CALIB_SUMMARY if c in df.columns)
+    aggs = [pl.len().alias("n")] + [pl.col(c).mean().alias(c) for c in metrics]
     by_role = df.group_by("role", maintain_order=True).agg(aggs)
     by_block = df.filter(pl.col("block").is_not_null()).group_by("block").agg(aggs).sort("block")
     return by_role, by_block

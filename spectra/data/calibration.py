@@ -53,6 +53,8 @@ class CalibrationSpec:
     @staticmethod
     def from_tokens(corpus="builtin", tokens=DEFAULT_TOKENS, seqlen=DEFAULT_SEQLEN, seed=0):
         """The spec for `tokens` calibration tokens in windows of `seqlen` (rounded down)."""
+        tokens = DEFAULT_TOKENS if tokens is None else tokens
+        seqlen = DEFAULT_SEQLEN if seqlen is None else seqlen
         if not isinstance(seqlen, int) or seqlen < 2:
             raise SpectraInputError(f"--seqlen {seqlen}: must be an integer >= 2")
         if not isinstance(tokens, int) or tokens < seqlen:
@@ -60,6 +62,24 @@ class CalibrationSpec:
                 f"--tokens {tokens}: must be at least one window of --seqlen {seqlen}"
             )
         return CalibrationSpec(corpus, tokens // seqlen, seqlen, seed)
+
+
+def for_model(spec: str, corpus="builtin", tokens=None, seqlen=None, seed=0) -> CalibrationSpec:
+    """The calibration of `spec` with these settings; an unset seqlen is DEFAULT_SEQLEN or
+    the model's context when that is shorter (the token count kept)."""
+    if seqlen is None:
+        context = models.context_length(spec)
+        seqlen = min(DEFAULT_SEQLEN, context) if context else DEFAULT_SEQLEN
+    return CalibrationSpec.from_tokens(corpus, tokens, seqlen, seed)
+
+
+def check_context(spec: str, settings: CalibrationSpec) -> None:
+    """Windows longer than the model's positions are refused, naming both."""
+    context = models.context_length(spec)
+    if context is not None and settings.seqlen > context:
+        raise SpectraInputError(
+            f"calibration seqlen {settings.seqlen}: longer than the {context} positions of {spec}"
+        )
 
 
 def calibration_windows(tokenizer, spec: CalibrationSpec):
@@ -129,7 +149,8 @@ def calibrate(
     `model`/`tokenizer`: the already loaded ones of `spec`, if any. `info` is filled with
     `cached`, `path`, `tokens`, `seconds`.
     """
-    settings = settings or CalibrationSpec()
+    settings = settings or for_model(spec)
+    check_context(spec, settings)
     info = {} if info is None else info
     t0 = time.perf_counter()
     tokenizer = tokenizer if tokenizer is not None else models.load_tokenizer(spec)

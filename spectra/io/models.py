@@ -242,6 +242,21 @@ def require_config(source: Source) -> None:
         raise SpectraInputError(f"{source.root} has no config.json: the model cannot be built")
 
 
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def context_length(spec: str) -> int | None:
+    """The longest sequence the model's config admits (positions), None if it says not."""
+    config = cache.read_json(resolve(spec).root / "config.json")
+    if not isinstance(config, dict):
+        return None
+    for source in (config, config.get("text_config") or {}):
+        for key in CONTEXT_KEYS:
+            if isinstance(source.get(key), int) and source[key] > 0:
+                return source[key]
+    return None
+
+
 def load_tokenizer(spec: str):
     from transformers import AutoTokenizer
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import time
@@ -163,6 +164,7 @@ def auto_plan(
     modules = load_modules(spec, shapes)
     seconds = {}
     dmg = cands.Damage()
+    calibration = None  # the plan's calibration block: the one its damage was scored on
     if sensitivity != "none":
         t = time.perf_counter()
         settings = sens_settings or sens.SensitivitySettings(kind=sensitivity)
@@ -173,6 +175,7 @@ def auto_plan(
             dmg = cands.Damage(fisher=result)
         elif sensitivity == "calib":
             dmg = cands.Damage(hessian=result)
+            calibration = settings.calib_spec(spec)
         else:
             dmg = cands.Damage(
                 scale={k: v["delta_loss"] / max(v["err2"], 1e-30) for k, v in result.items()}
@@ -195,4 +198,6 @@ def auto_plan(
             for name in u.names:
                 layers[name], shapes[name] = c.config, shape_of[name]
     plan = Plan(model=spec, layers=layers, shapes=shapes)
+    if calibration is not None:
+        plan = dataclasses.replace(plan, calibration=calibration)
     return AutoResult(method, sensitivity, plan, units, chosen, key, budget, total, seconds)

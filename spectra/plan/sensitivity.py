@@ -42,7 +42,7 @@ class SensitivitySettings:
     kind: str = "fisher"  # fisher | ppl | calib
     corpus: str = "builtin"
     tokens: int | None = None  # fisher 4096, calib 32768 calibration tokens; ppl 512 per probe
-    seqlen: int | None = None  # calib 512, else 256
+    seqlen: int | None = None  # calib: 512 or the model's context if shorter; else 256
     probe: str = "lowrank-half"  # ppl only: see PROBES
 
     def __post_init__(self):
@@ -51,20 +51,19 @@ class SensitivitySettings:
         if self.tokens is None:
             default = {"ppl": 512, "fisher": 4096, "calib": calibration.DEFAULT_TOKENS}
             object.__setattr__(self, "tokens", default[self.kind])
-        if self.seqlen is None:
-            seqlen = calibration.DEFAULT_SEQLEN if self.kind == "calib" else 256
-            object.__setattr__(self, "seqlen", seqlen)
+        if self.seqlen is None and self.kind != "calib":
+            object.__setattr__(self, "seqlen", 256)
         if self.probe not in PROBES:
             raise SpectraInputError(f"probe {self.probe!r}: known are {', '.join(PROBES)}")
-        if self.tokens < self.seqlen or self.seqlen < 2:
+        seqlen = calibration.DEFAULT_SEQLEN if self.seqlen is None else self.seqlen
+        if self.tokens < seqlen or seqlen < 2:
             raise SpectraInputError(
                 f"tokens={self.tokens}, seqlen={self.seqlen}: need at least one window"
             )
 
-    @property
-    def calib_spec(self) -> calibration.CalibrationSpec:
-        """The calibration (spectra calibrate) that the `calib` kind reads."""
-        return calibration.CalibrationSpec.from_tokens(self.corpus, self.tokens, self.seqlen)
+    def calib_spec(self, spec: str) -> calibration.CalibrationSpec:
+        """The calibration of model `spec` (spectra calibrate) that the `calib` kind reads."""
+        return calibration.for_model(spec, self.corpus, self.tokens, self.seqlen)
 
 
 def _lowrank_half(m: int, n: int):
@@ -176,7 +175,7 @@ def compute(
     if settings.kind == "calib":
         grams = calibration.calibrate(
             spec,
-            settings.calib_spec,
+            settings.calib_spec(spec),
             model=model,
             device=device,
             use_cache=use_cache,

@@ -1,0 +1,110 @@
+"""Activation-aware spectra: the singular values of W L with L L^T = H = X^T X.
+
+For the best rank-k approximation in the calibration-weighted norm (whitened low
+rank, SVD-LLM), ||(W - W_k) X^T||_F^2 = sum_{i>k} s_i^2 of these values, exactly as
+the weight spectrum's tail is the Frobenius error of the plain truncation. So this
+spectrum is to data-aware compression what the weight spectrum is to data-free
+compression: its metrics (`calib_erank`, `calib_stable_rank`, `calib_energy_rank_90`,
+`calib_energy_rank_99`) say how compressible a module is on the inputs it really
+sees. L is the whitening factor every `whiten: true` method uses (Cholesky with the
+jitter fallback), so the curve is what `lowrank whiten: true` reaches.
+
+The table is cached beside the calibration it was computed from
+(cache/calibration/<key>/spectra.parquet): that key already holds the weights'
+fingerprint and the calibration windows.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from compressors.base import Calibration, whitening_factor
+from spectra.data import calibration as cal
+from spectra.io import cache, models
+from spectra.linalg.metrics import spectrum_metrics
+from spectra.linalg.parallel import parallel_map
+
+SPECTRA_FILE = "spectra.parquet"
+METRICS = ("erank", "stable_rank", "energy_rank_90", "energy_rank_99")
+COLUMNS = ("calib_sigma", *(f"calib_{m}" for m in METRICS))
+
+
+def activation_spectrum(weight, hessian, device: str = "cpu") -> np.ndarray:
+    """Descending singular values of W L (float64), W (out, in), H (in, in)."""
+    import torch
+
+    chol = whitening_factor("analyze", Calibration(torch.as_tensor(hessian), 0))
+    w = torch.as_tensor(np.asarray(weight)).to(torch.float64)
+    return torch.linalg.svdvals(w.to(device) @ chol.to(device)).cpu().numpy()
+
+
+def calib_table(
+    spec: str,
+    settings: cal.CalibrationSpec | None = None,
+    *,
+    device: str = "auto",
+    use_cache: bool = True,
+    progress=None,
+    info: dict | None = None,
+):
+    """One row per linear module inside a transformer block: `name` and COLUMNS.
+
+    Reads (or computes) the calibration of `spec` first; `info` gets its `cached`,
+    `path`, `tokens` and whether the spectra came from the cache (`spectra_cached`).
+    """
+    import polars as pl
+
+    info = {} if info is None else info
+    grams = cal.calibrate(spec, settings, device=device, use_cache=use_cache, info=info)
+    path = grams.folder / SPECTRA_FILE
+    if use_cache and path.is_file():
+        try:
+            df = pl.read_parquet(path)
+            if list(df.columns) == ["name", *COLUMNS]:
+                info.update(spectra_cached=True)
+                return df
+        except Exception:  # a truncated or garbage file: recomputed
+            pass
+    info.update(spectra_cached=False)
+    device = models.resolve_device(device)
+    mats = {m.name: m for m in models.matrices(spec)}
+    jobs = []
+    for block in grams.blocks:
+        for name, (h, _) in grams[block].items():
+            jobs.append((name, mats[name], h))
+
+    def work(job):
+        name, m, h = job
+        s = activation_spectrum(m.read(), h, device)
+        metrics = spectrum_metrics(s)
+        return {
+            "name": name,
+            "calib_sigma": s.tolist(),
+            **{f"calib_{k}": metrics[k] for k in METRICS},
+        }
+
+    rows = []
+    # one module per core on the CPU; on a GPU one at a time is already fast
+    run = parallel_map(work, jobs) if device == "cpu" else map(work, jobs)
+    for done, row in enumerate(run, 1):
+        rows.append(row)
+        if progress:
+            progress(done, len(jobs), row["name"])
+    df = pl.DataFrame(rows, schema=_schema())
+    if use_cache:
+        with cache.atomic_path(path) as tmp:
+            df.write_parquet(tmp)
+    return df
+
+
+def _schema():
+    import polars as pl
+
+    return {
+        "name": pl.String,
+        "calib_sigma": pl.List(pl.Float64),
+        "calib_erank": pl.Float64,
+        "calib_stable_rank": pl.Float64,
+        "calib_energy_rank_90": pl.Int64,
+        "calib_energy_rank_99": pl.Int64,
+    }
