@@ -208,3 +208,48 @@ def test_an_impossible_budget_fails_before_any_work(tiny_llama_dir, tmp_path, mo
     err = capsys.readouterr().err
     assert "quant cannot go below" in err and "bits per linear parameter" in err
     assert not out.exists()
+
+
+CALIBRATED = {
+    "lowrank": ("--target-params", "0.5", {"lowrank": "whiten"}),
+    "joint": ("--target-params", "0.5", {"joint": "whiten", "lowrank": "whiten"}),
+    "losparse": ("--target-params", "0.6", {"losparse": "whiten"}),
+    "mpo": ("--target-params", "0.6", {"mpo": "whiten"}),
+    "quant": ("--target-bits", "3.5", {"quant": "gptq"}),
+    "mixed": ("--target-bits", "3", {"lowrank": "whiten", "quant": "gptq", "prune": "wanda"}),
+}
+
+
+@pytest.mark.parametrize("method", list(CALIBRATED))
+def test_with_a_cached_calibration_plans_are_calibrated_and_apply_reads_it(
+    family_dir, tmp_path, cli, method, isolated_cache
+):
+    """After `spectra calibrate`, `plan auto` scores calibration-weighted damage by default
+    and offers the calibrated form of each method; `apply` then reads the same cache."""
+    path = family_dir("llama")
+    r = cli("calibrate", path, "--tokens", "2048", "--seqlen", "64", "--json")
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "plan.yaml"
+    flag, target, calibrated = CALIBRATED[method]
+    r = auto(cli, path, "--method", method, flag, target, "--tokens", "2048", "-o", out, "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["sensitivity"] == "calib"
+    plan = yaml.safe_load(out.read_text())
+    assert plan["calibration"]["samples"] * plan["calibration"]["seqlen"] == 2048
+    used = {v["method"] for v in plan["layers"].values()}
+    assert used and used <= set(calibrated)
+    for name, v in plan["layers"].items():  # the LM head has no H: it keeps the plain form
+        assert v[calibrated[v["method"]]] is name.startswith("model.layers."), (name, v)
+    folders = sorted((isolated_cache / "calibration").iterdir())
+    r = cli("apply", out, "--model", path, "-o", tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    assert sorted((isolated_cache / "calibration").iterdir()) == folders  # read, not redone
+
+
+def test_without_a_calibration_the_default_damage_is_the_weight_error(family_dir, tmp_path, cli):
+    out = tmp_path / "plan.yaml"
+    path = family_dir("llama")
+    r = auto(cli, path, "--method", "lowrank", "--target-params", "0.5", "-o", out, "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["sensitivity"] == "none"
+    assert not any(v.get("whiten") for v in yaml.safe_load(out.read_text())["layers"].values())

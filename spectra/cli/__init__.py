@@ -84,7 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--target-params", type=float, help="fraction of linear parameters kept")
     budget.add_argument("--target-bits", type=float, help="average bits per linear parameter")
     auto.add_argument(
-        "--sensitivity", default="none", help="damage: none (weight error), fisher, ppl or calib"
+        "--sensitivity",
+        default="auto",
+        help="damage: none (weight error), fisher, ppl, calib (calibration-weighted error, "
+        "calibrated methods), or auto (default: calib when the model has a cached "
+        "calibration, else none)",
     )
     auto.add_argument(
         "--tokens", type=int, help="sensitivity tokens (fisher 4096, calib 32768, ppl 512)"

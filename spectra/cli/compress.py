@@ -66,16 +66,24 @@ def cmd_plan_auto(args) -> int:
 
     check_out_path(args.out, (".yaml", ".yml", ".json"))
     floors = autoplan.parse_floors(args.min_rank, args.min_bits, args.keep_dense)
-    settings = None
-    if args.sensitivity in sens.KINDS:
-        settings = sens.SensitivitySettings(kind=args.sensitivity, tokens=args.tokens)
-    with progress_bar(args.sensitivity) as progress:
+    sensitivity, settings = args.sensitivity, None
+    if sensitivity == "auto":  # calibration-weighted when the model has a cached calibration
+        from spectra.data.calibration import latest
+
+        found = latest(args.model)
+        sensitivity = "none" if found is None else "calib"
+        if found is not None:  # scored on that calibration, whatever its settings
+            c = found.settings
+            settings = sens.SensitivitySettings("calib", c.corpus, c.tokens, c.seqlen)
+    if sensitivity in sens.KINDS and settings is None:
+        settings = sens.SensitivitySettings(kind=sensitivity, tokens=args.tokens)
+    with progress_bar(sensitivity) as progress:
         result = autoplan.auto_plan(
             args.model,
             args.method,
             args.target_params,
             args.target_bits,
-            args.sensitivity,
+            sensitivity,
             floors,
             settings,
             device=args.device,
@@ -115,7 +123,7 @@ def cmd_plan_auto(args) -> int:
         f"{s['bits_per_param']:.2f} bits per parameter "
         f"(budget {'params' if s['key'] == 'params' else 'bits'} "
         f"{s['spent']:,} of {s['budget']:,}); predicted damage {s['predicted_damage']:.4g} "
-        f"({what[args.sensitivity]}); {s['seconds']['total']:.1f} s"
+        f"({what[sensitivity]}); {s['seconds']['total']:.1f} s"
     )
     return 0
 

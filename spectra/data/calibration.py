@@ -111,6 +111,12 @@ class Grams:
         self.folder, self.meta = folder, meta
 
     @property
+    def settings(self) -> CalibrationSpec:
+        """The settings it was computed with (samples: the windows actually used)."""
+        m = self.meta
+        return CalibrationSpec(m["corpus"], m["samples"], m["seqlen"], m["seed"])
+
+    @property
     def blocks(self) -> list[int]:
         return sorted(int(b) for b in self.meta["blocks"])
 
@@ -155,8 +161,7 @@ def calibrate(
     t0 = time.perf_counter()
     tokenizer = tokenizer if tokenizer is not None else models.load_tokenizer(spec)
     windows = calibration_windows(tokenizer, settings)
-    key = cache.key(CALIB_VERSION, models.fingerprint(spec), cache.hash_bytes(windows.numpy()))
-    folder = cache.cache_dir() / "calibration" / key
+    folder = _folder(spec, windows)
     info.update(cached=False, path=str(folder), tokens=int(windows.numel()))
     if use_cache:
         hit = _open(folder)
@@ -169,6 +174,7 @@ def calibrate(
     meta = {
         "version": CALIB_VERSION,
         "model": str(spec),
+        "fingerprint": models.fingerprint(spec),
         "corpus": settings.corpus,
         "samples": int(windows.shape[0]),
         "seqlen": settings.seqlen,
@@ -187,6 +193,40 @@ def calibrate(
     if out is None:  # e.g. the cache folder is not writable
         raise RuntimeError(f"{folder}: calibration was written but cannot be read back")
     return out
+
+
+def cached(spec: str, settings: CalibrationSpec | None = None, tokenizer=None) -> Grams | None:
+    """The calibration of `spec` if it is already in the cache (nothing is computed);
+    None also when the model has no tokenizer or corpus to calibrate with."""
+    try:
+        settings = settings or for_model(spec)
+        tokenizer = tokenizer if tokenizer is not None else models.load_tokenizer(spec)
+        windows = calibration_windows(tokenizer, settings)
+    except SpectraInputError:
+        return None
+    return _open(_folder(spec, windows))
+
+
+def _folder(spec: str, windows) -> Path:
+    """Where the calibration of `spec` on `windows` lives: keyed by weights and token ids."""
+    key = cache.key(CALIB_VERSION, models.fingerprint(spec), cache.hash_bytes(windows.numpy()))
+    return cache.cache_dir() / "calibration" / key
+
+
+def latest(spec: str) -> Grams | None:
+    """The newest cached calibration of these weights, whatever its settings (None if
+    there is none): what `plan auto` scores with when it is not told."""
+    fingerprint = models.fingerprint(spec)
+    found = []
+    for meta_path in (cache.cache_dir() / "calibration").glob("*/meta.json"):
+        meta = cache.read_json(meta_path)
+        if isinstance(meta, dict) and meta.get("fingerprint") == fingerprint:
+            found.append((meta_path.stat().st_mtime, meta_path.parent))
+    for _, folder in sorted(found, reverse=True):
+        grams = _open(folder)
+        if grams is not None:
+            return grams
+    return None
 
 
 def _write_block(folder: Path, block: int, grams: dict) -> dict:

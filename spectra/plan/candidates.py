@@ -15,6 +15,15 @@ candidates has exactly the accounted budget. Damage is one of:
 Low-rank, joint and pruning candidates under a weight-type damage are read off the
 spectrum or the sorted magnitudes in closed form; all others reconstruct W_hat.
 
+Under calib damage each module with an H is offered the calibrated form of its
+method instead (at equal cost it is never worse in that damage): whitened low rank
+and joint, damage exactly the tail of the activation-aware spectrum (singular
+values of W L, resp. of the stacked [W_i L]); whitened losparse (one SVD of W L per
+module, the residual kept by Wanda's score); whitened mpo, damage by the TT-SVD
+bound of W D with the activation column norms D = diag(H)^(1/2) (the diagonal part of
+H; the built form adds H-weighted sweeps and does better); GPTQ for quant and Wanda
+for prune, each damage measured on its result.
+
 Candidate grids: every rank for low rank and joint under weight-type damage (the
 allocation is then the exact greedy over singular values), 48 ranks otherwise; quant
 bits 2..8 (group 128); prune sparsity 0.1..0.95; losparse ranks 1/16..1/2 of the
@@ -33,7 +42,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from compressors.base import DENSE_BITS
+from compressors.base import DENSE_BITS, Calibration, whitening_factor
+from compressors.quant import hessian_inverse_factor
 from compressors.registry import compress, make_config
 from spectra.linalg import mpo as tt
 from spectra.linalg.parallel import parallel_map
@@ -72,6 +82,13 @@ class Damage:
     def spectral(self) -> bool:
         """Damage depends only on ||E||_F (closed forms from spectra apply)."""
         return self.fisher is None and self.hessian is None
+
+    def calib(self, mod: Module) -> Calibration | None:
+        """The module's calibration when damage is calibration-weighted and it has an H
+        (then its method's calibrated form is offered)."""
+        if self.hessian is None or mod.name not in self.hessian:
+            return None
+        return Calibration(self.hessian[mod.name], 0)
 
     def h_weighted(self, mod: Module, e: torch.Tensor) -> float:
         """tr(E H E^T) / tr(W H W^T): the calibration-weighted squared relative error."""
@@ -122,7 +139,8 @@ def _tail_sums(terms: torch.Tensor) -> list[float]:
 def lowrank(mod: Module, dmg: Damage, floors: Floors, sigma=None) -> list[Candidate]:
     """`sigma`: the weight's singular values when known (the analysis cache has them)."""
     m, n = mod.shape
-    ranks = [c.rank for c in grid("lowrank", m, n, mod.role, floors, dmg.spectral)]
+    closed = dmg.spectral or dmg.calib(mod) is not None  # every rank costs a tail sum
+    ranks = [c.rank for c in grid("lowrank", m, n, mod.role, floors, closed)]
     if not ranks:
         return []
     out = []
@@ -134,16 +152,21 @@ def lowrank(mod: Module, dmg: Damage, floors: Floors, sigma=None) -> list[Candid
             d = dmg.relative(mod.name, tail[r], tail[0])
             out.append(_cand(make_config("lowrank", rank=r), m, n, d))
         return out
-    u, s, vh = _svd(mod.weight)
-    if dmg.hessian is not None and mod.name in dmg.hessian:
-        # E_r = sum_{i>r} s_i u_i v_i^T, so tr(E_r H E_r^T) = sum_{i>r} s_i^2 v_i^T H v_i
-        h = dmg.hessian[mod.name].to(vh.dtype)
-        q = ((vh @ h) * vh).sum(1).double()
-        tail = _tail_sums(s.double().pow(2) * q)
+    calib = dmg.calib(mod)
+    if calib is not None:
+        # whitened: ||(W - W_r) X^T||_F^2 = sum_{i>r} s_i^2 of W L (activation-aware spectrum)
+        chol = whitening_factor("lowrank", calib)
+        tail = _tail_sums(torch.linalg.svdvals(mod.weight.double() @ chol).pow(2))
         return [
-            _cand(make_config("lowrank", rank=r), m, n, dmg.relative(mod.name, tail[r], tail[0]))
+            _cand(
+                make_config("lowrank", rank=r, whiten=True),
+                m,
+                n,
+                dmg.relative(mod.name, tail[r], tail[0]),
+            )
             for r in ranks
         ]
+    u, s, vh = _svd(mod.weight)
     e = mod.weight.clone()
     done = 0
     for r in ranks:
@@ -155,6 +178,20 @@ def lowrank(mod: Module, dmg: Damage, floors: Floors, sigma=None) -> list[Candid
 
 def quant(mod: Module, dmg: Damage, floors: Floors) -> list[Candidate]:
     m, n = mod.shape
+    calib = dmg.calib(mod)
+    if calib is not None:  # GPTQ: one inverse-Hessian factor for every bit width
+        from compressors.quant import dequantize, ldlq
+
+        factor = hessian_inverse_factor(calib.hessian)
+        out = []
+        for config in grid("quant", m, n, mod.role, floors):
+            config = make_config("quant", bits=config.bits, group_size=config.group_size, gptq=True)
+            codes, scale, zero = ldlq(
+                mod.weight.double(), calib.hessian, config.bits, config.group_size, factor=factor
+            )
+            w_hat = dequantize(codes, scale, zero, config.group_size)
+            out.append(_cand(config, m, n, dmg(mod, mod.weight.double() - w_hat)))
+        return out
     return [
         _cand(config, m, n, dmg(mod, _error(mod.weight, config)))
         for config in grid("quant", m, n, mod.role, floors)
@@ -166,6 +203,14 @@ def prune(mod: Module, dmg: Damage, floors: Floors) -> list[Candidate]:
     configs = grid("prune", m, n, mod.role, floors)
     if not configs:
         return []
+    calib = dmg.calib(mod)
+    if calib is not None:  # Wanda: |W| ||X_j|| per output row
+        out = []
+        for config in configs:
+            config = make_config("prune", sparsity=config.sparsity, wanda=True)
+            kept = compress(mod.weight, config, calib).to_dense()
+            out.append(_cand(config, m, n, dmg(mod, mod.weight - kept.to(mod.weight.dtype))))
+        return out
     mags = mod.weight.reshape(-1).abs()
     order = torch.argsort(mags)
     sq = mags[order].double().pow(2)
@@ -191,6 +236,9 @@ def _residuals(w: torch.Tensor):
 
 def losparse(mod: Module, dmg: Damage, floors: Floors) -> list[Candidate]:
     m, n = mod.shape
+    calib = dmg.calib(mod)
+    if calib is not None:
+        return _losparse_whitened(mod, dmg, floors, calib)
     residual = _residuals(mod.weight)
     order = functools.cache(lambda r: torch.argsort(residual(r).abs().reshape(-1), descending=True))
     out = []
@@ -204,10 +252,36 @@ def losparse(mod: Module, dmg: Damage, floors: Floors) -> list[Candidate]:
     return out
 
 
+def _losparse_whitened(mod: Module, dmg: Damage, floors: Floors, calib) -> list[Candidate]:
+    """Whitened losparse (iters 0): U V = trunc_r(W L) L^{-1}, residual kept by Wanda score."""
+    m, n = mod.shape
+    w = mod.weight.double()
+    chol = whitening_factor("losparse", calib)
+    u, s, vh = torch.linalg.svd(w @ chol, full_matrices=False)
+    back = torch.linalg.solve_triangular(chol, vh, upper=False, left=False)  # V^T L^{-1}
+    col = chol.norm(dim=1)[None, :]
+    out = []
+    for config in grid("losparse", m, n, mod.role, floors):
+        r = config.rank
+        residual = w - (u[:, :r] * s[:r]) @ back[:r]
+        keep = m * n - round(config.sparsity * m * n)
+        largest = torch.argsort((residual.abs() * col).reshape(-1), descending=True)
+        e = residual.reshape(-1).clone()
+        e[largest[:keep]] = 0
+        config = make_config(
+            "losparse", rank=r, sparsity=config.sparsity, structured=config.structured, whiten=True
+        )
+        out.append(_cand(config, m, n, dmg(mod, e.reshape(m, n))))
+    return out
+
+
 def mpo(mod: Module, dmg: Damage, floors: Floors) -> list[Candidate]:
     m, n = mod.shape
     mf, nf = tt.factorize(m, MPO_CORES), tt.factorize(n, MPO_CORES)
     w = mod.weight.double().numpy()
+    calib = dmg.calib(mod)
+    if calib is not None:
+        return _mpo_calibrated(mod, dmg, floors, calib, mf, nf)
     spectra = tt.bond_spectra(w, mf, nf) if dmg.spectral else None
     out = []
     for config in grid("mpo", m, n, mod.role, floors):
@@ -218,6 +292,24 @@ def mpo(mod: Module, dmg: Damage, floors: Floors) -> list[Candidate]:
         else:
             d = dmg(mod, _error(mod.weight, config))
         out.append(Candidate(config, p, b, d))
+    return out
+
+
+def _mpo_calibrated(mod, dmg, floors, calib, mf, nf) -> list[Candidate]:
+    """Calibrated mpo, damage by the TT-SVD bound of W D with D = diag(H)^(1/2)."""
+    m, n = mod.shape
+    d = calib.col_norms.double().clamp_min(1e-12)
+    wd = (mod.weight.double() * d[None, :]).numpy()
+    spectra = tt.bond_spectra(wd, mf, nf)
+    total = float(np.sum(wd * wd))
+    out = []
+    for config in grid("mpo", m, n, mod.role, floors):
+        config = make_config("mpo", cores=config.cores, bond_dim=config.bond_dim, whiten=True)
+        p, b = config.cost(m, n)
+        if p >= m * n:
+            continue
+        err2 = sum(float(np.sum(s[config.bond_dim :] ** 2)) for s in spectra)
+        out.append(Candidate(config, p, b, dmg.relative(mod.name, err2, total)))
     return out
 
 
@@ -237,10 +329,14 @@ def joint(group: list[Module], dmg: Damage, floors: Floors) -> list[Candidate]:
     n = group[0].shape[1]
     stacked = torch.cat([g.weight for g in group]).double()
     total_m = stacked.shape[0]
-    configs = joint_grid([g.shape for g in group], [g.role for g in group], floors, dmg.spectral)
+    closed = dmg.spectral or dmg.calib(group[0]) is not None
+    configs = joint_grid([g.shape for g in group], [g.role for g in group], floors, closed)
     ks = [c.rank for c in configs]
     if not ks:
         return []
+    calib = dmg.calib(group[0])
+    if calib is not None:
+        return _joint_whitened(group, dmg, ks, calib)
     _, _, vh = torch.linalg.svd(stacked, full_matrices=False)
     v = vh.T  # (n, min)
     out = []
@@ -261,6 +357,24 @@ def joint(group: list[Module], dmg: Damage, floors: Floors) -> list[Candidate]:
                 for g, p in zip(group, projections, strict=True)
             )
         out.append(_cand(config, total_m, n, d))
+    return out
+
+
+def _joint_whitened(group: list[Module], dmg: Damage, ks: list[int], calib) -> list[Candidate]:
+    """Whitened joint: member i's error at rank k is ||W_i L||^2 - ||W_i L Q_k||^2."""
+    chol = whitening_factor("joint", calib)
+    white = [g.weight.double() @ chol for g in group]
+    _, _, vh = torch.linalg.svd(torch.cat(white), full_matrices=False)
+    cums = [torch.cumsum((x @ vh.T).pow(2).sum(0), 0) for x in white]
+    norms = [float(x.pow(2).sum()) for x in white]
+    total_m, n = sum(g.shape[0] for g in group), group[0].shape[1]
+    out = []
+    for k in ks:
+        d = sum(
+            dmg.relative(g.name, nrm - float(c[k - 1]), nrm)
+            for g, c, nrm in zip(group, cums, norms, strict=True)
+        )
+        out.append(_cand(make_config("joint", rank=k, whiten=True), total_m, n, d))
     return out
 
 

@@ -184,8 +184,11 @@ def test_bits_budget_on_quant_and_floors():
         assert all(a.damage > b.damage for a, b in zip(q, q[1:], strict=False))
 
 
-def test_calibration_weighted_lowrank_closed_form_matches_explicit():
+def test_calibration_weighted_lowrank_offers_whitened_ranks_with_their_exact_damage():
     import torch
+
+    from compressors.base import Calibration
+    from compressors.registry import compress
 
     rng = np.random.default_rng(9)
     w = torch.from_numpy(rng.standard_normal((24, 18)) * np.exp(-0.2 * np.arange(18))).float()
@@ -194,13 +197,18 @@ def test_calibration_weighted_lowrank_closed_form_matches_explicit():
     mod = Module("m", "down", 0, w)
     dmg = Damage(hessian={"m": h})
     u, s, vh = np.linalg.svd(w.double().numpy())
-    wd, hd = w.double().numpy(), h.double().numpy()
-    for c in lowrank(mod, dmg, Floors()):
-        r = c.config.rank
-        e = wd - (u[:, :r] * s[:r]) @ vh[:r]
-        want = np.trace(e @ hd @ e.T) / np.trace(wd @ hd @ wd.T)
+    wd, xd = w.double().numpy(), x.double().numpy()
+    cands = lowrank(mod, dmg, Floors())
+    assert [c.config.rank for c in cands] == list(range(1, 24 * 18 // 42 + 1))
+    for c in cands:
+        assert c.config.whiten
+        built = compress(w.double(), c.config, Calibration.from_activations(x.double()))
+        e = wd - built.to_dense().numpy()
+        want = np.linalg.norm(e @ xd.T) ** 2 / np.linalg.norm(wd @ xd.T) ** 2
         assert c.damage == pytest.approx(want, rel=1e-4)
-        assert dmg(mod, torch.from_numpy(e).float()) == pytest.approx(want, rel=1e-4)
+        r = c.config.rank  # never worse than the plain truncation at the same rank
+        plain = wd - (u[:, :r] * s[:r]) @ vh[:r]
+        assert c.damage <= np.linalg.norm(plain @ xd.T) ** 2 / np.linalg.norm(wd @ xd.T) ** 2
 
 
 @pytest.mark.parametrize(
