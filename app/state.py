@@ -15,7 +15,7 @@ import streamlit as st
 
 from spectra.analysis import analyze
 from spectra.errors import SpectraInputError
-from spectra.io import models
+from spectra.io import models, roles
 from spectra.io.roles import ROLES
 
 METRICS = {
@@ -137,39 +137,126 @@ def built_modules(spec: str) -> dict:
 
 
 def previewer(spec: str):
-    """This session's Previewer on `spec` (its compressed modules shared)."""
+    """This session's Previewer on `spec` (its compressed modules shared), reading this
+    session's calibration when there is one."""
     from spectra.preview import Previewer  # deferred: torch
 
     key = f"previewer::{spec}"
     if key not in st.session_state:
         model, tok = loaded(spec)
         st.session_state[key] = Previewer(model, tok, built=built_modules(spec))
+    pv = st.session_state[key]
+    pv.use_calibration(calibration(spec))
+    return pv
+
+
+CALIB_TOKENS = (4096, 8192, 16384, 32768)
+
+
+def calib_tokens() -> int:
+    """The calibration size chosen on the Plan page (spectra calibrate's default)."""
+    return int(st.session_state.get("calib_tokens", CALIB_TOKENS[-1]))
+
+
+def calib_settings(spec: str):
+    from spectra.data.calibration import for_model
+
+    return for_model(spec, tokens=calib_tokens())
+
+
+def calibration(spec: str):
+    """This model's calibration at the chosen size if it is cached (None if not); looked
+    up once per session and size, then remembered."""
+    key = f"calibration::{spec}::{calib_tokens()}"
+    if key not in st.session_state:
+        from spectra.data.calibration import cached
+
+        st.session_state[key] = cached(spec, calib_settings(spec))
     return st.session_state[key]
 
 
+def compute_calibration(spec: str, progress=None):
+    """Compute (or read) the calibration at the chosen size, with progress."""
+    from spectra.data.calibration import calibrate
+
+    model, tok = loaded(spec)
+    grams = calibrate(spec, calib_settings(spec), model=model, tokenizer=tok, progress=progress)
+    st.session_state[f"calibration::{spec}::{calib_tokens()}"] = grams
+    return grams
+
+
 @st.cache_data(show_spinner=False, max_entries=20000)
-def row_error(spec: str, name: str, settings: tuple) -> float:
-    """Relative weight error of one module under one setting (settings as sorted items)."""
+def row_error(spec: str, name: str, settings: tuple, calib_key: str | None = None) -> tuple:
+    """(weight error, calibration-weighted error or None) of one module under one
+    setting (settings as sorted items; `calib_key`: the calibration folder, if any)."""
     # deferred: torch, needed only once a preview, an error or an allocation is asked for
     from compressors.registry import make_config
-    from spectra.preview import module_error
+    from spectra.preview import module_errors
 
     config = make_config(**dict(settings))
+    calib = _module_calibration(spec, name, calib_key)
     sigma = sigmas(spec).get(name) if config.method == "lowrank" else None
-    spectral = sigma is not None and config.rank is not None and not config.whiten
-    weight = None if spectral else next(m for m in models.matrices(spec) if m.name == name).read()
-    return module_error(weight, config, sigma)
+    if calib is None and config.method == "lowrank" and config.rank and not config.whiten:
+        return module_errors(None, config, sigma)
+    weight = next(m for m in models.matrices(spec) if m.name == name).read()
+    curves = None
+    if calib is not None and config.method == "lowrank" and config.whiten:
+        curves = whitened_curves(spec, name, calib_key)
+    return module_errors(weight, config, sigma, calib, curves)
+
+
+def _module_calibration(spec: str, name: str, calib_key: str | None):
+    """compressors.base.Calibration of one module from the calibration in `calib_key`."""
+    if calib_key is None:
+        return None
+    block = calibration_block(spec, calib_key, roles.block_of(name))
+    if block is None or name not in block:
+        return None
+    from compressors.base import Calibration
+
+    h, rows = block[name]
+    return Calibration(h, rows)
+
+
+@st.cache_resource(show_spinner=False, max_entries=64)
+def calibration_block(spec: str, calib_key: str, block: int | None):
+    """One block's Grams (float64) of the calibration in folder `calib_key`."""
+    from compressors.apply import as_float64
+    from spectra.data.calibration import open_folder
+
+    grams = open_folder(calib_key)
+    if grams is None or block is None or block not in grams:
+        return None
+    return as_float64(grams[block])
+
+
+@st.cache_resource(show_spinner=False, max_entries=512)
+def whitened_curves(spec: str, name: str, calib_key: str):
+    """Whitened low rank's (weight, calibration-weighted) error at every rank: one SVD."""
+    from spectra.preview import whitened_curves as curves
+
+    weight = next(m for m in models.matrices(spec) if m.name == name).read()
+    h, _ = calibration_block(spec, calib_key, roles.block_of(name))[name]
+    return curves(weight, h)
 
 
 @st.cache_data(show_spinner=False)
-def auto_layers(spec: str, method: str, key: str, target: float, sensitivity: str) -> dict:
-    """Auto-allocated explicit plan layers (module -> settings dict) and its summary."""
+def auto_layers(
+    spec: str, method: str, key: str, target: float, sensitivity: str, calib_tokens: int = 0
+) -> dict:
+    """Auto-allocated explicit plan layers (module -> settings dict) and its summary
+    (`calib_tokens`: the calibration size a calib damage reads)."""
     # deferred: torch, needed only once a preview, an error or an allocation is asked for
     from compressors.base import config_to_dict
+    from spectra.plan import sensitivity as sens
     from spectra.plan.auto import auto_plan
 
     budget = {"target_params": target} if key == "params" else {"target_bits": target}
-    result = auto_plan(spec, method, sensitivity=sensitivity, **budget)
+    settings = None
+    if sensitivity == "calib":
+        c = calib_settings(spec)
+        settings = sens.SensitivitySettings("calib", c.corpus, c.tokens, c.seqlen)
+    result = auto_plan(spec, method, sensitivity=sensitivity, sens_settings=settings, **budget)
     return {
         "layers": {k: config_to_dict(c) for k, c in result.plan.layers.items()},
         "summary": result.summary(),

@@ -117,7 +117,7 @@ def apply(model, entries, grams=None, progress=None):
     if data:
         for block in sorted({e.block for e in todo if needs_data(e.config)}):
             entries = [e for e in state.todo.values() if e.block == block]
-            state.compress_entries(entries, _as_float64(grams[block]))
+            state.compress_entries(entries, as_float64(grams[block]))
     state.compress_rest()
     return model, state.reports, state.factorizations
 
@@ -214,7 +214,7 @@ def compact_modules(f, config, dense: list[nn.Module]) -> list[nn.Module]:
     return f.member_modules(biases) if config.method == "joint" else [f.as_module(biases[0])]
 
 
-def _as_float64(block: dict) -> dict:
+def as_float64(block: dict) -> dict:
     """A block's Grams as float64 (as compressors expect), shared matrices kept shared."""
     wide: dict[int, torch.Tensor] = {}
     return {

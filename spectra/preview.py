@@ -26,12 +26,13 @@ from torch import nn
 from compressors.activations import decoder_layers
 from compressors.apply import (
     _set_module,
+    as_float64,
     compact_modules,
     factorize,
     linear_targets,
     needs_data,
 )
-from compressors.base import relative_error
+from compressors.base import Calibration, h_norm, relative_error, whitening_factor
 from compressors.registry import compress, make_config
 from spectra.data import perplexity as ev
 from spectra.errors import SpectraInputError
@@ -44,23 +45,61 @@ def module_error(weight: np.ndarray | torch.Tensor | None, config, sigma=None) -
 
     For a plain low-rank setting the singular values `sigma` suffice (weight may be None).
     """
+    return module_errors(weight, config, sigma)[0]
 
+
+def module_errors(weight, config, sigma=None, calib=None, curves=None):
+    """(weight error, calibration-weighted error or None) of `config` on one weight.
+
+    The weight error is ||W - W_hat||_F / ||W||_F; with `calib` (the module's
+    compressors.base.Calibration) the calibration-weighted one is
+    ||(W - W_hat) X^T||_F / ||W X^T||_F. Plain low rank reads `sigma` (weight may then be
+    None when there is no calib); whitened low rank reads `curves` =
+    whitened_curves(W, H) when given; everything else is one compression, exactly as
+    `spectra apply` builds it. Data-aware settings without `calib` are an input error.
+    """
     if config is None:
-        return 0.0
-    if config.method == "lowrank" and config.rank is not None and not config.whiten:
-        if sigma is None:
-            sigma = torch.linalg.svdvals(torch.as_tensor(weight).double()).numpy()
-        curve = rank_error_curve(np.asarray(sigma))
-        return float(curve[min(config.rank, len(curve) - 1)])
-    w = torch.as_tensor(weight).float()
+        return 0.0, (0.0 if calib is not None else None)
+    if config.method == "lowrank" and config.rank is not None:
+        if config.whiten and curves is not None:
+            k = min(config.rank, len(curves[0]) - 1)
+            return float(curves[0][k]), float(curves[1][k])
+        if not config.whiten and calib is None:
+            if sigma is None:
+                sigma = torch.linalg.svdvals(torch.as_tensor(weight).double()).numpy()
+            curve = rank_error_curve(np.asarray(sigma))
+            return float(curve[min(config.rank, len(curve) - 1)]), None
+    w = torch.as_tensor(np.asarray(weight)).float()
     if config.method == "joint":  # alone, a joint setting is its member's own rank-k SVD
-        config = make_config("lowrank", rank=min(config.rank, *w.shape))
-
-    if needs_data(config):
+        config = make_config("lowrank", rank=min(config.rank, *w.shape), whiten=config.whiten)
+    if needs_data(config) and calib is None:
         raise SpectraInputError(
-            f"{config.method}: needs calibration data; its error shows after `spectra apply`"
+            f"{config.method}: a data-aware setting; its error shows once a calibration "
+            "is computed (spectra calibrate)"
         )
-    return float(relative_error(w, compress(w, config).to_dense()))
+    w_hat = compress(w, config, calib if needs_data(config) else None).to_dense()
+    weight_err = float(relative_error(w, w_hat))
+    if calib is None:
+        return weight_err, None
+    den = h_norm(w, calib.hessian)
+    return weight_err, (h_norm(w.double() - w_hat.double(), calib.hessian) / den if den else 0.0)
+
+
+def whitened_curves(weight, hessian) -> tuple[np.ndarray, np.ndarray]:
+    """(weight errors, calibration-weighted errors) of whitened low rank at every rank k
+    (index k), from one SVD of W L: with W L = U S V^T and b_i = v_i^T L^{-1},
+    ||W - W_k||_F^2 = sum_{i>k} s_i^2 ||b_i||^2 and ||(W - W_k) X^T||_F^2 = sum_{i>k} s_i^2
+    (H regularised by the whitening jitter, as the compressor does)."""
+    w = torch.as_tensor(np.asarray(weight)).to(torch.float64)
+    chol = whitening_factor("lowrank", Calibration(torch.as_tensor(hessian), 0))
+    _, s, vt = torch.linalg.svd(w @ chol, full_matrices=False)
+    b = torch.linalg.solve_triangular(chol, vt, upper=False, left=False)
+    s2 = s.pow(2)
+    tail = lambda t: torch.flip(torch.cumsum(torch.flip(t, (0,)), 0), (0,))  # noqa: E731
+    zero = torch.zeros(1, dtype=torch.float64)
+    calib = torch.cat([tail(s2), zero]) / s2.sum()
+    weight_err = torch.cat([tail(s2 * b.pow(2).sum(1)), zero]) / w.pow(2).sum()
+    return weight_err.clamp_min(0).sqrt().numpy(), calib.clamp_min(0).sqrt().numpy()
 
 
 def _joint(config) -> bool:
@@ -94,8 +133,13 @@ class _Replay(nn.Module):
 class Previewer:
     """Incremental perplexity previews of per-module settings on one model."""
 
-    def __init__(self, model, tokenizer, corpus: str = "builtin", seqlen: int = 512, built=None):
-        """`built`: a store of compressed modules to share (e.g. between app sessions)."""
+    def __init__(
+        self, model, tokenizer, corpus: str = "builtin", seqlen: int = 512, built=None, grams=None
+    ):
+        """`built`: a store of compressed modules to share (e.g. between app sessions);
+        `grams`: the model's calibration (spectra.data.calibration.Grams, or any
+        {block: {name: (H, rows)}}), which data-aware settings are compressed with,
+        exactly as `spectra apply` does."""
 
         self.work = copy.deepcopy(model).eval()  # the caller's model is never touched
         self.targets = linear_targets(self.work)  # name -> (Target, dense module)
@@ -109,6 +153,29 @@ class Previewer:
         self.tokens: int | None = None
         self.dense_ppl: dict[int, float] = {}
         self.history: list[PreviewResult] = []
+        self.grams = grams
+        self._blocks: dict[int, dict] = {}  # calibration blocks read so far (float64)
+
+    def use_calibration(self, grams) -> None:
+        """Data-aware settings from now on read `grams` (modules built with another
+        calibration are rebuilt when next previewed)."""
+        if grams is not self.grams:
+            self.grams, self._blocks = grams, {}
+            self.current = {n: c for n, c in self.current.items() if not needs_data(c)}
+
+    def calibration(self, name: str) -> Calibration | None:
+        """The module's calibration (None without one, or outside the blocks)."""
+        block = self.targets[name][0].block
+        if self.grams is None or block is None or block not in self.grams:
+            return None
+        if block not in self._blocks:
+            self._blocks[block] = as_float64(self.grams[block])
+        h, rows = self._blocks[block][name]
+        return Calibration(h, rows)
+
+    def _calibration_tag(self) -> str | None:
+        folder = getattr(self.grams, "folder", None)
+        return None if self.grams is None else str(folder or id(self.grams))
 
     def _install(self, layers: dict[str, object], progress=None) -> tuple[list[str], int]:
         """Swap in the modules whose setting changed; returns (changed names, compressions).
@@ -120,11 +187,16 @@ class Previewer:
         resolved = resolve(Plan(layers=layers), [t for t, _ in self.targets.values()], self.rank_of)
         entries = {e.name: e for e in resolved}
         changed = [n for n in self.targets if self.current.get(n) != layers.get(n)]
-        bad = [n for n in changed if layers.get(n) is not None and needs_data(layers[n])]
+        bad = [
+            n
+            for n in changed
+            if layers.get(n) is not None and needs_data(layers[n]) and self.calibration(n) is None
+        ]
         if bad:
+            where = "has no calibration" if self.grams is None else "is outside the blocks"
             raise SpectraInputError(
-                f"{bad[0]}: {layers[bad[0]].method} needs calibration data; the preview "
-                "covers data-free settings (run `spectra apply` for this one)"
+                f"{bad[0]}: {layers[bad[0]].method} is data-aware and the preview {where} "
+                "(spectra calibrate)"
             )
         # a module leaving a joint group changes the group's shared V: rebuild its rest
         left = {n.rsplit(".", 1)[0] for n in changed if _joint(self.current.get(n))}
@@ -152,11 +224,14 @@ class Previewer:
                 _set_module(self.work, names[0], self.targets[names[0]][1])
                 self.current.pop(names[0], None)
                 continue
-            key = (names, config)
+            data = needs_data(config)
+            key = (names, config, self._calibration_tag() if data else None)
             if key not in self.built:
                 dense = [self.targets[n][1] for n in names]
                 weights = [self.targets[n][0].weight(d) for n, d in zip(names, dense, strict=True)]
-                self.built[key] = compact_modules(factorize(config, weights), config, dense)
+                calib = self.calibration(names[0]) if data else None
+                f = factorize(config, weights, calib)
+                self.built[key] = compact_modules(f, config, dense)
                 compressions += 1
             for n, module in zip(names, self.built[key], strict=True):
                 _set_module(self.work, n, module)

@@ -26,6 +26,8 @@ def render() -> None:
             {
                 "version": 1,
                 "model": spec,
+                # the calibration the Plan page previewed data-aware settings with
+                "calibration": dict(vars(state.calib_settings(spec))),
                 "layers": {
                     k: {**v, **({"shape": shape[k]} if k in shape else {})}
                     for k, v in layers.items()

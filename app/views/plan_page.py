@@ -12,12 +12,14 @@ import polars as pl
 import streamlit as st
 
 from app import state
+from compressors.apply import needs_data
 from spectra.errors import SpectraInputError
 from spectra.io import models
 from spectra.plan import edit as pe
 from spectra.preview import module_error
 
 AUTO_METHODS = ("lowrank", "joint", "losparse", "mpo", "quant", "caldera", "mixed")
+DAMAGE = {"none": "weight error", "fisher": "Fisher loss", "calib": "calibration-weighted"}
 
 
 def init() -> None:
@@ -102,17 +104,21 @@ def budget_controls(spec: str) -> None:
         target = c[2].number_input("Target", 0.01, 1.0, 0.5, 0.05, key="auto_target_params")
     else:
         target = c[2].number_input("Target", 0.5, 16.0, 3.0, 0.25, key="auto_target_bits")
+    calibrated = state.calibration(spec) is not None
     sens = c[3].selectbox(
         "Damage",
-        ["none", "fisher"],
-        key="auto_sens",
-        format_func={"none": "weight error", "fisher": "Fisher loss"}.get,
+        ["none", "fisher", "calib"],
+        index=2 if calibrated else 0,
+        key=f"auto_sens::{calibrated}",  # calibration-weighted once a calibration exists
+        format_func=DAMAGE.get,
     )
     c[4].write("")
     if c[4].button("Auto-allocate", key="auto_go", type="primary"):
         try:
             with st.spinner("Allocating..."):
-                out = state.auto_layers(spec, method, kind, float(target), sens)
+                out = state.auto_layers(
+                    spec, method, kind, float(target), sens, state.calib_tokens()
+                )
         except SpectraInputError as e:
             st.error(str(e))
             return
@@ -124,6 +130,37 @@ def budget_controls(spec: str) -> None:
         )
     if st.session_state.get("auto_message"):
         st.info(st.session_state.auto_message)
+
+
+def calibration_controls(spec: str) -> None:
+    """The calibration size, whether it is cached, and a button that computes it."""
+    c = st.columns([2, 6, 2])
+    c[0].selectbox(
+        "Calibration tokens",
+        state.CALIB_TOKENS,
+        index=len(state.CALIB_TOKENS) - 1,
+        key="calib_tokens",
+        format_func=lambda t: f"{t:,}",
+    )
+    grams = state.calibration(spec)
+    if grams is not None:
+        m = grams.meta
+        c[1].caption(
+            f"Calibration: {m['tokens']:,} tokens ({m['samples']} windows of {m['seqlen']}, "
+            f"corpus {m['corpus']}), cached. Data-aware settings (calibrated, caldera) and "
+            "calibration-weighted errors read it, as `spectra apply` of the exported plan does."
+        )
+        return
+    c[1].caption(
+        "No calibration of this model at this size yet. Data-aware settings (calibrated, "
+        "caldera) and calibration-weighted errors need one: computed once (or by "
+        "`spectra calibrate`), then cached."
+    )
+    if c[2].button("Compute calibration", key="calib_go"):
+        bar = st.progress(0.0, "Calibrating...")
+        state.compute_calibration(spec, progress=Eta(bar))
+        bar.empty()
+        st.rerun()
 
 
 def module_editor(spec: str, mats) -> None:
@@ -158,6 +195,7 @@ def module_editor(spec: str, mats) -> None:
         "factor_bits": lambda col, v: col.number_input("factor bits", 2, 16, int(v), 1),
         "bond_dim": lambda col, v: col.number_input("bond dim", 1, 100000, int(v), 1),
         "cores": lambda col, v: col.number_input("cores", 2, 6, int(v), 1),
+        "calibrated": lambda col, v: col.checkbox("calibrated", bool(v)),
     }
     if method != "dense":
         config = pe.config_of(settings)
@@ -167,11 +205,12 @@ def module_editor(spec: str, mats) -> None:
         for k in pe.METHOD_KNOBS[method]:
             if k not in widgets or (k == "rank" and full.get("rank") is None):
                 continue
+            field = pe.CALIBRATED_FLAG[method] if k == "calibrated" else k
             with c[i]:
-                value = widgets[k](st, knobs.get(k, full.get(k)))
+                value = widgets[k](st, knobs.get(field, full.get(field)))
             i += 1
-            if value != full.get(k):
-                edited[k] = value
+            if value != full.get(field):
+                edited[field] = value
         if edited != settings:
             try:
                 pe.config_of(edited)
@@ -180,13 +219,30 @@ def module_editor(spec: str, mats) -> None:
             else:
                 set_module(name, edited, mats)
                 st.rerun()
+    grams = state.calibration(spec)
+    key = None if grams is None else str(grams.folder)
+    e = st.columns([2, 2, 6])
     try:
-        err = state.row_error(spec, name, tuple(sorted(settings.items()))) if current else 0.0
-        c[5].metric("Relative error", f"{err:.4f}")
+        err, calib_err = (
+            state.row_error(spec, name, tuple(sorted(settings.items())), key)
+            if current
+            else (0.0, 0.0 if key else None)
+        )
+        e[0].metric("Relative error", f"{err:.4f}")
+        e[1].metric(
+            "Calibration-weighted error", "n/a" if calib_err is None else f"{calib_err:.4f}"
+        )
         st.session_state.setdefault("row_errors", {})[name] = err
-    except SpectraInputError as e:
-        c[5].metric("Relative error", "n/a")
-        st.caption(str(e))
+        if calib_err is not None:
+            st.session_state.setdefault("calib_errors", {})[name] = calib_err
+        e[2].caption(
+            "Relative error: ||W - W_hat|| / ||W||. Calibration-weighted: ||(W - W_hat) X^T|| "
+            "/ ||W X^T|| on the calibration inputs X (needs a calibration)."
+        )
+    except SpectraInputError as ex:
+        e[0].metric("Relative error", "n/a")
+        e[1].metric("Calibration-weighted error", "n/a")
+        e[2].caption(str(ex))
 
 
 def totals_and_preview(spec: str, mats) -> None:
@@ -217,6 +273,10 @@ def totals_and_preview(spec: str, mats) -> None:
         st.session_state.preview_running = True
         try:  # Stop (or a rerun) raises out of `bar.progress`: preview_running stays True
             configs = {k: pe.config_of(v) for k, v in layers.items()}
+            if state.calibration(spec) is None and any(
+                needs_data(c) for c in configs.values() if c is not None
+            ):
+                state.compute_calibration(spec, progress=Eta(bar))
             r = state.previewer(spec).preview(configs, int(tokens), progress=Eta(bar))
         except SpectraInputError as e:
             st.session_state.preview_running = False
@@ -287,9 +347,14 @@ def _row_errors(spec: str, base: list[dict]) -> dict:
     errors = dict(st.session_state.get("row_errors", {}))
     sigmas = state.sigmas(spec)
     layers = st.session_state.plan_layers
-    for r in base:  # low-rank rows: the error straight from the cached spectrum
+    for r in base:  # plain low-rank rows: the error straight from the cached spectrum
         settings = layers.get(r["module"])
-        if settings and settings.get("method") == "lowrank" and settings.get("rank"):
+        if (
+            settings
+            and settings.get("method") == "lowrank"
+            and settings.get("rank")
+            and not settings.get("whiten")
+        ):
             errors[r["module"]] = module_error(
                 None, pe.config_of(settings), sigmas.get(r["module"])
             )
@@ -327,8 +392,10 @@ def table(spec: str, mats) -> None:
     else:
         c[3].caption(f"{len(base)} of {len(mats)} modules listed.")
     errors = _row_errors(spec, base)
+    calib_errors = st.session_state.get("calib_errors", {})
     df = pl.DataFrame(base, infer_schema_length=None).with_columns(
-        pl.Series("rel_error", [errors.get(r["module"]) for r in base], dtype=pl.Float64)
+        pl.Series("rel_error", [errors.get(r["module"]) for r in base], dtype=pl.Float64),
+        pl.Series("calib_error", [calib_errors.get(r["module"]) for r in base], dtype=pl.Float64),
     )
     st.data_editor(
         df,
@@ -336,7 +403,7 @@ def table(spec: str, mats) -> None:
         hide_index=True,
         width="stretch",
         height=420,
-        disabled=["module", "role", "block", "m", "n", "rel_error"],
+        disabled=["module", "role", "block", "m", "n", "rel_error", "calib_error"],
         column_config={
             "method": st.column_config.SelectboxColumn("method", options=list(pe.METHODS)),
             "rank": st.column_config.NumberColumn("rank", min_value=1, step=1),
@@ -348,7 +415,9 @@ def table(spec: str, mats) -> None:
             ),
             "bond_dim": st.column_config.NumberColumn("bond_dim", min_value=1, step=1),
             "cores": st.column_config.NumberColumn("cores", min_value=2, max_value=6, step=1),
+            "calibrated": st.column_config.CheckboxColumn("calibrated"),
             "rel_error": st.column_config.NumberColumn("rel. error", format="%.4f"),
+            "calib_error": st.column_config.NumberColumn("calib. error", format="%.4f"),
         },
     )
 
@@ -365,6 +434,7 @@ def render() -> None:
     for problem in read_table_edits(mats):
         st.error(problem)
     budget_controls(spec)
+    calibration_controls(spec)
     st.subheader("Selected module")
     module_editor(spec, mats)
     st.subheader("Budget and perplexity")

@@ -258,6 +258,11 @@ def _building(final: Path):
         raise
 
 
+def open_folder(folder: str | Path) -> Grams | None:
+    """The calibration stored in `folder` (a Grams' folder), or None if it is not sound."""
+    return _open(Path(folder))
+
+
 def _open(folder: Path) -> Grams | None:
     """The calibration in `folder`, or None when it is missing, truncated or garbage."""
     meta = cache.read_json(folder / "meta.json")

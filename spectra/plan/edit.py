@@ -1,8 +1,10 @@
 """Per-module plan editing for the app: rows <-> settings, defaults, exact totals.
 
 A row is a plain dict: module, role, block, m, n, method ("dense" or a registered
-method) and the knobs (rank, energy, sparsity, bits, factor_bits, bond_dim, cores);
-a knob a method does not use is None.
+method), the knobs (rank, energy, sparsity, bits, factor_bits, bond_dim, cores) and
+`calibrated`, the method's data-aware switch (whiten for lowrank, joint, losparse and
+mpo; gptq for quant; wanda for prune; caldera always); a knob a method does not use
+is None.
 """
 
 from __future__ import annotations
@@ -13,16 +15,24 @@ from spectra.errors import SpectraInputError
 from spectra.io import models
 from spectra.plan import format as plans
 
-KNOBS = ("rank", "energy", "sparsity", "bits", "factor_bits", "bond_dim", "cores")
+KNOBS = ("rank", "energy", "sparsity", "bits", "factor_bits", "bond_dim", "cores", "calibrated")
+CALIBRATED_FLAG = {
+    "lowrank": "whiten",
+    "joint": "whiten",
+    "losparse": "whiten",
+    "mpo": "whiten",
+    "quant": "gptq",
+    "prune": "wanda",
+}
 METHOD_KNOBS = {
     "dense": (),
-    "lowrank": ("rank", "energy"),
-    "joint": ("rank",),
-    "losparse": ("rank", "sparsity"),
-    "mpo": ("cores", "bond_dim"),
-    "quant": ("bits",),
+    "lowrank": ("rank", "energy", "calibrated"),
+    "joint": ("rank", "calibrated"),
+    "losparse": ("rank", "sparsity", "calibrated"),
+    "mpo": ("cores", "bond_dim", "calibrated"),
+    "quant": ("bits", "calibrated"),
     "caldera": ("rank", "bits", "factor_bits"),
-    "prune": ("sparsity",),
+    "prune": ("sparsity", "calibrated"),
 }
 METHODS = tuple(METHOD_KNOBS)
 
@@ -53,6 +63,9 @@ def row(mat, settings: dict | None) -> dict:
     config = config_of(settings)
     out["method"] = "dense" if config is None else config.method
     full = {} if config is None else config_to_dict(config)
+    flag = CALIBRATED_FLAG.get(out["method"])
+    if flag is not None:
+        full["calibrated"] = bool(full.get(flag))
     for k in KNOBS:
         out[k] = full.get(k) if k in METHOD_KNOBS[out["method"]] else None
     return out
@@ -70,7 +83,10 @@ def settings_of(r: dict) -> dict | None:
     if method == "lowrank" and "energy" in given:
         out.pop("rank", None)
         given.pop("rank", None)
+    calibrated = given.pop("calibrated", None)
     out.update(given)
+    if calibrated is not None and method in CALIBRATED_FLAG:
+        out[CALIBRATED_FLAG[method]] = bool(calibrated)
     for k in ("rank", "bits", "factor_bits", "bond_dim", "cores"):
         if k in out and out[k] is not None:
             out[k] = int(out[k])

@@ -3,6 +3,7 @@
 import pytest
 
 from compressors.registry import make_config
+from spectra.errors import SpectraInputError
 
 
 @pytest.fixture()
@@ -106,3 +107,75 @@ def test_progress_by_block_and_a_cancelled_preview_leaves_it_consistent(family_d
         again = pv.preview(two, 256)
         assert again.ppl == pytest.approx(Previewer(model, tok, seqlen=32).preview(two, 256).ppl)
         pv.preview(one, 256)
+
+
+CALIBRATED = {
+    "model.layers.0.mlp.down_proj": make_config("lowrank", rank=12, whiten=True),
+    "model.layers.1.self_attn.o_proj": make_config("quant", bits=3, group_size=16, gptq=True),
+    "model.layers.1.mlp.up_proj": make_config("prune", sparsity=0.5, wanda=True),
+    "model.layers.0.self_attn.q_proj": make_config("joint", rank=8, whiten=True),
+    "model.layers.0.self_attn.k_proj": make_config("joint", rank=8, whiten=True),
+    "model.layers.1.mlp.gate_proj": make_config("mpo", cores=2, bond_dim=6, whiten=True),
+}
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_data_aware_settings_preview_as_apply_and_eval_score_them(family, family_dir):
+    from compressors.apply import linear_targets
+    from spectra.data import calibration as cal
+    from spectra.data import perplexity as ev
+    from spectra.io import models
+    from spectra.plan import format as plans
+    from spectra.preview import Previewer
+
+    path = str(family_dir(family))
+    model, tok = models.load(path, "cpu"), models.load_tokenizer(path)
+    names = list(linear_targets(model))
+    layers = (
+        dict(zip(names[:6], CALIBRATED.values(), strict=True)) if family == "gpt2" else CALIBRATED
+    )
+    if family == "gpt2":  # no joint siblings there: each stands alone
+        layers = {k: v for k, v in layers.items() if v.method != "joint"}
+    grams = cal.calibrate(path, cal.CalibrationSpec(samples=4, seqlen=32))
+    pv = Previewer(model, tok, seqlen=32)
+    with pytest.raises(SpectraInputError, match="no calibration"):
+        pv.preview(layers, 128)
+    pv.use_calibration(grams)
+    got = pv.preview(layers, 128)
+    plan = plans.parse(
+        {"layers": {k: {"method": c.method, **c.__dict__} for k, c in layers.items()}}
+    )
+    compressed, reports, _ = plans.apply_plan(model, plan, grams)
+    ref = ev.perplexity(compressed, tok, seqlen=32, max_tokens=128)
+    assert got.ppl == pytest.approx(ref.ppl, rel=1e-5) and got.ppl != pytest.approx(got.dense_ppl)
+    assert all(r.calib_error is not None for r in reports)
+
+
+def test_errors_of_whitened_low_rank_at_every_rank_from_one_svd():
+    import torch
+
+    from compressors.base import Calibration, h_norm
+    from compressors.registry import compress
+    from spectra.preview import module_errors, whitened_curves
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(200, 20, generator=g, dtype=torch.float64) * torch.logspace(-1, 1, 20)
+    w = torch.randn(16, 20, generator=g, dtype=torch.float64)
+    calib = Calibration.from_activations(x)
+    curves = whitened_curves(w, calib.hessian)
+    for k in range(1, 17):
+        config = make_config("lowrank", rank=k, whiten=True)
+        w_k = compress(w, config, calib).to_dense()
+        want_w = float(torch.linalg.norm(w - w_k) / torch.linalg.norm(w))
+        want_h = h_norm(w - w_k, calib.hessian) / h_norm(w, calib.hessian)
+        assert curves[0][k] == pytest.approx(want_w, rel=1e-6, abs=1e-9)
+        assert curves[1][k] == pytest.approx(want_h, rel=1e-6, abs=1e-9)
+        fast = module_errors(w, config, calib=calib, curves=curves)
+        slow = module_errors(w, config, calib=calib)
+        assert fast == pytest.approx(slow, rel=1e-5, abs=1e-6)  # slow: float32 W
+    # a data-free setting gets its calibration-weighted error too
+    plain = make_config("quant", bits=3, group_size=4)
+    w_q = compress(w, plain).to_dense()
+    assert module_errors(w, plain, calib=calib)[1] == pytest.approx(
+        h_norm(w - w_q, calib.hessian) / h_norm(w, calib.hessian), rel=1e-6
+    )
