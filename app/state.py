@@ -116,6 +116,18 @@ def analysis(spec: str, cores: int = 3):
 
 
 @st.cache_data(show_spinner=False)
+def calib_analysis(spec: str, calib_key: str):
+    """The analysis table joined with the activation-aware spectra of the calibration in
+    folder `calib_key` (calib_sigma, calib_* metrics; null outside the blocks)."""
+    from spectra.data.calib_spectra import calib_table  # deferred: torch
+    from spectra.data.calibration import open_folder
+
+    grams = open_folder(calib_key)
+    df, _ = analysis(spec)
+    return df.join(calib_table(spec, grams.settings), on="name", how="left")
+
+
+@st.cache_data(show_spinner=False)
 def sigmas(spec: str) -> dict:
     """Singular values by module name, from the cached analysis."""
     import numpy as np
@@ -155,7 +167,7 @@ CALIB_TOKENS = (4096, 8192, 16384, 32768)
 
 def calib_tokens() -> int:
     """The calibration size chosen on the Plan page (spectra calibrate's default)."""
-    return int(st.session_state.get("calib_tokens", CALIB_TOKENS[-1]))
+    return int(st.session_state.get("calib_size", CALIB_TOKENS[-1]))
 
 
 def calib_settings(spec: str):

@@ -135,10 +135,11 @@ def budget_controls(spec: str) -> None:
 def calibration_controls(spec: str) -> None:
     """The calibration size, whether it is cached, and a button that computes it."""
     c = st.columns([2, 6, 2])
-    c[0].selectbox(
+    # kept outside the widget's own state, which Streamlit drops on other pages
+    st.session_state.calib_size = c[0].selectbox(
         "Calibration tokens",
         state.CALIB_TOKENS,
-        index=len(state.CALIB_TOKENS) - 1,
+        index=state.CALIB_TOKENS.index(state.calib_tokens()),
         key="calib_tokens",
         format_func=lambda t: f"{t:,}",
     )
@@ -433,8 +434,8 @@ def render() -> None:
         return
     for problem in read_table_edits(mats):
         st.error(problem)
-    budget_controls(spec)
     calibration_controls(spec)
+    budget_controls(spec)
     st.subheader("Selected module")
     module_editor(spec, mats)
     st.subheader("Budget and perplexity")

@@ -31,6 +31,39 @@ def heatmap(df, metric: str, title: str, key: str):
     return None
 
 
+CALIB_METRICS = ("erank", "stable_rank", "energy_rank_90", "energy_rank_99")
+
+
+def spectrum_kind(spec: str):
+    """The weights / activation-aware switch; the calibration (None: weights only)."""
+    c = st.columns([3, 7])
+    kind = c[0].radio(
+        "Spectrum",
+        ["weights", "activation-aware"],
+        horizontal=True,
+        key="spectra_kind",
+        help="activation-aware: singular values of W L with L L^T = X^T X on the calibration "
+        "inputs; their tail is the calibration-weighted error of the best rank k",
+    )
+    grams = state.calibration(spec)
+    if kind == "weights":
+        return None
+    if grams is None:
+        c[1].caption(
+            "Activation-aware spectra need a calibration of this model (the Plan page's "
+            "size, or `spectra calibrate`); computed once, then cached."
+        )
+        if c[1].button("Compute calibration", key="spectra_calib_go"):
+            from app.views.plan_page import Eta
+
+            bar = st.progress(0.0, "Calibrating...")
+            grams = state.compute_calibration(spec, progress=Eta(bar))
+            bar.empty()
+        else:
+            return None
+    return grams
+
+
 def render() -> None:
     st.title("Spectra")
     spec = state.model_spec()
@@ -40,10 +73,18 @@ def render() -> None:
     except SpectraInputError as e:
         st.error(str(e))
         return
+    grams = spectrum_kind(spec)
+    aware = grams is not None
+    if aware:
+        with st.spinner("Activation-aware spectra (cached after the first time)..."):
+            df = state.calib_analysis(spec, str(grams.folder))
+    options = list(CALIB_METRICS) if aware else list(state.METRICS)
     metric = st.selectbox(
-        "Metric", list(state.METRICS), format_func=state.METRICS.get, key="spectra_metric"
+        "Metric", options, format_func=state.METRICS.get, key=f"spectra_metric::{aware}"
     )
-    clicked = heatmap(df, metric, state.METRICS[metric], "spectra_heatmap")
+    column = f"calib_{metric}" if aware else metric
+    title = ("activation-aware " if aware else "") + state.METRICS[metric]
+    clicked = heatmap(df, column, title, "spectra_heatmap")
     names = df["name"].to_list()
     if "spectra_selected" not in st.session_state:  # one middle block's q, o and down
         blocks = sorted(b for b in set(df["block"].to_list()) if b is not None)
@@ -57,21 +98,40 @@ def render() -> None:
         rows = {r["name"]: r for r in df.filter(df["name"].is_in(chosen)).to_dicts()}
         tabs = st.tabs(["Singular values", "Cumulative energy", "Rank vs error"])
         figs = [go.Figure() for _ in tabs]
+        shown = []
         for name in chosen:
-            s = np.asarray(rows[name]["sigma"])
+            weights = np.asarray(rows[name]["sigma"])
+            calib = rows[name].get("calib_sigma")
+            s = np.asarray(calib) if aware and calib is not None else weights
+            shown.append(s)
             k = np.arange(1, len(s) + 1)
             energy = np.cumsum(s**2) / np.sum(s**2)
             figs[0].add_trace(go.Scatter(x=k, y=s, name=name, mode="lines"))
             figs[1].add_trace(go.Scatter(x=k, y=energy, name=name, mode="lines"))
-            err = rank_error_curve(s)
-            figs[2].add_trace(go.Scatter(x=np.arange(len(err)), y=err, name=name, mode="lines"))
-        log_y(figs[0], [rows[n]["sigma"] for n in chosen], "sigma")
-        figs[1].update_yaxes(title="share of ||W||_F^2", range=[0, 1.01])
-        figs[2].update_yaxes(title="||W - W_k|| / ||W||")
+            err = rank_error_curve(weights)
+            figs[2].add_trace(
+                go.Scatter(x=np.arange(len(err)), y=err, name=f"{name} (weight)", mode="lines")
+            )
+            if calib is not None:  # the calibration-weighted error of the whitened rank k
+                err = rank_error_curve(np.asarray(calib))
+                figs[2].add_trace(
+                    go.Scatter(
+                        x=np.arange(len(err)),
+                        y=err,
+                        name=f"{name} (calibration-weighted)",
+                        mode="lines",
+                        line=dict(dash="dash"),
+                    )
+                )
+        log_y(figs[0], shown, "sigma of W L" if aware else "sigma")
+        figs[1].update_yaxes(
+            title="share of ||W X^T||_F^2" if aware else "share of ||W||_F^2", range=[0, 1.01]
+        )
+        figs[2].update_yaxes(title="relative error of rank k (solid: weight, dashed: calib.)")
         for tab, fig, x in zip(tabs, figs, ["index", "rank k", "rank k"], strict=True):
             fig.update_layout(height=380, margin=dict(l=10, r=10, t=10, b=10), xaxis_title=x)
             tab.plotly_chart(fig)
-    table = df.drop("sigma", "bond_spectra", "content_hash", strict=False)
+    table = df.drop("sigma", "calib_sigma", "bond_spectra", "content_hash", strict=False)
     st.dataframe(table, width="stretch", hide_index=True, key="spectra_table")
     st.download_button(
         "Download CSV",

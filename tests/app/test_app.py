@@ -186,3 +186,48 @@ def test_plan_starts_afresh_for_another_model(on_tiny, tiny_gpt2_dir):
     assert not at.exception and not at.error
     assert at.session_state.plan_layers == {}
     assert "transformer.h.0.mlp.c_fc" in [o for o in at.selectbox(key="plan_module").options]
+
+
+@pytest.fixture()
+def on_bos_llama(family_dir, monkeypatch):
+    """A tiny Llama with a tokenizer (calibration needs one)."""
+    path = family_dir("llama")
+    monkeypatch.setenv("SPECTRA_APP_MODEL", str(path))
+    return path
+
+
+def test_a_calibrated_setting_shows_both_errors_and_previews(on_bos_llama):
+    at = run_page("plan_page")
+    at.selectbox(key="calib_tokens").set_value(4096).run()
+    assert any("No calibration" in c.value for c in at.caption)
+    at.button(key="calib_go").click().run()
+    assert not at.exception
+    assert any("Calibration: 4,096 tokens" in c.value for c in at.caption)
+    name = "model.layers.1.mlp.down_proj"
+    at.selectbox(key="plan_module").set_value(name).run()
+    at.selectbox(key=f"pm_method::{name}::[]").set_value("lowrank").run()
+    plain = {m.label: m.value for m in at.metric}
+    assert float(plain["Calibration-weighted error"]) > 0  # a data-free setting, weighted
+    box = next(c for c in at.checkbox if c.label == "calibrated")
+    box.check().run()
+    assert not at.exception
+    assert at.session_state.plan_layers[name]["whiten"] is True
+    white = {m.label: m.value for m in at.metric}
+    assert float(white["Calibration-weighted error"]) < float(plain["Calibration-weighted error"])
+    assert float(white["Relative error"]) > float(plain["Relative error"])  # Eckart-Young
+    at.button(key="preview_go").click().run()
+    assert not at.exception, at.exception
+    got = {m.label: m.value for m in at.metric}
+    assert float(got["Compressed perplexity"]) != float(got["Dense perplexity"])
+
+
+def test_the_spectra_page_switches_to_activation_aware_spectra(on_bos_llama):
+    at = run_page("spectra_page")
+    at.radio(key="spectra_kind").set_value("activation-aware").run()
+    assert not at.exception
+    assert any("need a calibration" in c.value for c in at.caption)
+    at.button(key="spectra_calib_go").click().run()
+    assert not at.exception, at.exception
+    assert at.selectbox(key="spectra_metric::True").options[0] == "effective rank"
+    table = at.dataframe[-1].value
+    assert "calib_erank" in table.columns and table["calib_erank"].notna().sum() == 14

@@ -14,11 +14,13 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 CHROMIUM = "/usr/bin/chromium"
 TOKENS = 2048
 MODULE = "model.layers.3.mlp.down_proj"
+GPTQ_MODULE = "model.layers.7.self_attn.o_proj"
 
 
 def free_port() -> int:
@@ -182,15 +184,37 @@ def session(page, server, artifacts, tmp_path, cli):
     dense = float(metric(page, "Dense perplexity"))
     assert one_module > dense > 1
 
+    # a calibration (4,096 tokens to keep the test short): from now on Auto-allocate scores
+    # the calibration-weighted error and offers whitened low rank
+    choose(page, "Calibration tokens", "4,096")
+    idle(page)
+    settle(page)
+    page.get_by_role("button", name="Compute calibration").click()
+    page.get_by_text("Calibration: 4,096 tokens").wait_for()
+    idle(page)
+
     # auto-allocate lowrank at 50% of the parameters, preview it
+    settle(page)
     page.get_by_role("button", name="Auto-allocate").click()
     page.get_by_text("Auto-allocated lowrank").wait_for()
     idle(page)
-    kept = metric(page, "Parameters kept")
-    assert float(kept.rstrip("%")) <= 50.0
     message = page.get_by_text("Auto-allocated lowrank").inner_text()
     compressed = message.split(": ", 1)[1].split(" of ", 1)[0]  # "117 of 210 modules ..."
     assert page.get_by_text(f"{compressed} of 210 modules listed").count() == 1  # only those
+    # and one module as 3-bit GPTQ: the calibrated switch of quant
+    choose(page, "Module", GPTQ_MODULE)
+    idle(page)
+    choose(page, "Method", "quant")
+    idle(page)
+    settle(page)
+    rtn = metric(page, "Calibration-weighted error")
+    page.locator('[data-testid="stCheckbox"]').filter(has_text="calibrated").first.click()
+    idle(page)
+    gptq = wait_metric_change(page, "Calibration-weighted error", rtn)
+    assert float(gptq) < float(rtn)
+    settle(page)
+    kept = metric(page, "Parameters kept")
+    assert float(kept.rstrip("%")) <= 50.0 + 0.6  # the quantized module keeps its params
     # the preview speaks (phase, block, time left) and Streamlit's Stop cancels it; the
     # next preview is exact all the same (spectra eval agrees with it below)
     settle(page)
@@ -218,6 +242,10 @@ def session(page, server, artifacts, tmp_path, cli):
     page.close()
 
     out = tmp_path / "out"
+    data = yaml.safe_load(plan.read_text())
+    assert data["calibration"]["samples"] * data["calibration"]["seqlen"] == 4096
+    assert data["layers"][GPTQ_MODULE]["gptq"] is True
+    assert sum(bool(v.get("whiten")) for v in data["layers"].values()) > 100
     r = cli("apply", plan, "--model", "demo", "-o", out, "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["params_ratio"] == pytest.approx(
