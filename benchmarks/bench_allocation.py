@@ -2,17 +2,21 @@
 
     python benchmarks/bench_allocation.py [--max-tokens N] [--only NAME ...] [--plot]
 
-(1) lowrank at 40%, 50%, 60% and 80% of the linear parameters kept, five ways of
-choosing the ranks: uniform (every module keeps the same fraction of its own
-parameters), energy (one energy threshold for all modules, bisected to the budget),
-weight (allocation on the squared relative weight error from the spectra), calib
-(on the calibration-weighted error, H = X^T X over 4096 calibration tokens), fisher
-(allocation on the Fisher-predicted loss, 4096 calibration tokens) and ppl
-(allocation on the weight error scaled by each module's measured loss increase at
-lowrank-half, 512 evaluation tokens per module).
+(1) lowrank at 40%, 50%, 60% and 80% of the linear parameters kept, ways of choosing
+the ranks: uniform (every module keeps the same fraction of its own parameters),
+energy (one energy threshold for all modules, bisected to the budget), weight
+(allocation on the squared relative weight error from the spectra), fisher
+(allocation on the Fisher-predicted loss, 4096 calibration tokens), ppl (allocation
+on the weight error scaled by each module's measured loss increase at lowrank-half,
+512 evaluation tokens per module); and the calibrated pair: uniform-whiten (the
+uniform ranks, whitened) against calib (whitened ranks allocated on the
+calibration-weighted error, the demo's cached 32,768-token calibration).
 (2) 2.5 and 3 average bits per linear parameter: mixed (lowrank, RTN quant and
 magnitude pruning per module, Fisher damage) against quant alone (RTN bits allocated
-per module, Fisher damage) and uniform RTN.
+per module, Fisher damage) and uniform RTN. (3) At exactly the bits of uniform 3-bit
+GPTQ (group 128, scales and zero points included): uniform RTN, uniform GPTQ, and the
+calibrated allocations quant (GPTQ bits per module) and mixed (whitened lowrank,
+GPTQ, Wanda per module), both on the calibration-weighted error.
 Perplexity on the builtin evaluation part (seqlen 512, all of it unless --max-tokens).
 Results: benchmarks/results/bench_allocation.json; --plot writes allocation.png.
 """
@@ -31,14 +35,15 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 BUDGETS = (0.4, 0.5, 0.6, 0.8)
 BITS = (2.5, 3.0)
-STRATEGIES = ("uniform", "energy", "weight", "calib", "fisher", "ppl")
+STRATEGIES = ("uniform", "energy", "weight", "fisher", "ppl", "uniform-whiten", "calib")
 
 
-def uniform_plan(mats, ratio: float) -> dict:
+def uniform_plan(mats, ratio: float, whiten: bool = False) -> dict:
     return {
         m.name: {
             "method": "lowrank",
             "rank": max(1, int(ratio * m.shape[0] * m.shape[1] / sum(m.shape))),
+            "whiten": whiten,
         }
         for m in mats
     }
@@ -75,8 +80,10 @@ def energy_plan(mats, sigmas, ratio: float) -> dict:
     return {k: {"method": "lowrank", "rank": r} for k, r in ranks(lo).items()}
 
 
-def rtn_plan(mats, bits: int) -> dict:
-    return {m.name: {"method": "quant", "bits": bits, "group_size": 128} for m in mats}
+def rtn_plan(mats, bits: int, gptq: bool = False) -> dict:
+    return {
+        m.name: {"method": "quant", "bits": bits, "group_size": 128, "gptq": gptq} for m in mats
+    }
 
 
 def auto_layers(method, sensitivity, **budget):
@@ -100,7 +107,9 @@ def main() -> None:
         plot(json.loads(args.out.read_text()), RESULTS / "allocation.png")
         return
 
+    from compressors.apply import needs_data
     from spectra.analysis import analyze
+    from spectra.data import calibration
     from spectra.data import perplexity as ev
     from spectra.io import models
     from spectra.plan import format as plan_mod
@@ -126,6 +135,16 @@ def main() -> None:
             (f"quant-{b}bit-fisher", "quant", dict(target_bits=b)),
         ]
     rows += [("rtn-uniform-2bit", "rtn2", {}), ("rtn-uniform-3bit", "rtn3", {})]
+    # (3) everything at exactly the bits of uniform 3-bit GPTQ
+    matched = plan_mod.totals(
+        plan_mod.resolve(plan_mod.parse({"layers": rtn_plan(mats, 3, gptq=True)}), mats)
+    )["bits_per_param"]
+    rows += [
+        ("gptq-uniform-3bit", "gptq3", {}),
+        ("quant-matched-calib", "quant-calib", dict(target_bits=matched)),
+        ("mixed-matched-calib", "mixed-calib", dict(target_bits=matched)),
+    ]
+    grams = None  # the calibration cache, read at the first data-aware row
 
     for name, how, budget in rows:
         if args.only and name not in args.only:
@@ -133,8 +152,8 @@ def main() -> None:
         if name in results and not args.only:
             continue
         t0 = time.perf_counter()
-        if how == "uniform":
-            layers = uniform_plan(mats, budget["target_params"])
+        if how in ("uniform", "uniform-whiten"):
+            layers = uniform_plan(mats, budget["target_params"], how == "uniform-whiten")
         elif how == "energy":
             layers = energy_plan(mats, sigmas, budget["target_params"])
         elif how in ("weight", "calib", "fisher", "ppl"):
@@ -142,14 +161,19 @@ def main() -> None:
             layers, _ = auto_layers("lowrank", sens, **budget)
         elif how in ("mixed", "quant"):
             layers, _ = auto_layers(how, "fisher", **budget)
+        elif how in ("mixed-calib", "quant-calib"):
+            layers, _ = auto_layers(how.split("-")[0], "calib", **budget)
         else:
-            layers = rtn_plan(mats, int(how[-1]))
+            layers = rtn_plan(mats, int(how[-1]), gptq=how.startswith("gptq"))
         alloc_seconds = time.perf_counter() - t0
         plan = plan_mod.parse({"version": 1, "model": "demo", "layers": layers})
         entries = plan_mod.resolve(plan, mats)
         totals = plan_mod.totals(entries)
         t0 = time.perf_counter()
-        compressed, _, _ = plan_mod.apply_plan(model, plan)
+        data = any(e.config is not None and needs_data(e.config) for e in entries)
+        if data and grams is None:
+            grams = calibration.calibrate("demo", model=model, tokenizer=tok)
+        compressed, _, _ = plan_mod.apply_plan(model, plan, grams if data else None)
         apply_seconds = time.perf_counter() - t0
         r = ev.perplexity(compressed, tok, ids=ids, max_tokens=args.max_tokens)
         results[name] = dict(

@@ -201,7 +201,7 @@ def session(page, server, artifacts, tmp_path, cli):
     message = page.get_by_text("Auto-allocated lowrank").inner_text()
     compressed = message.split(": ", 1)[1].split(" of ", 1)[0]  # "117 of 210 modules ..."
     assert page.get_by_text(f"{compressed} of 210 modules listed").count() == 1  # only those
-    # and one module as 3-bit GPTQ: the calibrated switch of quant
+    # and one module as GPTQ: the calibrated switch of quant
     choose(page, "Module", GPTQ_MODULE)
     idle(page)
     choose(page, "Method", "quant")
