@@ -88,6 +88,12 @@ def plans(model) -> dict[str, dict]:
         out[f"mpo-{tag}"] = per_module(
             model, lambda m, n, r=ratio: dict(method="mpo", cores=3, bond_dim=mpo_bond(m, n, r))
         )
+        out[f"mpo-whiten-k2-{tag}"] = per_module(  # two cores: a sum of Kronecker products
+            model,
+            lambda m, n, r=ratio: dict(
+                method="mpo", cores=2, bond_dim=mpo_bond(m, n, r - 1 / m, 2), whiten=True
+            ),
+        )
         for sweeps in (0, 2):  # the input scaling alone, then with the H-weighted sweeps
             out[f"mpo-whiten-s{sweeps}-{tag}"] = per_module(
                 model,
@@ -108,10 +114,10 @@ def plans(model) -> dict[str, dict]:
     return out
 
 
-def mpo_bond(m, n, ratio):
+def mpo_bond(m, n, ratio, cores=3):
     from spectra.linalg import mpo
 
-    return max(1, mpo.chi_for_ratio(mpo.factorize(m, 3), mpo.factorize(n, 3), ratio))
+    return max(1, mpo.chi_for_ratio(mpo.factorize(m, cores), mpo.factorize(n, cores), ratio))
 
 
 def joint_plan(model, ratio, whiten=False):
