@@ -10,6 +10,11 @@ fingerprint, the calibration windows' token ids (so corpus, tokenizer, BOS, samp
 count, window length and seed all enter) and CALIB_VERSION. The folder is built
 under a temporary name and renamed; a missing, truncated or unreadable file makes
 the whole entry a miss, recomputed. A hit reads one block at a time, when asked.
+
+So that a repeat needs no tokenizer, each entry also gets an alias under
+cache/calibration/aliases/: keyed by the fingerprint, the bytes of the model's
+tokenizer files, the corpus (its file's bytes) and the settings, naming the entry.
+An alias only ever points at an entry whose own key was checked when it was made.
 """
 
 from __future__ import annotations
@@ -159,6 +164,13 @@ def calibrate(
     check_context(spec, settings)
     info = {} if info is None else info
     t0 = time.perf_counter()
+    alias = _alias(spec, settings)
+    if use_cache:
+        hit = _via_alias(alias)
+        if hit is not None:
+            info.update(cached=True, path=str(hit.folder), tokens=hit.tokens)
+            info.update(seconds=time.perf_counter() - t0)
+            return hit
     tokenizer = tokenizer if tokenizer is not None else models.load_tokenizer(spec)
     windows = calibration_windows(tokenizer, settings)
     folder = _folder(spec, windows)
@@ -166,6 +178,7 @@ def calibrate(
     if use_cache:
         hit = _open(folder)
         if hit is not None:
+            _write_alias(alias, folder)
             info.update(cached=True, seconds=time.perf_counter() - t0)
             return hit
     from compressors.activations import block_grams  # deferred: the model stack
@@ -192,7 +205,50 @@ def calibrate(
     out = _open(folder)
     if out is None:  # e.g. the cache folder is not writable
         raise RuntimeError(f"{folder}: calibration was written but cannot be read back")
+    _write_alias(alias, folder)
     return out
+
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+)
+
+
+def _alias(spec: str, settings: CalibrationSpec) -> Path | None:
+    """Where the alias of (weights, tokenizer, corpus, settings) lives; None when the
+    corpus cannot be pinned by its bytes (then only the windows' key is used)."""
+    root = models.resolve(spec).root
+    tok = [
+        cache.hash_bytes((root / f).read_bytes()) for f in TOKENIZER_FILES if (root / f).is_file()
+    ]
+    if settings.corpus == "builtin":
+        import pydoc_data.topics
+
+        corpus = cache.hash_bytes(Path(pydoc_data.topics.__file__).read_bytes())
+    elif Path(settings.corpus).is_file():
+        corpus = cache.hash_bytes(Path(settings.corpus).read_bytes())
+    else:
+        return None
+    key = cache.key(CALIB_VERSION, models.fingerprint(spec), tok, corpus, vars(settings))
+    return cache.cache_dir() / "calibration" / "aliases" / f"{key}.json"
+
+
+def _via_alias(alias: Path | None) -> Grams | None:
+    data = cache.read_json(alias) if alias is not None else None
+    if not isinstance(data, dict) or not isinstance(data.get("folder"), str):
+        return None
+    return _open(alias.parent.parent / data["folder"])
+
+
+def _write_alias(alias: Path | None, folder: Path) -> None:
+    if alias is not None:
+        cache.write_json(alias, {"folder": folder.name})
 
 
 def cached(spec: str, settings: CalibrationSpec | None = None, tokenizer=None) -> Grams | None:

@@ -160,3 +160,19 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("spectra: error:") and needle in err[0], err
     assert _nothing_written(isolated_cache)
+
+
+def test_a_repeat_is_a_file_read_without_the_tokenizer(family_dir, monkeypatch):
+    path = str(family_dir("llama"))
+    first = cal.calibrate(path, SMALL)
+
+    def no_tokenizer(spec):
+        raise AssertionError("a cached calibration must not need the tokenizer")
+
+    monkeypatch.setattr(models, "load_tokenizer", no_tokenizer)
+    info = {}
+    again = cal.calibrate(path, SMALL, info=info)
+    assert info["cached"] and again.folder == first.folder and _same(first, again)
+    # another setting is no alias of it
+    with pytest.raises(AssertionError, match="must not need"):
+        cal.calibrate(path, cal.CalibrationSpec(samples=3, seqlen=32))
