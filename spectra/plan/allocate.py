@@ -126,6 +126,32 @@ def allocate(units: list[Unit], budget: int, key: str = "params") -> list[Candid
     return _polish(units, chosen, budget - spent, key)
 
 
+def allocate_by_role(units: list[Unit], budget: int, key: str = "params") -> list[Candidate]:
+    """`allocate` within each role, every role getting the share of `budget` its dense
+    cost has (what uniform compression gives it); the leftover is then spent by
+    single-unit swaps across roles. For damages that compare well within a role but
+    not across roles (a relative calibration-weighted error: q and k outputs go
+    through a softmax, down and o add to the residual stream)."""
+    from compressors.base import DENSE_BITS
+
+    def dense(u: Unit) -> int:
+        return u.params_before * (DENSE_BITS if key == "bits" else 1)
+
+    total = sum(dense(u) for u in units)
+    by_role: dict[str, list[int]] = {}
+    for i, u in enumerate(units):
+        by_role.setdefault(u.role, []).append(i)
+    shares = {r: budget * sum(dense(units[i]) for i in idx) // total for r, idx in by_role.items()}
+    if any(reachable([units[i] for i in idx], key)[0] > shares[r] for r, idx in by_role.items()):
+        return allocate(units, budget, key)  # a role cannot meet its share: one allocation
+    chosen: list[Candidate | None] = [None] * len(units)
+    for r, idx in by_role.items():
+        for i, c in zip(idx, allocate([units[i] for i in idx], shares[r], key), strict=True):
+            chosen[i] = c
+    left = budget - sum(c.cost(key) for c in chosen)
+    return _polish(units, chosen, left, key)
+
+
 def _polish(units, chosen, left: int, key: str, rounds: int = 3) -> list[Candidate]:
     """Single-unit swaps to any candidate that fits the leftover and lowers damage."""
     for _ in range(rounds):

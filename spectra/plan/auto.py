@@ -16,7 +16,7 @@ from spectra.io import models
 from spectra.io.roles import ROLES
 from spectra.plan import candidates as cands
 from spectra.plan import sensitivity as sens
-from spectra.plan.allocate import BudgetError, Candidate, Unit, allocate
+from spectra.plan.allocate import BudgetError, Candidate, Unit, allocate, allocate_by_role
 from spectra.plan.format import NOT_TARGETABLE, Plan
 from spectra.plan.grid import METHODS, Floors, cheapest
 
@@ -188,7 +188,8 @@ def auto_plan(
     units = cands.units_for(modules, method, dmg, floors, sigmas)
     seconds["candidates"] = time.perf_counter() - t
     t = time.perf_counter()
-    chosen = allocate(units, budget, key)
+    # relative calibration-weighted errors compare within a role, not across roles
+    chosen = (allocate_by_role if sensitivity == "calib" else allocate)(units, budget, key)
     seconds["allocate"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - t0
     layers, shapes = {}, {}

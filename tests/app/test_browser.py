@@ -83,15 +83,21 @@ def artifacts() -> Path:
     return out
 
 
-def metric(page, label: str) -> str:
+def metric(page, label: str, timeout: float | None = None) -> str:
     box = page.locator('[data-testid="stMetric"]').filter(has_text=label).first
-    return box.locator('[data-testid="stMetricValue"]').inner_text().strip()
+    return box.locator('[data-testid="stMetricValue"]').inner_text(timeout=timeout).strip()
 
 
 def wait_metric_change(page, label: str, old: str, timeout: float = 60) -> str:
+    """The metric's new value; while a long run has it off the page, keep waiting."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
     end = time.time() + timeout
     while time.time() < end:
-        value = metric(page, label)
+        try:
+            value = metric(page, label, timeout=5000)
+        except PlaywrightTimeout:
+            continue
         if value != old:
             return value
         page.wait_for_timeout(200)
@@ -223,10 +229,11 @@ def session(page, server, artifacts, tmp_path, cli):
     page.locator('[data-testid="stStatusWidget"]').get_by_role("button", name="Stop").click()
     settle(page)
     page.get_by_role("button", name="Preview perplexity").click()
-    idle(page, timeout=900_000)  # about 170 whitened modules are compressed first
+    # about 170 whitened modules are compressed first
     preview = float(
-        wait_metric_change(page, "Compressed perplexity", f"{one_module:.4f}", timeout=400)
+        wait_metric_change(page, "Compressed perplexity", f"{one_module:.4f}", timeout=900)
     )
+    idle(page)
     page.screenshot(path=artifacts / "plan.png", full_page=True)
 
     # export: download plan.yaml

@@ -231,3 +231,27 @@ def test_cheapest_from_shapes_is_the_candidates_reach(tiny_llama_dir, method, ke
     shapes = [m for m in models.matrices(str(tiny_llama_dir)) if m.role != "embed"]
     units = units_for(load_modules(str(tiny_llama_dir)), method, Damage(), floors)
     assert cheapest(shapes, method, floors, key) == reachable(units, key)[0]
+
+
+def test_allocation_by_role_gives_each_role_its_dense_share():
+    from spectra.plan.allocate import allocate, allocate_by_role
+
+    def unit(name, role, scale):
+        # ranks r = 1..10 of a 100-parameter module: cost 10 r, damage scale / r
+        cands = [Candidate(None, 100, 1600, 0.0)] + [
+            Candidate(f"r{r}", 10 * r, 160 * r, scale / r) for r in range(1, 10)
+        ]
+        return Unit((name,), cands, 100, role, 0)
+
+    units = [unit(f"q{i}", "q", 100.0) for i in range(3)] + [
+        unit(f"d{i}", "down", 1.0) for i in range(3)
+    ]
+    budget = 300
+    anywhere = allocate(units, budget)
+    by_role = allocate_by_role(units, budget)
+    spent = lambda chosen, role: sum(  # noqa: E731
+        c.params for u, c in zip(units, chosen, strict=True) if u.role == role
+    )
+    assert spent(anywhere, "q") > 200  # the large q damages take the budget
+    assert spent(by_role, "q") <= 150 and spent(by_role, "down") <= 150
+    assert sum(c.params for c in by_role) <= budget
