@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 from spectra.errors import SpectraInputError
-from spectra.io import roles
 
 BATCH = 4  # calibration windows per forward call
 GRAM_PANELS = 4  # H in column panels: only the upper triangle's panels are multiplied
@@ -159,8 +158,3 @@ def decoder_layers(model) -> nn.ModuleList:
         if isinstance(mod, nn.ModuleList) and name.rsplit(".", 1)[-1] in ("layers", "h", "blocks"):
             return mod
     raise SpectraInputError("cannot find the model's transformer blocks for calibration")
-
-
-def in_block(name: str) -> bool:
-    """Whether calibration gives `name` a Gram (it sits inside a transformer block)."""
-    return roles.block_of(name) is not None

@@ -154,6 +154,8 @@ class _Run:
         weights = [self.targets[e.name][0].weight(m) for e, m in zip(members, mods, strict=True)]
         calib = None
         if grams is not None and needs_data(config):
+            if members[0].name not in grams:
+                raise SpectraInputError(f"{members[0].name}: the calibration has no H for it")
             h, count = grams[members[0].name]
             calib = Calibration(h, count)
         return _Job(members, config, mods, weights, calib)

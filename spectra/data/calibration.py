@@ -93,7 +93,7 @@ def calibration_windows(tokenizer, spec: CalibrationSpec):
     A corpus with fewer windows gives all it has (with a warning); one with less than
     one window is an error.
     """
-    import torch  # deferred: plans import CalibrationSpec, and `spectra --help` plans
+    import torch  # deferred: plans import this module, and `spectra --help` imports plans
 
     ids = ev.token_stream(tokenizer, spec.corpus, "calib").windows(spec.seqlen)
     if ids.shape[0] < spec.samples:
