@@ -9,6 +9,7 @@ is None.
 
 from __future__ import annotations
 
+from compressors.apply import DATA_AWARE
 from compressors.base import config_to_dict
 from compressors.registry import make_config
 from spectra.errors import SpectraInputError
@@ -16,14 +17,8 @@ from spectra.io import models
 from spectra.plan import format as plans
 
 KNOBS = ("rank", "energy", "sparsity", "bits", "factor_bits", "bond_dim", "cores", "calibrated")
-CALIBRATED_FLAG = {
-    "lowrank": "whiten",
-    "joint": "whiten",
-    "losparse": "whiten",
-    "mpo": "whiten",
-    "quant": "gptq",
-    "prune": "wanda",
-}
+# the data-aware switch of each method that has one (caldera is always data-aware)
+CALIBRATED_FLAG = {m: flag for m, flag in DATA_AWARE.items() if flag is not None}
 METHOD_KNOBS = {
     "dense": (),
     "lowrank": ("rank", "energy", "calibrated"),
