@@ -256,6 +256,9 @@ def cached(spec: str, settings: CalibrationSpec | None = None, tokenizer=None) -
     None also when the model has no tokenizer or corpus to calibrate with."""
     try:
         settings = settings or for_model(spec)
+        hit = _via_alias(_alias(spec, settings))  # as calibrate's hit: no tokenizer
+        if hit is not None:
+            return hit
         tokenizer = tokenizer if tokenizer is not None else models.load_tokenizer(spec)
         windows = calibration_windows(tokenizer, settings)
     except SpectraInputError:
