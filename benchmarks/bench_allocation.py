@@ -10,13 +10,17 @@ energy (one energy threshold for all modules, bisected to the budget), weight
 on the weight error scaled by each module's measured loss increase at lowrank-half,
 512 evaluation tokens per module); and the calibrated pair: uniform-whiten (the
 uniform ranks, whitened) against calib (whitened ranks allocated on the
-calibration-weighted error, the demo's cached 32,768-token calibration).
+calibration-weighted error weighted by each module's output gradients, a loss
+estimate compared across all modules; the demo's cached 32,768-token calibration,
+gradients on its first 4,096 tokens) and calib-relative (the relative
+calibration-weighted error, allocated within each role).
 (2) 2.5 and 3 average bits per linear parameter: mixed (lowrank, RTN quant and
 magnitude pruning per module, Fisher damage) against quant alone (RTN bits allocated
 per module, Fisher damage) and uniform RTN. (3) At exactly the bits of uniform 3-bit
 GPTQ (group 128, scales and zero points included): uniform RTN, uniform GPTQ, and the
 calibrated allocations quant (GPTQ bits per module) and mixed (whitened lowrank,
-GPTQ, Wanda per module), both on the calibration-weighted error.
+GPTQ, Wanda per module), both on the gradient-weighted calibration error (and
+-relative: on the relative one, within roles).
 Perplexity on the builtin evaluation part (seqlen 512, all of it unless --max-tokens).
 Results: benchmarks/results/bench_allocation.json; --plot writes allocation.png.
 """
@@ -35,7 +39,16 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 BUDGETS = (0.4, 0.5, 0.6, 0.8)
 BITS = (2.5, 3.0)
-STRATEGIES = ("uniform", "energy", "weight", "fisher", "ppl", "uniform-whiten", "calib")
+STRATEGIES = (
+    "uniform",
+    "energy",
+    "weight",
+    "fisher",
+    "ppl",
+    "uniform-whiten",
+    "calib",
+    "calib-relative",
+)
 
 
 def uniform_plan(mats, ratio: float, whiten: bool = False) -> dict:
@@ -86,12 +99,12 @@ def rtn_plan(mats, bits: int, gptq: bool = False) -> dict:
     }
 
 
-def auto_layers(method, sensitivity, **budget):
+def auto_layers(method, sensitivity, importance=True, **budget):
     from compressors.base import config_to_dict
     from spectra.plan.auto import auto_plan
 
     t0 = time.perf_counter()
-    result = auto_plan("demo", method, sensitivity=sensitivity, **budget)
+    result = auto_plan("demo", method, sensitivity=sensitivity, importance=importance, **budget)
     layers = {k: config_to_dict(c) for k, c in result.plan.layers.items()}
     return layers, time.perf_counter() - t0
 
@@ -143,6 +156,8 @@ def main() -> None:
         ("gptq-uniform-3bit", "gptq3", {}),
         ("quant-matched-calib", "quant-calib", dict(target_bits=matched)),
         ("mixed-matched-calib", "mixed-calib", dict(target_bits=matched)),
+        ("quant-matched-calib-relative", "quant-calib-relative", dict(target_bits=matched)),
+        ("mixed-matched-calib-relative", "mixed-calib-relative", dict(target_bits=matched)),
     ]
     grams = None  # the calibration cache, read at the first data-aware row
 
@@ -156,13 +171,14 @@ def main() -> None:
             layers = uniform_plan(mats, budget["target_params"], how == "uniform-whiten")
         elif how == "energy":
             layers = energy_plan(mats, sigmas, budget["target_params"])
-        elif how in ("weight", "calib", "fisher", "ppl"):
-            sens = "none" if how == "weight" else how
-            layers, _ = auto_layers("lowrank", sens, **budget)
+        elif how in ("weight", "calib", "fisher", "ppl", "calib-relative"):
+            sens = {"weight": "none", "calib-relative": "calib"}.get(how, how)
+            layers, _ = auto_layers("lowrank", sens, how != "calib-relative", **budget)
         elif how in ("mixed", "quant"):
             layers, _ = auto_layers(how, "fisher", **budget)
-        elif how in ("mixed-calib", "quant-calib"):
-            layers, _ = auto_layers(how.split("-")[0], "calib", **budget)
+        elif how.startswith(("mixed-calib", "quant-calib")):
+            relative = how.endswith("-relative")
+            layers, _ = auto_layers(how.split("-")[0], "calib", not relative, **budget)
         else:
             layers = rtn_plan(mats, int(how[-1]), gptq=how.startswith("gptq"))
         alloc_seconds = time.perf_counter() - t0

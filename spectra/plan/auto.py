@@ -136,8 +136,14 @@ def auto_plan(
     device: str = "auto",
     progress=None,
     use_cache: bool = True,
+    importance: bool = True,
 ) -> AutoResult:
-    """An explicit per-module plan for `method` that meets the budget with least damage."""
+    """An explicit per-module plan for `method` that meets the budget with least damage.
+
+    `importance` (calib only): weight each module's calibration-weighted error by its
+    outputs' loss gradients, so damages are loss estimates allocated across all
+    modules (else relative errors, allocated within each role).
+    """
 
     t0 = time.perf_counter()
     if method not in METHODS:
@@ -170,13 +176,15 @@ def auto_plan(
         settings = sens_settings or sens.SensitivitySettings(kind=sensitivity)
         if settings.kind != sensitivity:
             raise ValueError("sens_settings.kind differs from sensitivity")
-        result = sens.compute(spec, settings, device=device, use_cache=use_cache, progress=progress)
-        if sensitivity == "fisher":
-            dmg = cands.Damage(fisher=result)
-        elif sensitivity == "calib":
-            dmg = cands.Damage(hessian=result)
+        if sensitivity == "calib":
+            got = sens.calibrated(spec, settings, device, use_cache, progress, importance=importance)
+            dmg = cands.Damage(hessian=got.hessians, importance=got.importance, rows=got.rows)
             calibration = settings.calib_spec(spec)
         else:
+            result = sens.compute(spec, settings, device, use_cache, progress)
+        if sensitivity == "fisher":
+            dmg = cands.Damage(fisher=result)
+        elif sensitivity == "ppl":
             dmg = cands.Damage(
                 scale={k: v["delta_loss"] / max(v["err2"], 1e-30) for k, v in result.items()}
             )
@@ -189,7 +197,7 @@ def auto_plan(
     seconds["candidates"] = time.perf_counter() - t
     t = time.perf_counter()
     # relative calibration-weighted errors compare within a role, not across roles
-    chosen = (allocate_by_role if sensitivity == "calib" else allocate)(units, budget, key)
+    chosen = (allocate if dmg.absolute else allocate_by_role)(units, budget, key)
     seconds["allocate"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - t0
     layers, shapes = {}, {}

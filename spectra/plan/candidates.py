@@ -70,18 +70,36 @@ class Module:
 
 
 class Damage:
-    """Damage of an error matrix; see the module docstring."""
+    """Damage of an error matrix; see the module docstring.
+
+    `hessian`: {name: H} for calibration-weighted damage; with `importance`
+    ({name: (F, A)}, spectra.plan.sensitivity.output_fisher) and `rows` (H's row
+    count) it is the predicted loss increase 0.5 * sum_i F_i (E H E^T)_ii / rows
+    instead of the relative error.
+    """
 
     def __init__(
-        self, fisher: dict | None = None, scale: dict | None = None, hessian: dict | None = None
+        self,
+        fisher: dict | None = None,
+        scale: dict | None = None,
+        hessian: dict | None = None,
+        importance: dict | None = None,
+        rows: int = 1,
     ):
         self.fisher, self.scale, self.hessian = fisher, scale or {}, hessian
+        self.importance, self.rows = importance, rows
         self._den: dict[str, float] = {}
 
     @property
     def spectral(self) -> bool:
         """Damage depends only on ||E||_F (closed forms from spectra apply)."""
         return self.fisher is None and self.hessian is None
+
+    @property
+    def absolute(self) -> bool:
+        """Damages are loss estimates that compare across modules (else relative
+        calibration-weighted errors, which compare within a role)."""
+        return self.importance is not None or self.hessian is None
 
     def calib(self, mod: Module) -> Calibration | None:
         """The module's calibration when damage is calibration-weighted and it has an H
@@ -90,14 +108,44 @@ class Damage:
             return None
         return Calibration(self.hessian[mod.name], 0)
 
-    def h_weighted(self, mod: Module, e: torch.Tensor) -> float:
-        """tr(E H E^T) / tr(W H W^T): the calibration-weighted squared relative error."""
-        h = self.hessian[mod.name]
+    def out_weights(self, mod: Module) -> torch.Tensor | None:
+        """0.5 F / rows per output row (loss per unit of row-wise H-error), if known."""
+        if self.importance is None or mod.name not in self.importance:
+            return None
+        return self.importance[mod.name][0].double() * (0.5 / max(self.rows, 1))
+
+    def whitened_terms(self, mod: Module, p: torch.Tensor) -> torch.Tensor:
+        """Damage of each column of P = E L (an error in whitened coordinates, so
+        E H E^T = P P^T) for `mod`; summed, the damage of E."""
+        g = self.out_weights(mod)
+        if g is not None:
+            return g @ p.double().pow(2)
+        return p.double().pow(2).sum(0) / max(self._norm_h(mod), 1e-300)
+
+    def _norm_h(self, mod: Module) -> float:
         if mod.name not in self._den:
+            h = self.hessian[mod.name]
             w = mod.weight.to(h.dtype)
             self._den[mod.name] = float(((w @ h) * w).sum(dtype=torch.float64))
-        e = e.to(h.dtype)
-        return float(((e @ h) * e).sum(dtype=torch.float64)) / max(self._den[mod.name], 1e-300)
+        return self._den[mod.name]
+
+    def h_weighted(self, mod: Module, e: torch.Tensor) -> float:
+        """tr(E H E^T) / tr(W H W^T), the calibration-weighted squared relative error;
+        with importance, 0.5 * sum_i F_i (E H E^T)_ii / rows."""
+        h = self.hessian[mod.name]
+        rowwise = ((e.to(h.dtype) @ h) * e.to(h.dtype)).sum(1, dtype=torch.float64)
+        g = self.out_weights(mod)
+        if g is not None:
+            return float(g @ rowwise)
+        return float(rowwise.sum()) / max(self._norm_h(mod), 1e-300)
+
+    def calib_relative(self, mod: Module, err2: float, norm2: float) -> float:
+        """A relative calibration-weighted error err2 / norm2 as damage: with
+        importance, scaled by the damage of losing the module's output entirely."""
+        rel = err2 / max(norm2, 1e-300)
+        if self.out_weights(mod) is None:
+            return rel
+        return rel * self.h_weighted(mod, mod.weight.double())
 
     def relative(self, name: str, err2: float, norm2: float) -> float:
         return self.scale.get(name, 1.0) * err2 / max(norm2, 1e-300)
@@ -105,6 +153,10 @@ class Damage:
     def __call__(self, mod: Module, e: torch.Tensor) -> float:
         if self.hessian is not None and mod.name in self.hessian:
             return self.h_weighted(mod, e)
+        if self.importance is not None and mod.name in self.importance:
+            f, a = self.importance[mod.name]  # no H: its diagonal A
+            e2 = e.double().pow(2)
+            return 0.5 * float(f.double() @ e2 @ a.double())
         if self.fisher is None:
             return self.relative(mod.name, float(e.double().pow(2).sum()), _norm2(mod.weight))
         f = self.fisher[mod.name]
@@ -154,17 +206,18 @@ def lowrank(mod: Module, dmg: Damage, floors: Floors, sigma=None) -> list[Candid
         return out
     calib = dmg.calib(mod)
     if calib is not None:
-        # whitened: ||(W - W_r) X^T||_F^2 = sum_{i>r} s_i^2 of W L (activation-aware spectrum)
+        # whitened: ||(W - W_r) X^T||_F^2 = sum_{i>r} s_i^2 of W L (activation-aware
+        # spectrum); with output weights, component i costs s_i^2 * sum_j g_j u_ji^2
         chol = whitening_factor("lowrank", calib)
-        tail = _tail_sums(torch.linalg.svdvals(mod.weight.double() @ chol).pow(2))
+        white = mod.weight.double() @ chol
+        if dmg.out_weights(mod) is None:  # the singular values are enough
+            s2 = torch.linalg.svdvals(white).pow(2)
+            tail = _tail_sums(s2 / s2.sum())
+        else:
+            u, s, _ = torch.linalg.svd(white, full_matrices=False)
+            tail = _tail_sums(dmg.whitened_terms(mod, u * s))
         return [
-            _cand(
-                make_config("lowrank", rank=r, whiten=True),
-                m,
-                n,
-                dmg.relative(mod.name, tail[r], tail[0]),
-            )
-            for r in ranks
+            _cand(make_config("lowrank", rank=r, whiten=True), m, n, tail[r]) for r in ranks
         ]
     u, s, vh = _svd(mod.weight)
     e = mod.weight.clone()
@@ -309,7 +362,7 @@ def _mpo_calibrated(mod, dmg, floors, calib, mf, nf) -> list[Candidate]:
         if p >= m * n:
             continue
         err2 = sum(float(np.sum(s[config.bond_dim :] ** 2)) for s in spectra)
-        out.append(Candidate(config, p, b, dmg.relative(mod.name, err2, total)))
+        out.append(Candidate(config, p, b, dmg.calib_relative(mod, err2, total)))
     return out
 
 
@@ -365,15 +418,15 @@ def _joint_whitened(group: list[Module], dmg: Damage, ks: list[int], calib) -> l
     chol = whitening_factor("joint", calib)
     white = [g.weight.double() @ chol for g in group]
     _, _, vh = torch.linalg.svd(torch.cat(white), full_matrices=False)
-    cums = [torch.cumsum((x @ vh.T).pow(2).sum(0), 0) for x in white]
-    norms = [float(x.pow(2).sum()) for x in white]
+    # member i's whitened error at rank k: the columns k.. of W_i L Q (plus what lies
+    # outside Q's span, which is nothing when the stack has full column rank)
+    terms = [dmg.whitened_terms(g, x @ vh.T) for g, x in zip(group, white, strict=True)]
+    norms = [float(dmg.whitened_terms(g, x).sum()) for g, x in zip(group, white, strict=True)]
+    cums = [torch.cumsum(t, 0) for t in terms]
     total_m, n = sum(g.shape[0] for g in group), group[0].shape[1]
     out = []
     for k in ks:
-        d = sum(
-            dmg.relative(g.name, nrm - float(c[k - 1]), nrm)
-            for g, c, nrm in zip(group, cums, norms, strict=True)
-        )
+        d = sum(max(nrm - float(c[k - 1]), 0.0) for c, nrm in zip(cums, norms, strict=True))
         out.append(_cand(make_config("joint", rank=k, whiten=True), total_m, n, d))
     return out
 

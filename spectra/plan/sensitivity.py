@@ -16,6 +16,9 @@
   the calibration cache of spectra.data.calibration (32,768 tokens in windows of 512
   by default, as `spectra calibrate`).
 
+  With it, `importance`: the loss weight of each module's outputs, so that damage is
+  the predicted loss increase and compares across modules (see `output_fisher`).
+
 Fisher and ppl are cached under cache/sensitivity/, keyed by the weights' content
 fingerprint, the corpus, token count, window length and (for ppl) the probe
 settings.
@@ -113,6 +116,127 @@ def fisher(model, windows, progress=None) -> dict[str, torch.Tensor]:
         f = acc[name] / len(windows)
         out[name] = (f.T if target.conv1d else f).contiguous().cpu()
     return out
+
+
+IMPORTANCE_TOKENS = 4096  # calibration tokens whose gradients weight each module's outputs
+IMPORTANCE_VERSION = 1
+
+
+def output_fisher(model, windows, progress=None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per linear module: (F, A), F[i] = E_t[g_ti^2] the mean squared gradient of the
+    window's summed NLL with respect to output channel i, A[j] = E_t[x_tj^2] the mean
+    squared input feature j, both over every position of `windows`, float32.
+
+    A weight error E changes output t by E x_t; to second order at a trained optimum
+    (Hessian ~ Fisher, diagonal, positions independent) the mean NLL rises by
+    0.5 * sum_i F_i E_t[(E x_t)_i^2] = 0.5 * sum_i F_i (E H E^T)_ii / rows with
+    H = X^T X over `rows` positions: the calibration-weighted error with each output
+    weighted by how much the loss cares about it, in loss units, so it compares
+    across modules (the diagonal Kronecker-factored Fisher, K-FAC's G with the full A).
+    A module without an H uses A: 0.5 * sum_ij F_i A_j E_ij^2.
+    """
+
+    targets = linear_targets(model)
+    outs: dict[str, list] = {}
+    acc_f = {n: torch.zeros(t.shape[0], dtype=torch.float64) for n, (t, _) in targets.items()}
+    acc_a = {n: torch.zeros(t.shape[1], dtype=torch.float64) for n, (t, _) in targets.items()}
+
+    def keep(name):
+        def hook(module, inputs, output):
+            outs.setdefault(name, []).append((inputs[0].detach(), output))
+
+        return hook
+
+    def leaf(module, inputs, output):  # gradients flow from the embeddings with weights frozen
+        return output.detach().requires_grad_(True)
+
+    saved = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    handles = [mod.register_forward_hook(keep(n)) for n, (_, mod) in targets.items()]
+    handles.append(model.get_input_embeddings().register_forward_hook(leaf))
+    device = next(model.parameters()).device
+    positions = 0
+    try:
+        for i, x in enumerate(windows):
+            x = x[None].to(device)
+            tokens = x.shape[1] - 1
+            outs.clear()
+            nll = ev.window_nll(model, x)[0] * tokens  # the window's summed token NLL
+            calls = [(n, x_in, y) for n, parts in outs.items() for x_in, y in parts]
+            grads = torch.autograd.grad(nll, [y for *_, y in calls], allow_unused=True)
+            for (name, x_in, _), g in zip(calls, grads, strict=True):
+                if g is None:  # a call the loss does not read (the model's own last logits)
+                    continue
+                acc_f[name] += g.double().pow(2).reshape(-1, g.shape[-1]).sum(0).cpu()
+                acc_a[name] += x_in.double().pow(2).reshape(-1, x_in.shape[-1]).sum(0).cpu()
+            positions += x.shape[1]
+            if progress:
+                progress(i + 1, len(windows), "windows")
+    finally:
+        outs.clear()
+        for h in handles:
+            h.remove()
+        for p, flag in saved.items():
+            p.requires_grad_(flag)
+    return {n: ((acc_f[n] / positions).float(), (acc_a[n] / positions).float()) for n in targets}
+
+
+@dataclass
+class Calibrated:
+    """What calibration-weighted damage reads: each module's H (with the calibration's
+    row count) and, unless switched off, its outputs' loss weights (`output_fisher`)."""
+
+    hessians: dict
+    rows: int
+    importance: dict | None
+
+
+def calibrated(
+    spec: str,
+    settings: SensitivitySettings,
+    device: str = "auto",
+    use_cache: bool = True,
+    progress=None,
+    model=None,
+    importance: bool = True,
+) -> Calibrated:
+    """The cached calibration of `spec` and, from gradients on its first
+    IMPORTANCE_TOKENS tokens (never the evaluation part), the modules' output weights,
+    cached beside it."""
+    spec_c = settings.calib_spec(spec)
+    grams = calibration.calibrate(
+        spec, spec_c, model=model, device=device, use_cache=use_cache, progress=progress
+    )
+    if not importance:
+        return Calibrated(grams.hessians(), grams.tokens, None)
+    n = max(1, min(spec_c.samples, IMPORTANCE_TOKENS // spec_c.seqlen))
+    path = grams.folder / f"importance-v{IMPORTANCE_VERSION}-{n}.safetensors"
+    found = _read_importance(path) if use_cache else None
+    if found is None:
+        windows = calibration.calibration_windows(models.load_tokenizer(spec), spec_c)[:n]
+        model = model if model is not None else models.load(spec, device)
+        found = output_fisher(model, windows, progress)
+        if use_cache:
+            from safetensors.torch import save_file
+
+            flat = {f"{k}|{part}": t for k, (f, a) in found.items() for part, t in (("F", f), ("A", a))}
+            with cache.atomic_path(path) as tmp:
+                save_file(flat, str(tmp))
+    return Calibrated(grams.hessians(), grams.tokens, found)
+
+
+def _read_importance(path):
+    if not path.is_file():
+        return None
+    try:
+        from safetensors.torch import load_file
+
+        flat = load_file(path)
+        names = {k.rpartition("|")[0] for k in flat}
+        return {n: (flat[f"{n}|F"].float(), flat[f"{n}|A"].float()) for n in names}
+    except Exception:  # a truncated or garbage file is a miss, recomputed
+        return None
 
 
 def ppl_probe(model, windows, probe, progress=None, names=None) -> dict[str, dict]:
