@@ -17,6 +17,7 @@ import math
 import torch
 from torch import nn
 
+from compressors.targets import linear_targets
 from spectra.errors import SpectraInputError
 
 BATCH = 4  # calibration windows per forward call
@@ -83,34 +84,47 @@ class GramCollector:
         return {n: (self.sums[o][0], self.sums[o][1]) for n, o in self.owner.items()}
 
 
-def block_grams(model, calib_ids: torch.Tensor, progress=None):
+def block_grams(model, calib_ids: torch.Tensor, progress=None, after_block=None):
     """Yield (block index, {module name: (H float64 on the CPU, rows)}) for every
     transformer block of `model`, from `calib_ids` (windows, seqlen) run densely.
 
-    `progress(done, total, what)` is called after each block.
+    `progress(done, total, what)` is called after each block. `after_block(index,
+    grams)`, when given, is called with each block's Grams before the next block's
+    inputs are made, and may replace the block's modules (compress it): the next
+    block then reads the outputs of the block as it is now (sequential calibration,
+    as GPTQ's and SparseGPT's reference code do), at the cost of a second forward
+    pass per block.
     """
-    from compressors.apply import linear_targets  # apply imports this module
-
     targets = linear_targets(model)
     layers = decoder_layers(model)
     args, kwargs = catch_block_inputs(model, layers, calib_ids)
+
+    def run(layer, collector=None, keep=True):
+        outs = []
+        with torch.no_grad():
+            for a, k in zip(args, kwargs, strict=True):
+                if collector is not None:
+                    collector.next_call()
+                y = layer(*a, **k)
+                if keep:
+                    outs.append(y[0] if isinstance(y, tuple) else y)
+        return outs
+
     for index, layer in enumerate(layers):
         mods = {n: m for n, (t, m) in targets.items() if t.block == index}
         collector = GramCollector(mods)
-        outs = []
         try:
-            with torch.no_grad():
-                for a, k in zip(args, kwargs, strict=True):
-                    collector.next_call()
-                    y = layer(*a, **k)
-                    outs.append(y[0] if isinstance(y, tuple) else y)
+            outs = run(layer, collector, keep=after_block is None)
         finally:
             collector.remove()
-        args = [(o, *a[1:]) for o, a in zip(outs, args, strict=True)]
         moved: dict[int, torch.Tensor] = {}  # one CPU copy per shared matrix
         out = {}
         for name, (h, rows) in collector.grams().items():
             out[name] = (moved.setdefault(id(h), h.cpu()), rows)
+        if after_block is not None:
+            after_block(index, out)
+            outs = run(layers[index])
+        args = [(o, *a[1:]) for o, a in zip(outs, args, strict=True)]
         if progress:
             progress(index + 1, len(layers), f"block {index}")
         yield index, out

@@ -21,11 +21,14 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from compressors.activations import block_grams
 from compressors.base import Calibration, h_norm, relative_error
 from compressors.registry import compress
+from compressors.targets import Target, linear_targets
 from spectra.errors import SpectraInputError
-from spectra.io import roles
 from spectra.linalg.parallel import parallel_map
+
+__all__ = ["Target", "apply", "linear_targets", "needs_data"]
 
 DATA_AWARE = {
     "caldera": None,
@@ -35,7 +38,8 @@ DATA_AWARE = {
     "mpo": "whiten",
     "quant": "gptq",
     "prune": "wanda",
-}
+}  # each method's calibrated switch (what the app's "calibrated" toggles); None: always
+OTHER_DATA_FLAGS = {"prune": ("sparsegpt",)}  # further calibrated forms of a method
 
 
 @dataclass
@@ -52,45 +56,17 @@ class ModuleReport:
     seconds: float
 
 
-@dataclass
-class Target:
-    """A linear module as the plan sees it: name, (out, in) shape, role, block."""
-
-    name: str
-    shape: tuple[int, int]
-    role: str
-    block: int | None
-    conv1d: bool
-
-    def weight(self, module) -> torch.Tensor:
-        w = module.weight.detach()
-        return w.T if self.conv1d else w
-
-
 def needs_data(config) -> bool:
     if config.method not in DATA_AWARE:
         return False
     flag = DATA_AWARE[config.method]
-    return flag is None or bool(getattr(config, flag))
+    if flag is None:
+        return True
+    flags = (flag, *OTHER_DATA_FLAGS.get(config.method, ()))
+    return any(bool(getattr(config, f)) for f in flags)
 
 
-def linear_targets(model) -> dict[str, tuple[Target, nn.Module]]:
-    """Every nn.Linear / Conv1D of the model with its (out, in) shape and tags."""
-    out = {}
-    # a tied lm_head is the embedding matrix: compressing it would untie the two
-    tied = {m.weight.data_ptr() for m in model.modules() if isinstance(m, nn.Embedding)}
-    for name, mod in model.named_modules():
-        conv1d = type(mod).__name__ == "Conv1D"
-        if (isinstance(mod, nn.Linear) or conv1d) and mod.weight.data_ptr() not in tied:
-            shape = tuple(mod.weight.shape[::-1] if conv1d else mod.weight.shape)
-            out[name] = (
-                Target(name, shape, roles.role_of(name), roles.block_of(name), conv1d),
-                mod,
-            )
-    return out
-
-
-def apply(model, entries, grams=None, progress=None):
+def apply(model, entries, grams=None, progress=None, calib_ids=None, on_grams=None):
     """(compressed copy, reports, factorizations by module) for resolved `entries`.
 
     Args:
@@ -101,12 +77,16 @@ def apply(model, entries, grams=None, progress=None):
         grams: {block: {name: (H, rows)}} of the dense model's calibration inputs (any
             mapping read by block), needed when a data-aware method is planned.
         progress: called as progress(done, total, module name).
+        calib_ids: calibration windows (windows, seqlen) for sequential calibration
+            instead of `grams`: block by block, each block's H is taken from the
+            outputs of the blocks before it as already compressed, then the block is
+            compressed; `on_grams(block, grams)` receives each block's Grams.
     """
     model = copy.deepcopy(model).eval()
     targets = linear_targets(model)
     todo = [e for e in entries if e.config is not None]
     data = any(needs_data(e.config) for e in todo)
-    if data and grams is None:
+    if data and grams is None and calib_ids is None:
         raise SpectraInputError("this plan has data-aware settings: calibration is required")
     if data and any(needs_data(e.config) and e.block is None for e in todo):
         name = next(e.name for e in todo if needs_data(e.config) and e.block is None)
@@ -114,7 +94,20 @@ def apply(model, entries, grams=None, progress=None):
             f"{name}: data-aware methods are supported inside transformer blocks only"
         )
     state = _Run(model, targets, todo, progress)
-    if data:
+    if data and calib_ids is not None:
+
+        def compress_block(block: int, block_grams_: dict) -> None:
+            if on_grams is not None:
+                on_grams(block, block_grams_)
+            entries = [e for e in state.todo.values() if e.block == block]
+            if entries:
+                state.compress_entries(entries, as_float64(block_grams_))
+
+        last = max(e.block for e in todo if needs_data(e.config))
+        for block, _ in block_grams(model, calib_ids, after_block=compress_block):
+            if block == last:  # later blocks' inputs are not needed
+                break
+    elif data:
         for block in sorted({e.block for e in todo if needs_data(e.config)}):
             entries = [e for e in state.todo.values() if e.block == block]
             state.compress_entries(entries, as_float64(grams[block]))

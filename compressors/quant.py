@@ -4,7 +4,10 @@ RTN: each output row is cut into groups of `group_size` consecutive input column
 last group may be shorter); each group gets an asymmetric min-max grid of 2^bits
 levels: scale = (max - min) / (2^bits - 1), zero = round(-min / scale), code =
 clamp(round(w / scale) + zero, 0, 2^bits - 1). Storage: `bits` per weight plus a
-16-bit scale and a 16-bit zero point per group.
+16-bit scale and a 16-bit zero point per group. `symmetric`: the grid of
+compressed-tensors (llm-compressor, vLLM): scale = max|w| / ((2^bits - 1) / 2), signed
+codes in [-2^(bits-1), 2^(bits-1) - 1] (stored offset by 2^(bits-1)), no zero point
+stored: 16 bits per group instead of 32.
 
 GPTQ (Frantar et al. 2022; the same update as LDLQ in QuIP, Chee et al. 2023):
 columns are quantized in order and each column's rounding error, scaled by the
@@ -13,6 +16,13 @@ onto the columns not yet quantized, which minimises ||(W - Q) X^T||_F greedily.
 A group's grid is fixed when its first column is reached, from the updated
 weights (GPTQ's default). Columns are processed in blocks of 128 with the update
 to later blocks applied once per block ("lazy batch"), which is exact.
+
+`act_order` (GPTQ's "act-order", llm-compressor's `actorder: static`): columns are
+processed in decreasing diag(H), the ones the inputs excite most first, so their
+rounding errors can still be absorbed by many later columns; every group's grid is
+fixed beforehand from the original weights (a group's columns are no longer
+consecutive in processing order), and the permutation is undone, so the stored
+codes, groups and forward are those of the plain layout.
 """
 
 from __future__ import annotations
@@ -38,24 +48,35 @@ class QuantConfig:
         bits: bits per weight, 2..8.
         group_size: input columns sharing one scale and zero point (>= 1).
         gptq: error feedback through the calibration Hessian (needs calibration data).
+        act_order: GPTQ in decreasing diag(H) with grids fixed from the original
+            weights (needs gptq).
+        symmetric: a symmetric grid with no zero point stored (else asymmetric).
     """
 
     method: ClassVar[str] = "quant"
     bits: int = 4
     group_size: int = 128
     gptq: bool = False
+    act_order: bool = False
+    symmetric: bool = False
 
     def __post_init__(self):
         if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
             raise config_error(self.method, "bits", self.bits, "must be an integer in 2..8")
         if not isinstance(self.group_size, int) or self.group_size < 1:
             raise config_error(self.method, "group_size", self.group_size, "must be >= 1")
+        for name in ("gptq", "act_order", "symmetric"):
+            if not isinstance(getattr(self, name), bool):
+                raise config_error(self.method, name, getattr(self, name), "must be true or false")
+        if self.act_order and not self.gptq:
+            raise config_error(self.method, "act_order", True, "orders GPTQ's columns: needs gptq")
 
     def check_shape(self, m: int, n: int) -> None:
         pass
 
     def cost(self, m: int, n: int) -> tuple[int, int]:
-        return m * n, self.bits * m * n + 2 * DENSE_BITS * m * math.ceil(n / self.group_size)
+        per_group = (1 if self.symmetric else 2) * DENSE_BITS
+        return m * n, self.bits * m * n + per_group * m * math.ceil(n / self.group_size)
 
 
 @dataclass
@@ -65,6 +86,7 @@ class Quantized(Factorization):
     zeros: torch.Tensor  # (m, groups)
     nbits: int
     group_size: int
+    symmetric: bool = False  # the zeros are the constant 2^(bits-1), not stored
 
     @property
     def shape(self):
@@ -79,7 +101,8 @@ class Quantized(Factorization):
 
     @property
     def bits(self):
-        return self.nbits * self.codes.numel() + 2 * DENSE_BITS * self.scales.numel()
+        per_group = (1 if self.symmetric else 2) * DENSE_BITS
+        return self.nbits * self.codes.numel() + per_group * self.scales.numel()
 
     def as_module(self, bias=None):
         return QuantLinear(self, bias)
@@ -107,7 +130,9 @@ def dequantize(codes, scales, zeros, group_size):
     return (codes.to(scales.dtype) - zeros[:, per_col]) * scales[:, per_col]
 
 
-def grid(w: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def grid(
+    w: torch.Tensor, bits: int, group_size: int, symmetric: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-(row, group) scale and zero point of the min-max grid (float64)."""
     m, n = w.shape
     groups = math.ceil(n / group_size)
@@ -115,6 +140,10 @@ def grid(w: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, tor
     wp = torch.nn.functional.pad(w, (0, pad), value=float("nan")).reshape(m, groups, group_size)
     lo = torch.nan_to_num(wp, nan=float("inf")).amin(-1).clamp(max=0)
     hi = torch.nan_to_num(wp, nan=float("-inf")).amax(-1).clamp(min=0)
+    if symmetric:
+        scale = torch.maximum(-lo, hi) / ((2**bits - 1) / 2)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        return scale, torch.full_like(scale, 2 ** (bits - 1))
     scale = (hi - lo) / (2**bits - 1)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     return scale, torch.round(-lo / scale)
@@ -127,14 +156,21 @@ def quantize(w: torch.Tensor, scale, zero, bits: int, group_size: int) -> torch.
 
 
 def compress(weight: torch.Tensor, config: QuantConfig, calib: Calibration | None = None):
-    """Group-wise asymmetric round-to-nearest, or GPTQ when `config.gptq`."""
+    """Group-wise round-to-nearest, or GPTQ when `config.gptq`."""
     w = weight.detach().to(torch.float64)
     if config.gptq:
         if calib is None:
             raise config_error("quant", "gptq", True, "needs calibration data")
-        codes, scale, zero = ldlq(w, calib.hessian, config.bits, config.group_size)
+        codes, scale, zero = ldlq(
+            w,
+            calib.hessian,
+            config.bits,
+            config.group_size,
+            act_order=config.act_order,
+            symmetric=config.symmetric,
+        )
     else:
-        scale, zero = grid(w, config.bits, config.group_size)
+        scale, zero = grid(w, config.bits, config.group_size, config.symmetric)
         codes = quantize(w, scale, zero, config.bits, config.group_size)
     return Quantized(
         codes.to(torch.uint8),
@@ -142,12 +178,20 @@ def compress(weight: torch.Tensor, config: QuantConfig, calib: Calibration | Non
         zero.to(weight.dtype),
         config.bits,
         config.group_size,
+        config.symmetric,
     )
 
 
-def hessian_inverse_factor(h: torch.Tensor, damp: float = DAMP):
-    """(upper Cholesky factor of (H + damp * mean diag)^-1, mask of dead input columns)."""
-    h = h.to(torch.float64).clone()
+def act_order_perm(h: torch.Tensor) -> torch.Tensor:
+    """Input columns in decreasing diag(H) (ties in column order)."""
+    return torch.sort(-torch.diagonal(h).to(torch.float64), stable=True).indices
+
+
+def hessian_inverse_factor(h: torch.Tensor, damp: float = DAMP, perm: torch.Tensor | None = None):
+    """(upper Cholesky factor of (H + damp * mean diag)^-1, mask of dead input columns),
+    with H's columns and rows in the order `perm` when given (act_order)."""
+    h = h.to(torch.float64)
+    h = h[perm][:, perm] if perm is not None else h.clone()
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
     h += damp * torch.diagonal(h).mean() * torch.eye(h.shape[0], dtype=h.dtype)
@@ -162,11 +206,13 @@ def ldlq(
     group_size: int,
     block: int = 128,
     factor: tuple[torch.Tensor, torch.Tensor] | None = None,
+    act_order: bool = False,
+    symmetric: bool = False,
 ):
     """GPTQ/LDLQ: (codes, scales, zeros) of w (m, n) under the Hessian h (n, n).
 
-    `factor` is hessian_inverse_factor(h), when the caller quantizes several matrices
-    under the same Hessian.
+    `factor` is hessian_inverse_factor(h) (with perm=act_order_perm(h) under
+    `act_order`), when the caller quantizes several matrices under the same Hessian.
 
     The column loop runs in numpy float64 on the transposed weight (a column is a
     contiguous row): it is sequential by nature and its cost is per-call overhead on
@@ -178,6 +224,8 @@ def ldlq(
     form, about 4x less memory traffic.
     """
     m, n = w.shape
+    if act_order:
+        return _ldlq_act_order(w, h, bits, group_size, block, factor, symmetric)
     # blocks hold whole groups, so a group's grid never reads columns whose lazy update
     # from an earlier block is still pending
     block = max(group_size, block // group_size * group_size)
@@ -199,7 +247,7 @@ def ldlq(
             if g0 > b0:
                 wt[g0:g1] -= u[b0:g0, g0:g1].T @ err[: g0 - b0]
             # the group's grid, from the weights as updated so far
-            s, z = _grid_np(wt[g0:g1].T, bits)
+            s, z = _grid_np(wt[g0:g1].T, bits, symmetric)
             scale[g0 // group_size], zero[g0 // group_size] = s, z
             for i in range(g0, g1):
                 col = wt[i] if i == g0 else wt[i] - u[g0:i, i] @ err[g0 - b0 : i - b0]
@@ -215,10 +263,48 @@ def ldlq(
     )
 
 
-def _grid_np(block: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+def _ldlq_act_order(w, h, bits, group_size, block, factor, symmetric):
+    """GPTQ over the columns in decreasing diag(H), each column on its group's grid
+    fixed from the original weights; codes returned in the original column order."""
+    m, n = w.shape
+    perm = act_order_perm(h)
+    u_t, dead = factor if factor is not None else hessian_inverse_factor(h, perm=perm)
+    w = w.detach().to(torch.float64)
+    scale, zero = grid(w, bits, group_size, symmetric)  # (m, groups), original weights
+    p = perm.numpy()
+    group_of = p // group_size  # processing position -> its column's group
+    s_t, z_t = scale.numpy().T[group_of], zero.numpy().T[group_of]  # (n, m)
+    u = u_t.numpy()
+    diag = np.diagonal(u)
+    wt = w.numpy().T[p].copy()  # (n, m), processing order
+    wt[dead.numpy()] = 0
+    codes = np.zeros((n, m))
+    top = 2**bits - 1
+    for b0 in range(0, n, block):
+        b1 = min(b0 + block, n)
+        err = np.empty((b1 - b0, m))
+        for i in range(b0, b1):  # left-looking within the block, as in ldlq
+            col = wt[i] if i == b0 else wt[i] - u[b0:i, i] @ err[: i - b0]
+            q = np.clip(np.rint(col / s_t[i]) + z_t[i], 0, top)
+            codes[i] = q
+            err[i - b0] = (col - (q - z_t[i]) * s_t[i]) / diag[i]
+        if b1 < n:
+            wt[b1:] -= u[b0:b1, b1:].T @ err
+    out = np.empty_like(codes)
+    out[p] = codes
+    return torch.from_numpy(out.T.copy()), scale, zero
+
+
+def _grid_np(
+    block: np.ndarray, bits: int, symmetric: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """grid() for one group of columns, in numpy (same arithmetic)."""
     lo = np.minimum(block.min(axis=1), 0)
     hi = np.maximum(block.max(axis=1), 0)
+    if symmetric:
+        scale = np.maximum(-lo, hi) / ((2**bits - 1) / 2)
+        scale = np.where(scale > 0, scale, 1.0)
+        return scale, np.full_like(scale, 2 ** (bits - 1))
     scale = (hi - lo) / (2**bits - 1)
     scale = np.where(scale > 0, scale, 1.0)
     return scale, np.round(-lo / scale)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import shlex
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 
 from spectra.cli.progress import progress_bar
 from spectra.cli.report import check_out_path, format_table
+from spectra.data import calibration
 from spectra.data import perplexity as ev
 from spectra.data.calibration import calibrate
 from spectra.errors import SpectraInputError
@@ -179,15 +181,32 @@ def cmd_apply(args) -> int:
             raise
         tokenizer = None  # a data-free plan needs none; OUT then has no tokenizer either
     grams = None
-    if needs_data:
-        with progress_bar("calibrating", unit="block") as progress:
-            grams = calibrate(
-                args.model, plan.calibration, model=model, tokenizer=tokenizer, progress=progress
+    if needs_data and plan.calibration.sequential:
+        # each block calibrated on the outputs of the blocks before it as compressed
+        with progress_bar("compressing (sequential calibration)") as progress:
+            compressed, reports, facts = calibration.sequential(
+                args.model,
+                plan.calibration,
+                plans.plan_key(entries),
+                functools.partial(
+                    plans.apply_plan, model, plan, progress=progress, rank_of=rank_of
+                ),
+                tokenizer=tokenizer,
             )
-    with progress_bar("compressing") as progress:
-        compressed, reports, facts = plans.apply_plan(
-            model, plan, grams=grams, progress=progress, rank_of=rank_of
-        )
+    else:
+        if needs_data:
+            with progress_bar("calibrating", unit="block") as progress:
+                grams = calibrate(
+                    args.model,
+                    plan.calibration,
+                    model=model,
+                    tokenizer=tokenizer,
+                    progress=progress,
+                )
+        with progress_bar("compressing") as progress:
+            compressed, reports, facts = plans.apply_plan(
+                model, plan, grams=grams, progress=progress, rank_of=rank_of
+            )
     rows = [applying.asdict(r) for r in reports]
     totals = plans.totals(entries)
     totals["seconds"] = time.perf_counter() - t0

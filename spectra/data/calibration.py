@@ -43,13 +43,21 @@ class CalibrationSpec:
     """Where calibration activations come from (builtin = the stdlib's pydoc topics).
 
     `samples` windows of `seqlen` tokens, drawn with `seed` from the corpus's
-    calibration part (never its evaluation part).
+    calibration part (never its evaluation part). `sequential`: a plan's blocks are
+    calibrated on the outputs of the blocks before them as already compressed (see
+    `sequential_grams`), instead of on the dense model's (the cached Grams).
     """
 
     corpus: str = "builtin"
     samples: int = DEFAULT_TOKENS // DEFAULT_SEQLEN
     seqlen: int = DEFAULT_SEQLEN
     seed: int = 0
+    sequential: bool = False
+
+    @property
+    def windows_key(self) -> dict:
+        """The settings that choose the windows (what the dense Grams depend on)."""
+        return dict(corpus=self.corpus, samples=self.samples, seqlen=self.seqlen, seed=self.seed)
 
     @property
     def tokens(self) -> int:
@@ -235,7 +243,7 @@ def _alias(spec: str, settings: CalibrationSpec) -> Path | None:
         corpus = cache.hash_bytes(Path(settings.corpus).read_bytes())
     else:
         return None
-    key = cache.key(CALIB_VERSION, models.fingerprint(spec), tok, corpus, vars(settings))
+    key = cache.key(CALIB_VERSION, models.fingerprint(spec), tok, corpus, settings.windows_key)
     return cache.cache_dir() / "calibration" / "aliases" / f"{key}.json"
 
 
@@ -279,13 +287,74 @@ def latest(spec: str) -> Grams | None:
     found = []
     for meta_path in (cache.cache_dir() / "calibration").glob("*/meta.json"):
         meta = cache.read_json(meta_path)
-        if isinstance(meta, dict) and meta.get("fingerprint") == fingerprint:
+        if (
+            isinstance(meta, dict)
+            and meta.get("fingerprint") == fingerprint
+            and not meta.get("sequential")  # a plan's own Grams, not the model's
+        ):
             found.append((meta_path.stat().st_mtime, meta_path.parent))
     for _, folder in sorted(found, reverse=True):
         grams = _open(folder)
         if grams is not None:
             return grams
     return None
+
+
+def sequential(
+    spec: str,
+    settings: CalibrationSpec,
+    plan_key: str,
+    run,
+    *,
+    tokenizer=None,
+    use_cache: bool = True,
+    info: dict | None = None,
+):
+    """`run(grams=..., calib_ids=..., on_grams=...)` (compressors.apply's arguments)
+    with sequential calibration of the plan whose resolved settings hash to `plan_key`:
+    on a miss it runs on the calibration windows, recording each block's Grams (the
+    outputs of the blocks before it as compressed) under their own key (weights,
+    windows, plan); on a hit it runs on those Grams, which gives the same result.
+    """
+    info = {} if info is None else info
+    tokenizer = tokenizer if tokenizer is not None else models.load_tokenizer(spec)
+    windows = calibration_windows(tokenizer, settings)
+    key = cache.key(
+        CALIB_VERSION,
+        models.fingerprint(spec),
+        cache.hash_bytes(windows.numpy()),
+        "sequential",
+        plan_key,
+    )
+    folder = cache.cache_dir() / "calibration" / key
+    info.update(path=str(folder), tokens=int(windows.numel()))
+    hit = _open(folder) if use_cache else None
+    info.update(cached=hit is not None)
+    if hit is not None:
+        return run(grams=hit, calib_ids=None, on_grams=None)
+    if not use_cache:
+        return run(grams=None, calib_ids=windows, on_grams=None)
+    meta = {
+        "version": CALIB_VERSION,
+        "model": str(spec),
+        "fingerprint": models.fingerprint(spec),
+        "sequential": plan_key,
+        "corpus": settings.corpus,
+        "samples": int(windows.shape[0]),
+        "seqlen": settings.seqlen,
+        "seed": settings.seed,
+        "tokens": int(windows.numel()),
+        "bos": ev.bos_token(tokenizer),
+        "blocks": {},
+    }
+    with _building(folder) as tmp:
+
+        def record(block: int, grams: dict) -> None:
+            meta["blocks"][str(block)] = _write_block(tmp, block, grams)
+
+        result = run(grams=None, calib_ids=windows, on_grams=record)
+        cache.write_json(tmp / "meta.json", meta)
+    return result
 
 
 def _write_block(folder: Path, block: int, grams: dict) -> dict:

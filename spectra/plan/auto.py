@@ -177,7 +177,9 @@ def auto_plan(
         if settings.kind != sensitivity:
             raise ValueError("sens_settings.kind differs from sensitivity")
         if sensitivity == "calib":
-            got = sens.calibrated(spec, settings, device, use_cache, progress, importance=importance)
+            got = sens.calibrated(
+                spec, settings, device, use_cache, progress, importance=importance
+            )
             dmg = cands.Damage(hessian=got.hessians, importance=got.importance, rows=got.rows)
             calibration = settings.calib_spec(spec)
         else:

@@ -216,9 +216,7 @@ def lowrank(mod: Module, dmg: Damage, floors: Floors, sigma=None) -> list[Candid
         else:
             u, s, _ = torch.linalg.svd(white, full_matrices=False)
             tail = _tail_sums(dmg.whitened_terms(mod, u * s))
-        return [
-            _cand(make_config("lowrank", rank=r, whiten=True), m, n, tail[r]) for r in ranks
-        ]
+        return [_cand(make_config("lowrank", rank=r, whiten=True), m, n, tail[r]) for r in ranks]
     u, s, vh = _svd(mod.weight)
     e = mod.weight.clone()
     done = 0

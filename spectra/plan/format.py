@@ -18,12 +18,13 @@ import yaml
 from spectra.analysis import spectra_by_name
 from spectra.data.calibration import CalibrationSpec
 from spectra.errors import SpectraInputError
+from spectra.io import cache
 from spectra.linalg.metrics import energy_rank
 from spectra.linalg.svd import singular_values
 
 PLAN_VERSION = 1
 TOP_KEYS = {"version", "model", "calibration", "rules", "layers"}
-CALIB_KEYS = {"corpus", "samples", "seqlen", "seed"}
+CALIB_KEYS = {"corpus", "samples", "seqlen", "seed", "sequential"}
 NOT_TARGETABLE = {"embed"}  # embeddings are lookups, not linear layers
 
 
@@ -295,6 +296,8 @@ def _calibration(raw) -> CalibrationSpec:
         v = getattr(spec, k)
         if not isinstance(v, int) or v < 1:
             raise PlanError(f"calibration.{k}={v!r}: must be an integer >= 1")
+    if not isinstance(spec.sequential, bool):
+        raise PlanError(f"calibration.sequential={spec.sequential!r}: must be true or false")
     return spec
 
 
@@ -366,19 +369,31 @@ def weight_ranks(targets):
     return rank_of
 
 
-def apply_plan(model, plan: Plan, grams=None, progress=None, rank_of=None):
+def apply_plan(
+    model, plan: Plan, grams=None, progress=None, rank_of=None, calib_ids=None, on_grams=None
+):
     """(compressed copy, reports, factorizations) of `plan` on a loaded `model`: the plan
     resolved against the model's own linear modules, then compressors' module surgery.
 
     `rank_of(name, energy)` sizes energy-based settings; by default from the weights.
+    `calib_ids`/`on_grams`: sequential calibration (compressors.apply.apply).
     """
     from compressors import apply as surgery  # deferred: torch (`spectra --help`)
 
     targets = surgery.linear_targets(model)
     entries = resolve(plan, [t for t, _ in targets.values()], rank_of or weight_ranks(targets))
     try:
-        return surgery.apply(model, entries, grams=grams, progress=progress)
+        return surgery.apply(
+            model, entries, grams=grams, progress=progress, calib_ids=calib_ids, on_grams=on_grams
+        )
     except PlanError:
         raise
     except SpectraInputError as e:  # what the surgery refuses is this plan's doing
         raise PlanError(str(e)) from e
+
+
+def plan_key(entries) -> str:
+    """A hash of resolved settings: what a sequential calibration's Grams depend on."""
+    from compressors.base import config_to_dict
+
+    return cache.key([(e.name, config_to_dict(e.config)) for e in entries if e.config is not None])

@@ -220,7 +220,9 @@ def calibrated(
         if use_cache:
             from safetensors.torch import save_file
 
-            flat = {f"{k}|{part}": t for k, (f, a) in found.items() for part, t in (("F", f), ("A", a))}
+            flat = {
+                f"{k}|{part}": t for k, (f, a) in found.items() for part, t in (("F", f), ("A", a))
+            }
             with cache.atomic_path(path) as tmp:
                 save_file(flat, str(tmp))
     return Calibrated(grams.hessians(), grams.tokens, found)

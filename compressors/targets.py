@@ -1,0 +1,41 @@
+"""The linear modules of a model as plans see them: name, (out, in) shape, role, block."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from spectra.io import roles
+
+
+@dataclass
+class Target:
+    """A linear module as the plan sees it: name, (out, in) shape, role, block."""
+
+    name: str
+    shape: tuple[int, int]
+    role: str
+    block: int | None
+    conv1d: bool
+
+    def weight(self, module) -> torch.Tensor:
+        w = module.weight.detach()
+        return w.T if self.conv1d else w
+
+
+def linear_targets(model) -> dict[str, tuple[Target, nn.Module]]:
+    """Every nn.Linear / Conv1D of the model with its (out, in) shape and tags."""
+    out = {}
+    # a tied lm_head is the embedding matrix: compressing it would untie the two
+    tied = {m.weight.data_ptr() for m in model.modules() if isinstance(m, nn.Embedding)}
+    for name, mod in model.named_modules():
+        conv1d = type(mod).__name__ == "Conv1D"
+        if (isinstance(mod, nn.Linear) or conv1d) and mod.weight.data_ptr() not in tied:
+            shape = tuple(mod.weight.shape[::-1] if conv1d else mod.weight.shape)
+            out[name] = (
+                Target(name, shape, roles.role_of(name), roles.block_of(name), conv1d),
+                mod,
+            )
+    return out
