@@ -184,3 +184,44 @@ def test_calibration_windows_start_with_bos_where_the_tokenizer_adds_one(family_
     assert r.returncode == 0, r.stderr
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["calibration"]["bos"] is True and report["calibration_tokens"] == 64
+
+
+def test_sequential_calibration_is_cached_under_the_plan_and_repeats_exactly(
+    family_dir, tmp_path, cli, isolated_cache
+):
+    """`calibration.sequential`: the first apply records the plan's own Grams, a repeat
+    reads them (same result), a different plan records its own; the model's dense
+    calibration (what `latest` and plan auto find) is not among them."""
+    from safetensors.torch import load_file
+
+    from spectra.data import calibration
+
+    path = family_dir("qwen2")
+    rules = [{"targets": [r"re:.*\.mlp\..*"], "method": "quant", "bits": 3, "group_size": 16}]
+    rules[0]["gptq"] = True
+    calib = {"samples": 3, "seqlen": 32, "sequential": True}
+    plan = tmp_path / "seq.yaml"
+    plan.write_text(yaml.safe_dump({"calibration": calib, "rules": rules}))
+    outs = []
+    for i in range(2):
+        out = tmp_path / f"out{i}"
+        r = cli("apply", plan, "--model", path, "-o", out)
+        assert r.returncode == 0, r.stderr
+        report = json.loads((out / "report.json").read_text())
+        assert report["calibration"]["sequential"] is True
+        assert report["calibration_cached"] is (i == 1) and report["calibration_tokens"] == 96
+        outs.append(load_file(out / "factors.safetensors"))
+    assert outs[0].keys() == outs[1].keys() and len(outs[0]) > 0
+    assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
+    folders = [p.parent for p in (isolated_cache / "calibration").glob("*/meta.json")]
+    assert len(folders) == 1 and calibration.latest(str(path)) is None
+    rules[0]["bits"] = 4
+    plan.write_text(yaml.safe_dump({"calibration": calib, "rules": rules}))
+    r = cli("apply", plan, "--model", path, "-o", tmp_path / "out4")
+    assert r.returncode == 0, r.stderr
+    assert len(list((isolated_cache / "calibration").glob("*/meta.json"))) == 2
+    calib["sequential"] = "yes"
+    plan.write_text(yaml.safe_dump({"calibration": calib, "rules": rules}))
+    r = cli("apply", plan, "--model", path, "-o", tmp_path / "bad")
+    assert r.returncode == 2 and "calibration.sequential" in r.stderr
+    assert not (tmp_path / "bad").exists()

@@ -181,6 +181,7 @@ def cmd_apply(args) -> int:
             raise
         tokenizer = None  # a data-free plan needs none; OUT then has no tokenizer either
     grams = None
+    seq: dict = {}  # sequential calibration: its cache folder, hit or not, tokens
     if needs_data and plan.calibration.sequential:
         # each block calibrated on the outputs of the blocks before it as compressed
         with progress_bar("compressing (sequential calibration)") as progress:
@@ -192,6 +193,7 @@ def cmd_apply(args) -> int:
                     plans.apply_plan, model, plan, progress=progress, rank_of=rank_of
                 ),
                 tokenizer=tokenizer,
+                info=seq,
             )
     else:
         if needs_data:
@@ -217,7 +219,8 @@ def cmd_apply(args) -> int:
             vars(plan.calibration),
             bos=tokenizer is not None and ev.bos_token(tokenizer) is not None,
         ),
-        calibration_tokens=0 if grams is None else grams.tokens,
+        calibration_tokens=seq.get("tokens", 0) if grams is None else grams.tokens,
+        calibration_cached=seq.get("cached") if seq else None,
         totals=totals,
         modules=rows,
     )

@@ -6,10 +6,14 @@ candidates has exactly the accounted budget. Damage is one of:
   weight error. Relative, because each layer's scale is arbitrary after a norm.
 - fisher: 0.5 * sum F (W - W_hat)^2, the loss increase predicted by the diagonal
   empirical Fisher (spectra.plan.sensitivity).
-- calib: tr(E H E^T) / tr(W H W^T) with H = X^T X of the module's calibration inputs,
-  the calibration-weighted squared relative error (closed form over the spectrum for
-  low rank: sum_{i>r} sigma_i^2 v_i^T H v_i). Modules outside the transformer blocks
-  (an untied LM head) have no H and are scored by their weight error.
+- calib: 0.5 * sum_i F_i (E H E^T)_ii / rows with H = X^T X of the module's
+  calibration inputs and F_i the mean squared loss gradient of output i
+  (spectra.plan.sensitivity.output_fisher): the calibration-weighted error as a
+  second-order loss estimate, comparable across modules (closed form over the
+  activation-aware spectrum for whitened low rank and joint). Modules outside the
+  transformer blocks (an untied LM head) have no H: 0.5 * sum_ij F_i A_j E_ij^2 with
+  A_j the mean squared input. Without F (`importance=False`) it is the relative
+  tr(E H E^T) / tr(W H W^T), which compares within a role only (allocated so).
 - ppl: the squared relative error scaled by the module's measured loss increase at a
   probe setting: s_j * err^2 / err_probe^2.
 Low-rank, joint and pruning candidates under a weight-type damage are read off the
