@@ -25,8 +25,8 @@ and joint, damage exactly the tail of the activation-aware spectrum (singular
 values of W L, resp. of the stacked [W_i L]); whitened losparse (one SVD of W L per
 module, the residual kept by Wanda's score); whitened mpo, damage by the TT-SVD
 bound of W D with the activation column norms D = diag(H)^(1/2) (the diagonal part of
-H; the built form adds H-weighted sweeps and does better); GPTQ for quant and Wanda
-for prune, each damage measured on its result.
+H; the built form adds H-weighted sweeps and does better); GPTQ for quant, Wanda and
+SparseGPT for prune (Wanda only within `mixed`), each damage measured on its result.
 
 Candidate grids: every rank for low rank and joint under weight-type damage (the
 allocation is then the exact greedy over singular values), 48 ranks otherwise; quant
@@ -253,18 +253,23 @@ def quant(mod: Module, dmg: Damage, floors: Floors) -> list[Candidate]:
     ]
 
 
-def prune(mod: Module, dmg: Damage, floors: Floors) -> list[Candidate]:
+def prune(mod: Module, dmg: Damage, floors: Floors, sparsegpt: bool = True) -> list[Candidate]:
+    """`sparsegpt`: under calib damage offer SparseGPT beside Wanda (one OBS
+    reconstruction per sparsity; `mixed` leaves it out to stay quick)."""
     m, n = mod.shape
     configs = grid("prune", m, n, mod.role, floors)
     if not configs:
         return []
     calib = dmg.calib(mod)
-    if calib is not None:  # Wanda: |W| ||X_j|| per output row
+    if calib is not None:  # Wanda: |W| ||X_j|| per output row; SparseGPT: OBS under H
+        kinds = ("wanda", "sparsegpt") if sparsegpt else ("wanda",)
         out = []
         for config in configs:
-            config = make_config("prune", sparsity=config.sparsity, wanda=True)
-            kept = compress(mod.weight, config, calib).to_dense()
-            out.append(_cand(config, m, n, dmg(mod, mod.weight - kept.to(mod.weight.dtype))))
+            for kind in kinds:
+                config = make_config("prune", sparsity=config.sparsity, **{kind: True})
+                kept = compress(mod.weight, config, calib).to_dense()
+                e = mod.weight - kept.to(mod.weight.dtype)
+                out.append(_cand(config, m, n, dmg(mod, e)))
         return out
     mags = mod.weight.reshape(-1).abs()
     order = torch.argsort(mags)
@@ -478,7 +483,7 @@ def units_for(
             cands = caldera(mod, dmg, floors)
         elif method == "mixed":
             cands = lowrank(mod, dmg, floors, sigmas.get(mod.name))
-            cands += quant(mod, dmg, floors) + prune(mod, dmg, floors)
+            cands += quant(mod, dmg, floors) + prune(mod, dmg, floors, sparsegpt=False)
         else:
             raise ValueError(method)
         unit.candidates = [base, *cands]

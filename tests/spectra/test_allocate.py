@@ -255,3 +255,29 @@ def test_allocation_by_role_gives_each_role_its_dense_share():
     assert spent(anywhere, "q") > 200  # the large q damages take the budget
     assert spent(by_role, "q") <= 150 and spent(by_role, "down") <= 150
     assert sum(c.params for c in by_role) <= budget
+
+
+def test_calibration_weighted_prune_offers_wanda_and_sparsegpt_with_their_damage():
+    import torch
+
+    from compressors.base import Calibration
+    from compressors.registry import compress
+    from spectra.plan.candidates import prune
+
+    rng = np.random.default_rng(4)
+    w = torch.from_numpy(rng.standard_normal((20, 40))).float()
+    x = torch.from_numpy(rng.standard_normal((400, 40)) * np.geomspace(0.05, 4, 40)).float()
+    h = (x.T @ x).double()
+    mod = Module("m", "down", 0, w)
+    dmg = Damage(hessian={"m": h})
+    cands = prune(mod, dmg, Floors())
+    kinds = {(c.config.wanda, c.config.sparsegpt) for c in cands}
+    assert kinds == {(True, False), (False, True)}
+    total = {"wanda": 0.0, "sparsegpt": 0.0}
+    for c in cands:
+        built = compress(w, c.config, Calibration(h, 400)).to_dense()
+        assert (c.params, c.bits) == c.config.cost(20, 40) == (int(built.count_nonzero()), c.bits)
+        assert c.damage == pytest.approx(dmg(mod, w - built), rel=1e-9)
+        total["wanda" if c.config.wanda else "sparsegpt"] += c.damage
+    assert total["sparsegpt"] < total["wanda"], total
+    assert {c.config.sparsegpt for c in prune(mod, dmg, Floors(), sparsegpt=False)} == {False}
