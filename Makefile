@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.spectra-setup
 
-.PHONY: setup browser app test bench lint clean-cache
+.PHONY: setup browser app test bench peers lint clean-cache
 
 setup: $(STAMP)
 
@@ -36,6 +36,16 @@ test: setup browser
 bench: setup
 	$(BIN)/python -m pip install -q -e ".[dev,bench]"
 	$(BIN)/python benchmarks/bench_spectra.py
+
+# llm-compressor beside the pinned CPU torch, in its own venv (it pins transformers
+# <= 5.17, which the project's venv does not take); bench_peers.py calls it there
+PEERS := .venv-peers
+peers: setup
+	test -x $(PEERS)/bin/python || $(PYTHON) -m venv $(PEERS)
+	$(PEERS)/bin/python -m pip install -q torch==2.13.0
+	echo "torch==2.13.0" > $(PEERS)/constraints.txt
+	$(PEERS)/bin/python -m pip install -q -c $(PEERS)/constraints.txt "llmcompressor==0.14.*" "datasets>=2.19"
+	$(BIN)/python benchmarks/bench_peers.py
 
 lint:
 	$(BIN)/ruff check --fix spectra compressors app tests benchmarks

@@ -104,9 +104,9 @@ def test_importance_ranks_modules_like_the_measured_loss_increase(demo_dir):
     weighted whitened error of whitened low rank at a quarter of the parameters orders
     the modules as the measured loss increase of compressing each alone does (Spearman
     >= 0.6, p < 0.05 one-sided for 9 points), and better than the relative
-    calibration-weighted error, which ignores where a module sits (at half the
-    parameters, where most measured increases are below 1e-3, the two gave 0.6 and
-    0.07)."""
+    calibration-weighted error, which ignores where a module sits (measured: 0.92
+    against 0.60; at half the parameters, where most measured increases are below
+    1e-3, 0.6 against 0.07)."""
     from scipy.stats import spearmanr
 
     from compressors.activations import collect
@@ -155,5 +155,4 @@ def test_importance_ranks_modules_like_the_measured_loss_increase(demo_dir):
             mod.weight.data = old
     rho_w = spearmanr(pred_w, measured).statistic
     rho_r = spearmanr(pred_r, measured).statistic
-    print(rho_w, rho_r, pred_w, pred_r, measured)
     assert rho_w >= 0.6 and rho_w > rho_r, (rho_w, rho_r, pred_w, measured)
