@@ -192,18 +192,7 @@ def calibrate(
     from compressors.activations import block_grams  # deferred: the model stack
 
     model = model if model is not None else models.load(spec, device)
-    meta = {
-        "version": CALIB_VERSION,
-        "model": str(spec),
-        "fingerprint": models.fingerprint(spec),
-        "corpus": settings.corpus,
-        "samples": int(windows.shape[0]),
-        "seqlen": settings.seqlen,
-        "seed": settings.seed,
-        "tokens": int(windows.numel()),
-        "bos": ev.bos_token(tokenizer),
-        "blocks": {},
-    }
+    meta = _meta(spec, settings, windows, tokenizer)
     with _building(folder) as tmp:
         for block, grams in block_grams(model, windows, progress):
             meta["blocks"][str(block)] = _write_block(tmp, block, grams)
@@ -334,19 +323,7 @@ def sequential(
         return run(grams=hit, calib_ids=None, on_grams=None)
     if not use_cache:
         return run(grams=None, calib_ids=windows, on_grams=None)
-    meta = {
-        "version": CALIB_VERSION,
-        "model": str(spec),
-        "fingerprint": models.fingerprint(spec),
-        "sequential": plan_key,
-        "corpus": settings.corpus,
-        "samples": int(windows.shape[0]),
-        "seqlen": settings.seqlen,
-        "seed": settings.seed,
-        "tokens": int(windows.numel()),
-        "bos": ev.bos_token(tokenizer),
-        "blocks": {},
-    }
+    meta = _meta(spec, settings, windows, tokenizer, sequential=plan_key)
     with _building(folder) as tmp:
 
         def record(block: int, grams: dict) -> None:
@@ -355,6 +332,23 @@ def sequential(
         result = run(grams=None, calib_ids=windows, on_grams=record)
         cache.write_json(tmp / "meta.json", meta)
     return result
+
+
+def _meta(spec: str, settings: CalibrationSpec, windows, tokenizer, **extra) -> dict:
+    """meta.json of a calibration folder (its blocks filled in as they are written)."""
+    return {
+        "version": CALIB_VERSION,
+        "model": str(spec),
+        "fingerprint": models.fingerprint(spec),
+        **extra,
+        "corpus": settings.corpus,
+        "samples": int(windows.shape[0]),
+        "seqlen": settings.seqlen,
+        "seed": settings.seed,
+        "tokens": int(windows.numel()),
+        "bos": ev.bos_token(tokenizer),
+        "blocks": {},
+    }
 
 
 def _write_block(folder: Path, block: int, grams: dict) -> dict:
