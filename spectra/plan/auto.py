@@ -182,11 +182,10 @@ def auto_plan(
             )
             dmg = cands.Damage(hessian=got.hessians, importance=got.importance, rows=got.rows)
             calibration = settings.calib_spec(spec)
-        else:
+        elif sensitivity == "fisher":
+            dmg = cands.Damage(fisher=sens.compute(spec, settings, device, use_cache, progress))
+        else:  # ppl
             result = sens.compute(spec, settings, device, use_cache, progress)
-        if sensitivity == "fisher":
-            dmg = cands.Damage(fisher=result)
-        elif sensitivity == "ppl":
             dmg = cands.Damage(
                 scale={k: v["delta_loss"] / max(v["err2"], 1e-30) for k, v in result.items()}
             )
