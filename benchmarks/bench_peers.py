@@ -37,8 +37,17 @@ PEER_PYTHON = REPO / ".venv-peers" / "bin" / "python"
 TARGETS = r"re:model\.layers\.\d+\..*"
 
 
-def quant(bits, gptq=True, act_order=False, symmetric=False, sequential=False, group_size=64):
+def quant(
+    bits,
+    gptq=True,
+    act_order=False,
+    symmetric=False,
+    sequential=False,
+    group_size=64,
+    observer="minmax",
+):
     knobs = dict(method="quant", bits=bits, group_size=group_size, gptq=gptq, symmetric=symmetric)
+    knobs["observer"] = observer
     if gptq:
         knobs["act_order"] = act_order
     return knobs, sequential
@@ -59,6 +68,14 @@ ROWS = {
     "gptq-w4-g64-sym-ao": quant(4, act_order=True, symmetric=True),
     # asymmetric at group 128 costs what symmetric costs at 64: 4.25 (3.25) bits
     "gptq-w4-g128-ao-seq": quant(4, act_order=True, sequential=True, group_size=128),
+    "rtn-w4-g64-mse": quant(4, gptq=False, observer="mse"),
+    "gptq-w4-g64-sym-ao-seq-mse": quant(
+        4, act_order=True, symmetric=True, sequential=True, observer="mse"
+    ),
+    "gptq-w4-g64-ao-seq-mse": quant(4, act_order=True, sequential=True, observer="mse"),
+    "gptq-w4-g128-ao-seq-mse": quant(
+        4, act_order=True, sequential=True, group_size=128, observer="mse"
+    ),
     "peer-gptq-w4-g64": dict(recipe="gptq", bits=4, group_size=64),
     "rtn-w3-g64": quant(3, gptq=False),
     "rtn-w3-g64-sym": quant(3, gptq=False, symmetric=True),
@@ -68,6 +85,14 @@ ROWS = {
     "gptq-w3-g64-sym-ao-seq": quant(3, act_order=True, symmetric=True, sequential=True),
     "gptq-w3-g64-sym-ao": quant(3, act_order=True, symmetric=True),
     "gptq-w3-g128-ao-seq": quant(3, act_order=True, sequential=True, group_size=128),
+    "rtn-w3-g64-mse": quant(3, gptq=False, observer="mse"),
+    "gptq-w3-g64-sym-ao-seq-mse": quant(
+        3, act_order=True, symmetric=True, sequential=True, observer="mse"
+    ),
+    "gptq-w3-g64-ao-seq-mse": quant(3, act_order=True, sequential=True, observer="mse"),
+    "gptq-w3-g128-ao-seq-mse": quant(
+        3, act_order=True, sequential=True, group_size=128, observer="mse"
+    ),
     "peer-gptq-w3-g64": dict(recipe="gptq", bits=3, group_size=64),
     "wanda-50": prune("wanda"),
     "wanda-50-seq": prune("wanda", sequential=True),

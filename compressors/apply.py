@@ -104,9 +104,16 @@ def apply(model, entries, grams=None, progress=None, calib_ids=None, on_grams=No
                 state.compress_entries(entries, as_float64(block_grams_))
 
         last = max(e.block for e in todo if needs_data(e.config))
+        # the next blocks' inputs go through dense stand-ins of the reconstructed weights
+        # (the compact modules' forward up to float rounding, without the CPU's slow
+        # sparse or per-call dequantizing matmuls); the compact modules go in after
+        state.deferred = {}
         for block, _ in block_grams(model, calib_ids, after_block=compress_block):
             if block == last:  # later blocks' inputs are not needed
                 break
+        for name, module in state.deferred.items():
+            _set_module(model, name, module)
+        state.deferred = None
     elif data:
         for block in sorted({e.block for e in todo if needs_data(e.config)}):
             entries = [e for e in state.todo.values() if e.block == block]
@@ -124,6 +131,7 @@ class _Run:
         self.total = len(todo)
         self.reports: list[ModuleReport] = []
         self.factorizations: dict = {}
+        self.deferred: dict | None = None  # {name: compact module} behind dense stand-ins
 
     def compress_entries(self, entries: list, grams: dict | None = None) -> None:
         units: list[list] = []
@@ -160,8 +168,12 @@ class _Run:
             dense = [f.member_dense(i) for i in range(len(members))]
         else:
             dense = [f.to_dense()]
-        for e, w, d, module in zip(members, weights, dense, new, strict=True):
-            _set_module(self.model, e.name, module)
+        for e, w, d, module, old in zip(members, weights, dense, new, mods, strict=True):
+            if self.deferred is None:
+                _set_module(self.model, e.name, module)
+            else:
+                self.deferred[e.name] = module
+                _set_module(self.model, e.name, _stand_in(old, d, w))
             self.factorizations[e.name] = f
             self.reports.append(
                 ModuleReport(
@@ -207,6 +219,18 @@ def compact_modules(f, config, dense: list[nn.Module]) -> list[nn.Module]:
     each keeping its dense module's bias."""
     biases = [m.bias.detach() if m.bias is not None else None for m in dense]
     return f.member_modules(biases) if config.method == "joint" else [f.as_module(biases[0])]
+
+
+def _stand_in(old: nn.Module, dense: torch.Tensor, weight: torch.Tensor) -> nn.Linear:
+    """An nn.Linear holding the reconstructed weight, with `old`'s bias."""
+    out, inp = weight.shape
+    bias = getattr(old, "bias", None)
+    lin = nn.Linear(inp, out, bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        lin.weight.copy_(dense.reshape(out, inp).to(weight.dtype))
+        if bias is not None:
+            lin.bias.copy_(bias)
+    return lin.requires_grad_(False)
 
 
 def as_float64(block: dict) -> dict:

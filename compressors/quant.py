@@ -23,6 +23,12 @@ rounding errors can still be absorbed by many later columns; every group's grid 
 fixed beforehand from the original weights (a group's columns are no longer
 consecutive in processing order), and the permutation is undone, so the stored
 codes, groups and forward are those of the plain layout.
+
+`observer: mse` (the GPTQ reference's `mse=True`, llm-compressor's `mse` observer):
+each group's grid is the min-max grid shrunk by the factor p in {1, 0.99, ..., 0.6}
+that leaves the least squared rounding error, weighted per input column by diag(H)
+when calibration is given (the error GPTQ itself minimises, to first order): clipping
+a few outliers buys every other weight a finer step. Same storage as min-max.
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ from torch import nn
 from compressors.base import DENSE_BITS, Calibration, Factorization, config_error
 
 DAMP = 0.01  # GPTQ's percdamp: this fraction of mean(diag H) is added to the diagonal
+OBSERVERS = ("minmax", "mse")
+SHRINKS = np.round(np.arange(1.0, 0.595, -0.01), 2)  # the mse observer's candidate factors
 
 
 @dataclass(frozen=True)
@@ -51,6 +59,8 @@ class QuantConfig:
         act_order: GPTQ in decreasing diag(H) with grids fixed from the original
             weights (needs gptq).
         symmetric: a symmetric grid with no zero point stored (else asymmetric).
+        observer: how a group's grid is chosen: "minmax" (its range) or "mse" (the
+            shrunk range with the least, diag(H)-weighted, squared rounding error).
     """
 
     method: ClassVar[str] = "quant"
@@ -59,6 +69,7 @@ class QuantConfig:
     gptq: bool = False
     act_order: bool = False
     symmetric: bool = False
+    observer: str = "minmax"
 
     def __post_init__(self):
         if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
@@ -70,6 +81,10 @@ class QuantConfig:
                 raise config_error(self.method, name, getattr(self, name), "must be true or false")
         if self.act_order and not self.gptq:
             raise config_error(self.method, "act_order", True, "orders GPTQ's columns: needs gptq")
+        if self.observer not in OBSERVERS:
+            raise config_error(
+                self.method, "observer", self.observer, f"must be one of {', '.join(OBSERVERS)}"
+            )
 
     def check_shape(self, m: int, n: int) -> None:
         pass
@@ -131,10 +146,27 @@ def dequantize(codes, scales, zeros, group_size):
 
 
 def grid(
-    w: torch.Tensor, bits: int, group_size: int, symmetric: bool = False
+    w: torch.Tensor,
+    bits: int,
+    group_size: int,
+    symmetric: bool = False,
+    observer: str = "minmax",
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-(row, group) scale and zero point of the min-max grid (float64)."""
+    """Per-(row, group) scale and zero point of the min-max grid (float64), or of the
+    mse observer's shrunk grid (squared error weighted per column by `weights`)."""
     m, n = w.shape
+    if observer == "mse":
+        wn = w.detach().to(torch.float64).numpy()
+        d = np.ones(n) if weights is None else weights.to(torch.float64).numpy()
+        parts = [
+            _grid_np(wn[:, g0 : g0 + group_size], bits, symmetric, "mse", d[g0 : g0 + group_size])
+            for g0 in range(0, n, group_size)
+        ]
+        return (
+            torch.from_numpy(np.stack([p[0] for p in parts], 1)),
+            torch.from_numpy(np.stack([p[1] for p in parts], 1)),
+        )
     groups = math.ceil(n / group_size)
     pad = groups * group_size - n
     wp = torch.nn.functional.pad(w, (0, pad), value=float("nan")).reshape(m, groups, group_size)
@@ -168,9 +200,10 @@ def compress(weight: torch.Tensor, config: QuantConfig, calib: Calibration | Non
             config.group_size,
             act_order=config.act_order,
             symmetric=config.symmetric,
+            observer=config.observer,
         )
     else:
-        scale, zero = grid(w, config.bits, config.group_size, config.symmetric)
+        scale, zero = grid(w, config.bits, config.group_size, config.symmetric, config.observer)
         codes = quantize(w, scale, zero, config.bits, config.group_size)
     return Quantized(
         codes.to(torch.uint8),
@@ -208,6 +241,7 @@ def ldlq(
     factor: tuple[torch.Tensor, torch.Tensor] | None = None,
     act_order: bool = False,
     symmetric: bool = False,
+    observer: str = "minmax",
 ):
     """GPTQ/LDLQ: (codes, scales, zeros) of w (m, n) under the Hessian h (n, n).
 
@@ -225,7 +259,7 @@ def ldlq(
     """
     m, n = w.shape
     if act_order:
-        return _ldlq_act_order(w, h, bits, group_size, block, factor, symmetric)
+        return _ldlq_act_order(w, h, bits, group_size, block, factor, symmetric, observer)
     # blocks hold whole groups, so a group's grid never reads columns whose lazy update
     # from an earlier block is still pending
     block = max(group_size, block // group_size * group_size)
@@ -239,6 +273,7 @@ def ldlq(
     zero = np.zeros((groups, m))
     codes = np.zeros((n, m))
     top = 2**bits - 1
+    hd = torch.diagonal(h).to(torch.float64).numpy()
     for b0 in range(0, n, block):
         b1 = min(b0 + block, n)
         err = np.empty((b1 - b0, m))
@@ -247,7 +282,7 @@ def ldlq(
             if g0 > b0:
                 wt[g0:g1] -= u[b0:g0, g0:g1].T @ err[: g0 - b0]
             # the group's grid, from the weights as updated so far
-            s, z = _grid_np(wt[g0:g1].T, bits, symmetric)
+            s, z = _grid_np(wt[g0:g1].T, bits, symmetric, observer, hd[g0:g1])
             scale[g0 // group_size], zero[g0 // group_size] = s, z
             for i in range(g0, g1):
                 col = wt[i] if i == g0 else wt[i] - u[g0:i, i] @ err[g0 - b0 : i - b0]
@@ -263,14 +298,15 @@ def ldlq(
     )
 
 
-def _ldlq_act_order(w, h, bits, group_size, block, factor, symmetric):
+def _ldlq_act_order(w, h, bits, group_size, block, factor, symmetric, observer):
     """GPTQ over the columns in decreasing diag(H), each column on its group's grid
     fixed from the original weights; codes returned in the original column order."""
     m, n = w.shape
     perm = act_order_perm(h)
     u_t, dead = factor if factor is not None else hessian_inverse_factor(h, perm=perm)
     w = w.detach().to(torch.float64)
-    scale, zero = grid(w, bits, group_size, symmetric)  # (m, groups), original weights
+    # (m, groups), from the original weights
+    scale, zero = grid(w, bits, group_size, symmetric, observer, torch.diagonal(h))
     p = perm.numpy()
     group_of = p // group_size  # processing position -> its column's group
     s_t, z_t = scale.numpy().T[group_of], zero.numpy().T[group_of]  # (n, m)
@@ -296,11 +332,33 @@ def _ldlq_act_order(w, h, bits, group_size, block, factor, symmetric):
 
 
 def _grid_np(
-    block: np.ndarray, bits: int, symmetric: bool = False
+    block: np.ndarray,
+    bits: int,
+    symmetric: bool = False,
+    observer: str = "minmax",
+    weights: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """grid() for one group of columns, in numpy (same arithmetic)."""
+    """grid() for one group of columns (rows, columns), in numpy (same arithmetic);
+    under "mse" the shrink factor is chosen per row, `weights` per column."""
     lo = np.minimum(block.min(axis=1), 0)
     hi = np.maximum(block.max(axis=1), 0)
+    if observer != "mse":
+        return _range_grid(lo, hi, bits, symmetric)
+    d = np.ones(block.shape[1]) if weights is None else np.maximum(weights, 0)
+    top = 2**bits - 1
+    best = np.full(block.shape[0], np.inf)
+    scale, zero = _range_grid(lo, hi, bits, symmetric)
+    for p in SHRINKS:
+        s, z = _range_grid(lo * p, hi * p, bits, symmetric)
+        q = np.clip(np.rint(block / s[:, None]) + z[:, None], 0, top)
+        e = ((q - z[:, None]) * s[:, None] - block) ** 2 @ d
+        better = e < best
+        best = np.where(better, e, best)
+        scale, zero = np.where(better, s, scale), np.where(better, z, zero)
+    return scale, zero
+
+
+def _range_grid(lo, hi, bits, symmetric):
     if symmetric:
         scale = np.maximum(-lo, hi) / ((2**bits - 1) / 2)
         scale = np.where(scale > 0, scale, 1.0)
