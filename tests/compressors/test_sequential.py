@@ -95,3 +95,20 @@ def test_the_source_model_is_untouched(tiny):
     plans.apply_plan(tiny, plans.parse(PLAN), calib_ids=calib_ids())
     after = tiny.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_the_result_holds_the_compact_modules_not_the_stand_ins(tiny):
+    """Blocks are propagated through dense stand-ins, but the model handed back holds
+    the compact modules, whose forward equals the reconstructed weights'."""
+    from compressors.sparse import SparseLinear
+    from compressors.quant import QuantLinear
+
+    model, _, facts = plans.apply_plan(tiny, plans.parse(PLAN), calib_ids=calib_ids())
+    mods = dict(model.named_modules())
+    assert isinstance(mods["model.layers.0.self_attn.q_proj"], QuantLinear)
+    assert isinstance(mods["model.layers.1.mlp.down_proj"], SparseLinear)
+    assert not any(type(mods[n]) is torch.nn.Linear for n in facts)
+    x = torch.randn(3, tiny.config.hidden_size)
+    q = mods["model.layers.1.self_attn.q_proj"]
+    want = x @ facts["model.layers.1.self_attn.q_proj"].to_dense().float().T
+    torch.testing.assert_close(q(x), want, rtol=1e-5, atol=1e-5)
