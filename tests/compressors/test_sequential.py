@@ -100,8 +100,8 @@ def test_the_source_model_is_untouched(tiny):
 def test_the_result_holds_the_compact_modules_not_the_stand_ins(tiny):
     """Blocks are propagated through dense stand-ins, but the model handed back holds
     the compact modules, whose forward equals the reconstructed weights'."""
-    from compressors.sparse import SparseLinear
     from compressors.quant import QuantLinear
+    from compressors.sparse import SparseLinear
 
     model, _, facts = plans.apply_plan(tiny, plans.parse(PLAN), calib_ids=calib_ids())
     mods = dict(model.named_modules())
