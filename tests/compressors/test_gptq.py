@@ -63,7 +63,13 @@ def test_act_order_equals_the_textbook_algorithm_in_activation_order(symmetric, 
     calib = calibration(1)
     w = torch.randn(24, 48, generator=gen(2), dtype=torch.float64)
     config = make_config(
-        "quant", bits=3, group_size=group_size, gptq=True, act_order=True, symmetric=symmetric
+        "quant",
+        bits=3,
+        group_size=group_size,
+        gptq=True,
+        act_order=True,
+        symmetric=symmetric,
+        observer="minmax",
     )
     got = compress(w, config, calib)
     order = act_order_perm(calib.hessian)
@@ -83,10 +89,9 @@ def test_act_order_lowers_the_calibration_error_on_unequal_inputs():
     for seed in range(4):
         calib = calibration(10 + seed)
         w = torch.randn(32, 48, generator=gen(20 + seed), dtype=torch.float64)
-        a = compress(w, make_config("quant", bits=3, group_size=16, gptq=True), calib)
-        b = compress(
-            w, make_config("quant", bits=3, group_size=16, gptq=True, act_order=True), calib
-        )
+        knobs = dict(bits=3, group_size=16, gptq=True, observer="minmax")
+        a = compress(w, make_config("quant", act_order=False, **knobs), calib)
+        b = compress(w, make_config("quant", act_order=True, **knobs), calib)
         plain += h_error(w, a.to_dense(), calib.hessian)
         ordered += h_error(w, b.to_dense(), calib.hessian)
     assert ordered < plain, (ordered, plain)
@@ -113,11 +118,14 @@ def test_symmetric_grid_is_compressed_tensors_and_costs_no_zero_points():
         assert q.bits == config.cost(6, 40)[1]
 
 
-def test_act_order_needs_gptq():
+def test_act_order_needs_gptq_and_gptq_defaults_to_act_order_on_mse_grids():
     from spectra.errors import SpectraInputError
 
     with pytest.raises(SpectraInputError, match="act_order"):
         make_config("quant", bits=4, act_order=True)
+    rtn, gptq = make_config("quant", bits=4), make_config("quant", bits=4, gptq=True)
+    assert (rtn.act_order, rtn.observer) == (False, "minmax")
+    assert (gptq.act_order, gptq.observer) == (True, "mse")
 
 
 @pytest.mark.parametrize("symmetric", [False, True])
@@ -161,18 +169,24 @@ def test_mse_observer_picks_the_shrunk_grid_with_least_weighted_error(symmetric)
 
 def test_mse_observer_lowers_gptq_calibration_error():
     """Summed over seeds, GPTQ (act-order, both grids) on mse grids leaves less
-    ||(W - Q) X^T||^2 than on min-max grids, with heavy-tailed weights."""
+    ||(W - Q) X^T||^2 than on min-max grids, for heavy-tailed weights and inputs of
+    unequal scales. (diag(H) is a proxy: under strongly correlated inputs the gain
+    can vanish, which is why the benchmark, not this test, chose the default.)"""
     for symmetric in (False, True):
         minmax = mse = 0.0
         for seed in range(3):
-            calib = calibration(30 + seed)
-            w = torch.distributions.StudentT(3.0).sample((32, 48)).double()
-            knobs = dict(bits=3, group_size=16, gptq=True, act_order=True, symmetric=symmetric)
-            a = compress(w, make_config("quant", **knobs), calib)
+            g, n = gen(50 + seed), 128
+            scales = torch.logspace(-1, 0.5, n, dtype=torch.float64)[torch.randperm(n, generator=g)]
+            x = torch.randn(512, n, generator=g, dtype=torch.float64) * scales
+            calib = Calibration.from_activations(x)
+            w = torch.randn(32, n, generator=g, dtype=torch.float64)
+            w *= torch.exp(0.6 * torch.randn(32, n, generator=g, dtype=torch.float64))
+            knobs = dict(bits=3, group_size=32, gptq=True, act_order=True, symmetric=symmetric)
+            a = compress(w, make_config("quant", observer="minmax", **knobs), calib)
             b = compress(w, make_config("quant", observer="mse", **knobs), calib)
             minmax += h_error(w, a.to_dense(), calib.hessian)
             mse += h_error(w, b.to_dense(), calib.hessian)
-        assert mse < 0.95 * minmax, (symmetric, mse, minmax)
+        assert mse < 0.9 * minmax, (symmetric, mse, minmax)
 
 
 def test_unknown_observer_is_refused():
