@@ -73,6 +73,7 @@ ROWS = {
         4, act_order=True, symmetric=True, sequential=True, observer="mse"
     ),
     "gptq-w4-g64-ao-seq-mse": quant(4, act_order=True, sequential=True, observer="mse"),
+    "gptq-w4-g64-ao-mse": quant(4, act_order=True, observer="mse"),
     "gptq-w4-g128-ao-seq-mse": quant(
         4, act_order=True, sequential=True, group_size=128, observer="mse"
     ),
@@ -90,6 +91,7 @@ ROWS = {
         3, act_order=True, symmetric=True, sequential=True, observer="mse"
     ),
     "gptq-w3-g64-ao-seq-mse": quant(3, act_order=True, sequential=True, observer="mse"),
+    "gptq-w3-g64-ao-mse": quant(3, act_order=True, observer="mse"),
     "gptq-w3-g128-ao-seq-mse": quant(
         3, act_order=True, sequential=True, group_size=128, observer="mse"
     ),
