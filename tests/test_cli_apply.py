@@ -225,3 +225,16 @@ def test_sequential_calibration_is_cached_under_the_plan_and_repeats_exactly(
     r = cli("apply", plan, "--model", path, "-o", tmp_path / "bad")
     assert r.returncode == 2 and "calibration.sequential" in r.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_the_report_names_knobs_that_differ_from_their_resolved_defaults():
+    """GPTQ's act_order and observer follow gptq: plain GPTQ shows neither, an explicit
+    act_order: false is shown."""
+    from compressors.registry import make_config
+    from spectra.cli.compress import _settings
+
+    assert _settings(make_config("quant", bits=3)) == "quant(bits=3)"
+    assert _settings(make_config("quant", bits=3, gptq=True)) == "quant(bits=3, gptq=True)"
+    off = make_config("quant", bits=3, gptq=True, act_order=False, observer="minmax")
+    assert _settings(off) == "quant(bits=3, gptq=True, act_order=False, observer=minmax)"
+    assert _settings(make_config("lowrank", rank=8)) == "lowrank(rank=8)"

@@ -148,10 +148,21 @@ def _settings(config) -> str:
     """`method(knob=value, ...)` with the knobs that differ from the method's defaults."""
     if config is None:
         return "dense"
+    fields = dataclasses.fields(config)
+    # a knob whose default is None resolves from the others (quant's act_order and
+    # observer follow gptq): it is compared with what it resolves to here
+    try:
+        ref = dataclasses.replace(config, **{f.name: None for f in fields if f.default is None})
+    except (SpectraInputError, TypeError, ValueError):
+        ref = None
+
+    def default(f):
+        return getattr(ref, f.name) if f.default is None and ref is not None else f.default
+
     knobs = [
         f"{f.name}={getattr(config, f.name)}"
-        for f in dataclasses.fields(config)
-        if getattr(config, f.name) != f.default
+        for f in fields
+        if getattr(config, f.name) != default(f)
     ]
     return f"{config.method}({', '.join(knobs)})"
 
