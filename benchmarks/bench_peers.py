@@ -57,45 +57,42 @@ def prune(kind, sequential=False):
     return dict(method="prune", sparsity=0.5, **{kind: True}), sequential
 
 
+# one bit width's rows: name (after "w<bits>-") -> quant() settings; "ao" act-order,
+# "seq" sequential calibration, "sym" the symmetric grid, "mse" the mse observer.
+# Asymmetric at group 128 costs what symmetric costs at 64: 4.25 (3.25) bits.
+QUANT_ROWS = {
+    "rtn-g64": dict(gptq=False),
+    "rtn-g64-sym": dict(gptq=False, symmetric=True),
+    "gptq-g64": dict(),
+    "gptq-g64-ao": dict(act_order=True),
+    "gptq-g64-ao-seq": dict(act_order=True, sequential=True),
+    "gptq-g64-sym-ao-seq": dict(act_order=True, symmetric=True, sequential=True),
+    "gptq-g64-sym-ao": dict(act_order=True, symmetric=True),
+    "gptq-g128-ao-seq": dict(act_order=True, sequential=True, group_size=128),
+    "rtn-g64-mse": dict(gptq=False, observer="mse"),
+    "gptq-g64-sym-ao-seq-mse": dict(
+        act_order=True, symmetric=True, sequential=True, observer="mse"
+    ),
+    "gptq-g64-ao-seq-mse": dict(act_order=True, sequential=True, observer="mse"),
+    "gptq-g64-ao-mse": dict(act_order=True, observer="mse"),
+    "gptq-g128-ao-seq-mse": dict(act_order=True, sequential=True, group_size=128, observer="mse"),
+}
+
+
+def bit_rows(bits: int) -> dict:
+    """`rtn-w4-g64`-style rows of QUANT_ROWS at `bits`, then the peer's row."""
+    rows = {}
+    for name, knobs in QUANT_ROWS.items():
+        kind, rest = name.split("-", 1)
+        rows[f"{kind}-w{bits}-{rest}"] = quant(bits, **knobs)
+    rows[f"peer-gptq-w{bits}-g64"] = dict(recipe="gptq", bits=bits, group_size=64)
+    return rows
+
+
 # row -> (our settings, sequential) or the peer's recipe
 ROWS = {
-    "rtn-w4-g64": quant(4, gptq=False),
-    "rtn-w4-g64-sym": quant(4, gptq=False, symmetric=True),
-    "gptq-w4-g64": quant(4),
-    "gptq-w4-g64-ao": quant(4, act_order=True),
-    "gptq-w4-g64-ao-seq": quant(4, act_order=True, sequential=True),
-    "gptq-w4-g64-sym-ao-seq": quant(4, act_order=True, symmetric=True, sequential=True),
-    "gptq-w4-g64-sym-ao": quant(4, act_order=True, symmetric=True),
-    # asymmetric at group 128 costs what symmetric costs at 64: 4.25 (3.25) bits
-    "gptq-w4-g128-ao-seq": quant(4, act_order=True, sequential=True, group_size=128),
-    "rtn-w4-g64-mse": quant(4, gptq=False, observer="mse"),
-    "gptq-w4-g64-sym-ao-seq-mse": quant(
-        4, act_order=True, symmetric=True, sequential=True, observer="mse"
-    ),
-    "gptq-w4-g64-ao-seq-mse": quant(4, act_order=True, sequential=True, observer="mse"),
-    "gptq-w4-g64-ao-mse": quant(4, act_order=True, observer="mse"),
-    "gptq-w4-g128-ao-seq-mse": quant(
-        4, act_order=True, sequential=True, group_size=128, observer="mse"
-    ),
-    "peer-gptq-w4-g64": dict(recipe="gptq", bits=4, group_size=64),
-    "rtn-w3-g64": quant(3, gptq=False),
-    "rtn-w3-g64-sym": quant(3, gptq=False, symmetric=True),
-    "gptq-w3-g64": quant(3),
-    "gptq-w3-g64-ao": quant(3, act_order=True),
-    "gptq-w3-g64-ao-seq": quant(3, act_order=True, sequential=True),
-    "gptq-w3-g64-sym-ao-seq": quant(3, act_order=True, symmetric=True, sequential=True),
-    "gptq-w3-g64-sym-ao": quant(3, act_order=True, symmetric=True),
-    "gptq-w3-g128-ao-seq": quant(3, act_order=True, sequential=True, group_size=128),
-    "rtn-w3-g64-mse": quant(3, gptq=False, observer="mse"),
-    "gptq-w3-g64-sym-ao-seq-mse": quant(
-        3, act_order=True, symmetric=True, sequential=True, observer="mse"
-    ),
-    "gptq-w3-g64-ao-seq-mse": quant(3, act_order=True, sequential=True, observer="mse"),
-    "gptq-w3-g64-ao-mse": quant(3, act_order=True, observer="mse"),
-    "gptq-w3-g128-ao-seq-mse": quant(
-        3, act_order=True, sequential=True, group_size=128, observer="mse"
-    ),
-    "peer-gptq-w3-g64": dict(recipe="gptq", bits=3, group_size=64),
+    **bit_rows(4),
+    **bit_rows(3),
     "wanda-50": prune("wanda"),
     "wanda-50-seq": prune("wanda", sequential=True),
     "peer-wanda-50": dict(recipe="wanda", sparsity=0.5),
