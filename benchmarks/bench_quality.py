@@ -6,12 +6,14 @@ Dense baseline first, then (1) about 2.4 bits per linear parameter: CALDERA (Q a
 bits + rank 32 at 4-bit factors) vs 2-bit GPTQ vs 2-bit RTN, with 3- and 4-bit RTN
 for reference; (2) 50% and 80% of linear parameters kept: lowrank, whitened lowrank,
 joint (q,k and gate,up groups), losparse (half the budget low-rank, half sparse),
-mpo, magnitude and Wanda pruning. Perplexity on the builtin evaluation part (seqlen
-512, all of it unless --max-tokens), calibration from the builtin calibration part
-(64 x 512 tokens). Each plan is explicit per module; the wall time of each apply is
-recorded. MPO models are scored through their cores' dense reconstruction (the same
-function; the contraction forward at bonds this large is ~25x slower than dense on a
-CPU). Results: benchmarks/results/bench_quality.json.
+mpo, magnitude and Wanda pruning, SparseGPT, and the 2:4 pattern of all three.
+Perplexity on the builtin evaluation part (seqlen 512, all of it unless --max-tokens),
+calibration from the builtin calibration part (64 x 512 tokens). Each plan is
+explicit per module; the wall time of each apply is recorded. The data-aware rows in
+SEQUENTIAL run again as NAME-seq with `calibration.sequential` (each block
+calibrated on the already compressed ones). MPO models are scored through their
+cores' dense reconstruction (the same function; the contraction forward at bonds
+this large is ~25x slower than dense on a CPU). Results: benchmarks/results/bench_quality.json.
 """
 
 from __future__ import annotations
@@ -111,7 +113,30 @@ def plans(model) -> dict[str, dict]:
         out[f"prune-wanda-{tag}"] = per_module(
             model, lambda m, n, r=ratio: dict(method="prune", sparsity=round(1 - r, 6), wanda=True)
         )
+    out["prune-sparsegpt-50%"] = per_module(
+        model, lambda m, n: dict(method="prune", sparsity=0.5, sparsegpt=True)
+    )
+    for kind in ("magnitude", "wanda", "sparsegpt"):  # semi-structured 2:4
+        knobs = {} if kind == "magnitude" else {kind: True}
+        out[f"prune-{kind}-2:4"] = per_module(
+            model, lambda m, n, k=knobs: dict(method="prune", pattern="2:4", **k)
+        )
+    for name in SEQUENTIAL:  # the same plan, each block calibrated on the compressed ones
+        out[f"{name}-seq"] = dict(out[name], calibration=dict(CALIB, sequential=True))
     return out
+
+
+# data-aware rows also run with sequential calibration (GPTQ, Wanda, SparseGPT: bench_peers)
+SEQUENTIAL = (
+    "lowrank-whiten-50%",
+    "lowrank-whiten-80%",
+    "joint-whiten-50%",
+    "joint-whiten-80%",
+    "losparse-whiten-50%",
+    "losparse-whiten-80%",
+    "mpo-whiten-s2-80%",
+    "caldera-2bit-r32",
+)
 
 
 def mpo_bond(m, n, ratio, cores=3):
@@ -215,10 +240,14 @@ def main() -> None:
         entries = plan_mod.resolve(plan, linears(model))
         data = any(e.config is not None and needs_data(e.config) for e in entries)
         t0 = time.perf_counter()
-        if data and grams is None:
-            spec = calibration.CalibrationSpec(**CALIB)
-            grams = calibration.calibrate("demo", spec, model=model, tokenizer=tok)
-        compressed, reports, facts = plan_mod.apply_plan(model, plan, grams if data else None)
+        spec = calibration.CalibrationSpec(**CALIB)
+        if plan.calibration.sequential:  # calibrated inside the apply, block by block
+            windows = calibration.calibration_windows(tok, spec)
+            compressed, reports, facts = plan_mod.apply_plan(model, plan, calib_ids=windows)
+        else:
+            if data and grams is None:
+                grams = calibration.calibrate("demo", spec, model=model, tokenizer=tok)
+            compressed, reports, facts = plan_mod.apply_plan(model, plan, grams if data else None)
         seconds = time.perf_counter() - t0
         scored = compressed
         if name.startswith("mpo"):

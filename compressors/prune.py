@@ -16,19 +16,48 @@ pruned entry's value, divided by U_ii, is pushed onto the later columns of its r
 through U's row, which minimises ||(W - W_hat) X^T||_F greedily; the block's errors
 reach later blocks in one product ("lazy batch"). Kept entries carry the updated
 values.
+
+`pattern: "N:M"` (semi-structured, e.g. NVIDIA's 2:4): every run of M consecutive
+input weights of a row keeps exactly N, by |W| (magnitude), |W| * ||X_j|| (Wanda) or,
+for SparseGPT, the least saliency pruned within each group, chosen when the sweep
+reaches the group's first column (the reference's `prunen`/`prunem`). The pattern
+fixes sparsity at 1 - N/M. Storage counts what the semi-structured layout holds: N
+16-bit values and N ceil(log2 M)-bit positions per group (2:4: 4 metadata bits per
+four weights), no row pointers.
 """
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
 from compressors.base import DENSE_BITS, Calibration, Factorization, config_error, csr_index_bits
-from compressors.sparse import CSR, SparseLinear, top_k_mask
+from compressors.sparse import CSR, SparseLinear, nm_mask, top_k_mask
 
 SPARSEGPT_BLOCK = 128  # columns per mask-selection block (the reference's blocksize)
+MAX_GROUP = 128  # the largest M of an N:M pattern
+
+
+def parse_pattern(pattern: str) -> tuple[int, int]:
+    """(N, M) of an "N:M" pattern: N kept in every M consecutive input weights."""
+    match = re.fullmatch(r"(\d+):(\d+)", pattern) if isinstance(pattern, str) else None
+    n, m = (int(match[1]), int(match[2])) if match else (0, 0)
+    if not 1 <= n < m <= MAX_GROUP:
+        raise config_error(
+            "prune", "pattern", pattern, f'must be "N:M" with 1 <= N < M <= {MAX_GROUP}, e.g. "2:4"'
+        )
+    return n, m
+
+
+def pattern_cost(rows: int, cols: int, pattern: str) -> tuple[int, int]:
+    """(kept values, bits) of the semi-structured layout: N values + N positions per group."""
+    n, m = parse_pattern(pattern)
+    nnz = rows * (cols // m) * n
+    return nnz, nnz * (DENSE_BITS + math.ceil(math.log2(m)))
 
 
 @dataclass(frozen=True)
@@ -36,26 +65,53 @@ class PruneConfig:
     """Settings of `prune`.
 
     Attributes:
-        sparsity: fraction of weights set to zero, in [0, 1).
+        sparsity: fraction of weights set to zero, in [0, 1); 0.5 by default, 1 - N/M
+            with a pattern.
         wanda: score by |W| times activation norm, per output row (needs calibration).
         sparsegpt: SparseGPT's OBS reconstruction under H (needs calibration).
+        pattern: "N:M" semi-structured sparsity (N kept in every M consecutive input
+            weights of a row, e.g. "2:4"), or None for unstructured.
     """
 
     method: ClassVar[str] = "prune"
-    sparsity: float = 0.5
+    sparsity: float | None = None
     wanda: bool = False
     sparsegpt: bool = False
+    pattern: str | None = None
 
     def __post_init__(self):
+        if self.pattern is not None:
+            n, m = parse_pattern(self.pattern)
+            if self.sparsity is not None and not math.isclose(self.sparsity, 1 - n / m):
+                raise config_error(
+                    self.method,
+                    "sparsity",
+                    self.sparsity,
+                    f"pattern {self.pattern} fixes sparsity at {1 - n / m:g}",
+                )
+            object.__setattr__(self, "sparsity", 1 - n / m)
+        elif self.sparsity is None:
+            object.__setattr__(self, "sparsity", 0.5)
+        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, int | float):
+            raise config_error(self.method, "sparsity", self.sparsity, "must be a number")
         if not 0 <= self.sparsity < 1:
             raise config_error(self.method, "sparsity", self.sparsity, "must be in [0, 1)")
         if self.wanda and self.sparsegpt:
             raise config_error(self.method, "sparsegpt", True, "choose wanda or sparsegpt")
 
     def check_shape(self, m: int, n: int) -> None:
-        pass
+        if self.pattern is not None and n % parse_pattern(self.pattern)[1]:
+            group = parse_pattern(self.pattern)[1]
+            raise config_error(
+                self.method,
+                "pattern",
+                self.pattern,
+                f"needs in_features divisible by {group}, this module has {n}",
+            )
 
     def cost(self, m: int, n: int) -> tuple[int, int]:
+        if self.pattern is not None:
+            return pattern_cost(m, n, self.pattern)
         if self.wanda:
             nnz = round((1 - self.sparsity) * n) * m
         elif self.sparsegpt:
@@ -70,7 +126,10 @@ class PruneConfig:
 
 @dataclass
 class Pruned(Factorization):
+    """Kept weights in CSR; with `pattern` stored (and counted) as N:M semi-structured."""
+
     s: CSR
+    pattern: str | None = None
 
     @property
     def shape(self):
@@ -81,11 +140,11 @@ class Pruned(Factorization):
 
     @property
     def n_params(self):
-        return self.s.nnz
+        return self.s.nnz if self.pattern is None else pattern_cost(*self.shape, self.pattern)[0]
 
     @property
     def bits(self):
-        return self.s.bits
+        return self.s.bits if self.pattern is None else pattern_cost(*self.shape, self.pattern)[1]
 
     def as_module(self, bias=None):
         return SparseLinear(self.s, bias)
@@ -93,33 +152,47 @@ class Pruned(Factorization):
 
 def compress(weight: torch.Tensor, config: PruneConfig, calib: Calibration | None = None):
     """Keep the largest-|W| (1 - sparsity) fraction, Wanda's top scores per row, or
-    SparseGPT's reconstruction."""
+    SparseGPT's reconstruction (each within N:M groups under a `pattern`)."""
     w = weight.detach()
+    config.check_shape(*w.shape)
+    nm = None if config.pattern is None else parse_pattern(config.pattern)
     if config.sparsegpt:
         if calib is None:
             raise config_error("prune", "sparsegpt", True, "needs calibration data")
-        values, keep = sparsegpt(w.to(torch.float64), calib.hessian, config.sparsity)
-        return Pruned(CSR.from_dense(values.to(w.dtype), keep))
-    if not config.wanda:
-        keep = top_k_mask(w.abs().to(torch.float64), round((1 - config.sparsity) * w.numel()))
-        return Pruned(CSR.from_dense(w, keep))
-    if calib is None:
+        values, keep = sparsegpt(w.to(torch.float64), calib.hessian, config.sparsity, nm=nm)
+        return Pruned(CSR.from_dense(values.to(w.dtype), keep), config.pattern)
+    if config.wanda and calib is None:
         raise config_error("prune", "wanda", True, "needs calibration data")
-    score = w.abs().to(torch.float64) * calib.col_norms[None, :]
-    k = round((1 - config.sparsity) * w.shape[1])
-    keep = torch.zeros_like(score, dtype=torch.bool)
-    if k > 0:
-        keep.scatter_(1, torch.topk(score, k, dim=1).indices, True)
-    return Pruned(CSR.from_dense(w, keep))
+    score = w.abs().to(torch.float64)
+    if config.wanda:
+        score = score * calib.col_norms[None, :]
+    if nm is not None:
+        keep = nm_mask(score, *nm)
+    elif not config.wanda:
+        keep = top_k_mask(score, round((1 - config.sparsity) * w.numel()))
+    else:
+        k = round((1 - config.sparsity) * w.shape[1])
+        keep = torch.zeros_like(score, dtype=torch.bool)
+        if k > 0:
+            keep.scatter_(1, torch.topk(score, k, dim=1).indices, True)
+    return Pruned(CSR.from_dense(w, keep), config.pattern)
 
 
 def sparsegpt(
-    w: torch.Tensor, h: torch.Tensor, sparsity: float, block: int = SPARSEGPT_BLOCK
+    w: torch.Tensor,
+    h: torch.Tensor,
+    sparsity: float,
+    block: int = SPARSEGPT_BLOCK,
+    nm: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """SparseGPT: (reconstructed weights, keep mask) of w (m, n) under H (n, n)."""
+    """SparseGPT: (reconstructed weights, keep mask) of w (m, n) under H (n, n); with
+    `nm` = (N, M), N kept per M consecutive columns, each group's mask chosen on the
+    weights as updated when the sweep reaches it."""
     from compressors.quant import hessian_inverse_factor
 
     m, n = w.shape
+    if nm is not None:
+        block = max(nm[1], block // nm[1] * nm[1])  # groups never straddle two blocks
     u, dead = hessian_inverse_factor(h)
     w = w.clone()
     w[:, dead] = 0
@@ -127,11 +200,18 @@ def sparsegpt(
     for b0 in range(0, n, block):
         b1 = min(b0 + block, n)
         w1, u1 = w[:, b0:b1], u[b0:b1, b0:b1]
-        saliency = w1.pow(2) / torch.diagonal(u1).pow(2)[None, :]
-        k = round(sparsity * saliency.numel())
-        mask = ~top_k_mask(-saliency, k) if k else torch.ones_like(saliency, dtype=torch.bool)
+        d1 = torch.diagonal(u1).pow(2)
+        if nm is None:
+            saliency = w1.pow(2) / d1[None, :]
+            k = round(sparsity * saliency.numel())
+            mask = ~top_k_mask(-saliency, k) if k else torch.ones_like(saliency, dtype=torch.bool)
+        else:
+            mask = torch.ones_like(w1, dtype=torch.bool)
         err = torch.zeros_like(w1)
         for i in range(b1 - b0):
+            if nm is not None and i % nm[1] == 0:  # the group's mask, on the updated weights
+                g = slice(i, i + nm[1])
+                mask[:, g] = nm_mask(w1[:, g].pow(2) / d1[None, g], *nm)
             col = w1[:, i]
             q = torch.where(mask[:, i], col, torch.zeros_like(col))
             e = (col - q) / u1[i, i]

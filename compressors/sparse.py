@@ -62,6 +62,15 @@ def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     return mask.reshape(scores.shape)
 
 
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Boolean mask keeping the n largest of every m consecutive entries of each row."""
+    rows, cols = scores.shape
+    groups = scores.reshape(rows, cols // m, m)
+    mask = torch.zeros_like(groups, dtype=torch.bool)
+    mask.scatter_(2, torch.topk(groups, n, dim=2).indices, True)
+    return mask.reshape(rows, cols)
+
+
 class SparseLinear(torch.nn.Module):
     """y = x S^T + b with S kept in CSR."""
 

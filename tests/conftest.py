@@ -163,6 +163,33 @@ def demo_dir() -> Path:
     return root
 
 
+_DEMO: dict = {}
+
+
+@pytest.fixture()
+def demo_block(demo_dir):
+    """Block 5's matrices of the demo with their Grams on 2048 calibration tokens."""
+    if not _DEMO:
+        from compressors import activations
+        from compressors.apply import linear_targets
+        from compressors.base import Calibration
+        from spectra.data.calibration import CalibrationSpec, calibration_windows
+        from spectra.io import models
+
+        model = models.load(str(demo_dir), "cpu")
+        windows = calibration_windows(
+            models.load_tokenizer(str(demo_dir)), CalibrationSpec(samples=4, seqlen=512)
+        )
+        targets = linear_targets(model)
+        for block, grams in activations.block_grams(model, windows):
+            if block == 5:
+                for name, (h, rows) in grams.items():
+                    t, mod = targets[name]
+                    _DEMO[name.rsplit(".", 1)[1]] = (t.weight(mod).double(), Calibration(h, rows))
+                break
+    return _DEMO
+
+
 def _run_cli(*args, env=None, timeout=600):
     import subprocess
     import sys

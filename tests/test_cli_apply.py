@@ -78,12 +78,34 @@ def test_apply_writes_out_that_reloads_with_its_report(tiny_llama_dir, plan_file
         ),
         (lambda t, p: ["apply", _bad_plan(p), "--model", t, "-o", p.parent / "o"], "bits=1"),
         (
+            lambda t, p: (
+                ["apply", _bad_plan(p, method="prune", pattern="3:2"), "--model", t]
+                + ["-o", p.parent / "o"]
+            ),
+            "pattern='3:2'",
+        ),
+        (  # 64 input features do not split into groups of 5
+            lambda t, p: (
+                ["apply", _bad_plan(p, method="prune", pattern="2:5"), "--model", t]
+                + ["-o", p.parent / "o"]
+            ),
+            "divisible by 5",
+        ),
+        (
             lambda t, p: ["apply", _gpt2_plan(p), "--model", t, "-o", p.parent / "o"],
             "match no module",
         ),
         (lambda t, p: ["eval", _corrupt_out(p)], "corrupt compressed checkpoint"),
     ],
-    ids=["out-exists", "no-plan", "bad-bits", "other-architecture", "corrupt-out"],
+    ids=[
+        "out-exists",
+        "no-plan",
+        "bad-bits",
+        "pattern-3:2",
+        "pattern-indivisible",
+        "other-architecture",
+        "corrupt-out",
+    ],
 )
 def test_bad_apply_and_eval_inputs_exit_2(tiny_llama_dir, plan_file, make, match, cli):
     (plan_file.parent / "exists").mkdir()
@@ -93,11 +115,10 @@ def test_bad_apply_and_eval_inputs_exit_2(tiny_llama_dir, plan_file, make, match
     assert not (plan_file.parent / "o").exists()
 
 
-def _bad_plan(p):
+def _bad_plan(p, **config):
     q = p.parent / "bad.yaml"
-    q.write_text(
-        yaml.safe_dump({"layers": {"model.layers.0.mlp.up_proj": {"method": "quant", "bits": 1}}})
-    )
+    config = config or {"method": "quant", "bits": 1}
+    q.write_text(yaml.safe_dump({"layers": {"model.layers.0.mlp.up_proj": config}}))
     return q
 
 

@@ -101,32 +101,6 @@ def test_whitened_mpo_scales_inputs_and_costs_n_more():
     torch.testing.assert_close(module(xs), xs @ f.to_dense().T, rtol=1e-10, atol=1e-10)
 
 
-_DEMO: dict = {}
-
-
-@pytest.fixture()
-def demo_block(demo_dir):
-    """Block 5's matrices of the demo with their Grams on 2048 calibration tokens."""
-    if not _DEMO:
-        from compressors import activations
-        from compressors.apply import linear_targets
-        from spectra.data.calibration import CalibrationSpec, calibration_windows
-        from spectra.io import models
-
-        model = models.load(str(demo_dir), "cpu")
-        windows = calibration_windows(
-            models.load_tokenizer(str(demo_dir)), CalibrationSpec(samples=4, seqlen=512)
-        )
-        targets = linear_targets(model)
-        for block, grams in activations.block_grams(model, windows):
-            if block == 5:
-                for name, (h, rows) in grams.items():
-                    t, mod = targets[name]
-                    _DEMO[name.rsplit(".", 1)[1]] = (t.weight(mod).double(), Calibration(h, rows))
-                break
-    return _DEMO
-
-
 @pytest.mark.parametrize(
     ("method", "members", "knobs"),
     [
