@@ -155,13 +155,24 @@ class Caldera(Factorization):
 
 
 class CalderaLinear(nn.Module):
-    """y = s U^T (Q + L R) V x + b, with Q, L, R dequantized in the forward, W never stored."""
+    """y = s U^T (Q + L R) V x + b, with Q, L, R dequantized in the forward, W never stored.
+
+    Unquantized factors (factor_bits 16) are parameters `l`, `r` sharing the
+    factorization's tensors, so healing trains them in place; Q is always frozen."""
 
     def __init__(self, f: Caldera, bias=None):
         super().__init__()
         self.f = f
         self.rot = f.rotations() if f.seed is not None else None
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        for side in ("l", "r"):
+            part = getattr(f, side)
+            if isinstance(part, Plain):
+                setattr(self, side, nn.Parameter(part.value, requires_grad=False))
+
+    def _factor(self, side: str, dtype):
+        part = getattr(self.f, side)
+        return (getattr(self, side) if isinstance(part, Plain) else part.to_dense()).to(dtype)
 
     def forward(self, x):
         dtype = x.dtype
@@ -169,7 +180,7 @@ class CalderaLinear(nn.Module):
             x = self.rot[1].apply(x.to(torch.float64)).to(dtype)  # x V^T
         y = nn.functional.linear(x, self.f.q.to_dense().to(dtype))
         y = y + nn.functional.linear(
-            nn.functional.linear(x, self.f.r.to_dense().to(dtype)), self.f.l.to_dense().to(dtype)
+            nn.functional.linear(x, self._factor("r", dtype)), self._factor("l", dtype)
         )
         if self.rot is not None:
             y = self.rot[0].apply_inverse(y.to(torch.float64)).to(dtype)  # (.) U

@@ -133,6 +133,8 @@ class MPOLinear(nn.Module):
         lead, k = x.shape[:-1], len(self.cores)
         if self.scale is not None:
             x = x * self.scale
+        if self.cores[0].requires_grad:  # healing: the cores' product, differentiable
+            return nn.functional.linear(x, dense_torch(list(self.cores)).to(x.dtype), self.bias)
         if not self.reverse:
             y = _contract(x.reshape(-1, x.shape[-1]), list(self.cores))
         else:
@@ -142,6 +144,18 @@ class MPOLinear(nn.Module):
             y = _contract(xr, cores).reshape(-1, *self.mf[::-1]).permute(*flip)
         y = y.reshape(*lead, -1)
         return y if self.bias is None else y + self.bias
+
+
+def dense_torch(cores) -> torch.Tensor:
+    """The (m, n) matrix of MPO cores (r, m_k, n_k, r'), as torch ops (differentiable):
+    spectra.linalg.mpo.tt_to_dense's contraction. While healing on batches of thousands
+    of tokens, forming W costs less than the core-by-core contraction."""
+    t = cores[0]
+    for c in cores[1:]:
+        _, mm, nn_, _ = t.shape
+        _, a, b, r = c.shape
+        t = torch.einsum("xmnr,rabs->xmanbs", t, c).reshape(1, mm * a, nn_ * b, r)
+    return t[0, :, :, 0]
 
 
 def _contract(x, cores):

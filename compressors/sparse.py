@@ -6,6 +6,7 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from compressors.base import DENSE_BITS, csr_index_bits
 
@@ -84,3 +85,24 @@ class SparseLinear(torch.nn.Module):
         y = (self.weight_csr @ flat.T).T
         y = y.reshape(*x.shape[:-1], y.shape[-1])
         return y if self.bias is None else y + self.bias
+
+
+class TrainableSparseLinear(nn.Module):
+    """y = x S^T + b with S's values a parameter on S's fixed support (for healing).
+
+    The values share the CSR's tensor, so training updates the factorization in place;
+    the forward scatters them into a dense matrix (differentiable in the values).
+    """
+
+    def __init__(self, s: CSR, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.shape = s.shape
+        rows = torch.repeat_interleave(torch.arange(s.shape[0]), s.crow.diff())
+        self.register_buffer("rows", rows, persistent=False)
+        self.register_buffer("cols", s.col, persistent=False)
+        self.values = nn.Parameter(s.values)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x):
+        w = x.new_zeros(self.shape).index_put((self.rows, self.cols), self.values.to(x.dtype))
+        return nn.functional.linear(x, w, self.bias)

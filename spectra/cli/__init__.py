@@ -15,6 +15,7 @@ from spectra.cli.analyze import cmd_analyze
 from spectra.cli.app import cmd_app
 from spectra.cli.calibrate import cmd_calibrate
 from spectra.cli.compress import cmd_apply, cmd_eval, cmd_plan_auto, cmd_plan_show
+from spectra.cli.heal import cmd_heal
 from spectra.data.calibration import DEFAULT_SEQLEN, DEFAULT_TOKENS
 from spectra.errors import SpectraInputError
 
@@ -120,6 +121,25 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--json", action="store_true")
     ap.set_defaults(func=cmd_apply)
+
+    he = sub.add_parser(
+        "heal", help="distil an apply output's compact parameters from its dense model"
+    )
+    he.add_argument("checkpoint", metavar="OUT", help="a `spectra apply` output")
+    he.add_argument("-o", "--out", type=Path, required=True, help="where the healed model goes")
+    he.add_argument("--steps", type=int, help="optimizer steps (default: the plan's heal, or 100)")
+    he.add_argument("--lr", type=float, help="peak learning rate (default 1e-4)")
+    he.add_argument(
+        "--tokens-per-step", type=int, help="calibration tokens per step (default 2048)"
+    )
+    he.add_argument(
+        "--corpus", help="builtin or a text file (default: the plan's calibration corpus)"
+    )
+    he.add_argument("--dense", action="store_true", help="also write OUT2/dense (plain weights)")
+    he.add_argument("--force", action="store_true", help="replace an existing OUT2")
+    he.add_argument("--device", default="auto")
+    he.add_argument("--json", action="store_true")
+    he.set_defaults(func=cmd_heal)
 
     ev = sub.add_parser("eval", help="perplexity on a corpus (GPTQ / SVD-LLM convention)")
     ev.add_argument("model")

@@ -222,6 +222,21 @@ def cmd_apply(args) -> int:
             )
     rows = [applying.asdict(r) for r in reports]
     totals = plans.totals(entries)
+    heal_section = None
+    if plan.heal is not None:  # distil the compact parameters from the dense model
+        from spectra.cli import heal as healing
+
+        identity = {"model": args.model, "plan": plans.plan_key(entries)}
+        facts, heal_section = healing.run_heal(
+            compressed,
+            model,
+            facts,
+            tokenizer,
+            plan.heal,
+            plan.calibration.corpus,
+            out,
+            identity,
+        )
     totals["seconds"] = time.perf_counter() - t0
     report = dict(
         model=args.model,
@@ -235,9 +250,13 @@ def cmd_apply(args) -> int:
         totals=totals,
         modules=rows,
     )
+    if heal_section is not None:
+        report["heal"] = heal_section
     io.save(
         out, compressed, facts, args.plan.read_text(), report, tokenizer, args.dense, args.force
     )
+    if heal_section is not None:
+        healing.finish(out)
     if args.json:
         print(json.dumps({"out": str(out), **totals}))
     else:
@@ -247,6 +266,8 @@ def cmd_apply(args) -> int:
             f"{totals['params_after'] / 1e6:.2f}M, "
             f"{totals['bits_per_param']:.2f} bits per parameter; report: {out / 'report.json'}"
         )
+        if heal_section is not None:
+            print(healing.summary(out, heal_section))
     return 0
 
 

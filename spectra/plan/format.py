@@ -17,13 +17,15 @@ import yaml
 
 from spectra.analysis import spectra_by_name
 from spectra.data.calibration import CalibrationSpec
+from spectra.data.heal import HealConfig, HealError
+from spectra.data.heal import parse as heal_settings
 from spectra.errors import SpectraInputError
 from spectra.io import cache
 from spectra.linalg.metrics import energy_rank
 from spectra.linalg.svd import singular_values
 
 PLAN_VERSION = 1
-TOP_KEYS = {"version", "model", "calibration", "rules", "layers"}
+TOP_KEYS = {"version", "model", "calibration", "rules", "layers", "heal"}
 CALIB_KEYS = {"corpus", "samples", "seqlen", "seed", "sequential"}
 NOT_TARGETABLE = {"embed"}  # embeddings are lookups, not linear layers
 
@@ -62,6 +64,7 @@ class Plan:
     rules: tuple[Rule, ...] = ()
     layers: dict = field(default_factory=dict)  # module name -> config
     shapes: dict = field(default_factory=dict)  # module name -> (out, in) it was planned for
+    heal: HealConfig | None = None  # distillation after compression (spectra.data.heal)
 
 
 @dataclass
@@ -137,7 +140,11 @@ def parse(data) -> Plan:
         layers[str(name)] = _config(make_config, raw, f"layers.{name}")
     model = data.get("model")
     model = None if model is None else str(model)
-    return Plan(version, model, calib, tuple(rules), layers, shapes)
+    try:
+        heal = None if data.get("heal") is None else heal_settings(data["heal"])
+    except HealError as e:
+        raise PlanError(str(e)) from e
+    return Plan(version, model, calib, tuple(rules), layers, shapes, heal)
 
 
 def _shape(value, where: str) -> tuple[int, int]:
@@ -175,6 +182,8 @@ def to_dict(plan: Plan) -> dict:
             }
             for k, c in plan.layers.items()
         }
+    if plan.heal is not None:
+        out["heal"] = plan.heal.to_dict()
     return out
 
 

@@ -1,0 +1,132 @@
+"""The compact parameters of a compressed model, made trainable for healing and folded back.
+
+Healing (spectra.data.heal) trains only what a factorization stores in float: low-rank
+factors (`lowrank`), joint's shared projection and per-member factors, LoSparse's
+factors and its sparse values on their fixed support, MPO cores (and the input scaling
+of the calibrated form), CALDERA's L and R. Everything else stays frozen: the
+backbone Q of CALDERA, `quant` codes, `prune` masks and values, biases, and every
+module the plan left dense.
+
+`Trainable(model, factorizations)` turns the model's compact modules into training
+form in place: every parameter above has requires_grad and shares its tensor with the
+factorization, so an optimizer step updates the factorization itself. Quantized
+factors (CALDERA's at factor_bits < 16) are trained in float and quantized again by
+`finish()`, on the grid they were stored with (bits, group size, symmetric or not),
+round-to-nearest. `finish()` puts the ordinary compact modules back and returns the
+factorizations to save.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from compressors.caldera import Caldera, Plain
+from compressors.joint import JointGroup
+from compressors.losparse import LowRankSparse
+from compressors.lowrank import LowRank
+from compressors.mpo import MPO
+from compressors.quant import Quantized, grid, quantize
+from compressors.sparse import TrainableSparseLinear
+
+HEALABLE = (LowRank, JointGroup, LowRankSparse, MPO, Caldera)
+
+
+class Trainable:
+    """Training form of a compressed model's compact modules (see the module doc)."""
+
+    def __init__(self, model: nn.Module, factorizations: dict):
+        self.model = model
+        self.factorizations = dict(factorizations)
+        self._requantize: dict[int, dict[str, Quantized]] = {}  # id(f) -> {side: old}
+        model.requires_grad_(False)
+        groups: dict[int, list[str]] = {}
+        for name, f in self.factorizations.items():
+            if isinstance(f, HEALABLE):
+                groups.setdefault(id(f), []).append(name)
+        self.groups = {names[0]: names for names in groups.values()}
+        for names in self.groups.values():
+            f = self.factorizations[names[0]]
+            if isinstance(f, Caldera):
+                self._float_factors(f)
+            self._install(names, f, train=True)
+
+    def _float_factors(self, f: Caldera) -> None:
+        old = {}
+        for side in ("l", "r"):
+            part = getattr(f, side)
+            if isinstance(part, Quantized):
+                old[side] = part
+                setattr(f, side, Plain(part.to_dense().to(part.scales.dtype).contiguous()))
+        if old:
+            self._requantize[id(f)] = old
+
+    def _install(self, names: list[str], f, train: bool) -> None:
+        biases = [self.model.get_submodule(n).bias for n in names]
+        biases = [None if b is None else b.detach() for b in biases]
+        if isinstance(f, JointGroup):
+            modules = f.member_modules(biases)
+        else:
+            modules = [f.as_module(biases[0])]
+        for name, module in zip(names, modules, strict=True):
+            if train:
+                _train(module, f)
+            parent, _, child = name.rpartition(".")
+            setattr(self.model.get_submodule(parent) if parent else self.model, child, module)
+
+    def named_parameters(self) -> dict[str, nn.Parameter]:
+        """The trainable parameters by their name in the model (shared ones once)."""
+        out, seen = {}, set()
+        for name, p in self.model.named_parameters(remove_duplicate=False):
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                out[name] = p
+        return out
+
+    @property
+    def quantized_factors(self) -> bool:
+        """Whether some trained factors go back to a quantization grid at `finish`."""
+        return bool(self._requantize)
+
+    def finish(self) -> dict:
+        """Quantize trained factors back to their grids, reinstall the ordinary compact
+        modules (frozen) and return the factorizations."""
+        for names in self.groups.values():
+            f = self.factorizations[names[0]]
+            for side, old in self._requantize.pop(id(f), {}).items():
+                setattr(f, side, requantize(getattr(f, side).value.detach(), old))
+            self._install(names, f, train=False)
+        self.model.requires_grad_(False)
+        return self.factorizations
+
+
+def _train(module: nn.Module, f) -> None:
+    """Give `module` (built from healable `f`) its training form, in place."""
+    if isinstance(f, LowRankSparse):
+        module.low.requires_grad_(True)
+        if module.sparse is not None:
+            module.sparse = TrainableSparseLinear(f.s)
+        else:
+            values = module.row_values
+            del module.row_values
+            module.row_values = nn.Parameter(values)
+        return
+    for pname, p in module.named_parameters():
+        if pname != "bias" and not pname.endswith(".bias"):
+            p.requires_grad_(True)
+
+
+def requantize(value: torch.Tensor, like: Quantized) -> Quantized:
+    """`value` round-to-nearest on a min-max grid with `like`'s bits, groups and symmetry."""
+    w = value.to(torch.float64)
+    scale, zero = grid(w, like.nbits, like.group_size, like.symmetric)
+    codes = quantize(w, scale, zero, like.nbits, like.group_size)
+    dtype = like.scales.dtype
+    return Quantized(
+        codes.to(torch.uint8),
+        scale.to(dtype),
+        zero.to(dtype),
+        like.nbits,
+        like.group_size,
+        like.symmetric,
+    )

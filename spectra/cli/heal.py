@@ -1,0 +1,120 @@
+"""`spectra heal OUT -o OUT2` and the healing step of `spectra apply` (a plan's `heal:`)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import yaml
+
+from spectra.cli.progress import progress_bar
+from spectra.data import heal as healing
+from spectra.errors import SpectraInputError
+from spectra.io import models
+
+
+def checkpoint_folder(out: Path) -> Path:
+    """Where healing into `out` keeps its resumable checkpoint (beside it, hidden)."""
+    return out.parent / f".{out.name}.heal"
+
+
+def run_heal(student, teacher, facts, tokenizer, config, corpus, out: Path, identity: dict):
+    """Heal with a progress bar and resumable checkpoints beside `out`; returns
+    (factorizations, the report's `heal` section)."""
+    if tokenizer is None:
+        raise SpectraInputError("healing needs the model's tokenizer, and it has none")
+    folder = checkpoint_folder(out)
+    with progress_bar("healing", unit="step") as progress:
+        facts, result = healing.heal(
+            student,
+            teacher,
+            facts,
+            tokenizer,
+            config,
+            corpus=corpus,
+            checkpoints=folder,
+            identity=identity,
+            progress=progress,
+        )
+    section = {
+        "settings": config.to_dict(),
+        "corpus": config.corpus or corpus,
+        "eval": {"corpus": "builtin", "split": "eval", "tokens_per_point": config.eval_tokens},
+        "ppl_before": result.curve[0]["ppl"],
+        "ppl_after": result.curve[-1]["ppl"],
+        **result.to_dict(),
+    }
+    return facts, section
+
+
+def finish(out: Path) -> None:
+    """After OUT is written: its checkpoint folder is no longer needed."""
+    shutil.rmtree(checkpoint_folder(out), ignore_errors=True)
+
+
+def cmd_heal(args) -> int:
+    from compressors import io  # deferred: torch
+
+    src, out = Path(args.checkpoint), Path(args.out)
+    if not io.is_compressed_checkpoint(src):
+        raise SpectraInputError(
+            f"{src}: not a `spectra apply` output (no manifest.json and factors.safetensors)"
+        )
+    if out.exists() and not args.force:
+        raise SpectraInputError(f"{out}: already exists (pass --force to replace it)")
+    if not out.parent.is_dir():
+        raise SpectraInputError(f"{out}: directory {out.parent} does not exist")
+    if out.resolve() == src.resolve():
+        raise SpectraInputError(f"{out}: the source OUT itself; write the healed model elsewhere")
+    try:
+        report = json.loads((src / "report.json").read_text())
+        plan_text = (src / "plan.yaml").read_text()
+        plan_raw = yaml.safe_load(plan_text) or {}
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        raise SpectraInputError(f"{src}: unreadable report.json or plan.yaml ({e})") from e
+    source = report.get("model")
+    if not source:
+        raise SpectraInputError(f"{src}/report.json: does not name its source model")
+    config = healing.parse(
+        plan_raw.get("heal") if isinstance(plan_raw, dict) else None,
+        steps=args.steps,
+        lr=args.lr,
+        tokens_per_step=args.tokens_per_step,
+        corpus=args.corpus,
+    )
+    corpus = (report.get("calibration") or {}).get("corpus") or "builtin"
+    device = models.resolve_device(args.device)
+    student, facts = io.load(src, device)
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(src)
+    except (OSError, ValueError) as e:
+        raise SpectraInputError(f"{src}: no usable tokenizer in the checkpoint") from e
+    teacher = models.load(source, device=device)
+    factors = src / "factors.safetensors"
+    identity = {"out": str(src.resolve()), "factors_bytes": factors.stat().st_size}
+    facts, section = run_heal(student, teacher, facts, tokenizer, config, corpus, out, identity)
+    if "heal" in report:
+        section["previous"] = report["heal"]
+    report["heal"] = section
+    io.save(out, student, facts, plan_text, report, tokenizer, args.dense, args.force)
+    finish(out)
+    if args.json:
+        print(json.dumps({"out": str(out), **{k: section[k] for k in _SUMMARY}}))
+    else:
+        print(summary(out, section))
+    return 0
+
+
+_SUMMARY = ("steps", "ppl_before", "ppl_after", "seconds", "tokens_per_s", "trainable_params")
+
+
+def summary(out: Path, section: dict) -> str:
+    return (
+        f"{out}: healed {section['steps']} steps ({section['trainable_params'] / 1e6:.2f}M "
+        f"trainable parameters, {section['tokens_per_s']:,.0f} tokens/s); perplexity on "
+        f"{section['eval']['tokens_per_point']} evaluation tokens {section['ppl_before']:.3f} "
+        f"-> {section['ppl_after']:.3f}"
+    )
