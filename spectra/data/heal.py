@@ -3,11 +3,11 @@
 Only the compact parameters train (compressors.healing): factors, shared projections,
 sparse values on their fixed support, MPO cores, CALDERA's L and R. The objective is
 the KL divergence from the dense model's next-token distribution to the compressed
-model's at `temperature` (scaled by T^2, as in Hinton et al. 2015), plus `lm_weight`
-times the next-token cross-entropy; AdamW, linear warmup then cosine decay to zero,
-gradient clipping; bf16 autocast on CUDA, float32 on the CPU. Teacher and student
-share every frozen tensor that the compression left as it was (embeddings, norms,
-dense modules), so the model is not held twice.
+model's at every position of a window, at `temperature` (scaled by T^2, as in Hinton
+et al. 2015), plus `lm_weight` times the next-token cross-entropy; AdamW, linear
+warmup then cosine decay to zero, gradient clipping; bf16 autocast on CUDA, float32
+on the CPU. Teacher and student share every frozen tensor that the compression left
+as it was (embeddings, norms, dense modules), so the model is not held twice.
 
 Data: the calibration part of a corpus (builtin, or a text file: never the
 evaluation part), cut into windows of `seqlen` as perplexity cuts them (BOS first
@@ -173,6 +173,8 @@ def share_frozen(student, teacher) -> int:
         if (
             other is None
             or t.requires_grad
+            or t.layout != torch.strided
+            or other.layout != torch.strided
             or other.shape != t.shape
             or other.dtype != t.dtype
             or other.device != t.device
@@ -204,21 +206,55 @@ def batch_indices(step: int, batch: int, n: int, seed: int) -> list[int]:
     return out
 
 
-def distill_loss(student_logits, teacher_logits, targets, temperature=1.0, lm_weight=0.0):
-    """(loss, kl): KL(teacher || student) per token at `temperature` times T^2, plus
-    `lm_weight` times the next-token cross-entropy, in float32."""
+def distill_loss(student_logits, teacher_logits, targets=None, temperature=1.0, lm_weight=0.0):
+    """(loss, kl): mean over positions of KL(teacher || student) at `temperature`, times
+    T^2, plus `lm_weight` times the next-token cross-entropy of `targets` (the student's
+    logits at position i scored on targets[i], all positions but the last), float32."""
+    import torch
     import torch.nn.functional as F
 
     t = temperature
-    s = student_logits.float().reshape(-1, student_logits.shape[-1])
-    q = teacher_logits.float().reshape(-1, teacher_logits.shape[-1])
-    log_p = F.log_softmax(q / t, dim=-1)
-    log_s = F.log_softmax(s / t, dim=-1)
-    kl = F.kl_div(log_s, log_p, log_target=True, reduction="batchmean") * t * t
+    vocab = student_logits.shape[-1]
+    s = student_logits.float().reshape(-1, vocab)
+    with torch.no_grad():
+        p = torch.softmax(teacher_logits.float().reshape(-1, vocab) / t, dim=-1)
+        neg_entropy = torch.special.xlogy(p, p).sum()
+    kl = _soft_kl()(s / t if t != 1 else s, p, neg_entropy) * (t * t)
     loss = kl
     if lm_weight:
-        loss = loss + lm_weight * F.cross_entropy(s, targets.reshape(-1))
+        shifted = student_logits[:, :-1].float().reshape(-1, vocab)
+        loss = loss + lm_weight * F.cross_entropy(shifted, targets.reshape(-1))
     return loss, kl
+
+
+_SOFT_KL = None
+
+
+def _soft_kl():
+    """An autograd function: mean over rows of KL(p || softmax(s)), from s, p and
+    sum(p log p), in three passes over the logits forward and one backward (the
+    gradient is (softmax(s) - p) / rows); F.kl_div on log-softmaxes takes about three
+    times as many."""
+    global _SOFT_KL
+    if _SOFT_KL is None:
+        import torch
+
+        class SoftKL(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, s, p, neg_entropy):
+                lse = torch.logsumexp(s, dim=-1)
+                ctx.save_for_backward(s, p, lse)
+                cross = (lse - torch.linalg.vecdot(p, s)).sum()  # -sum p log softmax(s)
+                return (cross + neg_entropy) / s.shape[0]
+
+            @staticmethod
+            def backward(ctx, grad):
+                s, p, lse = ctx.saved_tensors
+                out = torch.exp(s - lse[:, None]).sub_(p).mul_(grad / s.shape[0])
+                return out, None, None
+
+        _SOFT_KL = SoftKL.apply
+    return _SOFT_KL
 
 
 @dataclass
@@ -310,9 +346,9 @@ def heal(
             for group in opt.param_groups:
                 group["lr"] = config.lr_at(step)
             with torch.no_grad(), autocast:
-                target = teacher(x, use_cache=False).logits[:, :-1]
+                target = teacher(x, use_cache=False).logits
             with autocast:
-                logits = student(x, use_cache=False).logits[:, :-1]
+                logits = student(x, use_cache=False).logits
                 loss, _ = distill_loss(
                     logits, target, x[:, 1:], config.temperature, config.lm_weight
                 )

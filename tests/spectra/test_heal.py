@@ -1,0 +1,297 @@
+"""Healing: only compact parameters change, the loss and perplexity fall, an interrupted
+run resumes to the same result, and bad settings are refused."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from compressors.healing import Trainable
+from spectra.data import heal
+from spectra.errors import SpectraInputError
+
+# one of each healable method, and the frozen ones, cycled over a model's block modules
+METHODS = [
+    dict(method="lowrank", rank=8),
+    dict(method="losparse", rank=4, sparsity=0.9),
+    dict(method="mpo", cores=2, bond_dim=4),
+    dict(method="caldera", rank=4, bits=2, factor_bits=4, group_size=16, iters=2),
+    dict(method="quant", bits=4),
+    dict(method="prune", sparsity=0.5),
+    dict(method="losparse", rank=4, sparsity=0.9, structured="rows"),
+    dict(method="caldera", rank=4, bits=2, factor_bits=16, group_size=16, iters=2),
+]
+FAST = dict(tokens_per_step=64, seqlen=32, eval_every=0, eval_tokens=64, checkpoint_every=0)
+
+
+def compressed(path, joint=True):
+    """(teacher, student, factorizations, tokenizer) of a saved tiny model under a plan
+    that uses every method (joint for q, k where the family has them)."""
+    from compressors.apply import linear_targets
+    from spectra.data.calibration import calibration_windows
+    from spectra.io import models
+    from spectra.plan import format as plan_mod
+
+    model = models.load(str(path), device="cpu")
+    tok = models.load_tokenizer(str(path))
+    names = [t.name for t, _ in linear_targets(model).values() if t.block is not None]
+    rules = []
+    if joint and any(n.endswith("self_attn.q_proj") for n in names):
+        names = [n for n in names if not n.endswith(("self_attn.q_proj", "self_attn.k_proj"))]
+        rules = [{"targets": [r"re:.*\.self_attn\.[qk]_proj"], "method": "joint", "rank": 6}]
+    layers = {n: METHODS[i % len(METHODS)] for i, n in enumerate(names)}
+    plan = plan_mod.parse(
+        dict(version=1, calibration=dict(samples=4, seqlen=32), rules=rules, layers=layers)
+    )
+    windows = calibration_windows(tok, plan.calibration)
+    student, _, facts = plan_mod.apply_plan(model, plan, calib_ids=windows)
+    return model, student, facts, tok
+
+
+def frozen_tensors(student, facts) -> dict:
+    """Clones of everything healing must not change: the student's tensors outside the
+    healable modules, and the frozen parts inside them (CALDERA's Q, sparse supports)."""
+    from compressors.caldera import Caldera
+    from compressors.losparse import LowRankSparse
+
+    healable = {n for n, f in facts.items() if type(f).__name__ in HEALABLE}
+    out = {
+        k: (v.to_dense() if v.layout != torch.strided else v).detach().clone()
+        for k, v in student.state_dict().items()
+        if not any(k.startswith(n + ".") for n in healable) or k.endswith("bias")
+    }
+    for n, f in facts.items():
+        if isinstance(f, Caldera):
+            out[f"{n}#q"] = f.q.codes.clone()
+            out[f"{n}#qs"] = f.q.scales.clone()
+        if isinstance(f, LowRankSparse):
+            out[f"{n}#crow"] = f.s.crow.clone()
+            out[f"{n}#col"] = f.s.col.clone()
+            if f.rows is not None:
+                out[f"{n}#rows"] = f.rows.clone()
+    return out
+
+
+HEALABLE = ("LowRank", "JointGroup", "LowRankSparse", "MPO", "Caldera")
+
+
+def healable_tensors(facts) -> dict:
+    out = {}
+    for n, f in facts.items():
+        kind = type(f).__name__
+        if kind == "LowRank":
+            out[n] = torch.cat([f.a.flatten(), f.b.flatten()]).clone()
+        elif kind == "JointGroup":
+            out[n] = torch.cat([f.v.flatten(), *[a.flatten() for a in f.a]]).clone()
+        elif kind == "LowRankSparse":
+            sparse = f.s.values if f.rows is None else f.row_values
+            out[n] = torch.cat([f.a.flatten(), f.b.flatten(), sparse.flatten()]).clone()
+        elif kind == "MPO":
+            out[n] = torch.cat([c.flatten() for c in f.cores]).clone()
+        elif kind == "Caldera":
+            out[n] = torch.cat([f.l.to_dense().flatten(), f.r.to_dense().flatten()]).clone()
+    return out
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "phi3", "opt"])
+def test_only_compact_parameters_change(family, family_dir):
+    teacher, student, facts, tok = compressed(family_dir(family))
+    teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    frozen = frozen_tensors(student, facts)
+    trained = healable_tensors(facts)
+    kinds = {type(facts[n]).__name__ for n in trained}
+    assert kinds >= {"LowRank", "LowRankSparse", "MPO", "Caldera"}, kinds
+    config = heal.HealConfig(steps=3, lr=1e-2, **FAST)
+    facts, result = heal.heal(student, teacher, facts, tok, config)
+    assert result.steps == 3 and len(result.losses) == 3
+    after = frozen_tensors(student, facts)
+    assert after.keys() == frozen.keys()
+    for k, v in frozen.items():
+        assert torch.equal(after[k], v), k
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, teacher_before[k]), k
+    changed = healable_tensors(facts)
+    for n, v in trained.items():
+        assert not torch.equal(changed[n], v), n  # every healable module trained
+    # the reinstalled compact modules compute what the saved factorizations hold
+    for name, f in facts.items():
+        module = student.get_submodule(name)
+        assert not any(p.requires_grad for p in module.parameters())
+        if type(f).__name__ == "JointGroup":
+            continue
+        x = torch.randn(3, f.shape[1])
+        bias = 0 if getattr(module, "bias", None) is None else module.bias
+        torch.testing.assert_close(module(x), x @ f.to_dense().T.to(x.dtype) + bias)
+
+
+def test_quantized_factors_return_to_their_grid(family_dir):
+    from compressors.caldera import Caldera
+    from compressors.quant import Quantized
+
+    teacher, student, facts, tok = compressed(family_dir("llama"), joint=False)
+    before = {
+        n: (f.l.nbits, f.l.group_size, f.r.nbits, f.r.group_size)
+        for n, f in facts.items()
+        if isinstance(f, Caldera) and isinstance(f.l, Quantized)
+    }
+    plain = [n for n, f in facts.items() if isinstance(f, Caldera) and n not in before]
+    assert before and plain  # both forms are in the plan
+    facts, _ = heal.heal(student, teacher, facts, tok, heal.HealConfig(steps=2, lr=1e-2, **FAST))
+    for n, want in before.items():
+        f = facts[n]
+        assert isinstance(f.l, Quantized) and isinstance(f.r, Quantized)
+        assert (f.l.nbits, f.l.group_size, f.r.nbits, f.r.group_size) == want
+        assert int(f.l.codes.max()) < 2**f.l.nbits and f.l.codes.dtype == torch.uint8
+    assert all(type(facts[n].l).__name__ == "Plain" for n in plain)
+
+
+def test_healing_lowers_the_loss_and_the_perplexity_on_the_demo(demo_dir):
+    """Block 3..8's MLPs at rank 48: a few distillation steps on calibration tokens lower
+    the KL on a held-out calibration batch and the evaluation perplexity."""
+    from spectra.io import models
+    from spectra.plan import format as plan_mod
+
+    teacher = models.load(str(demo_dir), device="cpu")
+    tok = models.load_tokenizer(str(demo_dir))
+    plan = plan_mod.parse(
+        {
+            "rules": [
+                {
+                    "targets": [r"re:model\.layers\.[3-8]\.mlp\.(gate|up|down)_proj"],
+                    "method": "lowrank",
+                    "rank": 48,
+                }
+            ]
+        }
+    )
+    student, _, facts = plan_mod.apply_plan(teacher, plan)
+    config = heal.HealConfig(
+        steps=6, tokens_per_step=256, seqlen=128, lr=5e-4, warmup=1, eval_tokens=1024
+    )
+    windows = heal.train_windows(tok, config, "builtin")
+    held_out = windows[-2:]  # the last calibration windows: steps 0..5 read 12 others
+
+    def kl():
+        with torch.no_grad():
+            return float(
+                heal.distill_loss(
+                    student(held_out, use_cache=False).logits,
+                    teacher(held_out, use_cache=False).logits,
+                )[1]
+            )
+
+    read = {i for s in range(6) for i in heal.batch_indices(s, 2, windows.shape[0], 0)}
+    assert not read & {windows.shape[0] - 2, windows.shape[0] - 1}
+    before = kl()
+    facts, result = heal.heal(student, teacher, facts, tok, config)
+    assert result.losses[-1] < result.losses[0]
+    assert kl() < 0.9 * before
+    assert result.curve[-1]["ppl"] < 0.9 * result.curve[0]["ppl"], result.curve
+    assert result.curve[0]["step"] == 0 and result.curve[-1]["step"] == 6
+
+
+def test_an_interrupted_run_resumes_to_the_uninterrupted_result(family_dir, tmp_path):
+    config = heal.HealConfig(steps=6, lr=1e-2, **{**FAST, "checkpoint_every": 2})
+
+    def run(folder, stop_at=None):
+        teacher, student, facts, tok = compressed(family_dir("llama"))
+
+        def after(step):
+            if step == stop_at:
+                raise KeyboardInterrupt
+
+        facts, result = heal.heal(
+            student, teacher, facts, tok, config, checkpoints=folder, after_step=after
+        )
+        return healable_tensors(facts), result
+
+    want, full = run(tmp_path / "a")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", stop_at=3)  # steps 1-3 done, the checkpoint holds step 2
+    assert (tmp_path / "b" / heal.CHECKPOINT).is_file()
+    assert not list((tmp_path / "b").glob(".*tmp*"))
+    got, resumed = run(tmp_path / "b")
+    assert resumed.resumed_from == 2 and resumed.steps == 6
+    assert resumed.losses == full.losses
+    for n, v in want.items():
+        assert torch.equal(got[n], v), n
+
+
+def test_a_checkpoint_of_other_settings_is_refused(family_dir, tmp_path):
+    teacher, student, facts, tok = compressed(family_dir("llama"))
+    config = heal.HealConfig(steps=2, lr=1e-2, **{**FAST, "checkpoint_every": 1})
+    heal.heal(student, teacher, facts, tok, config, checkpoints=tmp_path)
+    teacher, student, facts, tok = compressed(family_dir("llama"))
+    other = heal.HealConfig(steps=2, lr=2e-2, **{**FAST, "checkpoint_every": 1})
+    with pytest.raises(SpectraInputError, match="other heal settings"):
+        heal.heal(student, teacher, facts, tok, other, checkpoints=tmp_path)
+
+
+def test_teacher_and_student_share_the_frozen_tensors(family_dir):
+    teacher, student, facts, tok = compressed(family_dir("llama"))
+    Trainable(student, facts)
+    saved = heal.share_frozen(student, teacher)
+    emb_s = student.get_input_embeddings().weight
+    emb_t = teacher.get_input_embeddings().weight
+    assert emb_s.data_ptr() == emb_t.data_ptr() and saved >= emb_t.numel() * 4
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_the_distillation_loss_equals_kl_div_and_its_gradient(temperature):
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(2, 7, 40, generator=g, requires_grad=True)
+    q = torch.randn(2, 7, 40, generator=g)
+    targets = torch.randint(0, 40, (2, 6), generator=g)
+    loss, _ = heal.distill_loss(s, q, targets, temperature, lm_weight=0.3)
+    t = temperature
+    ref = F.kl_div(
+        F.log_softmax(s.reshape(-1, 40) / t, -1),
+        F.log_softmax(q.reshape(-1, 40) / t, -1),
+        log_target=True,
+        reduction="batchmean",
+    ) * t * t + 0.3 * F.cross_entropy(s[:, :-1].reshape(-1, 40), targets.reshape(-1))
+    torch.testing.assert_close(loss, ref)
+    (got,) = torch.autograd.grad(loss, s)
+    (want,) = torch.autograd.grad(ref, s)
+    torch.testing.assert_close(got, want)
+
+
+def test_the_schedule_warms_up_then_decays_to_zero():
+    config = heal.HealConfig(steps=20, lr=1e-3, warmup=4)
+    lrs = [config.lr_at(s) for s in range(20)]
+    assert lrs[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
+    assert lrs[4] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:], strict=False))
+    assert lrs[-1] < 0.01 * 1e-3
+    assert heal.HealConfig(steps=50).warmup == 5
+
+
+@pytest.mark.parametrize(
+    ("raw", "match"),
+    [
+        ({"steps": 0}, "heal.steps=0"),
+        ({"steps": -3}, "heal.steps=-3"),
+        ({"lr": 0}, "heal.lr=0"),
+        ({"lr": -1e-4}, "heal.lr=-0.0001"),
+        ({"stepz": 5}, "unknown key 'stepz'"),
+        ({"tokens_per_step": 1000, "seqlen": 512}, "multiple of"),
+        ({"eval_tokens": 100}, "less than one window"),
+        ("fast", "must be a mapping"),
+    ],
+)
+def test_bad_heal_settings_name_the_key(raw, match):
+    from spectra.plan import format as plan_mod
+
+    with pytest.raises(SpectraInputError, match=match):
+        plan_mod.parse({"rules": [], "heal": raw})
+
+
+def test_a_plan_round_trips_its_heal_section():
+    from spectra.plan import format as plan_mod
+
+    plan = plan_mod.parse({"heal": {"steps": 7, "lr": 3e-4}})
+    again = plan_mod.parse(yaml.safe_load(plan_mod.dumps(plan)))
+    assert again.heal == plan.heal and again.heal.steps == 7 and again.heal.warmup == 0
+    assert json.loads(plan_mod.dumps(plan, "json"))["heal"]["lr"] == 3e-4
