@@ -123,7 +123,32 @@ def plans(model) -> dict[str, dict]:
         )
     for name in SEQUENTIAL:  # the same plan, each block calibrated on the compressed ones
         out[f"{name}-seq"] = dict(out[name], calibration=dict(CALIB, sequential=True))
+    for name in HEALED:  # the same plan, then healed
+        out[f"{name}+heal"] = dict(out[name], heal=HEAL)
     return out
+
+
+# healing budget of the +heal rows: 16 steps of 2048 calibration tokens (32,768 tokens,
+# the calibration set once), KL from the dense model; on this CPU about 35 s a step
+HEAL = dict(
+    steps=16,
+    tokens_per_step=2048,
+    seqlen=512,
+    lr=2e-4,
+    warmup=2,
+    eval_every=4,
+    eval_tokens=2048,
+    checkpoint_every=0,
+)
+HEALED = (
+    "lowrank-whiten-80%",
+    "losparse-whiten-80%",
+    "lowrank-whiten-50%",
+    "losparse-whiten-50%",
+    "joint-whiten-50%",
+    "mpo-whiten-s2-80%",
+    "caldera-2bit-r32",
+)
 
 
 # data-aware rows also run with sequential calibration (GPTQ, Wanda, SparseGPT: bench_peers)
@@ -189,6 +214,36 @@ def densified(model, facts):
     return dense
 
 
+def plain_steps(student, teacher, facts, tok, config, steps=3) -> float:
+    """Tokens/s of a plain PyTorch distillation loop (F.kl_div on log-softmaxes, AdamW)
+    training the same parameters of a copy of `student` on the same batches: what the
+    healing loop's throughput is measured against."""
+    import copy
+
+    import torch
+    import torch.nn.functional as F
+
+    from compressors.healing import Trainable
+    from spectra.data import heal
+
+    copied = copy.deepcopy({"s": student, "f": facts})
+    params = list(Trainable(copied["s"], copied["f"]).named_parameters().values())
+    opt = torch.optim.AdamW(params, lr=config.lr)
+    windows = heal.train_windows(tok, config, "builtin")
+    t0 = time.perf_counter()
+    for step in range(steps):
+        x = windows[heal.batch_indices(step, config.batch, windows.shape[0], config.seed)]
+        with torch.no_grad():
+            target = F.log_softmax(teacher(x).logits.flatten(0, 1), -1)
+        logits = F.log_softmax(copied["s"](x).logits.flatten(0, 1), -1)
+        loss = F.kl_div(logits, target, log_target=True, reduction="batchmean")
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, config.clip)
+        opt.step()
+    return steps * config.tokens_per_step / (time.perf_counter() - t0)
+
+
 def markdown_table(results: dict) -> str:
     rows = [
         "| configuration | params kept | bits / param | perplexity | apply time |",
@@ -218,7 +273,7 @@ def main() -> None:
         return
 
     from compressors.apply import needs_data
-    from spectra.data import calibration
+    from spectra.data import calibration, heal
     from spectra.data import perplexity as ev
     from spectra.io import models
     from spectra.plan import format as plan_mod
@@ -255,6 +310,23 @@ def main() -> None:
             # (about 44 MFLOP per token for a 1536 x 576 layer); its reconstruction gives
             # the same perplexity up to float rounding, in a fraction of the time
             scored = densified(model, facts)
+        extra = {}
+        if plan.heal is not None:
+            unhealed = ev.perplexity(scored, tok, ids=ids, max_tokens=args.max_tokens)
+            if name == HEALED[0]:  # the throughput target's reference, on the same model
+                extra["plain_tokens_per_s"] = plain_steps(compressed, model, facts, tok, plan.heal)
+            facts, healed = heal.heal(compressed, model, facts, tok, plan.heal)
+            extra.update(
+                ppl_unhealed=unhealed.ppl,
+                heal=dict(settings=plan.heal.to_dict(), **healed.to_dict()),
+                heal_seconds=healed.seconds,
+            )
+            print(
+                f"{name}: unhealed {unhealed.ppl:.3f}, healed {healed.steps} steps in "
+                f"{healed.seconds:.0f} s ({healed.tokens_per_s:.0f} tokens/s)",
+                flush=True,
+            )
+            scored = densified(model, facts) if name.startswith("mpo") else compressed
         r = ev.perplexity(scored, tok, ids=ids, max_tokens=args.max_tokens)
         before = sum(e.params_before for e in entries)
         after_p = sum(e.params_after for e in entries)
@@ -266,6 +338,7 @@ def main() -> None:
             params_kept=after_p / before,
             bits_per_param=after_b / before,
             median_rel_error=sorted(x.rel_error for x in reports)[len(reports) // 2],
+            **extra,
         )
         print(
             f"{name}: ppl {r.ppl:.3f}, params kept {after_p / before:.3f}, "

@@ -10,18 +10,22 @@ module the plan left dense.
 `Trainable(model, factorizations)` turns the model's compact modules into training
 form in place: every parameter above has requires_grad and shares its tensor with the
 factorization, so an optimizer step updates the factorization itself. Quantized
-factors (CALDERA's at factor_bits < 16) are trained in float and quantized again by
-`finish()`, on the grid they were stored with (bits, group size, symmetric or not),
-round-to-nearest. `finish()` puts the ordinary compact modules back and returns the
-factorizations to save.
+factors (CALDERA's and every other method's at factor_bits < 16) are trained in float
+and quantized again by `finish()` on the grid they were stored with (bits, group size,
+symmetric or not), round-to-nearest. `finish()` puts the ordinary compact modules back
+and returns the factorizations to save.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
+from compressors import factors
 from compressors.caldera import Caldera, Plain
+from compressors.factors import QuantizedFactor
 from compressors.joint import JointGroup
 from compressors.losparse import LowRankSparse
 from compressors.lowrank import LowRank
@@ -47,17 +51,25 @@ class Trainable:
         self.groups = {names[0]: names for names in groups.values()}
         for names in self.groups.values():
             f = self.factorizations[names[0]]
-            if isinstance(f, Caldera):
-                self._float_factors(f)
+            self._float_factors(f)
             self._install(names, f, train=True)
 
-    def _float_factors(self, f: Caldera) -> None:
+    def _float_factors(self, f) -> None:
+        """Quantized factors of `f` replaced by their float values (kept to requantize)."""
         old = {}
-        for side in ("l", "r"):
-            part = getattr(f, side)
-            if isinstance(part, Quantized):
-                old[side] = part
-                setattr(f, side, Plain(part.to_dense().to(part.scales.dtype).contiguous()))
+        for field in dataclasses.fields(f):
+            part = getattr(f, field.name)
+            if isinstance(f, Caldera) and isinstance(part, Quantized) and field.name in "lr":
+                old[(field.name, None)] = part
+                setattr(f, field.name, Plain(part.to_dense().to(part.scales.dtype).contiguous()))
+            elif isinstance(part, QuantizedFactor):
+                old[(field.name, None)] = part
+                setattr(f, field.name, part.to_dense().contiguous())
+            elif isinstance(part, list):
+                for i, x in enumerate(part):
+                    if isinstance(x, QuantizedFactor):
+                        old[(field.name, i)] = x
+                        part[i] = x.to_dense().contiguous()
         if old:
             self._requantize[id(f)] = old
 
@@ -93,8 +105,13 @@ class Trainable:
         modules (frozen) and return the factorizations."""
         for names in self.groups.values():
             f = self.factorizations[names[0]]
-            for side, old in self._requantize.pop(id(f), {}).items():
-                setattr(f, side, requantize(getattr(f, side).value.detach(), old))
+            for (name, i), old in self._requantize.pop(id(f), {}).items():
+                if isinstance(old, Quantized):  # CALDERA's L or R
+                    setattr(f, name, requantize(getattr(f, name).value.detach(), old))
+                elif i is None:
+                    setattr(f, name, factors.requantize(getattr(f, name).detach(), old))
+                else:
+                    getattr(f, name)[i] = factors.requantize(getattr(f, name)[i].detach(), old)
             self._install(names, f, train=False)
         self.model.requires_grad_(False)
         return self.factorizations

@@ -12,6 +12,7 @@ serves the group. The objective sum_i ||(W_i - A_i V^T) X^T||_F^2 = ||[W_i L] -
 [A_i] V^T L||_F^2 is minimised over a shared row space by the top-k right singular
 vectors Q (n, k) of the stacked [W_i L]: V = L^{-T} Q and A_i = W_i L Q. With one
 member this is whitened low rank (SVD-LLM); stored form and cost are unchanged.
+`factor_bits` < 16 stores V and every A_i as group-wise codes (compressors.factors).
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from compressors import factors
 from compressors.base import (
-    DENSE_BITS,
     Calibration,
     Factorization,
     check_rank,
@@ -41,27 +42,36 @@ class JointConfig:
     Attributes:
         rank: shared rank k (1..min(sum m_i, n)).
         whiten: activation-aware shared basis (needs calibration data).
+        factor_bits: bits per entry of V and the A_i, 2..8, or 16 (unquantized).
+        factor_group_size: entries sharing a scale and zero point along a factor's rows.
     """
 
     method: ClassVar[str] = "joint"
     rank: int = 64
     whiten: bool = False
+    factor_bits: int = 16
+    factor_group_size: int = 64
 
     def __post_init__(self):
         require_int(self.method, "rank", self.rank, 1)
+        factors.check(self.method, self.factor_bits, self.factor_group_size)
 
     def check_shape(self, m: int, n: int) -> None:
         check_rank(self.method, self.rank, m, n)
 
     def cost(self, m: int, n: int) -> tuple[int, int]:
-        """(parameters, bits) of a group whose stacked rows number m (sum of m_i)."""
-        return self.rank * (m + n), DENSE_BITS * self.rank * (m + n)
+        """(parameters, bits) of a group whose stacked rows number m (sum of m_i): the
+        A_i are grouped along their rows, so their codes cost what the stack's would."""
+        k, fb, gs = self.rank, self.factor_bits, self.factor_group_size
+        return k * (m + n), factors.factor_cost((n, k), fb, gs) + factors.factor_cost(
+            (m, k), fb, gs
+        )
 
 
 @dataclass
 class JointGroup(Factorization):
-    v: torch.Tensor  # (n, k), shared
-    a: list[torch.Tensor]  # (m_i, k) per member
+    v: torch.Tensor | factors.QuantizedFactor  # (n, k), shared
+    a: list  # (m_i, k) per member, tensors or QuantizedFactors
 
     @property
     def shape(self):
@@ -72,10 +82,11 @@ class JointGroup(Factorization):
         return self.v.shape[1]
 
     def member_dense(self, i: int) -> torch.Tensor:
-        return self.a[i] @ self.v.T
+        return factors.dense(self.a[i]) @ factors.dense(self.v).T
 
     def to_dense(self):
-        return torch.cat([x @ self.v.T for x in self.a])
+        v = factors.dense(self.v)
+        return torch.cat([factors.dense(x) @ v.T for x in self.a])
 
     @property
     def n_params(self):
@@ -83,7 +94,7 @@ class JointGroup(Factorization):
 
     @property
     def bits(self):
-        return DENSE_BITS * self.n_params
+        return factors.bits_of(self.v) + sum(factors.bits_of(x) for x in self.a)
 
     def member_modules(self, biases=None) -> list[nn.Module]:
         """One module per member, all sharing one projection z = V^T x."""
@@ -93,7 +104,7 @@ class JointGroup(Factorization):
 
     def as_module(self, bias=None):
         """The whole stack as one module (outputs concatenated), for a single-matrix group."""
-        return JointMemberLinear(SharedProjection(self.v), torch.cat(self.a), bias)
+        return JointMemberLinear(SharedProjection(self.v), factors.stack_rows(self.a), bias)
 
 
 class SharedProjection(nn.Module):
@@ -101,7 +112,7 @@ class SharedProjection(nn.Module):
 
     def __init__(self, v):
         super().__init__()
-        self.v = nn.Parameter(v, requires_grad=False)
+        factors.hold(self, "v", v)
         self._last: tuple | None = None
         self.computed = 0  # how many projections were actually computed (for tests)
 
@@ -109,7 +120,7 @@ class SharedProjection(nn.Module):
         last = self._last
         if last is not None and last[0]() is x and last[1] == x._version:
             return last[2]
-        z = x @ self.v
+        z = x @ factors.value(self, "v").to(x.dtype)
         self.computed += 1
         self._last = (weakref.ref(x), x._version, z)
         return z
@@ -119,11 +130,11 @@ class JointMemberLinear(nn.Module):
     def __init__(self, shared: SharedProjection, a, bias=None):
         super().__init__()
         self.shared = shared
-        self.a = nn.Parameter(a, requires_grad=False)
+        factors.hold(self, "a", a)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     def forward(self, x):
-        return nn.functional.linear(self.shared(x), self.a, self.bias)
+        return nn.functional.linear(self.shared(x), factors.value(self, "a").to(x.dtype), self.bias)
 
 
 def compress(weight, config: JointConfig, calib: Calibration | None = None) -> JointGroup:
@@ -147,4 +158,8 @@ def compress(weight, config: JointConfig, calib: Calibration | None = None) -> J
     v = q if chol is None else torch.linalg.solve_triangular(chol.T, q, upper=True)
     dtype = members[0].dtype
     a = [(w.detach().to(torch.float64) @ basis).to(dtype) for w in members]
-    return JointGroup(v.to(dtype), a)
+    fb, gs = config.factor_bits, config.factor_group_size
+    return JointGroup(
+        factors.quantize_factor(v.to(dtype), fb, gs),
+        [factors.quantize_factor(x, fb, gs) for x in a],
+    )

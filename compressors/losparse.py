@@ -14,6 +14,8 @@ U V = trunc_r((W - S) L) L^{-1}, the best rank r under that norm (SVD-LLM), and 
 residual's entries kept by their calibration-weighted size |E_ij| ||X_j|| (Wanda's
 score), or whole rows by their weighted norm ||E_i L||; the alternation and the
 choice of the best iterate use the weighted error.
+`factor_bits` < 16 stores U and V as group-wise codes (compressors.factors), chosen
+after the alternation; the sparse values stay 16-bit.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from compressors import factors
 from compressors.base import (
     DENSE_BITS,
     Calibration,
@@ -51,6 +54,8 @@ class LoSparseConfig:
         structured: `none` (unstructured top-|S|) or `rows` (whole rows of S).
         iters: alternating refinement steps after the SVD init (0 = LoSparse's init).
         whiten: activation-aware low-rank part and residual scores (needs calibration).
+        factor_bits: bits per entry of U and V, 2..8, or 16 (unquantized).
+        factor_group_size: entries sharing a scale and zero point along a factor's rows.
     """
 
     method: ClassVar[str] = "losparse"
@@ -59,9 +64,12 @@ class LoSparseConfig:
     structured: str = "none"
     iters: int = 0
     whiten: bool = False
+    factor_bits: int = 16
+    factor_group_size: int = 64
 
     def __post_init__(self):
         require_int(self.method, "rank", self.rank, 1)
+        factors.check(self.method, self.factor_bits, self.factor_group_size)
         if not 0 <= self.sparsity < 1:
             raise config_error(self.method, "sparsity", self.sparsity, "must be in [0, 1)")
         if self.structured not in STRUCTURES:
@@ -72,18 +80,20 @@ class LoSparseConfig:
         check_rank(self.method, self.rank, m, n)
 
     def cost(self, m: int, n: int) -> tuple[int, int]:
-        lr = self.rank * (m + n)
+        r, fb, gs = self.rank, self.factor_bits, self.factor_group_size
+        lr = r * (m + n)
+        lr_bits = factors.factor_cost((m, r), fb, gs) + factors.factor_cost((r, n), fb, gs)
         if self.structured == "rows":
             k = round((1 - self.sparsity) * m)
-            return lr + k * n, DENSE_BITS * (lr + k * n) + 32 * k
+            return lr + k * n, lr_bits + DENSE_BITS * k * n + 32 * k
         nnz = round((1 - self.sparsity) * m * n)
-        return lr + nnz, DENSE_BITS * (lr + nnz) + csr_index_bits(m, n, nnz)
+        return lr + nnz, lr_bits + DENSE_BITS * nnz + csr_index_bits(m, n, nnz)
 
 
 @dataclass
 class LowRankSparse(Factorization):
-    a: torch.Tensor  # (m, r)
-    b: torch.Tensor  # (r, n)
+    a: torch.Tensor | factors.QuantizedFactor  # (m, r)
+    b: torch.Tensor | factors.QuantizedFactor  # (r, n)
     s: CSR  # unstructured residual
     rows: torch.Tensor | None = None  # row indices when the residual keeps whole rows
     row_values: torch.Tensor | None = None  # (k, n)
@@ -95,12 +105,12 @@ class LowRankSparse(Factorization):
     def sparse_dense(self) -> torch.Tensor:
         if self.rows is None:
             return self.s.to_dense()
-        out = self.a.new_zeros(self.shape)
+        out = self.row_values.new_zeros(self.shape)
         out[self.rows] = self.row_values
         return out
 
     def to_dense(self):
-        return self.a @ self.b + self.sparse_dense()
+        return factors.dense(self.a) @ factors.dense(self.b) + self.sparse_dense()
 
     @property
     def n_params(self):
@@ -109,7 +119,7 @@ class LowRankSparse(Factorization):
 
     @property
     def bits(self):
-        lr = DENSE_BITS * self.a.shape[1] * sum(self.shape)
+        lr = factors.bits_of(self.a) + factors.bits_of(self.b)
         if self.rows is None:
             return lr + self.s.bits
         return lr + DENSE_BITS * self.row_values.numel() + 32 * self.rows.numel()
@@ -157,11 +167,16 @@ def compress(weight: torch.Tensor, config: LoSparseConfig, calib: Calibration | 
             best = (err, a, b, sparse)
     _, a, b, sparse = best
     a, b = a.to(weight.dtype), b.to(weight.dtype)
+    keep = sparse != 0
+    fb, gs = config.factor_bits, config.factor_group_size
+    if fb != 16:  # the kept entries absorb the factors' rounding on their support
+        a, b = factors.quantize_factor(a, fb, gs), factors.quantize_factor(b, fb, gs)
+        low = (factors.dense(a) @ factors.dense(b)).to(torch.float64)
+        sparse = (w - low) * keep
     if config.structured == "rows":
-        rows = torch.nonzero(sparse.abs().sum(1) > 0).flatten()
+        rows = torch.nonzero(keep.any(1)).flatten()
         empty = CSR.from_dense(sparse, torch.zeros_like(sparse, dtype=torch.bool))
         return LowRankSparse(a, b, empty, rows, sparse[rows].to(weight.dtype))
-    keep = sparse != 0
     return LowRankSparse(a, b, CSR.from_dense(sparse.to(weight.dtype), keep))
 
 

@@ -5,6 +5,7 @@ Whitened (`whiten: true`, SVD-LLM, Wang et al. 2024): with calibration activatio
 X and H = X^T X = L L^T (Cholesky), the rank-r W' minimising ||(W - W') X^T||_F is
 trunc_r(W L) L^{-1}. When H is not positive definite a growing multiple of its mean
 diagonal is added until the Cholesky succeeds (the jitter is recorded).
+`factor_bits` < 16 stores A and B as group-wise codes (compressors.factors).
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from compressors import factors
 from compressors.base import (
-    DENSE_BITS,
     Calibration,
     Factorization,
     check_rank,
@@ -36,12 +37,16 @@ class LowRankConfig:
             in (0, 1]. Always the weight's own spectrum, also when whitened, so that a
             plan's budget is known from the spectra before any calibration.
         whiten: activation-aware truncation (needs calibration data).
+        factor_bits: bits per entry of A and B, 2..8, or 16 (unquantized).
+        factor_group_size: entries sharing a scale and zero point along a factor's rows.
     """
 
     method: ClassVar[str] = "lowrank"
     rank: int | None = None
     energy: float | None = None
     whiten: bool = False
+    factor_bits: int = 16
+    factor_group_size: int = 64
 
     def __post_init__(self):
         if (self.rank is None) == (self.energy is None):
@@ -50,6 +55,7 @@ class LowRankConfig:
             raise config_error(self.method, "rank", self.rank, "must be an integer >= 1")
         if self.energy is not None and not 0 < self.energy <= 1:
             raise config_error(self.method, "energy", self.energy, "must be in (0, 1]")
+        factors.check(self.method, self.factor_bits, self.factor_group_size)
 
     def check_shape(self, m: int, n: int) -> None:
         if self.rank is not None:
@@ -60,13 +66,16 @@ class LowRankConfig:
         r = self.rank if self.rank is not None else rank
         if r is None:
             raise ValueError("an energy setting needs the spectrum to know its rank")
-        return r * (m + n), DENSE_BITS * r * (m + n)
+        fb, gs = self.factor_bits, self.factor_group_size
+        return r * (m + n), factors.factor_cost((m, r), fb, gs) + factors.factor_cost(
+            (r, n), fb, gs
+        )
 
 
 @dataclass
 class LowRank(Factorization):
-    a: torch.Tensor  # (m, r)
-    b: torch.Tensor  # (r, n)
+    a: torch.Tensor | factors.QuantizedFactor  # (m, r)
+    b: torch.Tensor | factors.QuantizedFactor  # (r, n)
 
     @property
     def shape(self):
@@ -77,7 +86,7 @@ class LowRank(Factorization):
         return self.a.shape[1]
 
     def to_dense(self):
-        return self.a @ self.b
+        return factors.dense(self.a) @ factors.dense(self.b)
 
     @property
     def n_params(self):
@@ -85,23 +94,25 @@ class LowRank(Factorization):
 
     @property
     def bits(self):
-        return DENSE_BITS * self.n_params
+        return factors.bits_of(self.a) + factors.bits_of(self.b)
 
     def as_module(self, bias=None):
         return LowRankLinear(self.a, self.b, bias)
 
 
 class LowRankLinear(nn.Module):
-    """y = (x B^T) A^T + b: two thin products, W never formed."""
+    """y = (x B^T) A^T + b: two thin products, W never formed (quantized factors are
+    dequantized in the forward)."""
 
     def __init__(self, a, b, bias=None):
         super().__init__()
-        self.a = nn.Parameter(a, requires_grad=False)
-        self.b = nn.Parameter(b, requires_grad=False)
+        factors.hold(self, "a", a)
+        factors.hold(self, "b", b)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     def forward(self, x):
-        return nn.functional.linear(nn.functional.linear(x, self.b), self.a, self.bias)
+        a, b = factors.value(self, "a").to(x.dtype), factors.value(self, "b").to(x.dtype)
+        return nn.functional.linear(nn.functional.linear(x, b), a, self.bias)
 
 
 def compress(
@@ -123,4 +134,8 @@ def compress(
     a, b = u[:, :r] * root, root[:, None] * vt[:r]
     if chol is not None:  # B L^{-1}: solve X L = B
         b = torch.linalg.solve_triangular(chol, b, upper=False, left=False)
-    return LowRank(a.to(weight.dtype), b.to(weight.dtype))
+    fb, gs = config.factor_bits, config.factor_group_size
+    return LowRank(
+        factors.quantize_factor(a.to(weight.dtype), fb, gs),
+        factors.quantize_factor(b.to(weight.dtype), fb, gs),
+    )

@@ -3,7 +3,8 @@
 W (m, n) with m = m_1..m_K, n = n_1..n_K is reshaped so that core k carries the
 paired index (i_k, j_k), and decomposed by TT-SVD (Oseledets 2011) with every bond
 truncated to at most `bond_dim`. CompactifAI then heals the model by brief
-retraining; this post-training form stops at the truncated TT-SVD. The forward
+retraining (spectra heal) and stores the cores in int4 (`factor_bits: 4`,
+compressors.factors). The forward
 contracts the input with one core at a time and never forms W.
 
 Calibrated (`whiten: true`), objective ||(W - W_hat) X^T||_F^2 = tr(E H E^T), in two
@@ -33,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from compressors import factors
 from compressors.base import DENSE_BITS, Calibration, Factorization, config_error, h_norm
 from spectra.linalg import mpo as tt
 
@@ -49,6 +51,10 @@ class MPOConfig:
         bond_dim: maximum bond dimension chi (>= 1).
         whiten: calibrated form: input scaling and H-weighted sweeps (needs calibration).
         sweeps: H-weighted ALS sweeps over the cores of the calibrated form (>= 0).
+        factor_bits: bits per core entry, 2..8, or 16 (unquantized): CompactifAI's
+            "MPO + int4" at 4.
+        factor_group_size: entries sharing a scale and zero point along a core's
+            (r m_k, n_k r') rows.
     """
 
     method: ClassVar[str] = "mpo"
@@ -56,6 +62,8 @@ class MPOConfig:
     bond_dim: int = 32
     whiten: bool = False
     sweeps: int = 2
+    factor_bits: int = 16
+    factor_group_size: int = 64
 
     def __post_init__(self):
         if not isinstance(self.cores, int) or not tt.MIN_CORES <= self.cores <= tt.MAX_CORES:
@@ -66,6 +74,7 @@ class MPOConfig:
             raise config_error(self.method, "bond_dim", self.bond_dim, "must be an integer >= 1")
         if not isinstance(self.sweeps, int) or isinstance(self.sweeps, bool) or self.sweeps < 0:
             raise config_error(self.method, "sweeps", self.sweeps, "must be an integer >= 0")
+        factors.check(self.method, self.factor_bits, self.factor_group_size)
 
     def check_shape(self, m: int, n: int) -> None:
         pass  # any bond_dim is valid: bonds are capped at their full dimension
@@ -73,12 +82,17 @@ class MPOConfig:
     def cost(self, m: int, n: int) -> tuple[int, int]:
         mf, nf = tt.factorize(m, self.cores), tt.factorize(n, self.cores)
         p = tt.params_at_chi(mf, nf, self.bond_dim) + (n if self.whiten else 0)
-        return p, DENSE_BITS * p
+        if self.factor_bits == 16:
+            return p, DENSE_BITS * p
+        ranks = [1, *(min(self.bond_dim, d) for d in tt.full_bond_dims(mf, nf)), 1]
+        shapes = [(ranks[k], mf[k], nf[k], ranks[k + 1]) for k in range(self.cores)]
+        bits = sum(factors.factor_cost(s, self.factor_bits, self.factor_group_size) for s in shapes)
+        return p, bits + (DENSE_BITS * n if self.whiten else 0)
 
 
 @dataclass
 class MPO(Factorization):
-    cores: list[torch.Tensor]  # (r_{k-1}, m_k, n_k, r_k)
+    cores: list  # (r_{k-1}, m_k, n_k, r_k), tensors or QuantizedFactors
     scale: torch.Tensor | None = None  # (n,) input scaling g: W_hat = M diag(g)
 
     @property
@@ -89,10 +103,11 @@ class MPO(Factorization):
         )
 
     def to_dense(self):
-        dense = torch.from_numpy(tt.tt_to_dense([c.double().numpy() for c in self.cores]))
+        cores = [factors.dense(c) for c in self.cores]
+        w = torch.from_numpy(tt.tt_to_dense([c.double().numpy() for c in cores]))
         if self.scale is not None:
-            dense = dense * self.scale.double()[None, :]
-        return dense.to(self.cores[0].dtype)
+            w = w * self.scale.double()[None, :]
+        return w.to(cores[0].dtype)
 
     @property
     def n_params(self):
@@ -102,7 +117,8 @@ class MPO(Factorization):
 
     @property
     def bits(self):
-        return DENSE_BITS * self.n_params
+        scale = 0 if self.scale is None else DENSE_BITS * self.scale.numel()
+        return sum(factors.bits_of(c) for c in self.cores) + scale
 
     def as_module(self, bias=None):
         return MPOLinear(self.cores, bias, self.scale)
@@ -120,42 +136,45 @@ class MPOLinear(nn.Module):
 
     def __init__(self, cores, bias=None, scale=None):
         super().__init__()
-        self.cores = nn.ParameterList([nn.Parameter(c, requires_grad=False) for c in cores])
+        self.quantized = isinstance(cores[0], factors.QuantizedFactor)
+        if self.quantized:  # codes per core, dequantized in the forward
+            self.qcores = nn.ModuleList([factors.FactorModule(c) for c in cores])
+        else:
+            self.cores = nn.ParameterList([nn.Parameter(c, requires_grad=False) for c in cores])
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.scale = None if scale is None else nn.Parameter(scale, requires_grad=False)
         self.mf = [c.shape[1] for c in cores]
         self.nf = [c.shape[2] for c in cores]
         self.reverse = contraction_cost(cores, reverse=True) < contraction_cost(cores)
-        for i, c in enumerate(reversed(cores) if self.reverse else ()):
+        for i, c in enumerate(reversed(cores) if self.reverse and not self.quantized else ()):
             self.register_buffer(f"_rev{i}", c.permute(3, 1, 2, 0).contiguous(), persistent=False)
 
+    def core_list(self, dtype=None) -> list[torch.Tensor]:
+        """The float cores (dequantized when stored as codes)."""
+        if self.quantized:
+            return [c().to(dtype) for c in self.qcores]
+        return list(self.cores)
+
     def forward(self, x):
-        lead, k = x.shape[:-1], len(self.cores)
+        lead, k = x.shape[:-1], len(self.mf)
         if self.scale is not None:
             x = x * self.scale
-        if self.cores[0].requires_grad:  # healing: the cores' product, differentiable
-            return nn.functional.linear(x, dense_torch(list(self.cores)).to(x.dtype), self.bias)
+        cores = self.core_list(x.dtype)
+        if cores[0].requires_grad:  # healing: while training on batches of thousands of
+            # tokens, forming W costs less than the core-by-core contraction
+            return nn.functional.linear(x, dense(cores), self.bias)
         if not self.reverse:
-            y = _contract(x.reshape(-1, x.shape[-1]), list(self.cores))
+            y = _contract(x.reshape(-1, x.shape[-1]), cores)
         else:
             flip = [0, *range(k, 0, -1)]
             xr = x.reshape(-1, *self.nf).permute(*flip).reshape(-1, x.shape[-1])
-            cores = [getattr(self, f"_rev{i}") for i in range(k)]
-            y = _contract(xr, cores).reshape(-1, *self.mf[::-1]).permute(*flip)
+            if self.quantized:
+                rev = [c.permute(3, 1, 2, 0) for c in reversed(cores)]
+            else:
+                rev = [getattr(self, f"_rev{i}") for i in range(k)]
+            y = _contract(xr, rev).reshape(-1, *self.mf[::-1]).permute(*flip)
         y = y.reshape(*lead, -1)
         return y if self.bias is None else y + self.bias
-
-
-def dense_torch(cores) -> torch.Tensor:
-    """The (m, n) matrix of MPO cores (r, m_k, n_k, r'), as torch ops (differentiable):
-    spectra.linalg.mpo.tt_to_dense's contraction. While healing on batches of thousands
-    of tokens, forming W costs less than the core-by-core contraction."""
-    t = cores[0]
-    for c in cores[1:]:
-        _, mm, nn_, _ = t.shape
-        _, a, b, r = c.shape
-        t = torch.einsum("xmnr,rabs->xmanbs", t, c).reshape(1, mm * a, nn_ * b, r)
-    return t[0, :, :, 0]
 
 
 def _contract(x, cores):
@@ -195,7 +214,7 @@ def compress(weight: torch.Tensor, config: MPOConfig, calib: Calibration | None 
         return [torch.from_numpy(c) for c in cores]
 
     if not config.whiten:
-        return MPO([c.to(weight.dtype) for c in tt_svd(w)])
+        return _stored([c.to(weight.dtype) for c in tt_svd(w)], None, config)
     if calib is None:
         raise config_error("mpo", "whiten", True, "needs calibration data")
     h = calib.hessian.to(torch.float64)
@@ -215,7 +234,13 @@ def compress(weight: torch.Tensor, config: MPOConfig, calib: Calibration | None 
     if config.sweeps:
         g = f.scale
         cores = refine(cores, w / g[None, :], g[:, None] * h * g[None, :], config.sweeps)
-    return MPO([c.to(weight.dtype) for c in cores], f.scale.to(weight.dtype))
+    return _stored([c.to(weight.dtype) for c in cores], f.scale.to(weight.dtype), config)
+
+
+def _stored(cores, scale, config: MPOConfig) -> MPO:
+    """The MPO as stored: cores quantized at `factor_bits` (16: as they are)."""
+    fb, gs = config.factor_bits, config.factor_group_size
+    return MPO([factors.quantize_factor(c, fb, gs) for c in cores], scale)
 
 
 def dense(cores: list[torch.Tensor]) -> torch.Tensor:

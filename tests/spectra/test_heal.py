@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from compressors.factors import dense
 from compressors.healing import Trainable
 from spectra.data import heal
 from spectra.errors import SpectraInputError
@@ -22,6 +23,8 @@ METHODS = [
     dict(method="prune", sparsity=0.5),
     dict(method="losparse", rank=4, sparsity=0.9, structured="rows"),
     dict(method="caldera", rank=4, bits=2, factor_bits=16, group_size=16, iters=2),
+    dict(method="lowrank", rank=8, factor_bits=4, factor_group_size=16),
+    dict(method="mpo", cores=2, bond_dim=4, factor_bits=4, factor_group_size=16),
 ]
 FAST = dict(tokens_per_step=64, seqlen=32, eval_every=0, eval_tokens=64, checkpoint_every=0)
 
@@ -82,14 +85,14 @@ def healable_tensors(facts) -> dict:
     for n, f in facts.items():
         kind = type(f).__name__
         if kind == "LowRank":
-            out[n] = torch.cat([f.a.flatten(), f.b.flatten()]).clone()
+            out[n] = torch.cat([dense(f.a).flatten(), dense(f.b).flatten()]).clone()
         elif kind == "JointGroup":
             out[n] = torch.cat([f.v.flatten(), *[a.flatten() for a in f.a]]).clone()
         elif kind == "LowRankSparse":
             sparse = f.s.values if f.rows is None else f.row_values
             out[n] = torch.cat([f.a.flatten(), f.b.flatten(), sparse.flatten()]).clone()
         elif kind == "MPO":
-            out[n] = torch.cat([c.flatten() for c in f.cores]).clone()
+            out[n] = torch.cat([dense(c).flatten() for c in f.cores]).clone()
         elif kind == "Caldera":
             out[n] = torch.cat([f.l.to_dense().flatten(), f.r.to_dense().flatten()]).clone()
     return out
@@ -126,11 +129,20 @@ def test_only_compact_parameters_change(family, family_dir):
         torch.testing.assert_close(module(x), x @ f.to_dense().T.to(x.dtype) + bias)
 
 
+def quantized_grids(f) -> list:
+    from compressors.factors import QuantizedFactor
+
+    parts = [getattr(f, "a", None), getattr(f, "b", None), *getattr(f, "cores", [])]
+    return [(x.q.nbits, x.q.group_size) for x in parts if isinstance(x, QuantizedFactor)]
+
+
 def test_quantized_factors_return_to_their_grid(family_dir):
     from compressors.caldera import Caldera
     from compressors.quant import Quantized
 
     teacher, student, facts, tok = compressed(family_dir("llama"), joint=False)
+    grids = {n: quantized_grids(f) for n, f in facts.items() if quantized_grids(f)}
+    assert {type(facts[n]).__name__ for n in grids} == {"LowRank", "MPO"}
     before = {
         n: (f.l.nbits, f.l.group_size, f.r.nbits, f.r.group_size)
         for n, f in facts.items()
@@ -145,6 +157,8 @@ def test_quantized_factors_return_to_their_grid(family_dir):
         assert (f.l.nbits, f.l.group_size, f.r.nbits, f.r.group_size) == want
         assert int(f.l.codes.max()) < 2**f.l.nbits and f.l.codes.dtype == torch.uint8
     assert all(type(facts[n].l).__name__ == "Plain" for n in plain)
+    for n, want in grids.items():
+        assert quantized_grids(facts[n]) == want, n
 
 
 def test_healing_lowers_the_loss_and_the_perplexity_on_the_demo(demo_dir):
