@@ -29,6 +29,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from compressors import e8p
 from compressors.base import (
     DENSE_BITS,
     Calibration,
@@ -38,7 +39,13 @@ from compressors.base import (
     h_norm,
     require_int,
 )
-from compressors.quant import Quantized, hessian_inverse_factor, ldlq
+from compressors.quant import (
+    Quantized,
+    check_e8p_shape,
+    check_quantizer,
+    hessian_inverse_factor,
+    ldlq,
+)
 from compressors.rotation import Rotation
 
 FACTOR_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
@@ -58,6 +65,9 @@ class CalderaConfig:
         lplr_iters: quantized refinement steps of L and R inside each outer iteration.
         incoherence: apply the seeded random rotations.
         seed: seed of the rotations.
+        quantizer: Q's codebook: "scalar" (group-wise grid, LDLQ) or "e8p" (QuIP#'s
+            2-bit E8 lattice codebook, block LDLQ over 8 columns; compressors.e8p), as
+            the paper's headline results use.
     """
 
     method: ClassVar[str] = "caldera"
@@ -69,6 +79,7 @@ class CalderaConfig:
     lplr_iters: int = 1
     incoherence: bool = True
     seed: int = 0
+    quantizer: str = "scalar"
 
     def __post_init__(self):
         require_int(self.method, "rank", self.rank, 1)
@@ -79,13 +90,18 @@ class CalderaConfig:
         require_int(self.method, "group_size", self.group_size, 1)
         require_int(self.method, "iters", self.iters, 1)
         require_int(self.method, "lplr_iters", self.lplr_iters, 0)
+        check_quantizer(self.method, self.quantizer, self.bits)
 
     def check_shape(self, m: int, n: int) -> None:
         check_rank(self.method, self.rank, m, n)
+        check_e8p_shape(self.method, self.quantizer, n)
 
     def cost(self, m: int, n: int) -> tuple[int, int]:
         r, gs, fb = self.rank, self.group_size, self.factor_bits
-        q = self.bits * m * n + 2 * DENSE_BITS * m * math.ceil(n / gs)
+        if self.quantizer == "e8p":
+            q = e8p.e8p_cost(m, n)
+        else:
+            q = self.bits * m * n + 2 * DENSE_BITS * m * math.ceil(n / gs)
         if fb == 16:
             factors = DENSE_BITS * r * (m + n)
         else:
@@ -114,7 +130,7 @@ class Plain:
 
 @dataclass
 class Caldera(Factorization):
-    q: Quantized  # (m, n), rotated and scaled coordinates
+    q: Quantized | e8p.E8PQuantized  # (m, n), rotated and scaled coordinates
     l: Quantized | Plain  # (m, r)
     r: Quantized | Plain  # (r, n)
     scale: float
@@ -209,7 +225,10 @@ def compress(weight: torch.Tensor, config: CalderaConfig, calib: Calibration | N
     lr = torch.zeros_like(w)
     best = None
     for _ in range(config.iters):
-        q = _quantize(w - lr, h, config.bits, config.group_size, factor)
+        if config.quantizer == "e8p":
+            q = e8p.E8PQuantized(*e8p.ldlq(w - lr, h, factor))
+        else:
+            q = _quantize(w - lr, h, config.bits, config.group_size, factor)
         lq, rq, err2 = _lplr(w - q.to_dense(), h, chol, factor, config)
         lr = lq.to_dense() @ rq.to_dense()
         err = max(err2, 0.0) ** 0.5 / norm  # ||(W' - Q - L R) C||_F, from LPLR
@@ -294,6 +313,8 @@ def _cholesky(h):
 def _cast(f, dtype):
     if isinstance(f, Plain):
         return Plain(f.value.to(dtype))
+    if isinstance(f, e8p.E8PQuantized):
+        return e8p.E8PQuantized(f.codes, f.scales.to(dtype))
     return Quantized(
         f.codes.to(torch.uint8), f.scales.to(dtype), f.zeros.to(dtype), f.nbits, f.group_size
     )

@@ -63,6 +63,10 @@ class QuantConfig:
             shrunk range with the least, diag(H)-weighted, squared rounding error);
             default: "mse" with gptq, "minmax" for round-to-nearest (the app's live
             preview path, 20x cheaper).
+        quantizer: "scalar" (the group-wise grid) or "e8p": with gptq and 2 bits,
+            QuIP#-style (incoherence rotations, E8P lattice codes, block LDLQ;
+            compressors.e8p), 2 bits per weight plus 16 per row; group_size,
+            symmetric, observer and act_order do not apply to it.
 
     The defaults come from benchmarks/bench_peers.py (README, "Against
     llm-compressor"): act-order and the mse grid each lower GPTQ's perplexity on the
@@ -76,6 +80,7 @@ class QuantConfig:
     act_order: bool | None = None
     symmetric: bool = False
     observer: str | None = None
+    quantizer: str = "scalar"
 
     def __post_init__(self):
         gptq = self.gptq if isinstance(self.gptq, bool) else False
@@ -96,11 +101,18 @@ class QuantConfig:
             raise config_error(
                 self.method, "observer", self.observer, f"must be one of {', '.join(OBSERVERS)}"
             )
+        check_quantizer(self.method, self.quantizer, self.bits)
+        if self.quantizer == "e8p" and not self.gptq:
+            raise config_error(self.method, "quantizer", "e8p", "is QuIP#-style: needs gptq")
 
     def check_shape(self, m: int, n: int) -> None:
-        pass
+        check_e8p_shape(self.method, self.quantizer, n)
 
     def cost(self, m: int, n: int) -> tuple[int, int]:
+        if self.quantizer == "e8p":
+            from compressors import e8p
+
+            return m * n, e8p.e8p_cost(m, n) + e8p.SEED_BITS
         per_group = (1 if self.symmetric else 2) * DENSE_BITS
         return m * n, self.bits * m * n + per_group * m * math.ceil(n / self.group_size)
 
@@ -201,9 +213,14 @@ def quantize(w: torch.Tensor, scale, zero, bits: int, group_size: int) -> torch.
 def compress(weight: torch.Tensor, config: QuantConfig, calib: Calibration | None = None):
     """Group-wise round-to-nearest, or GPTQ when `config.gptq`."""
     w = weight.detach().to(torch.float64)
+    if config.gptq and calib is None:
+        raise config_error("quant", "gptq", True, "needs calibration data")
+    if config.quantizer == "e8p":
+        from compressors import e8p
+
+        config.check_shape(*w.shape)
+        return e8p.quip_sharp(weight, calib.hessian)
     if config.gptq:
-        if calib is None:
-            raise config_error("quant", "gptq", True, "needs calibration data")
         codes, scale, zero = ldlq(
             w,
             calib.hessian,
@@ -224,6 +241,25 @@ def compress(weight: torch.Tensor, config: QuantConfig, calib: Calibration | Non
         config.group_size,
         config.symmetric,
     )
+
+
+QUANTIZERS = ("scalar", "e8p")
+
+
+def check_quantizer(method: str, quantizer, bits) -> None:
+    if quantizer not in QUANTIZERS:
+        raise config_error(
+            method, "quantizer", quantizer, f"must be one of {', '.join(QUANTIZERS)}"
+        )
+    if quantizer == "e8p" and bits != 2:
+        raise config_error(method, "bits", bits, "the e8p codebook is 2 bits per weight")
+
+
+def check_e8p_shape(method: str, quantizer: str, n: int) -> None:
+    if quantizer == "e8p" and n % 8:
+        raise config_error(
+            method, "quantizer", "e8p", f"codes blocks of 8 inputs; this module has {n}"
+        )
 
 
 def act_order_perm(h: torch.Tensor) -> torch.Tensor:
