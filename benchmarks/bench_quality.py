@@ -243,15 +243,43 @@ def plain_steps(student, teacher, facts, tok, config, steps=3) -> float:
     return steps * config.tokens_per_step / (time.perf_counter() - t0)
 
 
+def plot_heal(results: dict, path: Path) -> None:
+    """Evaluation perplexity (2048 tokens) against healing steps, one line per +heal row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    for name, r in results.items():
+        curve = [p for p in r.get("heal", {}).get("curve", []) if not p.get("requantized")]
+        if curve:
+            ax.plot([p["step"] for p in curve], [p["ppl"] for p in curve], marker="o", label=name)
+    if "dense" in results:
+        ax.axhline(results["dense"]["ppl"], color="gray", ls="--", lw=1, label="dense")
+    ax.set_yscale("log")
+    ax.set_xlabel("healing step (2048 calibration tokens each)")
+    ax.set_ylabel("perplexity (first 2048 eval tokens)")
+    ax.set_title("SmolLM2-135M: healing curves")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path)
+    print(f"plot: {path}")
+
+
 def markdown_table(results: dict) -> str:
     rows = [
         "| configuration | params kept | bits / param | perplexity | apply time |",
         "| --- | --- | --- | --- | --- |",
     ]
     for name, r in results.items():
+        ppl = f"{r['ppl']:,.2f}"
+        if "ppl_unhealed" in r:
+            ppl = f"{r['ppl_unhealed']:,.2f} -> {ppl}"
         rows.append(
             f"| {name} | {r['params_kept']:.3f} | {r['bits_per_param']:.2f} | "
-            f"{r['ppl']:,.2f} | {r['apply_seconds']:.0f} s |"
+            f"{ppl} | {r['apply_seconds']:.0f} s |"
         )
     return "\n".join(rows)
 
@@ -266,9 +294,13 @@ def main() -> None:
     p.add_argument(
         "--table", action="store_true", help="print the results file as a markdown table"
     )
+    p.add_argument("--plot", type=Path, help="plot the +heal rows' curves of the results file")
     args = p.parse_args()
     if args.table:
         print(markdown_table(json.loads(args.out.read_text())))
+        return
+    if args.plot:
+        plot_heal(json.loads(args.out.read_text()), args.plot)
         return
 
     from compressors.apply import needs_data

@@ -26,6 +26,7 @@ from spectra.errors import SpectraInputError
 
 DENSE_BITS = 16
 JITTERS = (0.0, 1e-8, 1e-6, 1e-4, 1e-2, 1e-1)  # of H's mean diagonal, tried in turn
+DAMP = 0.01  # GPTQ's percdamp: this fraction of mean(diag H) is added to the diagonal
 
 
 class ConfigError(SpectraInputError):
@@ -134,3 +135,15 @@ def whitening_factor(method: str, calib: Calibration | None) -> torch.Tensor:
         if int(info) == 0:
             return chol
     raise config_error(method, "whiten", True, "calibration Gram is not positive definite")
+
+
+def hessian_inverse_factor(h: torch.Tensor, damp: float = DAMP, perm: torch.Tensor | None = None):
+    """(upper Cholesky factor of (H + damp * mean diag)^-1, mask of dead input columns),
+    with H's columns and rows in the order `perm` when given (act_order)."""
+    h = h.to(torch.float64)
+    h = h[perm][:, perm] if perm is not None else h.clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    h += damp * torch.diagonal(h).mean() * torch.eye(h.shape[0], dtype=h.dtype)
+    inv = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    return torch.linalg.cholesky(inv, upper=True), dead

@@ -34,7 +34,7 @@ from functools import cache
 import torch
 from torch import nn
 
-from compressors.base import DENSE_BITS, Factorization
+from compressors.base import DENSE_BITS, Factorization, hessian_inverse_factor
 
 DIM = 8
 SCALES = torch.linspace(0.7, 1.3, 13, dtype=torch.float64)  # multiples of a row's RMS
@@ -176,8 +176,6 @@ SCALE_BLOCKS = 32
 
 def ldlq(w: torch.Tensor, h: torch.Tensor, factor=None):
     """(codes (m, n/8) int32, row scales (m,)) of w under H by block LDLQ (module doc)."""
-    from compressors.quant import hessian_inverse_factor
-
     m, n = w.shape
     u, dead = factor if factor is not None else hessian_inverse_factor(h)
     w = w.detach().to(torch.float64).clone()

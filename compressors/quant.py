@@ -41,9 +41,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from compressors.base import DENSE_BITS, Calibration, Factorization, config_error
+from compressors import e8p
+from compressors.base import (  # noqa: F401 (re-exported)
+    DAMP,
+    DENSE_BITS,
+    Calibration,
+    Factorization,
+    config_error,
+    hessian_inverse_factor,
+)
 
-DAMP = 0.01  # GPTQ's percdamp: this fraction of mean(diag H) is added to the diagonal
 OBSERVERS = ("minmax", "mse")
 SHRINKS = np.round(np.arange(1.0, 0.595, -0.01), 2)  # the mse observer's candidate factors
 
@@ -216,8 +223,6 @@ def compress(weight: torch.Tensor, config: QuantConfig, calib: Calibration | Non
     if config.gptq and calib is None:
         raise config_error("quant", "gptq", True, "needs calibration data")
     if config.quantizer == "e8p":
-        from compressors import e8p
-
         config.check_shape(*w.shape)
         return e8p.quip_sharp(weight, calib.hessian)
     if config.gptq:
@@ -265,18 +270,6 @@ def check_e8p_shape(method: str, quantizer: str, n: int) -> None:
 def act_order_perm(h: torch.Tensor) -> torch.Tensor:
     """Input columns in decreasing diag(H) (ties in column order)."""
     return torch.sort(-torch.diagonal(h).to(torch.float64), stable=True).indices
-
-
-def hessian_inverse_factor(h: torch.Tensor, damp: float = DAMP, perm: torch.Tensor | None = None):
-    """(upper Cholesky factor of (H + damp * mean diag)^-1, mask of dead input columns),
-    with H's columns and rows in the order `perm` when given (act_order)."""
-    h = h.to(torch.float64)
-    h = h[perm][:, perm] if perm is not None else h.clone()
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1.0
-    h += damp * torch.diagonal(h).mean() * torch.eye(h.shape[0], dtype=h.dtype)
-    inv = torch.cholesky_inverse(torch.linalg.cholesky(h))
-    return torch.linalg.cholesky(inv, upper=True), dead
 
 
 def ldlq(

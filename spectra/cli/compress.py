@@ -222,6 +222,7 @@ def cmd_apply(args) -> int:
             )
     rows = [applying.asdict(r) for r in reports]
     totals = plans.totals(entries)
+    totals["seconds"] = time.perf_counter() - t0  # loading and compressing, not healing
     heal_section = None
     if plan.heal is not None:  # distil the compact parameters from the dense model
         from spectra.cli import heal as healing
@@ -237,7 +238,6 @@ def cmd_apply(args) -> int:
             out,
             identity,
         )
-    totals["seconds"] = time.perf_counter() - t0
     report = dict(
         model=args.model,
         plan=str(args.plan),
