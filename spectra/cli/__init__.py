@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     he.add_argument("checkpoint", metavar="OUT", help="a `spectra apply` output")
     he.add_argument("-o", "--out", type=Path, required=True, help="where the healed model goes")
     he.add_argument("--steps", type=int, help="optimizer steps (default: the plan's heal, or 100)")
-    he.add_argument("--lr", type=float, help="peak learning rate (default 1e-4)")
+    he.add_argument("--lr", type=float, help="peak learning rate (default 1e-5)")
     he.add_argument(
         "--tokens-per-step", type=int, help="calibration tokens per step (default 2048)"
     )
