@@ -256,8 +256,8 @@ def plot_heal(results: dict, path: Path) -> None:
         curve = [p for p in r.get("heal", {}).get("curve", []) if not p.get("requantized")]
         if curve:
             ax.plot([p["step"] for p in curve], [p["ppl"] for p in curve], marker="o", label=name)
-    if "dense" in results:
-        ax.axhline(results["dense"]["ppl"], color="gray", ls="--", lw=1, label="dense")
+    if "ppl_heal_eval" in results.get("dense", {}):  # the dense model on the same tokens
+        ax.axhline(results["dense"]["ppl_heal_eval"], color="gray", ls="--", lw=1, label="dense")
     ax.set_yscale("log")
     ax.set_xlabel("healing step (2048 calibration tokens each)")
     ax.set_ylabel("perplexity (first 2048 eval tokens)")
@@ -320,6 +320,9 @@ def main() -> None:
         ppl=base.ppl, tokens=base.tokens, bits_per_param=16.0, params_kept=1.0, apply_seconds=0.0
     )
     print(f"dense: ppl {base.ppl:.3f} on {base.tokens} tokens", flush=True)
+    if not args.only or any(n.endswith("+heal") for n in args.only):
+        curve_ref = ev.perplexity(model, tok, ids=ids, max_tokens=HEAL["eval_tokens"])
+        results["dense"]["ppl_heal_eval"] = curve_ref.ppl  # what the curves' points see
     for name, raw in plans(model).items():
         if args.only and name not in args.only:
             continue

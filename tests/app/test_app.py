@@ -172,6 +172,8 @@ def test_invalid_plan_file_on_import_shows_an_error(on_tiny):
             "rank": 5,
             "energy": None,
             "whiten": False,
+            "factor_bits": 16,
+            "factor_group_size": 64,
         }
     }
 

@@ -86,7 +86,7 @@ def test_quip_sharp_costs_what_it_stores_and_its_forward_is_the_reconstruction()
 def test_on_demo_matrices_e8p_beats_the_scalar_2_bit_grid(demo_block):
     """GPTQ at 2 bits (g64, 2.5 bits per weight) against QuIP#-style E8P (2 bits plus a
     row scale), both under the demo's own H, on two of block 5's matrices."""
-    for name in ("o_proj", "down_proj"):
+    for name in ("q_proj", "o_proj"):
         w, calib = demo_block[name]
         scalar = compress(w, make_config("quant", bits=2, group_size=64, gptq=True), calib)
         lattice = compress(w, make_config("quant", bits=2, gptq=True, quantizer="e8p"), calib)
