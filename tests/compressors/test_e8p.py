@@ -83,6 +83,8 @@ def test_quip_sharp_costs_what_it_stores_and_its_forward_is_the_reconstruction()
     torch.testing.assert_close(f.as_module()(x), x @ f.to_dense().T, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.demo
+@pytest.mark.slow
 def test_on_demo_matrices_e8p_beats_the_scalar_2_bit_grid(demo_block):
     """GPTQ at 2 bits (g64, 2.5 bits per weight) against QuIP#-style E8P (2 bits plus a
     row scale), both under the demo's own H, on two of block 5's matrices."""

@@ -96,6 +96,8 @@ def test_sparsegpt_nm_equals_the_textbook_algorithm(keep, group, block):
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.demo
+@pytest.mark.slow
 def test_on_demo_matrices_sparsegpt_beats_wanda_beats_magnitude_at_2_4(demo_block):
     for name in ("q_proj", "up_proj", "down_proj"):
         w, calib = demo_block[name]

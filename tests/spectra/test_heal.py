@@ -161,6 +161,8 @@ def test_quantized_factors_return_to_their_grid(family_dir):
         assert quantized_grids(facts[n]) == want, n
 
 
+@pytest.mark.demo
+@pytest.mark.slow
 def test_healing_lowers_the_loss_and_the_perplexity_on_the_demo(demo_dir):
     """Block 3..8's MLPs at rank 48: a few distillation steps on calibration tokens lower
     the KL on a held-out calibration batch and the evaluation perplexity."""
