@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from compressors.base import DENSE_BITS, config_error, require_int
-from compressors.quant import Quantized, dequantize, grid, quantize
+from compressors.quant import Quantized, dequantize, round_to_nearest
 
 FACTOR_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
 
@@ -75,11 +75,7 @@ def quantize_factor(t: torch.Tensor, bits: int, group_size: int):
     if bits == 16:
         return t
     rows, cols = matrix_shape(t.shape)
-    w = t.detach().reshape(rows, cols).to(torch.float64)
-    gs = min(group_size, cols)
-    scale, zero = grid(w, bits, gs)
-    codes = quantize(w, scale, zero, bits, gs).to(torch.uint8)
-    q = Quantized(codes, scale.to(t.dtype), zero.to(t.dtype), bits, gs)
+    q = round_to_nearest(t.reshape(rows, cols), bits, min(group_size, cols))
     return QuantizedFactor(q, list(t.shape))
 
 

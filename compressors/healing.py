@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
 from torch import nn
 
 from compressors import factors
@@ -30,7 +29,7 @@ from compressors.joint import JointGroup
 from compressors.losparse import LowRankSparse
 from compressors.lowrank import LowRank
 from compressors.mpo import MPO
-from compressors.quant import Quantized, grid, quantize
+from compressors.quant import Quantized, round_to_nearest
 from compressors.sparse import TrainableSparseLinear
 
 HEALABLE = (LowRank, JointGroup, LowRankSparse, MPO, Caldera)
@@ -59,7 +58,7 @@ class Trainable:
         old = {}
         for field in dataclasses.fields(f):
             part = getattr(f, field.name)
-            if isinstance(f, Caldera) and isinstance(part, Quantized) and field.name in "lr":
+            if isinstance(f, Caldera) and isinstance(part, Quantized) and field.name in ("l", "r"):
                 old[(field.name, None)] = part
                 setattr(f, field.name, Plain(part.to_dense().to(part.scales.dtype).contiguous()))
             elif isinstance(part, QuantizedFactor):
@@ -106,8 +105,13 @@ class Trainable:
         for names in self.groups.values():
             f = self.factorizations[names[0]]
             for (name, i), old in self._requantize.pop(id(f), {}).items():
-                if isinstance(old, Quantized):  # CALDERA's L or R
-                    setattr(f, name, requantize(getattr(f, name).value.detach(), old))
+                if isinstance(old, Quantized):  # CALDERA's L or R, on its grid's settings
+                    value = getattr(f, name).value.to(old.scales.dtype)
+                    setattr(
+                        f,
+                        name,
+                        round_to_nearest(value, old.nbits, old.group_size, old.symmetric),
+                    )
                 elif i is None:
                     setattr(f, name, factors.requantize(getattr(f, name).detach(), old))
                 else:
@@ -131,19 +135,3 @@ def _train(module: nn.Module, f) -> None:
     for pname, p in module.named_parameters():
         if pname != "bias" and not pname.endswith(".bias"):
             p.requires_grad_(True)
-
-
-def requantize(value: torch.Tensor, like: Quantized) -> Quantized:
-    """`value` round-to-nearest on a min-max grid with `like`'s bits, groups and symmetry."""
-    w = value.to(torch.float64)
-    scale, zero = grid(w, like.nbits, like.group_size, like.symmetric)
-    codes = quantize(w, scale, zero, like.nbits, like.group_size)
-    dtype = like.scales.dtype
-    return Quantized(
-        codes.to(torch.uint8),
-        scale.to(dtype),
-        zero.to(dtype),
-        like.nbits,
-        like.group_size,
-        like.symmetric,
-    )

@@ -211,6 +211,14 @@ def grid(
     return scale, torch.round(-lo / scale)
 
 
+def round_to_nearest(w: torch.Tensor, bits: int, group_size: int, symmetric: bool = False):
+    """`w` (m, n) as a Quantized on its min-max grid, round-to-nearest; scales in w's dtype."""
+    wd = w.detach().to(torch.float64)
+    scale, zero = grid(wd, bits, group_size, symmetric)
+    codes = quantize(wd, scale, zero, bits, group_size).to(torch.uint8)
+    return Quantized(codes, scale.to(w.dtype), zero.to(w.dtype), bits, group_size, symmetric)
+
+
 def quantize(w: torch.Tensor, scale, zero, bits: int, group_size: int) -> torch.Tensor:
     per_col = torch.arange(w.shape[1]) // group_size
     q = torch.round(w / scale[:, per_col]) + zero[:, per_col]
