@@ -29,7 +29,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from compressors import e8p
+from compressors import e8p, rotation
 from compressors.base import (
     DENSE_BITS,
     Calibration,
@@ -142,14 +142,12 @@ class Caldera(Factorization):
         return self.q.shape
 
     def rotations(self):
-        m, n = self.shape
-        return Rotation(m, self.seed), Rotation(n, self.seed + 1)
+        return rotation.pair(*self.shape, self.seed)
 
     def to_dense(self):
         w = (self.q.to_dense() + self.l.to_dense() @ self.r.to_dense()).to(torch.float64)
         if self.seed is not None:
-            u, v = self.rotations()
-            w = u.apply_inverse(v.apply_inverse(w).T).T  # U^T W' V
+            w = rotation.unrotate(w, self.rotations())  # U^T W' V
         return (self.scale * w).to(self.q.scales.dtype)
 
     @property

@@ -34,6 +34,7 @@ from functools import cache
 import torch
 from torch import nn
 
+from compressors import rotation
 from compressors.base import DENSE_BITS, Factorization, hessian_inverse_factor
 
 DIM = 8
@@ -252,14 +253,10 @@ class QuipSharp(Factorization):
         return self.q.shape
 
     def rotations(self):
-        from compressors.rotation import Rotation
-
-        m, n = self.shape
-        return Rotation(m, self.seed), Rotation(n, self.seed + 1)
+        return rotation.pair(*self.shape, self.seed)
 
     def to_dense(self):
-        u, v = self.rotations()
-        w = u.apply_inverse(v.apply_inverse(self.q.to_dense().double()).T).T  # U^T Q V
+        w = rotation.unrotate(self.q.to_dense().double(), self.rotations())  # U^T Q V
         return w.to(self.q.scales.dtype)
 
     @property
@@ -295,10 +292,7 @@ class QuipSharpLinear(nn.Module):
 
 def quip_sharp(w: torch.Tensor, h: torch.Tensor, seed: int = 0) -> QuipSharp:
     """Incoherence rotations (W' = U W V^T, H' = V H V^T), then E8P block LDLQ."""
-    from compressors.rotation import Rotation
-
-    m, n = w.shape
-    u, v = Rotation(m, seed), Rotation(n, seed + 1)
+    u, v = rotation.pair(*w.shape, seed)
     wr = u.apply(v.apply(w.detach().to(torch.float64)).T).T
     hr = v.apply(v.apply(h.to(torch.float64)).T)
     codes, scale = ldlq(wr, hr)

@@ -43,3 +43,14 @@ class Rotation:
     def matrix(self) -> torch.Tensor:
         """R itself (n, n)."""
         return self.apply(torch.eye(self.n, dtype=torch.float64)).T
+
+
+def pair(m: int, n: int, seed: int) -> tuple[Rotation, Rotation]:
+    """The (U, V) of an (m, n) weight rotated as W' = U W V^T (seeds seed and seed + 1)."""
+    return Rotation(m, seed), Rotation(n, seed + 1)
+
+
+def unrotate(w: torch.Tensor, rotations: tuple[Rotation, Rotation]) -> torch.Tensor:
+    """U^T W' V: a rotated weight back in the original coordinates."""
+    u, v = rotations
+    return u.apply_inverse(v.apply_inverse(w).T).T
