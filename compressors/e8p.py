@@ -75,17 +75,11 @@ def nearest(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty(x.shape[0], dtype=torch.int32)
     for lo in range(0, x.shape[0], CHUNK):
         xb = x[lo : lo + CHUNK]
-        best_d, best_code = None, None
+        best = None
         for bit, shift in ((0, 0.25), (1, -0.25)):
             d, code = _nearest_shifted(xb - shift)
-            code = code | (bit << 15)
-            if best_d is None:
-                best_d, best_code = d, code
-            else:
-                better = d < best_d
-                best_d = torch.where(better, d, best_d)
-                best_code = torch.where(better, code, best_code)
-        out[lo : lo + CHUNK] = best_code.to(torch.int32)
+            best = _keep_better(best, d, code | (bit << 15))
+        out[lo : lo + CHUNK] = best[1].to(torch.int32)
     return out
 
 
@@ -158,18 +152,20 @@ def row_scales(w: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Te
     blocks = torch.linspace(0, n // DIM - 1, min(SCALE_BLOCKS, n // DIM)).round().long()
     cols = (blocks[:, None] * DIM + torch.arange(DIM)).flatten()
     ws, ds = w[:, cols], d[cols]
-    best_err, best = None, None
+    best = None
     for t in SCALES:
         scale = rms * t
         _, rec = round_rows(ws, scale)
-        err = ((ws - rec).pow(2) * ds).sum(1)
-        if best is None:
-            best_err, best = err, scale
-        else:
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best = torch.where(better, scale, best)
-    return best
+        best = _keep_better(best, ((ws - rec).pow(2) * ds).sum(1), scale)
+    return best[1]
+
+
+def _keep_better(best, err, value):
+    """(error, value) per entry: the candidate's where its error is smaller than best's."""
+    if best is None:
+        return err, value
+    better = err < best[0]
+    return torch.where(better, err, best[0]), torch.where(better, value, best[1])
 
 
 SCALE_BLOCKS = 32
