@@ -29,7 +29,13 @@ browser:
 	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
 	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }
 
-test: setup browser
+# the tests run `--ray` on a real local Ray cluster: they need the distributed extra
+RAY_STAMP := $(VENV)/.spectra-distributed
+$(RAY_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e ".[dev,distributed]"
+	touch $(RAY_STAMP)
+
+test: setup browser $(RAY_STAMP)
 	$(BIN)/ruff check spectra compressors app tests benchmarks
 	$(BIN)/python -m pytest -q
 

@@ -66,7 +66,7 @@ def needs_data(config) -> bool:
     return any(bool(getattr(config, f)) for f in flags)
 
 
-def apply(model, entries, grams=None, progress=None, calib_ids=None, on_grams=None):
+def apply(model, entries, grams=None, progress=None, calib_ids=None, on_grams=None, mapper=None):
     """(compressed copy, reports, factorizations by module) for resolved `entries`.
 
     Args:
@@ -81,6 +81,10 @@ def apply(model, entries, grams=None, progress=None, calib_ids=None, on_grams=No
             instead of `grams`: block by block, each block's H is taken from the
             outputs of the blocks before it as already compressed, then the block is
             compressed; `on_grams(block, grams)` receives each block's Grams.
+        mapper: how a list of factorizations runs, `mapper(fn, work)` yielding
+            `fn(w)` in order; by default the local thread pool (parallel_map), or
+            spectra.linalg.cluster.task_map for Ray tasks. All data-free modules form one
+            list; data-aware ones one list per block.
     """
     model = copy.deepcopy(model).eval()
     targets = linear_targets(model)
@@ -93,7 +97,7 @@ def apply(model, entries, grams=None, progress=None, calib_ids=None, on_grams=No
         raise SpectraInputError(
             f"{name}: data-aware methods are supported inside transformer blocks only"
         )
-    state = _Run(model, targets, todo, progress)
+    state = _Run(model, targets, todo, progress, mapper or parallel_map)
     if data and calib_ids is not None:
 
         def compress_block(block: int, block_grams_: dict) -> None:
@@ -125,8 +129,8 @@ def apply(model, entries, grams=None, progress=None, calib_ids=None, on_grams=No
 class _Run:
     """Bookkeeping of one apply: what is left, reports, module swapping."""
 
-    def __init__(self, model, targets, todo, progress):
-        self.model, self.targets, self.progress = model, targets, progress
+    def __init__(self, model, targets, todo, progress, mapper):
+        self.model, self.targets, self.progress, self.mapper = model, targets, progress, mapper
         self.todo = {e.name: e for e in todo}
         self.total = len(todo)
         self.reports: list[ModuleReport] = []
@@ -143,7 +147,10 @@ class _Run:
                 units.append([e])
         units += groups.values()
         jobs = [self._job(members, grams) for members in units]
-        for job, (f, seconds) in zip(jobs, parallel_map(_factorize, jobs), strict=True):
+        work = [
+            _Work("+".join(e.name for e in j.members), j.config, j.weights, j.calib) for j in jobs
+        ]
+        for job, (f, seconds) in zip(jobs, self.mapper(_factorize, work), strict=True):
             self._install(job, f, seconds)
 
     def compress_rest(self) -> None:
@@ -202,7 +209,16 @@ class _Job(NamedTuple):
     calib: Calibration | None
 
 
-def _factorize(job: _Job):
+class _Work(NamedTuple):
+    """What one factorization reads (a task's whole input: no module, no model)."""
+
+    name: str  # the module, or a joint group's members joined by +
+    config: object
+    weights: list[torch.Tensor]
+    calib: Calibration | None
+
+
+def _factorize(job: _Work):
     """(factorization, seconds) of one module or one joint group."""
     t0 = time.perf_counter()
     f = factorize(job.config, job.weights, job.calib)

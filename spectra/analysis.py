@@ -8,14 +8,18 @@ of every tensor, the settings and CACHE_VERSION.
 
 from __future__ import annotations
 
+import collections
+import functools
 import math
 import os
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from spectra.errors import SpectraInputError
 from spectra.io import cache, models
 from spectra.io.roles import ROLES
 from spectra.io.tensors import iter_row_chunks
@@ -65,6 +69,7 @@ def analyze(
     settings: AnalysisSettings | None = None,
     info: dict | None = None,
     cached_only: bool = False,
+    ray: str | None = None,
 ):
     """Analyse a model (spec as in `models.resolve`); returns a polars DataFrame.
 
@@ -78,6 +83,9 @@ def analyze(
         settings: full settings (overrides `cores`).
         info: if given, filled with `cached`, `device`, `fingerprint`, `matrices`.
         cached_only: return the cached table, or None instead of computing it.
+        ray: `auto` or a cluster address: compute the matrices as Ray tasks, one per
+            matrix, each reading its own tensor (spectra.linalg.cluster); the same
+            table, under the same cache key, as the local path's.
     """
     info = {} if info is None else info
     import polars as pl
@@ -85,14 +93,19 @@ def analyze(
     settings = settings or AnalysisSettings(cores=cores, mpo=with_mpo)
     source = models.resolve(spec)
     mats = models.matrices(source)
-    device = models.resolve_device(device)
-    run = _run_cuda if device.startswith("cuda") else _run_cpu
+    if ray is not None:
+        run = functools.partial(_run_ray, ray)
+        if device not in ("auto", "cpu") and not device.startswith("cuda"):
+            models.resolve_device(device)  # the one message for a bad device
+    else:
+        device = models.resolve_device(device)
+        run = _run_cuda if device.startswith("cuda") else _run_cpu
     stamps = {f: cache.file_stamp(f) for f in source.files}
     hashes = _known_hashes(stamps) if use_cache else None
     if cached_only and hashes is None:
         return None  # these files were never analysed
     rows_by_name = None
-    if hashes is None and run is _run_cpu:
+    if hashes is None and (run is _run_cpu or ray is not None):
         # first sight of these files: hash each tensor from the bytes read for the analysis
         hashes = {}
         rows_by_name = dict(
@@ -115,7 +128,8 @@ def analyze(
     )
     path = cache.cache_dir() / "analysis" / f"{fingerprint}.parquet"
     names = [m.name for m in unique]
-    info.update(cached=False, device=device, fingerprint=fingerprint, matrices=len(names))
+    where = f"ray {ray}" if ray is not None else device
+    info.update(cached=False, device=where, fingerprint=fingerprint, matrices=len(names))
     if use_cache and rows_by_name is None:
         hit = _read_table(path, names)
         if hit is not None:
@@ -234,14 +248,7 @@ def _run_cpu(mats, settings, device, progress, hashes=None):
     workers = max(1, min(os.cpu_count() or 1, 8))
 
     def work(i):
-        m = mats[i]
-        if not settings.mpo and _streamable(m):
-            chunk = max(1, STREAM_CHUNK_BYTES // (8 * m.ref.shape[1]))
-            s = singular_values_streamed(iter_row_chunks(m.ref, chunk, hashes))
-            if s is not None:
-                rows[i] = _row(s, None, None, None, settings)
-                return i
-        rows[i] = matrix_row(m.read_scratch(hashes), settings)
+        rows[i] = _cpu_row(mats[i], settings, hashes)
         return i
 
     # one BLAS thread per worker: LAPACK's eigensolver scales poorly across threads
@@ -249,6 +256,102 @@ def _run_cpu(mats, settings, device, progress, hashes=None):
         for done, i in enumerate(pool.map(work, order), 1):
             if progress:
                 progress(done, len(mats), mats[i].name)
+    return rows
+
+
+def _cpu_row(m: models.Matrix, settings: AnalysisSettings, hashes: dict | None) -> dict:
+    """One matrix's row, read from its checkpoint (streamed when tall, large, no MPO)."""
+    if not settings.mpo and _streamable(m):
+        chunk = max(1, STREAM_CHUNK_BYTES // (8 * m.ref.shape[1]))
+        s = singular_values_streamed(iter_row_chunks(m.ref, chunk, hashes))
+        if s is not None:
+            return _row(s, None, None, None, settings)
+    return matrix_row(m.read_scratch(hashes), settings)
+
+
+def matrix_task(job: tuple) -> tuple[dict, dict]:
+    """(row, {tensor: content hash}) of one matrix: a Ray task's whole work.
+
+    `job` is (matrix, settings, device): the task reads its own tensor, on `cuda`
+    through the GPU path's code, else through the CPU pool's.
+    """
+    m, settings, device = job
+    hashes: dict = {}
+    if device.startswith("cuda"):
+        w = m.read_scratch(hashes)
+        return _cuda_rows([w], settings, device)[0], hashes
+    scratch.tune_allocator()
+    return _cpu_row(m, settings, hashes), hashes
+
+
+def _run_ray(address, mats, settings, device, progress, hashes=None):
+    """Rows for `mats` as Ray tasks (largest first); fills `hashes` if given.
+
+    While a local cluster starts (about 4 s on a small machine), this process's own
+    thread pool works through the largest matrices with the same code; the rest go
+    to the cluster as soon as it is up. A cluster that is already running, or at an
+    address, gets every matrix.
+    """
+    from threadpoolctl import threadpool_limits
+
+    from spectra.linalg import cluster
+
+    order = sorted(range(len(mats)), key=lambda i: -math.prod(mats[i].shape))
+    rows: list[dict | None] = [None] * len(mats)
+    queue = collections.deque(order)
+    lock = threading.Lock()
+    up = threading.Event()
+    done = [0]
+
+    def finished(i):
+        with lock:
+            done[0] += 1
+            if progress:
+                progress(done[0], len(mats), mats[i].name)
+
+    def local_worker():
+        while True:
+            with lock:
+                if up.is_set() or not queue:
+                    return
+                i = queue.popleft()
+            rows[i] = _cpu_row(mats[i], settings, hashes)
+            finished(i)
+
+    overlap = cluster.starts_local(address) and models.resolve_device(device) == "cpu"
+    workers = max(1, min(os.cpu_count() or 1, 8)) if overlap else 0
+    if overlap:
+        scratch.tune_allocator()
+    with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(max(workers, 1)) as pool:
+        local = [pool.submit(local_worker) for _ in range(workers)]
+        try:
+            info = cluster.connect(address)
+        finally:
+            with lock:
+                up.set()
+                rest = list(queue)
+                queue.clear()
+        try:
+            if device.startswith("cuda") and not info["gpus"]:
+                raise SpectraInputError(f"--device {device}: the Ray cluster has no GPUs")
+            task_device = "cuda" if device != "cpu" and info["gpus"] else "cpu"
+            jobs = [(mats[i], settings, task_device) for i in rest]
+            index = {mats[i].name: i for i in rest}
+            results = cluster.task_map(
+                matrix_task,
+                jobs,
+                names=lambda job: job[0].name,
+                num_gpus=1 if task_device == "cuda" else 0,
+                progress=lambda _d, _t, name: finished(index[name]),
+            )
+            for i, (row, got) in zip(rest, results, strict=True):
+                rows[i] = row
+                if hashes is not None:
+                    hashes.update(got)
+            for f in local:
+                f.result()
+        finally:
+            cluster.disconnect(info)
     return rows
 
 
@@ -260,37 +363,46 @@ def _streamable(m: models.Matrix) -> bool:
 
 def _run_cuda(mats, settings, device, progress):
     """Batched by shape on the GPU: spectra and bond spectra; metrics on the CPU."""
-    import torch
-
     groups: dict[tuple[int, int], list[int]] = {}
     for i, m in enumerate(mats):
         groups.setdefault(m.shape, []).append(i)
     rows: list[dict | None] = [None] * len(mats)
     done = 0
     for (mm, nn), idx in groups.items():
-        mf, nf = mpo.factorize(mm, settings.cores), mpo.factorize(nn, settings.cores)
         per_batch = max(1, GPU_BATCH_BYTES // (mm * nn * 8))
         for lo in range(0, len(idx), per_batch):
             chunk = idx[lo : lo + per_batch]
-            w = torch.stack([torch.from_numpy(np.ascontiguousarray(mats[i].read())) for i in chunk])
-            w = w.to(device, torch.float64)
-            s = singular_values_torch(w).cpu().numpy()
-            bonds = (
-                [
-                    singular_values_torch(mpo.unfolding(w, mf, nf, k)).cpu().numpy()
-                    for k in range(settings.cores - 1)
-                ]
-                if settings.mpo
-                else None
-            )
-            del w
-            for j, i in enumerate(chunk):
-                b = [x[j] for x in bonds] if bonds is not None else None
-                rows[i] = _row(s[j], b, mf, nf, settings)
+            batch = _cuda_rows([mats[i].read() for i in chunk], settings, device)
+            for i, row in zip(chunk, batch, strict=True):
+                rows[i] = row
                 done += 1
                 if progress:
                     progress(done, len(mats), mats[i].name)
     return rows
+
+
+def _cuda_rows(arrays: list[np.ndarray], settings, device) -> list[dict]:
+    """Rows of equal-shape (m, n) matrices, their SVDs batched on `device`."""
+    import torch
+
+    mm, nn = arrays[0].shape
+    mf, nf = mpo.factorize(mm, settings.cores), mpo.factorize(nn, settings.cores)
+    w = torch.stack([torch.from_numpy(np.ascontiguousarray(a)) for a in arrays])
+    w = w.to(device, torch.float64)
+    s = singular_values_torch(w).cpu().numpy()
+    bonds = (
+        [
+            singular_values_torch(mpo.unfolding(w, mf, nf, k)).cpu().numpy()
+            for k in range(settings.cores - 1)
+        ]
+        if settings.mpo
+        else None
+    )
+    del w
+    return [
+        _row(s[j], [x[j] for x in bonds] if bonds is not None else None, mf, nf, settings)
+        for j in range(len(arrays))
+    ]
 
 
 def _schema():

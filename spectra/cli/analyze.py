@@ -31,6 +31,7 @@ def cmd_analyze(args) -> int:
             use_cache=not args.no_cache,
             progress=progress,
             info=info,
+            ray=args.ray,
         )
     if args.calib:
         from spectra.data.calib_spectra import calib_table  # deferred: torch

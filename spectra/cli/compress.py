@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -183,43 +184,11 @@ def cmd_apply(args) -> int:
     from compressors import io
 
     t0 = time.perf_counter()
-    model = models.load(args.model, device=args.device)
-    needs_data = any(e.config is not None and applying.needs_data(e.config) for e in entries)
-    try:
-        tokenizer = models.load_tokenizer(args.model)
-    except SpectraInputError:
-        if needs_data:
-            raise
-        tokenizer = None  # a data-free plan needs none; OUT then has no tokenizer either
-    grams = None
-    seq: dict = {}  # sequential calibration: its cache folder, hit or not, tokens
-    if needs_data and plan.calibration.sequential:
-        # each block calibrated on the outputs of the blocks before it as compressed
-        with progress_bar("compressing (sequential calibration)") as progress:
-            compressed, reports, facts = calibration.sequential(
-                args.model,
-                plan.calibration,
-                plans.plan_key(entries),
-                functools.partial(
-                    plans.apply_plan, model, plan, progress=progress, rank_of=rank_of
-                ),
-                tokenizer=tokenizer,
-                info=seq,
-            )
-    else:
-        if needs_data:
-            with progress_bar("calibrating", unit="block") as progress:
-                grams = calibrate(
-                    args.model,
-                    plan.calibration,
-                    model=model,
-                    tokenizer=tokenizer,
-                    progress=progress,
-                )
-        with progress_bar("compressing") as progress:
-            compressed, reports, facts = plans.apply_plan(
-                model, plan, grams=grams, progress=progress, rank_of=rank_of
-            )
+    with _cluster(args.ray, args.device) as mapper:
+        model = models.load(args.model, device=args.device)
+        compressed, reports, facts, tokenizer, grams, seq = _compress(
+            args, plan, entries, model, rank_of, mapper
+        )
     rows = [applying.asdict(r) for r in reports]
     totals = plans.totals(entries)
     totals["seconds"] = time.perf_counter() - t0  # loading and compressing, not healing
@@ -269,6 +238,73 @@ def cmd_apply(args) -> int:
         if heal_section is not None:
             print(healing.summary(out, heal_section))
     return 0
+
+
+def _compress(args, plan, entries, model, rank_of, mapper):
+    """(compressed, reports, factorizations, tokenizer, grams, sequential info) of `plan`."""
+    from compressors import apply as applying
+
+    needs_data = any(e.config is not None and applying.needs_data(e.config) for e in entries)
+    try:
+        tokenizer = models.load_tokenizer(args.model)
+    except SpectraInputError:
+        if needs_data:
+            raise
+        tokenizer = None  # a data-free plan needs none; OUT then has no tokenizer either
+    grams = None
+    seq: dict = {}  # sequential calibration: its cache folder, hit or not, tokens
+    if needs_data and plan.calibration.sequential:
+        # each block calibrated on the outputs of the blocks before it as compressed
+        with progress_bar("compressing (sequential calibration)") as progress:
+            compressed, reports, facts = calibration.sequential(
+                args.model,
+                plan.calibration,
+                plans.plan_key(entries),
+                functools.partial(
+                    plans.apply_plan,
+                    model,
+                    plan,
+                    progress=progress,
+                    rank_of=rank_of,
+                    mapper=mapper,
+                ),
+                tokenizer=tokenizer,
+                info=seq,
+            )
+    else:
+        if needs_data:
+            with progress_bar("calibrating", unit="block") as progress:
+                grams = calibrate(
+                    args.model,
+                    plan.calibration,
+                    model=model,
+                    tokenizer=tokenizer,
+                    progress=progress,
+                )
+        with progress_bar("compressing") as progress:
+            compressed, reports, facts = plans.apply_plan(
+                model, plan, grams=grams, progress=progress, rank_of=rank_of, mapper=mapper
+            )
+    return compressed, reports, facts, tokenizer, grams, seq
+
+
+@contextlib.contextmanager
+def _cluster(address: str | None, device: str):
+    """The factorizations' mapper: None (the local thread pool) or Ray tasks (with a
+    GPU each when the model goes to cuda)."""
+    if address is None:
+        yield None
+        return
+    from spectra.linalg import cluster
+
+    info = cluster.connect(address)
+    try:
+        on_gpu = models.resolve_device(device).startswith("cuda")
+        if on_gpu and not info["gpus"]:
+            raise SpectraInputError("--ray: the model is on cuda but the Ray cluster has no GPUs")
+        yield functools.partial(cluster.task_map, num_gpus=1 if on_gpu else 0)
+    finally:
+        cluster.disconnect(info)
 
 
 def cmd_eval(args) -> int:

@@ -379,13 +379,21 @@ def weight_ranks(targets):
 
 
 def apply_plan(
-    model, plan: Plan, grams=None, progress=None, rank_of=None, calib_ids=None, on_grams=None
+    model,
+    plan: Plan,
+    grams=None,
+    progress=None,
+    rank_of=None,
+    calib_ids=None,
+    on_grams=None,
+    mapper=None,
 ):
     """(compressed copy, reports, factorizations) of `plan` on a loaded `model`: the plan
     resolved against the model's own linear modules, then compressors' module surgery.
 
     `rank_of(name, energy)` sizes energy-based settings; by default from the weights.
-    `calib_ids`/`on_grams`: sequential calibration (compressors.apply.apply).
+    `calib_ids`/`on_grams`: sequential calibration; `mapper`: where factorizations run
+    (compressors.apply.apply).
     """
     from compressors import apply as surgery  # deferred: torch (`spectra --help`)
 
@@ -393,7 +401,13 @@ def apply_plan(
     entries = resolve(plan, [t for t, _ in targets.values()], rank_of or weight_ranks(targets))
     try:
         return surgery.apply(
-            model, entries, grams=grams, progress=progress, calib_ids=calib_ids, on_grams=on_grams
+            model,
+            entries,
+            grams=grams,
+            progress=progress,
+            calib_ids=calib_ids,
+            on_grams=on_grams,
+            mapper=mapper,
         )
     except PlanError:
         raise

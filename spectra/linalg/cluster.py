@@ -1,0 +1,161 @@
+"""Ray as the fan-out engine of `--ray`: connecting, and one task per job.
+
+`connect(address)` joins a cluster: `auto` joins the one that `RAY_ADDRESS` names and
+otherwise starts a local one (one CPU per core); any other value is an address
+(`HOST:PORT`, or `ray://HOST:PORT` for Ray Client). A process that already called
+`ray.init` keeps its cluster. `task_map(fn, jobs, names)` runs `fn(job)` as one Ray
+task per job and yields the results in submission order, as `parallel_map` does.
+
+Each task runs with one torch and one BLAS thread, as every job of the local
+thread pool does, so that the floating-point results are the local path's bit for bit.
+Ray retries a task whose worker dies (`max_retries`); a task that raises fails for
+good, and `task_map` raises `TaskFailed` naming its job. Jobs should be small (a
+matrix's location, or one module's weight and H): nothing model-sized goes through
+the object store. Workers import this package, so every node needs it installed
+(a local cluster shares this interpreter's environment).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Iterator
+
+from spectra.errors import SpectraInputError
+
+INSTALL_HINT = 'pip install -e ".[distributed]"'
+MAX_RETRIES = 3  # attempts after a worker dies (Ray's own default for tasks)
+
+
+class TaskFailed(RuntimeError):
+    """A Ray task that failed for good (its exception, or its retries spent)."""
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError as e:
+        raise SpectraInputError(
+            f"--ray needs the distributed extra (Ray), which is not installed: {INSTALL_HINT}"
+        ) from e
+    return ray
+
+
+def starts_local(address: str = "auto") -> bool:
+    """Whether `connect(address)` would start a local cluster (rather than join one)."""
+    if address != "auto" or os.environ.get("RAY_ADDRESS"):
+        return False
+    try:
+        import ray
+    except ImportError:
+        return False
+    return not ray.is_initialized()
+
+
+def connect(address: str = "auto") -> dict:
+    """Join (or start) the cluster `address` names; {address, started, cpus, gpus}.
+
+    `started` is True when this call started a local cluster (`disconnect` stops it).
+    An address that cannot be reached is bad input.
+    """
+    ray = _ray()
+    started = False
+    if not ray.is_initialized():
+        target = os.environ.get("RAY_ADDRESS") if address == "auto" else address
+        try:
+            if target:
+                ray.init(address=target, logging_level="ERROR", log_to_driver=False)
+            else:
+                ray.init(
+                    num_cpus=os.cpu_count() or 1,
+                    include_dashboard=False,
+                    logging_level="ERROR",
+                    log_to_driver=False,
+                )
+                started = True
+        except (ConnectionError, TimeoutError, RuntimeError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise SpectraInputError(f"--ray {target}: cannot reach a Ray cluster ({first})") from e
+    res = ray.cluster_resources()
+    return dict(
+        address=address,
+        started=started,
+        cpus=int(res.get("CPU", 0)),
+        gpus=int(res.get("GPU", 0)),
+    )
+
+
+def disconnect(info: dict) -> None:
+    """Stop the local cluster that `connect` started (leave any other one running)."""
+    if info.get("started"):
+        _ray().shutdown()
+
+
+_LIMITED = []  # this worker process's BLAS pools are down to one thread
+
+
+def _single_threaded(fn, job):
+    """fn(job) with one BLAS and one torch thread (set once per worker process: a
+    threadpoolctl scan costs tens of milliseconds, torch's import seconds)."""
+    import sys
+
+    if not _LIMITED:
+        from threadpoolctl import threadpool_limits
+
+        _LIMITED.append(threadpool_limits(1))  # kept: the worker is ours
+    torch = sys.modules.get("torch")  # imported by unpickling a job that holds tensors
+    if torch is not None and torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+    return fn(job)
+
+
+_REMOTE = {}
+
+
+def _remote(num_gpus: float):
+    ray = _ray()
+    if num_gpus not in _REMOTE:
+        _REMOTE[num_gpus] = ray.remote(num_cpus=1, num_gpus=num_gpus, max_retries=MAX_RETRIES)(
+            _single_threaded
+        )
+    return _REMOTE[num_gpus]
+
+
+def task_map(
+    fn: Callable,
+    jobs: Iterable,
+    names: Callable[[object], str] | None = None,
+    num_gpus: float = 0,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> Iterator:
+    """fn(job) for every job as Ray tasks; results in submission order.
+
+    `names(job)` says which job a failure is about (default: its `name`, else str);
+    `progress(done, total, name)` is called as tasks finish, in the order they finish.
+    """
+    ray = _ray()
+    names = names or (lambda job: str(getattr(job, "name", job)))
+    jobs = list(jobs)
+    if not jobs:
+        return iter(())
+    remote = _remote(num_gpus)
+    fn_ref = ray.put(fn)
+    refs = [remote.remote(fn_ref, job) for job in jobs]
+    index = {r: i for i, r in enumerate(refs)}
+    results: list = [None] * len(refs)
+    pending = list(refs)
+    done = 0
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        i = index[ready[0]]
+        try:
+            results[i] = ray.get(ready[0])
+        except Exception as e:  # RayTaskError, WorkerCrashedError after the retries
+            for r in pending:
+                ray.cancel(r, force=True)
+            cause = getattr(e, "cause", None) or e
+            line = str(cause).strip().splitlines()[-1] if str(cause).strip() else ""
+            raise TaskFailed(f"{names(jobs[i])}: {type(cause).__name__}: {line}") from e
+        done += 1
+        if progress:
+            progress(done, len(refs), names(jobs[i]))
+    return iter(results)
