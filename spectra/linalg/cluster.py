@@ -61,6 +61,8 @@ def connect(address: str = "auto") -> dict:
     started = False
     if not ray.is_initialized():
         target = os.environ.get("RAY_ADDRESS") if address == "auto" else address
+        if target:
+            _reachable(target)
         try:
             if target:
                 ray.init(address=target, logging_level="ERROR", log_to_driver=False)
@@ -82,6 +84,21 @@ def connect(address: str = "auto") -> dict:
         cpus=int(res.get("CPU", 0)),
         gpus=int(res.get("GPU", 0)),
     )
+
+
+def _reachable(address: str, timeout: float = 5.0) -> None:
+    """Bad input unless HOST:PORT (or ray://HOST:PORT) accepts a TCP connection: Ray
+    itself keeps retrying an unreachable address for minutes."""
+    import socket
+
+    hostport = address.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise SpectraInputError(f"--ray {address}: expected auto, HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise SpectraInputError(f"--ray {address}: cannot reach a Ray cluster ({e})") from e
 
 
 def disconnect(info: dict) -> None:
