@@ -25,6 +25,17 @@ class _Parser(argparse.ArgumentParser):
         raise SpectraInputError(message)
 
 
+def _ray_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="auto",
+        metavar="ADDRESS",
+        help="run the work as Ray tasks: auto (default: the cluster RAY_ADDRESS names, "
+        "else a local one) or a cluster address (needs the distributed extra)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="spectra", description="Weight spectra of transformer language models.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -47,14 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--out", type=Path, help="write the full table (.parquet, .csv or .json)")
     a.add_argument("--json", action="store_true", help="print machine-readable results on stdout")
     a.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
-    a.add_argument(
-        "--ray",
-        nargs="?",
-        const="auto",
-        metavar="ADDRESS",
-        help="run the work as Ray tasks: auto (default: the cluster RAY_ADDRESS names, "
-        "else a local one) or a cluster address (needs the distributed extra)",
-    )
+    _ray_option(a)
     a.set_defaults(func=cmd_analyze)
 
     cal = sub.add_parser(
@@ -128,14 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--force", action="store_true", help="replace an existing OUT")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--json", action="store_true")
-    ap.add_argument(
-        "--ray",
-        nargs="?",
-        const="auto",
-        metavar="ADDRESS",
-        help="run the work as Ray tasks: auto (default: the cluster RAY_ADDRESS names, "
-        "else a local one) or a cluster address (needs the distributed extra)",
-    )
+    _ray_option(ap)
     ap.set_defaults(func=cmd_apply)
 
     he = sub.add_parser(
