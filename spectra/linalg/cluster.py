@@ -4,7 +4,8 @@
 otherwise starts a local one (one CPU per core); any other value is an address
 (`HOST:PORT`, or `ray://HOST:PORT` for Ray Client). A process that already called
 `ray.init` keeps its cluster. `task_map(fn, jobs, names)` runs `fn(job)` as one Ray
-task per job and yields the results in submission order, as `parallel_map` does.
+task per job and, once all have finished, returns an iterator over the results in
+submission order (what `parallel_map` yields).
 
 Each task runs with one torch and one BLAS thread, as every job of the local
 thread pool does, so that the floating-point results are the local path's bit for bit.
@@ -40,9 +41,14 @@ def _ray():
     return ray
 
 
+def _target(address: str) -> str | None:
+    """The address `connect` joins, or None when it starts a local cluster."""
+    return (os.environ.get("RAY_ADDRESS") or None) if address == "auto" else address
+
+
 def starts_local(address: str = "auto") -> bool:
     """Whether `connect(address)` would start a local cluster (rather than join one)."""
-    if address != "auto" or os.environ.get("RAY_ADDRESS"):
+    if _target(address) is not None:
         return False
     try:
         import ray
@@ -60,7 +66,7 @@ def connect(address: str = "auto") -> dict:
     ray = _ray()
     started = False
     if not ray.is_initialized():
-        target = os.environ.get("RAY_ADDRESS") if address == "auto" else address
+        target = _target(address)
         if target:
             _reachable(target)
         try:
