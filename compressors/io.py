@@ -13,14 +13,13 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from spectra.errors import SpectraInputError
+from spectra.io.cache import atomic_dir
 from spectra.io.tensors import read_header
 
 FORMAT = 1
@@ -73,23 +72,8 @@ def save(
     force: bool = False,
 ) -> None:
     """Write OUT through a temporary sibling directory renamed at the end."""
-    out = Path(out)
-    if out.exists() and not force:
-        raise SpectraInputError(f"{out}: already exists (pass --force to replace it)")
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(out, force) as tmp:
         _write(tmp, model, factorizations, plan_text, report, tokenizer, dense)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _write(tmp: Path, model, factorizations, plan_text, report, tokenizer, dense):
@@ -146,9 +130,24 @@ def _joint_members(factorizations) -> dict[str, int]:
 
 def _write_dense(path: Path, model, factorizations, tokenizer, keep: dict):
     """An ordinary checkpoint: the architecture from its config, weights reconstructed."""
+    path.mkdir()
+    reconstruct(model, factorizations, keep).save_pretrained(path)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+
+
+def reconstruct(model, factorizations: dict, keep: dict | None = None, dtype=None):
+    """A plain transformers model of `model`'s architecture with every compressed
+    module's weight reconstructed (`keep`: the uncompressed tensors, read from `model`
+    when not given), in `dtype` (default: `model`'s)."""
     from transformers import AutoModelForCausalLM
 
-    path.mkdir()
+    if keep is None:
+        keep = {
+            k: v.detach()
+            for k, v in model.state_dict().items()
+            if not any(k.startswith(c + ".") for c in factorizations)
+        }
     dense = AutoModelForCausalLM.from_config(model.config)
     dense.load_state_dict(keep, strict=False)
     members = _joint_members(factorizations)
@@ -156,14 +155,14 @@ def _write_dense(path: Path, model, factorizations, tokenizer, keep: dict):
         w = f.member_dense(members[name]) if name in members else f.to_dense()
         target = dense.get_submodule(name)
         w = w.T if type(target).__name__ == "Conv1D" else w  # GPT-2 stores (in, out)
-        target.weight.data = w.to(target.weight.dtype).contiguous()
+        target.weight.data = w.detach().to(target.weight.dtype).contiguous()
         bias = model.get_submodule(name).bias
         if bias is not None:
             target.bias.data = bias.detach().clone()
     dense.tie_weights()
-    dense.save_pretrained(path)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(path)
+    if dtype is not None:
+        dense = dense.to(dtype)
+    return dense.eval()
 
 
 def is_compressed_checkpoint(path) -> bool:

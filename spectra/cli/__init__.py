@@ -15,6 +15,7 @@ from spectra.cli.analyze import cmd_analyze
 from spectra.cli.app import cmd_app
 from spectra.cli.calibrate import cmd_calibrate
 from spectra.cli.compress import cmd_apply, cmd_eval, cmd_plan_auto, cmd_plan_show
+from spectra.cli.export import cmd_export
 from spectra.cli.heal import cmd_heal
 from spectra.data.calibration import DEFAULT_SEQLEN, DEFAULT_TOKENS
 from spectra.errors import SpectraInputError
@@ -153,6 +154,32 @@ def build_parser() -> argparse.ArgumentParser:
     he.add_argument("--device", default="auto")
     he.add_argument("--json", action="store_true")
     he.set_defaults(func=cmd_heal)
+
+    ex = sub.add_parser("export", help="write an apply output for vLLM, transformers or llama.cpp")
+    ex.add_argument("checkpoint", metavar="OUT", help="a `spectra apply` (or heal) output")
+    ex.add_argument(
+        "--format",
+        required=True,
+        choices=("compressed-tensors", "gguf", "hf"),
+        help="compressed-tensors (vLLM, transformers), gguf (llama.cpp) or hf (dense)",
+    )
+    ex.add_argument("-o", "--out", type=Path, required=True, help="the export directory")
+    ex.add_argument(
+        "--gguf-type",
+        default="Q8_0",
+        choices=("F16", "Q8_0", "Q4_0"),
+        help="tensor type of a GGUF export's matrices (default Q8_0)",
+    )
+    ex.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "float16", "bfloat16"),
+        help="dense tensors and scales of compressed-tensors and hf exports "
+        "(default: the model's)",
+    )
+    ex.add_argument("--force", action="store_true", help="replace an existing DIR")
+    ex.add_argument("--json", action="store_true")
+    ex.set_defaults(func=cmd_export)
 
     ev = sub.add_parser("eval", help="perplexity on a corpus (GPTQ / SVD-LLM convention)")
     ev.add_argument("model")

@@ -316,6 +316,11 @@ def cmd_eval(args) -> int:
         raise SpectraInputError(
             f"--max-tokens {args.max_tokens}: less than one window (--seqlen {args.seqlen})"
         )
+    from spectra.export import loadable
+
+    gguf_export = loadable(args.model)  # a `spectra export --format gguf` DIR: its file
+    if gguf_export is not None:
+        args.model = str(gguf_export)
     compressed = io.is_compressed_checkpoint(args.model)
     device = models.resolve_device(args.device)
     if compressed:  # a corrupt OUT fails here, on the checkpoint itself

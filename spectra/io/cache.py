@@ -12,12 +12,14 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 import xxhash
 
+from spectra.errors import SpectraInputError
 from spectra.linalg import scratch
 
 CACHE_VERSION = 1
@@ -60,6 +62,29 @@ def atomic_path(final: str | os.PathLike):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | os.PathLike, force: bool = False):
+    """Yield an empty temporary directory beside `final`; it replaces `final` only on
+    success. An existing `final` is refused (SpectraInputError) unless `force`."""
+    final = Path(final)
+    if final.exists() and not force:
+        raise SpectraInputError(f"{final}: already exists (pass --force to replace it)")
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if final.exists():
+            old = final.parent / f".{final.name}.old-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _umask() -> int:

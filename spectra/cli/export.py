@@ -1,0 +1,34 @@
+"""`spectra export`: a `spectra apply` output in a format other engines load."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+SERVE = {
+    "compressed-tensors": "vllm serve {dir}",
+    "gguf": "llama-cli -m {dir}/model.gguf",
+    "hf": "vllm serve {dir}",
+}
+
+
+def cmd_export(args) -> int:
+    from spectra.export import export  # deferred: torch
+
+    summary = export(
+        args.checkpoint, args.format, args.out, args.gguf_type, args.dtype, args.force
+    )
+    summary["serve"] = SERVE[args.format].format(dir=args.out)
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    kinds = Counter((r["stored"], r["reason"]) for r in summary["modules"])
+    what = args.format + (f" ({args.gguf_type})" if args.format == "gguf" else "")
+    print(
+        f"{args.out}: {what}, {summary['bytes'] / 1e6:.1f} MB in {len(summary['files'])} files, "
+        f"{summary['seconds']:.1f} s"
+    )
+    for (stored, reason), n in sorted(kinds.items(), key=lambda kv: -kv[1]):
+        print(f"  {n:4d} modules {stored}" + (f": {reason}" if reason else ""))
+    print(f"serve it: {summary['serve']}")
+    return 0

@@ -1,0 +1,105 @@
+"""Exports of a `spectra apply` output that other engines load.
+
+- `compressed-tensors` (spectra.export.ctensors): vLLM and transformers;
+- `gguf` (spectra.export.gguf_out): llama.cpp and what is built on it;
+- `hf`: the dense reconstruction, an ordinary transformers checkpoint.
+
+Every export is written into a temporary sibling of DIR and renamed at the end, so DIR
+appears only when complete; an existing DIR is refused unless `force`. The source OUT
+is only read.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from spectra.errors import SpectraInputError
+
+FORMATS = ("compressed-tensors", "gguf", "hf")
+GGUF_TYPES = ("F16", "Q8_0", "Q4_0")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+def export(
+    out,
+    fmt: str,
+    dest,
+    gguf_type: str = "Q8_0",
+    dtype: str = "auto",
+    force: bool = False,
+) -> dict:
+    """Write OUT as `fmt` into `dest`; returns the summary (files, bytes, modules)."""
+    import torch
+
+    from compressors import io
+    from spectra.io.cache import atomic_dir
+
+    out, dest = Path(out), Path(dest)
+    for flag, value, allowed in (
+        ("--format", fmt, FORMATS),
+        ("--gguf-type", gguf_type, GGUF_TYPES),
+        ("--dtype", dtype, DTYPES),
+    ):
+        if value not in allowed:
+            raise SpectraInputError(f"{flag} {value!r}: must be one of {', '.join(allowed)}")
+    if not io.is_compressed_checkpoint(out):
+        raise SpectraInputError(f"{out}: not a `spectra apply` output (no manifest.json)")
+    if dest.resolve() == out.resolve() or out.resolve() in dest.resolve().parents:
+        raise SpectraInputError(f"{dest}: inside the source {out}; choose another directory")
+    if dest.exists() and not force:
+        raise SpectraInputError(f"{dest}: already exists (pass --force to replace it)")
+    if fmt == "compressed-tensors":
+        from spectra.export import ctensors
+
+        ctensors.require_package()
+    t0 = time.perf_counter()
+    model, factorizations = io.load(out)
+    tokenizer = _tokenizer(out)
+    torch_dtype = model.dtype if dtype == "auto" else getattr(torch, dtype)
+    sizes = {}
+    with atomic_dir(dest, force) as tmp:
+        if fmt == "compressed-tensors":
+            rows, sizes = ctensors.write(tmp, model, factorizations, tokenizer, torch_dtype)
+        elif fmt == "gguf":
+            from spectra.export import gguf_out
+
+            rows = gguf_out.write(tmp, out, model, factorizations, tokenizer, gguf_type)
+        else:
+            rows = [dict(module=n, stored="dense", reason=None) for n in factorizations]
+            io.reconstruct(model, factorizations, dtype=torch_dtype).save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+    return dict(
+        source=str(out),
+        format=fmt,
+        out=str(dest),
+        gguf_type=gguf_type if fmt == "gguf" else None,
+        dtype=str(torch_dtype).removeprefix("torch.") if fmt != "gguf" else None,
+        files=files,
+        bytes=sum(files.values()),
+        modules=rows,
+        **sizes,
+        seconds=round(time.perf_counter() - t0, 2),
+    )
+
+
+def _tokenizer(out: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(out)
+    except (OSError, ValueError):
+        return None
+
+
+def loadable(path) -> Path | None:
+    """The file or directory that `spectra eval` loads for an export DIR: the .gguf
+    inside a gguf export, else None (a Hugging Face layout loads as a directory)."""
+    path = Path(path)
+    if path.is_dir() and not (path / "config.json").is_file():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ggufs[0]
+    return None

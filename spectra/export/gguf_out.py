@@ -1,0 +1,208 @@
+"""A GGUF file of the reconstructed model, for llama.cpp and what is built on it.
+
+Every compressed module is reconstructed (GGUF has no factorized or sparse forms), and
+every 2-D weight is written in the asked type (F16, Q8_0 or Q4_0, quantized by the
+gguf package's own quantizers; a row whose width is not a multiple of the 32-weight
+block falls back to F16), 1-D tensors (norms, biases) in F32 as llama.cpp's converter
+writes them.
+
+Metadata: a GGUF source (the demo, a .gguf file) has its own key-values carried over,
+tokenizer included, and its tensor names and order. A Hugging Face Llama, Mistral or
+Qwen2 source gets the keys llama.cpp's converter writes for that architecture (sizes,
+heads, rope, norm epsilon) and its tokenizer from tokenizer.json (BPE) or
+tokenizer.model (SentencePiece) through the gguf package's vocab readers. Llama's
+converter reorders the rows of q_proj and k_proj for its rotary layout (the two
+halves of each head interleaved); we do the same, and transformers' GGUF loader undoes
+it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from spectra.errors import SpectraInputError
+
+FILE = "model.gguf"
+HF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}  # model_type -> GGUF arch
+PERMUTED = ("llama",)  # architectures whose q/k rows llama.cpp's converter reorders
+SKIP_KEYS = ("GGUF.", "general.file_type", "general.quantization_version", "split.")
+
+
+def write(tmp: Path, out: Path, model, factorizations: dict, tokenizer, gguf_type: str):
+    """Write tmp/model.gguf; one summary row per compressed module."""
+    import logging
+
+    import gguf
+
+    from compressors import io
+
+    logging.getLogger("gguf").setLevel(logging.ERROR)  # vocab readers' chatter
+    qtype = gguf.GGMLQuantizationType[gguf_type]
+    state = {k: v for k, v in io.reconstruct(model, factorizations).state_dict().items()}
+    source = _gguf_source(out)
+    if source is not None:
+        reader = gguf.GGUFReader(source)
+        arch = reader.fields["general.architecture"].contents()
+    else:
+        arch = HF_ARCH.get(model.config.model_type)
+        if arch is None:
+            raise SpectraInputError(
+                f"--format gguf: {model.config.model_type} models are not supported "
+                f"(Llama, Mistral, Qwen2 or a GGUF source)"
+            )
+    writer = gguf.GGUFWriter(tmp / FILE, arch)
+    if source is not None:
+        _copy_metadata(writer, reader)
+    else:
+        _hf_metadata(writer, model.config, out)
+    writer.add_file_type(_file_type(gguf, gguf_type))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    names = _gguf_names(gguf, arch, model.config, state)
+    fallback = []
+    order = [t.name for t in reader.tensors] if source is not None else list(names.values())
+    by_gguf = {g: h for h, g in names.items()}
+    for gname in order:
+        hname = by_gguf.get(gname)
+        if hname is None:  # a tensor transformers does not keep (e.g. rope_freqs): copied
+            t = next(t for t in reader.tensors if t.name == gname)
+            writer.add_tensor(gname, t.data, raw_dtype=t.tensor_type)
+            continue
+        w = state[hname].detach().to(torch.float32).numpy()
+        if arch in PERMUTED and hname.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = model.config.num_attention_heads
+            if hname.endswith("k_proj.weight"):
+                heads = getattr(model.config, "num_key_value_heads", None) or heads
+            w = rotary_rows(w, heads)
+        data, dtype = _encode(gguf, w, qtype)
+        if dtype != qtype and w.ndim == 2:
+            fallback.append(gname)
+        writer.add_tensor(gname, data, raw_dtype=dtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    note = None if not fallback else f"{len(fallback)} tensors in F16 (rows not in 32-blocks)"
+    return [dict(module=n, stored=f"dense {gguf_type}", reason=note) for n in factorizations]
+
+
+def rotary_rows(w: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's row order for q/k: within each head, the first and second halves of
+    the rotary pairs interleaved (the inverse of what transformers' GGUF loader does)."""
+    rows = w.shape[0]
+    return w.reshape(heads, 2, rows // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _encode(gguf, w: np.ndarray, qtype):
+    """(data, type): 1-D tensors F32; 2-D in qtype, F16 when rows are not whole blocks."""
+    if w.ndim < 2:
+        return w.astype(np.float32), gguf.GGMLQuantizationType.F32
+    if qtype == gguf.GGMLQuantizationType.F16:
+        return w.astype(np.float16), qtype
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    if w.shape[-1] % block:
+        return w.astype(np.float16), gguf.GGMLQuantizationType.F16
+    return gguf.quants.quantize(w, qtype), qtype
+
+
+def _file_type(gguf, gguf_type: str) -> int:
+    return {
+        "F16": gguf.LlamaFileType.MOSTLY_F16,
+        "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+        "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+    }[gguf_type]
+
+
+def _gguf_names(gguf, arch: str, config, state: dict) -> dict[str, str]:
+    """HF state-dict name -> GGUF tensor name, for every tensor that has one."""
+    arch_id = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch]
+    blocks = config.num_hidden_layers
+    table = gguf.get_tensor_name_map(arch_id, blocks)
+    out = {}
+    for name in state:
+        g = table.get_name(name, try_suffixes=(".weight", ".bias"))
+        if g is not None:
+            out[name] = g
+    if getattr(config, "tie_word_embeddings", False):  # llama.cpp reuses token_embd
+        out = {h: g for h, g in out.items() if not g.startswith("output.")}
+    return out
+
+
+def _gguf_source(out: Path) -> Path | None:
+    """The .gguf file OUT was compressed from (the demo or a .gguf path), if any."""
+    from spectra.io import models
+
+    try:
+        spec = json.loads((out / "report.json").read_text()).get("model")
+        source = models.resolve(spec)
+    except (OSError, ValueError, SpectraInputError, TypeError):
+        return None
+    if source.kind not in ("demo", "gguf"):
+        return None
+    path = models.conversion_info(source).get("gguf")
+    return Path(path) if path and Path(path).is_file() else None
+
+
+def _copy_metadata(writer, reader) -> None:
+    from gguf import GGUFValueType
+
+    for key, field in reader.fields.items():
+        if key.startswith(SKIP_KEYS) or not field.types:
+            continue
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == GGUFValueType.ARRAY else None
+        writer.add_key_value(key, field.contents(), vtype, sub_type=sub)
+
+
+def _hf_metadata(writer, config, out: Path) -> None:
+    """The keys llama.cpp's converter writes for a Llama/Mistral/Qwen2 checkpoint."""
+    import gguf
+
+    writer.add_name(Path(out).name)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(getattr(config, "num_key_value_heads", config.num_attention_heads))
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    writer.add_rope_dimension_count(head_dim)
+    rope = getattr(config, "rope_parameters", None) or {}
+    theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+    writer.add_rope_freq_base(float(theta))
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    writer.add_vocab_size(config.vocab_size)
+    vocab = _vocab(gguf, out)
+    tokens, scores, types = [], [], []
+    for text, score, kind in vocab.all_tokens():
+        if len(tokens) == config.vocab_size:  # added tokens past the embedding: no row
+            break
+        tokens.append(text)
+        scores.append(score)
+        types.append(kind)
+    for i in range(len(tokens), config.vocab_size):  # embedding rows past the tokenizer
+        tokens.append(f"[PAD{i}]".encode())
+        scores.append(-1000.0)
+        types.append(gguf.TokenType.UNUSED)
+    writer.add_tokenizer_model(vocab.tokenizer_model)
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    special = gguf.SpecialVocab(out, load_merges=vocab.tokenizer_model == "gpt2")
+    special.special_token_ids = {
+        k: i for k, i in special.special_token_ids.items() if i < config.vocab_size
+    }
+    special.add_to_gguf(writer, True)
+
+
+def _vocab(gguf, out: Path):
+    for cls in (gguf.vocab.BpeVocab, gguf.vocab.LlamaHfVocab, gguf.vocab.SentencePieceVocab):
+        try:
+            return cls(out)
+        except (FileNotFoundError, TypeError, ValueError, KeyError):
+            continue
+    raise SpectraInputError(f"{out}: no tokenizer that GGUF can hold (tokenizer.json or .model)")

@@ -1,0 +1,356 @@
+"""`spectra export`: compressed-tensors, GGUF and hf exports, read back by the real
+libraries (transformers in a fresh process that never imports spectra, the gguf
+package's reader, transformers' GGUF loader)."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from spectra.cli import main
+
+IDS = list(range(2, 60))
+QUANT = r"re:model\.layers\.\d+\.self_attn\.[qkv]_proj"
+PLAN = {
+    "version": 1,
+    "rules": [
+        # 64 columns; group 48 does not divide them: exported at gcd(48, 64) = 16
+        {
+            "targets": [r"re:model\.layers\.0\.self_attn\.q_proj"],
+            "method": "quant",
+            "bits": 4,
+            "group_size": 48,
+            "symmetric": True,
+        },
+        {
+            "targets": [r"re:model\.layers\.1\.self_attn\.q_proj"],
+            "method": "quant",
+            "bits": 8,
+            "group_size": 32,
+            "symmetric": True,
+        },
+        {
+            "targets": [r"re:model\.layers\.\d+\.self_attn\.k_proj"],
+            "method": "quant",
+            "bits": 3,
+            "group_size": 32,
+        },  # asymmetric 3-bit: held exactly in int4
+        {
+            "targets": [r"re:model\.layers\.\d+\.self_attn\.v_proj"],
+            "method": "quant",
+            "bits": 4,
+            "group_size": 64,
+        },  # asymmetric 4-bit: held exactly in int8
+        {
+            "targets": [r"re:model\.layers\.\d+\.self_attn\.o_proj"],
+            "method": "prune",
+            "pattern": "2:4",
+        },
+        {"targets": [r"re:model\.layers\.\d+\.mlp\.(gate|up)_proj"], "method": "joint", "rank": 8},
+        {
+            "targets": [r"re:model\.layers\.\d+\.mlp\.down_proj"],
+            "method": "quant",
+            "bits": 8,
+            "group_size": 32,
+        },  # asymmetric 8-bit: no int8 holds it: dense
+    ],
+}
+
+# a fresh interpreter: plain transformers (+ compressed-tensors), never spectra
+READ_BACK = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+kw = {"gguf_file": sys.argv[3]} if len(sys.argv) > 3 else {}
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32, **kw).eval()
+with torch.no_grad():
+    logits = model(torch.tensor([IDS])).logits
+assert "spectra" not in sys.modules and "compressors" not in sys.modules
+torch.save(logits, sys.argv[2])
+""".replace("IDS", str(IDS))
+
+
+def read_back(tmp_path, path, gguf_file=None):
+    script = tmp_path / "read_back.py"
+    script.write_text(READ_BACK)
+    out = tmp_path / "logits.pt"
+    args = [sys.executable, str(script), str(path), str(out)] + ([gguf_file] if gguf_file else [])
+    r = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return torch.load(out)
+
+
+def ours(out):
+    import spectra
+
+    with torch.no_grad():
+        return spectra.load_compressed(out)(torch.tensor([IDS])).logits
+
+
+def rel(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.fixture(scope="module")
+def applied(family_dir, tmp_path_factory):
+    """family -> a `spectra apply` output of PLAN on that tiny family."""
+    made = {}
+
+    def make(family):
+        if family not in made:
+            tmp = tmp_path_factory.mktemp(f"applied-{family}")
+            plan = tmp / "plan.yaml"
+            plan.write_text(yaml.safe_dump(PLAN))
+            out = tmp / "out"
+            assert main(["apply", plan, "--model", family_dir(family), "-o", out]) == 0
+            made[family] = out
+        return made[family]
+
+    return make
+
+
+def export(capsys, out, fmt, dest, *extra):
+    capsys.readouterr()  # whatever came before (a module fixture's apply) is not ours
+    assert main(["export", out, "--format", fmt, "-o", dest, "--json", *extra]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_compressed_tensors_loads_in_plain_transformers(family, applied, tmp_path, capsys):
+    out = applied(family)
+    summary = export(capsys, out, "compressed-tensors", tmp_path / "ct", "--dtype", "float32")
+    stored = {r["module"]: r["stored"] for r in summary["modules"]}
+    assert stored["model.layers.0.self_attn.q_proj"] == "pack-quantized int4"
+    assert stored["model.layers.1.self_attn.q_proj"] == "pack-quantized int8"
+    assert stored["model.layers.0.self_attn.k_proj"] == "pack-quantized int4"
+    assert stored["model.layers.0.self_attn.v_proj"] == "pack-quantized int8"
+    for dense in ("self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"):
+        assert stored[f"model.layers.0.{dense}"] == "dense"
+    config = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "compressed-tensors" and config["format"] == "pack-quantized"
+    assert rel(read_back(tmp_path, tmp_path / "ct"), ours(out)) < 1e-4
+    assert not list(tmp_path.glob(".ct.*"))  # no temporary left beside DIR
+
+
+def test_packed_codes_decompress_to_our_codes(applied, tmp_path, capsys):
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    from compressed_tensors.quantization import QuantizationConfig
+    from safetensors.torch import load_file
+
+    from compressors import io
+    from spectra.export import ctensors
+
+    out = applied("llama")
+    export(capsys, out, "compressed-tensors", tmp_path / "ct", "--dtype", "float32")
+    tensors = load_file(tmp_path / "ct" / "model.safetensors")
+    qc = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    schemes = QuantizationConfig.model_validate(qc).config_groups.values()
+    facts = io.load(out)[1]
+    checked = 0
+    for scheme in schemes:
+        for name in scheme.targets:
+            f = facts[name]
+            local = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.startswith(name + ".")}
+            codes = unpack_from_int32(local["weight_packed"], scheme.weights.num_bits, f.shape)
+            assert torch.equal(codes.to(torch.int16), ctensors.signed_codes(f))
+            w = PackedQuantizationCompressor.decompress(local, scheme)["weight"]
+            assert torch.allclose(w, f.to_dense().to(w.dtype), rtol=0, atol=1e-6)
+            checked += 1
+    assert checked == 6  # q, k, v of both blocks
+
+
+def test_gpt2_conv1d_is_written_dense_with_the_reason(family_dir, tmp_path, capsys):
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(
+        yaml.safe_dump(
+            {
+                "version": 1,
+                "rules": [
+                    {
+                        "targets": [r"re:transformer\.h\.\d+\.mlp\.c_fc"],
+                        "method": "quant",
+                        "bits": 4,
+                        "group_size": 32,
+                        "symmetric": True,
+                    }
+                ],
+            }
+        )
+    )
+    out = tmp_path / "out"
+    assert main(["apply", plan, "--model", family_dir("gpt2"), "-o", out]) == 0
+    summary = export(capsys, out, "compressed-tensors", tmp_path / "ct", "--dtype", "float32")
+    assert {r["reason"] for r in summary["modules"]} == {
+        "Conv1D: compressed-tensors quantizes nn.Linear only"
+    }
+    assert rel(read_back(tmp_path, tmp_path / "ct"), ours(out)) < 1e-5
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("kind,tol", [("F16", 3e-3), ("Q8_0", 3e-2)])
+def test_gguf_from_a_hf_source_reads_back(family, kind, tol, applied, tmp_path, capsys):
+    import gguf
+
+    out = applied(family)
+    summary = export(capsys, out, "gguf", tmp_path / "gg", "--gguf-type", kind)
+    assert summary["files"] == {"model.gguf": summary["bytes"]}
+    reader = gguf.GGUFReader(tmp_path / "gg" / "model.gguf")
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    vectors = {t.name for t in reader.tensors if len(t.shape) == 1}  # norms, qwen2's biases
+    assert vectors and {types[n] for n in vectors} == {"F32"}
+    assert {types[n] for n in types if n not in vectors} == {kind}
+    assert reader.fields["general.architecture"].contents() == family
+    logits = read_back(tmp_path, tmp_path / "gg", "model.gguf")
+    assert rel(logits, ours(out)) < tol
+    # the tokenizer travels too: its vocabulary, and for llama (whose GGUF reader keeps
+    # the byte-level pre-tokenizer; qwen2's imposes Qwen2's split) the same ids
+    from transformers import AutoTokenizer
+
+    source = AutoTokenizer.from_pretrained(out)
+    theirs = AutoTokenizer.from_pretrained(tmp_path / "gg", gguf_file="model.gguf")
+    vocab = {i: t for t, i in source.get_vocab().items() if i < 320}
+    assert all(theirs.convert_ids_to_tokens(i) == t for i, t in vocab.items())
+    text = "def f(x):\n    return x + 1  # the topics"
+    if family == "llama":
+        assert theirs(text).input_ids == source(text).input_ids
+
+
+def test_rotary_rows_is_the_inverse_of_transformers_gguf_loader():
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    from spectra.export.gguf_out import rotary_rows
+
+    w = np.random.default_rng(0).standard_normal((48, 8)).astype(np.float32)
+    undo = LlamaTensorProcessor.__new__(LlamaTensorProcessor)._reverse_permute_weights
+    back = undo(rotary_rows(w, 6), 6, 6)
+    assert np.array_equal(back, w)
+    assert not np.array_equal(rotary_rows(w, 6), w)
+
+
+def test_hf_export_is_the_reconstruction(applied, tmp_path, capsys):
+    out = applied("llama")
+    summary = export(capsys, out, "hf", tmp_path / "hf")
+    assert summary["dtype"] == "float32"
+    assert rel(read_back(tmp_path, tmp_path / "hf"), ours(out)) < 1e-5
+
+
+def test_eval_accepts_every_export(applied, tmp_path, capsys):
+    out = applied("llama")
+    ppl = {}
+    for fmt in ("compressed-tensors", "gguf", "hf"):
+        dest = tmp_path / fmt
+        export(capsys, out, fmt, dest, *(["--gguf-type", "F16"] if fmt == "gguf" else []))
+        args = ["eval", dest, "--max-tokens", "1024", "--seqlen", "128", "--json"]
+        capsys.readouterr()
+        assert main(args) == 0
+        ppl[fmt] = json.loads(capsys.readouterr().out)["ppl"]
+    assert (
+        main(["eval", out, "--max-tokens", "1024", "--seqlen", "128", "--json", "--no-baseline"])
+        == 0
+    )
+    source = json.loads(capsys.readouterr().out)["ppl"]
+    assert abs(ppl["compressed-tensors"] / source - 1) < 1e-4
+    assert abs(ppl["hf"] / source - 1) < 1e-5
+    assert abs(ppl["gguf"] / source - 1) < 5e-3
+
+
+def test_refusals_write_nothing(applied, family_dir, tmp_path, cli):
+    out = applied("llama")
+    cases = [
+        (
+            ["export", family_dir("llama"), "--format", "hf", "-o", tmp_path / "a"],
+            "not a `spectra apply` output",
+        ),
+        (["export", out, "--format", "onnx", "-o", tmp_path / "b"], "invalid choice"),
+        (
+            ["export", out, "--format", "gguf", "--gguf-type", "Q2_K", "-o", tmp_path / "c"],
+            "invalid choice",
+        ),
+        (["export", out, "--format", "hf", "-o", out / "inside"], "inside the source"),
+    ]
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("mine")
+    cases.append((["export", out, "--format", "hf", "-o", tmp_path / "taken"], "already exists"))
+    for args, words in cases:
+        r = cli(*args)
+        assert r.returncode == 2, (args, r.stderr)
+        assert words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "spectra-cache") == ["taken"]
+    assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
+    assert not (out / "inside").exists()
+
+
+def test_gguf_refuses_an_architecture_it_cannot_describe(family_dir, tmp_path, cli):
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(
+        yaml.safe_dump(
+            {
+                "version": 1,
+                "rules": [
+                    {
+                        "targets": [r"re:model\.decoder\.layers\.\d+\.fc1"],
+                        "method": "lowrank",
+                        "rank": 4,
+                    }
+                ],
+            }
+        )
+    )
+    out = tmp_path / "out"
+    assert main(["apply", plan, "--model", family_dir("opt"), "-o", out]) == 0
+    r = cli("export", out, "--format", "gguf", "-o", tmp_path / "gg")
+    assert r.returncode == 2 and "opt models are not supported" in r.stderr, r.stderr
+    assert not (tmp_path / "gg").exists()
+    r = cli("export", out, "--format", "hf", "-o", tmp_path / "hf", "--force")
+    assert r.returncode == 0, r.stderr  # --force on a DIR that does not exist yet is fine
+
+
+@pytest.mark.demo
+@pytest.mark.slow
+def test_demo_gguf_source_round_trips_f16(demo_dir, tmp_path, capsys):
+    """A GGUF source keeps its own metadata; F16 gives back the weights within F16."""
+    import gguf
+    from transformers import AutoModelForCausalLM
+
+    from compressors import io
+    from spectra.io import models
+
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(
+        yaml.safe_dump(
+            {
+                "version": 1,
+                "rules": [
+                    {
+                        "targets": [r"re:model\.layers\.[0-3]\.self_attn\.[qk]_proj"],
+                        "method": "lowrank",
+                        "rank": 16,
+                    }
+                ],
+            }
+        )
+    )
+    out = tmp_path / "out"
+    assert main(["apply", plan, "--model", "demo", "-o", out]) == 0
+    export(capsys, out, "gguf", tmp_path / "gg", "--gguf-type", "F16")
+    source = gguf.GGUFReader(models.conversion_info(models.resolve("demo"))["gguf"])
+    mine = gguf.GGUFReader(tmp_path / "gg" / "model.gguf")
+    assert [t.name for t in mine.tensors] == [t.name for t in source.tensors]
+    for key in ("llama.rope.freq_base", "tokenizer.ggml.tokens", "tokenizer.ggml.merges"):
+        assert mine.fields[key].contents() == source.fields[key].contents()
+    back = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "gg", gguf_file="model.gguf", dtype=torch.float32
+    ).state_dict()
+    model, facts = io.load(out)
+    want = io.reconstruct(model, facts).state_dict()
+    for name in (
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.2.self_attn.k_proj.weight",
+        "model.layers.9.mlp.down_proj.weight",
+        "model.embed_tokens.weight",
+    ):
+        assert torch.equal(back[name], want[name].half().float()), name
