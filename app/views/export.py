@@ -1,12 +1,16 @@
-"""Export page: download the plan, see the `spectra apply` command, import a plan."""
+"""Export page: download the plan, see the `spectra apply` command, export an applied
+plan for vLLM, transformers or llama.cpp, import a plan."""
 
 import shlex
+from collections import Counter
+from pathlib import Path
 
 import streamlit as st
 import yaml
 
 from app import state
 from app.views import plan_page
+from spectra import export as exports
 from spectra.errors import SpectraInputError
 from spectra.io import models
 from spectra.plan import edit as pe
@@ -56,6 +60,7 @@ def render() -> None:
         f"spectra eval compressed --max-tokens {tokens}",
         language="bash",
     )
+    run_elsewhere()
     st.subheader("Import a plan")
     upload = st.file_uploader(
         "plan.yaml or plan.json", type=["yaml", "yml", "json"], key="import_file"
@@ -77,3 +82,49 @@ def render() -> None:
         ):
             plan_page.rebase(new)
             st.success(f"Loaded {len(new)} module settings from {upload.name}.")
+
+
+SERVE = {
+    "compressed-tensors": "vllm serve {dir}",
+    "gguf": "llama-cli -m {dir}/model.gguf",
+    "hf": "vllm serve {dir}",
+}
+
+
+def run_elsewhere() -> None:
+    """The three export formats of an applied plan, the commands, and the export itself."""
+    st.subheader("Run it elsewhere")
+    c = st.columns([2, 2, 1])
+    out = c[0].text_input("spectra apply output (OUT)", "compressed", key="export_out")
+    fmt = c[1].radio("format", exports.FORMATS, horizontal=True, key="export_format")
+    kind = c[2].selectbox("GGUF type", exports.GGUF_TYPES, 1, key="export_gguf_type")
+    dest = f"{out}-{fmt}"
+    flag = f" --gguf-type {kind}" if fmt == "gguf" else ""
+    st.code(
+        f"spectra export {shlex.quote(out)} --format {fmt} -o {shlex.quote(dest)}{flag}\n"
+        f"spectra eval {shlex.quote(dest)}\n" + SERVE[fmt].format(dir=shlex.quote(dest)),
+        language="bash",
+    )
+    from compressors import io
+
+    if not io.is_compressed_checkpoint(out):
+        st.caption(f"{out} is not a `spectra apply` output yet: run the commands above first.")
+        return
+    force = st.checkbox(f"replace {dest} if it exists", key="export_force")
+    if st.button(f"Export {out} to {dest}", key="export_go", type="primary"):
+        try:
+            with st.spinner(f"writing {dest}"):
+                summary = exports.export(out, fmt, dest, kind, force=force)
+        except SpectraInputError as e:
+            st.error(str(e))
+            return
+        st.success(
+            f"{dest}: {summary['bytes'] / 1e6:.1f} MB in {len(summary['files'])} files "
+            f"({summary['seconds']:.1f} s)"
+        )
+        kinds = Counter((r["stored"], r["reason"] or "") for r in summary["modules"])
+        st.dataframe(
+            [dict(modules=n, stored=s, reason=r) for (s, r), n in kinds.most_common()],
+            hide_index=True,
+        )
+        st.caption(f"Files: {', '.join(sorted(summary['files']))} in {Path(dest).resolve()}")

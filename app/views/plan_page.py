@@ -20,6 +20,11 @@ from spectra.preview import module_error
 
 AUTO_METHODS = ("lowrank", "joint", "losparse", "mpo", "quant", "caldera", "mixed")
 DAMAGE = {"none": "weight error", "fisher": "Fisher loss", "calib": "calibration-weighted"}
+PATTERN_CHOICES = ("none", *pe.PATTERNS)  # prune: unstructured, or a semi-structured N:M
+
+
+def _none(choice: str) -> str | None:
+    return None if choice == "none" else choice
 
 
 def init() -> None:
@@ -192,6 +197,9 @@ def module_editor(spec: str, mats) -> None:
     widgets = {
         "rank": lambda col, v: col.number_input("rank", 1, max(mat.shape), int(v or 1), 1),
         "sparsity": lambda col, v: col.number_input("sparsity", 0.0, 0.999, float(v), 0.01),
+        "pattern": lambda col, v: _none(
+            col.selectbox("pattern", PATTERN_CHOICES, PATTERN_CHOICES.index(v or "none"))
+        ),
         "bits": lambda col, v: col.number_input("bits", 2, 8, int(v), 1),
         "factor_bits": lambda col, v: col.number_input("factor bits", 2, 16, int(v), 1),
         "bond_dim": lambda col, v: col.number_input("bond dim", 1, 100000, int(v), 1),
@@ -212,6 +220,8 @@ def module_editor(spec: str, mats) -> None:
             i += 1
             if value != full.get(field):
                 edited[field] = value
+                if field == "pattern" and value:  # the pattern fixes the sparsity
+                    edited.pop("sparsity", None)
         if edited != settings:
             try:
                 pe.config_of(edited)
@@ -410,6 +420,7 @@ def table(spec: str, mats) -> None:
             "rank": st.column_config.NumberColumn("rank", min_value=1, step=1),
             "energy": st.column_config.NumberColumn("energy", min_value=0.0, max_value=1.0),
             "sparsity": st.column_config.NumberColumn("sparsity", min_value=0.0, max_value=0.999),
+            "pattern": st.column_config.SelectboxColumn("pattern", options=list(pe.PATTERNS)),
             "bits": st.column_config.NumberColumn("bits", min_value=2, max_value=8, step=1),
             "factor_bits": st.column_config.NumberColumn(
                 "factor_bits", min_value=2, max_value=16, step=1

@@ -270,7 +270,7 @@ def prune(mod: Module, dmg: Damage, floors: Floors, sparsegpt: bool = True) -> l
                 kept = compress(mod.weight, config, calib).to_dense()
                 e = mod.weight - kept.to(mod.weight.dtype)
                 out.append(_cand(config, m, n, dmg(mod, e)))
-        return out
+        return out + _semi_structured(mod, dmg, kinds, calib)
     mags = mod.weight.reshape(-1).abs()
     order = torch.argsort(mags)
     sq = mags[order].double().pow(2)
@@ -284,6 +284,25 @@ def prune(mod: Module, dmg: Damage, floors: Floors, sparsegpt: bool = True) -> l
             e = torch.zeros(m * n)
             e[order[:k]] = mod.weight.reshape(-1)[order[:k]]
             d = dmg(mod, e.reshape(m, n))
+        out.append(_cand(config, m, n, d))
+    return out + _semi_structured(mod, dmg, ("magnitude",), None)
+
+
+def _semi_structured(mod: Module, dmg: Damage, kinds, calib) -> list[Candidate]:
+    """The 2:4 pattern that engines accelerate, for each scorer, where the row divides."""
+    m, n = mod.shape
+    if n % 4:
+        return []
+    out = []
+    for kind in kinds:
+        knobs = {} if kind == "magnitude" else {kind: True}
+        config = make_config("prune", pattern="2:4", **knobs)
+        e = mod.weight - compress(mod.weight, config, calib).to_dense().to(mod.weight.dtype)
+        if dmg.spectral:
+            total = float(mod.weight.double().pow(2).sum())
+            d = dmg.relative(mod.name, float(e.double().pow(2).sum()), total)
+        else:
+            d = dmg(mod, e)
         out.append(_cand(config, m, n, d))
     return out
 

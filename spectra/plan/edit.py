@@ -1,7 +1,7 @@
 """Per-module plan editing for the app: rows <-> settings, defaults, exact totals.
 
 A row is a plain dict: module, role, block, m, n, method ("dense" or a registered
-method), the knobs (rank, energy, sparsity, bits, factor_bits, bond_dim, cores) and
+method), the knobs (rank, energy, sparsity, pattern, bits, factor_bits, bond_dim, cores) and
 `calibrated`, the method's data-aware switch (whiten for lowrank, joint, losparse and
 mpo; gptq for quant; wanda for prune; caldera always); a knob a method does not use
 is None.
@@ -16,7 +16,18 @@ from spectra.errors import SpectraInputError
 from spectra.io import models
 from spectra.plan import format as plans
 
-KNOBS = ("rank", "energy", "sparsity", "bits", "factor_bits", "bond_dim", "cores", "calibrated")
+KNOBS = (
+    "rank",
+    "energy",
+    "sparsity",
+    "pattern",
+    "bits",
+    "factor_bits",
+    "bond_dim",
+    "cores",
+    "calibrated",
+)
+PATTERNS = ("2:4", "4:8")  # prune's semi-structured patterns offered in the app
 # the data-aware switch of each method that has one (caldera is always data-aware)
 CALIBRATED_FLAG = {m: flag for m, flag in DATA_AWARE.items() if flag is not None}
 METHOD_KNOBS = {
@@ -27,7 +38,7 @@ METHOD_KNOBS = {
     "mpo": ("cores", "bond_dim", "calibrated"),
     "quant": ("bits", "calibrated"),
     "caldera": ("rank", "bits", "factor_bits"),
-    "prune": ("sparsity", "calibrated"),
+    "prune": ("sparsity", "pattern", "calibrated"),
 }
 METHODS = tuple(METHOD_KNOBS)
 
@@ -79,6 +90,8 @@ def settings_of(r: dict) -> dict | None:
         out.pop("rank", None)
         given.pop("rank", None)
     calibrated = given.pop("calibrated", None)
+    if given.get("pattern"):  # the pattern fixes the sparsity (1 - N/M)
+        given.pop("sparsity", None)
     out.update(given)
     if calibrated is not None and method in CALIBRATED_FLAG:
         out[CALIBRATED_FLAG[method]] = bool(calibrated)

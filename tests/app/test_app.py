@@ -233,3 +233,47 @@ def test_the_spectra_page_switches_to_activation_aware_spectra(on_bos_llama):
     assert at.selectbox(key="spectra_metric::True").options[0] == "effective rank"
     table = at.dataframe[-1].value
     assert "calib_erank" in table.columns and table["calib_erank"].notna().sum() == 14
+
+
+def test_export_page_exports_an_applied_plan(on_bos_llama, tmp_path):
+    import json
+
+    import yaml
+
+    from spectra.cli import main
+
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(
+        yaml.safe_dump(
+            {
+                "version": 1,
+                "rules": [
+                    {
+                        "targets": [r"re:model\.layers\.\d+\.mlp\.\w+_proj"],
+                        "method": "quant",
+                        "bits": 4,
+                        "group_size": 32,
+                        "symmetric": True,
+                    }
+                ],
+            }
+        )
+    )
+    out = tmp_path / "out"
+    assert main(["apply", plan, "--model", on_bos_llama, "-o", out]) == 0
+    at = run_page("export")
+    assert "is not a `spectra apply` output" in at.caption[-1].value  # "compressed": none yet
+    at.text_input(key="export_out").set_value(str(out)).run()
+    at.radio(key="export_format").set_value("gguf").run()
+    assert f"llama-cli -m {out}-gguf/model.gguf" in at.code[-1].value
+    at.radio(key="export_format").set_value("compressed-tensors").run()
+    assert f"vllm serve {out}-compressed-tensors" in at.code[-1].value
+    at.button(key="export_go").click().run()
+    assert not at.exception and not at.error
+    assert "MB in" in at.success[0].value
+    rows = at.dataframe[-1].value
+    assert list(rows["stored"]) == ["pack-quantized int4"] and list(rows["modules"]) == [6]
+    config = json.loads((tmp_path / "out-compressed-tensors" / "config.json").read_text())
+    assert config["quantization_config"]["format"] == "pack-quantized"
+    at.button(key="export_go").click().run()  # the DIR exists now: refused, one line
+    assert "already exists" in at.error[0].value

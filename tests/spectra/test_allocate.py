@@ -281,3 +281,33 @@ def test_calibration_weighted_prune_offers_wanda_and_sparsegpt_with_their_damage
         total["wanda" if c.config.wanda else "sparsegpt"] += c.damage
     assert total["sparsegpt"] < total["wanda"], total
     assert {c.config.sparsegpt for c in prune(mod, dmg, Floors(), sparsegpt=False)} == {False}
+
+
+@pytest.mark.parametrize("calibrated", [True, False])
+def test_prune_offers_the_2_4_pattern_with_exact_cost(calibrated):
+    import torch
+
+    from compressors.base import Calibration
+    from compressors.registry import compress
+    from spectra.plan.candidates import prune
+
+    rng = np.random.default_rng(5)
+    w = torch.from_numpy(rng.standard_normal((12, 32))).float()
+    x = torch.from_numpy(rng.standard_normal((300, 32)) * np.geomspace(0.1, 3, 32)).float()
+    h = (x.T @ x).double()
+    dmg = Damage(hessian={"m": h}) if calibrated else Damage()
+    cands = [c for c in prune(Module("m", "down", 0, w), dmg, Floors()) if c.config.pattern]
+    scorers = {(c.config.wanda, c.config.sparsegpt) for c in cands}
+    assert scorers == ({(True, False), (False, True)} if calibrated else {(False, False)})
+    for c in cands:
+        assert c.config.pattern == "2:4"
+        built = compress(w, c.config, Calibration(h, 300) if calibrated else None).to_dense()
+        assert (built.reshape(12, 8, 4) != 0).sum(-1).max() <= 2
+        assert (c.params, c.bits) == c.config.cost(12, 32) == (12 * 16, 12 * 16 * 18)
+        want = dmg(Module("m", "down", 0, w), w - built) if calibrated else None
+        if want is not None:
+            assert c.damage == pytest.approx(want, rel=1e-9)
+    odd = torch.from_numpy(rng.standard_normal((12, 30))).float()  # 30 columns: no 2:4
+    assert not [
+        c for c in prune(Module("m", "down", 0, odd), Damage(), Floors()) if c.config.pattern
+    ]

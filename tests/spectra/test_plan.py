@@ -164,3 +164,19 @@ def test_recorded_shapes_round_trip_and_are_validated():
     data["layers"]["model.layers.0.mlp.up_proj"]["shape"] = [96]
     with pytest.raises(plans.PlanError, match=r"layers.model.layers.0.mlp.up_proj.shape=\[96\]"):
         plans.parse(data)
+
+
+def test_app_rows_carry_the_prune_pattern():
+    from spectra.plan import edit as pe
+
+    row = dict(module="x", role="down", block=0, m=8, n=16, method="prune")
+    settings = pe.settings_of({**row, "sparsity": 0.7, "pattern": "2:4", "calibrated": True})
+    assert settings == {"method": "prune", "pattern": "2:4", "wanda": True}
+    config = pe.config_of(settings)
+    assert config.sparsity == 0.5
+
+    class Mat:
+        name, role, block, shape = "x", "down", 0, (8, 16)
+
+    assert pe.row(Mat, settings)["pattern"] == "2:4"
+    assert pe.settings_of({**row, "sparsity": 0.7, "pattern": None})["sparsity"] == 0.7
