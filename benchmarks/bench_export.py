@@ -1,0 +1,133 @@
+"""Exports of four demo plans: size on disk and perplexity as other engines load them.
+
+    python benchmarks/bench_export.py [--max-tokens N] [--only NAME ...]
+
+Plans (every linear module of the blocks): RTN 4-bit g128 and GPTQ 4-bit g128 (both
+on compressed-tensors' symmetric grid, so that the export keeps 4 bits), Wanda 2:4,
+and a mixed plan (GPTQ 4-bit g128 on attention, Wanda 2:4 on the MLP). Each is applied
+with `spectra apply`, scored by `spectra eval OUT`, then exported with `spectra export`
+as compressed-tensors (--dtype float16), GGUF Q8_0 and hf (--dtype float16); each
+export is scored by `spectra eval DIR`, which loads it with transformers (its
+compressed-tensors integration, its GGUF loader). Sizes are the export directories'
+bytes; the reference is the dense model as an fp16 safetensors checkpoint, and
+`linear_ratio` is the compressed modules' stored bytes against their fp16 bytes (the
+issue's target for 4-bit g128: at most (4 + 32/128) / 16 plus 2%).
+Results: benchmarks/results/bench_export.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+ATTN = r"re:model\.layers\.\d+\.self_attn\.[qkvo]_proj"
+MLP = r"re:model\.layers\.\d+\.mlp\.(gate|up|down)_proj"
+CALIB = {"corpus": "builtin", "samples": 64, "seqlen": 512, "seed": 0}
+RTN4 = dict(method="quant", bits=4, group_size=128, symmetric=True)
+GPTQ4 = dict(RTN4, gptq=True)
+WANDA24 = dict(method="prune", pattern="2:4", wanda=True)
+PLANS = {
+    "rtn-4bit-g128": [(ATTN, RTN4), (MLP, RTN4)],
+    "gptq-4bit-g128": [(ATTN, GPTQ4), (MLP, GPTQ4)],
+    "wanda-2:4": [(ATTN, WANDA24), (MLP, WANDA24)],
+    "mixed-gptq4-attn-wanda24-mlp": [(ATTN, GPTQ4), (MLP, WANDA24)],
+}
+EXPORTS = {
+    "compressed-tensors": ["--dtype", "float16"],
+    "gguf": ["--gguf-type", "Q8_0"],
+    "hf": ["--dtype", "float16"],
+}
+
+
+def spectra(*args) -> dict:
+    """`spectra ARGS --json` in a subprocess (as a user runs it); its JSON line."""
+    cmd = [sys.executable, "-m", "spectra.cli", *map(str, args), "--json"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    if r.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed: {r.stderr.strip().splitlines()[-1]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def size(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def dense_fp16(work: Path) -> int:
+    """Bytes of the dense demo as an fp16 safetensors checkpoint (written, then measured)."""
+    import torch
+
+    from spectra.io import models
+
+    model = models.load("demo", "cpu").to(torch.float16)
+    model.save_pretrained(work / "dense-fp16")
+    return size(work / "dense-fp16")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--max-tokens", type=int)
+    p.add_argument("--only", nargs="*", help="plan names")
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks/results/bench_export.json")
+    args = p.parse_args()
+    results = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    limit = ["--max-tokens", args.max_tokens] if args.max_tokens else []
+    work = Path(tempfile.mkdtemp(prefix="bench-export-"))
+    try:
+        results["dense_fp16_bytes"] = dense_fp16(work)
+        for name, rules in PLANS.items():
+            if args.only and name not in args.only:
+                continue
+            plan = {
+                "version": 1,
+                "model": "demo",
+                "calibration": CALIB,
+                "rules": [{"targets": [t], **knobs} for t, knobs in rules],
+            }
+            (work / f"{name}.json").write_text(json.dumps(plan))
+            out = work / name.replace(":", "")
+            t0 = time.perf_counter()
+            applied = spectra("apply", work / f"{name}.json", "--model", "demo", "-o", out)
+            row = dict(
+                apply_seconds=round(time.perf_counter() - t0, 1),
+                bits_per_param=applied.get("bits_per_param"),
+                out_bytes=size(out),
+                ppl_out=spectra("eval", out, "--no-baseline", *limit)["ppl"],
+                exports={},
+            )
+            for fmt, extra in EXPORTS.items():
+                dest = work / f"{out.name}-{fmt}"
+                summary = spectra("export", out, "--format", fmt, "-o", dest, *extra)
+                ppl = spectra("eval", dest, *limit)["ppl"]
+                row["exports"][fmt] = dict(
+                    flags=" ".join(extra),
+                    bytes=summary["bytes"],
+                    vs_dense_fp16=round(summary["bytes"] / results["dense_fp16_bytes"], 4),
+                    linear_ratio=(
+                        round(summary["compressed_bytes"] / summary["compressed_fp16_bytes"], 4)
+                        if "compressed_bytes" in summary
+                        else None
+                    ),
+                    stored=sorted({m["stored"] for m in summary["modules"]}),
+                    seconds=summary["seconds"],
+                    ppl=ppl,
+                    ppl_vs_out=round(ppl / row["ppl_out"] - 1, 6),
+                )
+                shutil.rmtree(dest)
+            shutil.rmtree(out)
+            results[name] = row
+            print(name, json.dumps(row), flush=True)
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(results, indent=2) + "\n")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
