@@ -6,7 +6,7 @@ Plans (every linear module of the blocks): RTN 4-bit g128 and GPTQ 4-bit g128 (b
 on compressed-tensors' symmetric grid, so that the export keeps 4 bits), Wanda 2:4,
 and a mixed plan (GPTQ 4-bit g128 on attention, Wanda 2:4 on the MLP). Each is applied
 with `spectra apply`, scored by `spectra eval OUT`, then exported with `spectra export`
-as compressed-tensors (--dtype float16), GGUF Q8_0 and hf (--dtype float16); each
+as compressed-tensors (--dtype float16), GGUF Q8_0 and F16, and hf (--dtype float16); each
 export is scored by `spectra eval DIR`, which loads it with transformers (its
 compressed-tensors integration, its GGUF loader). Sizes are the export directories'
 bytes; the reference is the dense model as an fp16 safetensors checkpoint, and
@@ -39,10 +39,11 @@ PLANS = {
     "wanda-2:4": [(ATTN, WANDA24), (MLP, WANDA24)],
     "mixed-gptq4-attn-wanda24-mlp": [(ATTN, GPTQ4), (MLP, WANDA24)],
 }
-EXPORTS = {
-    "compressed-tensors": ["--dtype", "float16"],
-    "gguf": ["--gguf-type", "Q8_0"],
-    "hf": ["--dtype", "float16"],
+EXPORTS = {  # name -> (format, flags)
+    "compressed-tensors": ("compressed-tensors", ["--dtype", "float16"]),
+    "gguf-Q8_0": ("gguf", ["--gguf-type", "Q8_0"]),
+    "gguf-F16": ("gguf", ["--gguf-type", "F16"]),
+    "hf": ("hf", ["--dtype", "float16"]),
 }
 
 
@@ -101,11 +102,11 @@ def main() -> None:
                 ppl_out=spectra("eval", out, "--no-baseline", *limit)["ppl"],
                 exports={},
             )
-            for fmt, extra in EXPORTS.items():
-                dest = work / f"{out.name}-{fmt}"
+            for key, (fmt, extra) in EXPORTS.items():
+                dest = work / f"{out.name}-{key}"
                 summary = spectra("export", out, "--format", fmt, "-o", dest, *extra)
                 ppl = spectra("eval", dest, *limit)["ppl"]
-                row["exports"][fmt] = dict(
+                row["exports"][key] = dict(
                     flags=" ".join(extra),
                     bytes=summary["bytes"],
                     vs_dense_fp16=round(summary["bytes"] / results["dense_fp16_bytes"], 4),

@@ -112,6 +112,15 @@ def applied(family_dir, tmp_path_factory):
     return make
 
 
+def apply_rules(model, tmp_path, *rules):
+    """`spectra apply` of a plan of `rules` on `model` into tmp_path/out."""
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(yaml.safe_dump({"version": 1, "rules": list(rules)}))
+    out = tmp_path / "out"
+    assert main(["apply", plan, "--model", model, "-o", out]) == 0
+    return out
+
+
 def export(capsys, out, fmt, dest, *extra):
     capsys.readouterr()  # whatever came before (a module fixture's apply) is not ours
     assert main(["export", out, "--format", fmt, "-o", dest, "--json", *extra]) == 0
@@ -164,25 +173,9 @@ def test_packed_codes_decompress_to_our_codes(applied, tmp_path, capsys):
 
 
 def test_gpt2_conv1d_is_written_dense_with_the_reason(family_dir, tmp_path, capsys):
-    plan = tmp_path / "plan.yaml"
-    plan.write_text(
-        yaml.safe_dump(
-            {
-                "version": 1,
-                "rules": [
-                    {
-                        "targets": [r"re:transformer\.h\.\d+\.mlp\.c_fc"],
-                        "method": "quant",
-                        "bits": 4,
-                        "group_size": 32,
-                        "symmetric": True,
-                    }
-                ],
-            }
-        )
-    )
-    out = tmp_path / "out"
-    assert main(["apply", plan, "--model", family_dir("gpt2"), "-o", out]) == 0
+    rule = {"targets": [r"re:transformer\.h\.\d+\.mlp\.c_fc"], "method": "quant"}
+    rule.update(bits=4, group_size=32, symmetric=True)
+    out = apply_rules(family_dir("gpt2"), tmp_path, rule)
     summary = export(capsys, out, "compressed-tensors", tmp_path / "ct", "--dtype", "float32")
     assert {r["reason"] for r in summary["modules"]} == {
         "Conv1D: compressed-tensors quantizes nn.Linear only"
@@ -285,23 +278,8 @@ def test_refusals_write_nothing(applied, family_dir, tmp_path, cli):
 
 
 def test_gguf_refuses_an_architecture_it_cannot_describe(family_dir, tmp_path, cli):
-    plan = tmp_path / "plan.yaml"
-    plan.write_text(
-        yaml.safe_dump(
-            {
-                "version": 1,
-                "rules": [
-                    {
-                        "targets": [r"re:model\.decoder\.layers\.\d+\.fc1"],
-                        "method": "lowrank",
-                        "rank": 4,
-                    }
-                ],
-            }
-        )
-    )
-    out = tmp_path / "out"
-    assert main(["apply", plan, "--model", family_dir("opt"), "-o", out]) == 0
+    rule = {"targets": [r"re:model\.decoder\.layers\.\d+\.fc1"], "method": "lowrank"}
+    out = apply_rules(family_dir("opt"), tmp_path, dict(rule, rank=4))
     r = cli("export", out, "--format", "gguf", "-o", tmp_path / "gg")
     assert r.returncode == 2 and "opt models are not supported" in r.stderr, r.stderr
     assert not (tmp_path / "gg").exists()
@@ -319,23 +297,8 @@ def test_demo_gguf_source_round_trips_f16(demo_dir, tmp_path, capsys):
     from compressors import io
     from spectra.io import models
 
-    plan = tmp_path / "plan.yaml"
-    plan.write_text(
-        yaml.safe_dump(
-            {
-                "version": 1,
-                "rules": [
-                    {
-                        "targets": [r"re:model\.layers\.[0-3]\.self_attn\.[qk]_proj"],
-                        "method": "lowrank",
-                        "rank": 16,
-                    }
-                ],
-            }
-        )
-    )
-    out = tmp_path / "out"
-    assert main(["apply", plan, "--model", "demo", "-o", out]) == 0
+    rule = {"targets": [r"re:model\.layers\.[0-3]\.self_attn\.[qk]_proj"], "method": "lowrank"}
+    out = apply_rules("demo", tmp_path, dict(rule, rank=16))
     export(capsys, out, "gguf", tmp_path / "gg", "--gguf-type", "F16")
     source = gguf.GGUFReader(models.conversion_info(models.resolve("demo"))["gguf"])
     mine = gguf.GGUFReader(tmp_path / "gg" / "model.gguf")
