@@ -317,3 +317,24 @@ def test_demo_gguf_source_round_trips_f16(demo_dir, tmp_path, capsys):
         "model.embed_tokens.weight",
     ):
         assert torch.equal(back[name], want[name].half().float()), name
+
+
+def test_gguf_q4_0_blocks_hold_the_reconstruction(applied, tmp_path, capsys):
+    import gguf
+
+    from compressors import io
+
+    out = applied("llama")
+    export(capsys, out, "gguf", tmp_path / "gg", "--gguf-type", "Q4_0")
+    reader = gguf.GGUFReader(tmp_path / "gg" / "model.gguf")
+    tensor = next(t for t in reader.tensors if t.name == "blk.1.ffn_down.weight")
+    assert tensor.tensor_type.name == "Q4_0"
+    got = gguf.quants.dequantize(tensor.data, tensor.tensor_type)  # (96 -> 64 rows, 96 cols)
+    model, facts = io.load(out)
+    want = io.reconstruct(model, facts).state_dict()["model.layers.1.mlp.down_proj.weight"]
+    want = want.numpy().reshape(64, 3, 32)  # Q4_0 blocks of 32 along the row
+    err = np.abs(got.reshape(64, 3, 32) - want).max(-1)
+    # Q4_0: step d = absmax / 8; rounding costs d / 2, the clipped +absmax side up to d
+    assert (err <= np.abs(want).max(-1) / 8 * 1.01).all()
+    assert np.abs(got.reshape(64, 3, 32) - want).mean() < np.abs(want).mean() / 8
+    assert err.max() > 0  # it is quantized, not copied
