@@ -287,10 +287,12 @@ def matrix_task(job: tuple) -> tuple[dict, dict]:
 def _run_ray(address, mats, settings, device, progress, hashes=None):
     """Rows for `mats` as Ray tasks (largest first); fills `hashes` if given.
 
-    While a local cluster starts (about 4 s on a small machine), this process's own
-    thread pool works through the largest matrices with the same code; the rest go
-    to the cluster as soon as it is up. A cluster that is already running, or at an
-    address, gets every matrix.
+    The matrices wait in one queue, largest first. When this call starts a local
+    cluster on this machine's CPUs, this process's own thread pool works through the
+    queue from the start (the cluster takes about 4 s to come up) and keeps doing so
+    beside the cluster's tasks, which draw from the same queue one slot at a time
+    (so neither side waits on the other's leftovers). A cluster that is already
+    running, or at an address, gets every matrix.
     """
     from threadpoolctl import threadpool_limits
 
@@ -300,8 +302,11 @@ def _run_ray(address, mats, settings, device, progress, hashes=None):
     rows: list[dict | None] = [None] * len(mats)
     queue = collections.deque(order)
     lock = threading.Lock()
-    up = threading.Event()
     done = [0]
+
+    def take() -> int | None:
+        with lock:
+            return queue.popleft() if queue else None
 
     def finished(i):
         with lock:
@@ -310,11 +315,7 @@ def _run_ray(address, mats, settings, device, progress, hashes=None):
                 progress(done[0], len(mats), mats[i].name)
 
     def local_worker():
-        while True:
-            with lock:
-                if up.is_set() or not queue:
-                    return
-                i = queue.popleft()
+        while (i := take()) is not None:
             rows[i] = _cpu_row(mats[i], settings, hashes)
             finished(i)
 
@@ -324,33 +325,33 @@ def _run_ray(address, mats, settings, device, progress, hashes=None):
         scratch.tune_allocator()
     with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(max(workers, 1)) as pool:
         local = [pool.submit(local_worker) for _ in range(workers)]
-        try:
-            info = cluster.connect(address)
-        finally:
-            with lock:
-                up.set()
-                rest = list(queue)
-                queue.clear()
+        info = cluster.connect(address)
         try:
             if device.startswith("cuda") and not info["gpus"]:
                 raise SpectraInputError(f"--device {device}: the Ray cluster has no GPUs")
             task_device = "cuda" if device != "cpu" and info["gpus"] else "cpu"
-            jobs = [(mats[i], settings, task_device) for i in rest]
-            index = {mats[i].name: i for i in rest}
-            results = cluster.task_map(
+            width = info["gpus"] if task_device == "cuda" else info["cpus"]
+
+            def job():
+                i = take()
+                return None if i is None else (i, (mats[i], settings, task_device))
+
+            for i, (row, got) in cluster.task_pull(
                 matrix_task,
-                jobs,
-                names=lambda job: job[0].name,
+                job,
+                names=lambda j: j[0].name,
                 num_gpus=1 if task_device == "cuda" else 0,
-                progress=lambda _d, _t, name: finished(index[name]),
-            )
-            for i, (row, got) in zip(rest, results, strict=True):
+                width=max(1, width),
+            ):
                 rows[i] = row
                 if hashes is not None:
                     hashes.update(got)
+                finished(i)
             for f in local:
                 f.result()
         finally:
+            with lock:
+                queue.clear()  # a failure stops the local workers too
             cluster.disconnect(info)
     return rows
 

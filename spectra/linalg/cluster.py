@@ -5,7 +5,9 @@ otherwise starts a local one (one CPU per core); any other value is an address
 (`HOST:PORT`, or `ray://HOST:PORT` for Ray Client). A process that already called
 `ray.init` keeps its cluster. `task_map(fn, jobs, names)` runs `fn(job)` as one Ray
 task per job and, once all have finished, returns an iterator over the results in
-submission order (what `parallel_map` yields).
+submission order (what `parallel_map` yields). `task_pull(fn, take, width=W)` draws
+its jobs from `take()` only as one of its W task slots frees, so the driver's own
+threads can work through the same queue beside the cluster.
 
 Each task runs with one torch and one BLAS thread, as every job of the local
 thread pool does, so that the floating-point results are the local path's bit for bit.
@@ -155,30 +157,54 @@ def task_map(
     `names(job)` says which job a failure is about (default: its `name`, else str);
     `progress(done, total, name)` is called as tasks finish, in the order they finish.
     """
-    ray = _ray()
     names = names or (lambda job: str(getattr(job, "name", job)))
     jobs = list(jobs)
-    if not jobs:
-        return iter(())
+    todo = iter(enumerate(jobs))
+    results: list = [None] * len(jobs)
+    pulled = task_pull(fn, lambda: next(todo, None), names, num_gpus, len(jobs))
+    for done, (i, result) in enumerate(pulled, 1):
+        results[i] = result
+        if progress:
+            progress(done, len(jobs), names(jobs[i]))
+    return iter(results)
+
+
+def task_pull(
+    fn: Callable,
+    take: Callable[[], tuple[object, object] | None],
+    names: Callable[[object], str] | None = None,
+    num_gpus: float = 0,
+    width: int = 1,
+) -> Iterator[tuple[object, object]]:
+    """fn(job) as Ray tasks for the jobs `take()` hands out ((key, job), or None when
+    there are no more), at most `width` in flight; yields (key, result) as each
+    finishes. Jobs are drawn only when a task slot frees, so other consumers of the
+    same queue (the driver's own threads) share the work."""
+    ray = _ray()
+    names = names or (lambda job: str(getattr(job, "name", job)))
     remote = _remote(num_gpus)
     fn_ref = ray.put(fn)
-    refs = [remote.remote(fn_ref, job) for job in jobs]
-    index = {r: i for i, r in enumerate(refs)}
-    results: list = [None] * len(refs)
-    pending = list(refs)
-    done = 0
-    while pending:
-        ready, pending = ray.wait(pending, num_returns=1)
-        i = index[ready[0]]
+    running: dict = {}
+
+    def submit() -> bool:
+        got = take()
+        if got is None:
+            return False
+        running[remote.remote(fn_ref, got[1])] = got
+        return True
+
+    while len(running) < max(1, width) and submit():
+        pass
+    while running:
+        ready, _ = ray.wait(list(running), num_returns=1)
+        key, job = running.pop(ready[0])
         try:
-            results[i] = ray.get(ready[0])
+            result = ray.get(ready[0])
         except Exception as e:  # RayTaskError, WorkerCrashedError after the retries
-            for r in pending:
+            for r in running:
                 ray.cancel(r, force=True)
             cause = getattr(e, "cause", None) or e
             line = str(cause).strip().splitlines()[-1] if str(cause).strip() else ""
-            raise TaskFailed(f"{names(jobs[i])}: {type(cause).__name__}: {line}") from e
-        done += 1
-        if progress:
-            progress(done, len(refs), names(jobs[i]))
-    return iter(results)
+            raise TaskFailed(f"{names(job)}: {type(cause).__name__}: {line}") from e
+        submit()
+        yield key, result
