@@ -43,21 +43,24 @@ def test_analyze_and_apply_with_ray_equal_the_local_path(family_dir, tmp_path, c
         assert all(local[k].equal(remote[k]) for k in local), part
 
 
-@pytest.mark.parametrize("command", ["analyze", "apply"])
+@pytest.mark.parametrize("command", ["analyze", "apply", "calibrate"])
 def test_an_unreachable_cluster_is_one_line_and_exit_2(family_dir, tmp_path, cli, command):
     path = family_dir("llama")
     out = tmp_path / ("out.parquet" if command == "analyze" else "out")
     plan = tmp_path / "plan.yaml"
     plan.write_text(yaml.safe_dump(PLAN))
-    args = (
-        ["analyze", path, "--no-cache", "--out", out]
-        if command == "analyze"
-        else ["apply", plan, "--model", path, "-o", out]
-    )
-    r = cli(*args, "--ray", "127.0.0.1:1")
+    args = {
+        "analyze": ["analyze", path, "--no-cache", "--out", out],
+        "apply": ["apply", plan, "--model", path, "-o", out],
+        "calibrate": ["calibrate", path, "--tokens", "256", "--seqlen", "32", "--no-cache"],
+    }[command]
+    env = {"SPECTRA_CACHE": str(tmp_path / "cache")}
+    r = cli(*args, "--ray", "127.0.0.1:1", env=env)
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "cannot reach a Ray cluster" in r.stderr
     assert not out.exists()
+    calibrations = tmp_path / "cache" / "calibration"
+    assert not calibrations.exists() or not list(calibrations.iterdir())  # nothing half-written
 
 
 def test_ray_without_the_extra_says_how_to_install_it(family_dir, tmp_path, cli):

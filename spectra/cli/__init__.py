@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda")
     cal.add_argument("--no-cache", action="store_true", help="recompute even when cached")
     cal.add_argument("--json", action="store_true", help="print machine-readable results on stdout")
+    _ray_option(cal)
     cal.set_defaults(func=cmd_calibrate)
 
     plan = sub.add_parser("plan", help="compression plans")
@@ -174,8 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype",
         default="auto",
         choices=("auto", "float32", "float16", "bfloat16"),
-        help="dense tensors and scales of compressed-tensors and hf exports "
-        "(default: the model's)",
+        help="dense tensors and scales of compressed-tensors and hf exports (default: the model's)",
     )
     ex.add_argument("--force", action="store_true", help="replace an existing DIR")
     ex.add_argument("--json", action="store_true")

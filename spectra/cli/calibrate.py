@@ -21,6 +21,7 @@ def cmd_calibrate(args) -> int:
             use_cache=not args.no_cache,
             progress=progress,
             info=info,
+            ray=args.ray,
         )
     summary = describe(grams)
     summary.update(model=args.model, cached=info["cached"], seconds=round(info["seconds"], 3))

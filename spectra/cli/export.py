@@ -15,9 +15,7 @@ SERVE = {
 def cmd_export(args) -> int:
     from spectra.export import export  # deferred: torch
 
-    summary = export(
-        args.checkpoint, args.format, args.out, args.gguf_type, args.dtype, args.force
-    )
+    summary = export(args.checkpoint, args.format, args.out, args.gguf_type, args.dtype, args.force)
     summary["serve"] = SERVE[args.format].format(dir=args.out)
     if args.json:
         print(json.dumps(summary))

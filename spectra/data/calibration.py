@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -162,11 +163,14 @@ def calibrate(
     use_cache: bool = True,
     progress=None,
     info: dict | None = None,
+    ray: str | None = None,
 ) -> Grams:
     """The cached calibration of model `spec` (computed on a miss; see the module doc).
 
     `model`/`tokenizer`: the already loaded ones of `spec`, if any. `info` is filled with
-    `cached`, `path`, `tokens`, `seconds`.
+    `cached`, `path`, `tokens`, `seconds`. `ray`: compute a miss on the Ray cluster at
+    that address (`auto`, HOST:PORT), the windows split into one shard per task
+    (`sharded`).
     """
     settings = settings or for_model(spec)
     check_context(spec, settings)
@@ -191,10 +195,14 @@ def calibrate(
             return hit
     from compressors.activations import block_grams  # deferred: the model stack
 
-    model = model if model is not None else models.load(spec, device)
+    if ray is not None:
+        stream = sharded(spec, windows, ray, device, progress)
+    else:
+        model = model if model is not None else models.load(spec, device)
+        stream = block_grams(model, windows, progress)
     meta = _meta(spec, settings, windows, tokenizer)
     with _building(folder) as tmp:
-        for block, grams in block_grams(model, windows, progress):
+        for block, grams in stream:
             meta["blocks"][str(block)] = _write_block(tmp, block, grams)
         meta["seconds"] = time.perf_counter() - t0
         cache.write_json(tmp / "meta.json", meta)
@@ -203,6 +211,71 @@ def calibrate(
     if out is None:  # e.g. the cache folder is not writable
         raise RuntimeError(f"{folder}: calibration was written but cannot be read back")
     _write_alias(alias, folder)
+    return out
+
+
+def sharded(spec: str, windows, address: str, device: str = "auto", progress=None):
+    """block_grams of `spec` on a Ray cluster: the windows cut into one shard per task
+    (whole batches of activations.BATCH windows, at most one per CPU or GPU), every task
+    loading the model from its path (one every node sees) and streaming its blocks'
+    Grams; the driver sums block k over the shards (float64, shard order) and yields
+    it before it asks for block k + 1, so it holds one block per shard at a time.
+    """
+    from compressors.activations import BATCH
+    from spectra.linalg import cluster
+
+    root = str(models.resolve(spec).root)
+    info = cluster.connect(address)
+    try:
+        gpu = info["gpus"] > 0 and models.resolve_device(device) != "cpu"
+        if device.startswith("cuda") and not gpu:
+            raise SpectraInputError(f"--device {device}: the Ray cluster has no GPUs")
+        slots = max(1, info["gpus"] if gpu else info["cpus"])
+        batches = math.ceil(len(windows) / BATCH)
+        per = math.ceil(batches / min(slots, batches)) * BATCH
+        jobs = [
+            ShardJob(
+                root, windows[lo : lo + per].clone(), "cuda" if gpu else "cpu", f"windows {lo}-"
+            )
+            for lo in range(0, len(windows), per)
+        ]
+        shards = cluster.streams(shard_grams, jobs, num_gpus=1 if gpu else 0)
+        for index, parts in enumerate(shards):
+            yield index, _sum_shards([grams for _, grams in parts])
+            if progress:
+                progress(index + 1, parts[0][0], f"block {index}")
+    finally:
+        cluster.disconnect(info)
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    root: str  # the model's directory, as every node sees it
+    windows: object  # (windows, seqlen) token ids
+    device: str
+    name: str
+
+
+def shard_grams(job: ShardJob):
+    """A Ray task: (blocks, Grams) of one shard's windows, block by block."""
+    from compressors.activations import block_grams, decoder_layers
+
+    model = models.load(job.root, job.device)
+    layers = len(decoder_layers(model))
+    for _, grams in block_grams(model, job.windows):
+        yield layers, grams
+
+
+def _sum_shards(parts: list[dict]) -> dict:
+    """{name: (H, rows)} summed over shards; modules sharing an H keep sharing one."""
+    out, by_id = {}, {}
+    for name, (h, _) in parts[0].items():
+        if id(h) not in by_id:
+            total = parts[0][name][0].clone()
+            for p in parts[1:]:
+                total += p[name][0]
+            by_id[id(h)] = (total, sum(p[name][1] for p in parts))
+        out[name] = by_id[id(h)]
     return out
 
 

@@ -201,10 +201,50 @@ def task_pull(
         try:
             result = ray.get(ready[0])
         except Exception as e:  # RayTaskError, WorkerCrashedError after the retries
-            for r in running:
-                ray.cancel(r, force=True)
-            cause = getattr(e, "cause", None) or e
-            line = str(cause).strip().splitlines()[-1] if str(cause).strip() else ""
-            raise TaskFailed(f"{names(job)}: {type(cause).__name__}: {line}") from e
+            raise _failed(e, names(job), list(running)) from e
         submit()
         yield key, result
+
+
+def streams(
+    fn: Callable, jobs: list, names: Callable[[object], str] | None = None, num_gpus: float = 0
+) -> Iterator[list]:
+    """fn(job) as one streaming Ray task per job, each a generator; yields the lists of
+    their n-th items, n = 0, 1, ..., fetched in lockstep (so the driver holds one item
+    per job at a time, never a whole stream)."""
+    ray = _ray()
+    names = names or (lambda job: str(getattr(job, "name", job)))
+    if num_gpus not in _STREAMING:
+        _STREAMING[num_gpus] = ray.remote(
+            num_cpus=1, num_gpus=num_gpus, max_retries=MAX_RETRIES, num_returns="streaming"
+        )(_single_threaded_stream)
+    fn_ref = ray.put(fn)
+    gens = [_STREAMING[num_gpus].remote(fn_ref, job) for job in jobs]
+    while True:
+        items = []
+        for gen, job in zip(gens, jobs, strict=True):
+            try:
+                items.append(ray.get(next(gen)))
+            except StopIteration:
+                return
+            except Exception as e:  # a task that raised, or its retries spent
+                raise _failed(e, names(job), gens) from e
+        yield items
+
+
+_STREAMING = {}
+
+
+def _single_threaded_stream(fn, job):
+    """The items of the generator fn(job), under _single_threaded's thread limits."""
+    yield from _single_threaded(fn, job)
+
+
+def _failed(e: Exception, name: str, others: list) -> TaskFailed:
+    """The TaskFailed that names the job behind `e`, the other tasks cancelled."""
+    ray = _ray()
+    for r in others:
+        ray.cancel(r, force=True)
+    cause = getattr(e, "cause", None) or e
+    line = str(cause).strip().splitlines()[-1] if str(cause).strip() else ""
+    return TaskFailed(f"{name}: {type(cause).__name__}: {line}")

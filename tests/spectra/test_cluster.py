@@ -125,3 +125,26 @@ def test_a_task_that_fails_for_good_names_its_job(ray_cluster):
     with pytest.raises(cluster.TaskFailed, match=r"job-3: ValueError: no such rank"):
         list(cluster.task_map(fail_on_three, range(6), names=lambda x: f"job-{x}"))
     assert list(cluster.task_map(lambda x: x * x, range(5))) == [0, 1, 4, 9, 16]
+
+
+def test_calibration_sharded_on_ray_equals_local(ray_cluster, family_dir):
+    """Windows split into shards, one task each, Grams streamed block by block and
+    summed: the Grams of the local pass (exactly: each shard's float32 products add up
+    in float64 without rounding here), the shared ones still shared."""
+    from spectra.data.calibration import CalibrationSpec, calibrate
+
+    path = str(family_dir("llama"))
+    settings = CalibrationSpec(samples=12, seqlen=32)  # 3 batches of 4 windows: 2 shards
+    local = calibrate(path, settings, device="cpu", use_cache=False)
+    info: dict = {}
+    remote = calibrate(path, settings, use_cache=False, ray="auto", info=info)
+    assert info["cached"] is False
+    assert local.blocks == remote.blocks and len(local.blocks) == 2
+    for block in local.blocks:
+        mine, theirs = local[block], remote[block]
+        assert mine.keys() == theirs.keys()
+        for name, (h, rows) in mine.items():
+            assert rows == theirs[name][1] == 12 * 32
+            assert torch.equal(h, theirs[name][0]), name
+        shared = lambda grams: {n: id(h) for n, (h, _) in grams.items()}  # noqa: E731
+        assert len(set(shared(mine).values())) == len(set(shared(theirs).values()))
