@@ -84,13 +84,6 @@ def render() -> None:
             st.success(f"Loaded {len(new)} module settings from {upload.name}.")
 
 
-SERVE = {
-    "compressed-tensors": "vllm serve {dir}",
-    "gguf": "llama-cli -m {dir}/model.gguf",
-    "hf": "vllm serve {dir}",
-}
-
-
 def run_elsewhere() -> None:
     """The three export formats of an applied plan, the commands, and the export itself."""
     st.subheader("Run it elsewhere")
@@ -102,7 +95,7 @@ def run_elsewhere() -> None:
     flag = f" --gguf-type {kind}" if fmt == "gguf" else ""
     st.code(
         f"spectra export {shlex.quote(out)} --format {fmt} -o {shlex.quote(dest)}{flag}\n"
-        f"spectra eval {shlex.quote(dest)}\n" + SERVE[fmt].format(dir=shlex.quote(dest)),
+        f"spectra eval {shlex.quote(dest)}\n" + exports.SERVE[fmt].format(dir=shlex.quote(dest)),
         language="bash",
     )
     from compressors import io

@@ -5,15 +5,9 @@ from __future__ import annotations
 import json
 from collections import Counter
 
-SERVE = {
-    "compressed-tensors": "vllm serve {dir}",
-    "gguf": "llama-cli -m {dir}/model.gguf",
-    "hf": "vllm serve {dir}",
-}
-
 
 def cmd_export(args) -> int:
-    from spectra.export import export  # deferred: torch
+    from spectra.export import SERVE, export  # deferred: torch
 
     summary = export(args.checkpoint, args.format, args.out, args.gguf_type, args.dtype, args.force)
     summary["serve"] = SERVE[args.format].format(dir=args.out)

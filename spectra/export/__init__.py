@@ -19,6 +19,11 @@ from spectra.errors import SpectraInputError
 FORMATS = ("compressed-tensors", "gguf", "hf")
 GGUF_TYPES = ("F16", "Q8_0", "Q4_0")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+SERVE = {  # the command that serves each export
+    "compressed-tensors": "vllm serve {dir}",
+    "gguf": "llama-cli -m {dir}/model.gguf",
+    "hf": "vllm serve {dir}",
+}
 
 
 def export(
