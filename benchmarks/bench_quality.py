@@ -146,6 +146,7 @@ HEALED = (
     "losparse-whiten-80%",
     "lowrank-whiten-50%",
     "losparse-whiten-50%",
+    "joint-whiten-50%",
     "mpo-whiten-s2-80%",
     "caldera-2bit-r32",
 )

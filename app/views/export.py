@@ -90,7 +90,9 @@ def run_elsewhere() -> None:
     c = st.columns([2, 2, 1])
     out = c[0].text_input("spectra apply output (OUT)", "compressed", key="export_out")
     fmt = c[1].radio("format", exports.FORMATS, horizontal=True, key="export_format")
-    kind = c[2].selectbox("GGUF type", exports.GGUF_TYPES, 1, key="export_gguf_type")
+    kind = c[2].selectbox(
+        "GGUF type", exports.GGUF_TYPES, 1, key="export_gguf_type", disabled=fmt != "gguf"
+    )
     dest = f"{out}-{fmt}"
     flag = f" --gguf-type {kind}" if fmt == "gguf" else ""
     st.code(
