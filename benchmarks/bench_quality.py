@@ -148,6 +148,7 @@ HEALED = (
     "losparse-whiten-50%",
     "joint-whiten-50%",
     "mpo-whiten-s2-80%",
+    "mpo-whiten-k2-50%",
     "caldera-2bit-r32",
 )
 
