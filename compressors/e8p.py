@@ -39,7 +39,7 @@ from compressors.base import DENSE_BITS, Factorization, hessian_inverse_factor
 
 DIM = 8
 SCALES = torch.linspace(0.7, 1.3, 13, dtype=torch.float64)  # multiples of a row's RMS
-CHUNK = 8192  # blocks decoded at once
+CHUNK = 2048  # blocks searched at once (larger chunks leave the cache: 3x slower)
 
 
 @cache
@@ -83,54 +83,44 @@ def nearest(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-SHORTLIST = 8  # patterns whose parity penalty is computed, nearest first
+@cache
+def _tables():
+    """(patterns, their squared norms, their parity bits) for the search."""
+    pats = patterns()
+    # sum(s_i 2a_i) = sum(2a_i) + 2 (number of minus signs) mod 4 (each 2a_i is odd), so
+    # the signs' parity is wrong for a exactly when sum(2a)/2 and the number of minus
+    # signs differ in parity
+    parity = (2 * pats).sum(1).round().long().div(2, rounding_mode="floor") % 2
+    return pats, (pats * pats).sum(1), parity.bool()
 
 
 def _nearest_shifted(y: torch.Tensor):
     """(squared distance, code without the shift bit) of the nearest signed pattern.
 
-    The parity penalty (4 min_i a_i |y_i|, when y's signs have the wrong parity for a)
-    is computed for the SHORTLIST patterns nearest without it; a row whose best
-    penalized distance exceeds the next unpenalized one is searched over all 256, so
+    The distance of pattern a with y's own signs is |y|^2 - 2 |y| . a + |a|^2; when
+    those signs have the wrong parity for a, the cheapest flip adds 4 min_i a_i |y_i|.
+    No pattern with the wrong parity can win unless its unpenalized distance is below
+    the best right-parity one, so the penalty is computed for those candidates only;
     the result is exact."""
-    pats = patterns()
-    twice, norms = 2 * pats, (pats * pats).sum(1)
-    sign = 1 - 2 * (y < 0).to(torch.float64)
+    pats, norms, parity = _tables()
+    neg = y < 0
     mag = y.abs()
-    d = (mag * mag).sum(1, keepdim=True) - 2 * mag @ pats.T + norms  # (B, 256)
-    odd = torch.remainder(sign @ twice.T, 4) != 0  # the signs' parity is wrong for a
-    near, idx = torch.topk(d, SHORTLIST + 1, dim=1, largest=False)
-    cand, bound = idx[:, :SHORTLIST], near[:, SHORTLIST]
-
-    def penalized(rows, ks):  # (distance, coordinate to flip) for patterns ks of rows
-        cost = mag[rows, None, :] * pats[ks]  # flipping coordinate i costs 4 a_i |y_i|
-        flip_cost, flip_at = cost.min(-1)
-        bad = odd[rows[:, None], ks]
-        return d[rows[:, None], ks] + torch.where(bad, 4 * flip_cost, 0.0), flip_at, bad
-
-    rows = torch.arange(y.shape[0])
-    dist, flip_at, bad = penalized(rows, cand)
-    j = dist.argmin(1)
-    best = dist.gather(1, j[:, None])[:, 0]
-    k = cand.gather(1, j[:, None])[:, 0]
-    at = flip_at.gather(1, j[:, None])[:, 0]
-    flip = bad.gather(1, j[:, None])[:, 0]
-    unsure = torch.nonzero(best > bound).flatten()
-    if unsure.numel():  # an unshortlisted pattern could still win: search them all
-        every = torch.arange(pats.shape[0]).expand(unsure.numel(), -1)
-        dist_u, flip_u, bad_u = penalized(unsure, every)
-        j = dist_u.argmin(1)
-        best[unsure] = dist_u.gather(1, j[:, None])[:, 0]
-        k[unsure] = j
-        at[unsure] = flip_u.gather(1, j[:, None])[:, 0]
-        flip[unsure] = bad_u.gather(1, j[:, None])[:, 0]
-    s = sign.clone()
+    d = torch.addmm(norms, mag, pats.T, alpha=-2)  # (B, 256), without |y|^2
+    odd = parity[None, :] ^ (neg.sum(1) % 2 == 1)[:, None]  # the signs' parity is wrong
+    inf = torch.tensor(float("inf"), dtype=d.dtype)
+    bound = torch.where(odd, inf, d).min(1, keepdim=True).values
+    rows, ks = torch.nonzero(odd & (d < bound), as_tuple=True)
+    pen = torch.where(odd, inf, d)
+    pen[rows, ks] = d[rows, ks] + 4 * (mag[rows] * pats[ks]).min(1).values
+    best, k = pen.min(1)
+    r = torch.arange(y.shape[0])
+    flip = odd[r, k]
+    at = (mag * pats[k]).argmin(1)  # the coordinate flipped where the parity is wrong
+    minus = neg.clone()
     fix = torch.nonzero(flip).flatten()
-    s[fix, at[fix]] *= -1
-    code = k.to(torch.int64) | (((1 - s[:, :7]) / 2).to(torch.int64) << (8 + torch.arange(7))).sum(
-        1
-    )
-    return best, code
+    minus[fix, at[fix]] = ~minus[fix, at[fix]]
+    code = k | (minus[:, :7].long() << (8 + torch.arange(7))).sum(1)
+    return best + (mag * mag).sum(1), code
 
 
 def round_rows(w: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
