@@ -125,6 +125,13 @@ def plans(model) -> dict[str, dict]:
         out[f"prune-wanda-{tag}"] = per_module(
             model, lambda m, n, r=ratio: dict(method="prune", sparsity=round(1 - r, 6), wanda=True)
         )
+    out["mpo-whiten-k2-30%-4bit"] = per_module(  # CompactifAI's proportions: MPO + int4
+        model,
+        lambda m, n: dict(
+            method="mpo", cores=2, bond_dim=mpo_bond(m, n, 0.3 - 1 / m, 2), whiten=True,
+            factor_bits=4,
+        ),
+    )
     out["prune-sparsegpt-50%"] = per_module(
         model, lambda m, n: dict(method="prune", sparsity=0.5, sparsegpt=True)
     )
@@ -168,6 +175,7 @@ HEALED = (
     "mpo-whiten-s2-80%",
     "mpo-whiten-k2-50%",
     "caldera-2bit-r32",
+    "mpo-whiten-k2-30%-4bit",
 )
 
 
