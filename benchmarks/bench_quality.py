@@ -128,7 +128,10 @@ def plans(model) -> dict[str, dict]:
     out["mpo-whiten-k2-30%-4bit"] = per_module(  # CompactifAI's proportions: MPO + int4
         model,
         lambda m, n: dict(
-            method="mpo", cores=2, bond_dim=mpo_bond(m, n, 0.3 - 1 / m, 2), whiten=True,
+            method="mpo",
+            cores=2,
+            bond_dim=mpo_bond(m, n, 0.3 - 1 / m, 2),
+            whiten=True,
             factor_bits=4,
         ),
     )
