@@ -108,9 +108,9 @@ def _nearest_shifted(y: torch.Tensor):
     d = torch.addmm(norms, mag, pats.T, alpha=-2)  # (B, 256), without |y|^2
     odd = parity[None, :] ^ (neg.sum(1) % 2 == 1)[:, None]  # the signs' parity is wrong
     inf = torch.tensor(float("inf"), dtype=d.dtype)
-    bound = torch.where(odd, inf, d).min(1, keepdim=True).values
+    pen = torch.where(odd, inf, d)  # right parity: no penalty; wrong: not yet computed
+    bound = pen.min(1, keepdim=True).values
     rows, ks = torch.nonzero(odd & (d < bound), as_tuple=True)
-    pen = torch.where(odd, inf, d)
     pen[rows, ks] = d[rows, ks] + 4 * (mag[rows] * pats[ks]).min(1).values
     best, k = pen.min(1)
     r = torch.arange(y.shape[0])
