@@ -149,6 +149,8 @@ def plans(model) -> dict[str, dict]:
         out[f"{name}+heal"] = dict(out[name], heal=HEAL)
     for name in HEALED_LONG:  # the same plan, healed six times longer
         out[f"{name}+heal{HEAL_LONG['steps']}"] = dict(out[name], heal=HEAL_LONG)
+    for name in HEALED_GPU:  # the same plan, healed fifty times longer (on a GPU)
+        out[f"{name}+heal{HEAL_GPU['steps']}"] = dict(out[name], heal=HEAL_GPU)
     return out
 
 
@@ -169,6 +171,10 @@ HEAL = dict(
 # the calibration part), the same lr, a curve point every 8 steps
 HEAL_LONG = dict(HEAL, steps=48, warmup=4, eval_every=8)
 HEALED_LONG = ("joint-whiten-50%", "losparse-whiten-80%")
+# the GPU budget of the +heal400 rows (run with --device cuda where a GPU is lent):
+# 400 steps (819,200 tokens, about 25 passes over the calibration part), warmup 20
+HEAL_GPU = dict(HEAL, steps=400, warmup=20, eval_every=50)
+HEALED_GPU = ("joint-whiten-50%", "losparse-whiten-80%", "lowrank-whiten-80%", "mpo-whiten-k2-50%")
 HEALED = (
     "lowrank-whiten-80%",
     "losparse-whiten-80%",
@@ -261,17 +267,22 @@ def plain_steps(student, teacher, facts, tok, config, steps=3) -> float:
     params = list(Trainable(copied["s"], copied["f"]).named_parameters().values())
     opt = torch.optim.AdamW(params, lr=config.lr)
     windows = heal.train_windows(tok, config, "builtin")
+    device = next(student.parameters()).device
+    cuda = device.type == "cuda"  # bf16 autocast there, as healing does
     t0 = time.perf_counter()
     for step in range(steps):
         x = windows[heal.batch_indices(step, config.batch, windows.shape[0], config.seed)]
-        with torch.no_grad():
-            target = F.log_softmax(teacher(x).logits.flatten(0, 1), -1)
-        logits = F.log_softmax(copied["s"](x).logits.flatten(0, 1), -1)
-        loss = F.kl_div(logits, target, log_target=True, reduction="batchmean")
+        x = x.to(device)
+        with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=cuda):
+            target = F.log_softmax(teacher(x).logits.flatten(0, 1).float(), -1)
+        with torch.autocast("cuda", torch.bfloat16, enabled=cuda):
+            logits = F.log_softmax(copied["s"](x).logits.flatten(0, 1).float(), -1)
+            loss = F.kl_div(logits, target, log_target=True, reduction="batchmean")
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, config.clip)
         opt.step()
+        float(loss.detach())  # waits for the device, as healing's loss record does
     return steps * config.tokens_per_step / (time.perf_counter() - t0)
 
 
@@ -327,6 +338,8 @@ def main() -> None:
         "--table", action="store_true", help="print the results file as a markdown table"
     )
     p.add_argument("--plot", type=Path, help="plot the +heal rows' curves of the results file")
+    p.add_argument("--device", default="cpu", help="cpu (the recorded rows), cuda or auto")
+    p.add_argument("--deadline", type=float, help="start no further row after this many seconds")
     args = p.parse_args()
     if args.table:
         print(markdown_table(json.loads(args.out.read_text())))
@@ -335,13 +348,17 @@ def main() -> None:
         plot_heal(json.loads(args.out.read_text()), args.plot)
         return
 
+    import torch
+
     from compressors.apply import needs_data
     from spectra.data import calibration, heal
     from spectra.data import perplexity as ev
     from spectra.io import models
     from spectra.plan import format as plan_mod
 
-    model = models.load("demo", device="cpu")
+    started = time.perf_counter()
+    device = models.resolve_device(args.device)
+    model = models.load("demo", device=device)
     tok = models.load_tokenizer("demo")
     ids = ev.token_stream(tok, "builtin", "eval")
     grams = None  # the calibration cache, read (or computed) at the first data-aware row
@@ -356,6 +373,9 @@ def main() -> None:
         results["dense"]["ppl_heal_eval"] = curve_ref.ppl  # what the curves' points see
     for name, raw in plans(model).items():
         if args.only and name not in args.only:
+            continue
+        if args.deadline and time.perf_counter() - started > args.deadline:
+            print(f"{name}: not started (past --deadline)", flush=True)
             continue
         plan = plan_mod.parse(raw)
         entries = plan_mod.resolve(plan, linears(model))
@@ -379,10 +399,12 @@ def main() -> None:
         extra = {}
         if plan.heal is not None:
             unhealed = ev.perplexity(scored, tok, ids=ids, max_tokens=args.max_tokens)
-            if name == f"{HEALED[0]}+heal":  # the throughput target's reference, same model
+            if name == f"{HEALED[0]}+heal" or device.startswith("cuda"):  # the reference
                 extra["plain_tokens_per_s"] = plain_steps(compressed, model, facts, tok, plan.heal)
             facts, healed = heal.heal(compressed, model, facts, tok, plan.heal)
             extra.update(
+                device=device,
+                gpu=torch.cuda.get_device_name(0) if device.startswith("cuda") else None,
                 ppl_unhealed=unhealed.ppl,
                 heal=dict(settings=plan.heal.to_dict(), **healed.to_dict()),
                 heal_seconds=healed.seconds,

@@ -226,8 +226,18 @@ def _factorize(job: _Work):
 
 
 def factorize(config, weights: list[torch.Tensor], calib=None):
-    """The factorization of one module's weight, or of a joint group's weights."""
-    return compress(weights if config.method == "joint" else weights[0], config, calib)
+    """The factorization of one module's weight, or of a joint group's weights.
+
+    The compressors compute on the CPU (float64 decompositions, numpy GPTQ and TT-SVD);
+    a model on CUDA gets its factorization moved back to the weights' device."""
+    from compressors.io import to_device
+
+    device = weights[0].device
+    weights = [w.detach().cpu() for w in weights]
+    if calib is not None:
+        calib = Calibration(calib.hessian.cpu(), calib.count)
+    f = compress(weights if config.method == "joint" else weights[0], config, calib)
+    return to_device(f, device)
 
 
 def compact_modules(f, config, dense: list[nn.Module]) -> list[nn.Module]:
@@ -263,6 +273,7 @@ def _set_module(model, name: str, module: nn.Module) -> None:
 
 
 def _calib_rel(w, d, calib) -> float | None:
+    w, d = w.detach().cpu(), d.detach().cpu()  # beside H, which stays on the CPU
     if calib is None:
         return None
     den = h_norm(w, calib.hessian)

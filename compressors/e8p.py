@@ -58,9 +58,9 @@ def patterns() -> torch.Tensor:
 def decode(codes: torch.Tensor) -> torch.Tensor:
     """Codewords (..., 8) of 16-bit codes (any integer dtype)."""
     c = codes.to(torch.int64)
-    a = patterns()[c & 255]
-    bits = (c[..., None] >> (8 + torch.arange(7))) & 1
-    signs = torch.ones(*c.shape, DIM, dtype=torch.float64)
+    a = patterns().to(c.device)[c & 255]
+    bits = (c[..., None] >> (8 + torch.arange(7, device=c.device))) & 1
+    signs = torch.ones(*c.shape, DIM, dtype=torch.float64, device=c.device)
     signs[..., :7] = 1 - 2 * bits.to(torch.float64)
     # the eighth sign makes sum(s * 2a) divisible by 4 (an even coordinate sum)
     partial = (signs[..., :7] * 2 * a[..., :7]).sum(-1) + 2 * a[..., 7]

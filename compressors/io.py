@@ -47,6 +47,16 @@ def flatten(obj, prefix: str, tensors: dict) -> dict:
     raise TypeError(f"cannot serialise {type(obj).__name__} at {prefix}")
 
 
+def to_device(f, device):
+    """Factorization `f` with every tensor on `device` (itself when they already are)."""
+    tensors: dict = {}
+    desc = flatten(f, "f", tensors)
+    device = torch.device(device)
+    if all(t.device == device for t in tensors.values()):
+        return f
+    return unflatten(desc, {k: t.to(device) for k, t in tensors.items()})
+
+
 def unflatten(desc: dict, tensors: dict):
     if "tensor" in desc:
         return tensors[desc["tensor"]]
@@ -184,7 +194,9 @@ def load(out, device: str = "cpu"):
                 raise SpectraInputError(f"{out}: corrupt compressed checkpoint: {e}") from e
     try:
         manifest = json.loads((out / "manifest.json").read_text())
-        tensors = load_file(out / "factors.safetensors")
+        # factors straight onto the device: the modules built from them share them, and
+        # healing trains them in place
+        tensors = load_file(out / "factors.safetensors", device=str(torch.device(device)))
         dense = load_file(out / "dense.safetensors")
         config = AutoConfig.from_pretrained(out)
     except Exception as e:  # truncated, garbage or missing parts

@@ -104,7 +104,8 @@ class MPO(Factorization):
 
     def to_dense(self):
         cores = [factors.dense(c) for c in self.cores]
-        w = torch.from_numpy(tt.tt_to_dense([c.double().numpy() for c in cores]))
+        w = torch.from_numpy(tt.tt_to_dense([c.detach().double().cpu().numpy() for c in cores]))
+        w = w.to(cores[0].device)
         if self.scale is not None:
             w = w * self.scale.double()[None, :]
         return w.to(cores[0].dtype)

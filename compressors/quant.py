@@ -171,7 +171,7 @@ class QuantLinear(nn.Module):
 
 def dequantize(codes, scales, zeros, group_size):
     n = codes.shape[1]
-    per_col = torch.arange(n) // group_size
+    per_col = torch.arange(n, device=codes.device) // group_size
     return (codes.to(scales.dtype) - zeros[:, per_col]) * scales[:, per_col]
 
 
@@ -220,7 +220,7 @@ def round_to_nearest(w: torch.Tensor, bits: int, group_size: int, symmetric: boo
 
 
 def quantize(w: torch.Tensor, scale, zero, bits: int, group_size: int) -> torch.Tensor:
-    per_col = torch.arange(w.shape[1]) // group_size
+    per_col = torch.arange(w.shape[1], device=w.device) // group_size
     q = torch.round(w / scale[:, per_col]) + zero[:, per_col]
     return q.clamp(0, 2**bits - 1)
 

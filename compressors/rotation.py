@@ -29,16 +29,16 @@ class Rotation:
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """x R^T along the last axis, i.e. R applied to every row vector of x."""
         lead = x.shape[:-1]
-        y = (x * self.signs.to(x.dtype)).reshape(*lead, self.p, self.b)
-        y = torch.einsum("ij,...jk,lk->...il", self.h.to(x.dtype), y, self.o.to(x.dtype))
+        y = (x * self.signs.to(x)).reshape(*lead, self.p, self.b)
+        y = torch.einsum("ij,...jk,lk->...il", self.h.to(x), y, self.o.to(x))
         return y.reshape(*lead, self.n)
 
     def apply_inverse(self, x: torch.Tensor) -> torch.Tensor:
         """x R along the last axis (R^T applied to every row vector)."""
         lead = x.shape[:-1]
         y = x.reshape(*lead, self.p, self.b)
-        y = torch.einsum("ji,...jk,kl->...il", self.h.to(x.dtype), y, self.o.to(x.dtype))
-        return y.reshape(*lead, self.n) * self.signs.to(x.dtype)
+        y = torch.einsum("ji,...jk,kl->...il", self.h.to(x), y, self.o.to(x))
+        return y.reshape(*lead, self.n) * self.signs.to(x)
 
     def matrix(self) -> torch.Tensor:
         """R itself (n, n)."""

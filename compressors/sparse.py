@@ -28,9 +28,9 @@ class CSR:
             sp = (dense * keep).to_sparse_csr() if keep.any() else None
         if sp is None:
             rows = dense.shape[0]
-            empty = torch.zeros(0, dtype=torch.int64)
+            empty = torch.zeros(0, dtype=torch.int64, device=dense.device)
             return CSR(
-                torch.zeros(rows + 1, dtype=torch.int64),
+                torch.zeros(rows + 1, dtype=torch.int64, device=dense.device),
                 empty,
                 dense.new_zeros(0),
                 tuple(dense.shape),
@@ -57,7 +57,7 @@ class CSR:
 
 def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask of the k largest entries of `scores` (ties broken by position)."""
-    mask = torch.zeros(scores.numel(), dtype=torch.bool)
+    mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
     if k > 0:
         mask[torch.topk(scores.reshape(-1), k, sorted=False).indices] = True
     return mask.reshape(scores.shape)
@@ -97,7 +97,9 @@ class TrainableSparseLinear(nn.Module):
     def __init__(self, s: CSR, bias: torch.Tensor | None = None):
         super().__init__()
         self.shape = s.shape
-        rows = torch.repeat_interleave(torch.arange(s.shape[0]), s.crow.diff())
+        rows = torch.repeat_interleave(
+            torch.arange(s.shape[0], device=s.crow.device), s.crow.diff()
+        )
         self.register_buffer("rows", rows, persistent=False)
         self.register_buffer("cols", s.col, persistent=False)
         self.values = nn.Parameter(s.values)
