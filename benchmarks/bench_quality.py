@@ -170,7 +170,7 @@ HEAL = dict(
 # the longer budget of the +heal48 rows: 48 steps (98,304 tokens, three passes over
 # the calibration part), the same lr, a curve point every 8 steps
 HEAL_LONG = dict(HEAL, steps=48, warmup=4, eval_every=8)
-HEALED_LONG = ("joint-whiten-50%", "losparse-whiten-80%")
+HEALED_LONG = ("joint-whiten-50%", "losparse-whiten-80%", "mpo-whiten-k2-50%")
 # the GPU budget of the +heal400 rows (run with --device cuda where a GPU is lent):
 # 400 steps (819,200 tokens, about 25 passes over the calibration part), warmup 20
 HEAL_GPU = dict(HEAL, steps=400, warmup=20, eval_every=50)
@@ -185,6 +185,7 @@ HEALED = (
     "mpo-whiten-k2-50%",
     "caldera-2bit-r32",
     "mpo-whiten-k2-30%-4bit",
+    "caldera-e8p-r32",
 )
 
 
@@ -303,7 +304,8 @@ def plot_heal(results: dict, path: Path) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("healing step (2048 calibration tokens each)")
     ax.set_ylabel("perplexity (first 2048 eval tokens)")
-    ax.set_title("SmolLM2-135M: healing curves")
+    gpus = {r["gpu"] for r in results.values() if r.get("gpu")}
+    ax.set_title("SmolLM2-135M: healing curves" + (f" on {', '.join(gpus)}" if gpus else ""))
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
@@ -358,6 +360,7 @@ def main() -> None:
 
     started = time.perf_counter()
     device = models.resolve_device(args.device)
+    cuda = device.startswith("cuda")  # CSR tensors there cannot be deep-copied (plain_steps)
     model = models.load("demo", device=device)
     tok = models.load_tokenizer("demo")
     ids = ev.token_stream(tok, "builtin", "eval")
@@ -399,7 +402,7 @@ def main() -> None:
         extra = {}
         if plan.heal is not None:
             unhealed = ev.perplexity(scored, tok, ids=ids, max_tokens=args.max_tokens)
-            if name == f"{HEALED[0]}+heal" or device.startswith("cuda"):  # the reference
+            if name == f"{HEALED[0]}+heal" or (cuda and not name.startswith("losparse")):
                 extra["plain_tokens_per_s"] = plain_steps(compressed, model, facts, tok, plan.heal)
             facts, healed = heal.heal(compressed, model, facts, tok, plan.heal)
             extra.update(

@@ -226,18 +226,9 @@ def _factorize(job: _Work):
 
 
 def factorize(config, weights: list[torch.Tensor], calib=None):
-    """The factorization of one module's weight, or of a joint group's weights.
-
-    The compressors compute on the CPU (float64 decompositions, numpy GPTQ and TT-SVD);
-    a model on CUDA gets its factorization moved back to the weights' device."""
-    from compressors.io import to_device
-
-    device = weights[0].device
-    weights = [w.detach().cpu() for w in weights]
-    if calib is not None:
-        calib = Calibration(calib.hessian.cpu(), calib.count)
-    f = compress(weights if config.method == "joint" else weights[0], config, calib)
-    return to_device(f, device)
+    """The factorization of one module's weight, or of a joint group's weights (on the
+    weights' device; computed on the CPU, see registry.compress)."""
+    return compress(weights if config.method == "joint" else weights[0], config, calib)
 
 
 def compact_modules(f, config, dense: list[nn.Module]) -> list[nn.Module]:

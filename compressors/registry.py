@@ -36,5 +36,20 @@ def make_config(method: str, **knobs):
 
 
 def compress(weight, config, calib=None):
-    """Compress one weight (out, in) with the method its config belongs to."""
-    return REGISTRY[config.method][1](weight, config, calib)
+    """Compress one weight (out, in), or a joint group's list of weights, with the method
+    its config belongs to.
+
+    The methods compute on the CPU (float64 decompositions, numpy GPTQ and TT-SVD); a
+    weight on another device is compressed there and its factorization moved back to
+    that device, so the compact modules run where the model runs."""
+    from compressors.base import Calibration
+    from compressors.io import to_device
+
+    device = (weight[0] if isinstance(weight, list | tuple) else weight).device
+    fn = REGISTRY[config.method][1]
+    if device.type == "cpu":
+        return fn(weight, config, calib)
+    cpu = [w.detach().cpu() for w in weight] if isinstance(weight, list | tuple) else None
+    if calib is not None:
+        calib = Calibration(calib.hessian.cpu(), calib.count)
+    return to_device(fn(cpu if cpu is not None else weight.detach().cpu(), config, calib), device)
