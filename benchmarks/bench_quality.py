@@ -149,6 +149,8 @@ def plans(model) -> dict[str, dict]:
         out[f"{name}+heal"] = dict(out[name], heal=HEAL)
     for name in HEALED_LONG:  # the same plan, healed six times longer
         out[f"{name}+heal{HEAL_LONG['steps']}"] = dict(out[name], heal=HEAL_LONG)
+    for name in HEALED_FLOAT:  # quantized factors trained in float, rounded at the end
+        out[f"{name}+heal-float"] = dict(out[name], heal=dict(HEAL, ste=False))
     for name in HEALED_GPU:  # the same plan, healed fifty times longer (on a GPU)
         out[f"{name}+heal{HEAL_GPU['steps']}"] = dict(out[name], heal=HEAL_GPU)
     return out
@@ -170,6 +172,8 @@ HEAL = dict(
 # the longer budget of the +heal48 rows: 48 steps (98,304 tokens, three passes over
 # the calibration part), the same lr, a curve point every 8 steps
 HEAL_LONG = dict(HEAL, steps=48, warmup=4, eval_every=8)
+# rows with quantized factors, healed also without the straight-through estimator
+HEALED_FLOAT = ("mpo-whiten-k2-30%-4bit", "caldera-e8p-r32")
 HEALED_LONG = ("joint-whiten-50%", "losparse-whiten-80%", "mpo-whiten-k2-50%")
 # the GPU budget of the +heal400 rows (run with --device cuda where a GPU is lent):
 # 400 steps (819,200 tokens, about 25 passes over the calibration part), warmup 20

@@ -12,8 +12,12 @@ form in place: every parameter above has requires_grad and shares its tensor wit
 factorization, so an optimizer step updates the factorization itself. Quantized
 factors (CALDERA's and every other method's at factor_bits < 16) are trained in float
 and quantized again by `finish()` on the grid they were stored with (bits, group size,
-symmetric or not), round-to-nearest. `finish()` puts the ordinary compact modules back
-and returns the factorizations to save.
+symmetric or not), round-to-nearest. With `ste=True` they are trained through that
+grid: the forward sees each one quantized again as `finish()` will store it, and the
+gradient passes through the rounding unchanged (the straight-through estimator of
+Bengio et al. 2013, as in quantization-aware training), so what is saved is what the
+last step computed. `finish()` puts the ordinary compact modules back and returns the
+factorizations to save.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from compressors import factors
 from compressors.caldera import Caldera, Plain
@@ -38,7 +43,7 @@ HEALABLE = (LowRank, JointGroup, LowRankSparse, MPO, Caldera)
 class Trainable:
     """Training form of a compressed model's compact modules (see the module doc)."""
 
-    def __init__(self, model: nn.Module, factorizations: dict):
+    def __init__(self, model: nn.Module, factorizations: dict, ste: bool = False):
         self.model = model
         self.factorizations = dict(factorizations)
         self._requantize: dict[int, dict[str, Quantized]] = {}  # id(f) -> {side: old}
@@ -51,7 +56,9 @@ class Trainable:
         for names in self.groups.values():
             f = self.factorizations[names[0]]
             self._float_factors(f)
-            self._install(names, f, train=True)
+            modules = self._install(names, f, train=True)
+            if ste and id(f) in self._requantize:
+                _through_grid(modules, self._grids(f))
 
     def _float_factors(self, f) -> None:
         """Quantized factors of `f` replaced by their float values (kept to requantize)."""
@@ -72,7 +79,15 @@ class Trainable:
         if old:
             self._requantize[id(f)] = old
 
-    def _install(self, names: list[str], f, train: bool) -> None:
+    def _grids(self, f) -> dict[int, object]:
+        """{data_ptr of a float factor of `f`: the grid it goes back to}."""
+        out = {}
+        for (name, i), old in self._requantize.get(id(f), {}).items():
+            part = getattr(f, name) if i is None else getattr(f, name)[i]
+            out[(part.value if isinstance(part, Plain) else part).data_ptr()] = old
+        return out
+
+    def _install(self, names: list[str], f, train: bool) -> list[nn.Module]:
         biases = [self.model.get_submodule(n).bias for n in names]
         biases = [None if b is None else b.detach() for b in biases]
         if isinstance(f, JointGroup):
@@ -84,6 +99,7 @@ class Trainable:
                 _train(module, f)
             parent, _, child = name.rpartition(".")
             setattr(self.model.get_submodule(parent) if parent else self.model, child, module)
+        return modules
 
     def named_parameters(self) -> dict[str, nn.Parameter]:
         """The trainable parameters by their name in the model (shared ones once)."""
@@ -106,19 +122,48 @@ class Trainable:
             f = self.factorizations[names[0]]
             for (name, i), old in self._requantize.pop(id(f), {}).items():
                 if isinstance(old, Quantized):  # CALDERA's L or R, on its grid's settings
-                    value = getattr(f, name).value.to(old.scales.dtype)
-                    setattr(
-                        f,
-                        name,
-                        round_to_nearest(value, old.nbits, old.group_size, old.symmetric),
-                    )
+                    setattr(f, name, on_grid(getattr(f, name).value.detach(), old))
                 elif i is None:
-                    setattr(f, name, factors.requantize(getattr(f, name).detach(), old))
+                    setattr(f, name, on_grid(getattr(f, name).detach(), old))
                 else:
-                    getattr(f, name)[i] = factors.requantize(getattr(f, name)[i].detach(), old)
+                    getattr(f, name)[i] = on_grid(getattr(f, name)[i].detach(), old)
             self._install(names, f, train=False)
         self.model.requires_grad_(False)
         return self.factorizations
+
+
+def on_grid(value, old):
+    """`value` quantized again on the grid of `old` (a QuantizedFactor, or CALDERA's
+    Quantized L or R): same bits, groups and symmetry, round-to-nearest."""
+    if isinstance(old, Quantized):
+        return round_to_nearest(
+            value.to(old.scales.dtype), old.nbits, old.group_size, old.symmetric
+        )
+    return factors.requantize(value, old)
+
+
+class _ThroughGrid(nn.Module):
+    """A parametrization: the value on its grid forward, the identity backward."""
+
+    def __init__(self, old):
+        super().__init__()
+        self.old = old
+
+    def forward(self, x):
+        q = on_grid(x.detach(), self.old).to_dense().reshape(x.shape).to(x.dtype)
+        return x + (q - x).detach()
+
+
+def _through_grid(modules: list[nn.Module], grids: dict[int, object]) -> None:
+    """Parametrize every trainable tensor of `modules` that is a quantized factor."""
+    for module in modules:
+        for pname, p in list(module.named_parameters(remove_duplicate=False)):
+            old = grids.get(p.data_ptr()) if p.requires_grad else None
+            if old is None or ".parametrizations." in f".{pname}":
+                continue
+            owner, _, attr = pname.rpartition(".")
+            target = module.get_submodule(owner) if owner else module
+            parametrize.register_parametrization(target, attr, _ThroughGrid(old))
 
 
 def _train(module: nn.Module, f) -> None:

@@ -63,6 +63,10 @@ class HealConfig:
         eval_tokens: evaluation tokens of each point (windows of `seqlen`).
         checkpoint_every: steps between checkpoints (0: none).
         seed: order of the windows.
+        ste: quantized factors (factor_bits < 16, CALDERA's L and R) trained through
+            their grid with a straight-through estimator (compressors.healing), so the
+            saved model is the one the last step computed; false: trained in float and
+            rounded once at the end.
     """
 
     steps: int = 100
@@ -79,6 +83,7 @@ class HealConfig:
     eval_tokens: int = 4096
     checkpoint_every: int = 25
     seed: int = 0
+    ste: bool = True
 
     def __post_init__(self):
         for key, low in (
@@ -122,6 +127,8 @@ class HealConfig:
                 f"heal.eval_tokens={self.eval_tokens}: less than one window of "
                 f"heal.seqlen={self.seqlen}"
             )
+        if not isinstance(self.ste, bool):
+            raise HealError(f"heal.ste={self.ste!r}: must be true or false")
         if self.corpus is not None and not isinstance(self.corpus, str):
             raise HealError(f"heal.corpus={self.corpus!r}: must be builtin or a text file")
 
@@ -308,7 +315,7 @@ def heal(
     eval_ids = ev.token_stream(tokenizer, eval_corpus, "eval")
     teacher.eval().requires_grad_(False)
     student.eval()
-    trainable = Trainable(student, factorizations)
+    trainable = Trainable(student, factorizations, ste=config.ste)
     params = trainable.named_parameters()
     if not params:
         raise SpectraInputError(

@@ -161,6 +161,24 @@ def test_quantized_factors_return_to_their_grid(family_dir):
         assert quantized_grids(facts[n]) == want, n
 
 
+@pytest.mark.parametrize("ste", [True, False])
+def test_the_straight_through_estimator_saves_what_the_last_step_computed(family_dir, ste):
+    """With `ste` the quantized factors train through their grids: the requantized
+    model scores exactly what the last step's model did; in float they move off it."""
+    teacher, student, facts, tok = compressed(family_dir("llama"), joint=False)
+    trained = healable_tensors(facts)
+    config = heal.HealConfig(steps=3, lr=1e-2, ste=ste, **dict(FAST, eval_every=3, eval_tokens=256))
+    facts, result = heal.heal(student, teacher, facts, tok, config)
+    last, saved = result.curve[-2], result.curve[-1]
+    assert last["step"] == saved["step"] == 3 and saved.get("requantized")
+    if ste:
+        assert saved["ppl"] == pytest.approx(last["ppl"], rel=1e-5)
+    else:
+        assert saved["ppl"] != pytest.approx(last["ppl"], rel=1e-5)
+    changed = healable_tensors(facts)
+    assert all(not torch.equal(changed[n], v) for n, v in trained.items())  # all trained
+
+
 @pytest.mark.demo
 @pytest.mark.slow
 def test_healing_lowers_the_loss_and_the_perplexity_on_the_demo(demo_dir):
@@ -295,6 +313,7 @@ def test_the_schedule_warms_up_then_decays_to_zero():
         ({"tokens_per_step": 1000, "seqlen": 512}, "multiple of"),
         ({"eval_tokens": 100}, "less than one window"),
         ("fast", "must be a mapping"),
+        ({"ste": "yes"}, "heal.ste='yes'"),
     ],
 )
 def test_bad_heal_settings_name_the_key(raw, match):
