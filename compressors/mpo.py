@@ -161,8 +161,10 @@ class MPOLinear(nn.Module):
         if self.scale is not None:
             x = x * self.scale
         cores = self.core_list(x.dtype)
-        if cores[0].requires_grad:  # healing: while training on batches of thousands of
-            # tokens, forming W costs less than the core-by-core contraction
+        if any(p.requires_grad for p in self.parameters()):
+            # healing's training form (also when it evaluates under no_grad, and when the
+            # cores are parametrized: the reversed copies below would be stale): on
+            # batches of thousands of tokens, forming W costs less than the contraction
             return nn.functional.linear(x, dense(cores), self.bias)
         if not self.reverse:
             y = _contract(x.reshape(-1, x.shape[-1]), cores)

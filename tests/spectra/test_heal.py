@@ -330,3 +330,31 @@ def test_a_plan_round_trips_its_heal_section():
     again = plan_mod.parse(yaml.safe_load(plan_mod.dumps(plan)))
     assert again.heal == plan.heal and again.heal.steps == 7 and again.heal.warmup == 0
     assert json.loads(plan_mod.dumps(plan, "json"))["heal"]["lr"] == 3e-4
+
+
+def test_a_trained_mpo_evaluates_its_live_cores_in_both_contraction_orders():
+    """In training form (cores trainable, or seen through their grid) an MPO module
+    computes W from its current cores, never from copies made when it was built."""
+    from torch.nn.utils import parametrize
+
+    from compressors.factors import quantize_factor
+    from compressors.healing import _ThroughGrid
+    from compressors.mpo import MPOLinear, dense
+
+    g = torch.Generator().manual_seed(0)
+    for shapes in ([(1, 4, 8, 6), (6, 8, 4, 1)], [(1, 8, 4, 6), (6, 4, 8, 1)]):
+        cores = [torch.randn(*s, generator=g) for s in shapes]
+        module = MPOLinear(cores)
+        for c in module.cores:
+            c.requires_grad_(True)
+        old = quantize_factor(cores[0].detach().clone(), 4, 16)
+        parametrize.register_parametrization(module.cores, "0", _ThroughGrid(old))
+        with torch.no_grad():
+            module.cores.parametrizations["0"].original.add_(0.5)  # a training step
+            x = torch.randn(3, module.nf[0] * module.nf[1], generator=g)
+            want = x @ dense(module.core_list()).T
+            torch.testing.assert_close(module(x), want)
+    assert {
+        MPOLinear([torch.randn(*s) for s in sh]).reverse
+        for sh in ([(1, 4, 8, 6), (6, 8, 4, 1)], [(1, 8, 4, 6), (6, 4, 8, 1)])
+    } == {True, False}
