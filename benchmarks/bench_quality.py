@@ -151,8 +151,8 @@ def plans(model) -> dict[str, dict]:
         out[f"{name}+heal{HEAL_LONG['steps']}"] = dict(out[name], heal=HEAL_LONG)
     for name in HEALED_FLOAT:  # quantized factors trained in float, rounded at the end
         out[f"{name}+heal-float"] = dict(out[name], heal=dict(HEAL, ste=False))
-    for name in HEALED_FLOAT:  # through the grid at ten times the lr: 1e-5 seldom moves
-        # a 4-bit code in 8 steps
+    for name in (*HEALED_FLOAT, "mpo-whiten-k2-50%"):  # ten times the lr: through a
+        # grid, 1e-5 seldom moves a 4-bit code in 8 steps; MPO cores move slowly at it
         out[f"{name}+heal-lr1e-4"] = dict(out[name], heal=dict(HEAL, lr=1e-4))
     for name in HEALED_GPU:  # the same plan, healed fifty times longer (on a GPU)
         out[f"{name}+heal{HEAL_GPU['steps']}"] = dict(out[name], heal=HEAL_GPU)
