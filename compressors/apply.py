@@ -264,8 +264,8 @@ def _set_module(model, name: str, module: nn.Module) -> None:
 
 
 def _calib_rel(w, d, calib) -> float | None:
-    w, d = w.detach().cpu(), d.detach().cpu()  # beside H, which stays on the CPU
     if calib is None:
         return None
+    w, d = w.detach().cpu(), d.detach().cpu()  # beside H, which stays on the CPU
     den = h_norm(w, calib.hessian)
     return h_norm(w.to(torch.float64) - d.to(torch.float64), calib.hessian) / den if den else None

@@ -45,11 +45,12 @@ def compress(weight, config, calib=None):
     from compressors.base import Calibration
     from compressors.io import to_device
 
-    device = (weight[0] if isinstance(weight, list | tuple) else weight).device
+    group = isinstance(weight, list | tuple)
+    device = (weight[0] if group else weight).device
     fn = REGISTRY[config.method][1]
     if device.type == "cpu":
         return fn(weight, config, calib)
-    cpu = [w.detach().cpu() for w in weight] if isinstance(weight, list | tuple) else None
+    weight = [w.detach().cpu() for w in weight] if group else weight.detach().cpu()
     if calib is not None:
         calib = Calibration(calib.hessian.cpu(), calib.count)
-    return to_device(fn(cpu if cpu is not None else weight.detach().cpu(), config, calib), device)
+    return to_device(fn(weight, config, calib), device)
