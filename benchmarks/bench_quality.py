@@ -183,7 +183,12 @@ HEAL = dict(
 HEAL_LONG = dict(HEAL, steps=48, warmup=4, eval_every=8)
 # rows with quantized factors, healed also without the straight-through estimator
 HEALED_FLOAT = ("mpo-whiten-k2-30%-4bit", "caldera-e8p-r32")
-HEALED_LONG = ("joint-whiten-50%", "losparse-whiten-80%", "mpo-whiten-k2-50%")
+HEALED_LONG = (
+    "joint-whiten-50%",
+    "losparse-whiten-80%",
+    "mpo-whiten-k2-50%",
+    "losparse-whiten-50%",
+)
 # the GPU budget of the +heal400 rows (run with --device cuda where a GPU is lent):
 # 400 steps (819,200 tokens, about 25 passes over the calibration part), warmup 20
 HEAL_GPU = dict(HEAL, steps=400, warmup=20, eval_every=50)
