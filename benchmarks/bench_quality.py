@@ -397,7 +397,7 @@ def main() -> None:
         curve_ref = ev.perplexity(model, tok, ids=ids, max_tokens=HEAL["eval_tokens"])
         results["dense"]["ppl_heal_eval"] = curve_ref.ppl  # what the curves' points see
     selected = {n: raw for n, raw in plans(model).items() if not args.only or n in args.only}
-    kept = None  # (plan key, a copy of the compressed model before healing, its facts)
+    kept = None  # (plan key, {"c": model, "f": facts} copied before healing, reports, s, row)
     for i, (name, raw) in enumerate(selected.items()):
         if args.deadline and time.perf_counter() - started > args.deadline:
             print(f"{name}: not started (past --deadline)", flush=True)
