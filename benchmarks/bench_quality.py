@@ -14,6 +14,8 @@ SEQUENTIAL run again as NAME-seq with `calibration.sequential` (each block
 calibrated on the already compressed ones). MPO models are scored through their
 cores' dense reconstruction (the same function; the contraction forward at bonds
 this large is ~25x slower than dense on a CPU). Results: benchmarks/results/bench_quality.json.
+Rows run together whose plans differ only in `heal:` compress once: each later one
+heals a copy of the first one's compressed model (its apply time is the first's).
 """
 
 from __future__ import annotations
