@@ -159,7 +159,11 @@ def plans(model) -> dict[str, dict]:
         out[f"{name}+heal-lr1e-4"] = dict(out[name], heal=dict(HEAL, lr=1e-4))
     for name in HEALED_GPU:  # the same plan, healed fifty times longer (on a GPU)
         out[f"{name}+heal{HEAL_GPU['steps']}"] = dict(out[name], heal=HEAL_GPU)
-    for budget, rows in ((HEAL_LONG, HEALED_LONG_LR), (HEAL_GPU, HEALED_GPU_LR)):
+    for budget, rows in (
+        (HEAL_LONG, HEALED_LONG_LR),
+        (HEAL_96, HEALED_96_LR),
+        (HEAL_GPU, HEALED_GPU_LR),
+    ):
         for name, lrs in rows.items():  # MPO cores: the longer budgets at higher lrs
             for lr in lrs:
                 out[f"{name}+heal{budget['steps']}-lr{lr:.0e}".replace("e-0", "e-")] = dict(
@@ -194,6 +198,10 @@ HEALED_LONG = (
 )
 # MPO rows on the 48-step budget at ten times the lr
 HEALED_LONG_LR = {"mpo-whiten-s2-80%": (1e-4,)}
+# the CPU budget of about 100 steps (the +heal96 rows: 196,608 tokens, six
+# passes over the calibration part), for the 80% rows whose 48-step curves still fell
+HEAL_96 = dict(HEAL, steps=96, warmup=8, eval_every=16)
+HEALED_96_LR = {"mpo-whiten-s2-80%": (1e-4,), "lowrank-whiten-80%": (1e-5,)}
 # the GPU budget of the +heal400 rows (run with --device cuda where a GPU is lent):
 # 400 steps (819,200 tokens, about 25 passes over the calibration part), warmup 20
 HEAL_GPU = dict(HEAL, steps=400, warmup=20, eval_every=50)
