@@ -16,6 +16,8 @@ cores' dense reconstruction (the same function; the contraction forward at bonds
 this large is ~25x slower than dense on a CPU). Results: benchmarks/results/bench_quality.json.
 Rows run together whose plans differ only in `heal:` compress once: each later one
 heals a copy of the first one's compressed model (its apply time is the first's).
+A plain PyTorch distillation loop is timed beside the first +heal row, every healed
+row on cuda, and every healed row with --plain-loop (the healing throughput target).
 """
 
 from __future__ import annotations
@@ -215,6 +217,7 @@ HEALED = (
     "lowrank-whiten-50%",
     "losparse-whiten-50%",
     "joint-whiten-50%",
+    "joint-whiten-80%",
     "mpo-whiten-s2-80%",
     "mpo-whiten-k2-50%",
     "caldera-2bit-r32",
@@ -377,6 +380,11 @@ def main() -> None:
     p.add_argument("--plot", type=Path, help="plot the +heal rows' curves of the results file")
     p.add_argument("--device", default="cpu", help="cpu (the recorded rows), cuda or auto")
     p.add_argument("--deadline", type=float, help="start no further row after this many seconds")
+    p.add_argument(
+        "--plain-loop",
+        action="store_true",
+        help="time a plain PyTorch loop beside every healed row (else the first; all on cuda)",
+    )
     args = p.parse_args()
     if args.table:
         print(markdown_table(json.loads(args.out.read_text())))
@@ -452,7 +460,8 @@ def main() -> None:
             scored = densified(model, facts)
         if plan.heal is not None:
             unhealed = ev.perplexity(scored, tok, ids=ids, max_tokens=args.max_tokens)
-            if name == f"{HEALED[0]}+heal" or (cuda and not name.startswith("losparse")):
+            first = name == f"{HEALED[0]}+heal"
+            if first or ((cuda or args.plain_loop) and not (cuda and name.startswith("losparse"))):
                 extra["plain_tokens_per_s"] = plain_steps(compressed, model, facts, tok, plan.heal)
             facts, healed = heal.heal(compressed, model, facts, tok, plan.heal)
             extra.update(
