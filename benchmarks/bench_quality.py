@@ -332,11 +332,19 @@ def plot_heal(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    fig, ax = plt.subplots(figsize=(9.5, 4.8), dpi=120)
+    # one colour per compressed configuration, one line style and marker per budget
+    bases: dict = {}
+    styles = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"), ((0, (5, 1)), "v"))
     for name, r in results.items():
         curve = [p for p in r.get("heal", {}).get("curve", []) if not p.get("requantized")]
         if curve:
-            ax.plot([p["step"] for p in curve], [p["ppl"] for p in curve], marker="o", label=name)
+            variants = bases.setdefault(name.split("+")[0], [])
+            color = plt.cm.tab10(list(bases).index(name.split("+")[0]) % 10)
+            ls, marker = styles[len(variants) % len(styles)]
+            variants.append(name)
+            steps, ppl = [p["step"] for p in curve], [p["ppl"] for p in curve]
+            ax.plot(steps, ppl, ls=ls, marker=marker, ms=4, color=color, label=name)
     if "ppl_heal_eval" in results.get("dense", {}):  # the dense model on the same tokens
         ax.axhline(results["dense"]["ppl_heal_eval"], color="gray", ls="--", lw=1, label="dense")
     ax.set_yscale("log")
@@ -344,7 +352,7 @@ def plot_heal(results: dict, path: Path) -> None:
     ax.set_ylabel("perplexity (first 2048 eval tokens)")
     gpus = {r["gpu"] for r in results.values() if r.get("gpu")}
     ax.set_title("SmolLM2-135M: healing curves" + (f" on {', '.join(gpus)}" if gpus else ""))
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     fig.savefig(path)
