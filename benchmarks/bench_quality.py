@@ -201,9 +201,9 @@ HEALED_LONG = (
 # MPO rows on the 48-step budget at ten times the lr
 HEALED_LONG_LR = {"mpo-whiten-s2-80%": (1e-4,)}
 # the CPU budget of about 100 steps (the +heal96 rows: 196,608 tokens, six
-# passes over the calibration part), for the 80% MPO row, whose 48-step curve still fell
+# passes over the calibration part), for 80% rows whose shorter curves still fell
 HEAL_96 = dict(HEAL, steps=96, warmup=8, eval_every=16)
-HEALED_96_LR = {"mpo-whiten-s2-80%": (1e-4,)}
+HEALED_96_LR = {"mpo-whiten-s2-80%": (1e-4,), "lowrank-whiten-80%": (1e-5,)}
 # the GPU budget of the +heal400 rows (run with --device cuda where a GPU is lent):
 # 400 steps (819,200 tokens, about 25 passes over the calibration part), warmup 20
 HEAL_GPU = dict(HEAL, steps=400, warmup=20, eval_every=50)
