@@ -166,7 +166,7 @@ def plans(model) -> dict[str, dict]:
         (HEAL_96, HEALED_96_LR),
         (HEAL_GPU, HEALED_GPU_LR),
     ):
-        for name, lrs in rows.items():  # MPO cores: the longer budgets at higher lrs
+        for name, lrs in rows.items():  # the longer budgets at chosen lrs (MPO cores: higher)
             for lr in lrs:
                 out[f"{name}+heal{budget['steps']}-lr{lr:.0e}".replace("e-0", "e-")] = dict(
                     out[name], heal=dict(budget, lr=lr)
@@ -292,17 +292,28 @@ def densified(model, facts):
     return dense
 
 
-def plain_steps(student, teacher, facts, tok, config, steps=3) -> float:
+def deep_copy(obj):
+    """A deep copy of `obj`, or None where it holds tensors that cannot be deep-copied
+    (CSR tensors on cuda: LoSparse's sparse parts there)."""
+    try:
+        return copy.deepcopy(obj)
+    except RuntimeError:
+        return None
+
+
+def plain_steps(student, teacher, facts, tok, config, steps=3) -> float | None:
     """Tokens/s of a plain PyTorch distillation loop (F.kl_div on log-softmaxes, AdamW)
     training the same parameters of a copy of `student` on the same batches: what the
-    healing loop's throughput is measured against."""
+    healing loop's throughput is measured against. None where the copy cannot be made."""
     import torch
     import torch.nn.functional as F
 
     from compressors.healing import Trainable
     from spectra.data import heal
 
-    copied = copy.deepcopy({"s": student, "f": facts})
+    copied = deep_copy({"s": student, "f": facts})
+    if copied is None:
+        return None
     params = list(Trainable(copied["s"], copied["f"]).named_parameters().values())
     opt = torch.optim.AdamW(params, lr=config.lr)
     windows = heal.train_windows(tok, config, "builtin")
@@ -334,17 +345,18 @@ def plot_heal(results: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(9.5, 4.8), dpi=120)
     # one colour per compressed configuration, one line style and marker per budget
-    bases: dict = {}
+    colours: dict = {}  # configuration -> colour index
+    drawn: dict = {}  # configuration -> curves drawn so far
     styles = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"), ((0, (5, 1)), "v"))
     for name, r in results.items():
         curve = [p for p in r.get("heal", {}).get("curve", []) if not p.get("requantized")]
         if curve:
-            variants = bases.setdefault(name.split("+")[0], [])
-            color = plt.cm.tab10(list(bases).index(name.split("+")[0]) % 10)
-            ls, marker = styles[len(variants) % len(styles)]
-            variants.append(name)
+            base = name.split("+")[0]
+            colour = plt.cm.tab10(colours.setdefault(base, len(colours)) % 10)
+            ls, marker = styles[drawn.get(base, 0) % len(styles)]
+            drawn[base] = drawn.get(base, 0) + 1
             steps, ppl = [p["step"] for p in curve], [p["ppl"] for p in curve]
-            ax.plot(steps, ppl, ls=ls, marker=marker, ms=4, color=color, label=name)
+            ax.plot(steps, ppl, ls=ls, marker=marker, ms=4, color=colour, label=name)
     if "ppl_heal_eval" in results.get("dense", {}):  # the dense model on the same tokens
         ax.axhline(results["dense"]["ppl_heal_eval"], color="gray", ls="--", lw=1, label="dense")
     ax.set_yscale("log")
@@ -411,7 +423,7 @@ def main() -> None:
 
     started = time.perf_counter()
     device = models.resolve_device(args.device)
-    cuda = device.startswith("cuda")  # CSR tensors there cannot be deep-copied (plain_steps)
+    cuda = device.startswith("cuda")
     model = models.load("demo", device=device)
     tok = models.load_tokenizer("demo")
     ids = ev.token_stream(tok, "builtin", "eval")
@@ -455,10 +467,7 @@ def main() -> None:
             later = [compression_key(r) for r in list(selected.values())[i + 1 :]]
             kept = None
             if plan.heal is not None and key in later:  # a later row heals it differently
-                try:
-                    pristine = copy.deepcopy({"c": compressed, "f": facts})
-                except RuntimeError:  # CSR tensors on cuda cannot be deep-copied
-                    pristine = None
+                pristine = deep_copy({"c": compressed, "f": facts})
                 kept = pristine and (key, pristine, reports, seconds, name)
         scored = compressed
         if name.startswith("mpo"):
@@ -468,13 +477,14 @@ def main() -> None:
             scored = densified(model, facts)
         if plan.heal is not None:
             unhealed = ev.perplexity(scored, tok, ids=ids, max_tokens=args.max_tokens)
-            first = name == f"{HEALED[0]}+heal"
-            if first or ((cuda or args.plain_loop) and not (cuda and name.startswith("losparse"))):
-                extra["plain_tokens_per_s"] = plain_steps(compressed, model, facts, tok, plan.heal)
+            if cuda or args.plain_loop or name == f"{HEALED[0]}+heal":
+                plain = plain_steps(compressed, model, facts, tok, plan.heal)
+                if plain is not None:
+                    extra["plain_tokens_per_s"] = plain
             facts, healed = heal.heal(compressed, model, facts, tok, plan.heal)
             extra.update(
                 device=device,
-                gpu=torch.cuda.get_device_name(0) if device.startswith("cuda") else None,
+                gpu=torch.cuda.get_device_name(0) if cuda else None,
                 ppl_unhealed=unhealed.ppl,
                 heal=dict(settings=plan.heal.to_dict(), **healed.to_dict()),
                 heal_seconds=healed.seconds,
