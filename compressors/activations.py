@@ -3,22 +3,21 @@
 GPTQ's layer-wise scheme: the inputs of the first transformer block are caught once
 for all calibration windows, then block by block the (dense) block runs on them with
 hooks that accumulate H = X^T X for each of its linear modules, and its outputs
-become the next block's inputs. Memory: the model, the activations of one block and
-that block's Grams. Modules that read the same tensor (q, k, v; gate, up) share one
-product, so their H is one tensor object. The LM head and other modules outside the
-blocks get none.
+become the next block's inputs. Memory: the activations of one block, that block's
+Grams, and the model, or only its current block when it is streamed from disk.
+Modules that read the same tensor (q, k, v; gate, up) share one product, so their
+H is one tensor object. The LM head and other modules outside the blocks get none.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 from torch import nn
 
+from compressors import blocks
 from compressors.targets import linear_targets
-from spectra.errors import SpectraInputError
 
 BATCH = 4  # calibration windows per forward call
 GRAM_PANELS = 4  # H in column panels: only the upper triangle's panels are multiplied
@@ -86,45 +85,46 @@ class GramCollector:
 
 def block_grams(model, calib_ids: torch.Tensor, progress=None, after_block=None):
     """Yield (block index, {module name: (H float64 on the CPU, rows)}) for every
-    transformer block of `model`, from `calib_ids` (windows, seqlen) run densely.
+    transformer block of `model`, from `calib_ids` (windows, seqlen) run densely, one
+    block at a time (compressors.blocks: a model streamed from disk holds one block).
 
     `progress(done, total, what)` is called after each block. `after_block(index,
-    grams)`, when given, is called with each block's Grams before the next block's
-    inputs are made, and may replace the block's modules (compress it): the next
-    block then reads the outputs of the block as it is now (sequential calibration,
-    as GPTQ's and SparseGPT's reference code do), at the cost of a second forward
-    pass per block.
+    grams)`, when given, is called with each block's Grams while the block is
+    materialised, and may replace the block's modules (compress it): the next block
+    then reads the outputs of the block as it is now (sequential calibration, as
+    GPTQ's and SparseGPT's reference code do), at the cost of a second forward pass
+    per block.
     """
     targets = linear_targets(model)
-    layers = decoder_layers(model)
-    args, kwargs = catch_block_inputs(model, layers, calib_ids)
-
-    def run(layer, collector=None, keep=True):
-        outs = []
-        with torch.no_grad():
-            for a, k in zip(args, kwargs, strict=True):
-                if collector is not None:
-                    collector.next_call()
-                y = layer(*a, **k)
-                if keep:
-                    outs.append(y[0] if isinstance(y, tuple) else y)
-        return outs
+    layers = blocks.decoder_layers(model)
+    batches = [calib_ids[lo : lo + BATCH] for lo in range(0, calib_ids.shape[0], BATCH)]
+    captured = blocks.capture(model, batches)
+    hidden = captured.hidden
 
     for index, layer in enumerate(layers):
+        calls = captured.calls[index]
         mods = {n: m for n, (t, m) in targets.items() if t.block == index}
-        collector = GramCollector(mods)
-        try:
-            outs = run(layer, collector, keep=after_block is None)
-        finally:
-            collector.remove()
-        moved: dict[int, torch.Tensor] = {}  # one CPU copy per shared matrix
-        out = {}
-        for name, (h, rows) in collector.grams().items():
-            out[name] = (moved.setdefault(id(h), h.cpu()), rows)
-        if after_block is not None:
-            after_block(index, out)
-            outs = run(layers[index])
-        args = [(o, *a[1:]) for o, a in zip(outs, args, strict=True)]
+        with blocks.onloaded(model, layer), torch.no_grad():
+            collector = GramCollector(mods)
+            try:
+                outs = []
+                for h, call in zip(hidden, calls, strict=True):
+                    collector.next_call()
+                    y = blocks.call_block(layer, h, call)
+                    if after_block is None:
+                        outs.append(y)
+            finally:
+                collector.remove()
+            moved: dict[int, torch.Tensor] = {}  # one CPU copy per shared matrix
+            out = {}
+            for name, (h, rows) in collector.grams().items():
+                out[name] = (moved.setdefault(id(h), h.cpu()), rows)
+            del collector
+            if after_block is not None:
+                after_block(index, out)
+                layer = layers[index]
+                outs = [blocks.call_block(layer, h, c) for h, c in zip(hidden, calls, strict=True)]
+        hidden = outs
         if progress:
             progress(index + 1, len(layers), f"block {index}")
         yield index, out
@@ -135,40 +135,6 @@ def collect(model, calib_ids: torch.Tensor, progress=None) -> dict[int, dict]:
     return dict(block_grams(model, calib_ids, progress))
 
 
-class _Stop(Exception):
-    pass
-
-
-def catch_block_inputs(model, layers, calib_ids, batch_size: int = BATCH):
-    """(args, kwargs) of the first block's forward for every calibration batch."""
-    args, kwargs = [], []
-    first = layers[0]
-
-    class Catcher(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inner = first
-
-        def forward(self, *a, **k):
-            args.append(a)
-            kwargs.append(k)
-            raise _Stop
-
-    layers[0] = Catcher()
-    device = next(model.parameters()).device
-    try:
-        with torch.no_grad():
-            for lo in range(0, calib_ids.shape[0], batch_size):
-                with contextlib.suppress(_Stop):  # no KV cache: it would grow with every call
-                    model(calib_ids[lo : lo + batch_size].to(device), use_cache=False)
-    finally:
-        layers[0] = first
-    return args, kwargs
-
-
-def decoder_layers(model) -> nn.ModuleList:
-    """The model's list of transformer blocks (`layers`, `h` or `blocks`)."""
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and name.rsplit(".", 1)[-1] in ("layers", "h", "blocks"):
-            return mod
-    raise SpectraInputError("cannot find the model's transformer blocks for calibration")
+def decoder_layers(model):
+    """The model's list of transformer blocks (see compressors.blocks)."""
+    return blocks.decoder_layers(model)

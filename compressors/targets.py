@@ -28,11 +28,17 @@ class Target:
 def linear_targets(model) -> dict[str, tuple[Target, nn.Module]]:
     """Every nn.Linear / Conv1D of the model with its (out, in) shape and tags."""
     out = {}
-    # a tied lm_head is the embedding matrix: compressing it would untie the two
-    tied = {m.weight.data_ptr() for m in model.modules() if isinstance(m, nn.Embedding)}
+    # a tied lm_head is the embedding matrix: compressing it would untie the two (the
+    # same parameter, or the same memory; a skeleton's meta parameters have none)
+    embeds = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
+    tied = {id(w) for w in embeds} | {w.data_ptr() for w in embeds if not w.is_meta}
+
+    def is_tied(w) -> bool:
+        return id(w) in tied or (not w.is_meta and w.data_ptr() in tied)
+
     for name, mod in model.named_modules():
         conv1d = type(mod).__name__ == "Conv1D"
-        if (isinstance(mod, nn.Linear) or conv1d) and mod.weight.data_ptr() not in tied:
+        if (isinstance(mod, nn.Linear) or conv1d) and not is_tied(mod.weight):
             shape = tuple(mod.weight.shape[::-1] if conv1d else mod.weight.shape)
             out[name] = (
                 Target(name, shape, roles.role_of(name), roles.block_of(name), conv1d),

@@ -217,33 +217,81 @@ def perplexity(
     ids: Tokens | None = None,
     progress=None,
 ) -> PerplexityResult:
-    """Perplexity of `model` on a corpus split (see the module docstring for the convention)."""
+    """Perplexity of `model` on a corpus split (see the module docstring for the
+    convention), block by block (compressors.blocks): a model streamed from disk reads
+    each block once per group of windows, a resident one runs the same code."""
     import torch
+
+    from compressors import blocks
 
     t0 = time.perf_counter()
     if ids is None:
         ids = token_stream(tokenizer, corpus, split)
-    batches = ids.windows(seqlen, max_tokens)
-    device = next(model.parameters()).device
+    windows_ = ids.windows(seqlen, max_tokens)
+    device = blocks.working_device(model)
     memory.page_in(model.parameters())  # the model's own pages are not the evaluation's
+    group = group_size(model, seqlen, batch_size)
+    n = windows_.shape[0]
+    steps = math.ceil(n / group) * (len(blocks.decoder_layers(model)) + 1)
+    done = [0]
+
+    def tick(*_):
+        done[0] += 1
+        if progress:
+            progress(done[0], steps)
+
     losses = []
     with memory.peak(device) as peak, torch.no_grad():
-        for lo in range(0, batches.shape[0], batch_size):
-            losses.append(window_nll(model, batches[lo : lo + batch_size].to(device)))
-            if progress:
-                progress(min(lo + batch_size, batches.shape[0]), batches.shape[0])
+        for lo in range(0, n, group):
+            xs = [
+                windows_[b : b + batch_size].to(device)
+                for b in range(lo, min(lo + group, n), batch_size)
+            ]
+            losses += stream_nll(model, xs, tick)
     nll = float(torch.cat(losses).mean())
-    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     return PerplexityResult(
         math.exp(nll),
         nll,
-        batches.numel(),
-        batches.shape[0],
+        windows_.numel(),
+        n,
         seqlen,
         corpus,
         split,
-        dtype,
+        str(blocks.working_dtype(model)).removeprefix("torch."),
         time.perf_counter() - t0,
         ids.bos is not None,
         peak.mb,
     )
+
+
+ACTIVATION_BYTES = 2**30  # block inputs held at once while streaming: windows per pass
+
+
+def group_size(model, seqlen: int, batch_size: int) -> int:
+    """Windows that go through the blocks together: all of them for a resident model,
+    as many as keep the held activations (float32 size) under ACTIVATION_BYTES for a
+    streamed one, whose blocks are read again for every group."""
+    from compressors import blocks
+
+    if not blocks.is_streamed(model):
+        return 2**31
+    d = model.config.get_text_config().hidden_size
+    per_window = 3 * seqlen * d * 4  # block input, output, and the call's scratch
+    return max(batch_size, ACTIVATION_BYTES // per_window // batch_size * batch_size)
+
+
+def stream_nll(model, batches: list, progress=None) -> list:
+    """Mean NLL of each window of each batch: the blocks run one at a time over all
+    batches, then the model's own head scores the final hidden states (window_nll)."""
+    from compressors import blocks
+
+    captured = blocks.capture(model, batches)
+    finals = blocks.hidden_through(model, captured, progress)
+    out = []
+    with blocks.with_final_hidden(model, finals) as state:
+        for b, x in enumerate(batches):
+            state.batch = b
+            out.append(window_nll(model, x))
+    if progress:
+        progress()
+    return out
