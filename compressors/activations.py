@@ -104,15 +104,16 @@ def block_grams(model, calib_ids: torch.Tensor, progress=None, after_block=None)
     for index, layer in enumerate(layers):
         calls = captured.calls[index]
         mods = {n: m for n, (t, m) in targets.items() if t.block == index}
-        with blocks.onloaded(model, layer), torch.no_grad():
+        with blocks.onloaded(model, layer):
             collector = GramCollector(mods)
             try:
                 outs = []
-                for h, call in zip(hidden, calls, strict=True):
-                    collector.next_call()
-                    y = blocks.call_block(layer, h, call)
-                    if after_block is None:
-                        outs.append(y)
+                with torch.no_grad():
+                    for h, call in zip(hidden, calls, strict=True):
+                        collector.next_call()
+                        y = blocks.call_block(layer, h, call)
+                        if after_block is None:
+                            outs.append(y)
             finally:
                 collector.remove()
             moved: dict[int, torch.Tensor] = {}  # one CPU copy per shared matrix
@@ -122,12 +123,15 @@ def block_grams(model, calib_ids: torch.Tensor, progress=None, after_block=None)
             del collector
             if after_block is not None:
                 after_block(index, out)
-                layer = layers[index]
-                outs = [blocks.call_block(layer, h, c) for h, c in zip(hidden, calls, strict=True)]
+                with torch.no_grad():
+                    outs = [
+                        blocks.call_block(layers[index], h, c)
+                        for h, c in zip(hidden, calls, strict=True)
+                    ]
+            if progress:
+                progress(index + 1, len(layers), f"block {index}")
+            yield index, out  # the block still materialised: a streamed apply writes it now
         hidden = outs
-        if progress:
-            progress(index + 1, len(layers), f"block {index}")
-        yield index, out
 
 
 def collect(model, calib_ids: torch.Tensor, progress=None) -> dict[int, dict]:

@@ -21,6 +21,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from compressors import blocks
 from compressors.activations import block_grams
 from compressors.base import Calibration, h_norm, relative_error
 from compressors.registry import compress
@@ -66,8 +67,23 @@ def needs_data(config) -> bool:
     return any(bool(getattr(config, f)) for f in flags)
 
 
-def apply(model, entries, grams=None, progress=None, calib_ids=None, on_grams=None, mapper=None):
-    """(compressed copy, reports, factorizations by module) for resolved `entries`.
+def apply(
+    model,
+    entries,
+    grams=None,
+    progress=None,
+    calib_ids=None,
+    on_grams=None,
+    mapper=None,
+    on_block=None,
+):
+    """(compressed model, reports, factorizations by module) for resolved `entries`.
+
+    A resident model is compressed in a deep copy; a model streamed from disk
+    (compressors.blocks) block by block, each block materialised while its modules are
+    compressed, handed to `on_block(block, model, factorizations)` (the writer of OUT:
+    block None is the modules outside the blocks), then released with its compact
+    modules, so that memory holds one block.
 
     Args:
         entries: one per module of `model` (or fewer), each with `name`, `config` (None:
@@ -83,10 +99,14 @@ def apply(model, entries, grams=None, progress=None, calib_ids=None, on_grams=No
             compressed; `on_grams(block, grams)` receives each block's Grams.
         mapper: how a list of factorizations runs, `mapper(fn, work)` yielding
             `fn(w)` in order; by default the local thread pool (parallel_map), or
-            spectra.linalg.cluster.task_map for Ray tasks. All data-free modules form one
-            list; data-aware ones one list per block.
+            spectra.linalg.cluster.task_map for Ray tasks. One list per block.
+        on_block: required for a streamed model (see above); ignored otherwise.
     """
-    model = copy.deepcopy(model).eval()
+    streamed = blocks.is_streamed(model)
+    if streamed and on_block is None:
+        raise ValueError("a model streamed from disk is compressed into a writer (on_block)")
+    if not streamed:
+        model, on_block = copy.deepcopy(model).eval(), None
     targets = linear_targets(model)
     todo = [e for e in entries if e.config is not None]
     data = any(needs_data(e.config) for e in todo)
@@ -97,40 +117,54 @@ def apply(model, entries, grams=None, progress=None, calib_ids=None, on_grams=No
         raise SpectraInputError(
             f"{name}: data-aware methods are supported inside transformer blocks only"
         )
-    state = _Run(model, targets, todo, progress, mapper or parallel_map)
+    state = _Run(model, targets, todo, progress, mapper or parallel_map, on_block)
+    layers = blocks.decoder_layers(model)
     if data and calib_ids is not None:
 
         def compress_block(block: int, block_grams_: dict) -> None:
             if on_grams is not None:
                 on_grams(block, block_grams_)
-            entries = [e for e in state.todo.values() if e.block == block]
-            if entries:
-                state.compress_entries(entries, as_float64(block_grams_))
+            state.compress_block(block, as_float64(block_grams_))
 
         last = max(e.block for e in todo if needs_data(e.config))
         # the next blocks' inputs go through dense stand-ins of the reconstructed weights
         # (the compact modules' forward up to float rounding, without the CPU's slow
         # sparse or per-call dequantizing matmuls); the compact modules go in after
         state.deferred = {}
-        for block, _ in block_grams(model, calib_ids, after_block=compress_block):
-            if block == last:  # later blocks' inputs are not needed
+        done = -1
+        for done, _ in block_grams(model, calib_ids, after_block=compress_block):
+            state.finish_block(done)
+            if done == last and not streamed:  # later blocks' inputs are not needed
                 break
-        for name, module in state.deferred.items():
+        for name, module in state.deferred.items():  # a resident model's, all at once
             _set_module(model, name, module)
         state.deferred = None
-    elif data:
-        for block in sorted({e.block for e in todo if needs_data(e.config)}):
-            entries = [e for e in state.todo.values() if e.block == block]
-            state.compress_entries(entries, as_float64(grams[block]))
-    state.compress_rest()
+        for block in range(done + 1, len(layers) if streamed else 0):
+            with blocks.onloaded(model, layers[block]):
+                state.compress_block(block, None)
+                state.finish_block(block)
+    else:
+        for block in range(len(layers)):
+            mine = [e for e in state.todo.values() if e.block == block]
+            if not streamed and not mine:
+                continue
+            aware = any(needs_data(e.config) for e in mine)
+            with blocks.onloaded(model, layers[block]):
+                state.compress_block(block, as_float64(grams[block]) if aware else None)
+                state.finish_block(block)
+    with blocks.onloaded(model, *blocks.outer_modules(model)):
+        state.compress_rest()
+        if on_block is not None:
+            on_block(None, model, state.factorizations)
     return model, state.reports, state.factorizations
 
 
 class _Run:
     """Bookkeeping of one apply: what is left, reports, module swapping."""
 
-    def __init__(self, model, targets, todo, progress, mapper):
+    def __init__(self, model, targets, todo, progress, mapper, on_block=None):
         self.model, self.targets, self.progress, self.mapper = model, targets, progress, mapper
+        self.on_block = on_block  # a streamed model's writer
         self.todo = {e.name: e for e in todo}
         self.total = len(todo)
         self.reports: list[ModuleReport] = []
@@ -155,6 +189,36 @@ class _Run:
 
     def compress_rest(self) -> None:
         self.compress_entries(list(self.todo.values()))
+
+    def compress_block(self, block: int, grams: dict | None) -> None:
+        """Every entry of `block` (its data-aware ones read `grams`)."""
+        entries = [e for e in self.todo.values() if e.block == block]
+        if entries:
+            self.compress_entries(entries, grams)
+
+    def finish_block(self, block: int) -> None:
+        """A streamed model's block is complete: its compact modules go in (behind the
+        dense stand-ins of sequential calibration until now), the writer takes it, and
+        its compact modules are released (to the meta device) with it."""
+        if self.on_block is None:
+            return
+        prefix = f"{self.targets_prefix(block)}."
+        if self.deferred:
+            for name in [n for n in self.deferred if n.startswith(prefix)]:
+                _set_module(self.model, name, self.deferred.pop(name))
+        mine = {n: f for n, f in self.factorizations.items() if n.startswith(prefix)}
+        self.on_block(block, self.model, mine)
+        for name in mine:  # written: their tensors are freed
+            self.model.get_submodule(name).to("meta")
+            del self.factorizations[name]
+
+    def targets_prefix(self, block: int) -> str:
+        """The module-name prefix of block `block` (e.g. model.layers.3)."""
+        layers = blocks.decoder_layers(self.model)
+        for name, mod in self.model.named_modules():
+            if mod is layers:
+                return f"{name}.{block}"
+        raise SpectraInputError("cannot find the model's transformer blocks")
 
     def _job(self, members: list, grams) -> _Job:
         config = members[0].config

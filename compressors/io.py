@@ -83,49 +83,83 @@ def save(
 ) -> None:
     """Write OUT through a temporary sibling directory renamed at the end."""
     with atomic_dir(out, force) as tmp:
-        _write(tmp, model, factorizations, plan_text, report, tokenizer, dense)
+        writer = Writer(tmp)
+        writer.part(model, factorizations)
+        writer.finish(model, plan_text, report, tokenizer)
+        if dense:
+            _write_dense(tmp / "dense", model, factorizations, tokenizer)
 
 
-def _write(tmp: Path, model, factorizations, plan_text, report, tokenizer, dense):
-    compressed = set(factorizations)
-    keep, seen = {}, {}
-    for k, v in model.state_dict().items():
-        owner = k.rsplit(".", 1)[0]
-        if any(owner == c or owner.startswith(c + ".") for c in compressed):
-            continue
-        if v.data_ptr() in seen:  # tied weights are stored once
-            continue
-        seen[v.data_ptr()] = k
-        keep[k] = v.detach().contiguous()
-    save_file(keep, tmp / "dense.safetensors")
-    tensors, modules, done = {}, {}, {}
-    for name, f in factorizations.items():
-        key = done.get(id(f))
-        if key is None:
-            key = done[id(f)] = name
-            desc = flatten(f, f"{name}#f", tensors)
+class Writer:
+    """OUT's tensors written part by part: the whole model at once (`save`), or block by
+    block while a streamed model is compressed (a part per block, then the modules
+    outside the blocks); the manifest lists the parts."""
+
+    def __init__(self, tmp: Path):
+        self.tmp = Path(tmp)
+        self.modules: dict = {}
+        self.shards: dict[str, list[str]] = {"dense": [], "factors": []}
+
+    def part(self, model, factorizations: dict, block: int | None = None, prefix: str = ""):
+        """Write the parameters of `model` under `prefix` (all when "") or, with `block`
+        None and a prefix, those outside it; compressed modules as factors."""
+        suffix = "" if block is None else f"-{block:05d}"
+        if block is None and prefix:  # the modules outside the blocks
+            items = [
+                (k, v) for k, v in model.state_dict().items() if not k.startswith(prefix + ".")
+            ]
+        elif prefix:
+            items = list(model.get_submodule(prefix).state_dict(prefix=prefix + ".").items())
         else:
-            desc = None  # a joint group's later member: points at the first one
-        bias = model.get_submodule(name).bias
-        if bias is not None:
-            tensors[f"{name}#bias"] = bias.detach().contiguous()
-        modules[name] = {
-            "factorization": desc,
-            "shared_with": None if desc else key,
-            "bias": bias is not None,
-        }
-    save_file(tensors, tmp / "factors.safetensors")
-    members = {n: i for n, i in _joint_members(factorizations).items()}
-    for name, i in members.items():
-        modules[name]["member"] = i
-    (tmp / "manifest.json").write_text(json.dumps({"format": FORMAT, "modules": modules}, indent=1))
-    model.config.to_json_file(tmp / "config.json")
-    (tmp / "plan.yaml").write_text(plan_text)
-    (tmp / "report.json").write_text(json.dumps(report, indent=1))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    if dense:
-        _write_dense(tmp / "dense", model, factorizations, tokenizer, keep)
+            items = list(model.state_dict().items())
+        compressed = set(factorizations)
+        keep, seen = {}, {}
+        for k, v in items:
+            owner = k.rsplit(".", 1)[0]
+            if any(owner == c or owner.startswith(c + ".") for c in compressed):
+                continue
+            if v.data_ptr() in seen:  # tied weights are stored once
+                continue
+            seen[v.data_ptr()] = k
+            keep[k] = v.detach().contiguous()
+        self._save(keep, "dense", suffix)
+        # a joint group's members are in one part; ids are per part (freed objects' ids recur)
+        tensors, done, members = {}, {}, {}
+        for name, f in factorizations.items():
+            key = done.get(id(f))
+            if key is None:
+                key = done[id(f)] = name
+                desc = flatten(f, f"{name}#f", tensors)
+            else:
+                desc = None  # a joint group's later member: points at the first one
+            bias = model.get_submodule(name).bias
+            if bias is not None:
+                tensors[f"{name}#bias"] = bias.detach().contiguous()
+            self.modules[name] = {
+                "factorization": desc,
+                "shared_with": None if desc else key,
+                "bias": bias is not None,
+            }
+            if type(f).__name__ == "JointGroup":
+                self.modules[name]["member"] = members.get(id(f), 0)
+                members[id(f)] = self.modules[name]["member"] + 1
+        self._save(tensors, "factors", suffix)
+
+    def _save(self, tensors: dict, kind: str, suffix: str) -> None:
+        if not tensors and suffix:
+            return
+        name = f"{kind}{suffix}.safetensors"
+        save_file(tensors, self.tmp / name)
+        self.shards[kind].append(name)
+
+    def finish(self, model, plan_text: str, report: dict, tokenizer=None) -> None:
+        manifest = {"format": FORMAT, "modules": self.modules, "shards": self.shards}
+        (self.tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        model.config.to_json_file(self.tmp / "config.json")
+        (self.tmp / "plan.yaml").write_text(plan_text)
+        (self.tmp / "report.json").write_text(json.dumps(report, indent=1))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(self.tmp)
 
 
 def _joint_members(factorizations) -> dict[str, int]:
@@ -138,10 +172,10 @@ def _joint_members(factorizations) -> dict[str, int]:
     return out
 
 
-def _write_dense(path: Path, model, factorizations, tokenizer, keep: dict):
+def _write_dense(path: Path, model, factorizations, tokenizer):
     """An ordinary checkpoint: the architecture from its config, weights reconstructed."""
     path.mkdir()
-    reconstruct(model, factorizations, keep).save_pretrained(path)
+    reconstruct(model, factorizations).save_pretrained(path)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
 
@@ -181,12 +215,26 @@ def is_compressed_checkpoint(path) -> bool:
     ).is_file()
 
 
+def _shards(out: Path) -> dict[str, list[str]]:
+    """The tensor files of OUT (one of each kind unless it was written block by block)."""
+    try:
+        listed = json.loads((out / "manifest.json").read_text()).get("shards")
+    except (OSError, ValueError, AttributeError):
+        listed = None
+    if isinstance(listed, dict) and all(
+        isinstance(listed.get(k), list) for k in ("factors", "dense")
+    ):
+        return {k: [str(p) for p in listed[k] if "/" not in str(p)] for k in ("factors", "dense")}
+    return {"factors": ["factors.safetensors"], "dense": ["dense.safetensors"]}
+
+
 def load(out, device: str = "cpu"):
     """(model, factorizations) rebuilt from OUT; corrupt files are input errors."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     out = Path(out)
-    for part in ("factors.safetensors", "dense.safetensors"):
+    shards = _shards(out)
+    for part in shards["factors"] + shards["dense"]:
         if (out / part).is_file():
             try:
                 read_header(out / part)  # a truncated part is named as such
@@ -196,8 +244,11 @@ def load(out, device: str = "cpu"):
         manifest = json.loads((out / "manifest.json").read_text())
         # factors straight onto the device: the modules built from them share them, and
         # healing trains them in place
-        tensors = load_file(out / "factors.safetensors", device=str(torch.device(device)))
-        dense = load_file(out / "dense.safetensors")
+        tensors, dense = {}, {}
+        for part in shards["factors"]:
+            tensors.update(load_file(out / part, device=str(torch.device(device))))
+        for part in shards["dense"]:
+            dense.update(load_file(out / part))
         config = AutoConfig.from_pretrained(out)
     except Exception as e:  # truncated, garbage or missing parts
         raise SpectraInputError(

@@ -37,6 +37,23 @@ def _ray_option(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _run_options(p: argparse.ArgumentParser) -> None:
+    """--offload and --dtype: how a command that runs the model holds it."""
+    p.add_argument(
+        "--offload",
+        default="auto",
+        choices=("auto", "none", "disk"),
+        help="none: every weight resident; disk: weights stay on disk, one block at a time "
+        "is materialised; auto (default): resident when it takes at most half the free memory",
+    )
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        help="working dtype (auto: the checkpoint's own, e.g. bfloat16; float32 for a GGUF)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="spectra", description="Weight spectra of transformer language models.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -75,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cal.add_argument("--seed", type=int, default=0, help="which windows are drawn")
     cal.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda")
+    _run_options(cal)
     cal.add_argument("--no-cache", action="store_true", help="recompute even when cached")
     cal.add_argument("--json", action="store_true", help="print machine-readable results on stdout")
     _ray_option(cal)
@@ -133,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dense", action="store_true", help="also write OUT/dense, a plain checkpoint")
     ap.add_argument("--force", action="store_true", help="replace an existing OUT")
     ap.add_argument("--device", default="auto")
+    _run_options(ap)
     ap.add_argument("--json", action="store_true")
     _ray_option(ap)
     ap.set_defaults(func=cmd_apply)
@@ -187,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seqlen", type=int, default=512)
     ev.add_argument("--max-tokens", type=int, help="score only the first N tokens")
     ev.add_argument("--device", default="auto")
+    _run_options(ev)
     ev.add_argument("--json", action="store_true")
     ev.add_argument(
         "--no-baseline",

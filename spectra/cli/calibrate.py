@@ -7,10 +7,12 @@ import json
 from spectra.cli.progress import progress_bar
 from spectra.data.calibration import calibrate, for_model
 from spectra.io import models
+from spectra.io.handle import open_model
 
 
 def cmd_calibrate(args) -> int:
     models.resolve(args.model)  # a one-time GGUF conversion is timed apart (it says so)
+    h = open_model(args.model, args.device, args.dtype, args.offload)
     settings = for_model(args.model, args.corpus, args.tokens, args.seqlen, args.seed)
     info: dict = {}
     with progress_bar("calibrating", unit="block") as progress:
@@ -22,9 +24,11 @@ def cmd_calibrate(args) -> int:
             progress=progress,
             info=info,
             ray=args.ray,
+            handle=h,
         )
     summary = describe(grams)
     summary.update(model=args.model, cached=info["cached"], seconds=round(info["seconds"], 3))
+    summary.update(h.describe())
     if args.json:
         print(json.dumps(summary))
         return 0

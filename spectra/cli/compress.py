@@ -18,6 +18,7 @@ from spectra.data import perplexity as ev
 from spectra.data.calibration import calibrate
 from spectra.errors import SpectraInputError
 from spectra.io import cache, models
+from spectra.io.handle import open_model
 from spectra.io.roles import ROLES
 from spectra.plan import format as plans
 
@@ -183,9 +184,12 @@ def cmd_apply(args) -> int:
     from compressors import apply as applying
     from compressors import io
 
+    h = open_model(args.model, args.device, args.dtype, args.offload)
+    if h.offload == "disk":
+        return _apply_streamed(args, plan, entries, h, rank_of)
     t0 = time.perf_counter()
     with _cluster(args.ray, args.device) as mapper:
-        model = models.load(args.model, device=args.device)
+        model = h.load()
         compressed, reports, facts, tokenizer, grams, seq = _compress(
             args, plan, entries, model, rank_of, mapper
         )
@@ -207,7 +211,36 @@ def cmd_apply(args) -> int:
             out,
             identity,
         )
-    report = dict(
+    report = _report(args, plan, tokenizer, grams, seq, totals, rows)
+    if heal_section is not None:
+        report["heal"] = heal_section
+    io.save(
+        out, compressed, facts, args.plan.read_text(), report, tokenizer, args.dense, args.force
+    )
+    if heal_section is not None:
+        healing.finish(out)
+    return _apply_done(args, out, totals, heal_section)
+
+
+def _apply_done(args, out, totals, heal_section) -> int:
+    if args.json:
+        print(json.dumps({"out": str(out), **totals}))
+        return 0
+    print(
+        f"{out}: {totals['compressed']} modules compressed in {totals['seconds']:.1f} s; "
+        f"linear parameters {totals['params_before'] / 1e6:.2f}M -> "
+        f"{totals['params_after'] / 1e6:.2f}M, "
+        f"{totals['bits_per_param']:.2f} bits per parameter; report: {out / 'report.json'}"
+    )
+    if heal_section is not None:
+        from spectra.cli import heal as healing
+
+        print(healing.summary(out, heal_section))
+    return 0
+
+
+def _report(args, plan, tokenizer, grams, seq, totals, rows) -> dict:
+    return dict(
         model=args.model,
         plan=str(args.plan),
         calibration=dict(
@@ -219,25 +252,44 @@ def cmd_apply(args) -> int:
         totals=totals,
         modules=rows,
     )
-    if heal_section is not None:
-        report["heal"] = heal_section
-    io.save(
-        out, compressed, facts, args.plan.read_text(), report, tokenizer, args.dense, args.force
-    )
-    if heal_section is not None:
-        healing.finish(out)
-    if args.json:
-        print(json.dumps({"out": str(out), **totals}))
-    else:
-        print(
-            f"{out}: {totals['compressed']} modules compressed in {totals['seconds']:.1f} s; "
-            f"linear parameters {totals['params_before'] / 1e6:.2f}M -> "
-            f"{totals['params_after'] / 1e6:.2f}M, "
-            f"{totals['bits_per_param']:.2f} bits per parameter; report: {out / 'report.json'}"
+
+
+def _apply_streamed(args, plan, entries, h, rank_of) -> int:
+    """`spectra apply` of a model streamed from disk: OUT is written block by block as
+    the blocks are compressed (inside its temporary directory, renamed at the end)."""
+    from compressors import apply as applying
+    from compressors import blocks, io
+
+    if plan.heal is not None:
+        raise SpectraInputError(
+            f"{args.plan}: heal trains the whole model on the device, which does not hold "
+            f"{h.describe()['resident_gb']:.1f} GB; apply without heal: here, heal where it fits"
         )
-        if heal_section is not None:
-            print(healing.summary(out, heal_section))
-    return 0
+    if args.dense:
+        raise SpectraInputError(
+            "--dense with a model streamed from disk: use `spectra export OUT --format hf`"
+        )
+    if args.ray is not None:
+        raise SpectraInputError("--ray with a model streamed from disk: use --offload none")
+    t0 = time.perf_counter()
+    model = h.load()
+    layers = blocks.decoder_layers(model)
+    prefix = next(n for n, m in model.named_modules() if m is layers)
+    with cache.atomic_dir(args.out, args.force) as tmp:
+        writer = io.Writer(tmp)
+
+        def on_block(block, model_, facts_):
+            writer.part(model_, facts_, block, prefix if block is None else f"{prefix}.{block}")
+
+        args.on_block = on_block
+        _, reports, _, tokenizer, grams, seq = _compress(args, plan, entries, model, rank_of, None)
+        rows = [applying.asdict(r) for r in reports]
+        totals = plans.totals(entries)
+        totals["seconds"] = time.perf_counter() - t0
+        report = _report(args, plan, tokenizer, grams, seq, totals, rows)
+        report["run"] = h.describe()
+        writer.finish(model, args.plan.read_text(), report, tokenizer)
+    return _apply_done(args, args.out, totals, None)
 
 
 def _compress(args, plan, entries, model, rank_of, mapper):
@@ -267,6 +319,7 @@ def _compress(args, plan, entries, model, rank_of, mapper):
                     progress=progress,
                     rank_of=rank_of,
                     mapper=mapper,
+                    on_block=getattr(args, "on_block", None),
                 ),
                 tokenizer=tokenizer,
                 info=seq,
@@ -283,7 +336,13 @@ def _compress(args, plan, entries, model, rank_of, mapper):
                 )
         with progress_bar("compressing") as progress:
             compressed, reports, facts = plans.apply_plan(
-                model, plan, grams=grams, progress=progress, rank_of=rank_of, mapper=mapper
+                model,
+                plan,
+                grams=grams,
+                progress=progress,
+                rank_of=rank_of,
+                mapper=mapper,
+                on_block=getattr(args, "on_block", None),
             )
     return compressed, reports, facts, tokenizer, grams, seq
 
@@ -323,8 +382,13 @@ def cmd_eval(args) -> int:
         args.model = str(gguf_export)
     compressed = io.is_compressed_checkpoint(args.model)
     device = models.resolve_device(args.device)
+    run = {}  # how the model is held: dtype, offload, expected memory
     if compressed:  # a corrupt OUT fails here, on the checkpoint itself
         model = io.load(args.model, device)[0]
+        if args.dtype != "auto":
+            import torch
+
+            model = model.to(getattr(torch, args.dtype))
         from transformers import AutoTokenizer
 
         try:
@@ -333,13 +397,15 @@ def cmd_eval(args) -> int:
             raise SpectraInputError(f"{args.model}: no usable tokenizer in the checkpoint") from e
         ids = ev.token_stream(tokenizer, args.corpus, "eval")
     else:
-        tokenizer = models.load_tokenizer(args.model)
+        h = open_model(args.model, args.device, args.dtype, args.offload)
+        tokenizer = h.tokenizer()
         ids = ev.token_stream(tokenizer, args.corpus, "eval")  # bad corpora fail before loading
-        model = models.load(args.model, device)
-    result = {"model": args.model, **_ppl(model, tokenizer, ids, args).to_dict()}
+        model, run = h.load(), h.describe()
+    result = {"model": args.model, **_ppl(model, tokenizer, ids, args).to_dict(), **run}
     if compressed and not args.no_baseline:
         source = json.loads((Path(args.model) / "report.json").read_text()).get("model")
-        base = _ppl(models.load(source, device), tokenizer, ids, args)
+        base_model = open_model(source, args.device, args.dtype, args.offload).load()
+        base = _ppl(base_model, tokenizer, ids, args)
         result["baseline"] = {"model": source, **base.to_dict()}
     if args.json:
         print(json.dumps(result))
@@ -349,7 +415,8 @@ def cmd_eval(args) -> int:
         f"{args.model}: perplexity {result['ppl']:.3f} on {result['corpus']} "
         f"({result['split']}), {result['tokens']} tokens in {result['windows']} windows of "
         f"{result['seqlen']}{' (each BOS + text)' if result['bos'] else ''}, "
-        f"{result['dtype']}, {result['seconds']:.1f} s{peak}"
+        f"{result['dtype']}{', streamed from disk' if run.get('offload') == 'disk' else ''}, "
+        f"{result['seconds']:.1f} s{peak}"
     )
     if "baseline" in result:
         b = result["baseline"]

@@ -164,10 +164,14 @@ def calibrate(
     progress=None,
     info: dict | None = None,
     ray: str | None = None,
+    handle=None,
 ) -> Grams:
     """The cached calibration of model `spec` (computed on a miss; see the module doc).
 
-    `model`/`tokenizer`: the already loaded ones of `spec`, if any. `info` is filled with
+    `model`/`tokenizer`: the already loaded ones of `spec`, if any; `handle`: how to
+    load it otherwise (spectra.io.handle: dtype, offload), else resident in float32.
+    Before computing, the entry's size is estimated, logged, and refused (input error)
+    when the cache's disk cannot hold it. `info` is filled with
     `cached`, `path`, `tokens`, `seconds`. `ray`: compute a miss on the Ray cluster at
     that address (`auto`, HOST:PORT), the windows split into one shard per task
     (`sharded`).
@@ -198,7 +202,9 @@ def calibrate(
     if ray is not None:
         stream = sharded(spec, windows, ray, device, progress)
     else:
-        model = model if model is not None else models.load(spec, device)
+        if model is None:
+            model = handle.load() if handle is not None else models.load(spec, device)
+        check_disk(folder, entry_bytes(model))
         stream = block_grams(model, windows, progress)
     meta = _meta(spec, settings, windows, tokenizer)
     with _building(folder) as tmp:
@@ -212,6 +218,36 @@ def calibrate(
         raise RuntimeError(f"{folder}: calibration was written but cannot be read back")
     _write_alias(alias, folder)
     return out
+
+
+SHARED_INPUT = {"q": "qkv", "k": "qkv", "v": "qkv", "gate": "gate_up", "up": "gate_up"}
+
+
+def entry_bytes(model) -> int:
+    """Bytes a calibration of `model` stores: one float32 H (in x in) per block and input
+    tensor (q, k, v read one tensor, gate and up another)."""
+    from compressors.targets import linear_targets
+
+    seen: dict[tuple, int] = {}
+    for name, (t, _) in linear_targets(model).items():
+        if t.block is not None:
+            seen[(t.block, SHARED_INPUT.get(t.role, name))] = t.shape[1] ** 2 * 4
+    return sum(seen.values())
+
+
+def check_disk(folder: Path, need: int) -> None:
+    """Say how big the entry at `folder` will be; refuse when the disk cannot hold it."""
+    import shutil
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder.parent).free
+    log.info(f"calibration entry: about {need / 1e9:.2f} GB at {folder.parent}")
+    if need > free:
+        raise SpectraInputError(
+            f"calibration needs about {need / 1e9:.1f} GB at {folder.parent}, "
+            f"{free / 1e9:.1f} GB is free: free space, set SPECTRA_CACHE elsewhere, or use "
+            "`sequential: true` in the plan (each block's Grams computed and dropped)"
+        )
 
 
 def sharded(spec: str, windows, address: str, device: str = "auto", progress=None):

@@ -387,13 +387,14 @@ def apply_plan(
     calib_ids=None,
     on_grams=None,
     mapper=None,
+    on_block=None,
 ):
     """(compressed copy, reports, factorizations) of `plan` on a loaded `model`: the plan
     resolved against the model's own linear modules, then compressors' module surgery.
 
     `rank_of(name, energy)` sizes energy-based settings; by default from the weights.
-    `calib_ids`/`on_grams`: sequential calibration; `mapper`: where factorizations run
-    (compressors.apply.apply).
+    `calib_ids`/`on_grams`: sequential calibration; `mapper`: where factorizations run;
+    `on_block`: a streamed model's writer (compressors.apply.apply).
     """
     from compressors import apply as surgery  # deferred: torch (`spectra --help`)
 
@@ -408,6 +409,7 @@ def apply_plan(
             calib_ids=calib_ids,
             on_grams=on_grams,
             mapper=mapper,
+            on_block=on_block,
         )
     except PlanError:
         raise
