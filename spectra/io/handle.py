@@ -99,8 +99,8 @@ def open_model(
         if wanted > free:
             hint = "; try --offload disk" if offload == "none" and streamed <= free else ""
             raise SpectraInputError(
-                f"{spec}: needs about {wanted / 1e9:.1f} GB of {_where(device)} memory in "
-                f"{dtype} with --offload {offload}, {free / 1e9:.1f} GB is free{hint}"
+                f"{spec}: needs about {wanted / 1e9:.3g} GB of {_where(device)} memory in "
+                f"{dtype} with --offload {offload}, {free / 1e9:.3g} GB is free{hint}"
             )
     return Handle(spec, source, device, dtype, offload)
 
