@@ -10,9 +10,9 @@ def knob_of(name: str):
     return next(m.knob(name) for m in METHODS.values() if name in m.columns)
 
 
-def widget(col, knob, value, shape: tuple[int, int]):
+def widget(col, knob, value, shape: tuple[int, int], label: str | None = None):
     """One knob's input widget in `col`; returns the value chosen (None: unset)."""
-    label = knob.name.replace("_", " ")
+    label = label or knob.name.replace("_", " ")
     if knob.kind == "bool":
         return col.checkbox(label, bool(value))
     if knob.kind == "choice":

@@ -201,8 +201,9 @@ def module_editor(spec: str, mats) -> None:
             if full.get(field) is None and desc.knob(field).kind != "choice":
                 continue  # unset (a rank given as energy, or the energy of a rank)
             with c[i]:
+                label = "calibrated" if k == "calibrated" else None
                 value = kw.widget(
-                    st, desc.knob(field), knobs.get(field, full.get(field)), mat.shape
+                    st, desc.knob(field), knobs.get(field, full.get(field)), mat.shape, label
                 )
             i += 1
             if value != full.get(field):
