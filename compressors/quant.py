@@ -190,16 +190,14 @@ def grid(
     mse observer's shrunk grid (squared error weighted per column by `weights`)."""
     m, n = w.shape
     if observer == "mse":
-        wn = w.detach().to(torch.float64).numpy()
-        d = np.ones(n) if weights is None else weights.to(torch.float64).numpy()
+        wd = w.detach().to(torch.float64)
+        d = torch.ones(n, dtype=torch.float64, device=w.device) if weights is None else weights
+        d = d.to(torch.float64).to(w.device)
         parts = [
-            _grid_np(wn[:, g0 : g0 + group_size], bits, symmetric, "mse", d[g0 : g0 + group_size])
+            group_grid(wd[:, g0 : g0 + group_size], bits, symmetric, "mse", d[g0 : g0 + group_size])
             for g0 in range(0, n, group_size)
         ]
-        return (
-            torch.from_numpy(np.stack([p[0] for p in parts], 1)),
-            torch.from_numpy(np.stack([p[1] for p in parts], 1)),
-        )
+        return torch.stack([p[0] for p in parts], 1), torch.stack([p[1] for p in parts], 1)
     groups = math.ceil(n / group_size)
     pad = groups * group_size - n
     wp = torch.nn.functional.pad(w, (0, pad), value=float("nan")).reshape(m, groups, group_size)
@@ -294,19 +292,18 @@ def ldlq(
     symmetric: bool = False,
     observer: str = "minmax",
 ):
-    """GPTQ/LDLQ: (codes, scales, zeros) of w (m, n) under the Hessian h (n, n).
+    """GPTQ/LDLQ: (codes, scales, zeros) of w (m, n) under the Hessian h (n, n), float64
+    on w's device.
 
     `factor` is hessian_inverse_factor(h) (with perm=act_order_perm(h) under
     `act_order`), when the caller quantizes several matrices under the same Hessian.
 
-    The column loop runs in numpy float64 on the transposed weight (a column is a
-    contiguous row): it is sequential by nature and its cost is per-call overhead on
-    short vectors, where numpy is several times cheaper than torch. Inside a block it
-    is left-looking: a column gathers the pending updates of the earlier columns of its
-    group when it is reached (one vector-matrix product), and a group gathers those of
-    the block's earlier groups when its grid is set (one matrix product); the block's
-    errors reach the later blocks in one product. Same arithmetic as the right-looking
-    form, about 4x less memory traffic.
+    The column loop runs on the transposed weight (a column is a contiguous row). Inside
+    a block it is left-looking: a column gathers the pending updates of the earlier
+    columns of its group when it is reached (one vector-matrix product), and a group
+    gathers those of the block's earlier groups when its grid is set (one matrix
+    product); the block's errors reach the later blocks in one product. Same arithmetic
+    as the right-looking form, about 4x less memory traffic.
     """
     m, n = w.shape
     if act_order:
@@ -314,109 +311,118 @@ def ldlq(
     # blocks hold whole groups, so a group's grid never reads columns whose lazy update
     # from an earlier block is still pending
     block = max(group_size, block // group_size * group_size)
+    dev, f64 = w.device, torch.float64
     u_t, dead = factor if factor is not None else hessian_inverse_factor(h)
-    u = u_t.numpy()
-    diag = np.diagonal(u)
-    wt = w.detach().to(torch.float64).numpy().T.copy()  # (n, m)
-    wt[dead.numpy()] = 0
+    u = u_t.to(dev, f64)
+    diag = torch.diagonal(u)
+    wt = w.detach().to(f64).T.clone()  # (n, m)
+    wt[dead.to(dev)] = 0
     groups = math.ceil(n / group_size)
-    scale = np.ones((groups, m))
-    zero = np.zeros((groups, m))
-    codes = np.zeros((n, m))
+    scale = torch.ones(groups, m, dtype=f64, device=dev)
+    zero = torch.zeros(groups, m, dtype=f64, device=dev)
+    codes = torch.zeros(n, m, dtype=f64, device=dev)
     top = 2**bits - 1
-    hd = torch.diagonal(h).to(torch.float64).numpy()
+    hd = torch.diagonal(h).to(dev, f64)
     for b0 in range(0, n, block):
         b1 = min(b0 + block, n)
-        err = np.empty((b1 - b0, m))
+        err = torch.empty(b1 - b0, m, dtype=f64, device=dev)
         for g0 in range(b0, b1, group_size):
             g1 = min(g0 + group_size, n)
             if g0 > b0:
                 wt[g0:g1] -= u[b0:g0, g0:g1].T @ err[: g0 - b0]
             # the group's grid, from the weights as updated so far
-            s, z = _grid_np(wt[g0:g1].T, bits, symmetric, observer, hd[g0:g1])
+            s, z = group_grid(wt[g0:g1].T, bits, symmetric, observer, hd[g0:g1])
             scale[g0 // group_size], zero[g0 // group_size] = s, z
-            for i in range(g0, g1):
-                col = wt[i] if i == g0 else wt[i] - u[g0:i, i] @ err[g0 - b0 : i - b0]
-                q = np.clip(np.rint(col / s) + z, 0, top)
-                codes[i] = q
-                err[i - b0] = (col - (q - z) * s) / diag[i]
+            _columns(wt, u, diag, err, codes, s, z, top, g0, g1, b0)
         if b1 < n:
             wt[b1:] -= u[b0:b1, b1:].T @ err
-    return (
-        torch.from_numpy(codes.T.copy()),
-        torch.from_numpy(scale.T.copy()),
-        torch.from_numpy(zero.T.copy()),
-    )
+    return codes.T.contiguous(), scale.T.contiguous(), zero.T.contiguous()
+
+
+def _columns(wt, u, diag, err, codes, s, z, top, c0, c1, b0):
+    """Quantize columns c0..c1-1 (rows of wt) on the grid (s, z), left-looking from c0:
+    each column takes the pending updates of the earlier ones, its error goes to err.
+    Few, in-place operations per column: on the CPU their overhead is the cost."""
+    for i in range(c0, c1):
+        col = (
+            wt[i] if i == c0 else torch.addmv(wt[i], err[c0 - b0 : i - b0].T, u[c0:i, i], alpha=-1)
+        )
+        q = torch.round(col / s).add_(z).clamp_(0, top)
+        codes[i] = q
+        torch.sub(col, (q - z).mul_(s), out=err[i - b0]).div_(diag[i])
 
 
 def _ldlq_act_order(w, h, bits, group_size, block, factor, symmetric, observer):
     """GPTQ over the columns in decreasing diag(H), each column on its group's grid
     fixed from the original weights; codes returned in the original column order."""
     m, n = w.shape
-    perm = act_order_perm(h)
-    u_t, dead = factor if factor is not None else hessian_inverse_factor(h, perm=perm)
-    w = w.detach().to(torch.float64)
+    dev, f64 = w.device, torch.float64
+    perm = act_order_perm(h).to(dev)
+    u_t, dead = factor if factor is not None else hessian_inverse_factor(h, perm=perm.cpu())
+    w = w.detach().to(f64)
     # (m, groups), from the original weights
     scale, zero = grid(w, bits, group_size, symmetric, observer, torch.diagonal(h))
-    p = perm.numpy()
-    group_of = p // group_size  # processing position -> its column's group
-    s_t, z_t = scale.numpy().T[group_of], zero.numpy().T[group_of]  # (n, m)
-    u = u_t.numpy()
-    diag = np.diagonal(u)
-    wt = w.numpy().T[p].copy()  # (n, m), processing order
-    wt[dead.numpy()] = 0
-    codes = np.zeros((n, m))
+    group_of = perm // group_size  # processing position -> its column's group
+    s_t, z_t = scale.T[group_of], zero.T[group_of]  # (n, m)
+    u = u_t.to(dev, f64)
+    diag = torch.diagonal(u)
+    wt = w.T[perm].clone()  # (n, m), processing order
+    wt[dead.to(dev)] = 0
+    codes = torch.zeros(n, m, dtype=f64, device=dev)
     top = 2**bits - 1
     for b0 in range(0, n, block):
         b1 = min(b0 + block, n)
-        err = np.empty((b1 - b0, m))
+        err = torch.empty(b1 - b0, m, dtype=f64, device=dev)
         for i in range(b0, b1):  # left-looking within the block, as in ldlq
-            col = wt[i] if i == b0 else wt[i] - u[b0:i, i] @ err[: i - b0]
-            q = np.clip(np.rint(col / s_t[i]) + z_t[i], 0, top)
+            col = wt[i] if i == b0 else torch.addmv(wt[i], err[: i - b0].T, u[b0:i, i], alpha=-1)
+            q = torch.round(col / s_t[i]).add_(z_t[i]).clamp_(0, top)
             codes[i] = q
-            err[i - b0] = (col - (q - z_t[i]) * s_t[i]) / diag[i]
+            torch.sub(col, (q - z_t[i]).mul_(s_t[i]), out=err[i - b0]).div_(diag[i])
         if b1 < n:
             wt[b1:] -= u[b0:b1, b1:].T @ err
-    out = np.empty_like(codes)
-    out[p] = codes
-    return torch.from_numpy(out.T.copy()), scale, zero
+    out = torch.empty_like(codes)
+    out[perm] = codes
+    return out.T.contiguous(), scale, zero
 
 
-def _grid_np(
-    block: np.ndarray,
+def group_grid(
+    block: torch.Tensor,
     bits: int,
     symmetric: bool = False,
     observer: str = "minmax",
-    weights: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """grid() for one group of columns (rows, columns), in numpy (same arithmetic);
-    under "mse" the shrink factor is chosen per row, `weights` per column."""
-    lo = np.minimum(block.min(axis=1), 0)
-    hi = np.maximum(block.max(axis=1), 0)
+    weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """grid() for one group of columns (rows, columns), float64 on its device; under
+    "mse" the shrink factor is chosen per row, `weights` per column."""
+    lo = block.amin(dim=1).clamp(max=0)
+    hi = block.amax(dim=1).clamp(min=0)
     if observer != "mse":
         return _range_grid(lo, hi, bits, symmetric)
-    d = np.ones(block.shape[1]) if weights is None else np.maximum(weights, 0)
+    if weights is None:
+        d = torch.ones(block.shape[1], dtype=block.dtype, device=block.device)
+    else:
+        d = weights.clamp(min=0)
     top = 2**bits - 1
-    best = np.full(block.shape[0], np.inf)
+    best = torch.full((block.shape[0],), math.inf, dtype=block.dtype, device=block.device)
     scale, zero = _range_grid(lo, hi, bits, symmetric)
     for p in SHRINKS:
         s, z = _range_grid(lo * p, hi * p, bits, symmetric)
-        q = np.clip(np.rint(block / s[:, None]) + z[:, None], 0, top)
+        q = torch.clamp(torch.round(block / s[:, None]) + z[:, None], 0, top)
         e = ((q - z[:, None]) * s[:, None] - block) ** 2 @ d
         better = e < best
-        best = np.where(better, e, best)
-        scale, zero = np.where(better, s, scale), np.where(better, z, zero)
+        best = torch.where(better, e, best)
+        scale, zero = torch.where(better, s, scale), torch.where(better, z, zero)
     return scale, zero
 
 
 def _range_grid(lo, hi, bits, symmetric):
     if symmetric:
-        scale = np.maximum(-lo, hi) / ((2**bits - 1) / 2)
-        scale = np.where(scale > 0, scale, 1.0)
-        return scale, np.full_like(scale, 2 ** (bits - 1))
+        scale = torch.maximum(-lo, hi) / ((2**bits - 1) / 2)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        return scale, torch.full_like(scale, 2 ** (bits - 1))
     scale = (hi - lo) / (2**bits - 1)
-    scale = np.where(scale > 0, scale, 1.0)
-    return scale, np.round(-lo / scale)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return scale, torch.round(-lo / scale)
 
 
 # planning: bit widths, damage measured on the result (GPTQ under calibration damage)
