@@ -104,9 +104,28 @@ def test_every_benchmark_results_file_has_its_table(site):
     assert "gen:" not in page
 
 
+def test_readme_headline_results_are_the_results_files():
+    """Each row of the README's results table names its file and row; the numbers match."""
+    import json
+
+    rows = re.findall(
+        r"^\| .+ \| ([\d.]+) \| ([\d.]+) \| ([\d.,]+) \| `(\w+\.json)` `([^`]+)` \|$",
+        (REPO / "README.md").read_text(),
+        re.M,
+    )
+    assert len(rows) >= 4
+    for kept, bits, ppl, name, key in rows:
+        r = json.loads((REPO / "benchmarks" / "results" / name).read_text())[key]
+        assert (kept, bits, ppl) == (
+            f"{r['params_kept']:.3f}",
+            f"{r['bits_per_param']:.2f}",
+            f"{r['ppl']:,.2f}",
+        ), f"README row {name} {key}"
+
+
 def test_the_app_screenshots_are_the_browser_tests():
     """docs/img/ holds what tests/app/test_browser.py saves, and the pages use them."""
     browser = (REPO / "tests" / "app" / "test_browser.py").read_text()
-    saved = set(re.findall(r'artifacts / "([\w-]+\.png)"', browser))
+    saved = set(re.findall(r'shots / "([\w-]+\.png)"', browser))
     used = set(re.findall(r"img/([\w-]+\.png)", (REPO / "docs" / "app.md").read_text()))
     assert used and used <= saved
