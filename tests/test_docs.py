@@ -97,6 +97,15 @@ def test_every_plan_key_and_method_setting_is_documented(site):
             )
 
 
+def test_every_metric_is_documented(site):
+    from spectra.linalg.metrics import METRICS
+
+    cells = first_cells((site / "analysis" / "index.html").read_text())
+    assert list(METRICS)
+    for name in METRICS:
+        assert re.search(rf"\b{name}\b", cells), f"metric {name} missing from analysis.md"
+
+
 def test_every_benchmark_results_file_has_its_table(site):
     page = (site / "benchmarks" / "index.html").read_text()
     for results in sorted((REPO / "benchmarks" / "results").glob("*.json")):

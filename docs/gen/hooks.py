@@ -3,8 +3,9 @@
 A page marks a generated part with an HTML comment, replaced here:
 `<!-- gen:cli -->` (the argparse parser), `<!-- gen:plan-keys -->`,
 `<!-- gen:methods -->`, `<!-- gen:method NAME -->` (the plan code and the method
-registry), `<!-- gen:bench SECTION -->` (benchmarks/results/*.json). An unknown marker,
-or a registered method without its page docs/compressors/NAME.md, fails the build.
+registry), `<!-- gen:metrics -->` (the table of metric definitions),
+`<!-- gen:bench SECTION -->` (benchmarks/results/*.json). An unknown marker, or a
+registered method without its page docs/compressors/NAME.md, fails the build.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ sys.path[:0] = [str(HERE), str(HERE.parents[1])]  # docs/gen, then the repositor
 
 import bench_ref  # noqa: E402
 import cli_ref  # noqa: E402
+import metrics_ref  # noqa: E402
 import plan_ref  # noqa: E402
 from mkdocs.exceptions import PluginError  # noqa: E402
 
@@ -28,6 +30,8 @@ MARKER = re.compile(r"<!-- gen:([\w-]+)(?: ([\w:%.-]+))? -->")
 def _generate(kind: str, arg: str | None) -> str:
     if kind == "cli":
         return cli_ref.render()
+    if kind == "metrics":
+        return metrics_ref.render()
     if kind == "plan-keys":
         return plan_ref.render_keys()
     if kind == "methods":
