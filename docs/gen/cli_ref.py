@@ -43,7 +43,17 @@ def _cell(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def _argument_row(a: argparse.Action) -> str:
+def _exclusive(parser: argparse.ArgumentParser) -> dict[argparse.Action, str]:
+    """Action -> a note naming the other members of its mutually exclusive group."""
+    notes = {}
+    for group in parser._mutually_exclusive_groups:
+        names = ", ".join(f"`{a.option_strings[-1]}`" for a in group._group_actions)
+        for a in group._group_actions:
+            notes[a] = f"{'exactly' if group.required else 'at most'} one of {names}"
+    return notes
+
+
+def _argument_row(a: argparse.Action, exclusive: str = "") -> str:
     if a.option_strings:
         name = ", ".join(f"`{s}`" for s in a.option_strings)
         if a.nargs != 0:  # takes a value
@@ -51,7 +61,7 @@ def _argument_row(a: argparse.Action) -> str:
             name += f" `{metavar}`" if a.nargs != "?" else f" `[{metavar}]`"
     else:
         name = f"`{a.metavar or a.dest.upper()}`"
-    notes = []
+    notes = [exclusive] if exclusive else []
     if a.choices:
         notes.append("one of " + ", ".join(f"`{c}`" for c in a.choices))
     if a.required and a.option_strings:
@@ -89,7 +99,8 @@ def render(parser: argparse.ArgumentParser | None = None) -> str:
         args = arguments(sub)
         if args:
             out.append("| argument | what it does | notes |\n| --- | --- | --- |")
-            out.extend(_argument_row(a) for a in args)
+            exclusive = _exclusive(sub)
+            out.extend(_argument_row(a, exclusive.get(a, "")) for a in args)
             out.append("")
     return "\n".join(out)
 
