@@ -202,18 +202,21 @@ def row_error(spec: str, name: str, settings: tuple, calib_key: str | None = Non
     """(weight error, calibration-weighted error or None) of one module under one
     setting (settings as sorted items; `calib_key`: the calibration folder, if any)."""
     # deferred: torch, needed only once a preview, an error or an allocation is asked for
-    from compressors.registry import make_config
+    from compressors.registry import METHODS, make_config
     from spectra.preview import module_errors
 
     config = make_config(**dict(settings))
+    method = METHODS[config.method]
     calib = _module_calibration(spec, name, calib_key)
-    sigma = sigmas(spec).get(name) if config.method == "lowrank" else None
-    if calib is None and config.method == "lowrank" and config.rank and not config.whiten:
-        return module_errors(None, config, sigma)
+    sigma = sigmas(spec).get(name) if method.spectral else None
+    if calib is None and sigma is not None and method.errors is not None:
+        got = method.errors(config, None, sigma, None, None)  # the spectrum suffices
+        if got is not None:
+            return got
     weight = next(m for m in models.matrices(spec) if m.name == name).read()
     curves = None
-    if calib is not None and config.method == "lowrank" and config.whiten:
-        curves = whitened_curves(spec, name, calib_key)
+    if calib is not None and method.curves is not None and method.needs_data(config):
+        curves = calibrated_curves(spec, name, calib_key, config.method)
     return module_errors(weight, config, sigma, calib, curves)
 
 
@@ -243,13 +246,14 @@ def calibration_block(spec: str, calib_key: str, block: int | None):
 
 
 @st.cache_resource(show_spinner=False, max_entries=512)
-def whitened_curves(spec: str, name: str, calib_key: str):
-    """Whitened low rank's (weight, calibration-weighted) error at every rank: one SVD."""
-    from spectra.preview import whitened_curves as curves
+def calibrated_curves(spec: str, name: str, calib_key: str, method: str):
+    """A method's calibrated (weight, calibration-weighted) error at every rank, from one
+    factorization (whitened low rank: one SVD of W L)."""
+    from compressors.registry import METHODS
 
     weight = next(m for m in models.matrices(spec) if m.name == name).read()
     h, _ = calibration_block(spec, calib_key, roles.block_of(name))[name]
-    return curves(weight, h)
+    return METHODS[method].curves(weight, h)
 
 
 @st.cache_data(show_spinner=False)

@@ -23,23 +23,12 @@ from torch import nn
 
 from compressors.activations import block_grams
 from compressors.base import Calibration, h_norm, relative_error
-from compressors.registry import compress
+from compressors.registry import compress, method_of, needs_data
 from compressors.targets import Target, linear_targets
 from spectra.errors import SpectraInputError
 from spectra.linalg.parallel import parallel_map
 
-__all__ = ["Target", "apply", "linear_targets", "needs_data"]
-
-DATA_AWARE = {
-    "caldera": None,
-    "lowrank": "whiten",
-    "joint": "whiten",
-    "losparse": "whiten",
-    "mpo": "whiten",
-    "quant": "gptq",
-    "prune": "wanda",
-}  # each method's calibrated switch (what the app's "calibrated" toggles); None: always
-OTHER_DATA_FLAGS = {"prune": ("sparsegpt",)}  # further calibrated forms of a method
+__all__ = ["Target", "apply", "linear_targets", "needs_data", "set_module"]
 
 
 @dataclass
@@ -54,16 +43,6 @@ class ModuleReport:
     rel_error: float
     calib_error: float | None
     seconds: float
-
-
-def needs_data(config) -> bool:
-    if config.method not in DATA_AWARE:
-        return False
-    flag = DATA_AWARE[config.method]
-    if flag is None:
-        return True
-    flags = (flag, *OTHER_DATA_FLAGS.get(config.method, ()))
-    return any(bool(getattr(config, f)) for f in flags)
 
 
 def apply(model, entries, grams=None, progress=None, calib_ids=None, on_grams=None, mapper=None):
@@ -116,7 +95,7 @@ def apply(model, entries, grams=None, progress=None, calib_ids=None, on_grams=No
             if block == last:  # later blocks' inputs are not needed
                 break
         for name, module in state.deferred.items():
-            _set_module(model, name, module)
+            set_module(model, name, module)
         state.deferred = None
     elif data:
         for block in sorted({e.block for e in todo if needs_data(e.config)}):
@@ -141,7 +120,7 @@ class _Run:
         units: list[list] = []
         groups: dict[tuple, list] = {}
         for e in entries:
-            if e.config.method == "joint":
+            if method_of(e.config).grouped:
                 groups.setdefault((e.source, e.group), []).append(e)
             else:
                 units.append([e])
@@ -171,16 +150,16 @@ class _Run:
     def _install(self, job: _Job, f, seconds: float) -> None:
         members, config, mods, weights, calib = job
         new = compact_modules(f, config, mods)
-        if config.method == "joint":
+        if method_of(config).grouped:
             dense = [f.member_dense(i) for i in range(len(members))]
         else:
             dense = [f.to_dense()]
         for e, w, d, module, old in zip(members, weights, dense, new, mods, strict=True):
             if self.deferred is None:
-                _set_module(self.model, e.name, module)
+                set_module(self.model, e.name, module)
             else:
                 self.deferred[e.name] = module
-                _set_module(self.model, e.name, _stand_in(old, d, w))
+                set_module(self.model, e.name, _stand_in(old, d, w))
             self.factorizations[e.name] = f
             self.reports.append(
                 ModuleReport(
@@ -228,14 +207,14 @@ def _factorize(job: _Work):
 def factorize(config, weights: list[torch.Tensor], calib=None):
     """The factorization of one module's weight, or of a joint group's weights (on the
     weights' device; computed on the CPU, see registry.compress)."""
-    return compress(weights if config.method == "joint" else weights[0], config, calib)
+    return compress(weights if method_of(config).grouped else weights[0], config, calib)
 
 
 def compact_modules(f, config, dense: list[nn.Module]) -> list[nn.Module]:
     """The compact modules replacing `dense` (one module, or a joint group's members),
     each keeping its dense module's bias."""
     biases = [m.bias.detach() if m.bias is not None else None for m in dense]
-    return f.member_modules(biases) if config.method == "joint" else [f.as_module(biases[0])]
+    return f.member_modules(biases) if method_of(config).grouped else [f.as_module(biases[0])]
 
 
 def _stand_in(old: nn.Module, dense: torch.Tensor, weight: torch.Tensor) -> nn.Linear:
@@ -258,7 +237,8 @@ def as_float64(block: dict) -> dict:
     }
 
 
-def _set_module(model, name: str, module: nn.Module) -> None:
+def set_module(model, name: str, module: nn.Module) -> None:
+    """Put `module` at the dotted `name` of `model`."""
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
 

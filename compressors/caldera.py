@@ -39,17 +39,23 @@ from compressors.base import (
     h_norm,
     require_int,
 )
+from compressors.method import Floor, Knob, Method, residuals
 from compressors.quant import (
+    QUANTIZERS,
+    QuantConfig,
     Quantized,
     check_e8p_shape,
     check_quantizer,
     hessian_inverse_factor,
     ldlq,
 )
+from compressors.quant import compress as quantize_rtn
 from compressors.rotation import Rotation
 
 FACTOR_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
 SEED_BITS = 64
+GRID_BITS = (2, 3, 4)  # backbone bits x ranks offered to allocation
+GRID_RANKS = (16, 32, 64)
 
 
 @dataclass(frozen=True)
@@ -316,3 +322,65 @@ def _cast(f, dtype):
     return Quantized(
         f.codes.to(torch.uint8), f.scales.to(dtype), f.zeros.to(dtype), f.nbits, f.group_size
     )
+
+
+# planning: backbone bits x ranks, damage by a data-free proxy
+
+
+def grid(m: int, n: int, floor: Floor, spectral: bool = False) -> list[CalderaConfig]:
+    lo = floor.min_rank(min(m, n))
+    configs = [
+        CalderaConfig(rank=r, bits=b)
+        for r in GRID_RANKS
+        if lo <= r <= min(m, n)
+        for b in GRID_BITS
+        if b >= floor.bits
+    ]
+    return [c for c in configs if c.cost(m, n)[1] < DENSE_BITS * m * n]
+
+
+def candidates(mod, dmg, floor: Floor, sigma=None, quick: bool = False) -> list[tuple]:
+    """(config, damage) with the damage of W_r + RTN(W - W_r) at the same bits: a proxy
+    that orders the settings (the real CALDERA error is smaller)."""
+    m, n = mod.shape
+    residual = residuals(mod.weight)
+    out = []
+    for config in grid(m, n, floor):
+        rtn = QuantConfig(bits=config.bits, group_size=config.group_size)
+        r = residual(config.rank)
+        out.append((config, dmg(mod, r - quantize_rtn(r, rtn).to_dense().to(r.dtype))))
+    return out
+
+
+METHOD = Method(
+    name="caldera",
+    config_cls=CalderaConfig,
+    compress=compress,
+    summary="Q + L R: a 2..8-bit backbone Q and rank-r factors L, R quantized to "
+    "factor_bits, fitted to the calibration-weighted error",
+    paper="CALDERA (Saha et al. 2024)",
+    data="required",
+    knobs=(
+        Knob("rank", "rank r of L R, 1..min(m, n)", 32, "int", 1),
+        Knob("bits", "bits per entry of the backbone Q", 2, "int", 2, 8),
+        Knob(
+            "factor_bits", "bits per entry of L and R: 2..8, or 16 (unquantized)", 4, "int", 2, 16
+        ),
+        Knob("group_size", "columns sharing one scale and zero point", 64, "int", 1),
+        Knob("iters", "outer iterations (Q update, then L R update)", 20, "int", 1),
+        Knob("lplr_iters", "quantized refinement steps of L and R per iteration", 1, "int", 0),
+        Knob("incoherence", "apply the seeded random rotations", True, "bool"),
+        Knob("seed", "seed of the rotations", 0, "int", 0),
+        Knob(
+            "quantizer",
+            "Q's codebook: scalar (group-wise grid) or e8p (2-bit E8 lattice)",
+            "scalar",
+            "choice",
+            choices=QUANTIZERS,
+        ),
+    ),
+    columns=("rank", "bits", "factor_bits"),
+    defaults=lambda m, n: {"rank": min(32, m, n)},
+    grid=grid,
+    candidates=candidates,
+)

@@ -26,6 +26,7 @@ from torch import nn
 
 from compressors import factors
 from compressors.base import (
+    DENSE_BITS,
     Calibration,
     Factorization,
     check_rank,
@@ -33,6 +34,12 @@ from compressors.base import (
     require_int,
     whitening_factor,
 )
+from compressors.lowrank import FACTOR_KNOBS, LowRankConfig, half_rank, rank_grid
+from compressors.lowrank import candidates as lowrank_candidates
+from compressors.lowrank import grid as lowrank_grid
+from compressors.method import Floor, Knob, Method, break_even_rank
+
+FAMILIES = (("q", "k", "v"), ("gate", "up"))  # sibling roles that read one input
 
 
 @dataclass(frozen=True)
@@ -163,3 +170,101 @@ def compress(weight, config: JointConfig, calib: Calibration | None = None) -> J
         factors.quantize_factor(v.to(dtype), fb, gs),
         [factors.quantize_factor(x, fb, gs) for x in a],
     )
+
+
+# planning: a group's shared ranks and their damage; a lone member plans as lowrank
+
+
+def group_grid(shapes: list[tuple[int, int]], floors: list[Floor], spectral: bool):
+    """Shared ranks offered to a group (stacked rows, one input size)."""
+    n, total_m = shapes[0][1], sum(m for m, _ in shapes)
+    lo = max(f.min_rank(min(s)) for s, f in zip(shapes, floors, strict=True))
+    return [JointConfig(rank=k) for k in rank_grid(lo, break_even_rank(total_m, n), spectral)]
+
+
+def group_candidates(group: list, dmg, floors: list[Floor]) -> list[tuple]:
+    """(config, damage) per shared rank, the damage summed over the members."""
+    closed = dmg.spectral or dmg.calib(group[0]) is not None
+    ks = [c.rank for c in group_grid([g.shape for g in group], floors, closed)]
+    if not ks:
+        return []
+    calib = dmg.calib(group[0])
+    if calib is not None:
+        return _whitened_candidates(group, dmg, ks, calib)
+    stacked = torch.cat([g.weight for g in group]).double()
+    _, _, vh = torch.linalg.svd(stacked, full_matrices=False)
+    v = vh.T  # (n, min)
+    projections = [g.weight.double() @ v for g in group]  # W_i V
+    out = []
+    if dmg.spectral:
+        cums = [torch.cumsum(p.pow(2).sum(0), 0) for p in projections]
+        norms = [float(g.weight.double().pow(2).sum()) for g in group]
+    for k in ks:
+        if dmg.spectral:
+            d = sum(
+                dmg.relative(g.name, nrm - float(c[k - 1]), nrm)
+                for g, c, nrm in zip(group, cums, norms, strict=True)
+            )
+        else:
+            d = sum(
+                dmg(g, (g.weight.double() - p[:, :k] @ v[:, :k].T).float())
+                for g, p in zip(group, projections, strict=True)
+            )
+        out.append((JointConfig(rank=k), d))
+    return out
+
+
+def _whitened_candidates(group: list, dmg, ks: list[int], calib) -> list[tuple]:
+    """Whitened joint: member i's error at rank k is ||W_i L||^2 - ||W_i L Q_k||^2."""
+    chol = whitening_factor("joint", calib)
+    white = [g.weight.double() @ chol for g in group]
+    _, _, vh = torch.linalg.svd(torch.cat(white), full_matrices=False)
+    # member i's whitened error at rank k: the columns k.. of W_i L Q (plus what lies
+    # outside Q's span, which is nothing when the stack has full column rank)
+    terms = [dmg.whitened_terms(g, x @ vh.T) for g, x in zip(group, white, strict=True)]
+    norms = [float(dmg.whitened_terms(g, x).sum()) for g, x in zip(group, white, strict=True)]
+    cums = [torch.cumsum(t, 0) for t in terms]
+    out = []
+    for k in ks:
+        d = sum(max(nrm - float(c[k - 1]), 0.0) for c, nrm in zip(cums, norms, strict=True))
+        out.append((JointConfig(rank=k, whiten=True), d))
+    return out
+
+
+def member_costs(config: JointConfig, shapes: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """(params, bits) per member: the shared V is counted with the first member."""
+    n = shapes[0][1]
+    params = [config.rank * (m + (n if i == 0 else 0)) for i, (m, _) in enumerate(shapes)]
+    return [(p, DENSE_BITS * p) for p in params]
+
+
+def alone(config: JointConfig, shape: tuple[int, int]) -> LowRankConfig:
+    """A member alone is its own rank-k SVD (what a one-module preview shows)."""
+    return LowRankConfig(rank=min(config.rank, *shape), whiten=config.whiten)
+
+
+METHOD = Method(
+    name="joint",
+    config_cls=JointConfig,
+    compress=compress,
+    summary="for siblings reading one input (q,k,v / gate,up): one shared V (n x r) and "
+    "each W_i V (m_i x r)",
+    paper="Data-free Joint Rank-k Approximation (Peng et al. 2024)",
+    data="whiten",
+    knobs=(
+        Knob("rank", "shared rank k, 1..min(sum m_i, n)", 64, "int", 1),
+        Knob("whiten", "activation-aware shared basis (needs calibration)", False, "bool"),
+        *FACTOR_KNOBS,
+    ),
+    flags=("whiten",),
+    columns=("rank",),
+    defaults=lambda m, n: {"rank": half_rank(m, n)},
+    grid=lowrank_grid,
+    candidates=lowrank_candidates,
+    spectral=True,
+    families=FAMILIES,
+    group_grid=group_grid,
+    group_candidates=group_candidates,
+    member_costs=member_costs,
+    alone=alone,
+)

@@ -20,6 +20,7 @@ after the alternation; the sparse values stay 16-bit.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -38,10 +39,13 @@ from compressors.base import (
     require_int,
     whitening_factor,
 )
-from compressors.lowrank import LowRankLinear
+from compressors.lowrank import FACTOR_KNOBS, LowRankLinear, half_rank
+from compressors.method import Floor, Knob, Method, break_even_rank, residuals
 from compressors.sparse import CSR, SparseLinear, top_k_mask
 
 STRUCTURES = ("none", "rows")
+RANK_FRACTIONS = (1 / 16, 1 / 8, 1 / 4, 1 / 2)  # of the break-even rank, for allocation
+SPARSITIES = (0.9, 0.95, 0.98, 0.99)
 
 
 @dataclass(frozen=True)
@@ -202,3 +206,87 @@ def _keep(residual: torch.Tensor, config: LoSparseConfig, chol=None) -> torch.Te
             size = size * chol.norm(dim=1)[None, :]
         mask = top_k_mask(size, round((1 - config.sparsity) * m * n))
     return residual * mask
+
+
+# planning: ranks (fractions of the break-even rank) x residual sparsities
+
+
+def grid(m: int, n: int, floor: Floor, spectral: bool = False) -> list[LoSparseConfig]:
+    rmax = break_even_rank(m, n)
+    lo = floor.min_rank(min(m, n))
+    ranks = sorted({max(lo, max(1, round(f * rmax))) for f in RANK_FRACTIONS})
+    configs = [LoSparseConfig(rank=r, sparsity=sp) for r in ranks for sp in SPARSITIES]
+    return [c for c in configs if c.cost(m, n)[0] < m * n]
+
+
+def candidates(mod, dmg, floor: Floor, sigma=None, quick: bool = False) -> list[tuple]:
+    """(config, damage) per setting of LoSparse's init (iters 0): one SVD, the residual's
+    largest entries kept; whitened (by Wanda's score) under calibration damage."""
+    m, n = mod.shape
+    calib = dmg.calib(mod)
+    if calib is not None:
+        return _whitened_candidates(mod, dmg, floor, calib)
+    residual = residuals(mod.weight)
+    order = functools.cache(lambda r: torch.argsort(residual(r).abs().reshape(-1), descending=True))
+    out = []
+    for config in grid(m, n, floor):
+        flat, largest = residual(config.rank).reshape(-1), order(config.rank)
+        keep = m * n - round(config.sparsity * m * n)  # residual entries kept in S
+        e = flat.clone()
+        e[largest[:keep]] = 0  # the kept entries leave no error
+        out.append((config, dmg(mod, e.reshape(m, n))))
+    return out
+
+
+def _whitened_candidates(mod, dmg, floor: Floor, calib) -> list[tuple]:
+    """Whitened losparse (iters 0): U V = trunc_r(W L) L^{-1}, residual kept by Wanda score."""
+    m, n = mod.shape
+    w = mod.weight.double()
+    chol = whitening_factor("losparse", calib)
+    u, s, vh = torch.linalg.svd(w @ chol, full_matrices=False)
+    back = torch.linalg.solve_triangular(chol, vh, upper=False, left=False)  # V^T L^{-1}
+    col = chol.norm(dim=1)[None, :]
+    out = []
+    for config in grid(m, n, floor):
+        r = config.rank
+        residual = w - (u[:, :r] * s[:r]) @ back[:r]
+        keep = m * n - round(config.sparsity * m * n)
+        largest = torch.argsort((residual.abs() * col).reshape(-1), descending=True)
+        e = residual.reshape(-1).clone()
+        e[largest[:keep]] = 0
+        config = LoSparseConfig(
+            rank=r, sparsity=config.sparsity, structured=config.structured, whiten=True
+        )
+        out.append((config, dmg(mod, e.reshape(m, n))))
+    return out
+
+
+METHOD = Method(
+    name="losparse",
+    config_cls=LoSparseConfig,
+    compress=compress,
+    summary="U V + S: a rank-r SVD part and the residual kept sparse (unstructured or rows)",
+    paper="LoSparse (Li et al. 2023), post-training form",
+    data="whiten",
+    knobs=(
+        Knob("rank", "rank r of U V, 1..min(m, n)", 8, "int", 1),
+        Knob(
+            "sparsity", "fraction of the residual set to zero, in [0, 1)", 0.95, "float", 0.0, 1.0
+        ),
+        Knob(
+            "structured",
+            "none (top-|S| entries) or rows (whole rows of S)",
+            "none",
+            "choice",
+            choices=STRUCTURES,
+        ),
+        Knob("iters", "alternating refinement steps after the SVD init", 0, "int", 0),
+        Knob("whiten", "activation-aware low-rank part and residual scores", False, "bool"),
+        *FACTOR_KNOBS,
+    ),
+    flags=("whiten",),
+    columns=("rank", "sparsity"),
+    defaults=lambda m, n: {"rank": max(1, half_rank(m, n) // 2), "sparsity": 0.95},
+    grid=grid,
+    candidates=candidates,
+)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -24,7 +25,10 @@ from compressors.base import (
     config_error,
     whitening_factor,
 )
-from spectra.linalg.metrics import energy_rank
+from compressors.method import Floor, Knob, Method, break_even_rank, tail_sums
+from compressors.spectrum import energy_rank, rank_error_curve
+
+GRID = 48  # ranks offered per module when each rank's damage costs a reconstruction
 
 
 @dataclass(frozen=True)
@@ -139,3 +143,135 @@ def compress(
         factors.quantize_factor(a.to(weight.dtype), fb, gs),
         factors.quantize_factor(b.to(weight.dtype), fb, gs),
     )
+
+
+# planning: the settings offered to allocation, their damage, previews' closed forms
+
+
+def rank_grid(lo: int, hi: int, spectral: bool) -> list[int]:
+    """Every rank lo..hi when damages are closed forms (or few), else GRID of them."""
+    if hi < lo:
+        return []
+    if spectral or hi - lo + 1 <= GRID:
+        return list(range(lo, hi + 1))
+    return sorted({int(round(x)) for x in np.linspace(lo, hi, GRID)})
+
+
+def grid(m: int, n: int, floor: Floor, spectral: bool = False) -> list[LowRankConfig]:
+    """Ranks from the role's floor up to the break-even rank."""
+    ranks = rank_grid(floor.min_rank(min(m, n)), break_even_rank(m, n), spectral)
+    return [LowRankConfig(rank=r) for r in ranks]
+
+
+def candidates(mod, dmg, floor: Floor, sigma=None, quick: bool = False) -> list[tuple]:
+    """(config, damage) per rank: tail sums of the spectrum (of W L when whitened) where
+    damage allows, else one SVD and the error at each rank. `sigma`: W's singular
+    values when known."""
+    m, n = mod.shape
+    closed = dmg.spectral or dmg.calib(mod) is not None  # every rank costs a tail sum
+    ranks = [c.rank for c in grid(m, n, floor, closed)]
+    if not ranks:
+        return []
+    if dmg.spectral:
+        if sigma is None:
+            sigma = torch.linalg.svdvals(mod.weight.double())
+        tail = tail_sums(torch.as_tensor(np.asarray(sigma), dtype=torch.float64).pow(2))
+        return [(LowRankConfig(rank=r), dmg.relative(mod.name, tail[r], tail[0])) for r in ranks]
+    calib = dmg.calib(mod)
+    if calib is not None:
+        # whitened: ||(W - W_r) X^T||_F^2 = sum_{i>r} s_i^2 of W L (activation-aware
+        # spectrum); with output weights, component i costs s_i^2 * sum_j g_j u_ji^2
+        chol = whitening_factor("lowrank", calib)
+        white = mod.weight.double() @ chol
+        if dmg.out_weights(mod) is None:  # the singular values are enough
+            s2 = torch.linalg.svdvals(white).pow(2)
+            tail = tail_sums(s2 / s2.sum())
+        else:
+            u, s, _ = torch.linalg.svd(white, full_matrices=False)
+            tail = tail_sums(dmg.whitened_terms(mod, u * s))
+        return [(LowRankConfig(rank=r, whiten=True), tail[r]) for r in ranks]
+    u, s, vh = torch.linalg.svd(mod.weight, full_matrices=False)
+    e = mod.weight.clone()
+    done, out = 0, []
+    for r in ranks:
+        e -= (u[:, done:r] * s[done:r]) @ vh[done:r]
+        done = r
+        out.append((LowRankConfig(rank=r), dmg(mod, e)))
+    return out
+
+
+def curves(weight, hessian) -> tuple[np.ndarray, np.ndarray]:
+    """(weight errors, calibration-weighted errors) of whitened low rank at every rank k
+    (index k), from one SVD of W L: with W L = U S V^T and b_i = v_i^T L^{-1},
+    ||W - W_k||_F^2 = sum_{i>k} s_i^2 ||b_i||^2 and ||(W - W_k) X^T||_F^2 = sum_{i>k} s_i^2
+    (H regularised by the whitening jitter, as the compressor does)."""
+    w = torch.as_tensor(np.asarray(weight)).to(torch.float64)
+    chol = whitening_factor("lowrank", Calibration(torch.as_tensor(hessian), 0))
+    _, s, vt = torch.linalg.svd(w @ chol, full_matrices=False)
+    b = torch.linalg.solve_triangular(chol, vt, upper=False, left=False)
+    s2 = s.pow(2)
+    tail = lambda t: torch.flip(torch.cumsum(torch.flip(t, (0,)), 0), (0,))  # noqa: E731
+    zero = torch.zeros(1, dtype=torch.float64)
+    calib = torch.cat([tail(s2), zero]) / s2.sum()
+    weight_err = torch.cat([tail(s2 * b.pow(2).sum(1)), zero]) / w.pow(2).sum()
+    return weight_err.clamp_min(0).sqrt().numpy(), calib.clamp_min(0).sqrt().numpy()
+
+
+def errors(config: LowRankConfig, weight, sigma=None, calib=None, curves=None):
+    """Closed-form (weight error, calibration-weighted error or None) of a rank setting:
+    from `curves` (whitened, with calibration) or from the spectrum (plain, without);
+    None where one compression is needed."""
+    if config.rank is None:
+        return None
+    if config.whiten and curves is not None:
+        k = min(config.rank, len(curves[0]) - 1)
+        return float(curves[0][k]), float(curves[1][k])
+    if not config.whiten and calib is None:
+        if sigma is None:
+            sigma = torch.linalg.svdvals(torch.as_tensor(weight).double()).numpy()
+        curve = rank_error_curve(np.asarray(sigma))
+        return float(curve[min(config.rank, len(curve) - 1)]), None
+    return None
+
+
+def half_rank(m: int, n: int) -> int:
+    """The rank that stores half of an (m, n) weight's numbers."""
+    return max(1, m * n // (2 * (m + n)))
+
+
+FACTOR_KNOBS = (
+    Knob("factor_bits", "bits per factor entry: 2..8, or 16 (unquantized)", 16, "int", 2, 16),
+    Knob("factor_group_size", "factor entries sharing a scale and zero point", 64, "int", 1),
+)
+
+METHOD = Method(
+    name="lowrank",
+    config_cls=LowRankConfig,
+    compress=compress,
+    summary="U (m x r) and V (r x n) of the truncated SVD; optionally whitened by the "
+    "calibration Gram",
+    paper="Eckart-Young truncated SVD; whitening: SVD-LLM (Wang et al. 2024)",
+    data="whiten",
+    knobs=(
+        Knob("rank", "kept rank r, 1..min(m, n); give this or energy", None, "int", 1),
+        Knob(
+            "energy",
+            "keep the least rank whose share of ||W||_F^2 reaches this, in (0, 1]",
+            None,
+            "float",
+            0.0,
+            1.0,
+            overrides=("rank",),
+        ),
+        Knob("whiten", "activation-aware truncation (needs calibration)", False, "bool"),
+        *FACTOR_KNOBS,
+    ),
+    flags=("whiten",),
+    columns=("rank", "energy"),
+    defaults=lambda m, n: {"rank": half_rank(m, n)},
+    grid=grid,
+    candidates=candidates,
+    spectral=True,
+    errors=errors,
+    curves=curves,
+)

@@ -36,10 +36,14 @@ from torch import nn
 
 from compressors import factors
 from compressors.base import DENSE_BITS, Calibration, Factorization, config_error, h_norm
+from compressors.lowrank import FACTOR_KNOBS
+from compressors.method import Floor, Knob, Method
 from spectra.linalg import mpo as tt
 
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)  # exponents of the input scaling tried when calibrated
 CG_STEPS = 6  # conjugate-gradient steps per core and sweep
+GRID_CORES = 3  # allocation offers this many cores x GRID_BONDS bond dimensions
+GRID_BONDS = 12
 
 
 @dataclass(frozen=True)
@@ -322,3 +326,75 @@ def _shift_left(prev: torch.Tensor, c: torch.Tensor):
     q, rr = torch.linalg.qr(c.reshape(r, mk * nk * r2).T)
     prev = (prev.reshape(-1, r) @ rr.T).reshape(*prev.shape[:3], rr.shape[0])
     return prev, q.T.reshape(q.shape[1], mk, nk, r2)
+
+
+# planning: bond dimensions on a geometric grid, damage by the TT-SVD bound
+
+
+def grid(m: int, n: int, floor: Floor, spectral: bool = False) -> list[MPOConfig]:
+    mf, nf = tt.factorize(m, GRID_CORES), tt.factorize(n, GRID_CORES)
+    top = max(tt.full_bond_dims(mf, nf))
+    chis = sorted({int(round(x)) for x in np.geomspace(2, top, GRID_BONDS)})
+    configs = [MPOConfig(cores=GRID_CORES, bond_dim=chi) for chi in chis]
+    return [c for c in configs if c.cost(m, n)[0] < m * n]
+
+
+def candidates(mod, dmg, floor: Floor, sigma=None, quick: bool = False) -> list[tuple]:
+    """(config, damage): the TT-SVD bound (sum of squared bond tails, exact for one bond)
+    under weight damage, of W D (D = diag(H)^(1/2)) when calibrated, else one
+    compression per setting."""
+    m, n = mod.shape
+    mf, nf = tt.factorize(m, GRID_CORES), tt.factorize(n, GRID_CORES)
+    w = mod.weight.double().numpy()
+    calib = dmg.calib(mod)
+    if calib is not None:
+        return _calibrated_candidates(mod, dmg, floor, calib, mf, nf)
+    spectra = tt.bond_spectra(w, mf, nf) if dmg.spectral else None
+    out = []
+    for config in grid(m, n, floor):
+        if dmg.spectral:
+            err2 = sum(float(np.sum(s[config.bond_dim :] ** 2)) for s in spectra)
+            d = dmg.relative(mod.name, err2, float(np.sum(w * w)))
+        else:
+            d = dmg(mod, mod.weight - compress(mod.weight, config).to_dense().to(w.dtype))
+        out.append((config, d))
+    return out
+
+
+def _calibrated_candidates(mod, dmg, floor: Floor, calib, mf, nf) -> list[tuple]:
+    """Calibrated mpo, damage by the TT-SVD bound of W D with D = diag(H)^(1/2)."""
+    m, n = mod.shape
+    d = calib.col_norms.double().clamp_min(1e-12)
+    wd = (mod.weight.double() * d[None, :]).numpy()
+    spectra = tt.bond_spectra(wd, mf, nf)
+    total = float(np.sum(wd * wd))
+    out = []
+    for config in grid(m, n, floor):
+        config = MPOConfig(cores=config.cores, bond_dim=config.bond_dim, whiten=True)
+        if config.cost(m, n)[0] >= m * n:
+            continue
+        err2 = sum(float(np.sum(s[config.bond_dim :] ** 2)) for s in spectra)
+        out.append((config, dmg.calib_relative(mod, err2, total)))
+    return out
+
+
+METHOD = Method(
+    name="mpo",
+    config_cls=MPOConfig,
+    compress=compress,
+    summary="K MPO (tensor-train) cores with bonds capped at bond_dim, by TT-SVD; the "
+    "forward contracts the cores with the input",
+    paper="CompactifAI (Tomut et al. 2024)",
+    data="whiten",
+    knobs=(
+        Knob("cores", "number of MPO cores K", 3, "int", tt.MIN_CORES, tt.MAX_CORES),
+        Knob("bond_dim", "maximum bond dimension chi", 32, "int", 1),
+        Knob("whiten", "input scaling and H-weighted sweeps (needs calibration)", False, "bool"),
+        Knob("sweeps", "H-weighted ALS sweeps of the calibrated form", 2, "int", 0),
+        *FACTOR_KNOBS,
+    ),
+    flags=("whiten",),
+    columns=("cores", "bond_dim"),
+    grid=grid,
+    candidates=candidates,
+)

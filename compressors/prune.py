@@ -36,10 +36,13 @@ from typing import ClassVar
 import torch
 
 from compressors.base import DENSE_BITS, Calibration, Factorization, config_error, csr_index_bits
+from compressors.method import Floor, Knob, Method
 from compressors.sparse import CSR, SparseLinear, nm_mask, top_k_mask
 
 SPARSEGPT_BLOCK = 128  # columns per mask-selection block (the reference's blocksize)
 MAX_GROUP = 128  # the largest M of an N:M pattern
+GRID_SPARSITY = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)  # offered to allocation
+PATTERNS = ("2:4", "4:8")  # the semi-structured patterns the app offers
 
 
 def parse_pattern(pattern: str) -> tuple[int, int]:
@@ -222,3 +225,107 @@ def sparsegpt(
         if b1 < n:
             w[:, b1:] -= err @ u[b0:b1, b1:]
     return w * keep, keep
+
+
+# planning: sparsities and the 2:4 pattern, per scorer
+
+
+def grid(m: int, n: int, floor: Floor, spectral: bool = False) -> list[PruneConfig]:
+    if floor.bits > 0 or floor.rank > 0:
+        return []  # a floor on this role: pruning cannot honour it
+    return [PruneConfig(sparsity=s) for s in GRID_SPARSITY]
+
+
+def candidates(mod, dmg, floor: Floor, sigma=None, quick: bool = False) -> list[tuple]:
+    """(config, damage): magnitude pruning read off the sorted magnitudes; under
+    calibration damage Wanda and SparseGPT measured on their result (`quick`: Wanda
+    only, one OBS reconstruction per sparsity spared)."""
+    m, n = mod.shape
+    configs = grid(m, n, floor)
+    if not configs:
+        return []
+    calib = dmg.calib(mod)
+    if calib is not None:  # Wanda: |W| ||X_j|| per output row; SparseGPT: OBS under H
+        kinds = ("wanda",) if quick else ("wanda", "sparsegpt")
+        out = []
+        for config in configs:
+            for kind in kinds:
+                config = PruneConfig(sparsity=config.sparsity, **{kind: True})
+                kept = compress(mod.weight, config, calib).to_dense()
+                out.append((config, dmg(mod, mod.weight - kept.to(mod.weight.dtype))))
+        return out + _semi_structured(mod, dmg, kinds, calib)
+    mags = mod.weight.reshape(-1).abs()
+    order = torch.argsort(mags)
+    sq = mags[order].double().pow(2)
+    cum = torch.cumsum(sq, 0)
+    out = []
+    for config in configs:
+        k = round(config.sparsity * m * n)  # the k smallest magnitudes are zeroed
+        if dmg.spectral:
+            d = dmg.relative(mod.name, float(cum[k - 1]) if k else 0.0, float(cum[-1]))
+        else:
+            e = torch.zeros(m * n)
+            e[order[:k]] = mod.weight.reshape(-1)[order[:k]]
+            d = dmg(mod, e.reshape(m, n))
+        out.append((config, d))
+    return out + _semi_structured(mod, dmg, ("magnitude",), None)
+
+
+def _semi_structured(mod, dmg, kinds, calib) -> list[tuple]:
+    """The 2:4 pattern that engines accelerate, for each scorer, where the row divides."""
+    if mod.shape[1] % 4:
+        return []
+    out = []
+    for kind in kinds:
+        knobs = {} if kind == "magnitude" else {kind: True}
+        config = PruneConfig(pattern="2:4", **knobs)
+        e = mod.weight - compress(mod.weight, config, calib).to_dense().to(mod.weight.dtype)
+        if dmg.spectral:
+            total = float(mod.weight.double().pow(2).sum())
+            d = dmg.relative(mod.name, float(e.double().pow(2).sum()), total)
+        else:
+            d = dmg(mod, e)
+        out.append((config, d))
+    return out
+
+
+METHOD = Method(
+    name="prune",
+    config_cls=PruneConfig,
+    compress=compress,
+    summary="the kept weights in CSR (or an N:M semi-structured layout): magnitude, Wanda "
+    "or SparseGPT",
+    paper="",
+    data="optional",
+    knobs=(
+        Knob(
+            "sparsity",
+            "fraction of weights set to zero, in [0, 1) (default 0.5)",
+            None,
+            "float",
+            0.0,
+            1.0,
+        ),
+        Knob(
+            "wanda",
+            "score |W| by activation norm, per output row (needs calibration)",
+            False,
+            "bool",
+        ),
+        Knob(
+            "sparsegpt", "SparseGPT's OBS reconstruction under H (needs calibration)", False, "bool"
+        ),
+        Knob(
+            "pattern",
+            "N:M semi-structured sparsity, e.g. 2:4 (fixes the sparsity)",
+            None,
+            "choice",
+            choices=PATTERNS,
+            overrides=("sparsity",),
+        ),
+    ),
+    flags=("wanda", "sparsegpt"),
+    columns=("sparsity", "pattern"),
+    grid=grid,
+    candidates=candidates,
+)

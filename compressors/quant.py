@@ -50,8 +50,11 @@ from compressors.base import (  # noqa: F401 (re-exported)
     config_error,
     hessian_inverse_factor,
 )
+from compressors.method import Floor, Knob, Method
 
 OBSERVERS = ("minmax", "mse")
+GRID_BITS = (2, 3, 4, 5, 6, 7, 8)  # offered to allocation, at GRID_GROUP columns per group
+GRID_GROUP = 128
 SHRINKS = np.round(np.arange(1.0, 0.595, -0.01), 2)  # the mse observer's candidate factors
 
 
@@ -414,3 +417,66 @@ def _range_grid(lo, hi, bits, symmetric):
     scale = (hi - lo) / (2**bits - 1)
     scale = np.where(scale > 0, scale, 1.0)
     return scale, np.round(-lo / scale)
+
+
+# planning: bit widths, damage measured on the result (GPTQ under calibration damage)
+
+
+def allocation_grid(m: int, n: int, floor: Floor, spectral: bool = False) -> list[QuantConfig]:
+    return [QuantConfig(bits=b, group_size=GRID_GROUP) for b in GRID_BITS if b >= floor.bits]
+
+
+def candidates(mod, dmg, floor: Floor, sigma=None, quick: bool = False) -> list[tuple]:
+    m, n = mod.shape
+    calib = dmg.calib(mod)
+    if calib is None:
+        return [
+            (c, dmg(mod, mod.weight - compress(mod.weight, c).to_dense().to(mod.weight.dtype)))
+            for c in allocation_grid(m, n, floor)
+        ]
+    factor = hessian_inverse_factor(calib.hessian)  # one for every bit width
+    out = []
+    for c in allocation_grid(m, n, floor):
+        config = QuantConfig(bits=c.bits, group_size=c.group_size, gptq=True)
+        codes, scale, zero = ldlq(
+            mod.weight.double(), calib.hessian, config.bits, config.group_size, factor=factor
+        )
+        w_hat = dequantize(codes, scale, zero, config.group_size)
+        out.append((config, dmg(mod, mod.weight.double() - w_hat)))
+    return out
+
+
+METHOD = Method(
+    name="quant",
+    config_cls=QuantConfig,
+    compress=compress,
+    summary="group-wise integer codes (2..8 bits) with a scale and zero point per group; "
+    "round-to-nearest or GPTQ",
+    paper="",
+    data="optional",
+    knobs=(
+        Knob("bits", "bits per weight", 4, "int", 2, 8),
+        Knob("group_size", "input columns sharing one scale and zero point", 128, "int", 1),
+        Knob("gptq", "GPTQ error feedback through the calibration Hessian", False, "bool"),
+        Knob("act_order", "GPTQ in decreasing diag(H) (default: on with gptq)", None, "bool"),
+        Knob("symmetric", "symmetric grid, no zero point stored", False, "bool"),
+        Knob(
+            "observer",
+            "grid choice: minmax or mse (default: mse with gptq)",
+            None,
+            "choice",
+            choices=OBSERVERS,
+        ),
+        Knob(
+            "quantizer",
+            "scalar (group-wise grid) or e8p (QuIP#-style, gptq and 2 bits)",
+            "scalar",
+            "choice",
+            choices=QUANTIZERS,
+        ),
+    ),
+    flags=("gptq",),
+    columns=("bits",),
+    grid=allocation_grid,
+    candidates=candidates,
+)

@@ -1,28 +1,48 @@
-"""Method name -> (config class, compress function). Adding a method adds one line here."""
+"""Every compression method, by name: `METHODS`, in display order.
+
+A method brings one `compressors.method.Method` (kept in its own module beside its
+numerics) and is registered once: one line below for the bundled ones, one
+`register(Method(...))` call for any other. Planning, previews, the CLI and the app
+read this table and never name a method.
+"""
 
 from __future__ import annotations
 
 from compressors import caldera, joint, losparse, lowrank, mpo, prune, quant
 from compressors.base import config_error
+from compressors.method import Knob, Method
 
-REGISTRY = {
-    "lowrank": (lowrank.LowRankConfig, lowrank.compress),
-    "joint": (joint.JointConfig, joint.compress),
-    "losparse": (losparse.LoSparseConfig, losparse.compress),
-    "caldera": (caldera.CalderaConfig, caldera.compress),
-    "mpo": (mpo.MPOConfig, mpo.compress),
-    "quant": (quant.QuantConfig, quant.compress),
-    "prune": (prune.PruneConfig, prune.compress),
-}
+__all__ = ["METHODS", "Knob", "Method", "compress", "make_config", "register"]
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    """Add `method` to METHODS (a name already taken is an error, unless it is the same
+    description registered again)."""
+    old = METHODS.get(method.name)
+    if old is not None and old is not method:
+        raise ValueError(f"method {method.name!r} is already registered")
+    METHODS[method.name] = method
+    return method
+
+
+for _module in (lowrank, joint, losparse, caldera, mpo, quant, prune):
+    register(_module.METHOD)
+
+
+def method_of(config) -> Method:
+    """The registered description of a config's method."""
+    return METHODS[config.method]
 
 
 def make_config(method: str, **knobs):
     """A validated config; unknown methods and knobs are errors that name them."""
-    if method not in REGISTRY:
+    if method not in METHODS:
         raise config_error(
-            "plan", "method", method, f"unknown method (known: {', '.join(REGISTRY)})"
+            "plan", "method", method, f"unknown method (known: {', '.join(METHODS)})"
         )
-    cls = REGISTRY[method][0]
+    cls = METHODS[method].config_cls
     fields = set(cls.__dataclass_fields__)
     for k in knobs:
         if k not in fields:
@@ -33,6 +53,11 @@ def make_config(method: str, **knobs):
                 f"not a setting of {method} (settings: {', '.join(sorted(fields))})",
             )
     return cls(**knobs)
+
+
+def needs_data(config) -> bool:
+    """Whether a config reads calibration (False for None, dense)."""
+    return config is not None and method_of(config).needs_data(config)
 
 
 def compress(weight, config, calib=None):
@@ -47,7 +72,7 @@ def compress(weight, config, calib=None):
 
     group = isinstance(weight, list | tuple)
     device = (weight[0] if group else weight).device
-    fn = REGISTRY[config.method][1]
+    fn = METHODS[config.method].compress
     if device.type == "cpu":
         return fn(weight, config, calib)
     weight = [w.detach().cpu() for w in weight] if group else weight.detach().cpu()

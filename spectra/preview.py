@@ -1,8 +1,9 @@
 """Live previews for an edited plan: one module's error, and an incremental perplexity.
 
-`module_error` gives a module's relative weight error under a setting: from the
-spectrum for low rank (Eckart-Young: sqrt of the tail energy), else from one
-compression of that matrix. `Previewer` keeps a working copy of the model and, for
+`module_error` gives a module's relative weight error under a setting: from a
+closed form where its method has one (low rank: the spectrum's tail energy,
+Eckart-Young), else from one compression of that matrix. `Previewer` keeps a working
+copy of the model and, for
 each preview, swaps in only the modules whose settings changed since the last one
 (each distinct (module, setting) is compressed once and kept), then scores the
 evaluation tokens. It also records every block's output for those tokens: blocks
@@ -25,18 +26,16 @@ from torch import nn
 
 from compressors.activations import decoder_layers
 from compressors.apply import (
-    _set_module,
     as_float64,
     compact_modules,
     factorize,
     linear_targets,
-    needs_data,
+    set_module,
 )
-from compressors.base import Calibration, h_norm, relative_error, whitening_factor
-from compressors.registry import compress, make_config
+from compressors.base import Calibration, h_norm, relative_error
+from compressors.registry import METHODS, compress, needs_data
 from spectra.data import perplexity as ev
 from spectra.errors import SpectraInputError
-from spectra.linalg.metrics import rank_error_curve
 from spectra.plan.format import Plan, resolve, weight_ranks
 
 
@@ -54,24 +53,20 @@ def module_errors(weight, config, sigma=None, calib=None, curves=None):
     The weight error is ||W - W_hat||_F / ||W||_F; with `calib` (the module's
     compressors.base.Calibration) the calibration-weighted one is
     ||(W - W_hat) X^T||_F / ||W X^T||_F. Plain low rank reads `sigma` (weight may then be
-    None when there is no calib); whitened low rank reads `curves` =
-    whitened_curves(W, H) when given; everything else is one compression, exactly as
+    None when there is no calib); whitened low rank reads `curves` (its method's
+    `curves(W, H)`) when given; everything else is one compression, exactly as
     `spectra apply` builds it. Data-aware settings without `calib` are an input error.
     """
     if config is None:
         return 0.0, (0.0 if calib is not None else None)
-    if config.method == "lowrank" and config.rank is not None:
-        if config.whiten and curves is not None:
-            k = min(config.rank, len(curves[0]) - 1)
-            return float(curves[0][k]), float(curves[1][k])
-        if not config.whiten and calib is None:
-            if sigma is None:
-                sigma = torch.linalg.svdvals(torch.as_tensor(weight).double()).numpy()
-            curve = rank_error_curve(np.asarray(sigma))
-            return float(curve[min(config.rank, len(curve) - 1)]), None
+    method = METHODS[config.method]
+    if method.errors is not None:
+        got = method.errors(config, weight, sigma, calib, curves)
+        if got is not None:
+            return got
     w = torch.as_tensor(np.asarray(weight)).float()
-    if config.method == "joint":  # alone, a joint setting is its member's own rank-k SVD
-        config = make_config("lowrank", rank=min(config.rank, *w.shape), whiten=config.whiten)
+    if method.alone is not None:  # a group's member alone (joint: its own rank-k SVD)
+        config = method.alone(config, tuple(w.shape))
     if needs_data(config) and calib is None:
         raise SpectraInputError(
             f"{config.method}: a data-aware setting; its error shows once a calibration "
@@ -85,25 +80,8 @@ def module_errors(weight, config, sigma=None, calib=None, curves=None):
     return weight_err, (h_norm(w.double() - w_hat.double(), calib.hessian) / den if den else 0.0)
 
 
-def whitened_curves(weight, hessian) -> tuple[np.ndarray, np.ndarray]:
-    """(weight errors, calibration-weighted errors) of whitened low rank at every rank k
-    (index k), from one SVD of W L: with W L = U S V^T and b_i = v_i^T L^{-1},
-    ||W - W_k||_F^2 = sum_{i>k} s_i^2 ||b_i||^2 and ||(W - W_k) X^T||_F^2 = sum_{i>k} s_i^2
-    (H regularised by the whitening jitter, as the compressor does)."""
-    w = torch.as_tensor(np.asarray(weight)).to(torch.float64)
-    chol = whitening_factor("lowrank", Calibration(torch.as_tensor(hessian), 0))
-    _, s, vt = torch.linalg.svd(w @ chol, full_matrices=False)
-    b = torch.linalg.solve_triangular(chol, vt, upper=False, left=False)
-    s2 = s.pow(2)
-    tail = lambda t: torch.flip(torch.cumsum(torch.flip(t, (0,)), 0), (0,))  # noqa: E731
-    zero = torch.zeros(1, dtype=torch.float64)
-    calib = torch.cat([tail(s2), zero]) / s2.sum()
-    weight_err = torch.cat([tail(s2 * b.pow(2).sum(1)), zero]) / w.pow(2).sum()
-    return weight_err.clamp_min(0).sqrt().numpy(), calib.clamp_min(0).sqrt().numpy()
-
-
-def _joint(config) -> bool:
-    return config is not None and config.method == "joint"
+def _grouped(config) -> bool:
+    return config is not None and METHODS[config.method].grouped
 
 
 @dataclass
@@ -199,11 +177,11 @@ class Previewer:
                 "(spectra calibrate)"
             )
         # a module leaving a joint group changes the group's shared V: rebuild its rest
-        left = {n.rsplit(".", 1)[0] for n in changed if _joint(self.current.get(n))}
+        left = {n.rsplit(".", 1)[0] for n in changed if _grouped(self.current.get(n))}
         regroup = [
             n
             for n in self.targets
-            if n not in changed and _joint(self.current.get(n)) and n.rsplit(".", 1)[0] in left
+            if n not in changed and _grouped(self.current.get(n)) and n.rsplit(".", 1)[0] in left
         ]
         units: dict[tuple[str, ...], None] = {}  # a changed module, or its whole joint group
         for n in changed + regroup:
@@ -221,7 +199,7 @@ class Previewer:
                 progress(i, len(units), f"compressing {names[0]}")
             config = entries[names[0]].config
             if config is None:
-                _set_module(self.work, names[0], self.targets[names[0]][1])
+                set_module(self.work, names[0], self.targets[names[0]][1])
                 self.current.pop(names[0], None)
                 continue
             data = needs_data(config)
@@ -234,7 +212,7 @@ class Previewer:
                 self.built[key] = compact_modules(f, config, dense)
                 compressions += 1
             for n, module in zip(names, self.built[key], strict=True):
-                _set_module(self.work, n, module)
+                set_module(self.work, n, module)
                 self.current[n] = layers[n]
         return changed, compressions
 

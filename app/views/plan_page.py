@@ -12,19 +12,14 @@ import polars as pl
 import streamlit as st
 
 from app import state
-from compressors.apply import needs_data
+from app.views import knobs as kw
+from compressors.registry import METHODS, needs_data
 from spectra.errors import SpectraInputError
 from spectra.io import models
 from spectra.plan import edit as pe
-from spectra.preview import module_error
+from spectra.plan.grid import auto_methods
 
-AUTO_METHODS = ("lowrank", "joint", "losparse", "mpo", "quant", "caldera", "mixed")
 DAMAGE = {"none": "weight error", "fisher": "Fisher loss", "calib": "calibration-weighted"}
-PATTERN_CHOICES = ("none", *pe.PATTERNS)  # prune: unstructured, or a semi-structured N:M
-
-
-def _none(choice: str) -> str | None:
-    return None if choice == "none" else choice
 
 
 def init() -> None:
@@ -61,7 +56,7 @@ def read_table_edits(mats) -> list[str]:
     for index, change in edits.items():
         r = {**base[int(index)], **change}
         if "method" in change and change["method"] != base[int(index)]["method"]:
-            for k in pe.KNOBS:  # a new method starts from its own defaults
+            for k in pe.knobs():  # a new method starts from its own defaults
                 r[k] = change.get(k)
         try:
             settings = pe.settings_of(r)
@@ -81,10 +76,10 @@ def set_module(name: str, settings: dict | None, mats) -> None:
     """Change one module (a joint member changes its whole group) and rebase the table."""
     layers = dict(st.session_state.plan_layers)
     group = [name]
-    if settings and settings["method"] == "joint":
-        parent = name.rsplit(".", 1)[0]
+    if settings and METHODS[settings["method"]].grouped:
+        parent, method = name.rsplit(".", 1)[0], settings["method"]
         family = [m.name for m in mats if m.name.rsplit(".", 1)[0] == parent]
-        group = [n for n in family if layers.get(n, {}).get("method") == "joint"] or [name]
+        group = [n for n in family if layers.get(n, {}).get("method") == method] or [name]
         if name not in group:
             group.append(name)
     for n in group:
@@ -97,7 +92,7 @@ def set_module(name: str, settings: dict | None, mats) -> None:
 
 def budget_controls(spec: str) -> None:
     c = st.columns([2, 2, 2, 2, 1.4])
-    method = c[0].selectbox("Allocate with", AUTO_METHODS, key="auto_method")
+    method = c[0].selectbox("Allocate with", auto_methods(), key="auto_method")
     kind = c[1].radio(
         "Budget",
         ["params", "bits"],
@@ -180,7 +175,7 @@ def module_editor(spec: str, mats) -> None:
     current = st.session_state.plan_layers.get(name)
     tag = repr(sorted((current or {}).items()))  # fresh widgets whenever the setting changes
     c = st.columns(6)
-    methods = list(pe.METHODS)
+    methods = list(pe.methods())
     method = c[0].selectbox(
         "Method",
         methods,
@@ -193,35 +188,28 @@ def module_editor(spec: str, mats) -> None:
         )
         st.rerun()
     settings = dict(current or {})
-    knobs = {k: v for k, v in settings.items() if k in pe.METHOD_KNOBS.get(method, ())}
-    widgets = {
-        "rank": lambda col, v: col.number_input("rank", 1, max(mat.shape), int(v or 1), 1),
-        "sparsity": lambda col, v: col.number_input("sparsity", 0.0, 0.999, float(v), 0.01),
-        "pattern": lambda col, v: _none(
-            col.selectbox("pattern", PATTERN_CHOICES, PATTERN_CHOICES.index(v or "none"))
-        ),
-        "bits": lambda col, v: col.number_input("bits", 2, 8, int(v), 1),
-        "factor_bits": lambda col, v: col.number_input("factor bits", 2, 16, int(v), 1),
-        "bond_dim": lambda col, v: col.number_input("bond dim", 1, 100000, int(v), 1),
-        "cores": lambda col, v: col.number_input("cores", 2, 6, int(v), 1),
-        "calibrated": lambda col, v: col.checkbox("calibrated", bool(v)),
-    }
+    shown = pe.method_knobs().get(method, ())
+    knobs = {k: v for k, v in settings.items() if k in shown}
     if method != "dense":
+        desc = METHODS[method]
         config = pe.config_of(settings)
         full = dict(config.__dict__)
         edited = dict(settings)
         i = 1
-        for k in pe.METHOD_KNOBS[method]:
-            if k not in widgets or (k == "rank" and full.get("rank") is None):
-                continue
-            field = pe.CALIBRATED_FLAG[method] if k == "calibrated" else k
+        for k in shown:
+            field = desc.switch if k == "calibrated" else k
+            if full.get(field) is None and desc.knob(field).kind != "choice":
+                continue  # unset (a rank given as energy, or the energy of a rank)
             with c[i]:
-                value = widgets[k](st, knobs.get(field, full.get(field)))
+                label = "calibrated" if k == "calibrated" else None
+                value = kw.widget(
+                    st, desc.knob(field), knobs.get(field, full.get(field)), mat.shape, label
+                )
             i += 1
             if value != full.get(field):
                 edited[field] = value
-                if field == "pattern" and value:  # the pattern fixes the sparsity
-                    edited.pop("sparsity", None)
+                for other in desc.knob(field).overrides if value else ():
+                    edited.pop(other, None)  # energy replaces rank, a pattern the sparsity
         if edited != settings:
             try:
                 pe.config_of(edited)
@@ -358,17 +346,13 @@ def _row_errors(spec: str, base: list[dict]) -> dict:
     errors = dict(st.session_state.get("row_errors", {}))
     sigmas = state.sigmas(spec)
     layers = st.session_state.plan_layers
-    for r in base:  # plain low-rank rows: the error straight from the cached spectrum
-        settings = layers.get(r["module"])
-        if (
-            settings
-            and settings.get("method") == "lowrank"
-            and settings.get("rank")
-            and not settings.get("whiten")
-        ):
-            errors[r["module"]] = module_error(
-                None, pe.config_of(settings), sigmas.get(r["module"])
-            )
+    for r in base:  # closed forms (plain low rank: the cached spectrum), no compression
+        settings, sigma = layers.get(r["module"]), sigmas.get(r["module"])
+        errors_of = settings and METHODS[settings["method"]].errors
+        if errors_of and sigma is not None:
+            got = errors_of(pe.config_of(settings), None, sigma, None, None)
+            if got is not None:
+                errors[r["module"]] = got[0]
     return errors
 
 
@@ -416,18 +400,8 @@ def table(spec: str, mats) -> None:
         height=420,
         disabled=["module", "role", "block", "m", "n", "rel_error", "calib_error"],
         column_config={
-            "method": st.column_config.SelectboxColumn("method", options=list(pe.METHODS)),
-            "rank": st.column_config.NumberColumn("rank", min_value=1, step=1),
-            "energy": st.column_config.NumberColumn("energy", min_value=0.0, max_value=1.0),
-            "sparsity": st.column_config.NumberColumn("sparsity", min_value=0.0, max_value=0.999),
-            "pattern": st.column_config.SelectboxColumn("pattern", options=list(pe.PATTERNS)),
-            "bits": st.column_config.NumberColumn("bits", min_value=2, max_value=8, step=1),
-            "factor_bits": st.column_config.NumberColumn(
-                "factor_bits", min_value=2, max_value=16, step=1
-            ),
-            "bond_dim": st.column_config.NumberColumn("bond_dim", min_value=1, step=1),
-            "cores": st.column_config.NumberColumn("cores", min_value=2, max_value=6, step=1),
-            "calibrated": st.column_config.CheckboxColumn("calibrated"),
+            "method": st.column_config.SelectboxColumn("method", options=list(pe.methods())),
+            **{k: kw.column(k) for k in pe.knobs()},
             "rel_error": st.column_config.NumberColumn("rel. error", format="%.4f"),
             "calib_error": st.column_config.NumberColumn("calib. error", format="%.4f"),
         },

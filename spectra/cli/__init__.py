@@ -26,6 +26,29 @@ class _Parser(argparse.ArgumentParser):
         raise SpectraInputError(message)
 
 
+class _Deferred(str):
+    """A help text made when help is shown: the method registry imports torch, which
+    `spectra --help` and every other command's parsing should not wait for."""
+
+    def __new__(cls, make):
+        self = super().__new__(cls, "(computed)")
+        self.make = make
+        return self
+
+    def __mod__(self, params):
+        return self.make() % params
+
+    def strip(self, chars=None):
+        return self.make().strip(chars)
+
+
+def _method_help() -> str:
+    from spectra.plan.grid import MIXED, auto_methods  # deferred: torch
+
+    methods = auto_methods()
+    return f"one of {', '.join(methods[:-1])} or {methods[-1]} (mixed: {', '.join(MIXED)})"
+
+
 def _ray_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--ray",
@@ -92,9 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         "auto", help="choose every module's setting for a global budget (explicit layers plan)"
     )
     auto.add_argument("model")
-    auto.add_argument(
-        "--method", required=True, help="lowrank, joint, losparse, mpo, quant, caldera or mixed"
-    )
+    auto.add_argument("--method", required=True, help=_Deferred(_method_help), metavar="METHOD")
     budget = auto.add_mutually_exclusive_group(required=True)
     budget.add_argument("--target-params", type=float, help="fraction of linear parameters kept")
     budget.add_argument("--target-bits", type=float, help="average bits per linear parameter")

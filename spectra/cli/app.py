@@ -15,13 +15,17 @@ def cmd_app(args) -> int:
     `spectra app` reaches the server itself and stops it."""
     import importlib.util
 
-    found = importlib.util.find_spec("app")  # located, not imported: spectra stays headless
-    if found is None or not found.submodule_search_locations:
-        raise SpectraInputError("the app package is not installed")
+    # the app runs from its files beside the package (a checkout; the wheel ships no
+    # top-level `app`), else from an `app` package on the path; never imported here
+    main_py = Path(__file__).resolve().parents[2] / "app" / "main.py"
+    if not main_py.is_file():
+        found = importlib.util.find_spec("app")
+        if found is None or not found.submodule_search_locations:
+            raise SpectraInputError("the app is not found: run spectra app from a checkout")
+        main_py = Path(next(iter(found.submodule_search_locations))) / "main.py"
     if not 1 <= args.port <= 65535:
         raise SpectraInputError(f"--port {args.port}: must be 1..65535")
     models.resolve(args.model)  # a bad model fails here, with exit 2, not in the page
-    main_py = Path(next(iter(found.submodule_search_locations))) / "main.py"
     env = dict(os.environ, SPECTRA_APP_MODEL=args.model)
     cmd = [
         sys.executable,

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from compressors.spectrum import energy_rank, rank_error_curve
 from spectra.linalg import scratch
+
+__all__ = ["energy_rank", "powerlaw_fit", "rank_error_curve", "spectrum_metrics"]
 
 EVALS_THRESH = 1e-5  # WeightWatcher's EVALS_THRESH, for comparable alphas
 
@@ -55,19 +58,6 @@ def spectrum_metrics(s: np.ndarray) -> dict[str, float | int]:
         alpha_ks=ks,
         alpha_n=n_tail,
     )
-
-
-def energy_rank(s: np.ndarray, q: float) -> int:
-    """Smallest k with sum_{i<=k} sigma_i^2 >= q * ||W||_F^2 (1e-12 relative slack)."""
-    cum = np.cumsum(np.asarray(s, dtype=np.float64) ** 2)
-    return int(np.searchsorted(cum, q * cum[-1] * (1 - 1e-12), side="left") + 1)
-
-
-def rank_error_curve(s: np.ndarray) -> np.ndarray:
-    """err[k] = ||W - W_k||_F / ||W||_F for the best rank-k approximation, k = 0..len(s)."""
-    s2 = np.asarray(s, dtype=np.float64) ** 2
-    tail = np.concatenate([np.cumsum(s2[::-1])[::-1], [0.0]])
-    return np.sqrt(np.clip(tail / tail[0], 0.0, None)) if tail[0] > 0 else np.zeros_like(tail)
 
 
 def powerlaw_fit(

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from compressors.registry import METHODS
 from spectra.analysis import spectra_by_name
 from spectra.errors import SpectraInputError
 from spectra.io import models
@@ -18,7 +19,7 @@ from spectra.plan import candidates as cands
 from spectra.plan import sensitivity as sens
 from spectra.plan.allocate import BudgetError, Candidate, Unit, allocate, allocate_by_role
 from spectra.plan.format import NOT_TARGETABLE, Plan
-from spectra.plan.grid import METHODS, Floors, cheapest
+from spectra.plan.grid import Floors, auto_methods, cheapest, parts
 
 SENSITIVITIES = ("none", *sens.KINDS)
 
@@ -146,8 +147,8 @@ def auto_plan(
     """
 
     t0 = time.perf_counter()
-    if method not in METHODS:
-        raise SpectraInputError(f"--method {method}: use one of {', '.join(METHODS)}")
+    if method not in auto_methods():
+        raise SpectraInputError(f"--method {method}: use one of {', '.join(auto_methods())}")
     if sensitivity not in SENSITIVITIES:
         raise SpectraInputError(f"--sensitivity {sensitivity}: use {', '.join(SENSITIVITIES)}")
     if (target_params is None) == (target_bits is None):
@@ -192,7 +193,7 @@ def auto_plan(
         seconds["sensitivity"] = time.perf_counter() - t
     t = time.perf_counter()
     sigmas = None
-    if dmg.spectral and method in ("lowrank", "joint", "mixed"):
+    if dmg.spectral and any(METHODS[p].spectral for p in parts(method)):
         sigmas = spectra_by_name(spec, use_cache)
     units = cands.units_for(modules, method, dmg, floors, sigmas)
     seconds["candidates"] = time.perf_counter() - t

@@ -1,60 +1,45 @@
 """Per-module plan editing for the app: rows <-> settings, defaults, exact totals.
 
 A row is a plain dict: module, role, block, m, n, method ("dense" or a registered
-method), the knobs (rank, energy, sparsity, pattern, bits, factor_bits, bond_dim, cores) and
-`calibrated`, the method's data-aware switch (whiten for lowrank, joint, losparse and
-mpo; gptq for quant; wanda for prune; caldera always); a knob a method does not use
-is None.
+method), the knobs every registered method shows in the table (its `columns`) and
+`calibrated`, the method's data-aware switch (the first of its `flags`; a method
+that always reads calibration has none); a knob a method does not use is None.
 """
 
 from __future__ import annotations
 
-from compressors.apply import DATA_AWARE
 from compressors.base import config_to_dict
-from compressors.registry import make_config
+from compressors.registry import METHODS, make_config
 from spectra.errors import SpectraInputError
 from spectra.io import models
 from spectra.plan import format as plans
 
-KNOBS = (
-    "rank",
-    "energy",
-    "sparsity",
-    "pattern",
-    "bits",
-    "factor_bits",
-    "bond_dim",
-    "cores",
-    "calibrated",
-)
-PATTERNS = ("2:4", "4:8")  # prune's semi-structured patterns offered in the app
-# the data-aware switch of each method that has one (caldera is always data-aware)
-CALIBRATED_FLAG = {m: flag for m, flag in DATA_AWARE.items() if flag is not None}
-METHOD_KNOBS = {
-    "dense": (),
-    "lowrank": ("rank", "energy", "calibrated"),
-    "joint": ("rank", "calibrated"),
-    "losparse": ("rank", "sparsity", "calibrated"),
-    "mpo": ("cores", "bond_dim", "calibrated"),
-    "quant": ("bits", "calibrated"),
-    "caldera": ("rank", "bits", "factor_bits"),
-    "prune": ("sparsity", "pattern", "calibrated"),
-}
-METHODS = tuple(METHOD_KNOBS)
+
+def knobs() -> tuple[str, ...]:
+    """The table's knob columns: every registered method's, in registry order, then
+    `calibrated`."""
+    out = dict.fromkeys(k for m in METHODS.values() for k in m.columns)
+    return (*out, "calibrated")
+
+
+def method_knobs() -> dict[str, tuple[str, ...]]:
+    """The columns each method ("dense" included) fills."""
+    out = {"dense": ()}
+    for name, m in METHODS.items():
+        out[name] = m.columns + (("calibrated",) if m.switch else ())
+    return out
+
+
+def methods() -> tuple[str, ...]:
+    """What a row's method may be: dense, then every registered method."""
+    return ("dense", *METHODS)
 
 
 def default_settings(method: str, m: int, n: int) -> dict:
     """Settings a newly chosen method starts from for an (m, n) module."""
-    half = max(1, m * n // (2 * (m + n)))
-    if method == "lowrank":
-        return {"method": method, "rank": half}
-    if method == "joint":
-        return {"method": method, "rank": half}
-    if method == "losparse":
-        return {"method": method, "rank": max(1, half // 2), "sparsity": 0.95}
-    if method == "caldera":
-        return {"method": method, "rank": min(32, m, n)}
-    return {"method": method}
+    if method not in METHODS:
+        return {"method": method}
+    return {"method": method, **METHODS[method].defaults(m, n)}
 
 
 def config_of(settings: dict | None):
@@ -69,11 +54,12 @@ def row(mat, settings: dict | None) -> dict:
     config = config_of(settings)
     out["method"] = "dense" if config is None else config.method
     full = {} if config is None else config_to_dict(config)
-    flag = CALIBRATED_FLAG.get(out["method"])
+    flag = None if config is None else METHODS[config.method].switch
     if flag is not None:
         full["calibrated"] = bool(full.get(flag))
-    for k in KNOBS:
-        out[k] = full.get(k) if k in METHOD_KNOBS[out["method"]] else None
+    shown = method_knobs()[out["method"]]
+    for k in knobs():
+        out[k] = full.get(k) if k in shown else None
     return out
 
 
@@ -82,22 +68,23 @@ def settings_of(r: dict) -> dict | None:
     method = r.get("method") or "dense"
     if method == "dense":
         return None
-    if method not in METHOD_KNOBS:
+    if method not in METHODS:
         raise SpectraInputError(f"{r['module']}: unknown method {method!r}")
+    desc = METHODS[method]
     out = default_settings(method, r["m"], r["n"])
-    given = {k: r.get(k) for k in METHOD_KNOBS[method] if r.get(k) is not None}
-    if method == "lowrank" and "energy" in given:
-        out.pop("rank", None)
-        given.pop("rank", None)
+    given = {k: r.get(k) for k in method_knobs()[method] if r.get(k) is not None}
     calibrated = given.pop("calibrated", None)
-    if given.get("pattern"):  # the pattern fixes the sparsity (1 - N/M)
-        given.pop("sparsity", None)
+    for knob in desc.knobs:  # energy replaces rank, a pattern fixes the sparsity
+        if given.get(knob.name):
+            for k in knob.overrides:
+                out.pop(k, None)
+                given.pop(k, None)
     out.update(given)
-    if calibrated is not None and method in CALIBRATED_FLAG:
-        out[CALIBRATED_FLAG[method]] = bool(calibrated)
-    for k in ("rank", "bits", "factor_bits", "bond_dim", "cores"):
-        if k in out and out[k] is not None:
-            out[k] = int(out[k])
+    if calibrated is not None and desc.switch is not None:
+        out[desc.switch] = bool(calibrated)
+    for knob in desc.knobs:
+        if knob.kind == "int" and out.get(knob.name) is not None:
+            out[knob.name] = int(out[knob.name])
     return out
 
 

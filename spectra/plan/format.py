@@ -251,38 +251,41 @@ def totals(entries: list[Entry]) -> dict:
 
 
 def _cost(entries, rank_of):
-    from compressors.base import DENSE_BITS  # deferred: torch (`spectra --help`)
+    from compressors.registry import METHODS  # deferred: torch (`spectra --help`)
 
     groups: dict[tuple, list[Entry]] = {}
     for e in entries:
         if e.config is None:
             e.params_after, e.bits_after = e.params_before, e.bits_before
-        elif e.config.method == "joint":
+        elif METHODS[e.config.method].grouped:
             e.group = e.name.rsplit(".", 1)[0]
             groups.setdefault((e.source, e.group), []).append(e)
         else:
             m, n = e.shape
             _check(e, e.config.check_shape, m, n)
-            if e.config.method == "lowrank" and e.config.rank is None:
+            energy = getattr(e.config, "energy", None)  # sized from the spectrum
+            if energy is not None and getattr(e.config, "rank", None) is None:
                 if rank_of is None:
                     raise PlanError(
-                        f"{e.name}: lowrank energy={e.config.energy} needs the "
+                        f"{e.name}: {e.config.method} energy={energy} needs the "
                         "model's spectra to be costed"
                     )
-                e.params_after, e.bits_after = e.config.cost(m, n, rank_of(e.name, e.config.energy))
+                e.params_after, e.bits_after = e.config.cost(m, n, rank_of(e.name, energy))
             else:
                 e.params_after, e.bits_after = e.config.cost(m, n)
     for (_, parent), members in groups.items():
         n = members[0].shape[1]
+        config = members[0].config
         if any(x.shape[1] != n for x in members):
             shapes = {x.name: x.shape for x in members}
-            raise PlanError(f"{parent}: joint members must read the same input size, got {shapes}")
-        config = members[0].config
+            raise PlanError(
+                f"{parent}: {config.method} members must read the same input size, got {shapes}"
+            )
         total_m = sum(x.shape[0] for x in members)
         _check(members[0], config.check_shape, total_m, n)
-        for i, x in enumerate(members):  # the shared V is counted with the first member
-            x.params_after = config.rank * (x.shape[0] + (n if i == 0 else 0))
-            x.bits_after = DENSE_BITS * x.params_after
+        costs = METHODS[config.method].member_costs(config, [x.shape for x in members])
+        for x, (p, b) in zip(members, costs, strict=True):
+            x.params_after, x.bits_after = p, b
 
 
 def _check(entry, fn, *args):

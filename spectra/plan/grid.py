@@ -1,34 +1,26 @@
 """The settings each method offers one module, and the cheapest cost they can reach.
 
-`grid` lists a method's settings for an (m, n) module of a role under the floors;
-`candidates` adds each setting's damage, `cheapest` only its cost, so an impossible
-budget is refused from the shapes alone, before a weight is read.
+Each method's own `grid` (compressors.registry) lists its settings for an (m, n)
+module under its role's floors; `candidates` adds each setting's damage, `cheapest`
+only its cost, so an impossible budget is refused from the shapes alone, before a
+weight is read. `mixed` offers several methods' settings to every module.
 """
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from compressors.base import DENSE_BITS
-from compressors.registry import make_config
-from spectra.linalg import mpo as tt
+from compressors.method import Floor
+from compressors.registry import METHODS
 
-METHODS = ("lowrank", "joint", "losparse", "mpo", "quant", "caldera", "mixed")
-QUANT_BITS = (2, 3, 4, 5, 6, 7, 8)
-QUANT_GROUP = 128
-PRUNE_SPARSITY = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
-LOSPARSE_RANK_FRACTIONS = (1 / 16, 1 / 8, 1 / 4, 1 / 2)
-LOSPARSE_SPARSITY = (0.9, 0.95, 0.98, 0.99)
-MPO_CORES = 3
-MPO_BONDS = 12
-CALDERA_BITS = (2, 3, 4)
-CALDERA_RANKS = (16, 32, 64)
-GRID = 48
-JOINT_ROLES = (("q", "k", "v"), ("gate", "up"))
+MIXED = ("lowrank", "quant", "prune")  # the methods `mixed` offers every module
+
+
+def auto_methods() -> tuple[str, ...]:
+    """What `plan auto --method` takes: every registered method with a grid, and mixed."""
+    return (*(name for name, m in METHODS.items() if m.grid is not None), "mixed")
 
 
 @dataclass
@@ -39,17 +31,14 @@ class Floors:
     min_bits: dict[str, int] = field(default_factory=dict)  # role -> bits
     keep_dense: re.Pattern | None = None
 
-
-def rank_grid(lo: int, hi: int, spectral: bool) -> list[int]:
-    if hi < lo:
-        return []
-    if spectral or hi - lo + 1 <= GRID:
-        return list(range(lo, hi + 1))
-    return sorted({int(round(x)) for x in np.linspace(lo, hi, GRID)})
+    def of(self, role: str) -> Floor:
+        """What the floors ask of one module of `role`."""
+        return Floor(self.min_rank.get(role, 0.0), self.min_bits.get(role, 0))
 
 
-def floor_rank(role: str, floors: Floors, full: int) -> int:
-    return max(1, math.ceil(floors.min_rank.get(role, 0.0) * full))
+def parts(method: str) -> tuple[str, ...]:
+    """The registered methods whose settings `method` offers."""
+    return MIXED if method == "mixed" else (method,)
 
 
 def grid(method: str, m: int, n: int, role: str, floors: Floors, spectral: bool = False):
@@ -57,70 +46,29 @@ def grid(method: str, m: int, n: int, role: str, floors: Floors, spectral: bool 
 
     Shared by the candidates (which add damage) and `cheapest` (which needs costs only).
     """
-    dense_bits = DENSE_BITS * m * n
-    if method in ("lowrank", "joint"):
-        rmax = (m * n - 1) // (m + n)  # the largest rank that stores fewer numbers than W
-        ranks = rank_grid(floor_rank(role, floors, min(m, n)), rmax, spectral)
-        return [make_config("lowrank", rank=r) for r in ranks]
-    if method == "quant":
-        bits = [b for b in QUANT_BITS if b >= floors.min_bits.get(role, 0)]
-        return [make_config("quant", bits=b, group_size=QUANT_GROUP) for b in bits]
-    if method == "prune":
-        if floors.min_bits.get(role, 0) > 0 or floors.min_rank.get(role, 0) > 0:
-            return []  # a floor on this role: pruning cannot honour it
-        return [make_config("prune", sparsity=s) for s in PRUNE_SPARSITY]
-    if method == "losparse":
-        rmax = (m * n - 1) // (m + n)
-        lo = floor_rank(role, floors, min(m, n))
-        ranks = sorted({max(lo, max(1, round(f * rmax))) for f in LOSPARSE_RANK_FRACTIONS})
-        configs = [
-            make_config("losparse", rank=r, sparsity=sp) for r in ranks for sp in LOSPARSE_SPARSITY
-        ]
-        return [c for c in configs if c.cost(m, n)[0] < m * n]
-    if method == "mpo":
-        mf, nf = tt.factorize(m, MPO_CORES), tt.factorize(n, MPO_CORES)
-        top = max(tt.full_bond_dims(mf, nf))
-        chis = sorted({int(round(x)) for x in np.geomspace(2, top, MPO_BONDS)})
-        configs = [make_config("mpo", cores=MPO_CORES, bond_dim=chi) for chi in chis]
-        return [c for c in configs if c.cost(m, n)[0] < m * n]
-    if method == "caldera":
-        lo = floor_rank(role, floors, min(m, n))
-        configs = [
-            make_config("caldera", rank=r, bits=b)
-            for r in CALDERA_RANKS
-            if lo <= r <= min(m, n)
-            for b in CALDERA_BITS
-            if b >= floors.min_bits.get(role, 0)
-        ]
-        return [c for c in configs if c.cost(m, n)[1] < dense_bits]
-    if method == "mixed":
-        return [
-            c
-            for part in ("lowrank", "quant", "prune")
-            for c in grid(part, m, n, role, floors, spectral)
-        ]
-    raise ValueError(method)
+    if method not in auto_methods():
+        raise ValueError(method)
+    floor = floors.of(role)
+    return [c for part in parts(method) for c in METHODS[part].grid(m, n, floor, spectral)]
 
 
-def joint_grid(group_shapes: list[tuple[int, int]], roles: list[str], floors: Floors, spectral):
-    """Shared ranks offered to a joint group (stacked rows, one input size)."""
-    n = group_shapes[0][1]
-    total_m = sum(m for m, _ in group_shapes)
-    kmax = (total_m * n - 1) // (n + total_m)
-    lo = max(floor_rank(r, floors, min(s)) for s, r in zip(group_shapes, roles, strict=True))
-    return [make_config("joint", rank=k) for k in rank_grid(lo, kmax, spectral)]
+def joint_grid(method: str, group: list, floors: Floors, spectral: bool):
+    """Shared settings offered to a group of siblings (stacked rows, one input size)."""
+    shapes, roles = [g.shape for g in group], [g.role for g in group]
+    return METHODS[method].group_grid(shapes, [floors.of(r) for r in roles], spectral)
 
 
 def group_modules(modules: list, method: str) -> list[list]:
-    """Allocation groups: joint siblings (q,k,v / gate,up under one parent) together for
-    `joint`, else one module each. Needs only name, role and shape."""
-    if method != "joint":
+    """Allocation groups: siblings of one family (q,k,v / gate,up under one parent) together
+    for a grouped method (joint), else one module each. Needs only name, role and shape."""
+    families = METHODS[method].families if method in METHODS else ()
+    if not families:
         return [[mod] for mod in modules]
     groups: list[list] = []
     by_parent: dict[tuple, list] = {}
     for mod in modules:
         parent = mod.name.rsplit(".", 1)[0]
-        family = next((f for f in JOINT_ROLES if mod.role in f), None)
+        family = next((f for f in families if mod.role in f), None)
         if family is None:
             groups.append([mod])
         else:
@@ -138,8 +86,7 @@ def cheapest(modules: list, method: str, floors: Floors, key: str) -> int:
         kept = floors.keep_dense
         if not (kept is not None and all(kept.fullmatch(g.name) for g in group)):
             if len(group) > 1:
-                shapes, roles = [g.shape for g in group], [g.role for g in group]
-                configs = joint_grid(shapes, roles, floors, False)
+                configs = joint_grid(method, group, floors, False)
             else:
                 configs = grid(method, m, n, group[0].role, floors)
             costs += [c.cost(m, n) for c in configs]

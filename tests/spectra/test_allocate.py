@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from spectra.plan.allocate import BudgetError, Candidate, Unit, allocate, hull
-from spectra.plan.candidates import Damage, Module, lowrank, units_for
+from spectra.plan.candidates import Damage, Module, candidates, units_for
 from spectra.plan.grid import Floors
 
 
@@ -40,7 +40,7 @@ def test_lowrank_candidates_are_the_truncation_errors():
     rng = np.random.default_rng(5)
     w = torch.from_numpy(rng.standard_normal((30, 20)) * np.exp(-0.2 * np.arange(20))).float()
     mod = Module("m", "down", 0, w)
-    cands = lowrank(mod, Damage(), Floors())
+    cands = candidates("lowrank", [mod], Damage(), Floors())
     assert [c.config.rank for c in cands] == list(range(1, (30 * 20 - 1) // 50 + 1))
     u, s, vh = np.linalg.svd(w.double().numpy())
     for c in cands:
@@ -50,7 +50,7 @@ def test_lowrank_candidates_are_the_truncation_errors():
         assert c.damage == pytest.approx(want, rel=1e-6)
         assert (c.params, c.bits) == (r * 50, 16 * r * 50)
     fisher = Damage(fisher={"m": torch.ones(30, 20)})  # F = 1: half the squared error
-    for c in lowrank(mod, fisher, Floors()):
+    for c in candidates("lowrank", [mod], fisher, Floors()):
         r = c.config.rank
         approx = (u[:, :r] * s[:r]) @ vh[:r]
         want = 0.5 * np.sum((w.double().numpy() - approx) ** 2)
@@ -198,7 +198,7 @@ def test_calibration_weighted_lowrank_offers_whitened_ranks_with_their_exact_dam
     dmg = Damage(hessian={"m": h})
     u, s, vh = np.linalg.svd(w.double().numpy())
     wd, xd = w.double().numpy(), x.double().numpy()
-    cands = lowrank(mod, dmg, Floors())
+    cands = candidates("lowrank", [mod], dmg, Floors())
     assert [c.config.rank for c in cands] == list(range(1, 24 * 18 // 42 + 1))
     for c in cands:
         assert c.config.whiten
@@ -262,7 +262,7 @@ def test_calibration_weighted_prune_offers_wanda_and_sparsegpt_with_their_damage
 
     from compressors.base import Calibration
     from compressors.registry import compress
-    from spectra.plan.candidates import prune
+    from spectra.plan.candidates import candidates
 
     rng = np.random.default_rng(4)
     w = torch.from_numpy(rng.standard_normal((20, 40))).float()
@@ -270,7 +270,7 @@ def test_calibration_weighted_prune_offers_wanda_and_sparsegpt_with_their_damage
     h = (x.T @ x).double()
     mod = Module("m", "down", 0, w)
     dmg = Damage(hessian={"m": h})
-    cands = prune(mod, dmg, Floors())
+    cands = candidates("prune", [mod], dmg, Floors())
     kinds = {(c.config.wanda, c.config.sparsegpt) for c in cands}
     assert kinds == {(True, False), (False, True)}
     total = {"wanda": 0.0, "sparsegpt": 0.0}
@@ -280,7 +280,11 @@ def test_calibration_weighted_prune_offers_wanda_and_sparsegpt_with_their_damage
         assert c.damage == pytest.approx(dmg(mod, w - built), rel=1e-9)
         total["wanda" if c.config.wanda else "sparsegpt"] += c.damage
     assert total["sparsegpt"] < total["wanda"], total
-    assert {c.config.sparsegpt for c in prune(mod, dmg, Floors(), sparsegpt=False)} == {False}
+    assert {
+        c.config.sparsegpt
+        for c in candidates("mixed", [mod], dmg, Floors())
+        if c.config.method == "prune"
+    } == {False}
 
 
 @pytest.mark.parametrize("calibrated", [True, False])
@@ -289,14 +293,18 @@ def test_prune_offers_the_2_4_pattern_with_exact_cost(calibrated):
 
     from compressors.base import Calibration
     from compressors.registry import compress
-    from spectra.plan.candidates import prune
+    from spectra.plan.candidates import candidates
 
     rng = np.random.default_rng(5)
     w = torch.from_numpy(rng.standard_normal((12, 32))).float()
     x = torch.from_numpy(rng.standard_normal((300, 32)) * np.geomspace(0.1, 3, 32)).float()
     h = (x.T @ x).double()
     dmg = Damage(hessian={"m": h}) if calibrated else Damage()
-    cands = [c for c in prune(Module("m", "down", 0, w), dmg, Floors()) if c.config.pattern]
+    cands = [
+        c
+        for c in candidates("prune", [Module("m", "down", 0, w)], dmg, Floors())
+        if c.config.pattern
+    ]
     scorers = {(c.config.wanda, c.config.sparsegpt) for c in cands}
     assert scorers == ({(True, False), (False, True)} if calibrated else {(False, False)})
     for c in cands:
@@ -309,5 +317,7 @@ def test_prune_offers_the_2_4_pattern_with_exact_cost(calibrated):
             assert c.damage == pytest.approx(want, rel=1e-9)
     odd = torch.from_numpy(rng.standard_normal((12, 30))).float()  # 30 columns: no 2:4
     assert not [
-        c for c in prune(Module("m", "down", 0, odd), Damage(), Floors()) if c.config.pattern
+        c
+        for c in candidates("prune", [Module("m", "down", 0, odd)], Damage(), Floors())
+        if c.config.pattern
     ]

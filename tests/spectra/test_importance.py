@@ -66,7 +66,7 @@ def test_damage_with_importance_is_the_weighted_row_error():
     closed form equals the damage of its built error at every rank."""
     from compressors.base import Calibration
     from compressors.registry import compress
-    from spectra.plan.candidates import Damage, Module, lowrank
+    from spectra.plan.candidates import Damage, Module, candidates
     from spectra.plan.grid import Floors
 
     g = torch.Generator().manual_seed(0)
@@ -80,7 +80,7 @@ def test_damage_with_importance_is_the_weighted_row_error():
     want = 0.5 * float((f[:, None] * (e @ x.T).pow(2)).sum()) / 400
     assert dmg(mod, e) == pytest.approx(want, rel=1e-6)
     assert dmg.absolute and not Damage(hessian={"m": h}).absolute
-    cands = lowrank(mod, dmg, Floors())
+    cands = candidates("lowrank", [mod], dmg, Floors())
     assert len(cands) > 5
     for c in cands:
         built = compress(w, c.config, Calibration(h, 400)).to_dense().double()

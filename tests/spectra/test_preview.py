@@ -155,8 +155,9 @@ def test_errors_of_whitened_low_rank_at_every_rank_from_one_svd():
     import torch
 
     from compressors.base import Calibration, h_norm
+    from compressors.lowrank import curves as whitened_curves
     from compressors.registry import compress
-    from spectra.preview import module_errors, whitened_curves
+    from spectra.preview import module_errors
 
     g = torch.Generator().manual_seed(3)
     x = torch.randn(200, 20, generator=g, dtype=torch.float64) * torch.logspace(-1, 1, 20)
