@@ -164,7 +164,7 @@ def render_method(name: str) -> str:
     from compressors.registry import METHODS
 
     m = METHODS[name]
-    head = [f"{m.summary}"]
+    head = [m.summary[0].upper() + m.summary[1:].rstrip(".") + "."]
     if m.paper:
         head.append(f"Paper: {m.paper}.")
     head.append(f"Calibration data: {DATA.get(m.data, m.data)}.")
