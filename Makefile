@@ -43,7 +43,7 @@ test: setup browser $(RAY_STAMP)
 # the CLI reference, plan keys and benchmark tables are generated at build time
 # (docs/gen/hooks.py), from the parser, the method registry and benchmarks/results
 docs: setup
-	$(BIN)/mkdocs build --strict --site-dir site
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 bench: setup
 	$(BIN)/python -m pip install -q -e ".[dev,bench]"
