@@ -1,11 +1,12 @@
 # Two commands: `make app` (set up, then open the app on the demo model) and
 # `make test` (set up, then lint and run the tests). Set-up is idempotent.
+# `make docs` builds the documentation site into site/ (docs/, mkdocs.yml).
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.spectra-setup
 
-.PHONY: setup browser app test bench peers lint clean-cache
+.PHONY: setup browser app test docs bench peers lint clean-cache
 
 setup: $(STAMP)
 
@@ -36,8 +37,13 @@ $(RAY_STAMP): $(STAMP)
 	touch $(RAY_STAMP)
 
 test: setup browser $(RAY_STAMP)
-	$(BIN)/ruff check spectra compressors app tests benchmarks
+	$(BIN)/ruff check spectra compressors app tests benchmarks docs/gen
 	$(BIN)/python -m pytest -q
+
+# the CLI reference, plan keys and benchmark tables are generated at build time
+# (docs/gen/hooks.py), from the parser, the method registry and benchmarks/results
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 bench: setup
 	$(BIN)/python -m pip install -q -e ".[dev,bench]"
@@ -54,8 +60,8 @@ peers: setup
 	$(BIN)/python benchmarks/bench_peers.py
 
 lint:
-	$(BIN)/ruff check --fix spectra compressors app tests benchmarks
-	$(BIN)/ruff format spectra compressors app tests benchmarks
+	$(BIN)/ruff check --fix spectra compressors app tests benchmarks docs/gen
+	$(BIN)/ruff format spectra compressors app tests benchmarks docs/gen
 
 clean-cache:
 	find cache -mindepth 1 ! -name README.md -exec rm -rf {} +

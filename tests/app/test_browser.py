@@ -2,7 +2,9 @@
 Debian Chromium through Playwright; then the downloaded plan goes through `spectra
 apply` and `spectra eval`, whose perplexity must equal the app's preview.
 
-Screenshots of every page land in test-artifacts/ (SPECTRA_ARTIFACTS overrides)."""
+Screenshots of every page land in docs/img/, where the documentation shows them
+(SPECTRA_SCREENSHOTS overrides); a failure's screenshot lands in test-artifacts/
+(SPECTRA_ARTIFACTS overrides)."""
 
 import json
 import os
@@ -83,6 +85,14 @@ def artifacts() -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def shots() -> Path:
+    """Where the pages' screenshots go: the documentation's images."""
+    out = Path(os.environ.get("SPECTRA_SCREENSHOTS", REPO / "docs" / "img"))
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def metric(page, label: str, timeout: float | None = None) -> str:
     box = page.locator('[data-testid="stMetric"]').filter(has_text=label).first
     return box.locator('[data-testid="stMetricValue"]').inner_text(timeout=timeout).strip()
@@ -129,40 +139,40 @@ def settle(page) -> None:
 
 @pytest.mark.demo
 @pytest.mark.slow
-def test_browser_session_to_apply_and_eval(server, browser, artifacts, tmp_path, cli):
+def test_browser_session_to_apply_and_eval(server, browser, artifacts, shots, tmp_path, cli):
     page = browser.new_page(viewport={"width": 1500, "height": 1100})
     page.set_default_timeout(180_000)
     try:
-        session(page, server, artifacts, tmp_path, cli)
+        session(page, server, shots, tmp_path, cli)
     except Exception:
         if not page.is_closed():  # what the page showed when it went wrong
             page.screenshot(path=artifacts / "failure.png", full_page=True)
         raise
 
 
-def session(page, server, artifacts, tmp_path, cli):
+def session(page, server, shots, tmp_path, cli):
     page.goto(server)  # the default page, Model, lives at the root
     page.get_by_text("Parameters in them").wait_for()
     idle(page)
     assert metric(page, "2-D weights") == "211"
     page.locator('[data-testid="stDataFrame"]').first.wait_for()
     page.wait_for_timeout(1500)  # the weights table draws its canvas after the page runs
-    page.screenshot(path=artifacts / "model.png", full_page=True)
+    page.screenshot(path=shots / "model.png", full_page=True)
 
     page.locator('[data-testid="stSidebarNav"]').get_by_text("Spectra", exact=True).click()
     page.locator('[data-testid="stPlotlyChart"] .js-plotly-plot').first.wait_for()
     idle(page)
-    page.screenshot(path=artifacts / "spectra.png", full_page=True)
+    page.screenshot(path=shots / "spectra.png", full_page=True)
 
     page.locator('[data-testid="stSidebarNav"]').get_by_text("Tensor network", exact=True).click()
     page.get_by_text("Entanglement entropy per bond").first.wait_for()
     idle(page)
-    page.screenshot(path=artifacts / "tensor-network.png", full_page=True)
+    page.screenshot(path=shots / "tensor-network.png", full_page=True)
 
     page.locator('[data-testid="stSidebarNav"]').get_by_text("Sensitivity", exact=True).click()
     page.get_by_text("Token budget").wait_for()
     idle(page)
-    page.screenshot(path=artifacts / "sensitivity.png", full_page=True)
+    page.screenshot(path=shots / "sensitivity.png", full_page=True)
 
     # Plan: select a matrix, give it a low rank, see its error change with the rank
     page.locator('[data-testid="stSidebarNav"]').get_by_text("Plan", exact=True).click()
@@ -237,14 +247,14 @@ def session(page, server, artifacts, tmp_path, cli):
         wait_metric_change(page, "Compressed perplexity", f"{one_module:.4f}", timeout=900)
     )
     idle(page)
-    page.screenshot(path=artifacts / "plan.png", full_page=True)
+    page.screenshot(path=shots / "plan.png", full_page=True)
 
     # export: download plan.yaml
     # within the app (a page load would start a new session without the plan)
     page.locator('[data-testid="stSidebarNav"]').get_by_text("Export").click()
     page.get_by_text("Import a plan").wait_for()
     idle(page)
-    page.screenshot(path=artifacts / "export.png", full_page=True)
+    page.screenshot(path=shots / "export.png", full_page=True)
     with page.expect_download() as info:
         page.get_by_role("button", name="Download plan.yaml").click()
     plan = tmp_path / "plan.yaml"

@@ -1,0 +1,401 @@
+"""The benchmarks page's tables, rendered from benchmarks/results/*.json.
+
+Every number on the page is read from a results file at build time; the prose
+around the tables is in docs/benchmarks.md, and the dated history of each run is in
+CHANGELOG.md. `python docs/gen/bench_ref.py` prints the Markdown.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+
+
+def load(name: str) -> dict:
+    return json.loads((RESULTS / f"{name}.json").read_text())
+
+
+def ppl(x: float | None) -> str:
+    if x is None:
+        return ""
+    return f"{x:,.2f}"
+
+
+def secs(x: float | None) -> str:
+    if x is None:
+        return ""
+    return f"{x:,.0f} s" if x >= 10 else f"{x:.2f} s"
+
+
+def table(head: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def source(name: str) -> str:
+    return f"*Source: `benchmarks/results/{name}.json`.*"
+
+
+def spectra_speed() -> str:
+    d = load("bench_spectra")
+
+    def span(s):
+        return f"{s['median']:.2f} s ({s['min']:.2f}-{s['max']:.2f})"
+
+    ww, sp, nm = d["weightwatcher"], d["spectra"], d["spectra_no_mpo"]
+    rows = [
+        ["what", "spectra, metrics, alpha", "spectra, metrics, alpha", "the same + MPO bonds"],
+        ["matrices", ww["matrices"], sp["matrices"], sp["matrices"]],
+        [
+            f"time, cold (median of {d['repeats']})",
+            span(ww["seconds"]),
+            span(nm["seconds"]),
+            span(sp["seconds"]),
+        ],
+        [
+            "speedup (ratio of medians)",
+            "",
+            f"**{d['speedup_same_analysis']:.1f}x**",
+            f"{d['speedup']:.1f}x",
+        ],
+        [
+            "peak memory above start",
+            f"{ww['peak_rss_increase_mb']:.0f} MB",
+            f"{nm['peak_rss_increase_mb']:.0f} MB",
+            f"{sp['peak_rss_increase_mb']:.0f} MB",
+        ],
+    ]
+    a = d["alpha_agreement"]
+    text = (
+        f"Model: {d['model']}, {d['machine']['cpus']} CPU cores, {d['date'][:10]}. "
+        f"`alpha` against WeightWatcher {ww['version']}: max abs difference "
+        f"{a['max_abs_diff']:.1e} over {a['matrices_compared']} matrices. A repeat from the "
+        f"cache: {sp['cache_hit_seconds']['median']:.3f} s in process."
+    )
+    head = [
+        "",
+        f"WeightWatcher {ww['version']} `analyze()`",
+        "`spectra analyze --no-mpo`",
+        "`spectra analyze`",
+    ]
+    shard = [
+        [
+            f"{s['shapes']['layers']} layers, hidden {s['shapes']['hidden']}",
+            f"{s['checkpoint_mb']:.0f} MB",
+            s["matrices"],
+            f"{s['peak_rss_increase_mb']:.0f} MB",
+        ]
+        for s in d["sharded_memory"]
+    ]
+    cuda = load("bench_spectra_cuda")
+    gpu = (
+        f"On a GPU ({cuda['gpu']}, {cuda['date'][:10]}): {cuda['model']}, "
+        f"{cuda['checkpoint']['params'] / 1e9:.2f} billion parameters, "
+        f"**{cuda['seconds_end_to_end']:.1f} s** end to end, a cache hit "
+        f"{cuda['cache_hit_seconds']:.3f} s. {cuda['note']}. " + source("bench_spectra_cuda")
+    )
+    return "\n\n".join(
+        [
+            text,
+            table(head, rows),
+            source("bench_spectra"),
+            "Peak memory on sharded synthetic checkpoints (it is set by the largest matrix, "
+            "not the model):",
+            table(["checkpoint", "size", "matrices", "peak memory above start"], shard),
+            gpu,
+        ]
+    )
+
+
+def quality() -> str:
+    d = load("bench_quality")
+    rows = [
+        [
+            f"`{k}`",
+            f"{r['params_kept']:.3f}",
+            f"{r['bits_per_param']:.2f}",
+            ppl(r["ppl"]),
+            secs(r.get("apply_seconds")),
+        ]
+        for k, r in d.items()
+    ]
+    head = ["configuration", "params kept", "bits / param", "perplexity", "apply time"]
+    tokens = d["dense"]["tokens"]
+    return "\n\n".join(
+        [
+            f"Perplexity on all {tokens:,} builtin evaluation tokens (seqlen 512); rows named "
+            "`-seq` use sequential calibration.",
+            table(head, rows),
+            source("bench_quality"),
+        ]
+    )
+
+
+def _heal_rows(name: str) -> str:
+    d = load(name)
+    dense = d["dense"]["ppl"]
+    rows = []
+    for k, r in d.items():
+        if k == "dense":
+            rows.append(["dense", "1.000", "16.00", ppl(dense), "1.00", "", "", ""])
+            continue
+        h = r["heal"]
+        before, after = r["ppl_unhealed"], r["ppl"]
+        rows.append(
+            [
+                f"`{k}`",
+                f"{r['params_kept']:.3f}",
+                f"{r['bits_per_param']:.2f}",
+                f"{ppl(before)} -> **{ppl(after)}** ({(after / before - 1) * 100:+.0f}%)",
+                f"{after / dense:.2f}",
+                h["steps"],
+                secs(h["seconds"]),
+                f"{h['tokens_per_s']:,.1f}",
+            ]
+        )
+    head = [
+        "configuration",
+        "params kept",
+        "bits / param",
+        "perplexity before -> after",
+        "x dense",
+        "steps",
+        "heal time",
+        "tokens/s",
+    ]
+    return "\n\n".join([table(head, rows), source(name)])
+
+
+def healing() -> str:
+    cuda = load("bench_heal_cuda")
+    gpu = next(r["gpu"] for r in cuda.values() if "gpu" in r)
+    return "\n\n".join(
+        [
+            "#### On the CPU (2 cores)",
+            _heal_rows("bench_heal_rows"),
+            f"#### On a GPU ({gpu})",
+            f"That machine's tokenizer gave {cuda['dense']['tokens']:,} evaluation tokens; each "
+            "row is compared with its own dense row.",
+            _heal_rows("bench_heal_cuda"),
+        ]
+    )
+
+
+def allocation() -> str:
+    d = load("bench_allocation")
+    grid: dict[str, dict[str, float]] = {}
+    rest = []
+    for k, r in d.items():
+        m = re.fullmatch(r"lowrank-(0\.\d+)-(.+)", k)
+        if m:
+            grid.setdefault(m.group(1), {})[m.group(2)] = r["ppl"]
+        elif k != "dense":
+            rest.append(
+                [
+                    f"`{k}`",
+                    ", ".join(r.get("methods", [])),
+                    f"{r['params_kept']:.3f}",
+                    f"{r['bits_per_param']:.2f}",
+                    ppl(r["ppl"]),
+                    secs(r.get("allocation_seconds")),
+                ]
+            )
+    strategies = list(dict.fromkeys(s for row in grid.values() for s in row))
+    rows = []
+    for kept in sorted(grid):
+        best = min(grid[kept].values())
+        rows.append(
+            [f"{float(kept):.0%}"]
+            + [
+                (
+                    f"**{ppl(grid[kept][s])}**"
+                    if grid[kept].get(s) == best
+                    else ppl(grid[kept].get(s))
+                )
+                for s in strategies
+            ]
+        )
+    return "\n\n".join(
+        [
+            f"Low rank at a share of the linear parameters kept, by allocation strategy "
+            f"(dense {ppl(d['dense']['ppl'])}):",
+            table(["kept"] + strategies, rows),
+            "Mixed methods and quantization at a bit budget:",
+            table(
+                [
+                    "strategy",
+                    "methods chosen",
+                    "params kept",
+                    "bits / param",
+                    "perplexity",
+                    "allocation",
+                ],
+                rest,
+            ),
+            source("bench_allocation"),
+            "![perplexity against budget](img/bench/allocation.png)",
+        ]
+    )
+
+
+def peers() -> str:
+    d = load("bench_peers")
+    rows = [
+        [
+            f"`{k}`",
+            r.get("peer", "spectra"),
+            f"{r['bits_per_param']:.2f}",
+            ppl(r["ppl"]),
+            secs(r.get("seconds")),
+        ]
+        for k, r in d.items()
+        if k != "dense"
+    ]
+    return "\n\n".join(
+        [
+            f"Dense {ppl(d['dense']['ppl'])}. Rows named `peer-` are llm-compressor's oneshot; "
+            "`sym` symmetric grid, `ao` act-order, `seq` sequential calibration, `mse` the mse "
+            "observer.",
+            table(["row", "by", "bits / param", "perplexity", "time"], rows),
+            source("bench_peers"),
+        ]
+    )
+
+
+def export() -> str:
+    d = load("bench_export")
+    formats = list(next(v for v in d.values() if isinstance(v, dict))["exports"])
+    rows = []
+    for k, r in d.items():
+        if not isinstance(r, dict):
+            continue
+        cells = [f"`{k}`", f"{r['bits_per_param']:.2f}", f"{r['ppl_out']:.3f}"]
+        for f in formats:
+            e = r["exports"].get(f)
+            cells.append(
+                f"{e['bytes'] / 1e6:.1f} MB ({e['vs_dense_fp16']:.2f}x); {e['ppl']:.3f} "
+                f"({e['ppl_vs_out'] * 100:+.2f}%)"
+                if e
+                else ""
+            )
+        rows.append(cells)
+    return "\n\n".join(
+        [
+            f"Each cell: size on disk (against the dense fp16 checkpoint, "
+            f"{d['dense_fp16_bytes'] / 1e6:.1f} MB), then the perplexity of the export as "
+            "`spectra eval DIR` loads it (and its change against `spectra eval OUT`).",
+            table(["plan", "bits / param", "`spectra eval OUT`"] + formats, rows),
+            source("bench_export"),
+        ]
+    )
+
+
+def small() -> str:
+    m = load("bench_eval_memory")
+    full, chunked = m["runs"]["full"], m["runs"]["chunked"]
+    mem = table(
+        ["", "full logits", "chunked (now)"],
+        [
+            [
+                "peak memory above the model",
+                f"{full['peak_mb_above_model']:,.0f} MB",
+                f"{chunked['peak_mb_above_model']:,.0f} MB",
+            ],
+            ["time", secs(full["seconds"]), secs(chunked["seconds"])],
+            ["mean NLL", f"{full['mean_nll']:.6f}", f"{chunked['mean_nll']:.6f}"],
+        ],
+    )
+    a = load("bench_app")
+    p = a["preview"]
+    app_rows = [
+        [
+            "page rerun after a rank edit (median / max)",
+            f"{a['row_edit']['page_rerun_median_s'] * 1e3:.0f} / "
+            f"{a['row_edit']['page_rerun_max_s'] * 1e3:.0f} ms",
+        ],
+        [
+            "error lookup (cached spectrum)",
+            f"{a['row_edit']['error_lookup_median_s'] * 1e3:.2f} ms",
+        ],
+        [f"first preview, {p['tokens']:,} tokens", secs(p["first_preview_s"])],
+    ]
+    app_rows += [
+        [f"next preview, one module changed in block {c['block']}", secs(c["seconds"])]
+        for c in p["one_module_changed"]
+    ]
+    r = load("bench_ray")
+    ray = table(
+        ["path", "seconds", "against local"],
+        [
+            ["local thread pool", f"{r['local']:.2f}", "1.00"],
+            [
+                "`--ray auto`, starting a local cluster",
+                f"{r['ray-auto-start']:.2f}",
+                f"{r['ratio_auto_start']:.2f}",
+            ],
+            [
+                "`--ray auto`, joining a running cluster",
+                f"{r['ray-running-cluster']:.2f}",
+                f"{r['ratio_running_cluster']:.2f}",
+            ],
+        ],
+    )
+    proj = table(
+        ["model", "matrices", "TFLOP", "bf16 GB", "1 H100", "8 H100", "64 H100"],
+        [
+            [
+                k,
+                v["matrices"],
+                f"{v['tflop']:,.0f}",
+                f"{v['bf16_gb']:,.0f}",
+                f"{v['minutes_1_gpus']:.1f} min",
+                f"{v['minutes_8_gpus']:.1f} min",
+                f"{v['minutes_64_gpus']:.2f} min",
+            ]
+            for k, v in r["projection"].items()
+        ],
+    )
+    return "\n\n".join(
+        [
+            "### Evaluation memory\n\nA random model of Gemma-3-270M's shapes "
+            f"({m['vocab']:,}-token vocabulary), {m['windows']} windows of {m['seqlen']} "
+            f"({m['date']}):",
+            mem,
+            source("bench_eval_memory"),
+            "### App previews\n\nThe Plan page on the demo, server side:",
+            table(["what", "measured"], app_rows),
+            source("bench_app"),
+            f"### Ray\n\n`spectra analyze demo --no-cache` on {r['cpus']} CPU cores; the tables "
+            f"are equal: {str(r['tables_equal']).lower()}.",
+            ray,
+            "Projection for large models from a flop model of each task (not measured):",
+            proj,
+            source("bench_ray"),
+        ]
+    )
+
+
+SECTIONS = {
+    "spectra": spectra_speed,
+    "quality": quality,
+    "healing": healing,
+    "allocation": allocation,
+    "peers": peers,
+    "export": export,
+    "other": small,
+}
+
+
+def render(section: str | None = None) -> str:
+    """One section's Markdown, or all of them."""
+    if section:
+        return SECTIONS[section]()
+    return "\n\n".join(f"## {k}\n\n{fn()}" for k, fn in SECTIONS.items())
+
+
+if __name__ == "__main__":
+    print(render())
