@@ -379,6 +379,39 @@ def small() -> str:
     )
 
 
+def scale() -> str:
+    d = load("bench_scale")
+    rows = []
+    for key, r in sorted(d["runs"].items(), key=lambda kv: (kv[1]["shape"], kv[1]["layers"])):
+        shape, layers, command = key.split("/")
+        rows.append(
+            [
+                shape,
+                layers,
+                f"`{command}`",
+                f"{r['checkpoint_gb']:.2f} GB",
+                r.get("offload") or "",
+                r.get("dtype") or "",
+                "" if r.get("peak_rss_gb") is None else f"{r['peak_rss_gb']:.2f} GB",
+                secs(r["seconds"]) if isinstance(r["seconds"], int | float) else r["seconds"],
+                r["rc"],
+            ]
+        )
+    m = d.get("machine", {})
+    return "\n\n".join(
+        [
+            f"Measured on {m.get('cpus', '?')} CPUs ({m.get('date', '')}), each command in its "
+            "own process; peak RSS is the operating system's (the process's ru_maxrss).",
+            table(
+                ["shape", "layers", "command", "checkpoint (bf16)", "offload", "dtype",
+                 "peak RSS", "time", "exit"],
+                rows,
+            ),
+            source("bench_scale"),
+        ]
+    )  # fmt: skip
+
+
 SECTIONS = {
     "spectra": spectra_speed,
     "quality": quality,
@@ -387,6 +420,7 @@ SECTIONS = {
     "peers": peers,
     "export": export,
     "other": small,
+    "scale": scale,
 }
 
 
