@@ -64,8 +64,12 @@ class GramCollector:
                 flat = x.detach().reshape(-1, x.shape[-1])
                 seen = self._call[id(x)] = (x, name)
                 acc = self.sums.setdefault(name, [None, 0])
-                g = gram(flat).to(self.dtype)
-                acc[0] = g if acc[0] is None else acc[0].add_(g)
+                g = gram(flat)  # float32, summed into the wide accumulator in place
+                if acc[0] is None:
+                    acc[0] = g.to(self.dtype)
+                else:
+                    acc[0].add_(g)
+                del g
                 acc[1] += flat.shape[0]
             if self.owner.setdefault(name, seen[1]) != seen[1]:
                 raise RuntimeError(f"{name}: reads a differently shared input from call to call")

@@ -183,18 +183,46 @@ class FinalHidden:
         self.batch = 0
 
 
+class _Zeros(nn.Module):
+    """Stands in for the input embedding when its output is thrown away: zeros of the
+    embedding's width, so a streamed model need not read the embedding matrix."""
+
+    def __init__(self, embedding: nn.Module):
+        super().__init__()
+        self.dim = embedding.weight.shape[1]
+        self.dtype = embedding.weight.dtype
+
+    def forward(self, ids):
+        return torch.zeros(*ids.shape, self.dim, dtype=self.dtype, device=ids.device)
+
+
 @contextlib.contextmanager
 def with_final_hidden(model: nn.Module, finals: list[torch.Tensor]):
     """Within, `model(x)` skips its blocks and continues from `finals[state.batch]` (set
-    `state.batch` before each call); the outer modules (head too) are materialised."""
+    `state.batch` before each call); the outer modules (head too) are materialised. A
+    streamed model's input embedding, whose output the blocks' stand-ins discard, is
+    replaced by zeros unless the head shares its matrix."""
     n = len(decoder_layers(model))
     state = FinalHidden(finals)
 
     def sink(index, hidden, args, kwargs):
         return state.finals[state.batch] if index == n - 1 else hidden
 
-    with onloaded(model, *outer_modules(model)), _standing_in(model, sink):
-        yield state
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    skip = (
+        is_streamed(model)
+        and isinstance(embed, nn.Embedding)
+        and (head is None or head.weight is not embed.weight)
+    )
+    outer = [m for m in outer_modules(model) if not (skip and m is embed)]
+    if skip:
+        model.set_input_embeddings(_Zeros(embed))
+    try:
+        with onloaded(model, *outer), _standing_in(model, sink):
+            yield state
+    finally:
+        if skip:
+            model.set_input_embeddings(embed)
 
 
 def working_device(model: nn.Module) -> torch.device:
