@@ -129,7 +129,7 @@ def whitening_factor(method: str, calib: Calibration | None) -> torch.Tensor:
         raise config_error(method, "whiten", True, "needs calibration data")
     h = calib.hessian.to(torch.float64)
     scale = float(torch.diagonal(h).mean().clamp_min(1e-30))
-    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     for jitter in JITTERS:
         chol, info = torch.linalg.cholesky_ex(h + jitter * scale * eye)
         if int(info) == 0:

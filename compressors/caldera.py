@@ -296,7 +296,7 @@ def _top_svd(a, c, r, seed, oversample=10, niter=4):
     generator is local, so concurrent calls stay reproducible."""
     g = torch.Generator().manual_seed(seed)
     k = min(r + oversample, min(a.shape))
-    omega = torch.randn(a.shape[1], k, generator=g, dtype=a.dtype)
+    omega = torch.randn(a.shape[1], k, generator=g, dtype=a.dtype).to(a.device)  # CPU draws
     q = torch.linalg.qr(a @ (c @ omega)).Q
     for _ in range(niter):  # power iterations, re-orthonormalized each half step
         p = torch.linalg.qr(c.T @ (a.T @ q)).Q
@@ -306,7 +306,7 @@ def _top_svd(a, c, r, seed, oversample=10, niter=4):
 
 
 def _cholesky(h):
-    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     for jitter in (0.0, 1e-8, 1e-6, 1e-4, 1e-2):
         chol, info = torch.linalg.cholesky_ex(h + jitter * eye)
         if int(info) == 0:

@@ -72,7 +72,7 @@ def decode(codes: torch.Tensor) -> torch.Tensor:
 def nearest(x: torch.Tensor) -> torch.Tensor:
     """16-bit codes (int32) of the nearest codewords to the rows of x (B, 8)."""
     x = x.to(torch.float64)
-    out = torch.empty(x.shape[0], dtype=torch.int32)
+    out = torch.empty(x.shape[0], dtype=torch.int32, device=x.device)
     for lo in range(0, x.shape[0], CHUNK):
         xb = x[lo : lo + CHUNK]
         best = None
@@ -107,19 +107,19 @@ def _nearest_shifted(y: torch.Tensor):
     mag = y.abs()
     d = torch.addmm(norms, mag, pats.T, alpha=-2)  # (B, 256), without |y|^2
     odd = parity[None, :] ^ (neg.sum(1) % 2 == 1)[:, None]  # the signs' parity is wrong
-    inf = torch.tensor(float("inf"), dtype=d.dtype)
+    inf = torch.tensor(float("inf"), dtype=d.dtype, device=d.device)
     pen = torch.where(odd, inf, d)  # right parity: no penalty; wrong: not yet computed
     bound = pen.min(1, keepdim=True).values
     rows, ks = torch.nonzero(odd & (d < bound), as_tuple=True)
     pen[rows, ks] = d[rows, ks] + 4 * (mag[rows] * pats[ks]).min(1).values
     best, k = pen.min(1)
-    r = torch.arange(y.shape[0])
+    r = torch.arange(y.shape[0], device=y.device)
     flip = odd[r, k]
     at = (mag * pats[k]).argmin(1)  # the coordinate flipped where the parity is wrong
     minus = neg.clone()
     fix = torch.nonzero(flip).flatten()
     minus[fix, at[fix]] = ~minus[fix, at[fix]]
-    code = k | (minus[:, :7].long() << (8 + torch.arange(7))).sum(1)
+    code = k | (minus[:, :7].long() << (8 + torch.arange(7, device=y.device))).sum(1)
     return best + (mag * mag).sum(1), code
 
 
@@ -138,9 +138,11 @@ def row_scales(w: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Te
     w = w.to(torch.float64)
     m, n = w.shape
     rms = w.pow(2).mean(1).sqrt().clamp_min(1e-12)
-    d = torch.ones(n, dtype=torch.float64) if weights is None else weights.double()
-    blocks = torch.linspace(0, n // DIM - 1, min(SCALE_BLOCKS, n // DIM)).round().long()
-    cols = (blocks[:, None] * DIM + torch.arange(DIM)).flatten()
+    dev = w.device
+    d = torch.ones(n, dtype=torch.float64, device=dev) if weights is None else weights.double()
+    d = d.to(dev)
+    blocks = torch.linspace(0, n // DIM - 1, min(SCALE_BLOCKS, n // DIM), device=dev)
+    cols = (blocks.round().long()[:, None] * DIM + torch.arange(DIM, device=dev)).flatten()
     ws, ds = w[:, cols], d[cols]
     best = None
     for t in SCALES:
@@ -168,7 +170,7 @@ def ldlq(w: torch.Tensor, h: torch.Tensor, factor=None):
     w = w.detach().to(torch.float64).clone()
     w[:, dead] = 0
     scale = row_scales(w, torch.diagonal(h).to(torch.float64))
-    codes = torch.empty(m, n // DIM, dtype=torch.int32)
+    codes = torch.empty(m, n // DIM, dtype=torch.int32, device=w.device)
     for b0 in range(0, n, DIM):
         b1 = b0 + DIM
         c, rec = round_rows(w[:, b0:b1], scale)

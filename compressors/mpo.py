@@ -226,7 +226,11 @@ def compress(weight: torch.Tensor, config: MPOConfig, calib: Calibration | None 
         raise config_error("mpo", "whiten", True, "needs calibration data")
     h = calib.hessian.to(torch.float64)
     norms = calib.col_norms.to(torch.float64)
-    norms = norms / norms[norms > 0].mean() if bool((norms > 0).any()) else torch.ones(n)
+    norms = (
+        norms / norms[norms > 0].mean()
+        if bool((norms > 0).any())
+        else torch.ones(n, dtype=torch.float64, device=norms.device)
+    )
     norms = norms.clamp_min(1e-6)  # dead inputs: scaled down, never divided by zero
     best = None
     for alpha in ALPHAS:

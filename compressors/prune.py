@@ -199,7 +199,7 @@ def sparsegpt(
     u, dead = hessian_inverse_factor(h)
     w = w.clone()
     w[:, dead] = 0
-    keep = torch.ones(m, n, dtype=torch.bool)
+    keep = torch.ones(m, n, dtype=torch.bool, device=w.device)
     for b0 in range(0, n, block):
         b1 = min(b0 + block, n)
         w1, u1 = w[:, b0:b1], u[b0:b1, b0:b1]
@@ -264,7 +264,7 @@ def candidates(mod, dmg, floor: Floor, sigma=None, quick: bool = False) -> list[
         if dmg.spectral:
             d = dmg.relative(mod.name, float(cum[k - 1]) if k else 0.0, float(cum[-1]))
         else:
-            e = torch.zeros(m * n)
+            e = torch.zeros(m * n, device=mod.weight.device)
             e[order[:k]] = mod.weight.reshape(-1)[order[:k]]
             d = dmg(mod, e.reshape(m, n))
         out.append((config, d))
