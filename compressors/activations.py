@@ -124,7 +124,7 @@ def block_grams(model, calib_ids: torch.Tensor, progress=None, after_block=None)
             out = {}
             for name, (h, rows) in collector.grams().items():
                 out[name] = (moved.setdefault(id(h), h.cpu()), rows)
-            del collector
+            del collector, moved
             if after_block is not None:
                 after_block(index, out)
                 with torch.no_grad():
@@ -132,9 +132,13 @@ def block_grams(model, calib_ids: torch.Tensor, progress=None, after_block=None)
                         blocks.call_block(layers[index], h, c)
                         for h, c in zip(hidden, calls, strict=True)
                     ]
+                if progress:
+                    progress(index + 1, len(layers), f"block {index}")
+                yield index, out  # the block still materialised: a streamed apply writes it
+        if after_block is None:
             if progress:
                 progress(index + 1, len(layers), f"block {index}")
-            yield index, out  # the block still materialised: a streamed apply writes it now
+            yield index, out  # the block released: only its Grams are held
         hidden = outs
 
 

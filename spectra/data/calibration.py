@@ -209,7 +209,7 @@ def calibrate(
     meta = _meta(spec, settings, windows, tokenizer)
     with _building(folder) as tmp:
         for block, grams in stream:
-            meta["blocks"][str(block)] = _write_block(tmp, block, grams)
+            meta["blocks"][str(block)] = _write_block(tmp, block, grams, release=True)
         meta["seconds"] = time.perf_counter() - t0
         cache.write_json(tmp / "meta.json", meta)
     info.update(seconds=meta["seconds"])
@@ -436,7 +436,7 @@ def sequential(
     with _building(folder) as tmp:
 
         def record(block: int, grams: dict) -> None:
-            meta["blocks"][str(block)] = _write_block(tmp, block, grams)
+            meta["blocks"][str(block)] = _write_block(tmp, block, grams, release=True)
 
         result = run(grams=None, calib_ids=windows, on_grams=record)
         cache.write_json(tmp / "meta.json", meta)
@@ -460,7 +460,9 @@ def _meta(spec: str, settings: CalibrationSpec, windows, tokenizer, **extra) -> 
     }
 
 
-def _write_block(folder: Path, block: int, grams: dict) -> dict:
+def _write_block(folder: Path, block: int, grams: dict, release: bool = False) -> dict:
+    """Write a block's Grams (float32, one per shared input); `release` empties `grams`
+    once converted, so the float64 sums are freed before the file is serialized."""
     from safetensors.torch import save_file
 
     owners: dict[int, str] = {}
@@ -469,6 +471,8 @@ def _write_block(folder: Path, block: int, grams: dict) -> dict:
         owner = owners.setdefault(id(h), name)
         modules[name] = [owner, int(rows)]
     tensors = {owner: grams[owner][0].float().contiguous() for owner in owners.values()}
+    if release:
+        grams.clear()
     file = f"block_{block:04d}.safetensors"
     save_file(tensors, str(folder / file))
     return {"file": file, "bytes": (folder / file).stat().st_size, "modules": modules}
