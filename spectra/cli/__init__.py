@@ -215,7 +215,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype",
         default="auto",
         choices=("auto", "float32", "float16", "bfloat16"),
-        help="dense tensors and scales of compressed-tensors and hf exports (default: the model's)",
+        help="dense tensors and scales of compressed-tensors and hf exports, and the dtype "
+        "they are reconstructed in (auto: OUT's own)",
+    )
+    ex.add_argument(
+        "--offload",
+        default="auto",
+        choices=("auto", "none", "disk"),
+        help="none: OUT loaded whole; disk: read a tensor and written a block at a time; "
+        "auto (default): disk for an OUT written block by block or too big for half the "
+        "free memory",
     )
     ex.add_argument("--force", action="store_true", help="replace an existing DIR")
     ex.add_argument("--json", action="store_true")
