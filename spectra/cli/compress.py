@@ -81,6 +81,9 @@ def cmd_plan_auto(args) -> int:
             settings = sens.SensitivitySettings("calib", c.corpus, c.tokens, c.seqlen)
     if sensitivity in sens.KINDS and settings is None:
         settings = sens.SensitivitySettings(kind=sensitivity, tokens=args.tokens)
+    handle = None  # the model is loaded (streamed where it must be) only to score damage
+    if sensitivity in sens.KINDS:
+        handle = open_model(args.model, args.device, args.dtype, args.offload)
     with progress_bar(sensitivity) as progress:
         result = autoplan.auto_plan(
             args.model,
@@ -92,6 +95,7 @@ def cmd_plan_auto(args) -> int:
             settings,
             device=args.device,
             progress=progress,
+            handle=handle,
         )
     fmt = "json" if args.out.suffix.lower() == ".json" else "yaml"
     body = plans.dumps(result.plan, fmt)

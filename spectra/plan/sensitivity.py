@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from compressors import blocks
 from compressors.apply import linear_targets
 from compressors.registry import compress, make_config
 from spectra.data import calibration, gradients
@@ -218,13 +219,21 @@ def calibrated(
     progress=None,
     model=None,
     importance: bool = True,
+    handle=None,
 ) -> Calibrated:
     """The cached calibration of `spec` and, from gradients on its first
     IMPORTANCE_TOKENS tokens (never the evaluation part), the modules' output weights,
-    cached beside it."""
+    cached beside it. `handle` (spectra.io.handle): how to load the model when it is
+    needed (dtype, offload: a model streamed from disk works), else resident float32."""
     spec_c = settings.calib_spec(spec)
     grams = calibration.calibrate(
-        spec, spec_c, model=model, device=device, use_cache=use_cache, progress=progress
+        spec,
+        spec_c,
+        model=model,
+        device=device,
+        use_cache=use_cache,
+        progress=progress,
+        handle=handle,
     )
     if not importance:
         return Calibrated(grams.hessians(), grams.tokens, None)
@@ -233,7 +242,7 @@ def calibrated(
     found = _read_importance(path) if use_cache else None
     if found is None:
         windows = calibration.calibration_windows(models.load_tokenizer(spec), spec_c)[:n]
-        model = model if model is not None else models.load(spec, device)
+        model = model if model is not None else _load(spec, device, handle)
         found = output_fisher(model, windows, progress)
         if use_cache:
             from safetensors.torch import save_file
@@ -309,11 +318,13 @@ def compute(
     model=None,
     info: dict | None = None,
     names: list[str] | None = None,
+    handle=None,
 ):
     """Cached sensitivity of `spec`: {name: Fisher tensor} or {name: probe result}.
 
-    `model`: the already loaded model of `spec`, if any; `names`: probe only these
-    modules (ppl).
+    `model`: the already loaded model of `spec`, if any; `handle`: how to load it
+    otherwise (spectra.io.handle; fisher and calib work on a model streamed from disk),
+    else resident in float32; `names`: probe only these modules (ppl).
     """
     info = {} if info is None else info
     if settings.kind == "calib":
@@ -325,13 +336,15 @@ def compute(
             use_cache=use_cache,
             progress=progress,
             info=info,
+            handle=handle,
         )
         return grams.hessians()
 
     tokenizer = models.load_tokenizer(spec)
     bos = ev.bos_token(tokenizer)  # the windows differ with and without BOS
+    dtype = [] if handle is None or handle.dtype == "float32" else [handle.dtype]
     key = cache.key(
-        models.fingerprint(spec), asdict(settings), sorted(names) if names else None, bos
+        models.fingerprint(spec), asdict(settings), sorted(names) if names else None, bos, *dtype
     )
     folder = cache.cache_dir() / "sensitivity"
     path = folder / f"{key}.{'safetensors' if settings.kind == 'fisher' else 'json'}"
@@ -343,7 +356,12 @@ def compute(
             return hit
     split = "calib" if settings.kind == "fisher" else "eval"
     windows = _windows(tokenizer, settings, split)
-    model = model if model is not None else models.load(spec, device)
+    model = model if model is not None else _load(spec, device, handle)
+    if settings.kind == "ppl" and blocks.is_streamed(model):
+        raise SpectraInputError(
+            "--sensitivity ppl swaps each module in a resident model; use --offload none, "
+            "or fisher or calib, which stream"
+        )
     if settings.kind == "fisher":
         result = fisher(model, windows, progress)
     else:
@@ -351,6 +369,10 @@ def compute(
     if use_cache:
         _write(path, settings.kind, result)
     return result
+
+
+def _load(spec: str, device: str, handle):
+    return handle.load() if handle is not None else models.load(spec, device)
 
 
 def _read(path, kind):

@@ -216,3 +216,28 @@ def test_unknown_dtype_and_offload_exit_2(family_dir, cli):
         r = cli("eval", tiny_llama_dir, flag, value)
         assert r.returncode == 2
         assert r.stderr.count("\n") == 1 and value in r.stderr
+
+
+@pytest.mark.parametrize("sensitivity", ["fisher", "calib"])
+def test_plan_auto_streamed_equals_resident(sensitivity, family_dir, tmp_path, capsys):
+    from spectra.cli import main
+
+    path = family_dir("llama")
+    plans, damage = {}, {}
+    for off in ("none", "disk"):
+        out = tmp_path / f"{off}.json"
+        argv = ["plan", "auto", str(path), "--method", "lowrank", "--target-params", "0.6"]
+        tokens = "256" if sensitivity == "fisher" else "1024"
+        argv += ["--sensitivity", sensitivity, "--tokens", tokens, "-o", str(out)]
+        argv += ["--offload", off, "--dtype", "float32", "--json"]
+        capsys.readouterr()
+        assert main(argv) == 0
+        damage[off] = json.loads(capsys.readouterr().out)["predicted_damage"]
+        plans[off] = json.loads(out.read_text())
+        if off == "none":  # the next run scores afresh rather than reading this one's cache
+            import shutil
+
+            for sub in ("sensitivity", "calibration"):
+                shutil.rmtree(Path(shutil.os.environ["SPECTRA_CACHE"]) / sub, ignore_errors=True)
+    assert plans["disk"] == plans["none"]
+    assert damage["disk"] == pytest.approx(damage["none"], rel=1e-4)
