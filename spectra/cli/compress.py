@@ -388,11 +388,18 @@ def cmd_eval(args) -> int:
     device = models.resolve_device(args.device)
     run = {}  # how the model is held: dtype, offload, expected memory
     if compressed:  # a corrupt OUT fails here, on the checkpoint itself
-        model = io.load(args.model, device)[0]
-        if args.dtype != "auto":
-            import torch
+        import torch
 
-            model = model.to(getattr(torch, args.dtype))
+        from compressors import streamed_out
+        from spectra.export import choose_offload
+
+        dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+        run = {"offload": choose_offload(Path(args.model), args.offload)}
+        if run["offload"] == "disk":  # built a block at a time from its factors
+            model = streamed_out.load(args.model, device, dtype)
+        else:
+            model = io.load(args.model, device)[0]
+            model = model if dtype is None else model.to(dtype)
         from transformers import AutoTokenizer
 
         try:

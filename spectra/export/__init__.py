@@ -118,8 +118,8 @@ def choose_offload(out: Path, offload: str) -> str:
         return "disk" if blockwise or not fits else "none"
     if offload == "none" and free is not None and need > free:
         raise SpectraInputError(
-            f"{out}: needs about {need / 1e9:.3g} GB of host memory to export with "
-            f"--offload none, {free / 1e9:.3g} GB is free; try --offload disk"
+            f"{out}: needs about {need / 1e9:.3g} GB of host memory to load whole "
+            f"(--offload none), {free / 1e9:.3g} GB is free; try --offload disk"
         )
     return offload
 

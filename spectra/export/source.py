@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -73,24 +72,6 @@ class Resident:
 
     def compressed(self) -> list[str]:
         return list(self.factorizations)
-
-
-class _Lazy(Mapping):
-    """Factor tensors by key, each read from its shard when asked for."""
-
-    def __init__(self, refs: dict):
-        self.refs = refs
-
-    def __getitem__(self, key):
-        from spectra.io.offload import read_tensor
-
-        return read_tensor(self.refs[key])
-
-    def __iter__(self):
-        return iter(self.refs)
-
-    def __len__(self):
-        return len(self.refs)
 
 
 class Streamed:
@@ -149,11 +130,12 @@ class Streamed:
 
     def factorization(self, name: str):
         from compressors import io
+        from compressors.streamed_out import Lazy
 
         spec = self.modules[name]
         desc = spec["factorization"] or self.modules[spec["shared_with"]]["factorization"]
         try:
-            return io.unflatten(desc, _Lazy(self.refs["factors"]))
+            return io.unflatten(desc, Lazy(self.refs["factors"]))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise SpectraInputError(f"{self.out}: corrupt compressed checkpoint ({e})") from e
 

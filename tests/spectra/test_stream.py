@@ -241,3 +241,30 @@ def test_plan_auto_streamed_equals_resident(sensitivity, family_dir, tmp_path, c
                 shutil.rmtree(Path(shutil.os.environ["SPECTRA_CACHE"]) / sub, ignore_errors=True)
     assert plans["disk"] == plans["none"]
     assert damage["disk"] == pytest.approx(damage["none"], rel=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_eval_of_a_compressed_out_streamed_equals_resident(family, family_dir, tmp_path, capsys):
+    """The OUT built a block at a time from its factors scores as the OUT loaded whole."""
+    from spectra.cli import main
+
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(
+        "version: 1\nrules:\n"
+        "  - targets: ['re:.*(mlp\\\\.(gate|up)_proj|mlp\\\\.c_fc)']\n    method: joint\n"
+        "    rank: 8\n"
+        "  - targets: ['re:.*(down_proj|c_proj)']\n    method: quant\n    bits: 4\n"
+        "    group_size: 16\n"
+        "  - targets: ['re:.*(o_proj|c_attn)']\n    method: prune\n    pattern: '2:4'\n"
+    )
+    out = tmp_path / "out"
+    argv = ["apply", plan, "--model", family_dir(family), "-o", out, "--offload", "disk"]
+    assert main(argv) == 0
+    got = {}
+    for off in ("none", "disk"):
+        capsys.readouterr()
+        argv = ["eval", out, "--seqlen", "64", "--max-tokens", "512", "--no-baseline", "--json"]
+        assert main([*argv, "--offload", off]) == 0
+        got[off] = json.loads(capsys.readouterr().out)
+    assert (got["none"]["offload"], got["disk"]["offload"]) == ("none", "disk")
+    assert got["disk"]["ppl"] == pytest.approx(got["none"]["ppl"], rel=1e-6)
