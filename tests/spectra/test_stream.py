@@ -246,17 +246,22 @@ def test_plan_auto_streamed_equals_resident(sensitivity, family_dir, tmp_path, c
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_eval_of_a_compressed_out_streamed_equals_resident(family, family_dir, tmp_path, capsys):
     """The OUT built a block at a time from its factors scores as the OUT loaded whole."""
+    import yaml
+
     from spectra.cli import main
 
-    plan = tmp_path / "plan.yaml"
-    plan.write_text(
-        "version: 1\nrules:\n"
-        "  - targets: ['re:.*(mlp\\\\.(gate|up)_proj|mlp\\\\.c_fc)']\n    method: joint\n"
-        "    rank: 8\n"
-        "  - targets: ['re:.*(down_proj|c_proj)']\n    method: quant\n    bits: 4\n"
-        "    group_size: 16\n"
-        "  - targets: ['re:.*(o_proj|c_attn)']\n    method: prune\n    pattern: '2:4'\n"
+    first = (  # a joint group's members are built together, from one factorization
+        {"targets": [r"re:.*mlp\.(gate|up)_proj"], "method": "joint", "rank": 8}
+        if family == "llama"
+        else {"targets": [r"re:.*mlp\.c_fc"], "method": "lowrank", "rank": 8}
     )
+    rules = [
+        first,
+        {"targets": [r"re:.*(down_proj|mlp\.c_proj)"], "method": "quant", "group_size": 16},
+        {"targets": [r"re:.*(o_proj|c_attn)"], "method": "prune", "pattern": "2:4"},
+    ]
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(yaml.safe_dump({"version": 1, "rules": rules}))
     out = tmp_path / "out"
     argv = ["apply", plan, "--model", family_dir(family), "-o", out, "--offload", "disk"]
     assert main(argv) == 0
