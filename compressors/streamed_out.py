@@ -113,6 +113,8 @@ def load(out, device: str = "cpu", dtype=None) -> nn.Module:
             for kind in ("factors", "dense")
         }
         config = AutoConfig.from_pretrained(out)
+    except SpectraInputError as e:  # a truncated shard
+        raise SpectraInputError(f"{out}: corrupt compressed checkpoint: {e}") from e
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise SpectraInputError(f"{out}: corrupt compressed checkpoint ({e})") from e
     if manifest.get("format") != io.FORMAT:

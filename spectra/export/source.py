@@ -96,6 +96,8 @@ class Streamed:
                 for kind in ("factors", "dense")
             }
             self.config = AutoConfig.from_pretrained(out)
+        except SpectraInputError as e:  # a truncated shard
+            raise SpectraInputError(f"{out}: corrupt compressed checkpoint: {e}") from e
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise SpectraInputError(f"{out}: corrupt compressed checkpoint ({e})") from e
         if manifest.get("format") != io.FORMAT:

@@ -273,3 +273,22 @@ def test_eval_of_a_compressed_out_streamed_equals_resident(family, family_dir, t
         got[off] = json.loads(capsys.readouterr().out)
     assert (got["none"]["offload"], got["disk"]["offload"]) == ("none", "disk")
     assert got["disk"]["ppl"] == pytest.approx(got["none"]["ppl"], rel=1e-6)
+
+
+def test_truncated_part_of_a_streamed_out_is_refused(tiny_llama_dir, tmp_path, capsys):
+    from spectra.cli import main
+
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(
+        "version: 1\nrules:\n  - targets: ['re:.*mlp.*']\n    method: lowrank\n    rank: 4\n"
+    )
+    out = tmp_path / "out"
+    assert main(["apply", plan, "--model", tiny_llama_dir, "-o", out, "--offload", "disk"]) == 0
+    part = out / "factors-00001.safetensors"
+    part.write_bytes(part.read_bytes()[:-100])
+    for argv in (["eval", out], ["export", out, "--format", "hf", "-o", tmp_path / "hf"]):
+        capsys.readouterr()
+        assert main([*argv, "--offload", "disk"]) == 2
+        err = capsys.readouterr().err
+        assert "corrupt compressed checkpoint" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "hf").exists()
