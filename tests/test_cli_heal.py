@@ -155,3 +155,23 @@ def test_heal_refuses_bad_flags_and_an_existing_out2(model_dir, tmp_path):
     ):
         assert main(args) == 2, args
     assert not (tmp_path / "o2").exists() and not list((tmp_path / "exists").iterdir())
+
+
+def test_heal_that_does_not_fit_is_refused_before_any_work(tmp_path, cli, monkeypatch):
+    """Exit 2 and one line naming the memory healing needs and what is free."""
+    from conftest import save_tiny_llama
+
+    model = save_tiny_llama(tmp_path / "m")
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(
+        "version: 1\nrules:\n  - targets: ['re:.*mlp.*']\n    method: lowrank\n    rank: 4\n"
+    )
+    r = cli("apply", plan, "--model", model, "-o", tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    monkeypatch.setenv("SPECTRA_MEMORY_GB", "0.0001")
+    r = cli("heal", tmp_path / "out", "-o", tmp_path / "healed", "--steps", 1)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert "healing needs about" in r.stderr and "GB is free" in r.stderr
+    r = cli("heal", tmp_path / "out", "-o", tmp_path / "healed", "--offload", "disk")
+    assert r.returncode == 2 and "--offload disk" in r.stderr
+    assert not (tmp_path / "healed").exists()

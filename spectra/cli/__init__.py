@@ -161,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="bits floor for quant and caldera, e.g. down=4 (repeatable)",
     )
     auto.add_argument("--device", default="auto")
+    _run_options(auto)  # how fisher, ppl and calib hold the model
     auto.add_argument("-o", "--out", type=Path, required=True, help="plan file (.yaml or .json)")
     auto.add_argument("--json", action="store_true")
     auto.set_defaults(func=cmd_plan_auto)
@@ -193,6 +194,20 @@ def build_parser() -> argparse.ArgumentParser:
     he.add_argument("--dense", action="store_true", help="also write OUT2/dense (plain weights)")
     he.add_argument("--force", action="store_true", help="replace an existing OUT2")
     he.add_argument("--device", default="auto")
+    he.add_argument(
+        "--offload",
+        default="auto",
+        choices=("auto", "none", "disk"),
+        help="heal trains the whole model on the device: auto and none hold it resident "
+        "(refused, before any work, where it does not fit); disk is refused",
+    )
+    he.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        help="working dtype of the dense teacher (auto: the checkpoint's own); the "
+        "compressed student trains in float32",
+    )
     he.add_argument("--json", action="store_true")
     he.set_defaults(func=cmd_heal)
 
@@ -215,7 +230,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype",
         default="auto",
         choices=("auto", "float32", "float16", "bfloat16"),
-        help="dense tensors and scales of compressed-tensors and hf exports (default: the model's)",
+        help="dense tensors and scales of compressed-tensors and hf exports, and the dtype "
+        "they are reconstructed in (auto: OUT's own)",
+    )
+    ex.add_argument(
+        "--offload",
+        default="auto",
+        choices=("auto", "none", "disk"),
+        help="none: OUT loaded whole; disk: read a tensor and written a block at a time; "
+        "auto (default): disk for an OUT written block by block or too big for half the "
+        "free memory",
     )
     ex.add_argument("--force", action="store_true", help="replace an existing DIR")
     ex.add_argument("--json", action="store_true")

@@ -81,6 +81,9 @@ def cmd_plan_auto(args) -> int:
             settings = sens.SensitivitySettings("calib", c.corpus, c.tokens, c.seqlen)
     if sensitivity in sens.KINDS and settings is None:
         settings = sens.SensitivitySettings(kind=sensitivity, tokens=args.tokens)
+    handle = None  # the model is loaded (streamed where it must be) only to score damage
+    if sensitivity in sens.KINDS:
+        handle = open_model(args.model, args.device, args.dtype, args.offload)
     with progress_bar(sensitivity) as progress:
         result = autoplan.auto_plan(
             args.model,
@@ -92,6 +95,7 @@ def cmd_plan_auto(args) -> int:
             settings,
             device=args.device,
             progress=progress,
+            handle=handle,
         )
     fmt = "json" if args.out.suffix.lower() == ".json" else "yaml"
     body = plans.dumps(result.plan, fmt)
@@ -384,11 +388,18 @@ def cmd_eval(args) -> int:
     device = models.resolve_device(args.device)
     run = {}  # how the model is held: dtype, offload, expected memory
     if compressed:  # a corrupt OUT fails here, on the checkpoint itself
-        model = io.load(args.model, device)[0]
-        if args.dtype != "auto":
-            import torch
+        import torch
 
-            model = model.to(getattr(torch, args.dtype))
+        from compressors import streamed_out
+        from spectra.export import choose_offload
+
+        dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+        run = {"offload": choose_offload(Path(args.model), args.offload)}
+        if run["offload"] == "disk":  # built a block at a time from its factors
+            model = streamed_out.load(args.model, device, dtype)
+        else:
+            model = io.load(args.model, device)[0]
+            model = model if dtype is None else model.to(dtype)
         from transformers import AutoTokenizer
 
         try:

@@ -9,7 +9,15 @@ from collections import Counter
 def cmd_export(args) -> int:
     from spectra.export import SERVE, export  # deferred: torch
 
-    summary = export(args.checkpoint, args.format, args.out, args.gguf_type, args.dtype, args.force)
+    summary = export(
+        args.checkpoint,
+        args.format,
+        args.out,
+        args.gguf_type,
+        args.dtype,
+        args.force,
+        args.offload,
+    )
     summary["serve"] = SERVE[args.format].format(dir=args.out)
     if args.json:
         print(json.dumps(summary))

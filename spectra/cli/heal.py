@@ -12,6 +12,7 @@ from spectra.cli.progress import progress_bar
 from spectra.data import heal as healing
 from spectra.errors import SpectraInputError
 from spectra.io import models
+from spectra.io.handle import WORK_MARGIN, footprint, free_bytes, open_model, stored_dtype
 
 
 def checkpoint_folder(out: Path) -> Path:
@@ -85,6 +86,12 @@ def cmd_heal(args) -> int:
     )
     corpus = (report.get("calibration") or {}).get("corpus") or "builtin"
     device = models.resolve_device(args.device)
+    if args.offload == "disk":
+        raise SpectraInputError(
+            "heal trains the whole model on the device: --offload disk cannot; heal where the "
+            "model fits (--offload none or auto)"
+        )
+    check_memory(src, source, device, args.dtype)
     student, facts = io.load(src, device)
     from transformers import AutoTokenizer
 
@@ -92,7 +99,7 @@ def cmd_heal(args) -> int:
         tokenizer = AutoTokenizer.from_pretrained(src)
     except (OSError, ValueError) as e:
         raise SpectraInputError(f"{src}: no usable tokenizer in the checkpoint") from e
-    teacher = models.load(source, device=device)
+    teacher = open_model(source, device, args.dtype, "none").load()
     factors = src / "factors.safetensors"
     identity = {"out": str(src.resolve()), "factors_bytes": factors.stat().st_size}
     facts, section = run_heal(student, teacher, facts, tokenizer, config, corpus, out, identity)
@@ -106,6 +113,31 @@ def cmd_heal(args) -> int:
     else:
         print(summary(out, section))
     return 0
+
+
+def check_memory(src: Path, source: str, device: str, dtype: str) -> None:
+    """Refuse, before any work, a heal whose models and optimizer state do not fit the
+    device: the dense teacher in `dtype`, the compressed student as OUT stores it, and
+    gradients plus AdamW's two moments for its factors (float32), with a margin."""
+    from compressors import io
+
+    resolved = models.resolve(source)
+    dtype = stored_dtype(resolved) if dtype == "auto" else dtype
+    teacher = footprint(resolved, dtype)["total"]
+    shards = io._shards(src)
+    size = {
+        k: sum((src / p).stat().st_size for p in v if (src / p).is_file())
+        for k, v in shards.items()
+    }
+    need = (teacher + size["dense"] + 4 * size["factors"]) * WORK_MARGIN
+    free = free_bytes(device)
+    if free is not None and need > free:
+        where = "GPU" if device.startswith("cuda") else "host"
+        raise SpectraInputError(
+            f"{src}: healing needs about {need / 1e9:.3g} GB of {where} memory (the dense "
+            f"model in {dtype}, the compressed one and its optimizer state), "
+            f"{free / 1e9:.3g} GB is free"
+        )
 
 
 _SUMMARY = ("steps", "ppl_before", "ppl_after", "seconds", "tokens_per_s", "trainable_params")

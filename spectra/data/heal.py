@@ -25,7 +25,9 @@ settings resumes from it, with results equal to an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -345,6 +347,11 @@ def heal(
 
     evaluate(state["step"])
     seconds, tokens = 0.0, 0
+    # on CUDA each block's activations are recomputed in the backward instead of kept
+    # (not exercised by the tests: they run without a GPU)
+    on_gpu = device.type == "cuda" and torch.cuda.is_available()
+    checkpointed = checkpoint_blocks(student) if on_gpu else contextlib.nullcontext()
+    checkpointed.__enter__()
     try:
         while state["step"] < config.steps:
             step = state["step"]
@@ -388,6 +395,7 @@ def heal(
                 after_step(state["step"])
         evaluate(state["step"])
     finally:
+        checkpointed.__exit__(None, None, None)
         for p in params.values():
             p.grad = None
     n_trainable = sum(p.numel() for p in params.values())
@@ -404,6 +412,25 @@ def heal(
         state["step"], state["losses"], state["curve"], seconds, tokens, n_trainable, resumed
     )
     return facts, result
+
+
+@contextlib.contextmanager
+def checkpoint_blocks(model):
+    """Within, every transformer block of `model` runs under activation checkpointing
+    (torch.utils.checkpoint, non-reentrant): its inner activations are recomputed in the
+    backward pass, so training holds one block's at a time."""
+    from torch.utils.checkpoint import checkpoint
+
+    from compressors import blocks
+
+    layers = list(blocks.decoder_layers(model))
+    for layer in layers:
+        layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward  # the class's own forward again
 
 
 def _save_checkpoint(folder: Path, meta: dict, params: dict, opt, state: dict) -> None:

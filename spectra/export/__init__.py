@@ -19,6 +19,7 @@ from spectra.errors import SpectraInputError
 FORMATS = ("compressed-tensors", "gguf", "hf")
 GGUF_TYPES = ("F16", "Q8_0", "Q4_0")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+OFFLOADS = ("auto", "none", "disk")
 SERVE = {  # the command that serves each export
     "compressed-tensors": "vllm serve {dir}",
     "gguf": "llama-cli -m {dir}/model.gguf",
@@ -33,11 +34,17 @@ def export(
     gguf_type: str = "Q8_0",
     dtype: str = "auto",
     force: bool = False,
+    offload: str = "auto",
 ) -> dict:
-    """Write OUT as `fmt` into `dest`; returns the summary (files, bytes, modules)."""
+    """Write OUT as `fmt` into `dest`; returns the summary (files, bytes, modules).
+
+    `offload`: `none` loads OUT whole; `disk` reads it a tensor at a time and writes a
+    part (a block, or a module outside the blocks) at a time; `auto` streams an OUT
+    that was written block by block or that would take over half the free memory."""
     import torch
 
     from compressors import io
+    from spectra.export import source as sources
     from spectra.io.cache import atomic_dir
 
     out, dest = Path(out), Path(dest)
@@ -45,6 +52,7 @@ def export(
         ("--format", fmt, FORMATS),
         ("--gguf-type", gguf_type, GGUF_TYPES),
         ("--dtype", dtype, DTYPES),
+        ("--offload", offload, OFFLOADS),
     ):
         if value not in allowed:
             raise SpectraInputError(f"{flag} {value!r}: must be one of {', '.join(allowed)}")
@@ -59,20 +67,21 @@ def export(
 
         ctensors.require_package()
     t0 = time.perf_counter()
-    model, factorizations = io.load(out)
+    offload = choose_offload(out, offload)
+    src = sources.Streamed(out) if offload == "disk" else sources.Resident(*io.load(out))
     tokenizer = _tokenizer(out)
-    torch_dtype = model.dtype if dtype == "auto" else getattr(torch, dtype)
+    torch_dtype = src.dtype if dtype == "auto" else getattr(torch, dtype)
     sizes = {}
     with atomic_dir(dest, force) as tmp:
         if fmt == "compressed-tensors":
-            rows, sizes = ctensors.write(tmp, model, factorizations, tokenizer, torch_dtype)
+            rows, sizes = ctensors.write(tmp, src, tokenizer, torch_dtype)
         elif fmt == "gguf":
             from spectra.export import gguf_out
 
-            rows = gguf_out.write(tmp, out, model, factorizations, tokenizer, gguf_type)
+            rows = gguf_out.write(tmp, out, src, tokenizer, gguf_type)
         else:
-            rows = [dict(module=n, stored="dense", reason=None) for n in factorizations]
-            io.reconstruct(model, factorizations, dtype=torch_dtype).save_pretrained(tmp)
+            rows = [dict(module=n, stored="dense", reason=None) for n in src.compressed()]
+            _write_hf(tmp, src, torch_dtype)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
         files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
@@ -82,12 +91,64 @@ def export(
         out=str(dest),
         gguf_type=gguf_type if fmt == "gguf" else None,
         dtype=str(torch_dtype).removeprefix("torch.") if fmt != "gguf" else None,
+        offload=offload,
         files=files,
         bytes=sum(files.values()),
         modules=rows,
         **sizes,
         seconds=round(time.perf_counter() - t0, 2),
     )
+
+
+def choose_offload(out: Path, offload: str) -> str:
+    """`none` or `disk` for `offload` (see `export`); an OUT that cannot be loaded whole
+    with `none` is refused here, before any work, with what it needs."""
+    from compressors import io
+    from spectra.io.handle import RESIDENT_SHARE, WORK_MARGIN, free_bytes
+
+    shards = io._shards(out)
+    files = [out / p for p in shards["factors"] + shards["dense"]]
+    # loaded whole: OUT's tensors and the float32 reconstruction beside them
+    size = sum(p.stat().st_size for p in files if p.is_file())
+    need = 3 * size * WORK_MARGIN
+    free = free_bytes("cpu")
+    if offload == "auto":
+        blockwise = len(shards["factors"]) > 1
+        fits = free is None or need <= RESIDENT_SHARE * free
+        return "disk" if blockwise or not fits else "none"
+    if offload == "none" and free is not None and need > free:
+        raise SpectraInputError(
+            f"{out}: needs about {need / 1e9:.3g} GB of host memory to load whole "
+            f"(--offload none), {free / 1e9:.3g} GB is free; try --offload disk"
+        )
+    return offload
+
+
+def _write_hf(tmp: Path, src, dtype) -> None:
+    """An ordinary transformers checkpoint: `save_pretrained` of a resident
+    reconstruction; a streamed one written a part at a time as sharded safetensors."""
+    from safetensors.torch import save_file
+
+    from spectra.export.source import cast, shard_names, write_index
+
+    if not src.streamed:
+        src.dense.to(dtype).save_pretrained(tmp)
+        return
+    parts = src.parts()
+    weight_map, total = {}, 0
+    for file, names in zip(shard_names(parts), parts, strict=True):
+        state = {k: cast(src.value(k), dtype).contiguous() for k in names}
+        save_file(state, tmp / file, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(state, file))
+        total += sum(t.numel() * t.element_size() for t in state.values())
+        del state
+    write_index(tmp, weight_map, total)
+    config = src.config
+    config.architectures = [type(src.dense).__name__]
+    config.dtype = str(dtype).removeprefix("torch.")
+    config.save_pretrained(tmp)
+    if src.dense.can_generate() and src.dense.generation_config is not None:
+        src.dense.generation_config.save_pretrained(tmp)
 
 
 def _tokenizer(out: Path):

@@ -115,47 +115,55 @@ def scheme_of(bits: int, group: int, targets: list[str]):
     )
 
 
-def write(tmp: Path, model, factorizations: dict, tokenizer, dtype) -> list[dict]:
-    """Write the checkpoint into `tmp`: (one summary row per compressed module, the
-    bytes its compressed modules' weights take against their fp16 size)."""
+def write(tmp: Path, src, tokenizer, dtype) -> list[dict]:
+    """Write the checkpoint into `tmp` from `src` (spectra.export.source), one shard per
+    part: (one summary row per compressed module, the bytes its compressed modules'
+    weights take against their fp16 size)."""
     require_package()
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
     from safetensors.torch import save_file
 
-    from compressors import io
+    from spectra.export.source import cast, shard_names, write_index
 
-    dense = io.reconstruct(model, factorizations, dtype=dtype)
     rows, groups, width = [], defaultdict(list), {}
-    for name, f in factorizations.items():
+    fp16, compressed = 0, set(src.compressed())
+    for name in src.compressed():
+        f = src.factorization(name)
         bits, note = container(f)
-        kind = type(dense.get_submodule(name)).__name__
-        if bits is not None and not isinstance(dense.get_submodule(name), torch.nn.Linear):
+        kind = type(src.module(name)).__name__
+        if bits is not None and not isinstance(src.module(name), torch.nn.Linear):
             bits, note = None, f"{kind}: compressed-tensors quantizes nn.Linear only"
         if bits is not None:
             width[name] = bits
             groups[(bits, export_group(f))].append(name)
         stored = "dense" if bits is None else f"pack-quantized int{bits}"
         rows.append(dict(module=name, stored=stored, reason=note))
-    state, seen = {}, set()
-    for k, v in dense.state_dict().items():
-        if v.data_ptr() in seen:  # tied weights once, as save_pretrained does
-            continue
-        seen.add(v.data_ptr())
-        state[k] = v.contiguous()
-    for names in groups.values():
-        for name in names:
-            del state[f"{name}.weight"]
-            for local, t in packed_tensors(factorizations[name], width[name], dtype).items():
-                state[f"{name}.{local}"] = t
-    save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
-    stored = sum(
-        t.numel() * t.element_size()
-        for k, t in state.items()
-        if k.rsplit(".", 1)[0] in factorizations and k.rsplit(".", 1)[1] != "bias"
-    )
-    fp16 = sum(2 * f.shape[0] * f.shape[1] for f in factorizations.values())
-    config = json.loads(dense.config.to_json_string())
+        fp16 += 2 * f.shape[0] * f.shape[1]
+        del f
+    parts = src.parts()
+    files = shard_names(parts)
+    weight_map, total, stored = {}, 0, 0
+    for file, names in zip(files, parts, strict=True):
+        state = {}
+        for k in names:
+            owner, _, attr = k.rpartition(".")
+            if owner in width and attr == "weight":
+                f = src.factorization(owner)
+                for local, t in packed_tensors(f, width[owner], dtype).items():
+                    state[f"{owner}.{local}"] = t
+                continue
+            state[k] = cast(src.value(k), dtype).contiguous()
+        save_file(state, tmp / file, metadata={"format": "pt"})
+        for k, t in state.items():
+            weight_map[k] = file
+            total += t.numel() * t.element_size()
+            owner, _, attr = k.rpartition(".")
+            if owner in compressed and attr != "bias":
+                stored += t.numel() * t.element_size()
+        del state
+    write_index(tmp, weight_map, total)
+    config = json.loads(src.config.to_json_string())
     config["dtype"] = str(dtype).removeprefix("torch.")
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     if groups:

@@ -32,61 +32,87 @@ PERMUTED = ("llama",)  # architectures whose q/k rows llama.cpp's converter reor
 SKIP_KEYS = ("GGUF.", "general.file_type", "general.quantization_version", "split.")
 
 
-def write(tmp: Path, out: Path, model, factorizations: dict, tokenizer, gguf_type: str):
-    """Write tmp/model.gguf; one summary row per compressed module."""
+def write(tmp: Path, out: Path, src, tokenizer, gguf_type: str):
+    """Write tmp/model.gguf from `src` (spectra.export.source): the tensor infos first,
+    then each tensor computed, encoded and written in turn (one held at a time); one
+    summary row per compressed module."""
     import logging
 
     import gguf
 
-    from compressors import io
-
     logging.getLogger("gguf").setLevel(logging.ERROR)  # vocab readers' chatter
     qtype = gguf.GGMLQuantizationType[gguf_type]
-    state = {k: v for k, v in io.reconstruct(model, factorizations).state_dict().items()}
+    config = src.config
     source = _gguf_source(out)
     if source is not None:
         reader = gguf.GGUFReader(source)
         arch = reader.fields["general.architecture"].contents()
     else:
-        arch = HF_ARCH.get(model.config.model_type)
+        arch = HF_ARCH.get(config.model_type)
         if arch is None:
             raise SpectraInputError(
-                f"--format gguf: {model.config.model_type} models are not supported "
+                f"--format gguf: {config.model_type} models are not supported "
                 f"(Llama, Mistral, Qwen2 or a GGUF source)"
             )
     writer = gguf.GGUFWriter(tmp / FILE, arch)
     if source is not None:
         _copy_metadata(writer, reader)
     else:
-        _hf_metadata(writer, model.config, out)
+        _hf_metadata(writer, config, out)
     writer.add_file_type(_file_type(gguf, gguf_type))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    names = _gguf_names(gguf, arch, model.config, state)
-    fallback = []
+    names = _gguf_names(gguf, arch, config, src.names)
     order = [t.name for t in reader.tensors] if source is not None else list(names.values())
     by_gguf = {g: h for h, g in names.items()}
-    for gname in order:
-        hname = by_gguf.get(gname)
-        if hname is None:  # a tensor transformers does not keep (e.g. rope_freqs): copied
-            t = next(t for t in reader.tensors if t.name == gname)
-            writer.add_tensor(gname, t.data, raw_dtype=t.tensor_type)
+    copied = {t.name: t for t in reader.tensors} if source is not None else {}
+    fallback = []
+    for gname in order:  # a tensor transformers does not keep (e.g. rope_freqs): copied
+        t = copied[gname] if by_gguf.get(gname) is None else None
+        if t is not None:
+            writer.add_tensor_info(gname, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
             continue
-        w = state[hname].detach().to(torch.float32).numpy()
-        if arch in PERMUTED and hname.endswith(("q_proj.weight", "k_proj.weight")):
-            heads = model.config.num_attention_heads
-            if hname.endswith("k_proj.weight"):
-                heads = getattr(model.config, "num_key_value_heads", None) or heads
-            w = rotary_rows(w, heads)
-        data, dtype = _encode(gguf, w, qtype)
-        if dtype != qtype and w.ndim == 2:
+        shape = src.shape(by_gguf[gname])
+        dtype = _encoded_type(gguf, shape, qtype)
+        if dtype != qtype and len(shape) == 2:
             fallback.append(gname)
-        writer.add_tensor(gname, data, raw_dtype=dtype)
+        if dtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            np_dtype = np.float32 if dtype == gguf.GGMLQuantizationType.F32 else np.float16
+            nbytes = int(np.prod(shape)) * np.dtype(np_dtype).itemsize
+            writer.add_tensor_info(gname, shape, np.dtype(np_dtype), nbytes, dtype)
+        else:
+            raw = gguf.quant_shape_to_byte_shape(shape, dtype)
+            nbytes = int(np.prod(raw))
+            writer.add_tensor_info(gname, raw, np.dtype(np.uint8), nbytes, dtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
+    writer.write_ti_data_to_file()
+    for gname in order:
+        hname = by_gguf.get(gname)
+        if hname is None:
+            writer.write_tensor_data(copied[gname].data)
+            continue
+        w = src.value(hname).detach().to(torch.float32).numpy()
+        if arch in PERMUTED and hname.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = config.num_attention_heads
+            if hname.endswith("k_proj.weight"):
+                heads = getattr(config, "num_key_value_heads", None) or heads
+            w = rotary_rows(w, heads)
+        writer.write_tensor_data(_encode(gguf, w, qtype)[0])
+        del w
     writer.close()
     note = None if not fallback else f"{len(fallback)} tensors in F16 (rows not in 32-blocks)"
-    return [dict(module=n, stored=f"dense {gguf_type}", reason=note) for n in factorizations]
+    return [dict(module=n, stored=f"dense {gguf_type}", reason=note) for n in src.compressed()]
+
+
+def _encoded_type(gguf, shape, qtype):
+    """The type `_encode` gives a tensor of `shape`."""
+    if len(shape) < 2:
+        return gguf.GGMLQuantizationType.F32
+    if qtype == gguf.GGMLQuantizationType.F16:
+        return qtype
+    if shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
+        return gguf.GGMLQuantizationType.F16
+    return qtype
 
 
 def rotary_rows(w: np.ndarray, heads: int) -> np.ndarray:
@@ -116,7 +142,7 @@ def _file_type(gguf, gguf_type: str) -> int:
     }[gguf_type]
 
 
-def _gguf_names(gguf, arch: str, config, state: dict) -> dict[str, str]:
+def _gguf_names(gguf, arch: str, config, state) -> dict[str, str]:
     """HF state-dict name -> GGUF tensor name, for every tensor that has one."""
     arch_id = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch]
     blocks = config.num_hidden_layers

@@ -138,12 +138,14 @@ def auto_plan(
     progress=None,
     use_cache: bool = True,
     importance: bool = True,
+    handle=None,
 ) -> AutoResult:
     """An explicit per-module plan for `method` that meets the budget with least damage.
 
     `importance` (calib only): weight each module's calibration-weighted error by its
     outputs' loss gradients, so damages are loss estimates allocated across all
-    modules (else relative errors, allocated within each role).
+    modules (else relative errors, allocated within each role). `handle`
+    (spectra.io.handle): how the sensitivity loads the model (dtype, offload).
     """
 
     t0 = time.perf_counter()
@@ -179,14 +181,15 @@ def auto_plan(
             raise ValueError("sens_settings.kind differs from sensitivity")
         if sensitivity == "calib":
             got = sens.calibrated(
-                spec, settings, device, use_cache, progress, importance=importance
+                spec, settings, device, use_cache, progress, importance=importance, handle=handle
             )
             dmg = cands.Damage(hessian=got.hessians, importance=got.importance, rows=got.rows)
             calibration = settings.calib_spec(spec)
         elif sensitivity == "fisher":
-            dmg = cands.Damage(fisher=sens.compute(spec, settings, device, use_cache, progress))
+            fisher = sens.compute(spec, settings, device, use_cache, progress, handle=handle)
+            dmg = cands.Damage(fisher=fisher)
         else:  # ppl
-            result = sens.compute(spec, settings, device, use_cache, progress)
+            result = sens.compute(spec, settings, device, use_cache, progress, handle=handle)
             dmg = cands.Damage(
                 scale={k: v["delta_loss"] / max(v["err2"], 1e-30) for k, v in result.items()}
             )

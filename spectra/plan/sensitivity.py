@@ -26,13 +26,15 @@ settings.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass
 
 import torch
 
+from compressors import blocks
 from compressors.apply import linear_targets
 from compressors.registry import compress, make_config
-from spectra.data import calibration
+from spectra.data import calibration, gradients
 from spectra.data import perplexity as ev
 from spectra.errors import SpectraInputError
 from spectra.io import cache, models
@@ -87,35 +89,55 @@ def _windows(tokenizer, settings: SensitivitySettings, split: str):
 
 
 def fisher(model, windows, progress=None) -> dict[str, torch.Tensor]:
-    """Diagonal empirical Fisher of every linear weight, (out, in) float32 on the CPU."""
-
+    """Diagonal empirical Fisher of every linear weight, (out, in) float32 on the CPU;
+    backpropagated a block at a time, so a model streamed from disk works too."""
     targets = linear_targets(model)
-    params = {name: mod.weight for name, (_, mod) in targets.items()}
-    saved = {p: p.requires_grad for p in model.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for w in params.values():
-        w.requires_grad_(True)
-    acc = {name: torch.zeros_like(w, dtype=torch.float32) for name, w in params.items()}
-    device = next(model.parameters()).device
-    try:
-        for i, x in enumerate(windows):
-            x = x[None].to(device)
-            tokens = x.shape[1] - 1
-            nll = ev.window_nll(model, x)[0] * tokens  # the window's summed token NLL
-            grads = torch.autograd.grad(nll, list(params.values()))
-            for (name, _), g in zip(params.items(), grads, strict=True):
-                acc[name] += g.float().pow(2) / tokens
-            if progress:
-                progress(i + 1, len(windows), "windows")
-    finally:
-        for p, flag in saved.items():
-            p.requires_grad_(flag)
+    acc = {
+        name: torch.zeros(t.shape[::-1] if t.conv1d else t.shape, dtype=torch.float32)
+        for name, (t, _) in targets.items()
+    }
+    scope: dict = {}
+    tokens = windows.shape[1] - 1
+
+    class Visitor:
+        def before(self, index, module):
+            scope.clear()
+            scope.update(gradients.in_scope(model, targets, index, module))
+            for _, mod in scope.values():
+                mod.weight.requires_grad_(True)
+
+        def tensors(self):
+            return [mod.weight for _, mod in scope.values()]
+
+        def receive(self, window, grads):
+            for name, g in zip(scope, grads, strict=True):
+                if g is not None:
+                    acc[name] += g.float().pow(2).cpu() / tokens
+
+        def after(self, index):
+            for _, mod in scope.values():
+                mod.weight.requires_grad_(False)
+
+    with _frozen(model):
+        gradients.backward_by_block(model, windows, Visitor(), progress)
     out = {}
     for name, (target, _) in targets.items():
         f = acc[name] / len(windows)
-        out[name] = (f.T if target.conv1d else f).contiguous().cpu()
+        out[name] = (f.T if target.conv1d else f).contiguous()
     return out
+
+
+@contextlib.contextmanager
+def _frozen(model):
+    """Every parameter without gradients for the duration (restored after)."""
+    saved = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in saved.items():
+            p.requires_grad_(flag)
 
 
 IMPORTANCE_TOKENS = 4096  # calibration tokens whose gradients weight each module's outputs
@@ -140,6 +162,8 @@ def output_fisher(model, windows, progress=None) -> dict[str, tuple[torch.Tensor
     outs: dict[str, list] = {}
     acc_f = {n: torch.zeros(t.shape[0], dtype=torch.float64) for n, (t, _) in targets.items()}
     acc_a = {n: torch.zeros(t.shape[1], dtype=torch.float64) for n, (t, _) in targets.items()}
+    handles: list = []
+    calls: list = []
 
     def keep(name):
         def hook(module, inputs, output):
@@ -147,38 +171,33 @@ def output_fisher(model, windows, progress=None) -> dict[str, tuple[torch.Tensor
 
         return hook
 
-    def leaf(module, inputs, output):  # gradients flow from the embeddings with weights frozen
-        return output.detach().requires_grad_(True)
+    class Visitor:
+        def before(self, index, module):
+            scope = gradients.in_scope(model, targets, index, module)
+            handles.extend(mod.register_forward_hook(keep(n)) for n, (_, mod) in scope.items())
 
-    saved = {p: p.requires_grad for p in model.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    handles = [mod.register_forward_hook(keep(n)) for n, (_, mod) in targets.items()]
-    handles.append(model.get_input_embeddings().register_forward_hook(leaf))
-    device = next(model.parameters()).device
-    positions = 0
-    try:
-        for i, x in enumerate(windows):
-            x = x[None].to(device)
-            tokens = x.shape[1] - 1
+        def tensors(self):
+            calls[:] = [(n, x_in, y) for n, parts in outs.items() for x_in, y in parts]
             outs.clear()
-            nll = ev.window_nll(model, x)[0] * tokens  # the window's summed token NLL
-            calls = [(n, x_in, y) for n, parts in outs.items() for x_in, y in parts]
-            grads = torch.autograd.grad(nll, [y for *_, y in calls], allow_unused=True)
+            return [y for *_, y in calls]
+
+        def receive(self, window, grads):
             for (name, x_in, _), g in zip(calls, grads, strict=True):
                 if g is None:  # a call the loss does not read (the model's own last logits)
                     continue
                 acc_f[name] += g.double().pow(2).reshape(-1, g.shape[-1]).sum(0).cpu()
                 acc_a[name] += x_in.double().pow(2).reshape(-1, x_in.shape[-1]).sum(0).cpu()
-            positions += x.shape[1]
-            if progress:
-                progress(i + 1, len(windows), "windows")
-    finally:
-        outs.clear()
-        for h in handles:
-            h.remove()
-        for p, flag in saved.items():
-            p.requires_grad_(flag)
+            calls.clear()
+
+        def after(self, index):
+            for h in handles:
+                h.remove()
+            handles.clear()
+            outs.clear()
+
+    with _frozen(model):
+        gradients.backward_by_block(model, windows, Visitor(), progress)
+    positions = windows.shape[0] * windows.shape[1]
     return {n: ((acc_f[n] / positions).float(), (acc_a[n] / positions).float()) for n in targets}
 
 
@@ -200,13 +219,21 @@ def calibrated(
     progress=None,
     model=None,
     importance: bool = True,
+    handle=None,
 ) -> Calibrated:
     """The cached calibration of `spec` and, from gradients on its first
     IMPORTANCE_TOKENS tokens (never the evaluation part), the modules' output weights,
-    cached beside it."""
+    cached beside it. `handle` (spectra.io.handle): how to load the model when it is
+    needed (dtype, offload: a model streamed from disk works), else resident float32."""
     spec_c = settings.calib_spec(spec)
     grams = calibration.calibrate(
-        spec, spec_c, model=model, device=device, use_cache=use_cache, progress=progress
+        spec,
+        spec_c,
+        model=model,
+        device=device,
+        use_cache=use_cache,
+        progress=progress,
+        handle=handle,
     )
     if not importance:
         return Calibrated(grams.hessians(), grams.tokens, None)
@@ -215,7 +242,7 @@ def calibrated(
     found = _read_importance(path) if use_cache else None
     if found is None:
         windows = calibration.calibration_windows(models.load_tokenizer(spec), spec_c)[:n]
-        model = model if model is not None else models.load(spec, device)
+        model = model if model is not None else _load(spec, device, handle)
         found = output_fisher(model, windows, progress)
         if use_cache:
             from safetensors.torch import save_file
@@ -291,11 +318,13 @@ def compute(
     model=None,
     info: dict | None = None,
     names: list[str] | None = None,
+    handle=None,
 ):
     """Cached sensitivity of `spec`: {name: Fisher tensor} or {name: probe result}.
 
-    `model`: the already loaded model of `spec`, if any; `names`: probe only these
-    modules (ppl).
+    `model`: the already loaded model of `spec`, if any; `handle`: how to load it
+    otherwise (spectra.io.handle; fisher and calib work on a model streamed from disk),
+    else resident in float32; `names`: probe only these modules (ppl).
     """
     info = {} if info is None else info
     if settings.kind == "calib":
@@ -307,13 +336,15 @@ def compute(
             use_cache=use_cache,
             progress=progress,
             info=info,
+            handle=handle,
         )
         return grams.hessians()
 
     tokenizer = models.load_tokenizer(spec)
     bos = ev.bos_token(tokenizer)  # the windows differ with and without BOS
+    dtype = [] if handle is None or handle.dtype == "float32" else [handle.dtype]
     key = cache.key(
-        models.fingerprint(spec), asdict(settings), sorted(names) if names else None, bos
+        models.fingerprint(spec), asdict(settings), sorted(names) if names else None, bos, *dtype
     )
     folder = cache.cache_dir() / "sensitivity"
     path = folder / f"{key}.{'safetensors' if settings.kind == 'fisher' else 'json'}"
@@ -325,7 +356,12 @@ def compute(
             return hit
     split = "calib" if settings.kind == "fisher" else "eval"
     windows = _windows(tokenizer, settings, split)
-    model = model if model is not None else models.load(spec, device)
+    model = model if model is not None else _load(spec, device, handle)
+    if settings.kind == "ppl" and blocks.is_streamed(model):
+        raise SpectraInputError(
+            "--sensitivity ppl swaps each module in a resident model; use --offload none, "
+            "or fisher or calib, which stream"
+        )
     if settings.kind == "fisher":
         result = fisher(model, windows, progress)
     else:
@@ -333,6 +369,10 @@ def compute(
     if use_cache:
         _write(path, settings.kind, result)
     return result
+
+
+def _load(spec: str, device: str, handle):
+    return handle.load() if handle is not None else models.load(spec, device)
 
 
 def _read(path, kind):

@@ -338,3 +338,63 @@ def test_gguf_q4_0_blocks_hold_the_reconstruction(applied, tmp_path, capsys):
     assert (err <= np.abs(want).max(-1) / 8 * 1.01).all()
     assert np.abs(got.reshape(64, 3, 32) - want).mean() < np.abs(want).mean() / 8
     assert err.max() > 0  # it is quantized, not copied
+
+
+def _tensors_of(path):
+    from safetensors.torch import load_file
+
+    found = {}
+    for f in sorted(path.glob("*.safetensors")):
+        found.update(load_file(f))
+    return found
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_streamed_export_equals_resident(family, family_dir, tmp_path, capsys):
+    """A block-by-block OUT exported a part at a time gives the tensors (GGUF: the bytes)
+    of the resident OUT exported whole."""
+    plan = tmp_path / "plan.yaml"
+    rules = PLAN["rules"]
+    if family == "gpt2":  # Conv1D: stored (in, out), reconstructed transposed
+        rules = [
+            {"targets": [r"re:.*mlp\.c_fc"], "method": "quant", "bits": 4, "group_size": 32},
+            {"targets": [r"re:.*attn\.c_attn"], "method": "lowrank", "rank": 8},
+        ]
+    plan.write_text(yaml.safe_dump({"version": 1, "rules": rules}))
+    outs = {}
+    for off in ("none", "disk"):
+        outs[off] = tmp_path / off / "out"  # same name: GGUF metadata carries it
+        outs[off].parent.mkdir()
+        args = ["apply", plan, "--model", family_dir(family), "-o", outs[off], "--offload", off]
+        assert main(args) == 0
+    formats = ("compressed-tensors", "hf") + (("gguf",) if family == "llama" else ())
+    for fmt in formats:
+        got = {}
+        for off, out in outs.items():
+            dest = tmp_path / f"{fmt}-{off}"
+            got[off] = export(capsys, out, fmt, dest, "--dtype", "float32")
+            assert got[off]["offload"] == off  # auto: a block-by-block OUT streams
+        a, b = tmp_path / f"{fmt}-none", tmp_path / f"{fmt}-disk"
+        rows = {off: sorted(g["modules"], key=lambda r: r["module"]) for off, g in got.items()}
+        assert rows["none"] == rows["disk"]
+        if fmt == "gguf":
+            assert (a / "model.gguf").read_bytes() == (b / "model.gguf").read_bytes()
+            continue
+        assert len(list(b.glob("model-*-of-*.safetensors"))) > 2  # a file per part
+        assert json.loads((a / "config.json").read_text()) == json.loads(
+            (b / "config.json").read_text()
+        )
+        ta, tb = _tensors_of(a), _tensors_of(b)
+        assert ta.keys() == tb.keys()
+        for k in ta:
+            assert ta[k].dtype == tb[k].dtype and torch.equal(ta[k], tb[k]), k
+    assert rel(read_back(tmp_path, tmp_path / "hf-disk"), ours(outs["none"])) < 1e-5
+
+
+def test_export_offload_none_refuses_what_memory_cannot_hold(applied, tmp_path, cli, monkeypatch):
+    out = applied("llama")
+    monkeypatch.setenv("SPECTRA_MEMORY_GB", "0.00001")
+    r = cli("export", out, "--format", "hf", "-o", tmp_path / "hf", "--offload", "none")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert "needs about" in r.stderr and "--offload disk" in r.stderr
+    assert not (tmp_path / "hf").exists()

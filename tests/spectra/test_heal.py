@@ -358,3 +358,23 @@ def test_a_trained_mpo_evaluates_its_live_cores_in_both_contraction_orders():
         MPOLinear([torch.randn(*s) for s in sh]).reverse
         for sh in ([(1, 4, 8, 6), (6, 8, 4, 1)], [(1, 8, 4, 6), (6, 4, 8, 1)])
     } == {True, False}
+
+
+def test_checkpointed_blocks_give_the_same_gradients(tiny_llama_dir):
+    """The activation checkpointing heal uses on CUDA (tested here on the CPU)."""
+    import torch
+
+    from spectra.data.heal import checkpoint_blocks
+    from spectra.io import models
+
+    model = models.load(str(tiny_llama_dir), "cpu")
+    x = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for ckpt in (False, True):
+        model.zero_grad()
+        with checkpoint_blocks(model) if ckpt else torch.enable_grad():
+            model(x, use_cache=False).logits.square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert "forward" not in vars(model.model.layers[0])  # restored
+    for n, g in grads[0].items():
+        torch.testing.assert_close(grads[1][n], g)

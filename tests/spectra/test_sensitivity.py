@@ -73,3 +73,70 @@ def test_ppl_probe_restores_the_model_and_cache_round_trips(demo_model, demo_dir
     assert third.keys() == first.keys()
     for k in first:
         assert third[k]["delta_loss"] == pytest.approx(first[k]["delta_loss"], rel=1e-6)
+
+
+def _oracle(model, windows):
+    """Fisher and output Fisher from whole-model autograd, one window at a time."""
+    from compressors.targets import linear_targets
+    from spectra.data import perplexity as ev
+
+    targets = linear_targets(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for _, mod in targets.values():
+        mod.weight.requires_grad_(True)
+    fisher = {n: 0.0 for n in targets}
+    f_out = {n: 0.0 for n in targets}
+    a_in = {n: 0.0 for n in targets}
+    outs = {}
+    hooks = [
+        mod.register_forward_hook(
+            lambda m, i, o, n=n: outs.setdefault(n, []).append((i[0].detach(), o))
+        )
+        for n, (_, mod) in targets.items()
+    ]
+    tokens = windows.shape[1] - 1
+    for x in windows:
+        outs.clear()
+        nll = ev.window_nll(model, x[None])[0] * tokens
+        calls = [(n, i, o) for n, parts in outs.items() for i, o in parts]
+        weights = [mod.weight for _, mod in targets.values()]
+        grads = torch.autograd.grad(nll, weights + [o for *_, o in calls], allow_unused=True)
+        for (name, (t, _)), g in zip(targets.items(), grads, strict=False):
+            fisher[name] = fisher[name] + (g.T if t.conv1d else g).double().pow(2) / tokens
+        for (name, i, _), g in zip(calls, grads[len(weights) :], strict=True):
+            if g is not None:
+                f_out[name] = f_out[name] + g.double().pow(2).reshape(-1, g.shape[-1]).sum(0)
+                a_in[name] = a_in[name] + i.double().pow(2).reshape(-1, i.shape[-1]).sum(0)
+    for h in hooks:
+        h.remove()
+    positions = windows.numel()
+    return (
+        {n: f / len(windows) for n, f in fisher.items()},
+        {n: (f_out[n] / positions, a_in[n] / positions) for n in targets},
+    )
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3"])
+def test_fisher_and_importance_streamed_equal_whole_model_autograd(family, family_dir):
+    """Backward a block at a time, resident or streamed from disk, gives the gradients
+    of autograd through the whole model."""
+    from spectra.io import handle, models
+    from spectra.plan import sensitivity as sens
+
+    path = str(family_dir(family))
+    windows = torch.randint(3, 300, (3, 24), generator=torch.Generator().manual_seed(1))
+    fisher_ref, out_ref = _oracle(models.load(path, "cpu"), windows)
+    for offload in ("none", "disk"):
+        model = handle.open_model(path, "cpu", "float32", offload).load()
+        flags = [p.requires_grad for p in model.parameters()]
+        fisher = sens.fisher(model, windows)
+        out = sens.output_fisher(model, windows)
+        assert fisher.keys() == fisher_ref.keys() == out.keys()
+        for name, f in fisher.items():
+            ref = fisher_ref[name].float()
+            torch.testing.assert_close(f, ref, rtol=1e-4, atol=1e-6 * float(ref.max()))
+            for got, want in zip(out[name], out_ref[name], strict=True):
+                want = want.float()
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6 * float(want.max()))
+        assert [p.requires_grad for p in model.parameters()] == flags  # restored

@@ -216,3 +216,79 @@ def test_unknown_dtype_and_offload_exit_2(family_dir, cli):
         r = cli("eval", tiny_llama_dir, flag, value)
         assert r.returncode == 2
         assert r.stderr.count("\n") == 1 and value in r.stderr
+
+
+@pytest.mark.parametrize("sensitivity", ["fisher", "calib"])
+def test_plan_auto_streamed_equals_resident(sensitivity, family_dir, tmp_path, capsys):
+    from spectra.cli import main
+
+    path = family_dir("llama")
+    plans, damage = {}, {}
+    for off in ("none", "disk"):
+        out = tmp_path / f"{off}.json"
+        argv = ["plan", "auto", str(path), "--method", "lowrank", "--target-params", "0.6"]
+        tokens = "256" if sensitivity == "fisher" else "1024"
+        argv += ["--sensitivity", sensitivity, "--tokens", tokens, "-o", str(out)]
+        argv += ["--offload", off, "--dtype", "float32", "--json"]
+        capsys.readouterr()
+        assert main(argv) == 0
+        damage[off] = json.loads(capsys.readouterr().out)["predicted_damage"]
+        plans[off] = json.loads(out.read_text())
+        if off == "none":  # the next run scores afresh rather than reading this one's cache
+            import shutil
+
+            for sub in ("sensitivity", "calibration"):
+                shutil.rmtree(Path(shutil.os.environ["SPECTRA_CACHE"]) / sub, ignore_errors=True)
+    assert plans["disk"] == plans["none"]
+    assert damage["disk"] == pytest.approx(damage["none"], rel=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_eval_of_a_compressed_out_streamed_equals_resident(family, family_dir, tmp_path, capsys):
+    """The OUT built a block at a time from its factors scores as the OUT loaded whole."""
+    import yaml
+
+    from spectra.cli import main
+
+    first = (  # a joint group's members are built together, from one factorization
+        {"targets": [r"re:.*mlp\.(gate|up)_proj"], "method": "joint", "rank": 8}
+        if family == "llama"
+        else {"targets": [r"re:.*mlp\.c_fc"], "method": "lowrank", "rank": 8}
+    )
+    rules = [
+        first,
+        {"targets": [r"re:.*(down_proj|mlp\.c_proj)"], "method": "quant", "group_size": 16},
+        {"targets": [r"re:.*(o_proj|c_attn)"], "method": "prune", "pattern": "2:4"},
+    ]
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(yaml.safe_dump({"version": 1, "rules": rules}))
+    out = tmp_path / "out"
+    argv = ["apply", plan, "--model", family_dir(family), "-o", out, "--offload", "disk"]
+    assert main(argv) == 0
+    got = {}
+    for off in ("none", "disk"):
+        capsys.readouterr()
+        argv = ["eval", out, "--seqlen", "64", "--max-tokens", "512", "--no-baseline", "--json"]
+        assert main([*argv, "--offload", off]) == 0
+        got[off] = json.loads(capsys.readouterr().out)
+    assert (got["none"]["offload"], got["disk"]["offload"]) == ("none", "disk")
+    assert got["disk"]["ppl"] == pytest.approx(got["none"]["ppl"], rel=1e-6)
+
+
+def test_truncated_part_of_a_streamed_out_is_refused(tiny_llama_dir, tmp_path, capsys):
+    from spectra.cli import main
+
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(
+        "version: 1\nrules:\n  - targets: ['re:.*mlp.*']\n    method: lowrank\n    rank: 4\n"
+    )
+    out = tmp_path / "out"
+    assert main(["apply", plan, "--model", tiny_llama_dir, "-o", out, "--offload", "disk"]) == 0
+    part = out / "factors-00001.safetensors"
+    part.write_bytes(part.read_bytes()[:-100])
+    for argv in (["eval", out], ["export", out, "--format", "hf", "-o", tmp_path / "hf"]):
+        capsys.readouterr()
+        assert main([*argv, "--offload", "disk"]) == 2
+        err = capsys.readouterr().err
+        assert "corrupt compressed checkpoint" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "hf").exists()
