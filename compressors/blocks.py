@@ -93,36 +93,27 @@ class _Stop(Exception):
     pass
 
 
-class _Stand(nn.Module):
-    """Stands in for block `index` in a forward of the whole model: `sink(index, hidden,
-    args, kwargs)` decides what it returns. Attributes it lacks are the block's."""
-
-    def __init__(self, layer: nn.Module, index: int, sink):
-        super().__init__()
-        object.__setattr__(self, "_block", layer)  # not a submodule: no parameters here
-        self.index, self.sink = index, sink
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(object.__getattribute__(self, "_block"), name)
-
-    def forward(self, hidden_states, *args, **kwargs):
-        return self.sink(self.index, hidden_states, args, kwargs)
-
-
 @contextlib.contextmanager
 def _standing_in(model: nn.Module, sink):
-    layers = decoder_layers(model)
-    saved = list(layers)
-    for i, layer in enumerate(saved):
-        layers[i] = _Stand(layer, i, sink)
+    """Within, block i's forward is `sink(i, hidden, args, kwargs)`. The blocks stay in
+    the module tree (hooks that walk it, e.g. compressed-tensors' decompression on the
+    first forward, still find every module): only their `forward` is shadowed by an
+    instance attribute, removed on exit."""
+    layers = list(decoder_layers(model))
+
+    def stand(index):
+        def forward(hidden_states, *args, **kwargs):
+            return sink(index, hidden_states, args, kwargs)
+
+        return forward
+
+    for i, layer in enumerate(layers):
+        layer.forward = stand(i)
     try:
         yield
     finally:
-        for i, layer in enumerate(saved):
-            layers[i] = layer
+        for layer in layers:
+            layer.__dict__.pop("forward", None)
 
 
 @dataclass
