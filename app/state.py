@@ -17,6 +17,7 @@ from spectra.analysis import analyze
 from spectra.errors import SpectraInputError
 from spectra.io import models, roles
 from spectra.io.roles import ROLES
+from spectra.plan.defaults import FIRST_CALIB_TOKENS
 
 METRICS = {
     "erank": "effective rank",
@@ -166,8 +167,8 @@ CALIB_TOKENS = (4096, 8192, 16384, 32768)
 
 
 def calib_tokens() -> int:
-    """The calibration size chosen on the Plan page (spectra calibrate's default)."""
-    return int(st.session_state.get("calib_size", CALIB_TOKENS[-1]))
+    """The calibration size chosen on the Plan page (the small one of `plan auto` first)."""
+    return int(st.session_state.get("calib_size", FIRST_CALIB_TOKENS))
 
 
 def calib_settings(spec: str):
@@ -185,6 +186,16 @@ def calibration(spec: str):
 
         st.session_state[key] = cached(spec, calib_settings(spec))
     return st.session_state[key]
+
+
+@st.cache_data(show_spinner=False)
+def can_calibrate(spec: str) -> bool:
+    """Whether the model has what a calibration needs (a tokenizer)."""
+    try:
+        models.load_tokenizer(spec)
+    except SpectraInputError:
+        return False
+    return True
 
 
 def compute_calibration(spec: str, progress=None):
@@ -258,10 +269,17 @@ def calibrated_curves(spec: str, name: str, calib_key: str, method: str):
 
 @st.cache_data(show_spinner=False)
 def auto_layers(
-    spec: str, method: str, key: str, target: float, sensitivity: str, calib_tokens: int = 0
+    spec: str,
+    method: str,
+    key: str,
+    target: float,
+    sensitivity: str,
+    calib_tokens: int = 0,
+    _progress=None,
 ) -> dict:
     """Auto-allocated explicit plan layers (module -> settings dict) and its summary
-    (`calib_tokens`: the calibration size a calib damage reads)."""
+    (`calib_tokens`: the calibration size a calib damage reads; `_progress` hears the
+    damage's phases)."""
     # deferred: torch, needed only once a preview, an error or an allocation is asked for
     from compressors.base import config_to_dict
     from spectra.plan import sensitivity as sens
@@ -272,7 +290,9 @@ def auto_layers(
     if sensitivity == "calib":
         c = calib_settings(spec)
         settings = sens.SensitivitySettings("calib", c.corpus, c.tokens, c.seqlen)
-    result = auto_plan(spec, method, sensitivity=sensitivity, sens_settings=settings, **budget)
+    result = auto_plan(
+        spec, method, sensitivity=sensitivity, sens_settings=settings, progress=_progress, **budget
+    )
     return {
         "layers": {k: config_to_dict(c) for k, c in result.plan.layers.items()},
         "summary": result.summary(),

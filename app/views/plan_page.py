@@ -6,6 +6,7 @@ carries `plan_v`); the table's own edits are read back from its widget state at 
 top of the run, so every control below sees the same plan.
 """
 
+import math
 import time
 
 import polars as pl
@@ -17,9 +18,14 @@ from compressors.registry import METHODS, needs_data
 from spectra.errors import SpectraInputError
 from spectra.io import models
 from spectra.plan import edit as pe
+from spectra.plan.defaults import DEFAULT_METHOD, DEFAULT_TARGET_PARAMS
 from spectra.plan.grid import auto_methods
 
-DAMAGE = {"none": "weight error", "fisher": "Fisher loss", "calib": "calibration-weighted"}
+DAMAGE = {  # the first is the default: a data-free damage can be millions of times worse
+    "calib": "calibration-weighted loss",
+    "none": "weight error (data-free)",
+    "fisher": "Fisher loss",
+}
 
 
 def init() -> None:
@@ -90,9 +96,21 @@ def set_module(name: str, settings: dict | None, mats) -> None:
     rebase(layers)
 
 
+def damage_label(kind: str, calibrated: bool) -> str:
+    if kind == "calib" and not calibrated:
+        return "calibration-weighted loss (computes the calibration first)"
+    return DAMAGE[kind]
+
+
 def budget_controls(spec: str) -> None:
-    c = st.columns([2, 2, 2, 2, 1.4])
-    method = c[0].selectbox("Allocate with", auto_methods(), key="auto_method")
+    """Auto-allocate. Untouched, it takes the first hour's path (spectra.plan.defaults):
+    whitened low rank at 80% of the parameters on the calibration-weighted loss estimate,
+    computing the small calibration it needs first."""
+    c = st.columns([2, 2, 2, 3, 1.4])
+    methods = auto_methods()
+    method = c[0].selectbox(
+        "Allocate with", methods, index=methods.index(DEFAULT_METHOD), key="auto_method"
+    )
     kind = c[1].radio(
         "Budget",
         ["params", "bits"],
@@ -101,35 +119,78 @@ def budget_controls(spec: str) -> None:
         format_func={"params": "fraction of params", "bits": "bits/param"}.get,
     )
     if kind == "params":
-        target = c[2].number_input("Target", 0.01, 1.0, 0.5, 0.05, key="auto_target_params")
+        target = c[2].number_input(
+            "Target", 0.01, 1.0, DEFAULT_TARGET_PARAMS, 0.05, key="auto_target_params"
+        )
     else:
         target = c[2].number_input("Target", 0.5, 16.0, 3.0, 0.25, key="auto_target_bits")
     calibrated = state.calibration(spec) is not None
     sens = c[3].selectbox(
         "Damage",
-        ["none", "fisher", "calib"],
-        index=2 if calibrated else 0,
-        key=f"auto_sens::{calibrated}",  # calibration-weighted once a calibration exists
-        format_func=DAMAGE.get,
+        list(DAMAGE),
+        key="auto_sens",
+        format_func=lambda k: damage_label(k, calibrated),
     )
+    if sens == "none":
+        c[3].caption(
+            "Data-free: ranks modules by their weight error, which can be far from the "
+            "loss (the demo at 50% of its parameters: perplexity in the millions)."
+        )
     c[4].write("")
     if c[4].button("Auto-allocate", key="auto_go", type="primary"):
+        st.session_state.auto_fallback = None
+        bar = st.progress(0.0, "Preparing...")
         try:
-            with st.spinner("Allocating..."):
-                out = state.auto_layers(
-                    spec, method, kind, float(target), sens, state.calib_tokens()
-                )
+            if sens == "calib" and not calibrated:
+                if state.can_calibrate(spec):
+                    state.compute_calibration(spec, progress=Eta(bar, "calibration"))
+                else:
+                    sens = "none"
+                    st.session_state.auto_fallback = (
+                        "This model cannot be calibrated (no tokenizer): allocated on the "
+                        "data-free weight error. Give it a tokenizer and compute a "
+                        "calibration (or `spectra calibrate MODEL`) for a calibrated plan."
+                    )
+            out = state.auto_layers(
+                spec,
+                method,
+                kind,
+                float(target),
+                sens,
+                state.calib_tokens(),
+                _progress=Eta(bar, "allocation"),
+            )
         except SpectraInputError as e:
+            bar.empty()
             st.error(str(e))
             return
+        bar.empty()
         rebase(out["layers"])
-        s = out["summary"]
-        st.session_state.auto_message = (
-            f"Auto-allocated {method}: {s['compressed']} of {s['modules']} modules compressed, "
-            f"{s['params_ratio']:.1%} of parameters, {s['bits_per_param']:.2f} bits/param."
-        )
+        st.session_state.auto_message = auto_message(method, sens, out["summary"])
+        st.rerun()  # every control above (the calibration's caption) sees the new state
     if st.session_state.get("auto_message"):
         st.info(st.session_state.auto_message)
+    if st.session_state.get("auto_fallback"):
+        st.warning(st.session_state.auto_fallback)
+
+
+def auto_message(method: str, sens: str, s: dict) -> str:
+    """What Auto-allocate did and the quality its damage predicts, before any preview."""
+    head = (
+        f"Auto-allocated {method} on the {DAMAGE[sens]}: {s['compressed']} of {s['modules']} "
+        f"modules compressed, {s['params_ratio']:.1%} of parameters, "
+        f"{s['bits_per_param']:.2f} bits/param. "
+    )
+    d = s["predicted_damage"]
+    if sens == "none":
+        return head + (
+            f"Predicted damage {d:.4g}: a sum of squared relative weight errors, not a "
+            "loss; the perplexity can be far worse than it suggests (Preview measures it)."
+        )
+    return head + (
+        f"Predicted loss increase {d:.3f} nats/token: perplexity about "
+        f"{math.exp(d):.2f}x dense (the damage's own estimate; Preview measures it)."
+    )
 
 
 def calibration_controls(spec: str) -> None:
@@ -314,14 +375,14 @@ def totals_and_preview(spec: str, mats) -> None:
 
 
 class Eta:
-    """A progress callback that shows each phase (compressing, blocks) with the time left,
-    estimated from that phase's own rate."""
+    """A progress callback that shows each phase (calibration, allocation, compressing,
+    blocks) with its count and the time left, estimated from that phase's own rate."""
 
-    def __init__(self, bar):
-        self.bar, self.phase, self.start = bar, None, time.perf_counter()
+    def __init__(self, bar, name: str = ""):
+        self.bar, self.name, self.phase, self.start = bar, name, None, time.perf_counter()
 
     def __call__(self, done: int, total: int, what: str) -> None:
-        phase = "compressing" if what.startswith("compressing") else "blocks"
+        phase = "compressing" if what.startswith("compressing") else what.split(" ")[0]
         now = time.perf_counter()
         if phase != self.phase:
             self.phase, self.start = phase, now
@@ -329,7 +390,8 @@ class Eta:
         left = ""
         if done and now - self.start > 0.5:
             left = f", about {(now - self.start) / frac * (1 - frac):.0f} s left"
-        self.bar.progress(min(frac, 1.0), f"{what} ({done}/{total}{left})")
+        head = f"{self.name.capitalize()}: " if self.name else ""
+        self.bar.progress(min(frac, 1.0), f"{head}{what} ({done}/{total}{left})")
 
 
 SORTABLE = ("checkpoint order", "module", "role", "block", "m", "n", "method", "rank", "bits")
