@@ -316,7 +316,15 @@ def totals_and_preview(spec: str, mats) -> None:
     c[0].metric("Modules compressed", f"{t['compressed']} / {t['modules']}")
     c[1].metric("Parameters kept", f"{t['params_ratio']:.1%}")
     c[2].metric("Bits per parameter", f"{t['bits_per_param']:.2f}")
-    c[3].metric("Size", f"{t['size_mb_after']:.1f} MB")
+    dense_mb = t["bits_before"] / 8 / 2**20
+    c[3].metric(
+        "Size",
+        f"{t['size_mb_after']:.1f} MB",
+        help="Linear modules as stored (what `spectra apply` writes). The dense figure "
+        "counts them as fp16 storage, 16 bits per weight; the float32 working copy the "
+        f"app and previews compute with takes twice that ({2 * dense_mb:.1f} MB).",
+    )
+    c[3].caption(f"from {dense_mb:.1f} MB dense as fp16 storage (float32 working copy: 2x)")
     p = st.columns([2, 2, 6])
     tokens = p[0].selectbox(
         "Preview tokens", [512, 1024, 2048, 4096], index=2, key="preview_tokens"
@@ -450,7 +458,9 @@ def table(spec: str, mats) -> None:
         c[3].caption(f"{len(base)} of {len(mats)} modules listed.")
     errors = _row_errors(spec, base)
     calib_errors = st.session_state.get("calib_errors", {})
-    df = pl.DataFrame(base, infer_schema_length=None).with_columns(
+    typed = dict(module=pl.String, role=pl.String, block=pl.Int64, m=pl.Int64, n=pl.Int64)
+    typed |= {"method": pl.String, **{k: kw.dtype(k) for k in pe.knobs()}}
+    df = pl.DataFrame(base, schema=typed).with_columns(
         pl.Series("rel_error", [errors.get(r["module"]) for r in base], dtype=pl.Float64),
         pl.Series("calib_error", [calib_errors.get(r["module"]) for r in base], dtype=pl.Float64),
     )

@@ -53,3 +53,17 @@ def test_a_model_without_tokenizer_falls_back_with_a_warning(on_tiny):
     assert not at.exception, at.exception
     assert "cannot be calibrated" in at.warning[0].value
     assert at.session_state.plan_layers
+
+
+def test_the_module_table_is_typed_blocks_as_numbers_blanks_empty(on_tiny):
+    at = run_page("plan_page")
+    at.selectbox(key="auto_sens").set_value("none").run()
+    at.button(key="auto_go").click().run()
+    at.toggle(key="plan_only").set_value(False).run()
+    df = at.data_editor[0].value
+    assert str(df["block"].dtype).startswith("float") or str(df["block"].dtype) == "Int64"
+    for column in ("energy", "sparsity", "bits", "bond_dim", "cores"):
+        assert df[column].dtype != object, column  # typed: an unset cell is blank
+    assert "None" not in set(map(str, df["pattern"].dropna()))
+    size = next(c.value for c in at.caption if c.value.startswith("from "))
+    assert "fp16 storage" in size
