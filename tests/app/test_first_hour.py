@@ -2,7 +2,8 @@
 calibrates first and allocates whitened low rank on the calibrated loss estimate."""
 
 import pytest
-from test_app import run_page
+from streamlit.testing.v1 import AppTest
+from test_app import page_script, run_page
 
 
 @pytest.fixture()
@@ -67,3 +68,35 @@ def test_the_module_table_is_typed_blocks_as_numbers_blanks_empty(on_tiny):
     assert "None" not in set(map(str, df["pattern"].dropna()))
     size = next(c.value for c in at.caption if c.value.startswith("from "))
     assert "fp16 storage" in size
+
+
+def test_the_heatmap_hover_names_module_and_metric_and_picks_persist(on_tiny):
+    import json
+
+    at = run_page("spectra_page")
+    assert not at.exception, at.exception
+    fig = json.loads(at.get("plotly_chart")[0].proto.spec)
+    cells = next(t for t in fig["data"] if t["type"] == "scatter")
+    assert "model.layers.1.mlp.down_proj" in [c[0] for c in cells["customdata"]]
+    assert "effective rank" in cells["hovertemplate"]
+    assert "%{customdata[0]}" in cells["hovertemplate"]
+    at.multiselect(key="spectra_selected").set_value(["model.layers.0.mlp.up_proj"]).run()
+    assert at.session_state.spectra_picked == ["model.layers.0.mlp.up_proj"]
+    # back from another page: Streamlit dropped the widget's state, the pick stays
+    again = AppTest.from_file(page_script("spectra_page"), default_timeout=120)
+    again.session_state["spectra_picked"] = at.session_state.spectra_picked
+    again.run()
+    assert again.multiselect(key="spectra_selected").value == ["model.layers.0.mlp.up_proj"]
+
+
+def test_a_heatmap_click_adds_its_module_once(on_tiny, monkeypatch):
+    """A click comes back from Streamlit as the selected point's customdata."""
+    from app.views import spectra_page
+
+    name = "model.layers.1.mlp.up_proj"
+    event = {"selection": {"points": [{"customdata": [name, 1.0], "x": 1, "y": "up"}]}}
+    monkeypatch.setattr(spectra_page.st, "plotly_chart", lambda *a, **k: event)
+    at = run_page("spectra_page")
+    assert name in at.multiselect(key="spectra_selected").value
+    at.multiselect(key="spectra_selected").set_value([]).run()  # the same selection, rerun
+    assert at.multiselect(key="spectra_selected").value == []  # not re-added
