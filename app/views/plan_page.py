@@ -167,6 +167,7 @@ def budget_controls(spec: str) -> None:
         bar.empty()
         rebase(out["layers"])
         st.session_state.auto_message = auto_message(method, sens, out["summary"])
+        st.session_state.auto_damage = (f"auto: {DAMAGE[sens]}", plan_signature(out["layers"]))
         st.rerun()  # every control above (the calibration's caption) sees the new state
     if st.session_state.get("auto_message"):
         st.info(st.session_state.auto_message)
@@ -354,6 +355,10 @@ def totals_and_preview(spec: str, mats) -> None:
             bar.empty()
             st.session_state.preview_history.append(
                 dict(
+                    plan=plan_signature(layers),
+                    damage=damage_of(layers),
+                    calibration=calibration_name(spec),
+                    settings=settings_summary(layers),
                     tokens=r.tokens,
                     dense_ppl=r.dense_ppl,
                     ppl=r.ppl,
@@ -368,18 +373,63 @@ def totals_and_preview(spec: str, mats) -> None:
     history = st.session_state.preview_history
     if history:
         last = history[-1]
+        stale = last.get("plan") != plan_signature(layers)
+        if stale:
+            st.warning(
+                "Out of date: the plan has changed since this preview. Preview again to "
+                "measure the plan as it is now."
+            )
         q = st.columns(3)
         q[0].metric("Dense perplexity", f"{last['dense_ppl']:.4f}")
         q[1].metric(
-            "Compressed perplexity",
+            "Compressed perplexity (out of date)" if stale else "Compressed perplexity",
             f"{last['ppl']:.4f}",
             delta=f"{last['ppl'] - last['dense_ppl']:+.4f}",
             delta_color="inverse",
         )
         q[2].metric("Preview time", f"{last['seconds']:.2f} s")
-        st.dataframe(
-            pl.DataFrame(history[::-1]), hide_index=True, width="stretch", key="preview_table"
+        shown = [{k: v for k, v in h.items() if k != "plan"} for h in history[::-1]]
+        st.dataframe(pl.DataFrame(shown), hide_index=True, width="stretch", key="preview_table")
+
+
+def plan_signature(layers: dict) -> str:
+    """A short fingerprint of the plan's settings: a preview of another plan is stale."""
+    import hashlib
+    import json
+
+    text = json.dumps(layers, sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def damage_of(layers: dict) -> str:
+    """The damage the plan was allocated on, and whether it was edited since."""
+    auto = st.session_state.get("auto_damage")
+    if not auto:
+        return "by hand"
+    return auto[0] + ("" if auto[1] == plan_signature(layers) else ", then edited")
+
+
+def calibration_name(spec: str) -> str:
+    """The calibration the data-aware settings read: tokens and cache key (or none)."""
+    grams = state.calibration(spec)
+    return "none" if grams is None else f"{grams.tokens:,} tokens, {grams.folder.name}"
+
+
+def settings_summary(layers: dict) -> str:
+    """`lowrank x154 (whiten x150)`: the methods in the plan and their calibrated ones."""
+    counts: dict[str, list[int]] = {}
+    for v in layers.values():
+        c = counts.setdefault(v["method"], [0, 0])
+        c[0] += 1
+        flag = METHODS[v["method"]].switch
+        c[1] += bool(flag and v.get(flag))
+    return (
+        ", ".join(
+            f"{m} x{n}" + (f" ({METHODS[m].switch} x{k})" if k else "")
+            for m, (n, k) in sorted(counts.items())
         )
+        or "dense"
+    )
 
 
 class Eta:

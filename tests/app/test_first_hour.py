@@ -100,3 +100,23 @@ def test_a_heatmap_click_adds_its_module_once(on_tiny, monkeypatch):
     assert name in at.multiselect(key="spectra_selected").value
     at.multiselect(key="spectra_selected").set_value([]).run()  # the same selection, rerun
     assert at.multiselect(key="spectra_selected").value == []  # not re-added
+
+
+def test_a_preview_of_a_changed_plan_is_marked_out_of_date(on_bos_llama):
+    at = run_page("plan_page")
+    at.button(key="auto_go").click().run()
+    at.selectbox(key="preview_tokens").set_value(512).run()
+    at.button(key="preview_go").click().run()
+    assert not at.exception, at.exception
+    assert not any("Out of date" in w.value for w in at.warning)
+    row = at.session_state.preview_history[-1]
+    assert row["damage"] == "auto: calibration-weighted loss"
+    assert row["calibration"].startswith("4,096 tokens, ")
+    assert "lowrank x" in row["settings"] and "whiten x" in row["settings"]
+    name = next(iter(at.session_state.plan_layers))
+    tag = repr(sorted(at.session_state.plan_layers[name].items()))
+    at.selectbox(key="plan_module").set_value(name).run()
+    at.selectbox(key=f"pm_method::{name}::{tag}").set_value("dense").run()
+    assert any("Out of date" in w.value for w in at.warning)
+    labels = [m.label for m in at.metric]
+    assert "Compressed perplexity (out of date)" in labels
