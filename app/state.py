@@ -267,7 +267,12 @@ def calibrated_curves(spec: str, name: str, calib_key: str, method: str):
     return METHODS[method].curves(weight, h)
 
 
-@st.cache_data(show_spinner=False)
+@st.cache_resource(show_spinner=False)
+def _allocations() -> dict:
+    """Auto-allocations made so far, shared by sessions (never mutated once stored)."""
+    return {}
+
+
 def auto_layers(
     spec: str,
     method: str,
@@ -275,11 +280,20 @@ def auto_layers(
     target: float,
     sensitivity: str,
     calib_tokens: int = 0,
-    _progress=None,
+    progress=None,
 ) -> dict:
     """Auto-allocated explicit plan layers (module -> settings dict) and its summary
-    (`calib_tokens`: the calibration size a calib damage reads; `_progress` hears the
-    damage's phases)."""
+    (`calib_tokens`: the calibration size a calib damage reads; `progress` hears the
+    damage's phases: a page element, which st.cache_data could not replay, hence the
+    plain store)."""
+    args = (spec, method, key, target, sensitivity, calib_tokens)
+    store = _allocations()
+    if args not in store:
+        store[args] = _auto_layers(*args, progress)
+    return store[args]
+
+
+def _auto_layers(spec, method, key, target, sensitivity, calib_tokens, progress) -> dict:
     # deferred: torch, needed only once a preview, an error or an allocation is asked for
     from compressors.base import config_to_dict
     from spectra.plan import sensitivity as sens
@@ -291,7 +305,7 @@ def auto_layers(
         c = calib_settings(spec)
         settings = sens.SensitivitySettings("calib", c.corpus, c.tokens, c.seqlen)
     result = auto_plan(
-        spec, method, sensitivity=sensitivity, sens_settings=settings, progress=_progress, **budget
+        spec, method, sensitivity=sensitivity, sens_settings=settings, progress=progress, **budget
     )
     return {
         "layers": {k: config_to_dict(c) for k, c in result.plan.layers.items()},

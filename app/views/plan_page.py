@@ -7,13 +7,13 @@ top of the run, so every control below sees the same plan.
 """
 
 import math
-import time
 
 import polars as pl
 import streamlit as st
 
 from app import state
 from app.views import knobs as kw
+from app.views.progress import Eta
 from compressors.registry import METHODS, needs_data
 from spectra.errors import SpectraInputError
 from spectra.io import models
@@ -158,7 +158,7 @@ def budget_controls(spec: str) -> None:
                 float(target),
                 sens,
                 state.calib_tokens(),
-                _progress=Eta(bar, "allocation"),
+                progress=Eta(bar, "allocation"),
             )
         except SpectraInputError as e:
             bar.empty()
@@ -430,26 +430,6 @@ def settings_summary(layers: dict) -> str:
         )
         or "dense"
     )
-
-
-class Eta:
-    """A progress callback that shows each phase (calibration, allocation, compressing,
-    blocks) with its count and the time left, estimated from that phase's own rate."""
-
-    def __init__(self, bar, name: str = ""):
-        self.bar, self.name, self.phase, self.start = bar, name, None, time.perf_counter()
-
-    def __call__(self, done: int, total: int, what: str) -> None:
-        phase = "compressing" if what.startswith("compressing") else what.split(" ")[0]
-        now = time.perf_counter()
-        if phase != self.phase:
-            self.phase, self.start = phase, now
-        frac = done / max(total, 1)
-        left = ""
-        if done and now - self.start > 0.5:
-            left = f", about {(now - self.start) / frac * (1 - frac):.0f} s left"
-        head = f"{self.name.capitalize()}: " if self.name else ""
-        self.bar.progress(min(frac, 1.0), f"{head}{what} ({done}/{total}{left})")
 
 
 SORTABLE = ("checkpoint order", "module", "role", "block", "m", "n", "method", "rank", "bits")

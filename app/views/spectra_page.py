@@ -6,6 +6,7 @@ import streamlit as st
 
 from app import state
 from app.views.charts import log_y
+from app.views.progress import Eta
 from spectra.errors import SpectraInputError
 from spectra.linalg.metrics import rank_error_curve
 
@@ -89,10 +90,8 @@ def spectrum_kind(spec: str):
             "size, or `spectra calibrate`); computed once, then cached."
         )
         if c[1].button("Compute calibration", key="spectra_calib_go"):
-            from app.views.plan_page import Eta
-
             bar = st.progress(0.0, "Calibrating...")
-            grams = state.compute_calibration(spec, progress=Eta(bar))
+            grams = state.compute_calibration(spec, progress=Eta(bar, "calibration"))
             bar.empty()
         else:
             return None

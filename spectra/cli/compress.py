@@ -121,7 +121,7 @@ def cmd_plan_auto(args) -> int:
         "none": "sum of squared relative weight errors",
         "fisher": "Fisher-predicted loss increase (nats/token)",
         "ppl": "probe-scaled loss increase (nats/token)",
-        "calib": "sum of squared calibration-weighted relative errors",
+        "calib": "calibration-weighted loss increase (nats/token)",
     }
     print(
         f"{args.out}: {s['compressed']} of {s['modules']} linear modules compressed with "

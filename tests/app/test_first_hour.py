@@ -105,6 +105,8 @@ def test_a_heatmap_click_adds_its_module_once(on_tiny, monkeypatch):
 def test_a_preview_of_a_changed_plan_is_marked_out_of_date(on_bos_llama):
     at = run_page("plan_page")
     at.button(key="auto_go").click().run()
+    assert not at.error, [e.value for e in at.error]
+    assert not at.exception, at.exception
     at.selectbox(key="preview_tokens").set_value(512).run()
     at.button(key="preview_go").click().run()
     assert not at.exception, at.exception
