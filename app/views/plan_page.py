@@ -37,7 +37,7 @@ def init() -> None:
         st.session_state.plan_v = st.session_state.get("plan_v", 0) + 1
         st.session_state.plan_base = None
         st.session_state.preview_history = []
-        st.session_state.row_errors = {}
+        st.session_state.known_errors = {}
         st.session_state.auto_message = None
 
 
@@ -293,9 +293,8 @@ def module_editor(spec: str, mats) -> None:
         e[1].metric(
             "Calibration-weighted error", "n/a" if calib_err is None else f"{calib_err:.4f}"
         )
-        st.session_state.setdefault("row_errors", {})[name] = err
-        if calib_err is not None:
-            st.session_state.setdefault("calib_errors", {})[name] = calib_err
+        if current:
+            known_errors()[error_key(name, settings, key)] = (err, calib_err)
         e[2].caption(
             "Relative error: ||W - W_hat|| / ||W||. Calibration-weighted: ||(W - W_hat) X^T|| "
             "/ ||W X^T|| on the calibration inputs X (needs a calibration)."
@@ -442,22 +441,71 @@ def _fresh_table() -> None:
     st.session_state.plan_base = None
 
 
-def _row_errors(spec: str, base: list[dict]) -> dict:
-    errors = dict(st.session_state.get("row_errors", {}))
+def known_errors() -> dict:
+    """(module, settings, calibration) -> (weight error, calibration-weighted error):
+    keyed by the setting, so an edited module never shows its old error."""
+    return st.session_state.setdefault("known_errors", {})
+
+
+def error_key(name: str, settings: dict, calib_key: str | None) -> tuple:
+    return name, repr(sorted(settings.items())), calib_key
+
+
+def _row_errors(spec: str, base: list[dict], calib_key: str | None = None) -> dict:
+    """module -> (weight error, calibration-weighted error), each None where unknown:
+    dense rows are exact, plain low rank reads the cached spectrum, the rest what the
+    module editor or the fill button computed for the module's current setting."""
     sigmas = state.sigmas(spec)
+    layers, known = st.session_state.plan_layers, known_errors()
+    out = {}
+    for r in base:
+        name = r["module"]
+        settings = layers.get(name)
+        if settings is None:
+            out[name] = (0.0, 0.0 if calib_key else None)
+            continue
+        got = known.get(error_key(name, settings, calib_key))
+        if got is None:  # closed forms (plain low rank: the spectrum), no compression
+            errors_of, sigma = METHODS[settings["method"]].errors, sigmas.get(name)
+            if errors_of and sigma is not None:
+                closed = errors_of(pe.config_of(settings), None, sigma, None, None)
+                got = (closed[0], None) if closed is not None else None
+        out[name] = got or (None, None)
+    return out
+
+
+def fill_errors(spec: str, base: list[dict], calib_key: str | None, errors: dict) -> None:
+    """A button that computes both errors of every listed module still missing one
+    (each cached by setting), with progress; the table is redrawn after."""
     layers = st.session_state.plan_layers
-    for r in base:  # closed forms (plain low rank: the cached spectrum), no compression
-        settings, sigma = layers.get(r["module"]), sigmas.get(r["module"])
-        errors_of = settings and METHODS[settings["method"]].errors
-        if errors_of and sigma is not None:
-            got = errors_of(pe.config_of(settings), None, sigma, None, None)
-            if got is not None:
-                errors[r["module"]] = got[0]
-    return errors
+    missing = [
+        r["module"]
+        for r in base
+        if r["module"] in layers
+        and (errors[r["module"]][0] is None or (calib_key and errors[r["module"]][1] is None))
+    ]
+    if not missing:
+        return
+    if st.button(f"Compute the missing errors of {len(missing)} modules", key="fill_errors"):
+        bar = st.progress(0.0, "Errors...")
+        eta = Eta(bar, "errors")
+        for i, name in enumerate(missing):
+            eta(i, len(missing), name)
+            settings = layers[name]
+            try:
+                got = state.row_error(spec, name, tuple(sorted(settings.items())), calib_key)
+            except SpectraInputError:  # a data-aware setting with no calibration
+                continue
+            known_errors()[error_key(name, settings, calib_key)] = got
+        bar.empty()
+        _fresh_table()
+        st.rerun()
 
 
 def table(spec: str, mats) -> None:
     layers = st.session_state.plan_layers
+    grams = state.calibration(spec)
+    calib_key = None if grams is None else str(grams.folder)
     c = st.columns([2, 2, 1.2, 4])
     only = c[0].toggle(
         "Only compressed modules", value=True, key="plan_only", on_change=_fresh_table
@@ -469,11 +517,9 @@ def table(spec: str, mats) -> None:
         if only and layers:
             rows = [r for r in rows if r["method"] != "dense"]
         if order != "checkpoint order":
-            errors = _row_errors(spec, rows)
+            errors = _row_errors(spec, rows, calib_key)
             value = (
-                (lambda r: errors.get(r["module"]))
-                if order == "rel_error"
-                else (lambda r: r[order])
+                (lambda r: errors[r["module"]][0]) if order == "rel_error" else (lambda r: r[order])
             )
             present = [r for r in rows if value(r) is not None]  # blanks last either way
             present.sort(key=value, reverse=descending)
@@ -486,14 +532,14 @@ def table(spec: str, mats) -> None:
         c[3].caption("No module is compressed yet: every module is listed.")
     else:
         c[3].caption(f"{len(base)} of {len(mats)} modules listed.")
-    errors = _row_errors(spec, base)
-    calib_errors = st.session_state.get("calib_errors", {})
+    errors = _row_errors(spec, base, calib_key)
     typed = dict(module=pl.String, role=pl.String, block=pl.Int64, m=pl.Int64, n=pl.Int64)
     typed |= {"method": pl.String, **{k: kw.dtype(k) for k in pe.knobs()}}
     df = pl.DataFrame(base, schema=typed).with_columns(
-        pl.Series("rel_error", [errors.get(r["module"]) for r in base], dtype=pl.Float64),
-        pl.Series("calib_error", [calib_errors.get(r["module"]) for r in base], dtype=pl.Float64),
+        pl.Series("rel_error", [errors[r["module"]][0] for r in base], dtype=pl.Float64),
+        pl.Series("calib_error", [errors[r["module"]][1] for r in base], dtype=pl.Float64),
     )
+    fill_errors(spec, base, calib_key, errors)
     st.data_editor(
         df,
         key=table_key(),

@@ -122,3 +122,19 @@ def test_a_preview_of_a_changed_plan_is_marked_out_of_date(on_bos_llama):
     assert any("Out of date" in w.value for w in at.warning)
     labels = [m.label for m in at.metric]
     assert "Compressed perplexity (out of date)" in labels
+
+
+def test_both_error_columns_fill_for_every_listed_module(on_bos_llama):
+    at = run_page("plan_page")
+    at.button(key="auto_go").click().run()
+    at.toggle(key="plan_only").set_value(False).run()
+    df = at.data_editor[0].value
+    dense = df[df["method"] == "dense"]
+    assert (dense["rel_error"] == 0).all() and (dense["calib_error"] == 0).all()
+    assert at.button(key="fill_errors").label.startswith("Compute the missing errors")
+    at.button(key="fill_errors").click().run()
+    assert not at.exception, at.exception
+    df = at.data_editor[0].value
+    inner = df[df["module"].str.startswith("model.layers.")]
+    assert inner["rel_error"].notna().all() and inner["calib_error"].notna().all()
+    assert not any(b.key == "fill_errors" for b in at.button) or df["rel_error"].isna().any()
