@@ -2,7 +2,7 @@
 
 import time
 
-PHASES = ("compressing", "block", "windows", "dense")
+PHASES = ("compressing", "block", "windows", "dense", "candidates")
 
 
 class Eta:
