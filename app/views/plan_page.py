@@ -164,6 +164,7 @@ def budget_controls(spec: str) -> None:
             bar.empty()
             st.error(str(e))
             return
+        prebuild(spec, out["layers"], bar)
         bar.empty()
         rebase(out["layers"])
         st.session_state.auto_message = auto_message(method, sens, out["summary"])
@@ -173,6 +174,15 @@ def budget_controls(spec: str) -> None:
         st.info(st.session_state.auto_message)
     if st.session_state.get("auto_fallback"):
         st.warning(st.session_state.auto_fallback)
+
+
+def prebuild(spec: str, layers: dict, bar) -> None:
+    """Compress the allocated plan into the store the previews read, so that the first
+    preview only evaluates (a model that cannot be previewed, no tokenizer, skips it)."""
+    if not state.can_calibrate(spec):
+        return
+    configs = {k: pe.config_of(v) for k, v in layers.items()}
+    state.previewer(spec).prebuild(configs, progress=Eta(bar, "building the plan's modules"))
 
 
 def auto_message(method: str, sens: str, s: dict) -> str:

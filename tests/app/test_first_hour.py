@@ -112,6 +112,7 @@ def test_a_preview_of_a_changed_plan_is_marked_out_of_date(on_bos_llama):
     assert not at.exception, at.exception
     assert not any("Out of date" in w.value for w in at.warning)
     row = at.session_state.preview_history[-1]
+    assert row["recompressed"] == 0  # Auto-allocate built the plan's modules already
     assert row["damage"] == "auto: calibration-weighted loss"
     assert row["calibration"].startswith("4,096 tokens, ")
     assert "lowrank x" in row["settings"] and "whiten x" in row["settings"]
