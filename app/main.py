@@ -7,7 +7,9 @@ from app.views import export, model, plan_page, sensitivity_page, spectra_page, 
 st.set_page_config(page_title="Spectra", layout="wide")
 st.navigation(
     [
-        st.Page(model.render, title="Model", url_path="model", default=True),
+        st.Page(model.render, title="Model", url_path="home", default=True),
+        # the default page is served at /, never at its own path: /model opens it too
+        st.Page(model.render, title="Model", url_path="model", visibility="hidden"),
         st.Page(spectra_page.render, title="Spectra", url_path="spectra"),
         st.Page(tensor_network.render, title="Tensor network", url_path="tensor-network"),
         st.Page(sensitivity_page.render, title="Sensitivity", url_path="sensitivity"),

@@ -17,6 +17,7 @@ from spectra.analysis import analyze
 from spectra.errors import SpectraInputError
 from spectra.io import models, roles
 from spectra.io.roles import ROLES
+from spectra.plan.defaults import FIRST_CALIB_TOKENS
 
 METRICS = {
     "erank": "effective rank",
@@ -166,8 +167,8 @@ CALIB_TOKENS = (4096, 8192, 16384, 32768)
 
 
 def calib_tokens() -> int:
-    """The calibration size chosen on the Plan page (spectra calibrate's default)."""
-    return int(st.session_state.get("calib_size", CALIB_TOKENS[-1]))
+    """The calibration size chosen on the Plan page (the small one of `plan auto` first)."""
+    return int(st.session_state.get("calib_size", FIRST_CALIB_TOKENS))
 
 
 def calib_settings(spec: str):
@@ -185,6 +186,16 @@ def calibration(spec: str):
 
         st.session_state[key] = cached(spec, calib_settings(spec))
     return st.session_state[key]
+
+
+@st.cache_data(show_spinner=False)
+def can_calibrate(spec: str) -> bool:
+    """Whether the model has what a calibration needs (a tokenizer)."""
+    try:
+        models.load_tokenizer(spec)
+    except SpectraInputError:
+        return False
+    return True
 
 
 def compute_calibration(spec: str, progress=None):
@@ -256,12 +267,33 @@ def calibrated_curves(spec: str, name: str, calib_key: str, method: str):
     return METHODS[method].curves(weight, h)
 
 
-@st.cache_data(show_spinner=False)
+@st.cache_resource(show_spinner=False)
+def _allocations() -> dict:
+    """Auto-allocations made so far, shared by sessions (never mutated once stored)."""
+    return {}
+
+
 def auto_layers(
-    spec: str, method: str, key: str, target: float, sensitivity: str, calib_tokens: int = 0
+    spec: str,
+    method: str,
+    key: str,
+    target: float,
+    sensitivity: str,
+    calib_tokens: int = 0,
+    progress=None,
 ) -> dict:
     """Auto-allocated explicit plan layers (module -> settings dict) and its summary
-    (`calib_tokens`: the calibration size a calib damage reads)."""
+    (`calib_tokens`: the calibration size a calib damage reads; `progress` hears the
+    damage's phases: a page element, which st.cache_data could not replay, hence the
+    plain store)."""
+    args = (spec, method, key, target, sensitivity, calib_tokens)
+    store = _allocations()
+    if args not in store:
+        store[args] = _auto_layers(*args, progress)
+    return store[args]
+
+
+def _auto_layers(spec, method, key, target, sensitivity, calib_tokens, progress) -> dict:
     # deferred: torch, needed only once a preview, an error or an allocation is asked for
     from compressors.base import config_to_dict
     from spectra.plan import sensitivity as sens
@@ -272,7 +304,9 @@ def auto_layers(
     if sensitivity == "calib":
         c = calib_settings(spec)
         settings = sens.SensitivitySettings("calib", c.corpus, c.tokens, c.seqlen)
-    result = auto_plan(spec, method, sensitivity=sensitivity, sens_settings=settings, **budget)
+    result = auto_plan(
+        spec, method, sensitivity=sensitivity, sens_settings=settings, progress=progress, **budget
+    )
     return {
         "layers": {k: config_to_dict(c) for k, c in result.plan.layers.items()},
         "summary": result.summary(),

@@ -155,13 +155,13 @@ class Previewer:
         folder = getattr(self.grams, "folder", None)
         return None if self.grams is None else str(folder or id(self.grams))
 
-    def _install(self, layers: dict[str, object], progress=None) -> tuple[list[str], int]:
-        """Swap in the modules whose setting changed; returns (changed names, compressions).
+    def _units(self, layers: dict[str, object]) -> tuple[list[str], dict[tuple, object]]:
+        """(changed names, {unit: config}): the modules whose setting differs from what
+        is installed, each as its unit (a module, or its whole joint group).
 
         `layers` is resolved like any plan (unknown modules and impossible settings are
         errors; joint members form their parent's group, as `spectra apply` builds it).
         """
-
         resolved = resolve(Plan(layers=layers), [t for t, _ in self.targets.values()], self.rank_of)
         entries = {e.name: e for e in resolved}
         changed = [n for n in self.targets if self.current.get(n) != layers.get(n)]
@@ -183,33 +183,59 @@ class Previewer:
             for n in self.targets
             if n not in changed and _grouped(self.current.get(n)) and n.rsplit(".", 1)[0] in left
         ]
-        units: dict[tuple[str, ...], None] = {}  # a changed module, or its whole joint group
+        units: dict[tuple[str, ...], object] = {}
         for n in changed + regroup:
             e = entries[n]
             if e.group is None:
-                units[(n,)] = None
+                units[(n,)] = e.config
             else:
                 group = (e.source, e.group)
-                units[tuple(x.name for x in entries.values() if (x.source, x.group) == group)] = (
-                    None
-                )
+                names = tuple(x.name for x in entries.values() if (x.source, x.group) == group)
+                units[names] = e.config
+        return changed, units
+
+    def _key(self, names: tuple[str, ...], config) -> tuple:
+        return (names, config, self._calibration_tag() if needs_data(config) else None)
+
+    def _build(self, names: tuple[str, ...], config) -> list[nn.Module]:
+        """The compact modules of one unit under `config`, exactly as `spectra apply`."""
+        dense = [self.targets[n][1] for n in names]
+        weights = [self.targets[n][0].weight(d) for n, d in zip(names, dense, strict=True)]
+        calib = self.calibration(names[0]) if needs_data(config) else None
+        return compact_modules(factorize(config, weights, calib), config, dense)
+
+    def prebuild(self, layers: dict[str, object], progress=None) -> int:
+        """Compress every module of `layers` not in the store yet (two at a time, one per
+        core), installing nothing: the next preview of `layers` only evaluates. Returns
+        the number of compressions. `progress(done, total, what)` hears each one."""
+        from spectra.linalg.parallel import parallel_map
+
+        _, units = self._units(layers)
+        todo = [
+            (n, c) for n, c in units.items() if c is not None and self._key(n, c) not in self.built
+        ]
+        for i, (unit, modules) in enumerate(
+            zip(todo, parallel_map(lambda u: self._build(*u), todo), strict=True)
+        ):
+            self.built[self._key(*unit)] = modules
+            if progress:
+                progress(i + 1, len(todo), f"compressing {unit[0][0]}")
+        return len(todo)
+
+    def _install(self, layers: dict[str, object], progress=None) -> tuple[list[str], int]:
+        """Swap in the modules whose setting changed; returns (changed names, compressions)."""
+        changed, units = self._units(layers)
         compressions = 0
-        for i, names in enumerate(units):
+        for i, (names, config) in enumerate(units.items()):
             if progress:
                 progress(i, len(units), f"compressing {names[0]}")
-            config = entries[names[0]].config
             if config is None:
                 set_module(self.work, names[0], self.targets[names[0]][1])
                 self.current.pop(names[0], None)
                 continue
-            data = needs_data(config)
-            key = (names, config, self._calibration_tag() if data else None)
+            key = self._key(names, config)
             if key not in self.built:
-                dense = [self.targets[n][1] for n in names]
-                weights = [self.targets[n][0].weight(d) for n, d in zip(names, dense, strict=True)]
-                calib = self.calibration(names[0]) if data else None
-                f = factorize(config, weights, calib)
-                self.built[key] = compact_modules(f, config, dense)
+                self.built[key] = self._build(names, config)
                 compressions += 1
             for n, module in zip(names, self.built[key], strict=True):
                 set_module(self.work, n, module)

@@ -246,10 +246,13 @@ def test_with_a_cached_calibration_plans_are_calibrated_and_apply_reads_it(
     assert sorted((isolated_cache / "calibration").iterdir()) == folders  # read, not redone
 
 
-def test_without_a_calibration_the_default_damage_is_the_weight_error(family_dir, tmp_path, cli):
+def test_without_a_tokenizer_the_default_damage_is_the_weight_error(tiny_llama_dir, tmp_path, cli):
+    """A model that cannot be calibrated falls back to the data-free damage (one warning
+    line: tests/test_cli_habits.py); with a tokenizer a small calibration is computed."""
     out = tmp_path / "plan.yaml"
-    path = family_dir("llama")
-    r = auto(cli, path, "--method", "lowrank", "--target-params", "0.5", "-o", out, "--json")
+    r = auto(
+        cli, tiny_llama_dir, "--method", "lowrank", "--target-params", "0.5", "-o", out, "--json"
+    )
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["sensitivity"] == "none"
     assert not any(v.get("whiten") for v in yaml.safe_load(out.read_text())["layers"].values())

@@ -10,6 +10,15 @@ def knob_of(name: str):
     return next(m.knob(name) for m in METHODS.values() if name in m.columns)
 
 
+def dtype(name: str):
+    """The polars dtype of a knob column (or `calibrated`): a column with no value set
+    stays typed (numbers sort as numbers, blanks show empty, never "None")."""
+    import polars as pl
+
+    kind = "bool" if name == "calibrated" else knob_of(name).kind
+    return {"int": pl.Int64, "float": pl.Float64, "bool": pl.Boolean}.get(kind, pl.String)
+
+
 def widget(col, knob, value, shape: tuple[int, int], label: str | None = None):
     """One knob's input widget in `col`; returns the value chosen (None: unset)."""
     label = label or knob.name.replace("_", " ")

@@ -6,20 +6,26 @@ carries `plan_v`); the table's own edits are read back from its widget state at 
 top of the run, so every control below sees the same plan.
 """
 
-import time
+import math
 
 import polars as pl
 import streamlit as st
 
 from app import state
 from app.views import knobs as kw
+from app.views.progress import Eta
 from compressors.registry import METHODS, needs_data
 from spectra.errors import SpectraInputError
 from spectra.io import models
 from spectra.plan import edit as pe
+from spectra.plan.defaults import DEFAULT_METHOD, DEFAULT_TARGET_PARAMS
 from spectra.plan.grid import auto_methods
 
-DAMAGE = {"none": "weight error", "fisher": "Fisher loss", "calib": "calibration-weighted"}
+DAMAGE = {  # the first is the default: a data-free damage can be millions of times worse
+    "calib": "calibration-weighted loss",
+    "none": "weight error (data-free)",
+    "fisher": "Fisher loss",
+}
 
 
 def init() -> None:
@@ -31,7 +37,7 @@ def init() -> None:
         st.session_state.plan_v = st.session_state.get("plan_v", 0) + 1
         st.session_state.plan_base = None
         st.session_state.preview_history = []
-        st.session_state.row_errors = {}
+        st.session_state.known_errors = {}
         st.session_state.auto_message = None
 
 
@@ -90,9 +96,21 @@ def set_module(name: str, settings: dict | None, mats) -> None:
     rebase(layers)
 
 
+def damage_label(kind: str, calibrated: bool) -> str:
+    if kind == "calib" and not calibrated:
+        return "calibration-weighted loss (computes the calibration first)"
+    return DAMAGE[kind]
+
+
 def budget_controls(spec: str) -> None:
-    c = st.columns([2, 2, 2, 2, 1.4])
-    method = c[0].selectbox("Allocate with", auto_methods(), key="auto_method")
+    """Auto-allocate. Untouched, it takes the first hour's path (spectra.plan.defaults):
+    whitened low rank at 80% of the parameters on the calibration-weighted loss estimate,
+    computing the small calibration it needs first."""
+    c = st.columns([2, 2, 2, 3, 1.4])
+    methods = auto_methods()
+    method = c[0].selectbox(
+        "Allocate with", methods, index=methods.index(DEFAULT_METHOD), key="auto_method"
+    )
     kind = c[1].radio(
         "Budget",
         ["params", "bits"],
@@ -101,35 +119,89 @@ def budget_controls(spec: str) -> None:
         format_func={"params": "fraction of params", "bits": "bits/param"}.get,
     )
     if kind == "params":
-        target = c[2].number_input("Target", 0.01, 1.0, 0.5, 0.05, key="auto_target_params")
+        target = c[2].number_input(
+            "Target", 0.01, 1.0, DEFAULT_TARGET_PARAMS, 0.05, key="auto_target_params"
+        )
     else:
         target = c[2].number_input("Target", 0.5, 16.0, 3.0, 0.25, key="auto_target_bits")
     calibrated = state.calibration(spec) is not None
     sens = c[3].selectbox(
         "Damage",
-        ["none", "fisher", "calib"],
-        index=2 if calibrated else 0,
-        key=f"auto_sens::{calibrated}",  # calibration-weighted once a calibration exists
-        format_func=DAMAGE.get,
+        list(DAMAGE),
+        key="auto_sens",
+        format_func=lambda k: damage_label(k, calibrated),
     )
+    if sens == "none":
+        c[3].caption(
+            "Data-free: ranks modules by their weight error, which can be far from the "
+            "loss (the demo at 50% of its parameters: perplexity in the millions)."
+        )
     c[4].write("")
     if c[4].button("Auto-allocate", key="auto_go", type="primary"):
+        st.session_state.auto_fallback = None
+        bar = st.progress(0.0, "Preparing...")
         try:
-            with st.spinner("Allocating..."):
-                out = state.auto_layers(
-                    spec, method, kind, float(target), sens, state.calib_tokens()
-                )
+            if sens == "calib" and not calibrated:
+                if state.can_calibrate(spec):
+                    state.compute_calibration(spec, progress=Eta(bar, "calibration"))
+                else:
+                    sens = "none"
+                    st.session_state.auto_fallback = (
+                        "This model cannot be calibrated (no tokenizer): allocated on the "
+                        "data-free weight error. Give it a tokenizer and compute a "
+                        "calibration (or `spectra calibrate MODEL`) for a calibrated plan."
+                    )
+            out = state.auto_layers(
+                spec,
+                method,
+                kind,
+                float(target),
+                sens,
+                state.calib_tokens(),
+                progress=Eta(bar, "allocation"),
+            )
         except SpectraInputError as e:
+            bar.empty()
             st.error(str(e))
             return
+        prebuild(spec, out["layers"], bar)
+        bar.empty()
         rebase(out["layers"])
-        s = out["summary"]
-        st.session_state.auto_message = (
-            f"Auto-allocated {method}: {s['compressed']} of {s['modules']} modules compressed, "
-            f"{s['params_ratio']:.1%} of parameters, {s['bits_per_param']:.2f} bits/param."
-        )
+        st.session_state.auto_message = auto_message(method, sens, out["summary"])
+        st.session_state.auto_damage = (f"auto: {DAMAGE[sens]}", plan_signature(out["layers"]))
+        st.rerun()  # every control above (the calibration's caption) sees the new state
     if st.session_state.get("auto_message"):
         st.info(st.session_state.auto_message)
+    if st.session_state.get("auto_fallback"):
+        st.warning(st.session_state.auto_fallback)
+
+
+def prebuild(spec: str, layers: dict, bar) -> None:
+    """Compress the allocated plan into the store the previews read, so that the first
+    preview only evaluates (a model that cannot be previewed, no tokenizer, skips it)."""
+    if not state.can_calibrate(spec):
+        return
+    configs = {k: pe.config_of(v) for k, v in layers.items()}
+    state.previewer(spec).prebuild(configs, progress=Eta(bar, "building the plan's modules"))
+
+
+def auto_message(method: str, sens: str, s: dict) -> str:
+    """What Auto-allocate did and the quality its damage predicts, before any preview."""
+    head = (
+        f"Auto-allocated {method} on the {DAMAGE[sens]}: {s['compressed']} of {s['modules']} "
+        f"modules compressed, {s['params_ratio']:.1%} of parameters, "
+        f"{s['bits_per_param']:.2f} bits/param. "
+    )
+    d = s["predicted_damage"]
+    if sens == "none":
+        return head + (
+            f"Predicted damage {d:.4g}: a sum of squared relative weight errors, not a "
+            "loss; the perplexity can be far worse than it suggests (Preview measures it)."
+        )
+    return head + (
+        f"Predicted loss increase {d:.3f} nats/token: perplexity about "
+        f"{math.exp(d):.2f}x dense (the damage's own estimate; Preview measures it)."
+    )
 
 
 def calibration_controls(spec: str) -> None:
@@ -231,9 +303,8 @@ def module_editor(spec: str, mats) -> None:
         e[1].metric(
             "Calibration-weighted error", "n/a" if calib_err is None else f"{calib_err:.4f}"
         )
-        st.session_state.setdefault("row_errors", {})[name] = err
-        if calib_err is not None:
-            st.session_state.setdefault("calib_errors", {})[name] = calib_err
+        if current:
+            known_errors()[error_key(name, settings, key)] = (err, calib_err)
         e[2].caption(
             "Relative error: ||W - W_hat|| / ||W||. Calibration-weighted: ||(W - W_hat) X^T|| "
             "/ ||W X^T|| on the calibration inputs X (needs a calibration)."
@@ -255,7 +326,15 @@ def totals_and_preview(spec: str, mats) -> None:
     c[0].metric("Modules compressed", f"{t['compressed']} / {t['modules']}")
     c[1].metric("Parameters kept", f"{t['params_ratio']:.1%}")
     c[2].metric("Bits per parameter", f"{t['bits_per_param']:.2f}")
-    c[3].metric("Size", f"{t['size_mb_after']:.1f} MB")
+    dense_mb = t["bits_before"] / 8 / 2**20
+    c[3].metric(
+        "Size",
+        f"{t['size_mb_after']:.1f} MB",
+        help="Linear modules as stored (what `spectra apply` writes). The dense figure "
+        "counts them as fp16 storage, 16 bits per weight; the float32 working copy the "
+        f"app and previews compute with takes twice that ({2 * dense_mb:.1f} MB).",
+    )
+    c[3].caption(f"from {dense_mb:.1f} MB dense as fp16 storage (float32 working copy: 2x)")
     p = st.columns([2, 2, 6])
     tokens = p[0].selectbox(
         "Preview tokens", [512, 1024, 2048, 4096], index=2, key="preview_tokens"
@@ -285,6 +364,10 @@ def totals_and_preview(spec: str, mats) -> None:
             bar.empty()
             st.session_state.preview_history.append(
                 dict(
+                    plan=plan_signature(layers),
+                    damage=damage_of(layers),
+                    calibration=calibration_name(spec),
+                    settings=settings_summary(layers),
                     tokens=r.tokens,
                     dense_ppl=r.dense_ppl,
                     ppl=r.ppl,
@@ -299,37 +382,63 @@ def totals_and_preview(spec: str, mats) -> None:
     history = st.session_state.preview_history
     if history:
         last = history[-1]
+        stale = last.get("plan") != plan_signature(layers)
+        if stale:
+            st.warning(
+                "Out of date: the plan has changed since this preview. Preview again to "
+                "measure the plan as it is now."
+            )
         q = st.columns(3)
         q[0].metric("Dense perplexity", f"{last['dense_ppl']:.4f}")
         q[1].metric(
-            "Compressed perplexity",
+            "Compressed perplexity (out of date)" if stale else "Compressed perplexity",
             f"{last['ppl']:.4f}",
             delta=f"{last['ppl'] - last['dense_ppl']:+.4f}",
             delta_color="inverse",
         )
         q[2].metric("Preview time", f"{last['seconds']:.2f} s")
-        st.dataframe(
-            pl.DataFrame(history[::-1]), hide_index=True, width="stretch", key="preview_table"
+        shown = [{k: v for k, v in h.items() if k != "plan"} for h in history[::-1]]
+        st.dataframe(pl.DataFrame(shown), hide_index=True, width="stretch", key="preview_table")
+
+
+def plan_signature(layers: dict) -> str:
+    """A short fingerprint of the plan's settings: a preview of another plan is stale."""
+    import hashlib
+    import json
+
+    text = json.dumps(layers, sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def damage_of(layers: dict) -> str:
+    """The damage the plan was allocated on, and whether it was edited since."""
+    auto = st.session_state.get("auto_damage")
+    if not auto:
+        return "by hand"
+    return auto[0] + ("" if auto[1] == plan_signature(layers) else ", then edited")
+
+
+def calibration_name(spec: str) -> str:
+    """The calibration the data-aware settings read: tokens and cache key (or none)."""
+    grams = state.calibration(spec)
+    return "none" if grams is None else f"{grams.tokens:,} tokens, {grams.folder.name}"
+
+
+def settings_summary(layers: dict) -> str:
+    """`lowrank x154 (whiten x150)`: the methods in the plan and their calibrated ones."""
+    counts: dict[str, list[int]] = {}
+    for v in layers.values():
+        c = counts.setdefault(v["method"], [0, 0])
+        c[0] += 1
+        flag = METHODS[v["method"]].switch
+        c[1] += bool(flag and v.get(flag))
+    return (
+        ", ".join(
+            f"{m} x{n}" + (f" ({METHODS[m].switch} x{k})" if k else "")
+            for m, (n, k) in sorted(counts.items())
         )
-
-
-class Eta:
-    """A progress callback that shows each phase (compressing, blocks) with the time left,
-    estimated from that phase's own rate."""
-
-    def __init__(self, bar):
-        self.bar, self.phase, self.start = bar, None, time.perf_counter()
-
-    def __call__(self, done: int, total: int, what: str) -> None:
-        phase = "compressing" if what.startswith("compressing") else "blocks"
-        now = time.perf_counter()
-        if phase != self.phase:
-            self.phase, self.start = phase, now
-        frac = done / max(total, 1)
-        left = ""
-        if done and now - self.start > 0.5:
-            left = f", about {(now - self.start) / frac * (1 - frac):.0f} s left"
-        self.bar.progress(min(frac, 1.0), f"{what} ({done}/{total}{left})")
+        or "dense"
+    )
 
 
 SORTABLE = ("checkpoint order", "module", "role", "block", "m", "n", "method", "rank", "bits")
@@ -342,22 +451,71 @@ def _fresh_table() -> None:
     st.session_state.plan_base = None
 
 
-def _row_errors(spec: str, base: list[dict]) -> dict:
-    errors = dict(st.session_state.get("row_errors", {}))
+def known_errors() -> dict:
+    """(module, settings, calibration) -> (weight error, calibration-weighted error):
+    keyed by the setting, so an edited module never shows its old error."""
+    return st.session_state.setdefault("known_errors", {})
+
+
+def error_key(name: str, settings: dict, calib_key: str | None) -> tuple:
+    return name, repr(sorted(settings.items())), calib_key
+
+
+def _row_errors(spec: str, base: list[dict], calib_key: str | None = None) -> dict:
+    """module -> (weight error, calibration-weighted error), each None where unknown:
+    dense rows are exact, plain low rank reads the cached spectrum, the rest what the
+    module editor or the fill button computed for the module's current setting."""
     sigmas = state.sigmas(spec)
+    layers, known = st.session_state.plan_layers, known_errors()
+    out = {}
+    for r in base:
+        name = r["module"]
+        settings = layers.get(name)
+        if settings is None:
+            out[name] = (0.0, 0.0 if calib_key else None)
+            continue
+        got = known.get(error_key(name, settings, calib_key))
+        if got is None:  # closed forms (plain low rank: the spectrum), no compression
+            errors_of, sigma = METHODS[settings["method"]].errors, sigmas.get(name)
+            if errors_of and sigma is not None:
+                closed = errors_of(pe.config_of(settings), None, sigma, None, None)
+                got = (closed[0], None) if closed is not None else None
+        out[name] = got or (None, None)
+    return out
+
+
+def fill_errors(spec: str, base: list[dict], calib_key: str | None, errors: dict) -> None:
+    """A button that computes both errors of every listed module still missing one
+    (each cached by setting), with progress; the table is redrawn after."""
     layers = st.session_state.plan_layers
-    for r in base:  # closed forms (plain low rank: the cached spectrum), no compression
-        settings, sigma = layers.get(r["module"]), sigmas.get(r["module"])
-        errors_of = settings and METHODS[settings["method"]].errors
-        if errors_of and sigma is not None:
-            got = errors_of(pe.config_of(settings), None, sigma, None, None)
-            if got is not None:
-                errors[r["module"]] = got[0]
-    return errors
+    missing = [
+        r["module"]
+        for r in base
+        if r["module"] in layers
+        and (errors[r["module"]][0] is None or (calib_key and errors[r["module"]][1] is None))
+    ]
+    if not missing:
+        return
+    if st.button(f"Compute the missing errors of {len(missing)} modules", key="fill_errors"):
+        bar = st.progress(0.0, "Errors...")
+        eta = Eta(bar, "errors")
+        for i, name in enumerate(missing):
+            eta(i, len(missing), name)
+            settings = layers[name]
+            try:
+                got = state.row_error(spec, name, tuple(sorted(settings.items())), calib_key)
+            except SpectraInputError:  # a data-aware setting with no calibration
+                continue
+            known_errors()[error_key(name, settings, calib_key)] = got
+        bar.empty()
+        _fresh_table()
+        st.rerun()
 
 
 def table(spec: str, mats) -> None:
     layers = st.session_state.plan_layers
+    grams = state.calibration(spec)
+    calib_key = None if grams is None else str(grams.folder)
     c = st.columns([2, 2, 1.2, 4])
     only = c[0].toggle(
         "Only compressed modules", value=True, key="plan_only", on_change=_fresh_table
@@ -369,11 +527,9 @@ def table(spec: str, mats) -> None:
         if only and layers:
             rows = [r for r in rows if r["method"] != "dense"]
         if order != "checkpoint order":
-            errors = _row_errors(spec, rows)
+            errors = _row_errors(spec, rows, calib_key)
             value = (
-                (lambda r: errors.get(r["module"]))
-                if order == "rel_error"
-                else (lambda r: r[order])
+                (lambda r: errors[r["module"]][0]) if order == "rel_error" else (lambda r: r[order])
             )
             present = [r for r in rows if value(r) is not None]  # blanks last either way
             present.sort(key=value, reverse=descending)
@@ -386,12 +542,14 @@ def table(spec: str, mats) -> None:
         c[3].caption("No module is compressed yet: every module is listed.")
     else:
         c[3].caption(f"{len(base)} of {len(mats)} modules listed.")
-    errors = _row_errors(spec, base)
-    calib_errors = st.session_state.get("calib_errors", {})
-    df = pl.DataFrame(base, infer_schema_length=None).with_columns(
-        pl.Series("rel_error", [errors.get(r["module"]) for r in base], dtype=pl.Float64),
-        pl.Series("calib_error", [calib_errors.get(r["module"]) for r in base], dtype=pl.Float64),
+    errors = _row_errors(spec, base, calib_key)
+    typed = dict(module=pl.String, role=pl.String, block=pl.Int64, m=pl.Int64, n=pl.Int64)
+    typed |= {"method": pl.String, **{k: kw.dtype(k) for k in pe.knobs()}}
+    df = pl.DataFrame(base, schema=typed).with_columns(
+        pl.Series("rel_error", [errors[r["module"]][0] for r in base], dtype=pl.Float64),
+        pl.Series("calib_error", [errors[r["module"]][1] for r in base], dtype=pl.Float64),
     )
+    fill_errors(spec, base, calib_key, errors)
     st.data_editor(
         df,
         key=table_key(),

@@ -3,6 +3,7 @@
 import streamlit as st
 
 from app import state
+from app.views.progress import Eta
 from app.views.spectra_page import heatmap
 from spectra.errors import SpectraInputError
 
@@ -42,7 +43,7 @@ def render() -> None:
                     spec,
                     kind,
                     tokens,
-                    lambda d, t, n: bar.progress(d / t, f"{kind} {d}/{t} {n}"),
+                    Eta(bar, f"{kind} sensitivity"),
                 )
             except SpectraInputError as e:
                 st.error(str(e))

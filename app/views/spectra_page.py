@@ -6,29 +6,65 @@ import streamlit as st
 
 from app import state
 from app.views.charts import log_y
+from app.views.progress import Eta
 from spectra.errors import SpectraInputError
 from spectra.linalg.metrics import rank_error_curve
 
 
 def heatmap(df, metric: str, title: str, key: str):
-    """A block x role heatmap; a click on a cell selects that matrix (returned by name)."""
+    """A block x role heatmap; a click on a cell selects that matrix (returned by name,
+    once per click). Plotly selects points, not heatmap cells: a transparent marker on
+    every cell takes the click and names the module and the metric on hover."""
     blocks, roles, z = state.heatmap_frame(df, metric)
+    names = {(b, r): n for n, b, r in df.select("name", "block", "role").iter_rows()}
+    cells = [
+        (b, r, v)
+        for j, r in enumerate(roles)
+        for i, b in enumerate(blocks)
+        if (v := z[j][i]) is not None and (b, r) in names
+    ]
     fig = go.Figure(
-        go.Heatmap(z=z, x=blocks, y=roles, colorscale="Viridis", colorbar=dict(title=title))
+        go.Heatmap(
+            z=z,
+            x=blocks,
+            y=roles,
+            colorscale="Viridis",
+            colorbar=dict(title=title),
+            hoverinfo="skip",
+        )
+    )
+    fig.add_trace(
+        go.Scatter(
+            x=[c[0] for c in cells],
+            y=[c[1] for c in cells],
+            customdata=[[names[c[0], c[1]], c[2]] for c in cells],
+            mode="markers",
+            marker=dict(symbol="square", size=22, color="rgba(0,0,0,0)"),
+            hovertemplate="%{customdata[0]}<br>" + title + ": %{customdata[1]:.4g}<extra></extra>",
+            showlegend=False,
+        )
     )
     fig.update_layout(
         height=120 + 28 * len(roles),
         margin=dict(l=10, r=10, t=30, b=10),
         xaxis_title="block",
         title=title,
+        clickmode="event+select",
     )
     event = st.plotly_chart(fig, key=key, on_select="rerun", selection_mode="points")
     points = (event or {}).get("selection", {}).get("points", []) if event else []
+    hit = None
     if points:
-        b, r = points[0].get("x"), points[0].get("y")
-        hit = df.filter((df["block"] == b) & (df["role"] == r))["name"].to_list()
-        return hit[0] if hit else None
-    return None
+        p = points[0]
+        data = p.get("customdata")
+        if data:
+            hit = data[0]
+        else:
+            found = df.filter((df["block"] == p.get("x")) & (df["role"] == p.get("y")))
+            hit = found["name"].to_list()[0] if found.height else None
+    last = st.session_state.get(f"{key}::last")
+    st.session_state[f"{key}::last"] = hit
+    return hit if hit != last else None  # the same selection on a rerun is no new click
 
 
 CALIB_METRICS = ("erank", "stable_rank", "energy_rank_90", "energy_rank_99")
@@ -54,10 +90,8 @@ def spectrum_kind(spec: str):
             "size, or `spectra calibrate`); computed once, then cached."
         )
         if c[1].button("Compute calibration", key="spectra_calib_go"):
-            from app.views.plan_page import Eta
-
             bar = st.progress(0.0, "Calibrating...")
-            grams = state.compute_calibration(spec, progress=Eta(bar))
+            grams = state.compute_calibration(spec, progress=Eta(bar, "calibration"))
             bar.empty()
         else:
             return None
@@ -86,14 +120,19 @@ def render() -> None:
     title = ("activation-aware " if aware else "") + state.METRICS[metric]
     clicked = heatmap(df, column, title, "spectra_heatmap")
     names = df["name"].to_list()
-    if "spectra_selected" not in st.session_state:  # one middle block's q, o and down
+    # the pick lives outside the widget's own state, which Streamlit drops on other pages
+    if st.session_state.get("spectra_picked") is None:  # one middle block's q, o and down
         blocks = sorted(b for b in set(df["block"].to_list()) if b is not None)
         mid = blocks[len(blocks) // 2] if blocks else None
         pick = df.filter((df["block"] == mid) & df["role"].is_in(["q", "o", "down"]))
-        st.session_state.spectra_selected = pick["name"].to_list() or names[:1]
-    if clicked and clicked not in st.session_state.spectra_selected:
-        st.session_state.spectra_selected = [*st.session_state.spectra_selected, clicked][-6:]
+        st.session_state.spectra_picked = pick["name"].to_list() or names[:1]
+    picked = [n for n in st.session_state.spectra_picked if n in names]
+    if clicked and clicked not in picked:
+        picked = [*picked, clicked][-6:]
+    if clicked or st.session_state.get("spectra_selected") is None:
+        st.session_state.spectra_selected = picked
     chosen = st.multiselect("Matrices", names, key="spectra_selected")
+    st.session_state.spectra_picked = list(chosen)
     if chosen:
         rows = {r["name"]: r for r in df.filter(df["name"].is_in(chosen)).to_dicts()}
         tabs = st.tabs(["Singular values", "Cumulative energy", "Rank vs error"])

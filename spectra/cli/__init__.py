@@ -19,6 +19,7 @@ from spectra.cli.export import cmd_export
 from spectra.cli.heal import cmd_heal
 from spectra.data.calibration import DEFAULT_SEQLEN, DEFAULT_TOKENS
 from spectra.errors import SpectraInputError
+from spectra.plan import defaults
 
 
 class _Parser(argparse.ArgumentParser):
@@ -77,8 +78,22 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+EXAMPLES = """examples:
+  spectra analyze demo
+  spectra plan auto demo -o plan.yaml
+  spectra app demo"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="spectra", description="Weight spectra of transformer language models.")
+    from spectra import __version__
+
+    p = _Parser(
+        prog="spectra",
+        description="Weight spectra of transformer language models.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"spectra {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     a = sub.add_parser("analyze", help="spectra, metrics and MPO bond profiles of every matrix")
@@ -133,16 +148,27 @@ def build_parser() -> argparse.ArgumentParser:
         "auto", help="choose every module's setting for a global budget (explicit layers plan)"
     )
     auto.add_argument("model")
-    auto.add_argument("--method", required=True, help=_Deferred(_method_help), metavar="METHOD")
-    budget = auto.add_mutually_exclusive_group(required=True)
-    budget.add_argument("--target-params", type=float, help="fraction of linear parameters kept")
+    auto.add_argument(
+        "--method",
+        default=defaults.DEFAULT_METHOD,
+        help=_Deferred(lambda: f"{_method_help()} (default {defaults.DEFAULT_METHOD})"),
+        metavar="METHOD",
+    )
+    budget = auto.add_mutually_exclusive_group()
+    budget.add_argument(
+        "--target-params",
+        type=float,
+        help="fraction of linear parameters kept (default "
+        f"{defaults.DEFAULT_TARGET_PARAMS} when no budget is given)",
+    )
     budget.add_argument("--target-bits", type=float, help="average bits per linear parameter")
     auto.add_argument(
         "--sensitivity",
         default="auto",
         help="damage: none (weight error), fisher, ppl, calib (calibration-weighted error, "
-        "calibrated methods), or auto (default: calib when the model has a cached "
-        "calibration, else none)",
+        "calibrated methods), or auto (default: calib on the model's cached calibration, "
+        f"else on a {defaults.FIRST_CALIB_TOKENS:,}-token one computed first; none, with a "
+        "warning, for a model that cannot be calibrated)",
     )
     auto.add_argument(
         "--tokens", type=int, help="sensitivity tokens (fisher 4096, calib 32768, ppl 512)"

@@ -10,6 +10,25 @@ from spectra.errors import SpectraInputError
 from spectra.io import models
 
 
+def _free(port: int) -> bool:
+    """Whether a server can listen on `port` on every interface, as Streamlit does
+    (SO_REUSEADDR like Tornado, so a closing connection does not count as in use)."""
+    import socket
+
+    for family, host in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+        try:
+            s = socket.socket(family, socket.SOCK_STREAM)
+        except OSError:  # no IPv6 on this machine
+            continue
+        with s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((host, port))
+            except OSError:
+                return False
+    return True
+
+
 def cmd_app(args) -> int:
     """Replace this process by the Streamlit server (exec), so that a signal sent to
     `spectra app` reaches the server itself and stops it."""
@@ -25,6 +44,16 @@ def cmd_app(args) -> int:
         main_py = Path(next(iter(found.submodule_search_locations))) / "main.py"
     if not 1 <= args.port <= 65535:
         raise SpectraInputError(f"--port {args.port}: must be 1..65535")
+    if not _free(args.port):  # Streamlit would log its own error and exit 1
+        hint = next(
+            (
+                f" (try --port {p})"
+                for p in range(args.port + 1, args.port + 50)
+                if p <= 65535 and _free(p)
+            ),
+            "",
+        )
+        raise SpectraInputError(f"--port {args.port}: already in use{hint}")
     models.resolve(args.model)  # a bad model fails here, with exit 2, not in the page
     env = dict(os.environ, SPECTRA_APP_MODEL=args.model)
     cmd = [

@@ -66,23 +66,15 @@ def cmd_plan_show(args) -> int:
 def cmd_plan_auto(args) -> int:
     # deferred: these pull in torch; `spectra --help` imports this module
     from spectra.plan import auto as autoplan
-    from spectra.plan import sensitivity as sens
+    from spectra.plan.defaults import DEFAULT_TARGET_PARAMS
 
     check_out_path(args.out, (".yaml", ".yml", ".json"))
+    if args.target_params is None and args.target_bits is None:
+        args.target_params = DEFAULT_TARGET_PARAMS
     floors = autoplan.parse_floors(args.min_rank, args.min_bits, args.keep_dense)
-    sensitivity, settings = args.sensitivity, None
-    if sensitivity == "auto":  # calibration-weighted when the model has a cached calibration
-        from spectra.data.calibration import latest
-
-        found = latest(args.model)
-        sensitivity = "none" if found is None else "calib"
-        if found is not None:  # scored on that calibration, whatever its settings
-            c = found.settings
-            settings = sens.SensitivitySettings("calib", c.corpus, c.tokens, c.seqlen)
-    if sensitivity in sens.KINDS and settings is None:
-        settings = sens.SensitivitySettings(kind=sensitivity, tokens=args.tokens)
+    sensitivity, settings, fallback = _auto_damage(args)
     handle = None  # the model is loaded (streamed where it must be) only to score damage
-    if sensitivity in sens.KINDS:
+    if settings is not None:
         handle = open_model(args.model, args.device, args.dtype, args.offload)
     with progress_bar(sensitivity) as progress:
         result = autoplan.auto_plan(
@@ -116,14 +108,24 @@ def cmd_plan_auto(args) -> int:
             body += "# left dense:\n" + "".join(f"#   {n}\n" for n in dense)
     with cache.atomic_path(args.out) as tmp:
         tmp.write_text(body)
+    if fallback:  # after the plan is made, so that bad input stays one line
+        print(fallback, file=sys.stderr)
+    used = _calibration_used(
+        args.model, result.plan.calibration if sensitivity == "calib" else None
+    )
     if args.json:
-        print(json.dumps({"out": str(args.out), **s}))
+        print(json.dumps({"out": str(args.out), **s, "calibration": used}))
         return 0
+    if used is not None:
+        print(
+            f"calibration: {used['tokens']:,} tokens of {used['corpus']} ({used['samples']} "
+            f"windows of {used['seqlen']}, seed {used['seed']}), key {used['key']}"
+        )
     what = {
         "none": "sum of squared relative weight errors",
         "fisher": "Fisher-predicted loss increase (nats/token)",
         "ppl": "probe-scaled loss increase (nats/token)",
-        "calib": "sum of squared calibration-weighted relative errors",
+        "calib": "calibration-weighted loss increase (nats/token)",
     }
     print(
         f"{args.out}: {s['compressed']} of {s['modules']} linear modules compressed with "
@@ -134,6 +136,49 @@ def cmd_plan_auto(args) -> int:
         f"({what[sensitivity]}); {s['seconds']['total']:.1f} s"
     )
     return 0
+
+
+def _auto_damage(args):
+    """(sensitivity, settings, warning) of `plan auto`: `auto` scores the
+    calibration-weighted damage on the model's newest cached calibration, else on a small
+    one computed first; a model that cannot be calibrated falls back to the weight error,
+    with one warning line (None otherwise)."""
+    from spectra.plan import sensitivity as sens
+    from spectra.plan.defaults import FIRST_CALIB_TOKENS
+
+    if args.sensitivity != "auto":
+        if args.sensitivity not in sens.KINDS:
+            return args.sensitivity, None, None  # `none`, or refused by auto_plan
+        settings = sens.SensitivitySettings(args.sensitivity, tokens=args.tokens)
+        return args.sensitivity, settings, None
+    found = calibration.latest(args.model)
+    if found is not None:  # scored on that calibration, whatever its settings
+        c = found.settings
+        return "calib", sens.SensitivitySettings("calib", c.corpus, c.tokens, c.seqlen), None
+    try:
+        models.load_tokenizer(args.model)
+    except SpectraInputError as e:
+        return (
+            "none",
+            None,
+            (
+                f"spectra: warning: no calibration ({e}): the damage is the data-free weight "
+                f"error, far from the loss; run `spectra calibrate {shlex.quote(args.model)}` "
+                "on a model with a tokenizer for a calibrated plan"
+            ),
+        )
+    tokens = args.tokens or FIRST_CALIB_TOKENS
+    return "calib", sens.SensitivitySettings("calib", tokens=tokens), None
+
+
+def _calibration_used(spec: str, settings) -> dict | None:
+    """The calibration a plan was scored on: its settings, tokens and cache key."""
+    if settings is None:
+        return None
+    grams = calibration.cached(spec, settings)
+    key = grams.folder.name if grams is not None else None
+    tokens = grams.tokens if grams is not None else settings.tokens
+    return dict(settings.windows_key, tokens=tokens, key=key)
 
 
 def warn_other_model(plan, spec: str) -> None:

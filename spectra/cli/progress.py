@@ -17,6 +17,9 @@ class progress_bar:
         from tqdm import tqdm
 
         def update(done, total, name):
+            if self.bar is not None and (total != self.bar.total or done < self.bar.n):
+                self.bar.close()  # a new phase (calibration, loss weights, candidates)
+                self.bar = None
             if self.bar is None:
                 self.bar = tqdm(total=total, desc=self.desc, unit=self.unit, file=sys.stderr)
             self.bar.update(done - self.bar.n)

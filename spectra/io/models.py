@@ -117,10 +117,27 @@ def resolve(spec: str | os.PathLike, progress=None) -> Source:
             return _local_source(spec, "dir", path.parent, only=path)
         raise SpectraInputError(f"{spec}: not a model directory, .safetensors or .gguf file")
     if _is_path(spec, path):
-        raise SpectraInputError(f"{spec}: no such model directory or file")
+        raise SpectraInputError(f"{spec}: no such model directory or file{_did_you_mean(spec)}")
     if _HUB_ID.match(spec):
         return _local_source(spec, "hub", _hub_snapshot(spec))
-    raise SpectraInputError(f"{spec}: no such model directory or file")
+    raise SpectraInputError(f"{spec}: no such model directory or file{_did_you_mean(spec)}")
+
+
+def _did_you_mean(spec: str) -> str:
+    """` (did you mean demo?)`: `demo` or the nearest model path in the folder typed, else ''."""
+    import difflib
+
+    prefix, _, name = spec.rstrip("/").rpartition("/")
+    prefix += "/" if prefix or spec.startswith("/") else ""
+    near = [] if prefix else [DEMO]  # names in the folder typed, compared name to name
+    with suppress(OSError):  # no such folder, or unreadable
+        near += [
+            p.name
+            for p in Path(prefix or ".").expanduser().iterdir()
+            if p.is_dir() or p.suffix.lower() in (".gguf", ".safetensors")
+        ]
+    best = difflib.get_close_matches(name, near, n=1, cutoff=0.6)
+    return f" (did you mean {prefix + best[0]}?)" if best else ""
 
 
 def _is_path(spec: str, path: Path) -> bool:

@@ -198,7 +198,7 @@ def auto_plan(
     sigmas = None
     if dmg.spectral and any(METHODS[p].spectral for p in parts(method)):
         sigmas = spectra_by_name(spec, use_cache)
-    units = cands.units_for(modules, method, dmg, floors, sigmas)
+    units = cands.units_for(modules, method, dmg, floors, sigmas, progress)
     seconds["candidates"] = time.perf_counter() - t
     t = time.perf_counter()
     # relative calibration-weighted errors compare within a role, not across roles

@@ -176,11 +176,17 @@ def candidates(method: str, group: list[Module], dmg: Damage, floors: Floors, si
 
 
 def units_for(
-    modules: list[Module], method: str, dmg: Damage, floors: Floors, sigmas: dict | None = None
+    modules: list[Module],
+    method: str,
+    dmg: Damage,
+    floors: Floors,
+    sigmas: dict | None = None,
+    progress=None,
 ) -> list[Unit]:
     """Allocation units with their candidates (dense included) for `method`.
 
-    `sigmas`: singular values by module name, when known (spares an SVD per module).
+    `sigmas`: singular values by module name, when known (spares an SVD per module);
+    `progress(done, total, what)` hears each unit, from the calling thread.
     """
     sigmas = sigmas or {}
 
@@ -205,4 +211,9 @@ def units_for(
         unit.candidates = [base, *cands]
         return unit
 
-    return list(parallel_map(build, groups))
+    units = []
+    for unit in parallel_map(build, groups):  # in order, in this thread
+        units.append(unit)
+        if progress:
+            progress(len(units), len(groups), f"candidates {unit.names[0]}")
+    return units

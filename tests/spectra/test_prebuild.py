@@ -1,0 +1,32 @@
+"""`Previewer.prebuild` (issue 32): what Auto-allocate compresses up front, the first
+preview only evaluates, with the same perplexity."""
+
+import pytest
+
+from compressors.registry import make_config
+
+LAYERS = {
+    "model.layers.0.mlp.down_proj": make_config("lowrank", rank=12, whiten=True),
+    "model.layers.0.self_attn.q_proj": make_config("joint", rank=8),
+    "model.layers.0.self_attn.k_proj": make_config("joint", rank=8),
+    "model.layers.1.mlp.up_proj": make_config("lowrank", rank=8),
+}
+
+
+def test_a_prebuilt_plan_previews_without_compressing(family_dir):
+    from spectra.data import calibration as cal
+    from spectra.io import models
+    from spectra.preview import Previewer
+
+    path = str(family_dir("llama"))
+    model, tok = models.load(path, "cpu"), models.load_tokenizer(path)
+    grams = cal.calibrate(path, cal.CalibrationSpec(samples=4, seqlen=32))
+    pv = Previewer(model, tok, seqlen=32, grams=grams)
+    heard = []
+    assert pv.prebuild(LAYERS, progress=lambda *a: heard.append(a)) == 3  # joint: one unit
+    assert [d for d, _, _ in heard] == [1, 2, 3] and heard[-1][1] == 3
+    assert pv.prebuild(LAYERS) == 0  # already in the store
+    got = pv.preview(LAYERS, 128)
+    assert got.recompressed == 0
+    ref = Previewer(model, tok, seqlen=32, grams=grams).preview(LAYERS, 128)
+    assert ref.recompressed == 3 and got.ppl == pytest.approx(ref.ppl, rel=1e-6)
