@@ -144,6 +144,10 @@ def hessian_inverse_factor(h: torch.Tensor, damp: float = DAMP, perm: torch.Tens
     h = h[perm][:, perm] if perm is not None else h.clone()
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
-    h += damp * torch.diagonal(h).mean() * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    inv = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    torch.diagonal(h).add_(damp * torch.diagonal(h).mean())
+    # two n x n matrices alive at a time (down_proj of an 8B model: 1.6 GB each)
+    low = torch.linalg.cholesky(h)
+    del h
+    inv = torch.cholesky_inverse(low)
+    del low
     return torch.linalg.cholesky(inv, upper=True), dead

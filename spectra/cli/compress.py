@@ -331,7 +331,11 @@ def _apply_streamed(args, plan, entries, h, rank_of) -> int:
             writer.part(model_, facts_, block, prefix if block is None else f"{prefix}.{block}")
 
         args.on_block = on_block
-        _, reports, _, tokenizer, grams, seq = _compress(args, plan, entries, model, rank_of, None)
+        # one factorization at a time, on every core: a block's worth of n x n Hessian
+        # factors at once would undo what streaming saves
+        _, reports, _, tokenizer, grams, seq = _compress(
+            args, plan, entries, model, rank_of, _one_at_a_time
+        )
         rows = [applying.asdict(r) for r in reports]
         totals = plans.totals(entries)
         totals["seconds"] = time.perf_counter() - t0
@@ -339,6 +343,10 @@ def _apply_streamed(args, plan, entries, h, rank_of) -> int:
         report["run"] = h.describe()
         writer.finish(model, args.plan.read_text(), report, tokenizer)
     return _apply_done(args, args.out, totals, None)
+
+
+def _one_at_a_time(fn, work):
+    yield from map(fn, work)
 
 
 def _compress(args, plan, entries, model, rank_of, mapper):
