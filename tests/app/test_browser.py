@@ -336,10 +336,12 @@ def first_hour(page, server, artifacts, tmp_path, cli):
     box = page.locator(".nsewdrag").first.bounding_box()
     x, y = box["x"] + box["width"] / 60, box["y"] + box["height"] * (1 - 1 / 14)
     page.mouse.move(x, y)
-    hover = page.locator(".hoverlayer").get_by_text("model.layers.").first
-    hover.wait_for()
-    named = re.search(r"model\.layers\.\d+\.\w+\.\w+", hover.text_content()).group()
-    assert "effective rank" in page.locator(".hoverlayer").first.text_content()
+    page.wait_for_function(
+        "() => (document.querySelector('.hoverlayer')?.textContent || '').includes('layers.')"
+    )
+    text = page.locator(".hoverlayer").first.text_content()
+    named = re.search(r"model\.layers\.\d+\.\w+?\.\w+?_proj", text).group()
+    assert "effective rank" in text, text
     page.mouse.click(x, y)
     idle(page)
     page.wait_for_timeout(1500)
