@@ -51,6 +51,8 @@ def heatmap(df, metric: str, title: str, key: str):
         title=title,
         clickmode="event+select",
     )
+    if blocks:  # the markers' padding must not shift the grid off its cells
+        fig.update_xaxes(range=[blocks[0] - 0.5, blocks[-1] + 0.5])
     event = st.plotly_chart(fig, key=key, on_select="rerun", selection_mode="points")
     points = (event or {}).get("selection", {}).get("points", []) if event else []
     hit = None

@@ -8,6 +8,7 @@ Screenshots of every page land in docs/img/, where the documentation shows them
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -337,16 +338,25 @@ def first_hour(page, server, artifacts, tmp_path, cli):
     idle(page)
     page.get_by_text("Out of date").first.wait_for()
 
-    # a heatmap click adds its module (block 0's q: the bottom-left cell)
+    # a heatmap click adds the module its hover names (a cell near the bottom left)
     page.locator('[data-testid="stSidebarNav"]').get_by_text("Spectra", exact=True).click()
     page.locator('[data-testid="stPlotlyChart"] .js-plotly-plot').first.wait_for()
     idle(page)
+    page.wait_for_timeout(1500)  # plotly binds its handlers after drawing
     box = page.locator(".nsewdrag").first.bounding_box()
-    page.mouse.click(box["x"] + box["width"] / 60, box["y"] + box["height"] * (1 - 1 / 14))
+    x, y = box["x"] + box["width"] / 60, box["y"] + box["height"] * (1 - 1 / 14)
+    page.mouse.move(x, y)
+    page.wait_for_function(
+        "() => (document.querySelector('.hoverlayer')?.textContent || '').includes('layers.')"
+    )
+    text = page.locator(".hoverlayer").first.text_content()
+    named = re.search(r"model\.layers\.\d+\.\w+?\.\w+?_proj", text).group()
+    assert "effective rank" in text, text
+    page.mouse.click(x, y)
     idle(page)
     page.wait_for_timeout(1500)
     chosen = page.locator('[data-testid="stMultiSelect"]').first.inner_text()
-    assert "model.layers.0.self_attn.q_proj" in chosen, chosen
+    assert named in chosen, (named, chosen)
 
     page.goto(f"{server}/model")  # a reload of /model opens the Model page
     page.get_by_text("Parameters in them").wait_for()
