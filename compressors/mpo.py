@@ -360,7 +360,7 @@ def candidates(mod, dmg, floor: Floor, sigma=None, quick: bool = False) -> list[
             err2 = sum(float(np.sum(s[config.bond_dim :] ** 2)) for s in spectra)
             d = dmg.relative(mod.name, err2, float(np.sum(w * w)))
         else:
-            d = dmg(mod, mod.weight - compress(mod.weight, config).to_dense().to(w.dtype))
+            d = dmg(mod, mod.weight - compress(mod.weight, config).to_dense().to(mod.weight.dtype))
         out.append((config, d))
     return out
 
