@@ -228,6 +228,32 @@ def _shards(out: Path) -> dict[str, list[str]]:
     return {"factors": ["factors.safetensors"], "dense": ["dense.safetensors"]}
 
 
+def index(out: Path):
+    """(manifest, {"factors"|"dense": {tensor name: TensorRef}}, config) of OUT, read
+    without loading a tensor: what a streamed load or export walks part by part. A
+    truncated or garbage part is an input error naming OUT."""
+    from transformers import AutoConfig
+
+    out = Path(out)
+    shards = _shards(out)
+    try:
+        manifest = json.loads((out / "manifest.json").read_text())
+        if not isinstance(manifest.get("modules"), dict):
+            raise KeyError("modules")
+        refs = {
+            kind: {r.name: r for part in shards[kind] for r in read_header(out / part)}
+            for kind in ("factors", "dense")
+        }
+        config = AutoConfig.from_pretrained(out)
+    except SpectraInputError as e:  # a truncated shard
+        raise SpectraInputError(f"{out}: corrupt compressed checkpoint: {e}") from e
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SpectraInputError(f"{out}: corrupt compressed checkpoint ({e})") from e
+    if manifest.get("format") != FORMAT:
+        raise SpectraInputError(f"{out}: unknown checkpoint format {manifest.get('format')!r}")
+    return manifest, refs, config
+
+
 def load(out, device: str = "cpu"):
     """(model, factorizations) rebuilt from OUT; corrupt files are input errors."""
     from transformers import AutoConfig, AutoModelForCausalLM

@@ -12,7 +12,6 @@ such an OUT whole.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -97,28 +96,14 @@ class OutOffload:
 def load(out, device: str = "cpu", dtype=None) -> nn.Module:
     """OUT as a skeleton run a block at a time (see the module docstring)."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from compressors import blocks, io
     from spectra.io.offload import DiskOffload, read_tensor
-    from spectra.io.tensors import read_header
 
     out = Path(out)
-    shards = io._shards(out)
-    try:
-        manifest = json.loads((out / "manifest.json").read_text())
-        modules = manifest["modules"]
-        refs = {
-            kind: {r.name: r for part in shards[kind] for r in read_header(out / part)}
-            for kind in ("factors", "dense")
-        }
-        config = AutoConfig.from_pretrained(out)
-    except SpectraInputError as e:  # a truncated shard
-        raise SpectraInputError(f"{out}: corrupt compressed checkpoint: {e}") from e
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise SpectraInputError(f"{out}: corrupt compressed checkpoint ({e})") from e
-    if manifest.get("format") != io.FORMAT:
-        raise SpectraInputError(f"{out}: unknown checkpoint format {manifest.get('format')!r}")
+    manifest, refs, config = io.index(out)
+    modules = manifest["modules"]
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, **({"dtype": dtype} if dtype else {}))
     model.tie_weights()

@@ -436,7 +436,7 @@ def sequential(
     with _building(folder) as tmp:
 
         def record(block: int, grams: dict) -> None:
-            meta["blocks"][str(block)] = _write_block(tmp, block, grams, release=True)
+            meta["blocks"][str(block)] = _write_block(tmp, block, grams)  # apply reads them next
 
         result = run(grams=None, calib_ids=windows, on_grams=record)
         cache.write_json(tmp / "meta.json", meta)

@@ -81,27 +81,13 @@ class Streamed:
 
     def __init__(self, out):
         from accelerate import init_empty_weights
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM
 
         from compressors import blocks, io
-        from spectra.io.tensors import read_header
 
         self.out = out = Path(out)
-        shards = io._shards(out)
-        try:
-            manifest = json.loads((out / "manifest.json").read_text())
-            self.modules = manifest["modules"]
-            self.refs = {
-                kind: {r.name: r for part in shards[kind] for r in read_header(out / part)}
-                for kind in ("factors", "dense")
-            }
-            self.config = AutoConfig.from_pretrained(out)
-        except SpectraInputError as e:  # a truncated shard
-            raise SpectraInputError(f"{out}: corrupt compressed checkpoint: {e}") from e
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise SpectraInputError(f"{out}: corrupt compressed checkpoint ({e})") from e
-        if manifest.get("format") != io.FORMAT:
-            raise SpectraInputError(f"{out}: unknown checkpoint format {manifest.get('format')!r}")
+        manifest, self.refs, self.config = io.index(out)
+        self.modules = manifest["modules"]
         with init_empty_weights(include_buffers=False):
             self.dense = AutoModelForCausalLM.from_config(self.config)
         self.dense.tie_weights()  # outside the context, as compressors.blocks' skeleton
