@@ -61,20 +61,23 @@ def _ray_option(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _run_options(p: argparse.ArgumentParser) -> None:
-    """--offload and --dtype: how a command that runs the model holds it."""
+def _run_options(p: argparse.ArgumentParser, offload_help: str = "", dtype_help: str = "") -> None:
+    """--offload and --dtype: how a command that runs the model holds it (the choices
+    are spectra.io.handle's OFFLOADS and DTYPES, written here to keep --help light)."""
     p.add_argument(
         "--offload",
         default="auto",
         choices=("auto", "none", "disk"),
-        help="none: every weight resident; disk: weights stay on disk, one block at a time "
+        help=offload_help
+        or "none: every weight resident; disk: weights stay on disk, one block at a time "
         "is materialised; auto (default): resident when it takes at most half the free memory",
     )
     p.add_argument(
         "--dtype",
         default="auto",
         choices=("auto", "float32", "bfloat16", "float16"),
-        help="working dtype (auto: the checkpoint's own, e.g. bfloat16; float32 for a GGUF)",
+        help=dtype_help
+        or "working dtype (auto: the checkpoint's own, e.g. bfloat16; float32 for a GGUF)",
     )
 
 
@@ -220,18 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
     he.add_argument("--dense", action="store_true", help="also write OUT2/dense (plain weights)")
     he.add_argument("--force", action="store_true", help="replace an existing OUT2")
     he.add_argument("--device", default="auto")
-    he.add_argument(
-        "--offload",
-        default="auto",
-        choices=("auto", "none", "disk"),
-        help="heal trains the whole model on the device: auto and none hold it resident "
+    _run_options(
+        he,
+        "heal trains the whole model on the device: auto and none hold it resident "
         "(refused, before any work, where it does not fit); disk is refused",
-    )
-    he.add_argument(
-        "--dtype",
-        default="auto",
-        choices=("auto", "float32", "bfloat16", "float16"),
-        help="working dtype of the dense teacher (auto: the checkpoint's own); the "
+        "working dtype of the dense teacher (auto: the checkpoint's own); the "
         "compressed student trains in float32",
     )
     he.add_argument("--json", action="store_true")
