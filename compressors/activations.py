@@ -145,8 +145,3 @@ def block_grams(model, calib_ids: torch.Tensor, progress=None, after_block=None)
 def collect(model, calib_ids: torch.Tensor, progress=None) -> dict[int, dict]:
     """All blocks' Grams in memory: {block: {name: (H, rows)}} (see block_grams)."""
     return dict(block_grams(model, calib_ids, progress))
-
-
-def decoder_layers(model):
-    """The model's list of transformer blocks (see compressors.blocks)."""
-    return blocks.decoder_layers(model)

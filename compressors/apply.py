@@ -14,6 +14,7 @@ time), so that memory holds one block's Grams at once.
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
@@ -181,7 +182,7 @@ class _Run:
         its compact modules are released (to the meta device) with it."""
         if self.on_block is None:
             return
-        prefix = f"{self.targets_prefix(block)}."
+        prefix = f"{self.layers_prefix}.{block}."
         if self.deferred:
             for name in [n for n in self.deferred if n.startswith(prefix)]:
                 set_module(self.model, name, self.deferred.pop(name))
@@ -191,13 +192,11 @@ class _Run:
             self.model.get_submodule(name).to("meta")
             del self.factorizations[name]
 
-    def targets_prefix(self, block: int) -> str:
-        """The module-name prefix of block `block` (e.g. model.layers.3)."""
+    @functools.cached_property
+    def layers_prefix(self) -> str:
+        """The module-name prefix of the blocks (e.g. model.layers)."""
         layers = blocks.decoder_layers(self.model)
-        for name, mod in self.model.named_modules():
-            if mod is layers:
-                return f"{name}.{block}"
-        raise SpectraInputError("cannot find the model's transformer blocks")
+        return next(name for name, mod in self.model.named_modules() if mod is layers)
 
     def _job(self, members: list, grams) -> _Job:
         config = members[0].config

@@ -24,7 +24,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from compressors.activations import decoder_layers
 from compressors.apply import (
     as_float64,
     compact_modules,
@@ -33,6 +32,7 @@ from compressors.apply import (
     set_module,
 )
 from compressors.base import Calibration, h_norm, relative_error
+from compressors.blocks import decoder_layers
 from compressors.registry import METHODS, compress, needs_data
 from spectra.data import perplexity as ev
 from spectra.errors import SpectraInputError

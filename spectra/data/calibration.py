@@ -294,7 +294,8 @@ class ShardJob:
 
 def shard_grams(job: ShardJob):
     """A Ray task: (blocks, Grams) of one shard's windows, block by block."""
-    from compressors.activations import block_grams, decoder_layers
+    from compressors.activations import block_grams
+    from compressors.blocks import decoder_layers
 
     model = models.load(job.root, job.device)
     layers = len(decoder_layers(model))
