@@ -137,10 +137,36 @@ def sigmas(spec: str) -> dict:
     return {r["name"]: np.asarray(r["sigma"]) for r in df.select("name", "sigma").to_dicts()}
 
 
+def run_options() -> tuple[str, str]:
+    """(dtype, offload) the app runs models with (`spectra app --dtype --offload`)."""
+    return (
+        os.environ.get("SPECTRA_APP_DTYPE", "auto"),
+        os.environ.get("SPECTRA_APP_OFFLOAD", "auto"),
+    )
+
+
+def handle(spec: str):
+    """The model resolved once with its working dtype and offload (spectra.io.handle):
+    a model too big for this machine is refused here, with one line."""
+    return _handle(spec, *run_options())
+
+
 @st.cache_resource(show_spinner=False)
+def _handle(spec: str, dtype: str, offload: str):
+    from spectra.io.handle import open_model
+
+    return open_model(spec, "auto", dtype, offload)
+
+
 def loaded(spec: str):
-    """(model, tokenizer) for previews and sensitivities; shared, never mutated."""
-    return models.load(spec, device="auto"), models.load_tokenizer(spec)
+    """(model, tokenizer) for sensitivities and calibration, in the working dtype:
+    resident, or streamed from disk one block at a time; shared, never mutated."""
+    return _loaded(spec, *run_options())
+
+
+@st.cache_resource(show_spinner=False)
+def _loaded(spec: str, dtype: str, offload: str):
+    return _handle(spec, dtype, offload).load(), models.load_tokenizer(spec)
 
 
 @st.cache_resource(show_spinner=False)
@@ -157,6 +183,8 @@ def previewer(spec: str):
     key = f"previewer::{spec}"
     if key not in st.session_state:
         model, tok = loaded(spec)
+        if handle(spec).offload == "disk":  # a previewer swaps modules in: its own skeleton
+            model = handle(spec).load()
         st.session_state[key] = Previewer(model, tok, built=built_modules(spec))
     pv = st.session_state[key]
     pv.use_calibration(calibration(spec))

@@ -3,15 +3,16 @@
 `module_error` gives a module's relative weight error under a setting: from a
 closed form where its method has one (low rank: the spectrum's tail energy,
 Eckart-Young), else from one compression of that matrix. `Previewer` keeps a working
-copy of the model and, for
-each preview, swaps in only the modules whose settings changed since the last one
-(each distinct (module, setting) is compressed once and kept), then scores the
-evaluation tokens. It also records every block's output for those tokens: blocks
-before the first changed one replay their recorded outputs instead of running, so
-one changed module in block b costs the blocks from b on, the final norm and the
-head. The perplexity is the `spectra eval` convention on the first `tokens` of the
-evaluation part (same windows, same batches), so `spectra eval OUT --max-tokens N`
-of the applied plan reproduces it.
+copy of the model (or works on a model streamed from disk, one block materialised at
+a time, as `spectra eval` runs it) and, for each preview, swaps in only the modules
+whose settings changed since the last one (each distinct (module, setting) is
+compressed once and kept), then scores the evaluation tokens block by block. It
+records every block's output for those tokens: blocks before the first changed one
+are skipped and their recorded outputs feed the first changed block, so one changed
+module in block b costs the blocks from b on, the final norm and the head. The
+perplexity is the `spectra eval` convention on the first `tokens` of the evaluation
+part (same windows, same batches), so `spectra eval OUT --max-tokens N` of the
+applied plan reproduces it.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from compressors import blocks
 from compressors.apply import (
     as_float64,
     compact_modules,
@@ -32,7 +34,6 @@ from compressors.apply import (
     set_module,
 )
 from compressors.base import Calibration, h_norm, relative_error
-from compressors.blocks import decoder_layers
 from compressors.registry import METHODS, compress, needs_data
 from spectra.data import perplexity as ev
 from spectra.errors import SpectraInputError
@@ -95,19 +96,6 @@ class PreviewResult:
     seconds: float
 
 
-class _Replay(nn.Module):
-    """Stands in for a block: returns its recorded outputs in call order."""
-
-    def __init__(self, outputs):
-        super().__init__()
-        self.outputs, self.calls = outputs, 0
-
-    def forward(self, *args, **kwargs):
-        out = self.outputs[self.calls]
-        self.calls += 1
-        return out
-
-
 class Previewer:
     """Incremental perplexity previews of per-module settings on one model."""
 
@@ -119,10 +107,15 @@ class Previewer:
         {block: {name: (H, rows)}}), which data-aware settings are compressed with,
         exactly as `spectra apply` does."""
 
-        self.work = copy.deepcopy(model).eval()  # the caller's model is never touched
+        # the caller's model is never touched; a streamed one is a skeleton of its own
+        self.streamed = blocks.is_streamed(model)
+        self.work = (model if self.streamed else copy.deepcopy(model)).eval()
         self.targets = linear_targets(self.work)  # name -> (Target, dense module)
-        self.rank_of = weight_ranks(self.targets)  # energy settings: the weight's own spectrum
-        self.layers = decoder_layers(self.work)
+        # energy settings: the weight's own spectrum
+        self.rank_of = weight_ranks(self.targets, read=self._dense_weight)
+        self.layers = blocks.decoder_layers(self.work)
+        self._captured: blocks.Captured | None = None  # block inputs of the scored windows
+        self._batches: list[torch.Tensor] = []
         self.ids = ev.token_stream(tokenizer, corpus, "eval")
         self.seqlen = seqlen
         self.current: dict[str, object] = {}  # name -> installed config
@@ -197,12 +190,20 @@ class Previewer:
     def _key(self, names: tuple[str, ...], config) -> tuple:
         return (names, config, self._calibration_tag() if needs_data(config) else None)
 
+    def _dense_weight(self, name: str) -> torch.Tensor:
+        """The (out, in) dense weight of `name` (read from disk when streamed)."""
+        target, module = self.targets[name]
+        with blocks.onloaded(self.work, module):
+            return target.weight(module).clone() if self.streamed else target.weight(module)
+
     def _build(self, names: tuple[str, ...], config) -> list[nn.Module]:
-        """The compact modules of one unit under `config`, exactly as `spectra apply`."""
+        """The compact modules of one unit under `config`, exactly as `spectra apply`
+        (a streamed model's dense modules are read for the duration)."""
         dense = [self.targets[n][1] for n in names]
-        weights = [self.targets[n][0].weight(d) for n, d in zip(names, dense, strict=True)]
         calib = self.calibration(names[0]) if needs_data(config) else None
-        return compact_modules(factorize(config, weights, calib), config, dense)
+        with blocks.onloaded(self.work, *dense):
+            weights = [self.targets[n][0].weight(d) for n, d in zip(names, dense, strict=True)]
+            return compact_modules(factorize(config, weights, calib), config, dense)
 
     def prebuild(self, layers: dict[str, object], progress=None) -> int:
         """Compress every module of `layers` not in the store yet (two at a time, one per
@@ -287,44 +288,40 @@ class Previewer:
         return result
 
     def _score(self, batches, first: int, progress=None, what: str = "", batch_size: int = 4):
-        """`spectra eval`'s perplexity, replaying blocks before `first` and recording the rest.
+        """`spectra eval`'s perplexity, block by block as eval runs it: blocks before
+        `first` are skipped (their recorded outputs feed block `first`), the others run
+        over every batch in turn (materialised one at a time when the model is streamed)
+        and their outputs are recorded; the head scores the final hidden states.
 
         Until it completes, no records are kept: an interrupted score leaves the next
         preview to start from block 0.
         """
         import math
 
-        device = next(self.work.parameters()).device
-        saved = list(self.layers)
-        old, self.records = self.records or {}, None
-        new: dict[int, list] = {i: [] for i in range(len(saved))}
-        for i in range(first):
-            new[i] = old[i]
-            self.layers[i] = _Replay(old[i])
-        total = -(-batches.shape[0] // batch_size) * (len(saved) - first)
+        old, self.records = self.records, None
+        n = len(self.layers)
+        if first and (old is None or self._captured is None):
+            first = 0
+        if first == 0:
+            device = blocks.working_device(self.work)
+            xs = [
+                batches[lo : lo + batch_size].to(device)
+                for lo in range(0, len(batches), batch_size)
+            ]
+            self._captured = blocks.capture(self.work, xs)
+            self._batches = xs
+        new = {i: old[i] for i in range(first)}
+        hidden = self._captured.hidden if first == 0 else old[first - 1]
         label = f"{what}, " if what else ""
-        done = [0]
-
-        def record(i, out):
-            new[i].append(out)
-            done[0] += 1
+        for i in range(first, n):
+            hidden = blocks.run_block(self.work, i, hidden, self._captured.calls[i])
+            new[i] = hidden
             if progress:
-                progress(done[0], total, f"{label}block {i + 1}/{len(saved)}")
-
-        hooks = [
-            self.layers[i].register_forward_hook(lambda mod, args, out, i=i: record(i, out))
-            for i in range(first, len(saved))
-        ]
+                progress(i - first + 1, n - first, f"{label}block {i + 1}/{n}")
         losses = []
-        try:
-            with torch.no_grad():
-                for lo in range(0, batches.shape[0], batch_size):
-                    x = batches[lo : lo + batch_size].to(device)
-                    losses.append(ev.window_nll(self.work, x))
-        finally:
-            for h in hooks:
-                h.remove()
-            for i, layer in enumerate(saved):
-                self.layers[i] = layer
+        with torch.no_grad(), blocks.with_final_hidden(self.work, hidden) as state:
+            for b, x in enumerate(self._batches):
+                state.batch = b
+                losses.append(ev.window_nll(self.work, x))
         self.records = new
         return math.exp(float(torch.cat(losses).mean()))

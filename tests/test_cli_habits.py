@@ -44,6 +44,12 @@ def test_a_port_in_use_exits_2_with_one_line(cli):
     assert "in use" in line
 
 
+def test_app_refuses_a_model_too_big_before_starting(cli, tiny_llama_dir, monkeypatch):
+    monkeypatch.setenv("SPECTRA_MEMORY_GB", "0.0001")
+    line = one_error_line(cli("app", tiny_llama_dir, "--offload", "none"), "GB")
+    assert "--offload none" in line and "free" in line
+
+
 def test_a_misspelt_model_suggests_demo(cli):
     line = one_error_line(cli("analyze", "dmeo"), "dmeo")
     assert line.endswith("(did you mean demo?)")

@@ -8,6 +8,21 @@ from spectra.errors import SpectraInputError
 from spectra.io import models
 
 
+def memory_line(run: dict) -> str:
+    """How the model is held while previews, sensitivities and calibration run it."""
+    held = (
+        f"resident: about {run['resident_gb']:.3g} GB"
+        if run["offload"] == "none"
+        else f"streamed from disk one block at a time: about {run['streamed_gb']:.3g} GB "
+        f"(resident it would take {run['resident_gb']:.3g} GB)"
+    )
+    free = f" of the {run['free_gb']:.3g} GB free" if run.get("free_gb") is not None else ""
+    return (
+        f"Runs in {run['dtype']} on {run['device']}, {held}{free} "
+        "(`spectra app --dtype ... --offload auto|none|disk` to choose)."
+    )
+
+
 def render() -> None:
     st.title("Model")
     state.model_spec()
@@ -22,6 +37,7 @@ def render() -> None:
         convert.empty()
         table = state.matrix_table(spec)
         info = state.summary(spec)
+        run = state.handle(spec).describe()
 
         bar = st.progress(0.0, "spectra")
         status: dict = {}
@@ -44,8 +60,9 @@ def render() -> None:
     c[0].metric("Blocks", info["layers"])
     c[1].metric("2-D weights", table.height)
     c[2].metric("Parameters in them", f"{info['params'] / 1e6:.1f}M")
-    c[3].metric("Working dtype", info["dtype"])
-    c[4].metric("Device", info["device"])
+    c[3].metric("Working dtype", run["dtype"])
+    c[4].metric("Device", run["device"])
+    st.caption(memory_line(run))
     converted = info["converted"]
     origin = (
         f"de-quantized from `{converted.get('gguf', spec)}` ({info['storage']}) to "

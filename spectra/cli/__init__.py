@@ -285,6 +285,11 @@ def build_parser() -> argparse.ArgumentParser:
     app = sub.add_parser("app", help="open the Streamlit app")
     app.add_argument("model", nargs="?", default="demo")
     app.add_argument("--port", type=int, default=8501)
+    _run_options(
+        app,
+        dtype_help="working dtype of previews, sensitivities and calibration "
+        "(auto: the checkpoint's own)",
+    )
     app.set_defaults(func=cmd_app)
     return p
 

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from spectra.errors import SpectraInputError
-from spectra.io import models
+from spectra.io.handle import open_model
 
 
 def _free(port: int) -> bool:
@@ -54,8 +54,14 @@ def cmd_app(args) -> int:
             "",
         )
         raise SpectraInputError(f"--port {args.port}: already in use{hint}")
-    models.resolve(args.model)  # a bad model fails here, with exit 2, not in the page
-    env = dict(os.environ, SPECTRA_APP_MODEL=args.model)
+    # a bad model, or one too big for this machine, fails here with exit 2, not in the page
+    open_model(args.model, "auto", args.dtype, args.offload)
+    env = dict(
+        os.environ,
+        SPECTRA_APP_MODEL=args.model,
+        SPECTRA_APP_DTYPE=args.dtype,
+        SPECTRA_APP_OFFLOAD=args.offload,
+    )
     cmd = [
         sys.executable,
         "-m",

@@ -66,13 +66,17 @@ class Handle:
         return models.load_tokenizer(self.spec)
 
     def describe(self) -> dict:
+        """dtype, device, offload, the memory it expects to use resident and streamed
+        (weights with the work margin) and the memory free now, in GB."""
         need = footprint(self.source, self.dtype)
+        free = free_bytes(self.device)
         return dict(
             dtype=self.dtype,
             device=self.device,
             offload=self.offload,
-            resident_gb=round(need["total"] / 1e9, 3),
-            streamed_gb=round((need["outer"] + need["block"]) / 1e9, 3),
+            resident_gb=round(need["total"] * WORK_MARGIN / 1e9, 3),
+            streamed_gb=round((need["outer"] + need["block"]) * WORK_MARGIN / 1e9, 3),
+            free_gb=None if free is None else round(free / 1e9, 3),
         )
 
 

@@ -365,13 +365,16 @@ def energy_ranks(model: str):
     return rank_of
 
 
-def weight_ranks(targets):
+def weight_ranks(targets, read=None):
     """rank_of(name, energy) from the singular values of each module's own weight
-    (`targets`: compressors.apply.linear_targets of a loaded model)."""
+    (`targets`: compressors.apply.linear_targets of a loaded model; `read(name)`: the
+    (out, in) weight, when it must be read rather than taken from the module)."""
     import functools
 
     @functools.cache
     def sigma(name):
+        if read is not None:
+            return singular_values(read(name).double().numpy())
         target, module = targets[name]
         return singular_values(target.weight(module).double().numpy())
 

@@ -39,6 +39,35 @@ def test_router_opens_on_the_model_page(on_tiny):
     assert not at.warning
     table = at.dataframe[0].value
     assert len(table) == 16 and "model.layers.1.mlp.down_proj" in list(table["name"])
+    held = [c.value for c in at.caption if c.value.startswith("Runs in")]
+    assert held and held[0].startswith("Runs in float32 on cpu, resident: about")
+
+
+def test_model_page_and_previews_stream_when_asked(family_dir, monkeypatch):
+    """`spectra app --offload disk --dtype bfloat16`: the Model page says so, and the
+    Previewer runs the skeleton (blocks read from disk) in bfloat16."""
+    monkeypatch.setenv("SPECTRA_APP_MODEL", str(family_dir("llama")))  # with a tokenizer
+    monkeypatch.setenv("SPECTRA_APP_OFFLOAD", "disk")
+    monkeypatch.setenv("SPECTRA_APP_DTYPE", "bfloat16")
+    at = AppTest.from_file(MAIN, default_timeout=120).run()
+    assert not at.exception
+    assert {m.label: m.value for m in at.metric}["Working dtype"] == "bfloat16"
+    held = [c.value for c in at.caption if c.value.startswith("Runs in")]
+    assert held and "streamed from disk one block at a time" in held[0]
+    script = Path(tempfile.gettempdir()) / "spectra_app_streamed_previewer.py"
+    script.write_text(
+        "import streamlit as st\n"
+        "from app import state\n"
+        "from compressors import blocks\n"
+        "from compressors.registry import make_config\n"
+        "pv = state.previewer(state.model_spec())\n"
+        "r = pv.preview({'model.layers.1.mlp.down_proj': make_config('lowrank', rank=4)}, 1024)\n"
+        "st.write(f'{blocks.is_streamed(pv.work)} {blocks.working_dtype(pv.work)} {r.ppl}')\n"
+    )
+    at = AppTest.from_file(str(script), default_timeout=300).run()
+    assert not at.exception, at.exception
+    streamed, dtype, ppl = at.markdown[0].value.split()
+    assert streamed == "True" and dtype == "torch.bfloat16" and float(ppl) > 1
 
 
 @pytest.mark.parametrize("page", PAGES)

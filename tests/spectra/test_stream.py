@@ -292,3 +292,31 @@ def test_truncated_part_of_a_streamed_out_is_refused(tiny_llama_dir, tmp_path, c
         err = capsys.readouterr().err
         assert "corrupt compressed checkpoint" in err and err.count("\n") == 1, err
     assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_preview_streamed_equals_resident_and_eval(family, family_dir):
+    from compressors.apply import linear_targets
+    from compressors.registry import make_config
+    from spectra.preview import Previewer
+
+    path = family_dir(family)
+    tok = models.load_tokenizer(str(path))
+    resident = models.load(str(path), "cpu")
+    names = [t.name for t, _ in linear_targets(resident).values() if t.block is not None]
+    first = {n: make_config("lowrank", rank=4) for n in names if ".0." in n or "_0_" in n}
+    later = {**first, names[-1]: make_config("quant", bits=3)}
+    got = {}
+    for off in ("none", "disk"):
+        model = handle.open_model(str(path), "cpu", "float32", off).load()
+        pv = Previewer(model, tok, seqlen=64)
+        assert pv.streamed == (off == "disk")
+        a, b = pv.preview(first, 512), pv.preview(later, 512)
+        assert b.first_block == 1 and b.recompressed == 1  # block 0's outputs are reused
+        got[off] = (a.dense_ppl, a.ppl, b.ppl)
+    fresh = Previewer(resident, tok, seqlen=64).preview(later, 512).ppl
+    dense = ev.perplexity(resident, tok, seqlen=64, max_tokens=512).ppl
+    assert got["disk"] == pytest.approx(got["none"], rel=1e-6)
+    assert got["none"][2] == pytest.approx(fresh, rel=1e-6)
+    assert got["none"][0] == pytest.approx(dense, rel=1e-6)
+    assert got["none"][1] != pytest.approx(got["none"][0], rel=1e-5)  # the plan did something
