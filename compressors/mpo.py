@@ -108,8 +108,7 @@ class MPO(Factorization):
 
     def to_dense(self):
         cores = [factors.dense(c) for c in self.cores]
-        w = torch.from_numpy(tt.tt_to_dense([c.detach().double().cpu().numpy() for c in cores]))
-        w = w.to(cores[0].device)
+        w = tt.tt_to_dense([c.detach().double() for c in cores])
         if self.scale is not None:
             w = w * self.scale.double()[None, :]
         return w.to(cores[0].dtype)
@@ -216,9 +215,8 @@ def compress(weight: torch.Tensor, config: MPOConfig, calib: Calibration | None 
     mf, nf = tt.factorize(m, config.cores), tt.factorize(n, config.cores)
     w = weight.detach().to(torch.float64)
 
-    def tt_svd(x: torch.Tensor) -> list[torch.Tensor]:
-        cores = tt.tt_svd(np.ascontiguousarray(x.numpy()), mf, nf, ranks=config.bond_dim)
-        return [torch.from_numpy(c) for c in cores]
+    def tt_svd(x: torch.Tensor) -> list[torch.Tensor]:  # in torch, on the weight's device
+        return tt.tt_svd(x, mf, nf, ranks=config.bond_dim)
 
     if not config.whiten:
         return _stored([c.to(weight.dtype) for c in tt_svd(w)], None, config)

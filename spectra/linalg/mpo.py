@@ -188,38 +188,49 @@ def chi_for_ratio(mf, nf, ratio: float) -> int:
     return lo
 
 
-def tt_svd(w: np.ndarray, mf, nf, ranks=None, eps: float | None = None) -> list[np.ndarray]:
+def tt_svd(w, mf, nf, ranks=None, eps: float | None = None) -> list:
     """TT-SVD of a matrix into K cores of shape (r_{k-1}, m_k, n_k, r_k).
 
     `ranks` caps each bond (an int caps all of them); `eps` picks per-bond ranks by
-    chi_for_eps. With neither, the decomposition is exact.
+    chi_for_eps. With neither, the decomposition is exact. A torch tensor is
+    decomposed in torch on its own device (float64), giving torch cores; anything
+    else in numpy's float64, giving numpy cores (one algorithm, either library).
     """
+    import torch
+
     k = len(mf)
-    w = np.asarray(w, dtype=np.float64)
+    on_torch = torch.is_tensor(w)
+    t = w.detach().to(torch.float64) if on_torch else torch.from_numpy(np.asarray(w, np.float64))
     if eps is not None:
-        ranks = chi_for_eps(bond_spectra(w, mf, nf), eps)
+        ranks = chi_for_eps(bond_spectra(t.cpu().numpy(), mf, nf), eps)
     elif ranks is None:
         ranks = full_bond_dims(mf, nf)
     elif isinstance(ranks, int):
         ranks = [ranks] * (k - 1)
     cores, r_prev = [], 1
-    c = paired(w[None], mf, nf)[0].reshape(1, -1)
+    c = paired(t[None], mf, nf)[0].reshape(1, -1)
     for i in range(k - 1):
         c = c.reshape(r_prev * mf[i] * nf[i], -1)
-        u, s, vt = np.linalg.svd(c, full_matrices=False)
-        r = max(1, min(ranks[i], s.size))
+        u, s, vt = torch.linalg.svd(c, full_matrices=False)
+        r = max(1, min(ranks[i], s.numel()))
         cores.append(u[:, :r].reshape(r_prev, mf[i], nf[i], r))
         c = s[:r, None] * vt[:r]
         r_prev = r
     cores.append(c.reshape(r_prev, mf[-1], nf[-1], 1))
-    return cores
+    return cores if on_torch else [x.numpy() for x in cores]
 
 
-def tt_to_dense(cores: list[np.ndarray]) -> np.ndarray:
-    """Contract MPO cores (r, m_k, n_k, r') back to the (m, n) matrix."""
-    t = cores[0]  # (1, M, N, r)
-    for c in cores[1:]:
+def tt_to_dense(cores: list):
+    """Contract MPO cores (r, m_k, n_k, r') back to the (m, n) matrix (torch cores give
+    a torch matrix on their device, numpy cores a numpy one)."""
+    import torch
+
+    on_torch = torch.is_tensor(cores[0])
+    ts = cores if on_torch else [torch.from_numpy(np.asarray(c)) for c in cores]
+    t = ts[0]  # (1, M, N, r)
+    for c in ts[1:]:
         _, mm, nn, _ = t.shape
         _, a, b, r = c.shape
-        t = np.einsum("xmnr,rabs->xmanbs", t, c).reshape(1, mm * a, nn * b, r)
-    return t[0, :, :, 0]
+        t = torch.einsum("xmnr,rabs->xmanbs", t, c).reshape(1, mm * a, nn * b, r)
+    out = t[0, :, :, 0]
+    return out if on_torch else out.numpy()

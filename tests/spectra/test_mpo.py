@@ -91,6 +91,13 @@ def test_tt_svd_matches_tensorly(random_state):
         theirs = tl.tt_to_tensor(tt)
         mine = mpo.paired(mpo.tt_to_dense(ours)[None], mf, nf)[0]
         np.testing.assert_allclose(mine, theirs, atol=1e-10)
+        # the same algorithm in torch (the compressor's path, on the weight's device)
+        import torch
+
+        on_torch = mpo.tt_svd(torch.from_numpy(w), mf, nf, ranks=ranks)
+        assert all(torch.is_tensor(c) for c in on_torch)
+        dense = mpo.tt_to_dense(on_torch)
+        np.testing.assert_allclose(mpo.paired(dense.numpy()[None], mf, nf)[0], theirs, atol=1e-10)
         assert [c.shape for c in ours] == [
             (r0, m, n, r1) for r0, m, n, r1 in zip([1, *ranks], mf, nf, [*ranks, 1], strict=True)
         ]
