@@ -128,7 +128,7 @@ def compress(
     w = weight.detach().to(torch.float64)
     r = config.rank
     if r is None:
-        r = energy_rank(torch.linalg.svdvals(w).numpy(), config.energy)
+        r = energy_rank(torch.linalg.svdvals(w).cpu().numpy(), config.energy)
     chol = None
     if config.whiten:
         chol = whitening_factor("lowrank", calib)

@@ -64,18 +64,15 @@ def compress(weight, config, calib=None):
     """Compress one weight (out, in), or a joint group's list of weights, with the method
     its config belongs to.
 
-    The methods compute on the CPU (float64 decompositions, numpy GPTQ and TT-SVD); a
-    weight on another device is compressed there and its factorization moved back to
-    that device, so the compact modules run where the model runs."""
+    Every method computes in torch on the weight's device (a GPU when the model is on
+    one; decompositions in float64 where the method needs them); the calibration Gram
+    is moved there first. The factorization comes back on that device, so the compact
+    modules run where the model runs."""
     from compressors.base import Calibration
     from compressors.io import to_device
 
     group = isinstance(weight, list | tuple)
     device = (weight[0] if group else weight).device
-    fn = METHODS[config.method].compress
-    if device.type == "cpu":
-        return fn(weight, config, calib)
-    weight = [w.detach().cpu() for w in weight] if group else weight.detach().cpu()
-    if calib is not None:
-        calib = Calibration(calib.hessian.cpu(), calib.count)
-    return to_device(fn(weight, config, calib), device)
+    if calib is not None and calib.hessian.device != device:
+        calib = Calibration(calib.hessian.to(device), calib.count)
+    return to_device(METHODS[config.method].compress(weight, config, calib), device)
