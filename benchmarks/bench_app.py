@@ -9,7 +9,15 @@ error shows in under 100 ms of server time.
 (2) Perplexity preview at 2048 tokens: the first preview (dense baseline plus one
 module), then one module changed at a time in blocks 0, 10, 20 and 29 (blocks before
 the changed one replay their recorded outputs). Target: under 5 s after the first.
-Results: benchmarks/results/bench_app.json.
+(3) The first hour's default path (issue 32): the Plan page's Auto-allocate with its
+defaults (whitened low rank at 80% of the parameters on the calibration-weighted loss
+estimate of a 4,096-token calibration), which computes the calibration (or reads it),
+allocates, and builds the plan's modules into the previews' store; then the first
+preview at 2048 tokens, which only evaluates. Target: first preview <= 30 s.
+
+    python benchmarks/bench_app.py [--only row_edit previews default_path]
+
+Results: benchmarks/results/bench_app.json (sections merged with earlier runs).
 """
 
 from __future__ import annotations
@@ -94,14 +102,72 @@ def previews() -> dict:
     )
 
 
+def default_path() -> dict:
+    """Auto-allocate with the Plan page's defaults, then the first preview (library calls
+    the page makes, timed phase by phase)."""
+    from spectra.data.calibration import calibrate, for_model
+    from spectra.io import models
+    from spectra.plan import sensitivity as sens
+    from spectra.plan.auto import auto_plan
+    from spectra.plan.defaults import DEFAULT_METHOD, DEFAULT_TARGET_PARAMS, FIRST_CALIB_TOKENS
+    from spectra.preview import Previewer
+
+    model, tok = models.load("demo", "cpu"), models.load_tokenizer("demo")
+    t0 = time.perf_counter()
+    calib = for_model("demo", tokens=FIRST_CALIB_TOKENS)
+    info: dict = {}
+    grams = calibrate("demo", calib, model=model, tokenizer=tok, info=info)
+    calib_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    settings = sens.SensitivitySettings("calib", calib.corpus, calib.tokens, calib.seqlen)
+    result = auto_plan(
+        "demo",
+        DEFAULT_METHOD,
+        target_params=DEFAULT_TARGET_PARAMS,
+        sensitivity="calib",
+        sens_settings=settings,
+    )
+    allocate_s = time.perf_counter() - t0
+    layers = dict(result.plan.layers)  # module -> config, as the page hands them over
+    pv = Previewer(model, tok, grams=grams)
+    t0 = time.perf_counter()
+    built = pv.prebuild(layers)
+    prebuild_s = time.perf_counter() - t0
+    first = pv.preview(layers, 2048)
+    return dict(
+        calibration_tokens=calib.tokens,
+        calibration_cached=bool(info.get("cached")),
+        calibration_s=calib_s,
+        allocate_s=allocate_s,
+        prebuild_s=prebuild_s,
+        prebuilt_modules=built,
+        auto_allocate_s=calib_s + allocate_s + prebuild_s,
+        first_preview_s=first.seconds,
+        first_preview_recompressed=first.recompressed,
+        ppl=first.ppl,
+        dense_ppl=first.dense_ppl,
+        ratio=first.ppl / first.dense_ppl,
+        target_first_preview_s=30.0,
+        target_ratio=2.0,
+    )
+
+
+SECTIONS = {"row_edit": row_edit, "preview": previews, "default_path": default_path}
+
+
 def main() -> None:
+    import argparse
+
     import torch
 
-    results = dict(
-        torch_threads=torch.get_num_threads(),
-        row_edit=row_edit(),
-        preview=previews(),
-    )
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", nargs="+", choices=SECTIONS, help="sections to run (default: all)")
+    args = ap.parse_args()
+    results = json.loads(OUT.read_text()) if OUT.is_file() else {}
+    results["torch_threads"] = torch.get_num_threads()
+    for name, fn in SECTIONS.items():
+        if not args.only or name in args.only:
+            results[name] = fn()
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
