@@ -330,11 +330,10 @@ def _apply_streamed(args, plan, entries, h, rank_of) -> int:
         def on_block(block, model_, facts_):
             writer.part(model_, facts_, block, prefix if block is None else f"{prefix}.{block}")
 
-        args.on_block = on_block
         # one factorization at a time, on every core: a block's worth of n x n Hessian
         # factors at once would undo what streaming saves
         _, reports, _, tokenizer, grams, seq = _compress(
-            args, plan, entries, model, rank_of, _one_at_a_time
+            args, plan, entries, model, rank_of, _one_at_a_time, on_block
         )
         rows = [applying.asdict(r) for r in reports]
         totals = plans.totals(entries)
@@ -349,8 +348,9 @@ def _one_at_a_time(fn, work):
     yield from map(fn, work)
 
 
-def _compress(args, plan, entries, model, rank_of, mapper):
-    """(compressed, reports, factorizations, tokenizer, grams, sequential info) of `plan`."""
+def _compress(args, plan, entries, model, rank_of, mapper, on_block=None):
+    """(compressed, reports, factorizations, tokenizer, grams, sequential info) of `plan`;
+    `on_block(block, model, factorizations)` hears each block once it is compressed."""
     from compressors import apply as applying
 
     needs_data = any(e.config is not None and applying.needs_data(e.config) for e in entries)
@@ -376,7 +376,7 @@ def _compress(args, plan, entries, model, rank_of, mapper):
                     progress=progress,
                     rank_of=rank_of,
                     mapper=mapper,
-                    on_block=getattr(args, "on_block", None),
+                    on_block=on_block,
                 ),
                 tokenizer=tokenizer,
                 info=seq,
@@ -399,7 +399,7 @@ def _compress(args, plan, entries, model, rank_of, mapper):
                 progress=progress,
                 rank_of=rank_of,
                 mapper=mapper,
-                on_block=getattr(args, "on_block", None),
+                on_block=on_block,
             )
     return compressed, reports, facts, tokenizer, grams, seq
 
