@@ -70,11 +70,11 @@ def test_a_calibrated_apply_and_healing_run_on_cuda(family_dir):
     from spectra.data import heal
     from spectra.data import perplexity as ev
     from spectra.io import models
-    from spectra.plan import format as plan_mod
+    from spectra.plan import format as plans
 
     path = str(family_dir("llama"))
     tok = models.load_tokenizer(path)
-    plan = plan_mod.parse(
+    plan = plans.parse(
         dict(
             version=1,
             calibration=dict(samples=8, seqlen=32),
@@ -114,7 +114,7 @@ def test_a_calibrated_apply_and_healing_run_on_cuda(family_dir):
         with torch.no_grad():  # a sharper head: a KL well above bf16's rounding
             model.lm_head.weight.mul_(30)
         grams = cal.calibrate(path, plan.calibration, model=model, tokenizer=tok, use_cache=False)
-        student, _, facts = plan_mod.apply_plan(model, plan, grams)
+        student, _, facts = plans.apply_plan(model, plan, grams)
         assert {p.device.type for p in student.parameters()} == {device}
         ppl[device] = ev.perplexity(student, tok, seqlen=32, max_tokens=512).ppl
         x = held_out.to(device)
