@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from compressors.base import Calibration, whitening_factor
-from spectra.data import calibration as cal
+from spectra.data import calibration
 from spectra.io import cache, models
 from spectra.linalg import metrics
 from spectra.linalg.parallel import parallel_map
@@ -39,7 +39,7 @@ def activation_spectrum(weight, hessian, device: str = "cpu") -> np.ndarray:
 
 def calib_table(
     spec: str,
-    settings: cal.CalibrationSpec | None = None,
+    settings: calibration.CalibrationSpec | None = None,
     *,
     device: str = "auto",
     use_cache: bool = True,
@@ -54,7 +54,7 @@ def calib_table(
     import polars as pl
 
     info = {} if info is None else info
-    grams = cal.calibrate(spec, settings, device=device, use_cache=use_cache, info=info)
+    grams = calibration.calibrate(spec, settings, device=device, use_cache=use_cache, info=info)
     path = grams.folder / SPECTRA_FILE
     if use_cache and path.is_file():
         try:
