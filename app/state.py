@@ -19,15 +19,6 @@ from spectra.io import models, roles
 from spectra.io.roles import ROLES
 from spectra.plan.defaults import FIRST_CALIB_TOKENS
 
-METRICS = {
-    "erank": "effective rank",
-    "stable_rank": "stable rank",
-    "energy_rank_90": "energy rank 90%",
-    "energy_rank_99": "energy rank 99%",
-    "alpha": "power-law alpha",
-    "sigma_max": "sigma max",
-}
-
 
 def default_model() -> str:
     return os.environ.get("SPECTRA_APP_MODEL", "demo")

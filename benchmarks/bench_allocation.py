@@ -125,12 +125,12 @@ def main() -> None:
     from spectra.data import calibration
     from spectra.data import perplexity as ev
     from spectra.io import models
-    from spectra.plan import format as plan_mod
+    from spectra.plan import format as plans
 
     model = models.load("demo", device="cpu")
     tok = models.load_tokenizer("demo")
     ids = ev.token_stream(tok, "builtin", "eval")
-    mats = [m for m in models.matrices("demo") if m.role not in plan_mod.NOT_TARGETABLE]
+    mats = [m for m in models.matrices("demo") if m.role not in plans.NOT_TARGETABLE]
     sigmas = {r["name"]: r["sigma"] for r in analyze("demo", with_mpo=False).to_dicts()}
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}
     if "dense" not in results:
@@ -149,8 +149,8 @@ def main() -> None:
         ]
     rows += [("rtn-uniform-2bit", "rtn2", {}), ("rtn-uniform-3bit", "rtn3", {})]
     # (3) everything at exactly the bits of uniform 3-bit GPTQ
-    matched = plan_mod.totals(
-        plan_mod.resolve(plan_mod.parse({"layers": rtn_plan(mats, 3, gptq=True)}), mats)
+    matched = plans.totals(
+        plans.resolve(plans.parse({"layers": rtn_plan(mats, 3, gptq=True)}), mats)
     )["bits_per_param"]
     rows += [
         ("gptq-uniform-3bit", "gptq3", {}),
@@ -182,14 +182,14 @@ def main() -> None:
         else:
             layers = rtn_plan(mats, int(how[-1]), gptq=how.startswith("gptq"))
         alloc_seconds = time.perf_counter() - t0
-        plan = plan_mod.parse({"version": 1, "model": "demo", "layers": layers})
-        entries = plan_mod.resolve(plan, mats)
-        totals = plan_mod.totals(entries)
+        plan = plans.parse({"version": 1, "model": "demo", "layers": layers})
+        entries = plans.resolve(plan, mats)
+        totals = plans.totals(entries)
         t0 = time.perf_counter()
         data = any(e.config is not None and needs_data(e.config) for e in entries)
         if data and grams is None:
             grams = calibration.calibrate("demo", model=model, tokenizer=tok)
-        compressed, _, _ = plan_mod.apply_plan(model, plan, grams if data else None)
+        compressed, _, _ = plans.apply_plan(model, plan, grams if data else None)
         apply_seconds = time.perf_counter() - t0
         r = ev.perplexity(compressed, tok, ids=ids, max_tokens=args.max_tokens)
         results[name] = dict(

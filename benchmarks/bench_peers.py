@@ -171,7 +171,7 @@ def main() -> None:
     from spectra.data import calibration
     from spectra.data import perplexity as ev
     from spectra.io import models
-    from spectra.plan import format as plan_mod
+    from spectra.plan import format as plans
 
     model = models.load("demo", device="cpu")
     tok = models.load_tokenizer("demo")
@@ -205,15 +205,15 @@ def main() -> None:
                 calibration=dict(vars(spec), sequential=sequential),
                 rules=[dict(targets=[TARGETS], **knobs)],
             )
-            plan = plan_mod.parse(raw)
-            entries = plan_mod.resolve(plan, list(targets.values()))
+            plan = plans.parse(raw)
+            entries = plans.resolve(plan, list(targets.values()))
             t0 = time.perf_counter()
             if sequential:
-                _, _, facts = plan_mod.apply_plan(model, plan, calib_ids=windows)
+                _, _, facts = plans.apply_plan(model, plan, calib_ids=windows)
             else:
                 if grams is None and (knobs["method"] == "prune" or knobs.get("gptq")):
                     grams = calibration.calibrate("demo", spec, model=model, tokenizer=tok)
-                _, _, facts = plan_mod.apply_plan(model, plan, grams)
+                _, _, facts = plans.apply_plan(model, plan, grams)
             seconds = time.perf_counter() - t0
             # scored on the reconstructed weights: the same numbers as the compact
             # modules up to float rounding, without the CPU's slow sparse matmul

@@ -59,7 +59,7 @@ def rank_for(m, n, ratio):
     return max(1, min(min(m, n), int(ratio * m * n / (m + n))))
 
 
-def plans(model) -> dict[str, dict]:
+def quality_plans(model) -> dict[str, dict]:
     out = {
         "caldera-2bit-r32": per_module(
             model,
@@ -419,7 +419,7 @@ def main() -> None:
     from spectra.data import calibration, heal
     from spectra.data import perplexity as ev
     from spectra.io import models
-    from spectra.plan import format as plan_mod
+    from spectra.plan import format as plans
 
     started = time.perf_counter()
     device = models.resolve_device(args.device)
@@ -437,14 +437,16 @@ def main() -> None:
     if not args.only or any("+heal" in n for n in args.only):
         curve_ref = ev.perplexity(model, tok, ids=ids, max_tokens=HEAL["eval_tokens"])
         results["dense"]["ppl_heal_eval"] = curve_ref.ppl  # what the curves' points see
-    selected = {n: raw for n, raw in plans(model).items() if not args.only or n in args.only}
+    selected = {
+        n: raw for n, raw in quality_plans(model).items() if not args.only or n in args.only
+    }
     kept = None  # (plan key, {"c": model, "f": facts} copied before healing, reports, s, row)
     for i, (name, raw) in enumerate(selected.items()):
         if args.deadline and time.perf_counter() - started > args.deadline:
             print(f"{name}: not started (past --deadline)", flush=True)
             continue
-        plan = plan_mod.parse(raw)
-        entries = plan_mod.resolve(plan, linears(model))
+        plan = plans.parse(raw)
+        entries = plans.resolve(plan, linears(model))
         data = any(e.config is not None and needs_data(e.config) for e in entries)
         key = compression_key(raw)
         extra = {}
@@ -457,11 +459,11 @@ def main() -> None:
             extra["compression_of"] = kept[4]
         elif plan.calibration.sequential:  # calibrated inside the apply, block by block
             windows = calibration.calibration_windows(tok, spec)
-            compressed, reports, facts = plan_mod.apply_plan(model, plan, calib_ids=windows)
+            compressed, reports, facts = plans.apply_plan(model, plan, calib_ids=windows)
         else:
             if data and grams is None:
                 grams = calibration.calibrate("demo", spec, model=model, tokenizer=tok)
-            compressed, reports, facts = plan_mod.apply_plan(model, plan, grams if data else None)
+            compressed, reports, facts = plans.apply_plan(model, plan, grams if data else None)
         if kept is None or kept[0] != key:
             seconds = time.perf_counter() - t0
             later = [compression_key(r) for r in list(selected.values())[i + 1 :]]

@@ -30,7 +30,17 @@ from compressors.targets import Target, linear_targets
 from spectra.errors import SpectraInputError
 from spectra.linalg.parallel import parallel_map
 
-__all__ = ["Target", "apply", "linear_targets", "needs_data", "set_module"]
+# also for the previews (spectra.preview builds modules exactly as apply does)
+__all__ = [
+    "Target",
+    "apply",
+    "as_float64",
+    "compact_modules",
+    "factorize",
+    "linear_targets",
+    "needs_data",
+    "set_module",
+]
 
 
 @dataclass
@@ -268,14 +278,31 @@ def _factorize(job: _Work):
 
 
 def factorize(config, weights: list[torch.Tensor], calib=None):
-    """The factorization of one module's weight, or of a joint group's weights (on the
-    weights' device; computed on the CPU, see registry.compress)."""
+    """The factorization of one module's weight, or of a joint group's weights, as
+    `apply` computes it (on the weights' device; see registry.compress).
+
+    Args:
+        config: the module's method config (e.g. from registry.make_config).
+        weights: the (out, in) weight, or a grouped method's (joint) members' weights.
+        calib: the module's compressors.base.Calibration, for data-aware settings.
+
+    Returns:
+        The method's Factorization.
+    """
     return compress(weights if method_of(config).grouped else weights[0], config, calib)
 
 
 def compact_modules(f, config, dense: list[nn.Module]) -> list[nn.Module]:
-    """The compact modules replacing `dense` (one module, or a joint group's members),
-    each keeping its dense module's bias."""
+    """The compact modules that `apply` puts in place of `dense`.
+
+    Args:
+        f: the Factorization of `dense` under `config` (see `factorize`).
+        config: the method config `f` was made with.
+        dense: the replaced module, or a grouped method's members in `factorize`'s order.
+
+    Returns:
+        One compact module per dense one, each keeping its dense module's bias.
+    """
     biases = [m.bias.detach() if m.bias is not None else None for m in dense]
     return f.member_modules(biases) if method_of(config).grouped else [f.as_module(biases[0])]
 
@@ -293,7 +320,15 @@ def _stand_in(old: nn.Module, dense: torch.Tensor, weight: torch.Tensor) -> nn.L
 
 
 def as_float64(block: dict) -> dict:
-    """A block's Grams as float64 (as compressors expect), shared matrices kept shared."""
+    """A block's Grams as float64, as the compressors expect them.
+
+    Args:
+        block: {module name: (H, rows)}, one block of a calibration.
+
+    Returns:
+        The same mapping with every H in float64; modules that share one H (they read
+        the same input) still share one matrix.
+    """
     wide: dict[int, torch.Tensor] = {}
     return {
         n: (wide.setdefault(id(h), h.to(torch.float64)), rows) for n, (h, rows) in block.items()

@@ -215,8 +215,17 @@ def is_compressed_checkpoint(path) -> bool:
     ).is_file()
 
 
-def _shards(out: Path) -> dict[str, list[str]]:
-    """The tensor files of OUT (one of each kind unless it was written block by block)."""
+def shard_files(out: Path) -> dict[str, list[str]]:
+    """The tensor files of an apply output, by kind.
+
+    Args:
+        out: the OUT directory of `spectra apply` (or of `save`).
+
+    Returns:
+        {"factors": [...], "dense": [...]}: file names inside `out`, as its manifest lists
+        them (several of each when it was written block by block), else the single
+        `factors.safetensors` and `dense.safetensors`.
+    """
     try:
         listed = json.loads((out / "manifest.json").read_text()).get("shards")
     except (OSError, ValueError, AttributeError):
@@ -235,7 +244,7 @@ def index(out: Path):
     from transformers import AutoConfig
 
     out = Path(out)
-    shards = _shards(out)
+    shards = shard_files(out)
     try:
         manifest = json.loads((out / "manifest.json").read_text())
         if not isinstance(manifest.get("modules"), dict):
@@ -259,7 +268,7 @@ def load(out, device: str = "cpu"):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     out = Path(out)
-    shards = _shards(out)
+    shards = shard_files(out)
     for part in shards["factors"] + shards["dense"]:
         if (out / part).is_file():
             try:

@@ -38,7 +38,7 @@ from compressors import factors
 from compressors.base import DENSE_BITS, Calibration, Factorization, config_error, h_norm
 from compressors.lowrank import FACTOR_KNOBS
 from compressors.method import Floor, Knob, Method
-from spectra.linalg import mpo as tt
+from spectra.linalg import mpo
 
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)  # exponents of the input scaling tried when calibrated
 CG_STEPS = 6  # conjugate-gradient steps per core and sweep
@@ -70,9 +70,9 @@ class MPOConfig:
     factor_group_size: int = 64
 
     def __post_init__(self):
-        if not isinstance(self.cores, int) or not tt.MIN_CORES <= self.cores <= tt.MAX_CORES:
+        if not isinstance(self.cores, int) or not mpo.MIN_CORES <= self.cores <= mpo.MAX_CORES:
             raise config_error(
-                self.method, "cores", self.cores, f"must be in {tt.MIN_CORES}..{tt.MAX_CORES}"
+                self.method, "cores", self.cores, f"must be in {mpo.MIN_CORES}..{mpo.MAX_CORES}"
             )
         if not isinstance(self.bond_dim, int) or self.bond_dim < 1:
             raise config_error(self.method, "bond_dim", self.bond_dim, "must be an integer >= 1")
@@ -84,11 +84,11 @@ class MPOConfig:
         pass  # any bond_dim is valid: bonds are capped at their full dimension
 
     def cost(self, m: int, n: int) -> tuple[int, int]:
-        mf, nf = tt.factorize(m, self.cores), tt.factorize(n, self.cores)
-        p = tt.params_at_chi(mf, nf, self.bond_dim) + (n if self.whiten else 0)
+        mf, nf = mpo.factorize(m, self.cores), mpo.factorize(n, self.cores)
+        p = mpo.params_at_chi(mf, nf, self.bond_dim) + (n if self.whiten else 0)
         if self.factor_bits == 16:
             return p, DENSE_BITS * p
-        ranks = [1, *(min(self.bond_dim, d) for d in tt.full_bond_dims(mf, nf)), 1]
+        ranks = [1, *(min(self.bond_dim, d) for d in mpo.full_bond_dims(mf, nf)), 1]
         shapes = [(ranks[k], mf[k], nf[k], ranks[k + 1]) for k in range(self.cores)]
         bits = sum(factors.factor_cost(s, self.factor_bits, self.factor_group_size) for s in shapes)
         return p, bits + (DENSE_BITS * n if self.whiten else 0)
@@ -108,7 +108,7 @@ class MPO(Factorization):
 
     def to_dense(self):
         cores = [factors.dense(c) for c in self.cores]
-        w = tt.tt_to_dense([c.detach().double() for c in cores])
+        w = mpo.tt_to_dense([c.detach().double() for c in cores])
         if self.scale is not None:
             w = w * self.scale.double()[None, :]
         return w.to(cores[0].dtype)
@@ -212,11 +212,11 @@ def compress(weight: torch.Tensor, config: MPOConfig, calib: Calibration | None 
     """TT-SVD of `weight` into `cores` cores, bonds capped at `bond_dim` (see the module
     doc for the calibrated form)."""
     m, n = weight.shape
-    mf, nf = tt.factorize(m, config.cores), tt.factorize(n, config.cores)
+    mf, nf = mpo.factorize(m, config.cores), mpo.factorize(n, config.cores)
     w = weight.detach().to(torch.float64)
 
     def tt_svd(x: torch.Tensor) -> list[torch.Tensor]:  # in torch, on the weight's device
-        return tt.tt_svd(x, mf, nf, ranks=config.bond_dim)
+        return mpo.tt_svd(x, mf, nf, ranks=config.bond_dim)
 
     if not config.whiten:
         return _stored([c.to(weight.dtype) for c in tt_svd(w)], None, config)
@@ -334,8 +334,8 @@ def _shift_left(prev: torch.Tensor, c: torch.Tensor):
 
 
 def grid(m: int, n: int, floor: Floor, spectral: bool = False) -> list[MPOConfig]:
-    mf, nf = tt.factorize(m, GRID_CORES), tt.factorize(n, GRID_CORES)
-    top = max(tt.full_bond_dims(mf, nf))
+    mf, nf = mpo.factorize(m, GRID_CORES), mpo.factorize(n, GRID_CORES)
+    top = max(mpo.full_bond_dims(mf, nf))
     chis = sorted({int(round(x)) for x in np.geomspace(2, top, GRID_BONDS)})
     configs = [MPOConfig(cores=GRID_CORES, bond_dim=chi) for chi in chis]
     return [c for c in configs if c.cost(m, n)[0] < m * n]
@@ -346,12 +346,12 @@ def candidates(mod, dmg, floor: Floor, sigma=None, quick: bool = False) -> list[
     under weight damage, of W D (D = diag(H)^(1/2)) when calibrated, else one
     compression per setting."""
     m, n = mod.shape
-    mf, nf = tt.factorize(m, GRID_CORES), tt.factorize(n, GRID_CORES)
+    mf, nf = mpo.factorize(m, GRID_CORES), mpo.factorize(n, GRID_CORES)
     w = mod.weight.double().numpy()
     calib = dmg.calib(mod)
     if calib is not None:
         return _calibrated_candidates(mod, dmg, floor, calib, mf, nf)
-    spectra = tt.bond_spectra(w, mf, nf) if dmg.spectral else None
+    spectra = mpo.bond_spectra(w, mf, nf) if dmg.spectral else None
     out = []
     for config in grid(m, n, floor):
         if dmg.spectral:
@@ -368,7 +368,7 @@ def _calibrated_candidates(mod, dmg, floor: Floor, calib, mf, nf) -> list[tuple]
     m, n = mod.shape
     d = calib.col_norms.double().clamp_min(1e-12)
     wd = (mod.weight.double() * d[None, :]).numpy()
-    spectra = tt.bond_spectra(wd, mf, nf)
+    spectra = mpo.bond_spectra(wd, mf, nf)
     total = float(np.sum(wd * wd))
     out = []
     for config in grid(m, n, floor):
@@ -389,7 +389,7 @@ METHOD = Method(
     paper="CompactifAI (Tomut et al. 2024)",
     data="whiten",
     knobs=(
-        Knob("cores", "number of MPO cores K", 3, "int", tt.MIN_CORES, tt.MAX_CORES),
+        Knob("cores", "number of MPO cores K", 3, "int", mpo.MIN_CORES, mpo.MAX_CORES),
         Knob("bond_dim", "maximum bond dimension chi", 32, "int", 1),
         Knob("whiten", "input scaling and H-weighted sweeps (needs calibration)", False, "bool"),
         Knob("sweeps", "H-weighted ALS sweeps of the calibrated form", 2, "int", 0),

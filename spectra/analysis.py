@@ -23,8 +23,7 @@ from spectra.errors import SpectraInputError
 from spectra.io import cache, models
 from spectra.io.roles import ROLES
 from spectra.io.tensors import iter_row_chunks
-from spectra.linalg import mpo, scratch
-from spectra.linalg.metrics import spectrum_metrics
+from spectra.linalg import metrics, mpo, scratch
 from spectra.linalg.svd import singular_values, singular_values_streamed, singular_values_torch
 
 Progress = Callable[[int, int, str], None]
@@ -218,7 +217,7 @@ def matrix_row(w: np.ndarray, settings: AnalysisSettings) -> dict:
 
 
 def _row(s, bonds, mf, nf, settings) -> dict:
-    row = spectrum_metrics(s)
+    row = metrics.spectrum_metrics(s)
     row.update(sigma=s.tolist())
     if bonds is None:
         return row
@@ -419,18 +418,7 @@ def _schema():
         "dtype": pl.String,
         "content_hash": pl.String,
         "aliases": pl.List(pl.String),
-        "sigma_max": f64,
-        "fro_norm": f64,
-        "nuclear_norm": f64,
-        "stable_rank": f64,
-        "erank": f64,
-        "energy_rank_90": i64,
-        "energy_rank_99": i64,
-        "participation_ratio": f64,
-        "alpha": f64,
-        "alpha_xmin": f64,
-        "alpha_ks": f64,
-        "alpha_n": i64,
+        **metrics.schema(),  # every weight metric, one column each
         "sigma": f64s,
         "mpo_cores": i64,
         "mpo_m": i64s,

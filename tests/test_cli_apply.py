@@ -152,11 +152,11 @@ def _corrupt_out(p):
 def test_an_interrupted_apply_leaves_no_out_and_the_source_intact(
     tiny_llama_dir, plan_file, tmp_path, monkeypatch, capsys
 ):
-    from compressors import apply as ap
+    from compressors import apply as applying
 
     before = (tiny_llama_dir / "model.safetensors").read_bytes()
     calls = {"n": 0}
-    real = ap.compress
+    real = applying.compress
 
     def failing(*a, **k):
         calls["n"] += 1
@@ -164,7 +164,7 @@ def test_an_interrupted_apply_leaves_no_out_and_the_source_intact(
             raise RuntimeError("injected failure")
         return real(*a, **k)
 
-    monkeypatch.setattr(ap, "compress", failing)
+    monkeypatch.setattr(applying, "compress", failing)
     out = tmp_path / "out"
     assert main(["apply", str(plan_file), "--model", str(tiny_llama_dir), "-o", str(out)]) == 1
     assert "injected failure" in capsys.readouterr().err

@@ -100,3 +100,23 @@ def test_plan_auto_falls_back_with_one_warning_saying_how_to_calibrate(
     assert "weight error" in lines[0] and "spectra calibrate" in lines[0]
     summary = json.loads(r.stdout)
     assert summary["sensitivity"] == "none" and summary["calibration"] is None
+
+
+def test_every_argument_of_every_command_has_a_help_string():
+    import argparse
+
+    from spectra.cli import build_parser
+
+    def walk(parser, path):
+        for a in parser._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                helps = {c.dest: c.help for c in a._choices_actions}
+                for name, sub in a.choices.items():
+                    yield f"{path} {name}", helps.get(name)
+                    yield from walk(sub, f"{path} {name}")
+            elif not isinstance(a, argparse._HelpAction):
+                yield f"{path} {'/'.join(a.option_strings) or a.dest}", a.help
+
+    found = list(walk(build_parser(), "spectra"))
+    assert len(found) > 60
+    assert [what for what, text in found if not text] == []

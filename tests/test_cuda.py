@@ -40,7 +40,7 @@ def weights(k=1):
     return out
 
 
-def calibration(device):
+def planted_calibration(device):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(256, N, generator=g, dtype=torch.float64) * torch.linspace(0.2, 3, N)
     return Calibration((x.T @ x).to(device), 256)
@@ -53,7 +53,7 @@ def test_every_compressor_on_cuda_agrees_with_the_cpu(knobs):
     errors = {}
     for device in ("cpu", GPU):
         w = [x.to(device) for x in ws]
-        f = compress(w if knobs["method"] == "joint" else w[0], config, calibration(device))
+        f = compress(w if knobs["method"] == "joint" else w[0], config, planted_calibration(device))
         d = f.member_dense(0) if knobs["method"] == "joint" else f.to_dense()
         assert d.device.type == device
         errors[device] = relative_error(ws[0].double(), d.double().cpu())
@@ -66,15 +66,14 @@ def test_every_compressor_on_cuda_agrees_with_the_cpu(knobs):
 
 
 def test_a_calibrated_apply_and_healing_run_on_cuda(family_dir):
-    from spectra.data import calibration as cal
-    from spectra.data import heal
+    from spectra.data import calibration, heal
     from spectra.data import perplexity as ev
     from spectra.io import models
-    from spectra.plan import format as plan_mod
+    from spectra.plan import format as plans
 
     path = str(family_dir("llama"))
     tok = models.load_tokenizer(path)
-    plan = plan_mod.parse(
+    plan = plans.parse(
         dict(
             version=1,
             calibration=dict(samples=8, seqlen=32),
@@ -113,8 +112,10 @@ def test_a_calibrated_apply_and_healing_run_on_cuda(family_dir):
         model = models.load(path, device=device)
         with torch.no_grad():  # a sharper head: a KL well above bf16's rounding
             model.lm_head.weight.mul_(30)
-        grams = cal.calibrate(path, plan.calibration, model=model, tokenizer=tok, use_cache=False)
-        student, _, facts = plan_mod.apply_plan(model, plan, grams)
+        grams = calibration.calibrate(
+            path, plan.calibration, model=model, tokenizer=tok, use_cache=False
+        )
+        student, _, facts = plans.apply_plan(model, plan, grams)
         assert {p.device.type for p in student.parameters()} == {device}
         ppl[device] = ev.perplexity(student, tok, seqlen=32, max_tokens=512).ppl
         x = held_out.to(device)

@@ -167,3 +167,50 @@ def test_library_never_imports_streamlit_or_app():
         assert not roots & {"streamlit", "app"}, (
             f"{f.relative_to(REPO)} imports {roots & {'streamlit', 'app'}}"
         )
+
+
+def private_uses(root: Path) -> list[str]:
+    """`module: other.name` for every underscore name a module takes from a module of
+    another top-level package (`from m import _x`, or `m._x` on an imported module)."""
+    known = modules(root)
+    found = []
+    for me, f in known.items():
+        tree = ast.parse(f.read_text())
+        bound = {}  # local name -> project module
+        for n in ast.walk(tree):
+            if isinstance(n, ast.Import):
+                bound |= {a.asname or a.name: a.name for a in n.names if a.name in known}
+            elif isinstance(n, ast.ImportFrom) and n.module:
+                for a in n.names:
+                    if f"{n.module}.{a.name}" in known:
+                        bound[a.asname or a.name] = f"{n.module}.{a.name}"
+                    elif n.module in known and _private(a.name):
+                        found.append((me, n.module, a.name))
+        for n in ast.walk(tree):
+            on_module = isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)
+            if on_module and n.value.id in bound and _private(n.attr):
+                found.append((me, bound[n.value.id], n.attr))
+    return sorted(
+        f"{me}: {other}.{name}"
+        for me, other, name in found
+        if me.split(".")[0] != other.split(".")[0]
+    )
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def test_no_package_uses_a_private_name_of_another():
+    assert private_uses(REPO) == []
+
+
+@pytest.mark.parametrize("how", ["from", "attribute"])
+def test_the_check_catches_a_planted_private_use(tmp_path, how):
+    body = (
+        "from compressors.apply import _stand_in\n"
+        if how == "from"
+        else "from compressors import apply as applying\nx = applying._stand_in\n"
+    )
+    root = _tree(tmp_path, {"spectra/preview.py": body, "compressors/apply.py": "x = 1\n"})
+    assert private_uses(root) == ["spectra.preview: compressors.apply._stand_in"]

@@ -8,7 +8,7 @@ from app import state
 from app.views.charts import log_y
 from app.views.progress import Eta
 from spectra.errors import SpectraInputError
-from spectra.linalg.metrics import rank_error_curve
+from spectra.linalg.metrics import HEATMAP, METRICS, rank_error_curve
 
 
 def heatmap(df, metric: str, title: str, key: str):
@@ -69,9 +69,6 @@ def heatmap(df, metric: str, title: str, key: str):
     return hit if hit != last else None  # the same selection on a rerun is no new click
 
 
-CALIB_METRICS = ("erank", "stable_rank", "energy_rank_90", "energy_rank_99")
-
-
 def spectrum_kind(spec: str):
     """The weights / activation-aware switch; the calibration (None: weights only)."""
     c = st.columns([3, 7])
@@ -114,12 +111,13 @@ def render() -> None:
     if aware:
         with st.spinner("Activation-aware spectra (cached after the first time)..."):
             df = state.calib_analysis(spec, str(grams.folder))
-    options = list(CALIB_METRICS) if aware else list(state.METRICS)
+    calib_of = {m.of: m.name for m in METRICS.values() if m.aware}
+    options = [n for n in HEATMAP if n in calib_of] if aware else list(HEATMAP)
     metric = st.selectbox(
-        "Metric", options, format_func=state.METRICS.get, key=f"spectra_metric::{aware}"
+        "Metric", options, format_func=lambda n: METRICS[n].label, key=f"spectra_metric::{aware}"
     )
-    column = f"calib_{metric}" if aware else metric
-    title = ("activation-aware " if aware else "") + state.METRICS[metric]
+    column = calib_of[metric] if aware else metric
+    title = METRICS[column].label
     clicked = heatmap(df, column, title, "spectra_heatmap")
     names = df["name"].to_list()
     # the pick lives outside the widget's own state, which Streamlit drops on other pages

@@ -81,6 +81,11 @@ def _run_options(p: argparse.ArgumentParser, offload_help: str = "", dtype_help:
     )
 
 
+MODEL_HELP = "demo, a model directory, a .safetensors/.gguf file or a hub id"
+DEVICE_HELP = "auto (cuda when present), cpu or cuda"
+JSON_HELP = "print machine-readable results on stdout"
+PLAN_HELP = "plan file (.yaml or .json)"
+
 EXAMPLES = """examples:
   spectra analyze demo
   spectra plan auto demo -o plan.yaml
@@ -100,8 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     a = sub.add_parser("analyze", help="spectra, metrics and MPO bond profiles of every matrix")
-    a.add_argument("model", help="demo, a model directory, a .safetensors/.gguf file or a hub id")
-    a.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda")
+    a.add_argument("model", help=MODEL_HELP)
+    a.add_argument("--device", default="auto", help=DEVICE_HELP)
     a.add_argument("--cores", type=int, default=3, help="MPO cores K for bond profiles (2..6)")
     a.add_argument(
         "--no-mpo",
@@ -115,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
         "calibration cache (spectra calibrate's defaults; computed when missing)",
     )
     a.add_argument("--out", type=Path, help="write the full table (.parquet, .csv or .json)")
-    a.add_argument("--json", action="store_true", help="print machine-readable results on stdout")
+    a.add_argument("--json", action="store_true", help=JSON_HELP)
     a.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
     _ray_option(a)
     a.set_defaults(func=cmd_analyze)
@@ -123,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal = sub.add_parser(
         "calibrate", help="cache H = X^T X of every linear module's calibration inputs"
     )
-    cal.add_argument("model", help="demo, a model directory, a .safetensors/.gguf file or a hub id")
+    cal.add_argument("model", help=MODEL_HELP)
     cal.add_argument("--corpus", default="builtin", help="builtin, wikitext2 or a text file")
     cal.add_argument("--tokens", type=int, help=f"calibration tokens (default {DEFAULT_TOKENS:,})")
     cal.add_argument(
@@ -132,25 +137,27 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"tokens per window (default {DEFAULT_SEQLEN}, or the model's context if shorter)",
     )
     cal.add_argument("--seed", type=int, default=0, help="which windows are drawn")
-    cal.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda")
+    cal.add_argument("--device", default="auto", help=DEVICE_HELP)
     _run_options(cal)
     cal.add_argument("--no-cache", action="store_true", help="recompute even when cached")
-    cal.add_argument("--json", action="store_true", help="print machine-readable results on stdout")
+    cal.add_argument("--json", action="store_true", help=JSON_HELP)
     _ray_option(cal)
     cal.set_defaults(func=cmd_calibrate)
 
     plan = sub.add_parser("plan", help="compression plans")
     plan_sub = plan.add_subparsers(dest="plan_command", required=True, parser_class=_Parser)
     show = plan_sub.add_parser("show", help="the plan resolved against a model, module by module")
-    show.add_argument("plan", type=Path)
-    show.add_argument("--model", required=True)
+    show.add_argument("plan", type=Path, help=PLAN_HELP)
+    show.add_argument(
+        "--model", required=True, help=f"the model it is resolved against: {MODEL_HELP}"
+    )
     show.add_argument("--json", action="store_true", help="print the resolved table as JSON")
     show.set_defaults(func=cmd_plan_show)
 
     auto = plan_sub.add_parser(
         "auto", help="choose every module's setting for a global budget (explicit layers plan)"
     )
-    auto.add_argument("model")
+    auto.add_argument("model", help=MODEL_HELP)
     auto.add_argument(
         "--method",
         default=defaults.DEFAULT_METHOD,
@@ -189,21 +196,23 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ROLE=BITS",
         help="bits floor for quant and caldera, e.g. down=4 (repeatable)",
     )
-    auto.add_argument("--device", default="auto")
+    auto.add_argument("--device", default="auto", help=DEVICE_HELP)
     _run_options(auto)  # how fisher, ppl and calib hold the model
     auto.add_argument("-o", "--out", type=Path, required=True, help="plan file (.yaml or .json)")
-    auto.add_argument("--json", action="store_true")
+    auto.add_argument("--json", action="store_true", help=JSON_HELP)
     auto.set_defaults(func=cmd_plan_auto)
 
     ap = sub.add_parser("apply", help="compress a model with a plan into OUT")
-    ap.add_argument("plan", type=Path)
-    ap.add_argument("--model", required=True)
-    ap.add_argument("-o", "--out", type=Path, required=True)
+    ap.add_argument("plan", type=Path, help=PLAN_HELP)
+    ap.add_argument("--model", required=True, help=f"the model to compress: {MODEL_HELP}")
+    ap.add_argument(
+        "-o", "--out", type=Path, required=True, help="output directory (written atomically)"
+    )
     ap.add_argument("--dense", action="store_true", help="also write OUT/dense, a plain checkpoint")
     ap.add_argument("--force", action="store_true", help="replace an existing OUT")
-    ap.add_argument("--device", default="auto")
+    ap.add_argument("--device", default="auto", help=DEVICE_HELP)
     _run_options(ap)
-    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--json", action="store_true", help=JSON_HELP)
     _ray_option(ap)
     ap.set_defaults(func=cmd_apply)
 
@@ -222,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     he.add_argument("--dense", action="store_true", help="also write OUT2/dense (plain weights)")
     he.add_argument("--force", action="store_true", help="replace an existing OUT2")
-    he.add_argument("--device", default="auto")
+    he.add_argument("--device", default="auto", help=DEVICE_HELP)
     _run_options(
         he,
         "heal trains the whole model on the device: auto and none hold it resident "
@@ -230,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
         "working dtype of the dense teacher (auto: the checkpoint's own); the "
         "compressed student trains in float32",
     )
-    he.add_argument("--json", action="store_true")
+    he.add_argument("--json", action="store_true", help=JSON_HELP)
     he.set_defaults(func=cmd_heal)
 
     ex = sub.add_parser("export", help="write an apply output for vLLM, transformers or llama.cpp")
@@ -264,17 +273,17 @@ def build_parser() -> argparse.ArgumentParser:
         "free memory",
     )
     ex.add_argument("--force", action="store_true", help="replace an existing DIR")
-    ex.add_argument("--json", action="store_true")
+    ex.add_argument("--json", action="store_true", help=JSON_HELP)
     ex.set_defaults(func=cmd_export)
 
     ev = sub.add_parser("eval", help="perplexity on a corpus (GPTQ / SVD-LLM convention)")
-    ev.add_argument("model")
+    ev.add_argument("model", help=f"{MODEL_HELP}, or a `spectra apply` output")
     ev.add_argument("--corpus", default="builtin", help="builtin, wikitext2 or a text file")
-    ev.add_argument("--seqlen", type=int, default=512)
+    ev.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
     ev.add_argument("--max-tokens", type=int, help="score only the first N tokens")
-    ev.add_argument("--device", default="auto")
+    ev.add_argument("--device", default="auto", help=DEVICE_HELP)
     _run_options(ev)
-    ev.add_argument("--json", action="store_true")
+    ev.add_argument("--json", action="store_true", help=JSON_HELP)
     ev.add_argument(
         "--no-baseline",
         action="store_true",
@@ -283,8 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_eval)
 
     app = sub.add_parser("app", help="open the Streamlit app")
-    app.add_argument("model", nargs="?", default="demo")
-    app.add_argument("--port", type=int, default=8501)
+    app.add_argument("model", nargs="?", default="demo", help=f"{MODEL_HELP} (default demo)")
+    app.add_argument("--port", type=int, default=8501, help="the app's port (default 8501)")
     _run_options(
         app,
         dtype_help="working dtype of previews, sensitivities and calibration "

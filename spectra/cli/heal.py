@@ -124,7 +124,7 @@ def check_memory(src: Path, source: str, device: str, dtype: str) -> None:
     resolved = models.resolve(source)
     dtype = stored_dtype(resolved) if dtype == "auto" else dtype
     teacher = footprint(resolved, dtype)["total"]
-    shards = io._shards(src)
+    shards = io.shard_files(src)
     size = {
         k: sum((src / p).stat().st_size for p in v if (src / p).is_file())
         for k, v in shards.items()

@@ -6,18 +6,17 @@ import tempfile
 from pathlib import Path
 
 from spectra.errors import SpectraInputError
+from spectra.linalg.metrics import SUMMARY
 
 OUT_FORMATS = (".parquet", ".csv", ".json")
 
-SUMMARY_METRICS = ("erank", "stable_rank", "energy_rank_90", "alpha")
-CALIB_SUMMARY = ("calib_erank", "calib_energy_rank_90")  # with `analyze --calib`
-
 
 def summaries(df):
-    """(by_role, by_block) polars tables: count and mean of the summary metrics."""
+    """(by_role, by_block) polars tables: count and mean of the summary metrics (the
+    calib_* ones when `df` has them)."""
     import polars as pl
 
-    metrics = SUMMARY_METRICS + tuple(c for c in CALIB_SUMMARY if c in df.columns)
+    metrics = [c for c in SUMMARY if c in df.columns]
     aggs = [pl.len().alias("n")] + [pl.col(c).mean().alias(c) for c in metrics]
     by_role = df.group_by("role", maintain_order=True).agg(aggs)
     by_block = df.filter(pl.col("block").is_not_null()).group_by("block").agg(aggs).sort("block")

@@ -4,10 +4,10 @@ For the best rank-k approximation in the calibration-weighted norm (whitened low
 rank, SVD-LLM), ||(W - W_k) X^T||_F^2 = sum_{i>k} s_i^2 of these values, exactly as
 the weight spectrum's tail is the Frobenius error of the plain truncation. So this
 spectrum is to data-aware compression what the weight spectrum is to data-free
-compression: its metrics (`calib_erank`, `calib_stable_rank`, `calib_energy_rank_90`,
-`calib_energy_rank_99`) say how compressible a module is on the inputs it really
-sees. L is the whitening factor every `whiten: true` method uses (Cholesky with the
-jitter fallback), so the curve is what `lowrank whiten: true` reaches.
+compression: its metrics (the activation-aware ones of `spectra.linalg.metrics.METRICS`:
+`calib_erank`, `calib_energy_rank_90`, ...) say how compressible a module is on the
+inputs it really sees. L is the whitening factor every `whiten: true` method uses
+(Cholesky with the jitter fallback), so the curve is what `lowrank whiten: true` reaches.
 
 The table is cached beside the calibration it was computed from
 (cache/calibration/<key>/spectra.parquet): that key already holds the weights'
@@ -19,14 +19,13 @@ from __future__ import annotations
 import numpy as np
 
 from compressors.base import Calibration, whitening_factor
-from spectra.data import calibration as cal
+from spectra.data import calibration
 from spectra.io import cache, models
-from spectra.linalg.metrics import spectrum_metrics
+from spectra.linalg import metrics
 from spectra.linalg.parallel import parallel_map
 
 SPECTRA_FILE = "spectra.parquet"
-METRICS = ("erank", "stable_rank", "energy_rank_90", "energy_rank_99")
-COLUMNS = ("calib_sigma", *(f"calib_{m}" for m in METRICS))
+COLUMNS = ("calib_sigma", *(n for n, m in metrics.METRICS.items() if m.aware))
 
 
 def activation_spectrum(weight, hessian, device: str = "cpu") -> np.ndarray:
@@ -40,7 +39,7 @@ def activation_spectrum(weight, hessian, device: str = "cpu") -> np.ndarray:
 
 def calib_table(
     spec: str,
-    settings: cal.CalibrationSpec | None = None,
+    settings: calibration.CalibrationSpec | None = None,
     *,
     device: str = "auto",
     use_cache: bool = True,
@@ -55,7 +54,7 @@ def calib_table(
     import polars as pl
 
     info = {} if info is None else info
-    grams = cal.calibrate(spec, settings, device=device, use_cache=use_cache, info=info)
+    grams = calibration.calibrate(spec, settings, device=device, use_cache=use_cache, info=info)
     path = grams.folder / SPECTRA_FILE
     if use_cache and path.is_file():
         try:
@@ -76,12 +75,7 @@ def calib_table(
     def work(job):
         name, m, h = job
         s = activation_spectrum(m.read(), h, device)
-        metrics = spectrum_metrics(s)
-        return {
-            "name": name,
-            "calib_sigma": s.tolist(),
-            **{f"calib_{k}": metrics[k] for k in METRICS},
-        }
+        return {"name": name, "calib_sigma": s.tolist(), **metrics.spectrum_metrics(s, aware=True)}
 
     rows = []
     # one module per core on the CPU; on a GPU one at a time is already fast
@@ -103,8 +97,5 @@ def _schema():
     return {
         "name": pl.String,
         "calib_sigma": pl.List(pl.Float64),
-        "calib_erank": pl.Float64,
-        "calib_stable_rank": pl.Float64,
-        "calib_energy_rank_90": pl.Int64,
-        "calib_energy_rank_99": pl.Int64,
+        **metrics.schema(aware=True),
     }

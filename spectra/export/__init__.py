@@ -106,7 +106,7 @@ def choose_offload(out: Path, offload: str) -> str:
     from compressors import io
     from spectra.io.handle import RESIDENT_SHARE, WORK_MARGIN, free_bytes
 
-    shards = io._shards(out)
+    shards = io.shard_files(out)
     files = [out / p for p in shards["factors"] + shards["dense"]]
     # loaded whole: OUT's tensors and the float32 reconstruction beside them
     size = sum(p.stat().st_size for p in files if p.is_file())

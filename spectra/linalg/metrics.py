@@ -1,4 +1,9 @@
-"""Per-matrix metrics computed from a singular value spectrum.
+"""Per-matrix metrics computed from a singular value spectrum, and their one table.
+
+`METRICS` holds every metric once: its column name, label, formula, kind (of the
+weights, or activation-aware: of W L with L L^T = X^T X, the `calib_*` columns) and
+how to compute it. The analysis schema, `spectra analyze`'s summary, the app's heatmap
+and the docs (docs/gen/metrics_ref.py) read it.
 
 Definitions follow DESIGN.md (Analysis). `alpha` is the Clauset-Shalizi-Newman
 continuous power-law MLE on the eigenvalue (sigma^2) tail with xmin chosen by the
@@ -9,13 +14,29 @@ and candidates with alpha <= 1 are rejected.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from functools import cached_property
+
 import numpy as np
 
 from spectra.linalg import scratch
 
-__all__ = ["energy_rank", "powerlaw_fit", "rank_error_curve", "spectrum_metrics"]
+__all__ = [
+    "HEATMAP",
+    "METRICS",
+    "SUMMARY",
+    "Metric",
+    "Spectrum",
+    "energy_rank",
+    "powerlaw_fit",
+    "rank_error_curve",
+    "schema",
+    "spectrum_metrics",
+]
 
 EVALS_THRESH = 1e-5  # WeightWatcher's EVALS_THRESH, for comparable alphas
+NAN = float("nan")
 
 
 def energy_rank(s: np.ndarray, q: float) -> int:
@@ -31,45 +52,156 @@ def rank_error_curve(s: np.ndarray) -> np.ndarray:
     return np.sqrt(np.clip(tail / tail[0], 0.0, None)) if tail[0] > 0 else np.zeros_like(tail)
 
 
-def spectrum_metrics(s: np.ndarray) -> dict[str, float | int]:
-    """Every scalar metric of a descending float64 spectrum `s`."""
-    s = np.asarray(s, dtype=np.float64)
-    s2 = s * s
-    fro2 = float(s2.sum())
-    smax = float(s[0]) if s.size else 0.0
-    if smax == 0.0:
-        nan = float("nan")
-        return dict(
-            sigma_max=0.0,
-            fro_norm=0.0,
-            nuclear_norm=0.0,
-            stable_rank=nan,
-            erank=nan,
-            energy_rank_90=0,
-            energy_rank_99=0,
-            participation_ratio=nan,
-            alpha=nan,
-            alpha_xmin=nan,
-            alpha_ks=nan,
-            alpha_n=0,
-        )
-    p = s / s.sum()
-    p = p[p > 0]
-    alpha, xmin, ks, n_tail = powerlaw_fit(s2)
-    return dict(
-        sigma_max=smax,
-        fro_norm=float(np.sqrt(fro2)),
-        nuclear_norm=float(s.sum()),
-        stable_rank=fro2 / smax**2,
-        erank=float(np.exp(-(p * np.log(p)).sum())),
-        energy_rank_90=energy_rank(s, 0.90),
-        energy_rank_99=energy_rank(s, 0.99),
-        participation_ratio=fro2**2 / float((s2 * s2).sum()),
-        alpha=alpha,
-        alpha_xmin=xmin,
-        alpha_ks=ks,
-        alpha_n=n_tail,
+class Spectrum:
+    """A descending float64 spectrum and the sums and fit its metrics share, each
+    computed once (on first use)."""
+
+    def __init__(self, s: np.ndarray):
+        self.s = np.asarray(s, dtype=np.float64)
+
+    @cached_property
+    def s2(self) -> np.ndarray:
+        return self.s * self.s
+
+    @cached_property
+    def fro2(self) -> float:
+        return float(self.s2.sum())
+
+    @cached_property
+    def smax(self) -> float:
+        return float(self.s[0]) if self.s.size else 0.0
+
+    @cached_property
+    def p(self) -> np.ndarray:
+        """sigma_i / sum sigma, zeros dropped."""
+        p = self.s / self.s.sum()
+        return p[p > 0]
+
+    @cached_property
+    def fit(self) -> tuple[float, float, float, int]:
+        """powerlaw_fit of the eigenvalues sigma^2."""
+        return powerlaw_fit(self.s2)
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One per-matrix metric: a column of the analysis table.
+
+    Attributes:
+        name: the column name.
+        label: a short label for menus, chart titles and the docs.
+        formula: its definition, as the docs print it.
+        compute: its value from a `Spectrum` with a nonzero largest singular value.
+        dtype: `float` or `int`, the column's type.
+        zero: its value for an all-zero matrix.
+        aware: activation-aware: computed from the singular values of W L (L L^T = X^T X
+            of the module's calibration inputs), not of W (`spectra analyze --calib`).
+        of: for an activation-aware metric, the weight metric it is of W L.
+    """
+
+    name: str
+    label: str
+    formula: str
+    compute: Callable[[Spectrum], float | int]
+    dtype: type = float
+    zero: float | int = NAN
+    aware: bool = False
+    of: str | None = None
+
+
+def _of_w_l(m: Metric) -> Metric:
+    """The activation-aware metric `calib_<name>`: `m` of the spectrum of W L."""
+    return replace(
+        m,
+        name=f"calib_{m.name}",
+        label=f"activation-aware {m.label}",
+        formula=f"`{m.name}` of the singular values of W L (L L^T = X^T X)",
+        aware=True,
+        of=m.name,
     )
+
+
+_WEIGHT = [
+    Metric("sigma_max", "sigma max", "largest singular value", lambda x: x.smax, zero=0.0),
+    Metric(
+        "fro_norm",
+        "Frobenius norm",
+        "sqrt(sum sigma_i^2)",
+        lambda x: float(np.sqrt(x.fro2)),
+        zero=0.0,
+    ),
+    Metric("nuclear_norm", "nuclear norm", "sum sigma_i", lambda x: float(x.s.sum()), zero=0.0),
+    Metric("stable_rank", "stable rank", "fro_norm^2 / sigma_max^2", lambda x: x.fro2 / x.smax**2),
+    Metric(
+        "erank",
+        "effective rank",
+        "exp(-sum p_i log p_i), p_i = sigma_i / sum sigma (Roy & Vetterli 2007)",
+        lambda x: float(np.exp(-(x.p * np.log(x.p)).sum())),
+    ),
+    Metric(
+        "energy_rank_90",
+        "energy rank 90%",
+        "smallest k with sum_{i<=k} sigma_i^2 >= 0.90 fro_norm^2",
+        lambda x: energy_rank(x.s, 0.90),
+        int,
+        0,
+    ),
+    Metric(
+        "energy_rank_99",
+        "energy rank 99%",
+        "smallest k with sum_{i<=k} sigma_i^2 >= 0.99 fro_norm^2",
+        lambda x: energy_rank(x.s, 0.99),
+        int,
+        0,
+    ),
+    Metric(
+        "participation_ratio",
+        "participation ratio",
+        "(sum sigma^2)^2 / sum sigma^4",
+        lambda x: x.fro2**2 / float((x.s2 * x.s2).sum()),
+    ),
+    Metric(
+        "alpha",
+        "power-law alpha",
+        "exponent of the power-law fit of the eigenvalue (sigma^2) tail: Clauset-Shalizi-"
+        "Newman MLE, xmin by the KS distance (WeightWatcher's alpha)",
+        lambda x: x.fit[0],
+    ),
+    Metric("alpha_xmin", "alpha xmin", "the fit's xmin (an eigenvalue)", lambda x: x.fit[1]),
+    Metric("alpha_ks", "alpha KS distance", "the fit's KS distance", lambda x: x.fit[2]),
+    Metric(
+        "alpha_n", "alpha tail size", "eigenvalues >= xmin in the fit", lambda x: x.fit[3], int, 0
+    ),
+]
+_AWARE = ("erank", "stable_rank", "energy_rank_90", "energy_rank_99")  # their calib_* order
+
+METRICS: dict[str, Metric] = {m.name: m for m in _WEIGHT}
+METRICS.update({f"calib_{n}": _of_w_l(METRICS[n]) for n in _AWARE})
+"""Every per-matrix metric by column name, in the analysis table's column order."""
+
+# selections of METRICS, in the order they are shown
+SUMMARY = ("erank", "stable_rank", "energy_rank_90", "alpha", "calib_erank", "calib_energy_rank_90")
+"""`spectra analyze`'s summary by role and by block (a calib_* one only with --calib)."""
+HEATMAP = ("erank", "stable_rank", "energy_rank_90", "energy_rank_99", "alpha", "sigma_max")
+"""The app's heatmap menu (with activation-aware spectra: those with a calib_* metric)."""
+
+
+def spectrum_metrics(s: np.ndarray, aware: bool = False) -> dict[str, float | int]:
+    """Every weight metric (`aware`: every activation-aware one) of a descending float64
+    spectrum `s` (for `aware`, the spectrum of W L), by column name."""
+    x = Spectrum(s)
+    chosen = [m for m in METRICS.values() if m.aware == aware]
+    if x.smax == 0.0:
+        return {m.name: m.zero for m in chosen}
+    return {m.name: m.compute(x) for m in chosen}
+
+
+def schema(aware: bool = False) -> dict:
+    """Polars column types of the weight (`aware`: activation-aware) metrics."""
+    import polars as pl
+
+    types = {float: pl.Float64, int: pl.Int64}
+    return {m.name: types[m.dtype] for m in METRICS.values() if m.aware == aware}
 
 
 def powerlaw_fit(

@@ -402,12 +402,12 @@ def apply_plan(
     `calib_ids`/`on_grams`: sequential calibration; `mapper`: where factorizations run;
     `on_block`: a streamed model's writer (compressors.apply.apply).
     """
-    from compressors import apply as surgery  # deferred: torch (`spectra --help`)
+    from compressors import apply as applying  # deferred: torch (`spectra --help`)
 
-    targets = surgery.linear_targets(model)
+    targets = applying.linear_targets(model)
     entries = resolve(plan, [t for t, _ in targets.values()], rank_of or weight_ranks(targets))
     try:
-        return surgery.apply(
+        return applying.apply(
             model,
             entries,
             grams=grams,

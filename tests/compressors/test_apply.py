@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from compressors import activations
-from compressors import apply as ap
+from compressors import apply as applying
 from compressors.base import DENSE_BITS
 from spectra.plan import format as plans
 from spectra.plan.format import PlanError
@@ -51,7 +51,7 @@ def test_apply_replaces_planned_modules_and_leaves_the_source(tiny):
     assert layer0.self_attn.q_proj.shared is layer0.self_attn.k_proj.shared
     assert type(layer0.mlp.down_proj).__name__ == "MPOLinear"
     # the compressed model computes what its dense reconstruction computes
-    dense = ap.copy.deepcopy(tiny)
+    dense = applying.copy.deepcopy(tiny)
     for name, f in facts.items():
         w = (
             f.member_dense(["q_proj", "k_proj"].index(name.rsplit(".", 1)[1]))
@@ -101,10 +101,10 @@ def test_data_aware_plans_calibrate_block_by_block(tiny):
     hook.remove()
     x = torch.cat([t.reshape(-1, t.shape[-1]) for t in grab["x"]]).double()
     h = x.T @ x
-    gptq_plain = ap.compress(
+    gptq_plain = applying.compress(
         tiny.model.layers[1].mlp.down_proj.weight.detach(),
         plan.rules[0].config,
-        ap.Calibration(h, x.shape[0]),
+        applying.Calibration(h, x.shape[0]),
     )
     got = model.model.layers[1].mlp.down_proj
     assert torch.equal(got.codes, gptq_plain.codes)
@@ -132,7 +132,7 @@ def test_save_and_load_give_the_same_logits(tiny, tmp_path):
 
     plan = plans.parse(PLAN)
     model, reports, facts = plans.apply_plan(tiny, plan)
-    report = {"modules": [ap.asdict(r) for r in reports]}
+    report = {"modules": [applying.asdict(r) for r in reports]}
     io.save(tmp_path / "out", model, facts, plans.dumps(plan), report, dense=True)
     again, facts2 = io.load(tmp_path / "out")
     x = calib_ids(2, 12)

@@ -10,7 +10,7 @@ import yaml
 
 from compressors.base import DENSE_BITS, Calibration, ConfigError, config_to_dict
 from compressors.registry import METHODS, compress, make_config
-from spectra.linalg import mpo as tt
+from spectra.linalg import mpo
 
 M, N = 48, 40
 # per method: settings of rising capacity (error must fall along them)
@@ -50,7 +50,7 @@ def expected_accounting(method, knobs, f):
         lr, nnz = knobs["rank"] * (M + N), round((1 - knobs["sparsity"]) * M * N)
         return lr + nnz, DENSE_BITS * lr + csr_bits(nnz)
     if method == "mpo":
-        p = tt.params_at_chi(tt.factorize(M, 3), tt.factorize(N, 3), knobs["bond_dim"])
+        p = mpo.params_at_chi(mpo.factorize(M, 3), mpo.factorize(N, 3), knobs["bond_dim"])
         return p, DENSE_BITS * p
     if method == "quant":
         groups = M * math.ceil(N / knobs["group_size"])

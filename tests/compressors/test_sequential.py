@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from compressors import activations
-from compressors import apply as ap
+from compressors import apply as applying
 from spectra.plan import format as plans
 
 PLAN = {
@@ -53,7 +53,7 @@ def test_sequential_equals_block_by_block_recalibration(tiny):
     _, _, facts = plans.apply_plan(
         tiny, plan, calib_ids=ids, on_grams=lambda b, g: seen.setdefault(b, g)
     )
-    targets = ap.linear_targets(tiny)
+    targets = applying.linear_targets(tiny)
     entries = plans.resolve(plan, [t for t, _ in targets.values()], plans.weight_ranks(targets))
     step = copy.deepcopy(tiny)
     want = {}
@@ -63,7 +63,7 @@ def test_sequential_equals_block_by_block_recalibration(tiny):
             torch.testing.assert_close(seen[block][name][0], h, rtol=1e-6, atol=1e-6)
             assert seen[block][name][1] == rows
         these = [e for e in entries if e.block == block]
-        step, _, f = ap.apply(step, these, grams={block: grams[block]})
+        step, _, f = applying.apply(step, these, grams={block: grams[block]})
         want.update(f)
         # the next block reads the compressed block's outputs: the forward of its
         # reconstructed weights (as sequential apply propagates)

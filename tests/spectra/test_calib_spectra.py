@@ -37,14 +37,14 @@ def test_with_identity_activations_it_is_the_weight_spectrum():
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_analyze_calib_adds_the_columns_per_module(family, family_dir, capsys):
     from compressors.apply import linear_targets
-    from spectra.data import calibration as cal
+    from spectra.data import calibration
     from spectra.io import models
 
     path = str(family_dir(family))
     assert main(["analyze", path, "--calib", "--no-mpo", "--json"]) == 0
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)["rows"]}
     model = models.load(path, "cpu")
-    grams = cal.calibrate(path)
+    grams = calibration.calibrate(path)
     targets = linear_targets(model)
     in_blocks = [n for n, (t, _) in targets.items() if t.block is not None]
     assert in_blocks and all(rows[n]["calib_erank"] > 1 for n in in_blocks)

@@ -8,13 +8,13 @@ import torch
 
 from compressors import activations
 from spectra.cli import main
-from spectra.data import calibration as cal
+from spectra.data import calibration
 from spectra.io import models
 
-SMALL = cal.CalibrationSpec(samples=4, seqlen=32)
+SMALL = calibration.CalibrationSpec(samples=4, seqlen=32)
 
 
-def _same(a: cal.Grams, b: cal.Grams) -> bool:
+def _same(a: calibration.Grams, b: calibration.Grams) -> bool:
     return a.blocks == b.blocks and all(
         a[i].keys() == b[i].keys()
         and all(torch.equal(a[i][n][0], b[i][n][0]) and a[i][n][1] == b[i][n][1] for n in a[i])
@@ -25,14 +25,14 @@ def _same(a: cal.Grams, b: cal.Grams) -> bool:
 def test_a_hit_is_the_fresh_computation_and_equals_the_dense_inputs(family_dir):
     path = str(family_dir("llama"))
     info = {}
-    fresh = cal.calibrate(path, SMALL, info=info)
+    fresh = calibration.calibrate(path, SMALL, info=info)
     assert info["cached"] is False and info["tokens"] == 4 * 32
-    again = cal.calibrate(path, SMALL, info=info)
+    again = calibration.calibrate(path, SMALL, info=info)
     assert info["cached"] is True and again.folder == fresh.folder
     assert _same(fresh, again)
     # the stored Grams are those of the dense model's own inputs (float32 of float64 sums)
     model, tok = models.load(path, "cpu"), models.load_tokenizer(path)
-    want = activations.collect(model, cal.calibration_windows(tok, SMALL))
+    want = activations.collect(model, calibration.calibration_windows(tok, SMALL))
     for block, grams in want.items():
         got = again[block]
         for name, (h, rows) in grams.items():
@@ -48,31 +48,31 @@ def test_a_changed_weight_or_corpus_recomputes(family_dir, tmp_path):
     work = tmp_path / "model"
     shutil.copytree(src, work)
     info = {}
-    first = cal.calibrate(str(work), SMALL, info=info)
+    first = calibration.calibrate(str(work), SMALL, info=info)
     from safetensors.torch import load_file, save_file
 
     weights = load_file(work / "model.safetensors")
     weights["model.layers.0.input_layernorm.weight"] *= 2  # not even a matrix
     save_file(weights, str(work / "model.safetensors"), metadata={"format": "pt"})
-    second = cal.calibrate(str(work), SMALL, info=info)
+    second = calibration.calibrate(str(work), SMALL, info=info)
     assert info["cached"] is False and second.folder != first.folder
     name = "model.layers.0.self_attn.q_proj"
     assert not torch.equal(first[0][name][0], second[0][name][0])
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("the quick brown fox jumps over the lazy dog\n" * 200)
-    spec = cal.CalibrationSpec(corpus=str(corpus), samples=2, seqlen=32)
-    a = cal.calibrate(str(work), spec, info=info)
+    spec = calibration.CalibrationSpec(corpus=str(corpus), samples=2, seqlen=32)
+    a = calibration.calibrate(str(work), spec, info=info)
     assert info["cached"] is False
     corpus.write_text("pack my box with five dozen liquor jugs\n" * 200)
-    b = cal.calibrate(str(work), spec, info=info)
+    b = calibration.calibrate(str(work), spec, info=info)
     assert info["cached"] is False and a.folder != b.folder
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "meta"])
 def test_a_damaged_entry_is_recomputed_without_error(family_dir, damage):
     path = str(family_dir("llama"))
-    good = cal.calibrate(path, SMALL)
+    good = calibration.calibrate(path, SMALL)
     block = good.folder / good.meta["blocks"]["1"]["file"]
     saved = {p.name: p.read_bytes() for p in good.folder.glob("*.safetensors")}
     if damage == "truncate":
@@ -82,10 +82,10 @@ def test_a_damaged_entry_is_recomputed_without_error(family_dir, damage):
     else:
         (good.folder / "meta.json").write_text("{not json")
     info = {}
-    again = cal.calibrate(path, SMALL, info=info)
+    again = calibration.calibrate(path, SMALL, info=info)
     assert info["cached"] is False
     assert {p.name: p.read_bytes() for p in again.folder.glob("*.safetensors")} == saved
-    assert _same(again, cal.calibrate(path, SMALL, info=info)) and info["cached"] is True
+    assert _same(again, calibration.calibrate(path, SMALL, info=info)) and info["cached"] is True
 
 
 def test_apply_reads_the_cache_that_calibrate_wrote(family_dir, tmp_path, capsys):
@@ -109,7 +109,7 @@ def test_apply_reads_the_cache_that_calibrate_wrote(family_dir, tmp_path, capsys
     from compressors.io import load
     from compressors.quant import QuantConfig, compress
 
-    grams = cal.calibrate(path, SMALL)
+    grams = calibration.calibrate(path, SMALL)
     model = models.load(path, "cpu")
     w = model.model.layers[1].mlp.down_proj.weight.detach()
     h, rows = grams[1]["model.layers.1.mlp.down_proj"]
@@ -164,15 +164,15 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(
 
 def test_a_repeat_is_a_file_read_without_the_tokenizer(family_dir, monkeypatch):
     path = str(family_dir("llama"))
-    first = cal.calibrate(path, SMALL)
+    first = calibration.calibrate(path, SMALL)
 
     def no_tokenizer(spec):
         raise AssertionError("a cached calibration must not need the tokenizer")
 
     monkeypatch.setattr(models, "load_tokenizer", no_tokenizer)
     info = {}
-    again = cal.calibrate(path, SMALL, info=info)
+    again = calibration.calibrate(path, SMALL, info=info)
     assert info["cached"] and again.folder == first.folder and _same(first, again)
     # another setting is no alias of it
     with pytest.raises(AssertionError, match="must not need"):
-        cal.calibrate(path, cal.CalibrationSpec(samples=3, seqlen=32))
+        calibration.calibrate(path, calibration.CalibrationSpec(samples=3, seqlen=32))

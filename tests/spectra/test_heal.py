@@ -35,7 +35,7 @@ def compressed(path, joint=True):
     from compressors.apply import linear_targets
     from spectra.data.calibration import calibration_windows
     from spectra.io import models
-    from spectra.plan import format as plan_mod
+    from spectra.plan import format as plans
 
     model = models.load(str(path), device="cpu")
     tok = models.load_tokenizer(str(path))
@@ -45,11 +45,11 @@ def compressed(path, joint=True):
         names = [n for n in names if not n.endswith(("self_attn.q_proj", "self_attn.k_proj"))]
         rules = [{"targets": [r"re:.*\.self_attn\.[qk]_proj"], "method": "joint", "rank": 6}]
     layers = {n: METHODS[i % len(METHODS)] for i, n in enumerate(names)}
-    plan = plan_mod.parse(
+    plan = plans.parse(
         dict(version=1, calibration=dict(samples=4, seqlen=32), rules=rules, layers=layers)
     )
     windows = calibration_windows(tok, plan.calibration)
-    student, _, facts = plan_mod.apply_plan(model, plan, calib_ids=windows)
+    student, _, facts = plans.apply_plan(model, plan, calib_ids=windows)
     return model, student, facts, tok
 
 
@@ -185,11 +185,11 @@ def test_healing_lowers_the_loss_and_the_perplexity_on_the_demo(demo_dir):
     """Block 3..8's MLPs at rank 48: a few distillation steps on calibration tokens lower
     the KL on a held-out calibration batch and the evaluation perplexity."""
     from spectra.io import models
-    from spectra.plan import format as plan_mod
+    from spectra.plan import format as plans
 
     teacher = models.load(str(demo_dir), device="cpu")
     tok = models.load_tokenizer(str(demo_dir))
-    plan = plan_mod.parse(
+    plan = plans.parse(
         {
             "rules": [
                 {
@@ -200,7 +200,7 @@ def test_healing_lowers_the_loss_and_the_perplexity_on_the_demo(demo_dir):
             ]
         }
     )
-    student, _, facts = plan_mod.apply_plan(teacher, plan)
+    student, _, facts = plans.apply_plan(teacher, plan)
     config = heal.HealConfig(
         steps=6, tokens_per_step=256, seqlen=128, lr=5e-4, warmup=1, eval_tokens=1024
     )
@@ -317,19 +317,19 @@ def test_the_schedule_warms_up_then_decays_to_zero():
     ],
 )
 def test_bad_heal_settings_name_the_key(raw, match):
-    from spectra.plan import format as plan_mod
+    from spectra.plan import format as plans
 
     with pytest.raises(SpectraInputError, match=match):
-        plan_mod.parse({"rules": [], "heal": raw})
+        plans.parse({"rules": [], "heal": raw})
 
 
 def test_a_plan_round_trips_its_heal_section():
-    from spectra.plan import format as plan_mod
+    from spectra.plan import format as plans
 
-    plan = plan_mod.parse({"heal": {"steps": 7, "lr": 3e-4}})
-    again = plan_mod.parse(yaml.safe_load(plan_mod.dumps(plan)))
+    plan = plans.parse({"heal": {"steps": 7, "lr": 3e-4}})
+    again = plans.parse(yaml.safe_load(plans.dumps(plan)))
     assert again.heal == plan.heal and again.heal.steps == 7 and again.heal.warmup == 0
-    assert json.loads(plan_mod.dumps(plan, "json"))["heal"]["lr"] == 3e-4
+    assert json.loads(plans.dumps(plan, "json"))["heal"]["lr"] == 3e-4
 
 
 def test_a_trained_mpo_evaluates_its_live_cores_in_both_contraction_orders():

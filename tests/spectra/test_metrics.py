@@ -107,3 +107,24 @@ def test_zero_and_tiny_matrices_do_not_crash():
     assert m["sigma_max"] == 0 and math.isnan(m["erank"]) and m["energy_rank_90"] == 0
     a = powerlaw_fit(np.array([1.0, 2.0]))
     assert math.isnan(a[0])
+
+
+def test_the_metric_table_defines_every_column_the_tables_and_views_use():
+    """METRICS is the one list: spectrum_metrics and the polars schemas follow it, each
+    activation-aware metric is its weight metric of another spectrum, and the summary's
+    and heatmap's selections name metrics of the table."""
+    from spectra.linalg.metrics import HEATMAP, METRICS, SUMMARY, schema
+
+    s = np.sort(np.random.default_rng(3).gamma(2.0, size=60))[::-1]
+    weight = spectrum_metrics(s)
+    aware = spectrum_metrics(s, aware=True)
+    assert list(weight) == list(schema()) == [n for n, m in METRICS.items() if not m.aware]
+    assert list(aware) == list(schema(aware=True)) == [n for n, m in METRICS.items() if m.aware]
+    assert aware and set(SUMMARY) <= set(METRICS) and set(HEATMAP) <= set(METRICS)
+    for name, value in {**weight, **aware}.items():
+        assert type(value) is METRICS[name].dtype, name
+    for name, m in METRICS.items():
+        if m.aware:
+            assert aware[name] == weight[m.of] and not METRICS[m.of].aware
+    zero = spectrum_metrics(np.zeros(4), aware=True)
+    assert zero["calib_energy_rank_90"] == 0 and math.isnan(zero["calib_erank"])

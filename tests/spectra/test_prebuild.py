@@ -14,13 +14,13 @@ LAYERS = {
 
 
 def test_a_prebuilt_plan_previews_without_compressing(family_dir):
-    from spectra.data import calibration as cal
+    from spectra.data import calibration
     from spectra.io import models
     from spectra.preview import Previewer
 
     path = str(family_dir("llama"))
     model, tok = models.load(path, "cpu"), models.load_tokenizer(path)
-    grams = cal.calibrate(path, cal.CalibrationSpec(samples=4, seqlen=32))
+    grams = calibration.calibrate(path, calibration.CalibrationSpec(samples=4, seqlen=32))
     pv = Previewer(model, tok, seqlen=32, grams=grams)
     heard = []
     assert pv.prebuild(LAYERS, progress=lambda *a: heard.append(a)) == 3  # joint: one unit

@@ -122,7 +122,7 @@ CALIBRATED = {
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_data_aware_settings_preview_as_apply_and_eval_score_them(family, family_dir):
     from compressors.apply import linear_targets
-    from spectra.data import calibration as cal
+    from spectra.data import calibration
     from spectra.data import perplexity as ev
     from spectra.io import models
     from spectra.plan import format as plans
@@ -136,7 +136,7 @@ def test_data_aware_settings_preview_as_apply_and_eval_score_them(family, family
     )
     if family == "gpt2":  # no joint siblings there: each stands alone
         layers = {k: v for k, v in layers.items() if v.method != "joint"}
-    grams = cal.calibrate(path, cal.CalibrationSpec(samples=4, seqlen=32))
+    grams = calibration.calibrate(path, calibration.CalibrationSpec(samples=4, seqlen=32))
     pv = Previewer(model, tok, seqlen=32)
     with pytest.raises(SpectraInputError, match="no calibration"):
         pv.preview(layers, 128)
