@@ -247,10 +247,10 @@ def cmd_apply(args) -> int:
     totals["seconds"] = time.perf_counter() - t0  # loading and compressing, not healing
     heal_section = None
     if plan.heal is not None:  # distil the compact parameters from the dense model
-        from spectra.cli import heal as healing
+        from spectra.cli import heal
 
         identity = {"model": args.model, "plan": plans.plan_key(entries)}
-        facts, heal_section = healing.run_heal(
+        facts, heal_section = heal.run_heal(
             compressed,
             model,
             facts,
@@ -267,7 +267,7 @@ def cmd_apply(args) -> int:
         out, compressed, facts, args.plan.read_text(), report, tokenizer, args.dense, args.force
     )
     if heal_section is not None:
-        healing.finish(out)
+        heal.finish(out)
     return _apply_done(args, out, totals, heal_section)
 
 
@@ -282,9 +282,9 @@ def _apply_done(args, out, totals, heal_section) -> int:
         f"{totals['bits_per_param']:.2f} bits per parameter; report: {out / 'report.json'}"
     )
     if heal_section is not None:
-        from spectra.cli import heal as healing
+        from spectra.cli import heal
 
-        print(healing.summary(out, heal_section))
+        print(heal.summary(out, heal_section))
     return 0
 
 

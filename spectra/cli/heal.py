@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from spectra.cli.progress import progress_bar
-from spectra.data import heal as healing
+from spectra.data import heal
 from spectra.errors import SpectraInputError
 from spectra.io import models
 from spectra.io.handle import WORK_MARGIN, footprint, free_bytes, open_model, stored_dtype
@@ -27,7 +27,7 @@ def run_heal(student, teacher, facts, tokenizer, config, corpus, out: Path, iden
         raise SpectraInputError("healing needs the model's tokenizer, and it has none")
     folder = checkpoint_folder(out)
     with progress_bar("healing", unit="step") as progress:
-        facts, result = healing.heal(
+        facts, result = heal.heal(
             student,
             teacher,
             facts,
@@ -77,7 +77,7 @@ def cmd_heal(args) -> int:
     source = report.get("model")
     if not source:
         raise SpectraInputError(f"{src}/report.json: does not name its source model")
-    config = healing.parse(
+    config = heal.parse(
         plan_raw.get("heal") if isinstance(plan_raw, dict) else None,
         steps=args.steps,
         lr=args.lr,
