@@ -214,3 +214,39 @@ def test_the_check_catches_a_planted_private_use(tmp_path, how):
     )
     root = _tree(tmp_path, {"spectra/preview.py": body, "compressors/apply.py": "x = 1\n"})
     assert private_uses(root) == ["spectra.preview: compressors.apply._stand_in"]
+
+
+def import_names(root: Path, dirs=("spectra", "compressors", "app", "tests", "benchmarks")):
+    """{project module: the names it is bound to where `from pkg import module [as x]` or
+    `import pkg.module as x` imports it}."""
+    known = set(modules(root))
+    names: dict[str, set[str]] = {}
+    for d in dirs:
+        for f in (root / d).rglob("*.py"):
+            for node in ast.walk(ast.parse(f.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.module:
+                    for a in node.names:
+                        if f"{node.module}.{a.name}" in known:
+                            names.setdefault(f"{node.module}.{a.name}", set()).add(
+                                a.asname or a.name
+                            )
+                elif isinstance(node, ast.Import):
+                    for a in node.names:
+                        if a.name in known and a.asname:
+                            names.setdefault(a.name, set()).add(a.asname)
+    return names
+
+
+def test_every_module_has_one_import_name():
+    several = {m: sorted(n) for m, n in import_names(REPO).items() if len(n) > 1}
+    assert not several, f"modules imported under several names: {several}"
+
+
+def test_the_name_check_catches_a_second_alias(tmp_path):
+    for pkg in PACKAGES:
+        (tmp_path / pkg).mkdir()
+        (tmp_path / pkg / "__init__.py").write_text("")
+    (tmp_path / "spectra" / "fmt.py").write_text("")
+    (tmp_path / "compressors" / "a.py").write_text("from spectra import fmt as plans\n")
+    (tmp_path / "app" / "b.py").write_text("from spectra import fmt as plan_mod\n")
+    assert import_names(tmp_path, PACKAGES)["spectra.fmt"] == {"plans", "plan_mod"}
