@@ -148,16 +148,20 @@ class Previewer:
         folder = getattr(self.grams, "folder", None)
         return None if self.grams is None else str(folder or id(self.grams))
 
-    def _units(self, layers: dict[str, object]) -> tuple[list[str], dict[tuple, object]]:
+    def _units(
+        self, layers: dict[str, object], current: dict | None = None
+    ) -> tuple[list[str], dict[tuple, object]]:
         """(changed names, {unit: config}): the modules whose setting differs from what
         is installed, each as its unit (a module, or its whole joint group).
 
         `layers` is resolved like any plan (unknown modules and impossible settings are
         errors; joint members form their parent's group, as `spectra apply` builds it).
+        `current`: what is taken as installed (default: what is).
         """
+        current = self.current if current is None else current
         resolved = resolve(Plan(layers=layers), [t for t, _ in self.targets.values()], self.rank_of)
         entries = {e.name: e for e in resolved}
-        changed = [n for n in self.targets if self.current.get(n) != layers.get(n)]
+        changed = [n for n in self.targets if current.get(n) != layers.get(n)]
         bad = [
             n
             for n in changed
@@ -170,11 +174,11 @@ class Previewer:
                 "(spectra calibrate)"
             )
         # a module leaving a joint group changes the group's shared V: rebuild its rest
-        left = {n.rsplit(".", 1)[0] for n in changed if _grouped(self.current.get(n))}
+        left = {n.rsplit(".", 1)[0] for n in changed if _grouped(current.get(n))}
         regroup = [
             n
             for n in self.targets
-            if n not in changed and _grouped(self.current.get(n)) and n.rsplit(".", 1)[0] in left
+            if n not in changed and _grouped(current.get(n)) and n.rsplit(".", 1)[0] in left
         ]
         units: dict[tuple[str, ...], object] = {}
         for n in changed + regroup:
@@ -222,6 +226,23 @@ class Previewer:
             if progress:
                 progress(i + 1, len(todo), f"compressing {unit[0][0]}")
         return len(todo)
+
+    def pending(self, layers: dict[str, object], tokens: int = 2048) -> dict[str, int]:
+        """What `preview(layers, tokens)` will run, phase by phase, as its progress names
+        them: {"dense": baseline blocks, "compressing": compressions, "block": blocks}."""
+        n = len(self.layers)
+        baseline = tokens not in self.dense_ppl
+        changed, units = self._units(layers, {} if baseline else None)
+        todo = sum(c is not None and self._key(u, c) not in self.built for u, c in units.items())
+        fresh = baseline or (self.records is not None and self.tokens == tokens)
+        if not fresh or (not changed and not self.history and not baseline):
+            first = 0
+        elif not changed:
+            first = n
+        else:
+            known = [self.targets[c][0].block for c in changed]
+            first = 0 if None in known else min(known)
+        return {"dense": n if baseline else 0, "compressing": todo, "block": n - first}
 
     def _install(self, layers: dict[str, object], progress=None) -> tuple[list[str], int]:
         """Swap in the modules whose setting changed; returns (changed names, compressions)."""

@@ -355,7 +355,9 @@ def totals_and_preview(spec: str, mats) -> None:
                 needs_data(c) for c in configs.values() if c is not None
             ):
                 state.compute_calibration(spec, progress=Eta(bar))
-            r = state.previewer(spec).preview(configs, int(tokens), progress=Eta(bar))
+            pv = state.previewer(spec)
+            plan = pv.pending(configs, int(tokens))  # every phase counts in the time left
+            r = pv.preview(configs, int(tokens), progress=Eta(bar, plan=plan))
         except SpectraInputError as e:
             st.session_state.preview_running = False
             st.error(str(e))

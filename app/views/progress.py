@@ -3,24 +3,65 @@
 import time
 
 PHASES = ("compressing", "block", "windows", "dense", "candidates")
+# seconds per item of each phase, learned from the phases finished in this process; a
+# baseline's blocks ("dense") cost what a preview's blocks cost
+RATES: dict[str, float] = {}
+SAME_RATE = {"dense": "block"}
 
 
 class Eta:
     """A progress callback that shows each phase (calibration, allocation, compressing,
-    blocks) with its count and the time left, estimated from that phase's own rate."""
+    blocks) with its count and the time left.
 
-    def __init__(self, bar, name: str = ""):
+    `plan` ({phase: items}, e.g. spectra.preview.Previewer.pending) names every phase
+    of the job: the time left is then the current phase's, from its own rate, plus
+    each phase still to come at the rate it ran at before (RATES); a phase that has not
+    run yet in this process is named instead ("then 30 blocks")."""
+
+    def __init__(self, bar, name: str = "", plan: dict[str, int] | None = None):
         self.bar, self.name, self.phase, self.start = bar, name, None, time.perf_counter()
+        self.ahead = {p: n for p, n in (plan or {}).items() if n}
+        self.done = 0
+
+    def _learn(self, now: float) -> None:
+        if self.phase in PHASES and self.done:
+            rate = (now - self.start) / self.done
+            RATES[self.phase] = rate
+            RATES[SAME_RATE.get(self.phase, self.phase)] = rate
 
     def __call__(self, done: int, total: int, what: str) -> None:
         first = what.split(" ")[0].rstrip(",")
         phase = first if first in PHASES else "items"  # a module's name: one phase of many
         now = time.perf_counter()
         if phase != self.phase:
+            self._learn(now)
             self.phase, self.start = phase, now
+            self.ahead.pop(phase, None)
+        self.done = done
         frac = done / max(total, 1)
+        own = (now - self.start) / done if done and now - self.start > 0.5 else None
+        rates = dict(RATES)
+        if own is not None:  # this phase's rate holds for what costs the same later
+            rates[phase] = rates[SAME_RATE.get(phase, phase)] = own
+        rate = rates.get(SAME_RATE.get(phase, phase))
+        later = list(self.ahead.items())
+        known = sum(n * rates[_base(p)] for p, n in later if _base(p) in rates)
+        unknown = ", ".join(f"{n} {_noun(p, n)}" for p, n in later if _base(p) not in rates)
         left = ""
-        if done and now - self.start > 0.5:
-            left = f", about {(now - self.start) / frac * (1 - frac):.0f} s left"
+        if rate is not None or known:
+            secs = known + (rate * (total - done) if rate is not None else 0)
+            about = "about" if rate is not None or done >= total else "over"
+            left = f", {about} {secs:.0f} s left" + (f" then {unknown}" if unknown else "")
         head = f"{self.name.capitalize()}: " if self.name else ""
         self.bar.progress(min(frac, 1.0), f"{head}{what} ({done}/{total}{left})")
+
+
+def _base(phase: str) -> str:
+    return SAME_RATE.get(phase, phase)
+
+
+def _noun(phase: str, n: int) -> str:
+    word = {"compressing": "compression", "dense": "baseline block", "block": "block"}.get(
+        phase, phase
+    )
+    return word if n == 1 else word + "s"

@@ -180,3 +180,56 @@ def test_errors_of_whitened_low_rank_at_every_rank_from_one_svd():
     assert module_errors(w, plain, calib=calib)[1] == pytest.approx(
         h_norm(w - w_q, calib.hessian) / h_norm(w, calib.hessian), rel=1e-6
     )
+
+
+def test_pending_names_what_each_preview_runs(family_dir):
+    """Previewer.pending (the app's time left over every phase) predicts the dense
+    baseline's blocks, the compressions and the blocks each preview then runs."""
+    from collections import Counter
+
+    from spectra.io import models
+    from spectra.preview import Previewer
+
+    path = str(family_dir("llama"))
+    pv = Previewer(models.load(path, "cpu"), models.load_tokenizer(path), seqlen=64)
+    b0 = {"model.layers.0.mlp.up_proj": make_config("lowrank", rank=4)}
+    b1 = {**b0, "model.layers.1.self_attn.o_proj": make_config("quant", bits=3)}
+    steps = [(b0, 512), (b1, 512), (b1, 512), (b0, 512), (b1, 1024)]
+    for layers, tokens in steps:
+        plan = pv.pending(layers, tokens)
+        seen = Counter()
+
+        def progress(done, total, what, seen=seen):
+            seen[what.split(" ")[0].rstrip(",")] += 1
+
+        r = pv.preview(layers, tokens, progress=progress)
+        ran = {"dense": seen["dense"], "compressing": r.recompressed, "block": seen["block"]}
+        assert plan == ran, (layers, tokens)
+    assert [pv.history[i].first_block for i in (1, 2, 3)] == [1, None, 1]
+
+
+def test_the_time_left_counts_the_phases_to_come():
+    from app.views import progress
+
+    class Bar:  # what st.progress shows
+        text = ""
+
+        def progress(self, value, text):
+            self.text = text
+
+    progress.RATES.clear()
+    bar = Bar()
+    eta = progress.Eta(bar, plan={"dense": 2, "compressing": 1, "block": 2})
+    eta(1, 2, "dense baseline, block 1/2")
+    assert "s left" not in bar.text  # no rate yet
+    eta.start -= 10  # the first baseline block took 10 s
+    eta(2, 2, "dense baseline, block 2/2")
+    # 5 s a block: the 2 blocks after the compression take 10 s, the compression unknown
+    assert "about 10 s left then 1 compression" in bar.text, bar.text
+    eta(0, 1, "compressing model.layers.1.mlp.up_proj")
+    assert bar.text.endswith("(0/1, over 10 s left)"), bar.text
+    eta.start -= 4
+    eta(1, 1, "compressing model.layers.1.mlp.up_proj")
+    assert bar.text.endswith("(1/1, about 10 s left)"), bar.text
+    eta(1, 2, "block 1/2")
+    assert "about 5 s left" in bar.text, bar.text
