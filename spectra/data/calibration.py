@@ -25,7 +25,10 @@ import math
 import os
 import shutil
 import tempfile
+import threading
 import time
+from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,9 +151,44 @@ class Grams:
         tensors = load_file(self.folder / entry["file"])
         return {name: (tensors[owner], rows) for name, (owner, rows) in entry["modules"].items()}
 
-    def hessians(self) -> dict:
-        """Every module's H (all blocks in memory: for allocation's damage)."""
-        return {n: h for b in self.blocks for n, (h, _) in self[b].items()}
+    def hessians(self) -> Hessians:
+        """Every module's H, for allocation's damage: a mapping that reads a block when
+        one of its modules is asked for and keeps the last two blocks read (a big
+        model's Grams never sit in memory all at once)."""
+        return Hessians(self)
+
+
+class Hessians(Mapping):
+    """{module: H} over a Grams, read block by block (see Grams.hessians); thread-safe."""
+
+    KEEP = 2  # blocks held: the units being built in parallel straddle at most two
+
+    def __init__(self, grams: Grams):
+        self.grams = grams
+        self.block_of = {
+            name: int(b) for b, entry in grams.meta["blocks"].items() for name in entry["modules"]
+        }
+        self.held: OrderedDict[int, dict] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def __getitem__(self, name: str):
+        block = self.block_of[name]  # KeyError for a module outside the calibration
+        with self.lock:
+            if block not in self.held:
+                self.held[block] = {n: h for n, (h, _) in self.grams[block].items()}
+                while len(self.held) > self.KEEP:
+                    self.held.popitem(last=False)
+            self.held.move_to_end(block)
+            return self.held[block][name]
+
+    def __contains__(self, name) -> bool:
+        return name in self.block_of
+
+    def __iter__(self):
+        return iter(self.block_of)
+
+    def __len__(self) -> int:
+        return len(self.block_of)
 
 
 def calibrate(

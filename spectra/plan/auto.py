@@ -104,12 +104,14 @@ def parse_floors(min_rank: list[str] | None, min_bits: list[str] | None, keep_de
 
 
 def load_modules(spec: str, mats=None) -> list[cands.Module]:
-    """The linear modules' weights (`mats`: the model's matrices, when already listed)."""
+    """The linear modules (`mats`: the model's matrices, when already listed), each
+    read from the checkpoint when its candidates are built, then released."""
     out = []
     for m in mats if mats is not None else models.matrices(spec):
         if m.role in NOT_TARGETABLE:
             continue
-        out.append(cands.Module(m.name, m.role, m.block, torch.from_numpy(m.read())))
+        read = lambda m=m: torch.from_numpy(m.read())  # noqa: E731
+        out.append(cands.Module(m.name, m.role, m.block, read, tuple(m.shape)))
     return out
 
 

@@ -28,7 +28,9 @@ module may also stay dense.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
@@ -41,14 +43,39 @@ from spectra.plan.grid import Floors, group_modules, parts
 
 @dataclass
 class Module:
+    """One linear module for allocation. `source` is its (out, in) float32 weight, or a
+    function that reads it (then give `dims`): such a module is read while its
+    candidates are built (`held`) and released after, so allocating a big model holds
+    a few weights at a time, not the model."""
+
     name: str
     role: str
     block: int | None
-    weight: torch.Tensor  # (out, in) float32
+    source: torch.Tensor | Callable[[], torch.Tensor]
+    dims: tuple[int, int] | None = None
+    _held: torch.Tensor | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        if isinstance(self.source, torch.Tensor):
+            return self.source
+        return self._held if self._held is not None else self.source()
 
     @property
     def shape(self) -> tuple[int, int]:
-        return tuple(self.weight.shape)
+        return tuple(self.dims if self.dims is not None else self.source.shape)
+
+    @contextlib.contextmanager
+    def held(self):
+        """The weight read once for the duration (a no-op for an in-memory one)."""
+        if isinstance(self.source, torch.Tensor) or self._held is not None:
+            yield
+            return
+        self._held = self.source()
+        try:
+            yield
+        finally:
+            self._held = None
 
 
 class Damage:
@@ -207,7 +234,10 @@ def units_for(
         if kept is not None and all(kept.fullmatch(g.name) for g in group):
             unit.candidates = [base]
             return unit
-        cands = candidates(method, group, dmg, floors, sigmas.get(group[0].name))
+        with contextlib.ExitStack() as stack:  # the group's weights, read for its candidates
+            for g in group:
+                stack.enter_context(g.held())
+            cands = candidates(method, group, dmg, floors, sigmas.get(group[0].name))
         unit.candidates = [base, *cands]
         return unit
 
