@@ -176,6 +176,29 @@ def build_parser() -> argparse.ArgumentParser:
     auto.add_argument(
         "--tokens", type=int, help="sensitivity tokens (fisher 4096, calib 32768, ppl 512)"
     )
+    auto.add_argument(
+        "--allocate",
+        default="loss",
+        metavar="STRATEGY",
+        help="who gives up how much: loss (default: least predicted damage), uniform, "
+        "alpha (AlphaPruning: blocks with higher mean alpha compressed more), farms (the "
+        "same on fixed-aspect-ratio alpha) or owl (blocks with more Wanda outliers "
+        "compressed less; needs a calibration); every one meets the budget",
+    )
+    auto.add_argument(
+        "--alpha-e",
+        type=float,
+        metavar="E",
+        help="alpha and farms: the band [1-E, 1+E] x target, in (0, 1) (default 0.2, "
+        "0.3 for data-free pruning)",
+    )
+    auto.add_argument(
+        "--owl-band",
+        type=float,
+        default=0.08,
+        metavar="BAND",
+        help="owl: the band target +- BAND, in (0, 1) (default 0.08)",
+    )
     auto.add_argument("--keep-dense", help="full-match regex of modules left dense")
     auto.add_argument(
         "--min-rank",
