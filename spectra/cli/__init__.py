@@ -17,6 +17,7 @@ from spectra.cli.calibrate import cmd_calibrate
 from spectra.cli.compress import cmd_apply, cmd_eval, cmd_plan_auto, cmd_plan_show
 from spectra.cli.export import cmd_export
 from spectra.cli.heal import cmd_heal
+from spectra.cli.sensitivity import cmd_sensitivity
 from spectra.data.calibration import DEFAULT_SEQLEN, DEFAULT_TOKENS
 from spectra.errors import SpectraInputError
 from spectra.plan import defaults
@@ -138,6 +139,40 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--json", action="store_true", help="print machine-readable results on stdout")
     _ray_option(cal)
     cal.set_defaults(func=cmd_calibrate)
+
+    se = sub.add_parser(
+        "sensitivity",
+        help="per-module loss sensitivity, and which spectral metric predicts it",
+    )
+    se.add_argument("model", help="demo, a model directory, a .safetensors/.gguf file or a hub id")
+    se.add_argument(
+        "--kind",
+        default="fisher",
+        choices=("fisher", "ppl", "calib"),
+        help="the loss increase of compressing each module alone to the rank that keeps half "
+        "its parameters: fisher (default: predicted by the diagonal Fisher, one gradient "
+        "pass), ppl (measured, one forward pass per module) or calib (the calibrated loss "
+        "estimate of plan auto's calib damage)",
+    )
+    se.add_argument(
+        "--tokens",
+        type=int,
+        help="tokens (fisher 4096, ppl 512; calib: the newest cached calibration, else "
+        f"{defaults.FIRST_CALIB_TOKENS:,})",
+    )
+    se.add_argument(
+        "--correlate",
+        action="store_true",
+        help="Spearman rho of each spectral metric (alpha, FARMS alpha, stable rank, erank, "
+        "energy ranks; calib_* ones where a calibration exists) with the sensitivity, "
+        "overall and per role, ranked by |rho|",
+    )
+    se.add_argument("--out", type=Path, help="write the per-module table (.parquet, .csv or .json)")
+    se.add_argument("--json", action="store_true", help="print machine-readable results on stdout")
+    se.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
+    se.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda")
+    _run_options(se)
+    se.set_defaults(func=cmd_sensitivity)
 
     plan = sub.add_parser("plan", help="compression plans")
     plan_sub = plan.add_subparsers(dest="plan_command", required=True, parser_class=_Parser)
