@@ -138,10 +138,11 @@ def outlier_ratio(weights: list, gram_diags: list, m: float = OUTLIER_M) -> floa
     times their mean."""
     import torch
 
+    def f64(a):
+        return a.double() if isinstance(a, torch.Tensor) else torch.tensor(a, dtype=torch.float64)
+
     scores = [
-        (
-            torch.as_tensor(w).double().abs() * torch.as_tensor(d).double().clamp(min=0).sqrt()
-        ).reshape(-1)
+        (f64(w).abs() * f64(d).clamp(min=0).sqrt()).reshape(-1)
         for w, d in zip(weights, gram_diags, strict=True)
     ]
     pooled = torch.cat(scores)
