@@ -45,8 +45,10 @@ def sensitivity_table(
     progress=None,
     handle=None,
     info: dict | None = None,
+    model=None,
 ):
-    """(name, role, block, score) per linear module, polars; `info` gets `cached`."""
+    """(name, role, block, score) per linear module, polars; `info` gets `cached`.
+    `model`: the loaded model of `spec`, if any (else loaded through `handle`)."""
     import polars as pl
 
     info = {} if info is None else info
@@ -62,9 +64,10 @@ def sensitivity_table(
             pass
     mats = [m for m in models.matrices(spec) if m.role not in NOT_TARGETABLE]
     if settings.kind == "calib":
-        scores = calib_scores(spec, settings, mats, device, use_cache, progress, handle)
+        got = sens.calibrated(spec, settings, device, use_cache, progress, model, handle=handle)
+        scores = calib_scores(got, mats)
     else:
-        result = sens.compute(spec, settings, device, use_cache, progress, handle=handle)
+        result = sens.compute(spec, settings, device, use_cache, progress, model, handle=handle)
         weights = None
         if settings.kind == "fisher":
             weights = {m.name: torch.from_numpy(m.read()) for m in mats if m.name in result}
@@ -86,11 +89,11 @@ def _key(spec: str, settings, handle) -> str:
     return cache.key(SCORES_VERSION, models.fingerprint(spec), asdict(settings), *dtype)
 
 
-def calib_scores(spec, settings, mats, device, use_cache, progress, handle) -> dict:
-    """The calibrated loss estimate of each module's lowrank-half error."""
+def calib_scores(got: sens.Calibrated, mats) -> dict:
+    """The calibrated loss estimate of each module's lowrank-half error (`got`: the
+    calibration with its loss weights; `mats`: the modules, spectra.io.models.Matrix)."""
     from spectra.plan.candidates import Damage, Module
 
-    got = sens.calibrated(spec, settings, device, use_cache, progress, handle=handle)
     dmg = Damage(hessian=got.hessians, importance=got.importance, rows=got.rows)
     out = {}
     for m in mats:
