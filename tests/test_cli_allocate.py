@@ -71,7 +71,30 @@ def test_owl_on_a_calibrated_model_records_its_band(family_dir, tmp_path, cli):
     assert plan["allocation"]["strategy"] == "owl" and plan["allocation"]["band"] == 0.1
     assert set(plan["allocation"]["blocks"]) == {0, 1}
     assert plan["allocation"]["fallback"] == {"lm_head": "global mean"}  # no Gram: no ratio
+    windows = plan["allocation"]["calibration"]
+    assert windows["samples"] * windows["seqlen"] == 1024
     assert any(v["wanda"] or v["sparsegpt"] for v in plan["layers"].values())
+    # data-free damage: magnitude pruning, the ratios on the newest cached calibration
+    out2 = tmp_path / "plan2.yaml"
+    r = auto(
+        cli,
+        path,
+        "--method",
+        "prune",
+        "--target-params",
+        "0.5",
+        "--allocate",
+        "owl",
+        "--sensitivity",
+        "none",
+        "-o",
+        out2,
+    )
+    assert r.returncode == 0, r.stderr
+    plan2 = yaml.safe_load(out2.read_text())
+    assert plan2["allocation"]["calibration"] == windows
+    assert plan2["allocation"]["blocks"] == plan["allocation"]["blocks"]
+    assert not any(v["wanda"] or v["sparsegpt"] for v in plan2["layers"].values())
 
 
 @pytest.mark.parametrize(

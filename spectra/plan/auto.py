@@ -221,9 +221,14 @@ def auto_plan(
         # relative calibration-weighted errors compare within a role, not across roles
         chosen = (allocate if dmg.absolute else allocate_by_role)(units, budget, key)
     else:
-        values = _strategy_values(spec, strategy, units, modules, dmg, device, use_cache, handle)
+        read: dict = {}  # owl's own calibration, when the damage had none
+        values = _strategy_values(
+            spec, strategy, units, modules, dmg, device, use_cache, handle, read
+        )
         free = method == "prune" and dmg.hessian is None  # magnitude: e's default is 0.3
         chosen, record = allocate_strategy(strategy, units, budget, key, values, free)
+        if strategy.name == "owl":  # the windows its ratios were measured on
+            record["calibration"] = read or dict(calibration.windows_key)
     seconds["allocate"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - t0
     layers, shapes = {}, {}
@@ -242,10 +247,13 @@ def auto_plan(
     )
 
 
-def _strategy_values(spec, strategy, units, modules, dmg, device, use_cache, handle):
+def _strategy_values(
+    spec, strategy, units, modules, dmg, device, use_cache, handle, strategy_calib
+):
     """Per-module scores of a rule strategy: alpha and FARMS alpha from the cached
     analysis, OWL's outlier ratio from the calibration's Grams (those the damage read,
-    else the strategy's calibration, else the newest cached one, else a small one)."""
+    else the strategy's calibration, else the newest cached one, else a small one,
+    whose windows go into `strategy_calib`)."""
     if strategy.name == "uniform":
         return {}
     if strategy.name in ("alpha", "farms"):
@@ -268,6 +276,7 @@ def _strategy_values(spec, strategy, units, modules, dmg, device, use_cache, han
                 settings = sens.SensitivitySettings("calib", tokens=FIRST_CALIB_TOKENS)
         got = sens.calibrated(spec, settings, device, use_cache, importance=False, handle=handle)
         hessians = got.hessians
+        strategy_calib.update(settings.calib_spec(spec).windows_key)
     weights = {m.name: m.weight for m in modules}
     return owl_values(units, weights, hessians)
 
