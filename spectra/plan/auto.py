@@ -221,14 +221,20 @@ def auto_plan(
         # relative calibration-weighted errors compare within a role, not across roles
         chosen = (allocate if dmg.absolute else allocate_by_role)(units, budget, key)
     else:
-        read: dict = {}  # owl's own calibration, when the damage had none
-        values = _strategy_values(
-            spec, strategy, units, modules, dmg, device, use_cache, handle, read
-        )
+        values, windows = {}, None  # windows: the calibration owl's ratios were measured on
+        if strategy.name in ("alpha", "farms"):
+            values = _alphas(spec, strategy.name, use_cache)
+        elif strategy.name == "owl":
+            hessians = dmg.hessian
+            if hessians is None:
+                hessians, windows = _owl_grams(spec, strategy, device, use_cache, handle)
+            else:
+                windows = dict(calibration.windows_key)
+            values = owl_values(units, {m.name: m.weight for m in modules}, hessians)
         free = method == "prune" and dmg.hessian is None  # magnitude: e's default is 0.3
         chosen, record = allocate_strategy(strategy, units, budget, key, values, free)
-        if strategy.name == "owl":  # the windows its ratios were measured on
-            record["calibration"] = read or dict(calibration.windows_key)
+        if windows is not None:
+            record["calibration"] = windows
     seconds["allocate"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - t0
     layers, shapes = {}, {}
@@ -247,38 +253,31 @@ def auto_plan(
     )
 
 
-def _strategy_values(
-    spec, strategy, units, modules, dmg, device, use_cache, handle, strategy_calib
-):
-    """Per-module scores of a rule strategy: alpha and FARMS alpha from the cached
-    analysis, OWL's outlier ratio from the calibration's Grams (those the damage read,
-    else the strategy's calibration, else the newest cached one, else a small one,
-    whose windows go into `strategy_calib`)."""
-    if strategy.name == "uniform":
-        return {}
-    if strategy.name in ("alpha", "farms"):
-        df = _analysis(spec, use_cache).select("name", "aliases", "alpha")
-        if strategy.name == "farms":
-            from spectra.linalg.farms import farms_table
+def _alphas(spec: str, strategy: str, use_cache: bool) -> dict[str, float]:
+    """Per-module alpha (`alpha`) or FARMS alpha (`farms`) from the cached analysis,
+    tied copies included."""
+    df = _analysis(spec, use_cache).select("name", "aliases", "alpha")
+    if strategy == "farms":
+        from spectra.linalg.farms import farms_table
 
-            farms = farms_table(spec, use_cache=use_cache).select("name", "farms_alpha")
-            df = df.join(farms, on="name").select("name", "aliases", alpha="farms_alpha")
-        return {n: alpha for name, aliases, alpha in df.rows() for n in (name, *aliases)}
-    hessians = dmg.hessian
-    if hessians is None:
-        settings = strategy.calib
-        if settings is None:
-            found = calibration_cache.latest(spec)
-            if found is not None:
-                c = found.settings
-                settings = sens.SensitivitySettings("calib", c.corpus, c.tokens, c.seqlen)
-            else:
-                settings = sens.SensitivitySettings("calib", tokens=FIRST_CALIB_TOKENS)
-        got = sens.calibrated(spec, settings, device, use_cache, importance=False, handle=handle)
-        hessians = got.hessians
-        strategy_calib.update(settings.calib_spec(spec).windows_key)
-    weights = {m.name: m.weight for m in modules}
-    return owl_values(units, weights, hessians)
+        farms = farms_table(spec, use_cache=use_cache).select("name", "farms_alpha")
+        df = df.join(farms, on="name").select("name", "aliases", alpha="farms_alpha")
+    return {n: alpha for name, aliases, alpha in df.rows() for n in (name, *aliases)}
+
+
+def _owl_grams(spec: str, strategy: Strategy, device, use_cache, handle) -> tuple[dict, dict]:
+    """({module: H}, its windows) for owl when the damage read no calibration: the
+    strategy's, else the newest cached one, else FIRST_CALIB_TOKENS computed first."""
+    settings = strategy.calib
+    if settings is None:
+        found = calibration_cache.latest(spec)
+        if found is not None:
+            c = found.settings
+            settings = sens.SensitivitySettings("calib", c.corpus, c.tokens, c.seqlen)
+        else:
+            settings = sens.SensitivitySettings("calib", tokens=FIRST_CALIB_TOKENS)
+    got = sens.calibrated(spec, settings, device, use_cache, importance=False, handle=handle)
+    return got.hessians, dict(settings.calib_spec(spec).windows_key)
 
 
 def _analysis(spec: str, use_cache: bool):
