@@ -300,31 +300,38 @@ def auto_layers(
     sensitivity: str,
     calib_tokens: int = 0,
     progress=None,
+    allocate: str = "loss",
 ) -> dict:
     """Auto-allocated explicit plan layers (module -> settings dict) and its summary
     (`calib_tokens`: the calibration size a calib damage reads; `progress` hears the
     damage's phases: a page element, which st.cache_data could not replay, hence the
-    plain store)."""
-    args = (spec, method, key, target, sensitivity, calib_tokens)
+    plain store; `allocate`: the strategy, spectra.plan.strategies)."""
+    args = (spec, method, key, target, sensitivity, calib_tokens, allocate)
     store = _allocations()
     if args not in store:
         store[args] = _auto_layers(*args, progress)
     return store[args]
 
 
-def _auto_layers(spec, method, key, target, sensitivity, calib_tokens, progress) -> dict:
+def _auto_layers(spec, method, key, target, sensitivity, calib_tokens, allocate, progress):
     # deferred: torch, needed only once a preview, an error or an allocation is asked for
     from compressors.base import config_to_dict
     from spectra.plan import sensitivity as sens
     from spectra.plan.auto import auto_plan
+    from spectra.plan.strategies import Strategy
 
     budget = {"target_params": target} if key == "params" else {"target_bits": target}
-    settings = None
-    if sensitivity == "calib":
-        c = calib_settings(spec)
-        settings = sens.SensitivitySettings("calib", c.corpus, c.tokens, c.seqlen)
+    c = calib_settings(spec)  # what a calib damage and owl's outlier ratios read
+    calib = sens.SensitivitySettings("calib", c.corpus, c.tokens, c.seqlen)
+    settings = calib if sensitivity == "calib" else None
     result = auto_plan(
-        spec, method, sensitivity=sensitivity, sens_settings=settings, progress=progress, **budget
+        spec,
+        method,
+        sensitivity=sensitivity,
+        sens_settings=settings,
+        progress=progress,
+        strategy=Strategy(allocate, calib=calib),
+        **budget,
     )
     return {
         "layers": {k: config_to_dict(c) for k, c in result.plan.layers.items()},
@@ -360,37 +367,26 @@ def csv_text(df) -> str:
 
 
 def sensitivity_scores(spec: str, kind: str, tokens: int, progress=None):
-    """Per-module sensitivity scores (name, role, block, score) as a table.
-
-    The sensitivity itself is computed here with progress (and cached on disk by the
-    library); the per-module scores derived from it are cached by Streamlit."""
+    """Per-module sensitivity scores (name, role, block, score) as a table
+    (spectra.plan.correlate, cached on disk by the library); `calib` reads the
+    calibration of the chosen size (`tokens` ignored)."""
+    from spectra.plan import correlate
     from spectra.plan import sensitivity as sens  # deferred: torch
 
-    settings = sens.SensitivitySettings(kind=kind, tokens=tokens)
-    result = sens.compute(spec, settings, progress=progress, model=loaded(spec)[0])
-    return _sensitivity_scores(spec, kind, tokens, _result=result)
+    if kind == "calib":
+        c = calib_settings(spec)
+        settings = sens.SensitivitySettings("calib", c.corpus, c.tokens, c.seqlen)
+    else:
+        settings = sens.SensitivitySettings(kind=kind, tokens=tokens)
+    return correlate.sensitivity_table(spec, settings, progress=progress, model=loaded(spec)[0])
 
 
 @st.cache_data(show_spinner=False)
-def _sensitivity_scores(spec: str, kind: str, tokens: int, _result=None):
-    """Scores from `_result` (the sensitivity of spec/kind/tokens; not part of the key)."""
-    import polars as pl
-    import torch
+def sensitivity_metrics(spec: str, calib_key: str | None = None):
+    """The spectral metrics that `spectra sensitivity --correlate` ranks, per module
+    (calib_* ones from the calibration in folder `calib_key`, if any)."""
+    from spectra.data.calibration import open_folder
+    from spectra.plan import correlate  # deferred: torch
 
-    from spectra.plan import sensitivity as sens  # deferred: torch
-
-    result = _result
-    mats = {m.name: m for m in models.matrices(spec)}
-    weights = None
-    if kind == "fisher":
-        weights = {k: torch.from_numpy(mats[k].read()) for k in result}
-    scores = sens.scores(result, kind, weights)
-    names = [n for n in mats if n in scores]
-    return pl.DataFrame(
-        {
-            "name": names,
-            "role": [mats[n].role for n in names],
-            "block": [mats[n].block for n in names],
-            "score": [scores[n] for n in names],
-        }
-    )
+    grams = open_folder(calib_key) if calib_key else None
+    return correlate.metric_table(spec, calibration=grams)

@@ -20,11 +20,21 @@ from spectra.io import models
 from spectra.plan import edit as pe
 from spectra.plan.defaults import DEFAULT_METHOD, DEFAULT_TARGET_PARAMS
 from spectra.plan.grid import auto_methods
+from spectra.plan.strategies import STRATEGIES
 
 DAMAGE = {  # the first is the default: a data-free damage can be millions of times worse
     "calib": "calibration-weighted loss",
     "none": "weight error (data-free)",
     "fisher": "Fisher loss",
+}
+
+
+ALLOCATE = {  # plan auto --allocate
+    "loss": "least predicted damage",
+    "uniform": "uniform",
+    "alpha": "alpha (AlphaPruning)",
+    "farms": "FARMS alpha",
+    "owl": "outliers (OWL)",
 }
 
 
@@ -106,7 +116,7 @@ def budget_controls(spec: str) -> None:
     """Auto-allocate. Untouched, it takes the first hour's path (spectra.plan.defaults):
     whitened low rank at 80% of the parameters on the calibration-weighted loss estimate,
     computing the small calibration it needs first."""
-    c = st.columns([2, 2, 2, 3, 1.4])
+    c = st.columns([2, 2, 2, 3, 2, 1.4])
     methods = auto_methods()
     method = c[0].selectbox(
         "Allocate with", methods, index=methods.index(DEFAULT_METHOD), key="auto_method"
@@ -136,12 +146,21 @@ def budget_controls(spec: str) -> None:
             "Data-free: ranks modules by their weight error, which can be far from the "
             "loss (the demo at 50% of its parameters: perplexity in the millions)."
         )
-    c[4].write("")
-    if c[4].button("Auto-allocate", key="auto_go", type="primary"):
+    allocate = c[4].selectbox(
+        "Allocation",
+        STRATEGIES,
+        key="auto_allocate",
+        format_func=ALLOCATE.get,
+        help="loss: least predicted damage; the others by a rule, on the same budget "
+        "(alpha: AlphaPruning, farms: alpha on square submatrices, owl: Wanda outliers, "
+        "needs a calibration)",
+    )
+    c[5].write("")
+    if c[5].button("Auto-allocate", key="auto_go", type="primary"):
         st.session_state.auto_fallback = None
         bar = st.progress(0.0, "Preparing...")
         try:
-            if sens == "calib" and not calibrated:
+            if (sens == "calib" or allocate == "owl") and not calibrated:
                 if state.can_calibrate(spec):
                     state.compute_calibration(spec, progress=Eta(bar, "calibration"))
                 else:
@@ -159,6 +178,7 @@ def budget_controls(spec: str) -> None:
                 sens,
                 state.calib_tokens(),
                 progress=Eta(bar, "allocation"),
+                allocate=allocate,
             )
         except SpectraInputError as e:
             bar.empty()
@@ -167,7 +187,7 @@ def budget_controls(spec: str) -> None:
         prebuild(spec, out["layers"], bar)
         bar.empty()
         rebase(out["layers"])
-        st.session_state.auto_message = auto_message(method, sens, out["summary"])
+        st.session_state.auto_message = auto_message(method, sens, out["summary"], allocate)
         st.session_state.auto_damage = (f"auto: {DAMAGE[sens]}", plan_signature(out["layers"]))
         st.rerun()  # every control above (the calibration's caption) sees the new state
     if st.session_state.get("auto_message"):
@@ -185,8 +205,15 @@ def prebuild(spec: str, layers: dict, bar) -> None:
     state.previewer(spec).prebuild(configs, progress=Eta(bar, "building the plan's modules"))
 
 
-def auto_message(method: str, sens: str, s: dict) -> str:
+def auto_message(method: str, sens: str, s: dict, allocate: str = "loss") -> str:
     """What Auto-allocate did and the quality its damage predicts, before any preview."""
+    if allocate != "loss":
+        return (
+            f"Auto-allocated {method} by {ALLOCATE[allocate]}: {s['compressed']} of "
+            f"{s['modules']} modules compressed, {s['params_ratio']:.1%} of parameters, "
+            f"{s['bits_per_param']:.2f} bits/param. A rule, not a loss estimate: Preview "
+            "measures its perplexity."
+        )
     head = (
         f"Auto-allocated {method} on the {DAMAGE[sens]}: {s['compressed']} of {s['modules']} "
         f"modules compressed, {s['params_ratio']:.1%} of parameters, "

@@ -23,6 +23,10 @@ TOP = {
     "rules": "list of rules, first match wins; modules no rule matches stay dense",
     "layers": "explicit per-module settings (module name -> settings); win over rules",
     "heal": "optional distillation of the compressed model from the dense one (mapping, below)",
+    "allocation": "written by `plan auto --allocate` with a rule strategy: `strategy`, its "
+    "knob (`e` or `band`), the `level` found, the `metric` and its per-block values "
+    "(`blocks`), and `fallback` (module -> `block mean` or `global mean`) where a score "
+    "was undefined; informative, never read by `apply`",
 }
 CALIBRATION = {
     "corpus": "`builtin` (CPython's pydoc topics), `wikitext2` or a text file",

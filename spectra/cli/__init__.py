@@ -17,6 +17,7 @@ from spectra.cli.calibrate import cmd_calibrate
 from spectra.cli.compress import cmd_apply, cmd_eval, cmd_plan_auto, cmd_plan_show
 from spectra.cli.export import cmd_export
 from spectra.cli.heal import cmd_heal
+from spectra.cli.sensitivity import cmd_sensitivity
 from spectra.data.calibration import DEFAULT_SEQLEN, DEFAULT_TOKENS
 from spectra.errors import SpectraInputError
 from spectra.plan import defaults
@@ -144,6 +145,40 @@ def build_parser() -> argparse.ArgumentParser:
     _ray_option(cal)
     cal.set_defaults(func=cmd_calibrate)
 
+    se = sub.add_parser(
+        "sensitivity",
+        help="per-module loss sensitivity, and which spectral metric predicts it",
+    )
+    se.add_argument("model", help="demo, a model directory, a .safetensors/.gguf file or a hub id")
+    se.add_argument(
+        "--kind",
+        default="fisher",
+        choices=("fisher", "ppl", "calib"),
+        help="the loss increase of compressing each module alone to the rank that keeps half "
+        "its parameters: fisher (default: predicted by the diagonal Fisher, one gradient "
+        "pass), ppl (measured, one forward pass per module) or calib (the calibrated loss "
+        "estimate of plan auto's calib damage)",
+    )
+    se.add_argument(
+        "--tokens",
+        type=int,
+        help="tokens (fisher 4096, ppl 512; calib: the newest cached calibration, else "
+        f"{defaults.FIRST_CALIB_TOKENS:,})",
+    )
+    se.add_argument(
+        "--correlate",
+        action="store_true",
+        help="Spearman rho of each spectral metric (alpha, FARMS alpha, stable rank, erank, "
+        "energy ranks; calib_* ones where a calibration exists) with the sensitivity, "
+        "overall and per role, ranked by |rho|",
+    )
+    se.add_argument("--out", type=Path, help="write the per-module table (.parquet, .csv or .json)")
+    se.add_argument("--json", action="store_true", help="print machine-readable results on stdout")
+    se.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
+    se.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda")
+    _run_options(se)
+    se.set_defaults(func=cmd_sensitivity)
+
     plan = sub.add_parser("plan", help="compression plans")
     plan_sub = plan.add_subparsers(dest="plan_command", required=True, parser_class=_Parser)
     show = plan_sub.add_parser("show", help="the plan resolved against a model, module by module")
@@ -182,6 +217,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     auto.add_argument(
         "--tokens", type=int, help="sensitivity tokens (fisher 4096, calib 32768, ppl 512)"
+    )
+    auto.add_argument(
+        "--allocate",
+        default="loss",
+        metavar="STRATEGY",
+        help="who gives up how much: loss (default: least predicted damage), uniform, "
+        "alpha (AlphaPruning: blocks with higher mean alpha compressed more), farms (the "
+        "same on fixed-aspect-ratio alpha) or owl (blocks with more Wanda outliers "
+        "compressed less; needs a calibration); every one meets the budget",
+    )
+    auto.add_argument(
+        "--alpha-e",
+        type=float,
+        metavar="E",
+        help="alpha and farms: the band [1-E, 1+E] x target, in (0, 1) (default 0.2, "
+        "0.3 for data-free pruning)",
+    )
+    auto.add_argument(
+        "--owl-band",
+        type=float,
+        default=0.08,
+        metavar="BAND",
+        help="owl: the band target +- BAND, in (0, 1) (default 0.08)",
     )
     auto.add_argument("--keep-dense", help="full-match regex of modules left dense")
     auto.add_argument(

@@ -67,11 +67,13 @@ def cmd_plan_auto(args) -> int:
     # deferred: these pull in torch; `spectra --help` imports this module
     from spectra.plan import auto as autoplan
     from spectra.plan.defaults import DEFAULT_TARGET_PARAMS
+    from spectra.plan.strategies import Strategy
 
     check_out_path(args.out, (".yaml", ".yml", ".json"))
     if args.target_params is None and args.target_bits is None:
         args.target_params = DEFAULT_TARGET_PARAMS
     floors = autoplan.parse_floors(args.min_rank, args.min_bits, args.keep_dense)
+    strategy = Strategy(args.allocate, args.alpha_e, args.owl_band)  # bad knobs: exit 2
     sensitivity, settings, fallback = _auto_damage(args)
     handle = None  # the model is loaded (streamed where it must be) only to score damage
     if settings is not None:
@@ -88,6 +90,7 @@ def cmd_plan_auto(args) -> int:
             device=args.device,
             progress=progress,
             handle=handle,
+            strategy=strategy,
         )
     fmt = "json" if args.out.suffix.lower() == ".json" else "yaml"
     body = plans.dumps(result.plan, fmt)
@@ -127,9 +130,12 @@ def cmd_plan_auto(args) -> int:
         "ppl": "probe-scaled loss increase (nats/token)",
         "calib": "calibration-weighted loss increase (nats/token)",
     }
+    if result.allocate != "loss" and sensitivity == "calib":  # no loss weights asked for
+        what["calib"] = "sum of relative calibration-weighted errors"
+    rule = "" if result.allocate == "loss" else f", allocated by {result.allocate}"
     print(
         f"{args.out}: {s['compressed']} of {s['modules']} linear modules compressed with "
-        f"{args.method}; parameters kept {s['params_ratio']:.1%}, "
+        f"{args.method}{rule}; parameters kept {s['params_ratio']:.1%}, "
         f"{s['bits_per_param']:.2f} bits per parameter "
         f"(budget {'params' if s['key'] == 'params' else 'bits'} "
         f"{s['spent']:,} of {s['budget']:,}); predicted damage {s['predicted_damage']:.4g} "

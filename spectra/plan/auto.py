@@ -11,15 +11,18 @@ from dataclasses import dataclass
 import torch
 
 from compressors.registry import METHODS
-from spectra.analysis import spectra_by_name
+from spectra.analysis import analyze, spectra_by_name
+from spectra.data import calibration as calibration_cache
 from spectra.errors import SpectraInputError
 from spectra.io import models
 from spectra.io.roles import ROLES
 from spectra.plan import candidates as cands
 from spectra.plan import sensitivity as sens
 from spectra.plan.allocate import BudgetError, Candidate, Unit, allocate, allocate_by_role
+from spectra.plan.defaults import FIRST_CALIB_TOKENS
 from spectra.plan.format import NOT_TARGETABLE, Plan
 from spectra.plan.grid import Floors, auto_methods, cheapest, parts
+from spectra.plan.strategies import Strategy, allocate_strategy, owl_values
 
 SENSITIVITIES = ("none", *sens.KINDS)
 
@@ -35,6 +38,7 @@ class AutoResult:
     budget: int
     total_params: int  # dense parameters of the linear modules
     seconds: dict
+    allocate: str = "loss"  # the --allocate strategy (spectra.plan.strategies)
 
     @property
     def spent(self) -> int:
@@ -56,6 +60,7 @@ class AutoResult:
         return dict(
             method=self.method,
             sensitivity=self.sensitivity,
+            allocate=self.allocate,
             key=self.key,
             budget=self.budget,
             spent=self.spent,
@@ -141,13 +146,16 @@ def auto_plan(
     use_cache: bool = True,
     importance: bool = True,
     handle=None,
+    strategy: Strategy | None = None,
 ) -> AutoResult:
-    """An explicit per-module plan for `method` that meets the budget with least damage.
+    """An explicit per-module plan for `method` that meets the budget with least damage,
+    or, with a rule `strategy` (spectra.plan.strategies), by that rule.
 
     `importance` (calib only): weight each module's calibration-weighted error by its
     outputs' loss gradients, so damages are loss estimates allocated across all
-    modules (else relative errors, allocated within each role). `handle`
-    (spectra.io.handle): how the sensitivity loads the model (dtype, offload).
+    modules (else relative errors, allocated within each role; a rule strategy uses
+    damage only to choose among candidates of one cost, so it never needs them).
+    `handle` (spectra.io.handle): how the sensitivity loads the model (dtype, offload).
     """
 
     t0 = time.perf_counter()
@@ -162,6 +170,13 @@ def auto_plan(
     if target_bits is not None and not 0 < target_bits <= 16:
         raise SpectraInputError(f"--target-bits {target_bits}: must be in (0, 16]")
     floors = floors or Floors()
+    strategy = strategy or Strategy()
+    if strategy.name == "owl":  # before any work: OWL's scores need the calibration
+        try:
+            models.load_tokenizer(spec)
+        except SpectraInputError as e:
+            raise SpectraInputError(f"--allocate owl needs a calibration of the model: {e}") from e
+    importance = importance and strategy.name == "loss"
     shapes = [m for m in models.matrices(spec) if m.role not in NOT_TARGETABLE]
     if floors.keep_dense is not None and not any(
         floors.keep_dense.fullmatch(m.name) for m in shapes
@@ -203,8 +218,25 @@ def auto_plan(
     units = cands.units_for(modules, method, dmg, floors, sigmas, progress)
     seconds["candidates"] = time.perf_counter() - t
     t = time.perf_counter()
-    # relative calibration-weighted errors compare within a role, not across roles
-    chosen = (allocate if dmg.absolute else allocate_by_role)(units, budget, key)
+    record = None
+    if strategy.name == "loss":
+        # relative calibration-weighted errors compare within a role, not across roles
+        chosen = (allocate if dmg.absolute else allocate_by_role)(units, budget, key)
+    else:
+        values, windows = {}, None  # windows: the calibration owl's ratios were measured on
+        if strategy.name in ("alpha", "farms"):
+            values = _alphas(spec, strategy.name, use_cache)
+        elif strategy.name == "owl":
+            hessians = dmg.hessian
+            if hessians is None:
+                hessians, windows = _owl_grams(spec, strategy, device, use_cache, handle)
+            else:
+                windows = dict(calibration.windows_key)
+            values = owl_values(units, cands.Weights(modules), hessians)
+        free = method == "prune" and dmg.hessian is None  # magnitude: e's default is 0.3
+        chosen, record = allocate_strategy(strategy, units, budget, key, values, free)
+        if windows is not None:
+            record["calibration"] = windows
     seconds["allocate"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - t0
     layers, shapes = {}, {}
@@ -216,4 +248,40 @@ def auto_plan(
     plan = Plan(model=spec, layers=layers, shapes=shapes)
     if calibration is not None:
         plan = dataclasses.replace(plan, calibration=calibration)
-    return AutoResult(method, sensitivity, plan, units, chosen, key, budget, total, seconds)
+    if record is not None:
+        plan = dataclasses.replace(plan, allocation=record)
+    return AutoResult(
+        method, sensitivity, plan, units, chosen, key, budget, total, seconds, strategy.name
+    )
+
+
+def _alphas(spec: str, strategy: str, use_cache: bool) -> dict[str, float]:
+    """Per-module alpha (`alpha`) or FARMS alpha (`farms`) from the cached analysis,
+    tied copies included."""
+    df = _analysis(spec, use_cache).select("name", "aliases", "alpha")
+    if strategy == "farms":
+        from spectra.linalg.farms import farms_table
+
+        farms = farms_table(spec, use_cache=use_cache).select("name", "farms_alpha")
+        df = df.join(farms, on="name").select("name", "aliases", alpha="farms_alpha")
+    return {n: alpha for name, aliases, alpha in df.rows() for n in (name, *aliases)}
+
+
+def _owl_grams(spec: str, strategy: Strategy, device, use_cache, handle) -> tuple[dict, dict]:
+    """({module: H}, its windows) for owl when the damage read no calibration: the
+    strategy's, else the newest cached one, else FIRST_CALIB_TOKENS computed first."""
+    settings = strategy.calib
+    if settings is None:
+        found = calibration_cache.latest(spec)
+        if found is not None:
+            c = found.settings
+            settings = sens.SensitivitySettings("calib", c.corpus, c.tokens, c.seqlen)
+        else:
+            settings = sens.SensitivitySettings("calib", tokens=FIRST_CALIB_TOKENS)
+    got = sens.calibrated(spec, settings, device, use_cache, importance=False, handle=handle)
+    return got.hessians, dict(settings.calib_spec(spec).windows_key)
+
+
+def _analysis(spec: str, use_cache: bool):
+    df = analyze(spec, cached_only=True) if use_cache else None
+    return df if df is not None else analyze(spec, with_mpo=False, use_cache=use_cache)

@@ -29,7 +29,7 @@ module may also stay dense.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -170,6 +170,23 @@ class Damage:
             return self.relative(mod.name, float(e.double().pow(2).sum()), _norm2(mod.weight))
         f = self.fisher[mod.name]
         return 0.5 * float((f * e.to(f.dtype).pow(2)).sum(dtype=torch.float64))
+
+
+class Weights(Mapping):
+    """{name: weight} over allocation modules, each read when asked for (never all
+    of a big model at once)."""
+
+    def __init__(self, modules: list[Module]):
+        self.modules = {m.name: m for m in modules}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.modules[name].weight
+
+    def __iter__(self):
+        return iter(self.modules)
+
+    def __len__(self) -> int:
+        return len(self.modules)
 
 
 def _norm2(w: torch.Tensor) -> float:

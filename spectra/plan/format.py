@@ -25,7 +25,7 @@ from spectra.linalg.metrics import energy_rank
 from spectra.linalg.svd import singular_values
 
 PLAN_VERSION = 1
-TOP_KEYS = {"version", "model", "calibration", "rules", "layers", "heal"}
+TOP_KEYS = {"version", "model", "calibration", "rules", "layers", "heal", "allocation"}
 CALIB_KEYS = {"corpus", "samples", "seqlen", "seed", "sequential"}
 NOT_TARGETABLE = {"embed"}  # embeddings are lookups, not linear layers
 
@@ -65,6 +65,9 @@ class Plan:
     layers: dict = field(default_factory=dict)  # module name -> config
     shapes: dict = field(default_factory=dict)  # module name -> (out, in) it was planned for
     heal: HealConfig | None = None  # distillation after compression (spectra.data.heal)
+    # what `plan auto --allocate` recorded (strategy, knobs, per-block scores, fallbacks;
+    # spectra.plan.strategies): informative, never read by apply
+    allocation: dict | None = None
 
 
 @dataclass
@@ -144,7 +147,10 @@ def parse(data) -> Plan:
         heal = None if data.get("heal") is None else heal_settings(data["heal"])
     except HealError as e:
         raise PlanError(str(e)) from e
-    return Plan(version, model, calib, tuple(rules), layers, shapes, heal)
+    allocation = data.get("allocation")
+    if allocation is not None and not isinstance(allocation, dict):
+        raise PlanError("allocation: must be a mapping (what plan auto --allocate recorded)")
+    return Plan(version, model, calib, tuple(rules), layers, shapes, heal, allocation)
 
 
 def _shape(value, where: str) -> tuple[int, int]:
@@ -184,6 +190,8 @@ def to_dict(plan: Plan) -> dict:
         }
     if plan.heal is not None:
         out["heal"] = plan.heal.to_dict()
+    if plan.allocation is not None:
+        out["allocation"] = plan.allocation
     return out
 
 

@@ -306,3 +306,34 @@ def test_export_page_exports_an_applied_plan(on_bos_llama, tmp_path):
     assert config["quantization_config"]["format"] == "pack-quantized"
     at.button(key="export_go").click().run()  # the DIR exists now: refused, one line
     assert "already exists" in at.error[0].value
+
+
+def test_auto_allocate_by_alpha_records_the_strategy(on_tiny):
+    at = run_page("plan_page")
+    at.number_input(key="auto_target_params").set_value(0.5)
+    at.selectbox(key="auto_allocate").set_value("alpha")
+    at.button(key="auto_go").click().run()
+    assert not at.exception
+    assert at.session_state.plan_layers
+    assert "by alpha (AlphaPruning)" in at.session_state.auto_message
+
+
+def test_the_sensitivity_page_shows_which_metric_predicts_it(on_bos_llama):
+    import json
+
+    at = run_page("sensitivity_page")
+    at.select_slider(key="sens_tokens_fisher").set_value(256)
+    at.button(key="sens_compute").click().run()
+    assert not at.exception, at.exception
+    ranking = at.dataframe[-1].value  # the ranking, below the scatter
+    assert "alpha" in list(ranking["metric"]) and ranking["rho"].abs().is_monotonic_decreasing
+    chosen = at.selectbox(key="sens_metric").value
+    assert chosen == ranking["metric"][0]  # the best predictor first
+    figs = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    scatter = next(f for f in figs if "Spearman rho" in f["layout"]["title"]["text"])
+    roles = {t["name"].split(" ")[0] for t in scatter["data"]}
+    assert {"q", "k", "v", "o", "gate", "up", "down"} <= roles  # coloured by role
+    at.selectbox(key="sens_metric").set_value("erank").run()
+    assert not at.exception
+    figs = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    assert any(f["layout"]["title"]["text"].startswith("erank vs") for f in figs)
