@@ -23,6 +23,21 @@ GPTQ, Wanda per module), both on the gradient-weighted calibration error (and
 -relative: on the relative one, within roles).
 Perplexity on the builtin evaluation part (seqlen 512, all of it unless --max-tokens).
 Results: benchmarks/results/bench_allocation.json; --plot writes allocation.png.
+
+    python benchmarks/bench_allocation.py --strategies [--only ROW ...]
+
+(4) `plan auto --allocate` side by side at matched parameter budgets (issue 34):
+unstructured sparsity 50%, 60%, 70% pruned by Wanda and by SparseGPT, allocated
+uniform, owl, alpha, farms and loss; whitened low rank at 50% and 80% kept: uniform,
+alpha, farms, loss; GPTQ at 3 bits per parameter on average: uniform, alpha, loss.
+A rule strategy (uniform, alpha, farms, owl) sets each module's sparsity, rank or bits;
+the pruner, the whitening and GPTQ are then fixed for the row (every module of a Wanda
+row is pruned by Wanda at its allocated sparsity). `loss` is plan auto's calibrated
+allocation (the loss estimate of the default path), whose prune candidates are Wanda
+and SparseGPT: its sparsities are kept and its pruner fixed the same way. e = 0.2
+(AlphaPruning's value with Wanda and SparseGPT), owl's band 0.08.
+Results: benchmarks/results/bench_strategies.json (each allocation's seconds
+included) and strategies.png.
 """
 
 from __future__ import annotations
@@ -109,13 +124,168 @@ def auto_layers(method, sensitivity, importance=True, **budget):
     return layers, time.perf_counter() - t0
 
 
+SPARSITIES = (0.5, 0.6, 0.7)
+RANK_KEPT = (0.5, 0.8)
+
+
+def strategy_rows() -> list[tuple[str, str, str, dict, dict]]:
+    """(row, method, strategy, budget, fixed knobs) of part (4)."""
+    rows = []
+    for s in SPARSITIES:
+        for pruner in ("wanda", "sparsegpt"):
+            for strat in ("uniform", "owl", "alpha", "farms", "loss"):
+                fixed = {"wanda": pruner == "wanda", "sparsegpt": pruner == "sparsegpt"}
+                rows.append(
+                    (
+                        f"prune-{s}-{pruner}-{strat}",
+                        "prune",
+                        strat,
+                        dict(target_params=1 - s),
+                        fixed,
+                    )
+                )
+    for f in RANK_KEPT:
+        for strat in ("uniform", "alpha", "farms", "loss"):
+            rows.append(
+                (
+                    f"lowrank-{f}-whiten-{strat}",
+                    "lowrank",
+                    strat,
+                    dict(target_params=f),
+                    {"whiten": True},
+                )
+            )
+    for strat in ("uniform", "alpha", "loss"):
+        rows.append((f"gptq-3bit-{strat}", "quant", strat, dict(target_bits=3.0), {"gptq": True}))
+    return rows
+
+
+def strategy_layers(method: str, strat: str, budget: dict, cache: dict) -> tuple[dict, float]:
+    """Allocated layers (module -> settings) and the allocation's seconds (once per
+    method, strategy and budget: the Wanda and SparseGPT rows share it)."""
+    from compressors.base import config_to_dict
+    from spectra.plan.auto import auto_plan
+    from spectra.plan.strategies import Strategy
+
+    key = (method, strat, tuple(sorted(budget.items())))
+    if key not in cache:
+        t0 = time.perf_counter()
+        if strat == "loss":
+            result = auto_plan("demo", method, sensitivity="calib", **budget)
+        else:
+            # rule strategies: data-free candidates (their cost is all the rule needs)
+            result = auto_plan(
+                "demo", method, sensitivity="none", strategy=Strategy(strat, e=0.2), **budget
+            )
+        layers = {k: config_to_dict(c) for k, c in result.plan.layers.items()}
+        cache[key] = (layers, time.perf_counter() - t0, result.plan.allocation)
+    return cache[key]
+
+
+def fix_knobs(layers: dict, fixed: dict) -> dict:
+    """Every allocated setting with the row's pruner, whitening or GPTQ (the allocated
+    sparsity, rank or bits kept)."""
+    out = {}
+    for name, c in layers.items():
+        c = {k: v for k, v in c.items() if k not in ("wanda", "sparsegpt")} | fixed
+        if fixed.get("gptq"):
+            c["group_size"] = c.get("group_size") or 128
+        out[name] = c
+    return out
+
+
+def run_strategies(args) -> None:
+    from spectra.data import calibration
+    from spectra.data import perplexity as ev
+    from spectra.io import models
+    from spectra.plan import format as plans
+
+    out = RESULTS / "bench_strategies.json"
+    model = models.load("demo", device="cpu")
+    tok = models.load_tokenizer("demo")
+    ids = ev.token_stream(tok, "builtin", "eval")
+    results = json.loads(out.read_text()) if out.is_file() else {}
+    if "dense" not in results:
+        base = ev.perplexity(model, tok, ids=ids, max_tokens=args.max_tokens)
+        results["dense"] = dict(ppl=base.ppl, tokens=base.tokens)
+    grams = calibration.calibrate("demo", model=model, tokenizer=tok)
+    cache: dict = {}
+    for name, method, strat, budget, fixed in strategy_rows():
+        if args.only and name not in args.only:
+            continue
+        if name in results and not args.only:
+            continue
+        layers, alloc_s, record = strategy_layers(method, strat, budget, cache)
+        layers = fix_knobs(layers, fixed)
+        plan = plans.parse({"version": 1, "model": "demo", "layers": layers})
+        totals = plans.totals(plans.resolve(plan, list(models.matrices("demo"))))
+        t0 = time.perf_counter()
+        compressed, _, _ = plans.apply_plan(model, plan, grams)
+        apply_s = time.perf_counter() - t0
+        r = ev.perplexity(compressed, tok, ids=ids, max_tokens=args.max_tokens)
+        results[name] = dict(
+            ppl=r.ppl,
+            tokens=r.tokens,
+            method=method,
+            strategy=strat,
+            budget=budget,
+            fixed=fixed,
+            params_kept=totals["params_ratio"],
+            bits_per_param=totals["bits_per_param"],
+            allocation_seconds=alloc_s,
+            apply_seconds=apply_s,
+            allocation=record,
+        )
+        print(
+            f"{name}: ppl {r.ppl:,.2f}, params {totals['params_ratio']:.4f}, "
+            f"{totals['bits_per_param']:.3f} bits, allocation {alloc_s:.1f} s",
+            flush=True,
+        )
+        del compressed
+        write_results(out, results)
+    write_results(out, results)
+    plot_strategies(results, RESULTS / "strategies.png")
+
+
+def plot_strategies(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
+    for ax, pruner in zip(axes, ("wanda", "sparsegpt"), strict=True):
+        for strat in ("uniform", "owl", "alpha", "farms", "loss"):
+            pts = [
+                (s, results.get(f"prune-{s}-{pruner}-{strat}", {}).get("ppl")) for s in SPARSITIES
+            ]
+            pts = [(s, y) for s, y in pts if y is not None]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", label=strat)
+        if "dense" in results:
+            ax.axhline(results["dense"]["ppl"], color="gray", ls="--", lw=1, label="dense")
+        ax.set_yscale("log")
+        ax.set_xlabel(f"sparsity ({pruner})")
+        ax.set_ylabel("perplexity (builtin eval)")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.suptitle("SmolLM2-135M: sparsity allocation strategies at matched parameters")
+    fig.tight_layout()
+    fig.savefig(path)
+    print(f"plot: {path}", file=sys.stderr)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--max-tokens", type=int)
     p.add_argument("--only", nargs="*", help="run only these rows (e.g. lowrank-0.5-fisher)")
     p.add_argument("--out", type=Path, default=RESULTS / "bench_allocation.json")
     p.add_argument("--plot", action="store_true", help="only draw allocation.png from --out")
+    p.add_argument("--strategies", action="store_true", help="part (4): plan auto --allocate")
     args = p.parse_args()
+    if args.strategies:
+        run_strategies(args)
+        return
     if args.plot:
         plot(json.loads(args.out.read_text()), RESULTS / "allocation.png")
         return
