@@ -114,7 +114,7 @@ def apply(
         def compress_block(block: int, block_grams_: dict) -> None:
             if on_grams is not None:
                 on_grams(block, block_grams_)
-            state.compress_block(block, as_float64(block_grams_))
+            state.compress_block(block, block_grams_)
 
         last = max(e.block for e in todo if needs_data(e.config))
         # the next blocks' inputs go through dense stand-ins of the reconstructed weights
@@ -140,7 +140,9 @@ def apply(
                 continue
             aware = any(needs_data(e.config) for e in mine)
             with blocks.onloaded(model, layers[block]):
-                state.compress_block(block, as_float64(grams[block]) if aware else None)
+                # H as stored (float32): each method widens the one it is using to
+                # float64, so a block's Grams are never held twice
+                state.compress_block(block, grams[block] if aware else None)
                 state.finish_block(block)
     with blocks.onloaded(model, *blocks.outer_modules(model)):
         state.compress_rest()

@@ -82,6 +82,7 @@ def relative_error(w: torch.Tensor, w_hat: torch.Tensor) -> float:
 def h_norm(e: torch.Tensor, h: torch.Tensor) -> float:
     """sqrt(tr(E H E^T)) = ||E X^T||_F for H = X^T X: the calibration-weighted norm."""
     e = e.to(torch.float64)
+    h = h.to(device=e.device, dtype=torch.float64)
     return float(torch.sqrt(torch.clamp(torch.einsum("ij,jk,ik->", e, h, e), min=0)))
 
 
@@ -140,8 +141,15 @@ def whitening_factor(method: str, calib: Calibration | None) -> torch.Tensor:
 def hessian_inverse_factor(h: torch.Tensor, damp: float = DAMP, perm: torch.Tensor | None = None):
     """(upper Cholesky factor of (H + damp * mean diag)^-1, mask of dead input columns),
     with H's columns and rows in the order `perm` when given (act_order)."""
-    h = h.to(torch.float64)
-    h = h[perm][:, perm] if perm is not None else h.clone()
+    wide = h.to(torch.float64)  # a copy unless h is float64 already
+    if perm is not None:
+        rows = wide[perm]
+        del wide
+        h = rows[:, perm]
+        del rows
+    else:
+        h = wide.clone() if wide is h else wide
+        del wide
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
     torch.diagonal(h).add_(damp * torch.diagonal(h).mean())
