@@ -412,11 +412,51 @@ def scale() -> str:
     )  # fmt: skip
 
 
+def strategies() -> str:
+    """plan auto --allocate side by side (bench_allocation.py --strategies)."""
+    path = RESULTS / "bench_strategies.json"
+    if not path.is_file():
+        return "*Not measured yet: `python benchmarks/bench_allocation.py --strategies`.*"
+    d = load("bench_strategies")
+    groups: dict[str, dict] = {}
+    for name, r in d.items():
+        if not isinstance(r, dict) or "strategy" not in r:
+            continue
+        row = name.rsplit("-", 1)[0]  # e.g. prune-0.7-wanda
+        groups.setdefault(row, {})[r["strategy"]] = r
+    order = ("uniform", "owl", "alpha", "farms", "loss")
+    rows = []
+    for row, by in groups.items():
+        budget = next(iter(by.values()))
+        kept = f"{budget['params_kept']:.3f}" if "target_params" in budget["budget"] else ""
+        bits = f"{budget['bits_per_param']:.2f}" if "target_bits" in budget["budget"] else ""
+        best = min(by, key=lambda k: by[k]["ppl"])
+        cells = [
+            (f"**{ppl(by[k]['ppl'])}**" if k == best else ppl(by[k]["ppl"])) if k in by else ""
+            for k in order
+        ]
+        times = ", ".join(f"{k} {secs(by[k]['allocation_seconds'])}" for k in order if k in by)
+        rows.append([f"`{row}`", kept or bits, *cells, times])
+    dense = d.get("dense", {})
+    return "\n\n".join(
+        [
+            f"Dense: {ppl(dense.get('ppl'))} on {dense.get('tokens', '?'):,} evaluation tokens; "
+            "the best of each row in bold.",
+            table(["row", "params kept / bits", *order, "allocation time"], rows),
+            "![Sparsity allocation strategies](img/bench/strategies.png)"
+            if (RESULTS / "strategies.png").is_file()
+            else "",
+            source("bench_strategies"),
+        ]
+    )
+
+
 SECTIONS = {
     "spectra": spectra_speed,
     "quality": quality,
     "healing": healing,
     "allocation": allocation,
+    "strategies": strategies,
     "peers": peers,
     "export": export,
     "other": small,
