@@ -129,35 +129,27 @@ RANK_KEPT = (0.5, 0.8)
 
 
 def strategy_rows() -> list[tuple[str, str, str, dict, dict]]:
-    """(row, method, strategy, budget, fixed knobs) of part (4)."""
+    """(row, method, strategy, budget, fixed knobs) of part (4), the issue's targets
+    first (70% Wanda), so that an interrupted run has measured what matters most."""
     rows = []
-    for s in SPARSITIES:
+    for s in sorted(SPARSITIES, reverse=True):
         for pruner in ("wanda", "sparsegpt"):
             for strat in ("uniform", "owl", "alpha", "farms", "loss"):
                 fixed = {"wanda": pruner == "wanda", "sparsegpt": pruner == "sparsegpt"}
-                rows.append(
-                    (
-                        f"prune-{s}-{pruner}-{strat}",
-                        "prune",
-                        strat,
-                        dict(target_params=1 - s),
-                        fixed,
-                    )
-                )
+                name = f"prune-{s}-{pruner}-{strat}"
+                rows.append((name, "prune", strat, dict(target_params=1 - s), fixed))
     for f in RANK_KEPT:
         for strat in ("uniform", "alpha", "farms", "loss"):
-            rows.append(
-                (
-                    f"lowrank-{f}-whiten-{strat}",
-                    "lowrank",
-                    strat,
-                    dict(target_params=f),
-                    {"whiten": True},
-                )
-            )
+            name = f"lowrank-{f}-whiten-{strat}"
+            rows.append((name, "lowrank", strat, dict(target_params=f), {"whiten": True}))
     for strat in ("uniform", "alpha", "loss"):
         rows.append((f"gptq-3bit-{strat}", "quant", strat, dict(target_bits=3.0), {"gptq": True}))
-    return rows
+    first = [r for r in rows if r[0].startswith("prune-0.7-wanda")]
+    return (
+        first
+        + [r for r in rows if r not in first and not r[0].startswith("prune")]
+        + [r for r in rows if r not in first and r[0].startswith("prune")]
+    )
 
 
 def strategy_layers(method: str, strat: str, budget: dict, cache: dict) -> tuple[dict, float]:
