@@ -3,9 +3,10 @@
 import time
 
 PHASES = ("compressing", "block", "windows", "dense", "candidates")
-# seconds per item of each phase, learned from the phases finished in this process; a
-# baseline's blocks ("dense") cost what a preview's blocks cost
-RATES: dict[str, float] = {}
+# seconds per item of each (job, phase), learned from the phases finished in this
+# process (a calibration's blocks are not a preview's); a baseline's blocks ("dense")
+# cost what a preview's blocks cost
+RATES: dict[tuple[str, str], float] = {}
 SAME_RATE = {"dense": "block"}
 
 
@@ -26,8 +27,7 @@ class Eta:
     def _learn(self, now: float) -> None:
         if self.phase in PHASES and self.done:
             rate = (now - self.start) / self.done
-            RATES[self.phase] = rate
-            RATES[SAME_RATE.get(self.phase, self.phase)] = rate
+            RATES[self.name, self.phase] = RATES[self.name, _base(self.phase)] = rate
 
     def __call__(self, done: int, total: int, what: str) -> None:
         first = what.split(" ")[0].rstrip(",")
@@ -40,9 +40,9 @@ class Eta:
         self.done = done
         frac = done / max(total, 1)
         own = (now - self.start) / done if done and now - self.start > 0.5 else None
-        rates = dict(RATES)
+        rates = {p: r for (job, p), r in RATES.items() if job == self.name}
         if own is not None:  # this phase's rate holds for what costs the same later
-            rates[phase] = rates[SAME_RATE.get(phase, phase)] = own
+            rates[phase] = rates[_base(phase)] = own
         rate = rates.get(SAME_RATE.get(phase, phase))
         later = list(self.ahead.items())
         known = sum(n * rates[_base(p)] for p, n in later if _base(p) in rates)
