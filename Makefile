@@ -38,7 +38,7 @@ $(RAY_STAMP): $(STAMP)
 
 test: setup browser $(RAY_STAMP)
 	$(BIN)/ruff check spectra compressors app tests benchmarks docs/gen
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 # the CLI reference, plan keys and benchmark tables are generated at build time
 # (docs/gen/hooks.py), from the parser, the method registry and benchmarks/results
