@@ -128,13 +128,20 @@ def whitening_factor(method: str, calib: Calibration | None) -> torch.Tensor:
     """
     if calib is None:
         raise config_error(method, "whiten", True, "needs calibration data")
+    # one float64 copy of H whose diagonal takes the jitter, and the factor: two n x n
+    # matrices (an 8B model's down_proj: 1.6 GB each), never an identity beside them
     h = calib.hessian.to(torch.float64)
-    scale = float(torch.diagonal(h).mean().clamp_min(1e-30))
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    if h is calib.hessian:
+        h = h.clone()
+    diag = torch.diagonal(h)
+    base = diag.clone()
+    scale = float(base.mean().clamp_min(1e-30))
     for jitter in JITTERS:
-        chol, info = torch.linalg.cholesky_ex(h + jitter * scale * eye)
+        diag.copy_(base + jitter * scale)
+        chol, info = torch.linalg.cholesky_ex(h)
         if int(info) == 0:
             return chol
+        del chol
     raise config_error(method, "whiten", True, "calibration Gram is not positive definite")
 
 
