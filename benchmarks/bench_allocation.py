@@ -275,6 +275,11 @@ def main() -> None:
     p.add_argument("--plot", action="store_true", help="only draw allocation.png from --out")
     p.add_argument("--strategies", action="store_true", help="part (4): plan auto --allocate")
     args = p.parse_args()
+    if args.strategies and args.plot:
+        plot_strategies(
+            json.loads((RESULTS / "bench_strategies.json").read_text()), RESULTS / "strategies.png"
+        )
+        return
     if args.strategies:
         run_strategies(args)
         return
