@@ -14,7 +14,7 @@ SHOWN = 15  # modules listed on the terminal (the --out file and --json hold all
 
 def cmd_sensitivity(args) -> int:
     # deferred: these pull in torch; `spectra --help` imports this module
-    from spectra.plan import correlate as corr
+    from spectra.plan import correlate
 
     if args.out is not None:
         check_out_path(args.out)
@@ -23,7 +23,7 @@ def cmd_sensitivity(args) -> int:
     handle = open_model(args.model, args.device, args.dtype, args.offload)
     info: dict = {}
     with progress_bar(f"{args.kind} sensitivity") as progress:
-        table = corr.sensitivity_table(
+        table = correlate.sensitivity_table(
             args.model,
             settings,
             args.device,
@@ -34,10 +34,10 @@ def cmd_sensitivity(args) -> int:
         )
         ranked, metrics = None, None
         if args.correlate:
-            metrics = corr.metric_table(
+            metrics = correlate.metric_table(
                 args.model, not args.no_cache, _calibration(args.model, settings), progress
             )
-            ranked = corr.correlate(table, metrics)
+            ranked = correlate.correlate(table, metrics)
     if args.out is not None:
         full = table if metrics is None else table.join(metrics, on="name", how="left")
         _write(full, args.out)

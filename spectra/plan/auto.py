@@ -12,7 +12,7 @@ import torch
 
 from compressors.registry import METHODS
 from spectra.analysis import analyze, spectra_by_name
-from spectra.data import calibration as calibration_cache
+from spectra.data import calibration
 from spectra.errors import SpectraInputError
 from spectra.io import models
 from spectra.io.roles import ROLES
@@ -190,7 +190,7 @@ def auto_plan(
     modules = load_modules(spec, shapes)
     seconds = {}
     dmg = cands.Damage()
-    calibration = None  # the plan's calibration block: the one its damage was scored on
+    calib_block = None  # the plan's calibration block: the one its damage was scored on
     if sensitivity != "none":
         t = time.perf_counter()
         settings = sens_settings or sens.SensitivitySettings(kind=sensitivity)
@@ -201,7 +201,7 @@ def auto_plan(
                 spec, settings, device, use_cache, progress, importance=importance, handle=handle
             )
             dmg = cands.Damage(hessian=got.hessians, importance=got.importance, rows=got.rows)
-            calibration = settings.calib_spec(spec)
+            calib_block = settings.calib_spec(spec)
         elif sensitivity == "fisher":
             fisher = sens.compute(spec, settings, device, use_cache, progress, handle=handle)
             dmg = cands.Damage(fisher=fisher)
@@ -231,7 +231,7 @@ def auto_plan(
             if hessians is None:
                 hessians, windows = _owl_grams(spec, strategy, device, use_cache, handle)
             else:
-                windows = dict(calibration.windows_key)
+                windows = dict(calib_block.windows_key)
             values = owl_values(units, cands.Weights(modules), hessians)
         free = method == "prune" and dmg.hessian is None  # magnitude: e's default is 0.3
         chosen, record = allocate_strategy(strategy, units, budget, key, values, free)
@@ -246,8 +246,8 @@ def auto_plan(
             for name in u.names:
                 layers[name], shapes[name] = c.config, shape_of[name]
     plan = Plan(model=spec, layers=layers, shapes=shapes)
-    if calibration is not None:
-        plan = dataclasses.replace(plan, calibration=calibration)
+    if calib_block is not None:
+        plan = dataclasses.replace(plan, calibration=calib_block)
     if record is not None:
         plan = dataclasses.replace(plan, allocation=record)
     return AutoResult(
@@ -272,7 +272,7 @@ def _owl_grams(spec: str, strategy: Strategy, device, use_cache, handle) -> tupl
     strategy's, else the newest cached one, else FIRST_CALIB_TOKENS computed first."""
     settings = strategy.calib
     if settings is None:
-        found = calibration_cache.latest(spec)
+        found = calibration.latest(spec)
         if found is not None:
             c = found.settings
             settings = sens.SensitivitySettings("calib", c.corpus, c.tokens, c.seqlen)
