@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
         "sensitivity",
         help="per-module loss sensitivity, and which spectral metric predicts it",
     )
-    se.add_argument("model", help="demo, a model directory, a .safetensors/.gguf file or a hub id")
+    se.add_argument("model", help=MODEL_HELP)
     se.add_argument(
         "--kind",
         default="fisher",
