@@ -235,14 +235,21 @@ class Previewer:
         changed, units = self._units(layers, {} if baseline else None)
         todo = sum(c is not None and self._key(u, c) not in self.built for u, c in units.items())
         fresh = baseline or (self.records is not None and self.tokens == tokens)
-        if not fresh or (not changed and not self.history and not baseline):
-            first = 0
-        elif not changed:
-            first = n
-        else:
-            known = [self.targets[c][0].block for c in changed]
-            first = 0 if None in known else min(known)
+        first = self._first_block(changed, fresh)
+        if first is None:  # nothing changed: the last result, or a first score
+            first = n if self.history else 0
         return {"dense": n if baseline else 0, "compressing": todo, "block": n - first}
+
+    def _first_block(self, changed: list[str], fresh: bool) -> int | None:
+        """The first block a score must run: 0 without records of these tokens (or with
+        a changed module outside the blocks), else the first changed block; None when
+        nothing changed."""
+        if not fresh:
+            return 0
+        if not changed:
+            return None
+        known = [self.targets[c][0].block for c in changed]
+        return 0 if None in known else min(known)
 
     def _install(self, layers: dict[str, object], progress=None) -> tuple[list[str], int]:
         """Swap in the modules whose setting changed; returns (changed names, compressions)."""
@@ -285,13 +292,10 @@ class Previewer:
         except BaseException:  # cancelled halfway: the records no longer match the modules
             self.records = None
             raise
-        blocks_before = {self.targets[n][0].block for n in changed}
         if self.tokens != tokens:
             self.records = None
-        first = None
-        if changed or self.records is None:
-            known = [b for b in blocks_before if b is not None]
-            first = 0 if self.records is None or len(known) < len(blocks_before) else min(known)
+        first = self._first_block(changed, self.records is not None)
+        if first is not None:
             ppl = self._score(batches, first, progress)
             self.tokens = tokens
         else:
