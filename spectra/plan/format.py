@@ -379,12 +379,15 @@ def weight_ranks(targets, read=None):
     (out, in) weight, when it must be read rather than taken from the module)."""
     import functools
 
+    if read is None:
+
+        def read(name):
+            target, module = targets[name]
+            return target.weight(module)
+
     @functools.cache
     def sigma(name):
-        if read is not None:
-            return singular_values(read(name).double().numpy())
-        target, module = targets[name]
-        return singular_values(target.weight(module).double().numpy())
+        return singular_values(read(name).double().numpy())
 
     def rank_of(name, energy):
         return energy_rank(sigma(name), energy)
