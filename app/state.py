@@ -190,6 +190,18 @@ def calib_tokens() -> int:
     return int(st.session_state.get("calib_size", FIRST_CALIB_TOKENS))
 
 
+def auto_steps(spec: str, calibrating: bool) -> dict[str, int]:
+    """The phases Auto-allocate runs, in order, as their progress names them (for the
+    time left over all of them): the calibration's blocks, one candidate unit per linear
+    module, then at most one compression per module to build the plan's modules (the
+    allocation then says how many). {} for a model that cannot be previewed."""
+    if not can_calibrate(spec):
+        return {}
+    pv = previewer(spec)
+    n = len(pv.targets)
+    return {"block": len(pv.layers) if calibrating else 0, "candidates": n, "compressing": n}
+
+
 def calib_settings(spec: str):
     from spectra.data.calibration import for_model
 

@@ -37,6 +37,9 @@ ALLOCATE = {  # plan auto --allocate
     "owl": "outliers (OWL)",
 }
 
+# what each phase of Auto-allocate is part of, as its progress says it
+STEPS = {"block": "calibration", "candidates": "ranking", "compressing": "building"}
+
 
 def init() -> None:
     """The plan state, started afresh for a new session or a different model."""
@@ -159,17 +162,19 @@ def budget_controls(spec: str) -> None:
     if c[5].button("Auto-allocate", key="auto_go", type="primary"):
         st.session_state.auto_fallback = None
         bar = st.progress(0.0, "Preparing...")
+        calibrate = (sens == "calib" or allocate == "owl") and not calibrated
+        if calibrate and not state.can_calibrate(spec):
+            calibrate, sens = False, "none"
+            st.session_state.auto_fallback = (
+                "This model cannot be calibrated (no tokenizer): allocated on the "
+                "data-free weight error. Give it a tokenizer and compute a "
+                "calibration (or `spectra calibrate MODEL`) for a calibrated plan."
+            )
+        # one time left over every step: calibration, ranking, building the modules
+        eta = Eta(bar, "auto-allocate", plan=state.auto_steps(spec, calibrate), labels=STEPS)
         try:
-            if (sens == "calib" or allocate == "owl") and not calibrated:
-                if state.can_calibrate(spec):
-                    state.compute_calibration(spec, progress=Eta(bar, "calibration"))
-                else:
-                    sens = "none"
-                    st.session_state.auto_fallback = (
-                        "This model cannot be calibrated (no tokenizer): allocated on the "
-                        "data-free weight error. Give it a tokenizer and compute a "
-                        "calibration (or `spectra calibrate MODEL`) for a calibrated plan."
-                    )
+            if calibrate:
+                state.compute_calibration(spec, progress=eta)
             out = state.auto_layers(
                 spec,
                 method,
@@ -177,14 +182,14 @@ def budget_controls(spec: str) -> None:
                 float(target),
                 sens,
                 state.calib_tokens(),
-                progress=Eta(bar, "allocation"),
+                progress=eta,
                 allocate=allocate,
             )
         except SpectraInputError as e:
             bar.empty()
             st.error(str(e))
             return
-        prebuild(spec, out["layers"], bar)
+        prebuild(spec, out["layers"], eta)
         bar.empty()
         rebase(out["layers"])
         st.session_state.auto_message = auto_message(method, sens, out["summary"], allocate)
@@ -196,13 +201,15 @@ def budget_controls(spec: str) -> None:
         st.warning(st.session_state.auto_fallback)
 
 
-def prebuild(spec: str, layers: dict, bar) -> None:
+def prebuild(spec: str, layers: dict, eta: Eta) -> None:
     """Compress the allocated plan into the store the previews read, so that the first
     preview only evaluates (a model that cannot be previewed, no tokenizer, skips it)."""
     if not state.can_calibrate(spec):
         return
     configs = {k: pe.config_of(v) for k, v in layers.items()}
-    state.previewer(spec).prebuild(configs, progress=Eta(bar, "building the plan's modules"))
+    pv = state.previewer(spec)
+    eta.expect("compressing", pv.pending(configs)["compressing"])
+    pv.prebuild(configs, progress=eta)
 
 
 def auto_message(method: str, sens: str, s: dict, allocate: str = "loss") -> str:

@@ -233,3 +233,45 @@ def test_the_time_left_counts_the_phases_to_come():
     assert bar.text.endswith("(1/1, about 10 s left)"), bar.text
     eta(1, 2, "block 1/2")
     assert "about 5 s left" in bar.text, bar.text
+
+
+def test_auto_allocate_time_left_spans_its_steps():
+    """Auto-allocate's steps (calibration, ranking, building) under one time left: the
+    steps to come are named until they have run once, then counted at their rates."""
+    from app.views import progress
+
+    class Bar:
+        text = ""
+
+        def progress(self, value, text):
+            self.text = text
+
+    steps = {"block": 2, "candidates": 3, "compressing": 3}
+    labels = {"block": "calibration", "candidates": "ranking"}
+    progress.RATES.clear()
+    bar = Bar()
+    eta = progress.Eta(bar, "auto-allocate", plan=steps, labels=labels)
+    eta(1, 2, "block 0")
+    assert bar.text == "Auto-allocate: calibration block 0 (1/2, then 3 candidates, 3 compressions)"
+    eta.start -= 10
+    eta(1, 2, "block 0")
+    assert "about 10 s left then 3 candidates, 3 compressions" in bar.text, bar.text
+    eta(2, 2, "block 1")
+    eta(1, 3, "candidates model.layers.0.q_proj")
+    assert "ranking candidates" in bar.text and "then 3 compressions" in bar.text, bar.text
+    eta.start -= 2
+    eta(1, 3, "candidates model.layers.0.q_proj")
+    eta(3, 3, "candidates lm_head")
+    eta.expect("compressing", 1)  # the allocation compresses one module
+    eta(0, 1, "compressing model.layers.0.q_proj")
+    eta.start -= 3
+    eta(1, 1, "compressing model.layers.0.q_proj")
+    # a second Auto-allocate in the process: every step counted from the start
+    again = progress.Eta(bar, "auto-allocate", plan=steps, labels=labels)
+    again(0, 2, "block 0")
+    # 2 blocks at 5 s + 3 candidates at 2/3 s + 3 compressions at 3 s
+    assert bar.text.endswith("(0/2, about 21 s left)"), bar.text
+    # an allocation read from the store skips the ranking: building follows calibration
+    again(2, 2, "block 1")
+    again(0, 3, "compressing model.layers.0.q_proj")
+    assert "candidates" not in again.ahead and bar.text.endswith("about 9 s left)"), bar.text
