@@ -55,6 +55,9 @@ class DiskOffload:
         self.placeholder: dict[int, nn.Parameter] = {}
         self.key: dict[int, TensorRef] = {}
         self.group: dict[tuple[int, str], int] = {}
+        # the groups each onload materialised, released by the matching offload even
+        # where a module swapped in since (apply's compact modules) hides the old ones
+        self.live: dict[int, list[int]] = defaultdict(list)
         for mod_name, module in model.named_modules(remove_duplicate=False):
             for attr, p in module._parameters.items():
                 if p is None:
@@ -86,8 +89,12 @@ class DiskOffload:
                 real = nn.Parameter(t, requires_grad=False)
                 for m, a in self.slots[g]:
                     m._parameters[a] = real
+                self.live[id(module)].append(g)
 
     def offload(self, module: nn.Module) -> None:
+        for g in self.live.pop(id(module), ()):
+            for m, a in self.slots[g]:
+                m._parameters[a] = self.placeholder[g]
         for sub in module.modules():
             for attr, p in list(sub._parameters.items()):
                 g = self.group.get((id(sub), attr))

@@ -69,6 +69,24 @@ def test_streamed_model_holds_only_what_is_onloaded(tiny_llama_dir):
     assert all(p.is_meta for p in model.parameters())
 
 
+def test_a_module_swapped_in_while_onloaded_still_frees_the_one_it_replaced(tiny_llama_dir):
+    """apply puts compact modules in place of a block's dense ones while the block is
+    onloaded: leaving the block must free the dense weights all the same (a block's
+    worth of memory per block, before)."""
+    from torch import nn
+
+    from compressors.apply import set_module
+
+    model = handle.open_model(str(tiny_llama_dir), "cpu", "float32", "disk").load()
+    layer = blocks.decoder_layers(model)[0]
+    dense = layer.mlp.up_proj
+    with blocks.onloaded(model, layer):
+        assert not dense.weight.is_meta
+        set_module(model, "model.layers.0.mlp.up_proj", nn.Identity())
+    assert dense.weight.is_meta
+    assert all(p.is_meta for p in model.parameters())
+
+
 PLAN = """version: 1
 calibration: {corpus: builtin, samples: 8, seqlen: 64, seed: 0%s}
 rules:
