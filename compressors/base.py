@@ -128,16 +128,21 @@ def whitening_factor(method: str, calib: Calibration | None) -> torch.Tensor:
     """
     if calib is None:
         raise config_error(method, "whiten", True, "needs calibration data")
-    # one float64 copy of H whose diagonal takes the jitter, and the factor: two n x n
-    # matrices (an 8B model's down_proj: 1.6 GB each), never an identity beside them
-    h = calib.hessian.to(torch.float64)
-    if h is calib.hessian:
-        h = h.clone()
-    diag = torch.diagonal(h)
-    base = diag.clone()
-    scale = float(base.mean().clamp_min(1e-30))
+    # one float64 copy of H whose diagonal takes the jitter, factored in its own memory
+    # on the CPU (an 8B model's down_proj: 1.6 GB); torch's factor is a second matrix
+    on_cpu = calib.hessian.device.type == "cpu"
+    h = None
     for jitter in JITTERS:
-        diag.copy_(base + jitter * scale)
+        if h is None:  # LAPACK left a failed attempt's partial factor in it: afresh
+            h = _wide_copy(calib.hessian)
+            scale = float(torch.diagonal(h).mean().clamp_min(1e-30))
+            base = torch.diagonal(h).clone()
+        torch.diagonal(h).copy_(base + jitter * scale)
+        if on_cpu:
+            if _cholesky_in_place(h):
+                return h
+            h = None
+            continue
         chol, info = torch.linalg.cholesky_ex(h)
         if int(info) == 0:
             return chol
@@ -148,21 +153,72 @@ def whitening_factor(method: str, calib: Calibration | None) -> torch.Tensor:
 def hessian_inverse_factor(h: torch.Tensor, damp: float = DAMP, perm: torch.Tensor | None = None):
     """(upper Cholesky factor of (H + damp * mean diag)^-1, mask of dead input columns),
     with H's columns and rows in the order `perm` when given (act_order)."""
-    wide = h.to(torch.float64)  # a copy unless h is float64 already
-    if perm is not None:
-        rows = wide[perm]
-        del wide
-        h = rows[:, perm]
-        del rows
-    else:
-        h = wide.clone() if wide is h else wide
-        del wide
+    if perm is None:
+        h = _wide_copy(h)
+    else:  # widened and permuted a band of rows at a time: one n x n float64, no more
+        perm = perm.to(h.device)
+        wide = torch.empty(h.shape, dtype=torch.float64, device=h.device)
+        for r0 in range(0, len(perm), 1024):
+            wide[r0 : r0 + 1024] = h[perm[r0 : r0 + 1024]][:, perm]
+        h = wide
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
     torch.diagonal(h).add_(damp * torch.diagonal(h).mean())
-    # two n x n matrices alive at a time (down_proj of an 8B model: 1.6 GB each)
+    if h.device.type == "cpu":
+        return _inverse_factor_in_place(h), dead
+    # on a GPU, two n x n matrices alive at a time (torch factors a copy); the inverse
+    # overwrites the factor
     low = torch.linalg.cholesky(h)
     del h
-    inv = torch.cholesky_inverse(low)
-    del low
-    return torch.linalg.cholesky(inv, upper=True), dead
+    torch.cholesky_inverse(low, out=low)
+    return torch.linalg.cholesky(low, upper=True), dead
+
+
+def _wide_copy(h: torch.Tensor) -> torch.Tensor:
+    """A C-contiguous float64 copy of `h`, whatever its dtype and strides."""
+    return torch.empty(h.shape, dtype=torch.float64, device=h.device).copy_(h)
+
+
+def _cholesky_in_place(h: torch.Tensor) -> bool:
+    """Overwrite the symmetric float64 CPU `h` with its lower Cholesky factor (LAPACK's
+    potrf on the same memory); False, with h spoilt, when h is not positive definite.
+
+    h is C-ordered: its transpose, the same memory and the same matrix, is the Fortran
+    array LAPACK factors as U^T U; U^T, the lower factor, lies in h's lower triangle."""
+    from scipy.linalg import lapack
+
+    f = h.numpy().T
+    out, info = lapack.dpotrf(f, lower=0, clean=0, overwrite_a=1)
+    if out.ctypes.data != f.ctypes.data:
+        raise RuntimeError("LAPACK potrf copied its input")  # never half in place
+    if info != 0:
+        return False
+    h.tril_()  # the strict upper triangle still holds H
+    return True
+
+
+def _inverse_factor_in_place(h: torch.Tensor) -> torch.Tensor:
+    """The upper Cholesky factor of h^-1 for a symmetric positive definite float64 CPU
+    `h`, computed in h's own memory: LAPACK's potrf, potri, potrf in place, so a
+    factor costs one n x n matrix (an 8B model's down_proj: 1.6 GB), not torch's two.
+
+    h is C-ordered; its transpose (the same memory, the same matrix) is the Fortran
+    array LAPACK overwrites. The lower factor of h^-1 in Fortran order is the upper
+    factor U (h^-1 = U^T U) in C order."""
+    import numpy as np
+    from scipy.linalg import lapack
+
+    f = h.numpy().T  # Fortran-contiguous: LAPACK works in place
+    for step, run in (
+        ("potrf", lambda a: lapack.dpotrf(a, lower=1, clean=0, overwrite_a=1)),
+        ("potri", lambda a: lapack.dpotri(a, lower=1, overwrite_c=1)),
+        ("potrf", lambda a: lapack.dpotrf(a, lower=1, clean=0, overwrite_a=1)),
+    ):
+        out, info = run(f)
+        if info != 0:
+            raise torch.linalg.LinAlgError(
+                f"{step} failed (info {info}): H is not positive definite"
+            )
+        if not np.shares_memory(out, f):
+            raise RuntimeError(f"LAPACK {step} copied its input")  # never half in place
+    return h.triu_()  # the strict lower triangle holds what potri left there

@@ -129,15 +129,22 @@ def compress(
     r = config.rank
     if r is None:
         r = energy_rank(torch.linalg.svdvals(w).cpu().numpy(), config.energy)
-    chol = None
     if config.whiten:
         chol = whitening_factor("lowrank", calib)
-        w = w @ chol
-    u, s, vt = torch.linalg.svd(w, full_matrices=False)
-    root = s[:r].sqrt()
-    a, b = u[:, :r] * root, root[:, None] * vt[:r]
-    if chol is not None:  # B L^{-1}: solve X L = B
-        b = torch.linalg.solve_triangular(chol, b, upper=False, left=False)
+        wl = w @ chol
+        del chol  # not needed again: B comes from W itself (below)
+        u, s, _ = torch.linalg.svd(wl, full_matrices=False)
+        del wl
+        root = s[:r].sqrt()
+        a = u[:, :r] * root
+        # B = root V_r^T L^-1 = root^-1 U_r^T W, as W L = U S V^T: A B = U_r U_r^T W
+        # projects W, and neither L nor its inverse is held beside the SVD
+        inv = torch.where(root > 0, 1 / root, torch.zeros_like(root))
+        b = inv[:, None] * (u[:, :r].T @ w)
+    else:
+        u, s, vt = torch.linalg.svd(w, full_matrices=False)
+        root = s[:r].sqrt()
+        a, b = u[:, :r] * root, root[:, None] * vt[:r]
     fb, gs = config.factor_bits, config.factor_group_size
     return LowRank(
         factors.quantize_factor(a.to(weight.dtype), fb, gs),

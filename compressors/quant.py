@@ -228,15 +228,14 @@ def quantize(w: torch.Tensor, scale, zero, bits: int, group_size: int) -> torch.
 
 def compress(weight: torch.Tensor, config: QuantConfig, calib: Calibration | None = None):
     """Group-wise round-to-nearest, or GPTQ when `config.gptq`."""
-    w = weight.detach().to(torch.float64)
     if config.gptq and calib is None:
         raise config_error("quant", "gptq", True, "needs calibration data")
     if config.quantizer == "e8p":
-        config.check_shape(*w.shape)
+        config.check_shape(*weight.shape)
         return e8p.quip_sharp(weight, calib.hessian)
-    if config.gptq:
+    if config.gptq:  # ldlq widens the one copy it works on
         codes, scale, zero = ldlq(
-            w,
+            weight.detach(),
             calib.hessian,
             config.bits,
             config.group_size,
@@ -245,6 +244,7 @@ def compress(weight: torch.Tensor, config: QuantConfig, calib: Calibration | Non
             observer=config.observer,
         )
     else:
+        w = weight.detach().to(torch.float64)
         scale, zero = grid(w, config.bits, config.group_size, config.symmetric, config.observer)
         codes = quantize(w, scale, zero, config.bits, config.group_size)
     return Quantized(
@@ -292,8 +292,8 @@ def ldlq(
     symmetric: bool = False,
     observer: str = "minmax",
 ):
-    """GPTQ/LDLQ: (codes, scales, zeros) of w (m, n) under the Hessian h (n, n), float64
-    on w's device.
+    """GPTQ/LDLQ: (codes, scales, zeros) of w (m, n) under the Hessian h (n, n) on w's
+    device: uint8 codes, float64 grid, computed in float64.
 
     `factor` is hessian_inverse_factor(h) (with perm=act_order_perm(h) under
     `act_order`), when the caller quantizes several matrices under the same Hessian.
@@ -315,12 +315,13 @@ def ldlq(
     u_t, dead = factor if factor is not None else hessian_inverse_factor(h)
     u = u_t.to(dev, f64)
     diag = torch.diagonal(u)
-    wt = w.detach().to(f64).T.clone()  # (n, m)
+    wt = torch.empty(n, m, dtype=f64, device=dev)
+    wt.copy_(w.detach().T)
     wt[dead.to(dev)] = 0
     groups = math.ceil(n / group_size)
     scale = torch.ones(groups, m, dtype=f64, device=dev)
     zero = torch.zeros(groups, m, dtype=f64, device=dev)
-    codes = torch.zeros(n, m, dtype=f64, device=dev)
+    codes = torch.zeros(n, m, dtype=torch.uint8, device=dev)
     top = 2**bits - 1
     hd = torch.diagonal(h).to(dev, f64)
     for b0 in range(0, n, block):
@@ -335,7 +336,7 @@ def ldlq(
             scale[g0 // group_size], zero[g0 // group_size] = s, z
             _columns(wt, u, diag, err, codes, s, z, top, g0, g1, b0)
         if b1 < n:
-            wt[b1:] -= u[b0:b1, b1:].T @ err
+            wt[b1:].addmm_(u[b0:b1, b1:].T, err, alpha=-1)  # in place: no (n, m) temporary
     return codes.T.contiguous(), scale.T.contiguous(), zero.T.contiguous()
 
 
@@ -354,32 +355,39 @@ def _columns(wt, u, diag, err, codes, s, z, top, c0, c1, b0):
 
 def _ldlq_act_order(w, h, bits, group_size, block, factor, symmetric, observer):
     """GPTQ over the columns in decreasing diag(H), each column on its group's grid
-    fixed from the original weights; codes returned in the original column order."""
+    fixed from the original weights; codes returned in the original column order.
+
+    Working set beside the factor: the weights once, transposed in float64 (an 8B
+    model's down_proj: 0.47 GB), and uint8 codes; each column reads its group's row of
+    the grid instead of an (n, m) gather of it."""
     m, n = w.shape
     dev, f64 = w.device, torch.float64
     perm = act_order_perm(h).to(dev)
-    u_t, dead = factor if factor is not None else hessian_inverse_factor(h, perm=perm.cpu())
-    w = w.detach().to(f64)
-    # (m, groups), from the original weights
-    scale, zero = grid(w, bits, group_size, symmetric, observer, torch.diagonal(h))
-    group_of = perm // group_size  # processing position -> its column's group
-    s_t, z_t = scale.T[group_of], zero.T[group_of]  # (n, m)
+    # (m, groups), from the original weights: before the factor, so that its float64
+    # transients are gone by the time the factor's are made
+    scale, zero = grid(w.detach().to(f64), bits, group_size, symmetric, observer, torch.diagonal(h))
+    u_t, dead = factor if factor is not None else hessian_inverse_factor(h, perm=perm)
+    group_of = (perm // group_size).tolist()  # processing position -> its column's group
+    s_t, z_t = scale.T.contiguous(), zero.T.contiguous()  # (groups, m)
     u = u_t.to(dev, f64)
     diag = torch.diagonal(u)
-    wt = w.T[perm].clone()  # (n, m), processing order
+    wt = torch.empty(n, m, dtype=f64, device=dev)  # processing order
+    wt.copy_(w.detach().T[perm])
     wt[dead.to(dev)] = 0
-    codes = torch.zeros(n, m, dtype=f64, device=dev)
+    codes = torch.empty(n, m, dtype=torch.uint8, device=dev)
     top = 2**bits - 1
     for b0 in range(0, n, block):
         b1 = min(b0 + block, n)
         err = torch.empty(b1 - b0, m, dtype=f64, device=dev)
         for i in range(b0, b1):  # left-looking within the block, as in ldlq
+            s, z = s_t[group_of[i]], z_t[group_of[i]]
             col = wt[i] if i == b0 else torch.addmv(wt[i], err[: i - b0].T, u[b0:i, i], alpha=-1)
-            q = torch.round(col / s_t[i]).add_(z_t[i]).clamp_(0, top)
+            q = torch.round(col / s).add_(z).clamp_(0, top)
             codes[i] = q
-            torch.sub(col, (q - z_t[i]).mul_(s_t[i]), out=err[i - b0]).div_(diag[i])
+            torch.sub(col, (q - z).mul_(s), out=err[i - b0]).div_(diag[i])
         if b1 < n:
-            wt[b1:] -= u[b0:b1, b1:].T @ err
+            wt[b1:].addmm_(u[b0:b1, b1:].T, err, alpha=-1)  # in place: no (n, m) temporary
+    del wt
     out = torch.empty_like(codes)
     out[perm] = codes
     return out.T.contiguous(), scale, zero

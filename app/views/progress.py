@@ -88,7 +88,10 @@ def _base(phase: str) -> str:
 
 
 def _noun(phase: str, n: int) -> str:
-    word = {"compressing": "compression", "dense": "baseline block", "block": "block", "candidates": "candidate"}.get(
-        phase, phase
-    )
+    word = {
+        "compressing": "compression",
+        "dense": "baseline block",
+        "block": "block",
+        "candidates": "candidate",
+    }.get(phase, phase)
     return word if n == 1 else word + "s"
