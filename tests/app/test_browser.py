@@ -86,12 +86,16 @@ def artifacts() -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def shots() -> Path:
+def shots_dir() -> Path:
     """Where the pages' screenshots go: the documentation's images."""
     out = Path(os.environ.get("SPECTRA_SCREENSHOTS", REPO / "docs" / "img"))
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+@pytest.fixture(scope="module")
+def shots() -> Path:
+    return shots_dir()
 
 
 def metric(page, label: str, timeout: float | None = None) -> str:
@@ -140,7 +144,13 @@ def settle(page) -> None:
 
 @pytest.mark.demo
 @pytest.mark.slow
-def test_browser_session_to_apply_and_eval(server, browser, artifacts, shots, tmp_path, cli):
+def test_first_hour_in_the_browser(server, browser, artifacts, shots, tmp_path, cli):
+    """A new user's first hour (issue 32), on a fresh cache: every page (screenshots for
+    the docs), a heatmap click, a reload of /model; then Plan's Auto-allocate with
+    nothing changed (it calibrates first) and Preview, within 2x of dense and equal to
+    `spectra apply` + `spectra eval` of the exported plan; then edits (a rank, one
+    module to GPTQ through its calibrated switch) that mark the preview out of date, a
+    preview that Stop cancels, and the incremental preview, equal to apply + eval."""
     page = browser.new_page(viewport={"width": 1500, "height": 1100})
     page.set_default_timeout(180_000)
     try:
@@ -152,6 +162,29 @@ def test_browser_session_to_apply_and_eval(server, browser, artifacts, shots, tm
 
 
 def session(page, server, shots, tmp_path, cli):
+    pages(page, server, shots)
+    page.goto(f"{server}/plan")  # a fresh session, straight to the Plan page
+    page.get_by_text("Selected module").wait_for()
+    idle(page)
+    plan1, preview1, dense = default_path(page, tmp_path)
+    preview2, kept, plan2 = edits(page, tmp_path, preview1, dense)
+    page.close()
+
+    for plan, preview in ((plan1, preview1), (plan2, preview2)):
+        out = plan.with_suffix("")
+        r = cli("apply", plan, "--model", "demo", "-o", out, "--json")
+        assert r.returncode == 0, r.stderr
+        if plan is plan2:
+            assert json.loads(r.stdout)["params_ratio"] == pytest.approx(
+                float(kept.rstrip("%")) / 100, abs=6e-4
+            )
+        r = cli("eval", out, "--max-tokens", str(TOKENS), "--json", "--no-baseline")
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["ppl"] == pytest.approx(preview, rel=1e-3), plan.name
+
+
+def pages(page, server, shots):
+    """Every page once, a heatmap click on Spectra, and a reload of /model."""
     page.goto(server)  # the default page, Model, lives at the root
     page.get_by_text("Parameters in them").wait_for()
     idle(page)
@@ -164,184 +197,7 @@ def session(page, server, shots, tmp_path, cli):
     page.locator('[data-testid="stPlotlyChart"] .js-plotly-plot').first.wait_for()
     idle(page)
     page.screenshot(path=shots / "spectra.png", full_page=True)
-
-    page.locator('[data-testid="stSidebarNav"]').get_by_text("Tensor network", exact=True).click()
-    page.get_by_text("Entanglement entropy per bond").first.wait_for()
-    idle(page)
-    page.screenshot(path=shots / "tensor-network.png", full_page=True)
-
-    page.locator('[data-testid="stSidebarNav"]').get_by_text("Sensitivity", exact=True).click()
-    page.get_by_text("Token budget").wait_for()
-    idle(page)
-    page.screenshot(path=shots / "sensitivity.png", full_page=True)
-
-    # Plan: select a matrix, give it a low rank, see its error change with the rank
-    page.locator('[data-testid="stSidebarNav"]').get_by_text("Plan", exact=True).click()
-    page.get_by_text("Selected module").wait_for()
-    idle(page)
-    choose(page, "Module", MODULE)
-    idle(page)
-    assert metric(page, "Relative error") == "0.0000"
-    choose(page, "Method", "lowrank")
-    idle(page)
-    first = wait_metric_change(page, "Relative error", "0.0000")
-    rank = page.locator('[data-testid="stNumberInput"]').filter(has_text="rank").locator("input")
-    rank.fill("8")
-    rank.press("Enter")
-    idle(page)
-    second = wait_metric_change(page, "Relative error", first)
-    assert float(second) > float(first) > 0
-
-    # a perplexity preview of that one-module plan
-    settle(page)
-    page.get_by_role("button", name="Preview perplexity").click()
-    page.get_by_text("Compressed perplexity").wait_for()
-    idle(page)
-    one_module = float(metric(page, "Compressed perplexity"))
-    dense = float(metric(page, "Dense perplexity"))
-    assert one_module > dense > 1
-
-    # a calibration (4,096 tokens to keep the test short): from now on Auto-allocate scores
-    # the calibration-weighted error and offers whitened low rank
-    choose(page, "Calibration tokens", "4,096")
-    idle(page)
-    settle(page)
-    page.get_by_role("button", name="Compute calibration").click()
-    page.get_by_text("Calibration: 4,096 tokens").wait_for()
-    idle(page)
-
-    # auto-allocate lowrank at 50% of the parameters (the default is 80%), preview it
-    target = page.locator('[data-testid="stNumberInput"]').filter(has_text="Target")
-    target.locator("input").fill("0.50")
-    target.locator("input").press("Enter")
-    idle(page)
-    settle(page)
-    page.get_by_role("button", name="Auto-allocate").click()
-    # the first calibrated allocation also runs the gradient pass that weights the
-    # modules' errors (8 windows forward and backward, about 40 s here), then one SVD
-    # of W L per module
-    page.get_by_text("Auto-allocated lowrank").wait_for(timeout=600_000)
-    idle(page, 600_000)
-    message = page.get_by_text("Auto-allocated lowrank").inner_text()
-    compressed = message.split(": ", 1)[1].split(" of ", 1)[0]  # "117 of 210 modules ..."
-    assert page.get_by_text(f"{compressed} of 210 modules listed").count() == 1  # only those
-    # and one module as GPTQ: the calibrated switch of quant
-    choose(page, "Module", GPTQ_MODULE)
-    idle(page)
-    choose(page, "Method", "quant")
-    idle(page)
-    settle(page)
-    rtn = metric(page, "Calibration-weighted error")
-    page.locator('[data-testid="stCheckbox"]').filter(has_text="calibrated").first.click()
-    idle(page)
-    gptq = wait_metric_change(page, "Calibration-weighted error", rtn)
-    assert float(gptq) < float(rtn)
-    settle(page)
-    kept = metric(page, "Parameters kept")
-    assert float(kept.rstrip("%")) <= 50.0 + 0.6  # the quantized module keeps its params
-    # the preview speaks (phase, block, time left) and Streamlit's Stop cancels it; the
-    # next preview is exact all the same (spectra eval agrees with it below)
-    settle(page)
-    page.get_by_role("button", name="Preview perplexity").click()
-    page.get_by_text("s left)").first.wait_for()
-    page.locator('[data-testid="stStatusWidget"]').get_by_role("button", name="Stop").click()
-    settle(page)
-    page.get_by_role("button", name="Preview perplexity").click()
-    # about 170 whitened modules are compressed first
-    preview = float(
-        wait_metric_change(page, "Compressed perplexity", f"{one_module:.4f}", timeout=900)
-    )
-    idle(page)
-    page.screenshot(path=shots / "plan.png", full_page=True)
-
-    # export: download plan.yaml
-    # within the app (a page load would start a new session without the plan)
-    page.locator('[data-testid="stSidebarNav"]').get_by_text("Export").click()
-    page.get_by_text("Import a plan").wait_for()
-    idle(page)
-    page.screenshot(path=shots / "export.png", full_page=True)
-    with page.expect_download() as info:
-        page.get_by_role("button", name="Download plan.yaml").click()
-    plan = tmp_path / "plan.yaml"
-    info.value.save_as(plan)
-    page.close()
-
-    out = tmp_path / "out"
-    data = yaml.safe_load(plan.read_text())
-    assert data["calibration"]["samples"] * data["calibration"]["seqlen"] == 4096
-    assert data["layers"][GPTQ_MODULE]["gptq"] is True
-    assert sum(bool(v.get("whiten")) for v in data["layers"].values()) > 100
-    r = cli("apply", plan, "--model", "demo", "-o", out, "--json")
-    assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["params_ratio"] == pytest.approx(
-        float(kept.rstrip("%")) / 100, abs=6e-4
-    )
-    r = cli("eval", out, "--max-tokens", str(TOKENS), "--json", "--no-baseline")
-    assert r.returncode == 0, r.stderr
-    measured = json.loads(r.stdout)["ppl"]
-    assert measured == pytest.approx(preview, rel=1e-3)
-
-
-@pytest.mark.demo
-@pytest.mark.slow
-def test_the_default_path_gives_a_model_within_2x_of_dense(
-    server, browser, artifacts, tmp_path, cli
-):
-    """Issue 32 as a new user takes it, on a fresh cache: Plan, Auto-allocate with nothing
-    changed (it calibrates first), Preview; the preview is within 2x of dense and equals
-    `spectra apply` + `spectra eval` of the exported plan; an edit marks it out of date;
-    a heatmap click selects its module; /model opens the Model page."""
-    page = browser.new_page(viewport={"width": 1500, "height": 1100})
-    page.set_default_timeout(180_000)
-    try:
-        first_hour(page, server, artifacts, tmp_path, cli)
-    except Exception:
-        if not page.is_closed():
-            page.screenshot(path=artifacts / "first-hour-failure.png", full_page=True)
-        raise
-
-
-def first_hour(page, server, artifacts, tmp_path, cli):
-    page.goto(f"{server}/plan")
-    page.get_by_text("Selected module").wait_for()
-    idle(page)
-    page.get_by_role("button", name="Auto-allocate").click()
-    page.get_by_text("Auto-allocated lowrank").wait_for(timeout=1_500_000)
-    idle(page, 1_500_000)
-    message = page.get_by_text("Auto-allocated lowrank").inner_text()
-    assert "calibration-weighted loss" in message and "nats/token" in message
-    settle(page)
-    page.get_by_role("button", name="Preview perplexity").click()
-    page.get_by_text("Compressed perplexity").wait_for(timeout=1_500_000)
-    idle(page, 1_500_000)
-    preview = float(metric(page, "Compressed perplexity"))
-    dense = float(metric(page, "Dense perplexity"))
-    assert 1 < dense < preview < 2 * dense, (preview, dense)
-    page.screenshot(path=artifacts / "first-hour-plan.png", full_page=True)
-
-    page.locator('[data-testid="stSidebarNav"]').get_by_text("Export").click()
-    page.get_by_text("Import a plan").wait_for()
-    idle(page)
-    with page.expect_download() as info:
-        page.get_by_role("button", name="Download plan.yaml").click()
-    plan = tmp_path / "plan.yaml"
-    info.value.save_as(plan)
-
-    # an edit marks the preview out of date at once
-    page.locator('[data-testid="stSidebarNav"]').get_by_text("Plan", exact=True).click()
-    page.get_by_text("Selected module").wait_for()
-    idle(page)
-    name = next(iter(yaml.safe_load(plan.read_text())["layers"]))
-    choose(page, "Module", name)
-    idle(page)
-    choose(page, "Method", "dense")
-    idle(page)
-    page.get_by_text("Out of date").first.wait_for()
-
     # a heatmap click adds the module its hover names (a cell near the bottom left)
-    page.locator('[data-testid="stSidebarNav"]').get_by_text("Spectra", exact=True).click()
-    page.locator('[data-testid="stPlotlyChart"] .js-plotly-plot').first.wait_for()
-    idle(page)
     page.wait_for_timeout(1500)  # plotly binds its handlers after drawing
     box = page.locator(".nsewdrag").first.bounding_box()
     x, y = box["x"] + box["width"] / 60, box["y"] + box["height"] * (1 - 1 / 14)
@@ -358,14 +214,100 @@ def first_hour(page, server, artifacts, tmp_path, cli):
     chosen = page.locator('[data-testid="stMultiSelect"]').first.inner_text()
     assert named in chosen, (named, chosen)
 
+    page.locator('[data-testid="stSidebarNav"]').get_by_text("Tensor network", exact=True).click()
+    page.get_by_text("Entanglement entropy per bond").first.wait_for()
+    idle(page)
+    page.screenshot(path=shots / "tensor-network.png", full_page=True)
+
+    page.locator('[data-testid="stSidebarNav"]').get_by_text("Sensitivity", exact=True).click()
+    page.get_by_text("Token budget").wait_for()
+    idle(page)
+    page.screenshot(path=shots / "sensitivity.png", full_page=True)
+
     page.goto(f"{server}/model")  # a reload of /model opens the Model page
     page.get_by_text("Parameters in them").wait_for()
     assert page.get_by_text("Page not found").count() == 0
-    page.close()
 
-    out = tmp_path / "out"
-    r = cli("apply", plan, "--model", "demo", "-o", out, "--json")
-    assert r.returncode == 0, r.stderr
-    r = cli("eval", out, "--max-tokens", str(TOKENS), "--json", "--no-baseline")
-    assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["ppl"] == pytest.approx(preview, rel=1e-3)
+
+def default_path(page, tmp_path):
+    """Auto-allocate and Preview with nothing changed: (plan.yaml, preview, dense)."""
+    page.get_by_role("button", name="Auto-allocate").click()
+    page.get_by_text("Auto-allocated lowrank").wait_for(timeout=1_500_000)
+    idle(page, 1_500_000)
+    message = page.get_by_text("Auto-allocated lowrank").inner_text()
+    assert "calibration-weighted loss" in message and "nats/token" in message
+    compressed = message.split(": ", 1)[1].split(" of ", 1)[0]  # "91 of 210 modules ..."
+    assert page.get_by_text(f"{compressed} of 210 modules listed").count() == 1  # only those
+    settle(page)
+    page.get_by_role("button", name="Preview perplexity").click()
+    page.get_by_text("Compressed perplexity").wait_for(timeout=1_500_000)
+    idle(page, 1_500_000)
+    preview = float(metric(page, "Compressed perplexity"))
+    dense = float(metric(page, "Dense perplexity"))
+    assert 1 < dense < preview < 2 * dense, (preview, dense)
+    return download_plan(page, tmp_path / "default.yaml"), preview, dense
+
+
+def edits(page, tmp_path, preview1, dense):
+    """A rank, then one module to GPTQ; a cancelled preview, then the incremental one:
+    (preview, parameters kept, plan.yaml)."""
+    page.locator('[data-testid="stSidebarNav"]').get_by_text("Plan", exact=True).click()
+    page.get_by_text("Selected module").wait_for()
+    idle(page)
+    choose(page, "Module", MODULE)
+    idle(page)
+    choose(page, "Method", "lowrank")
+    idle(page)
+    first = wait_metric_change(page, "Relative error", "0.0000")
+    rank = page.locator('[data-testid="stNumberInput"]').filter(has_text="rank").locator("input")
+    rank.fill("8")
+    rank.press("Enter")
+    idle(page)
+    second = wait_metric_change(page, "Relative error", first)
+    assert float(second) > float(first) > 0
+    page.get_by_text("Out of date").first.wait_for()  # the preview no longer shows the plan
+
+    choose(page, "Module", GPTQ_MODULE)
+    idle(page)
+    choose(page, "Method", "quant")
+    idle(page)
+    settle(page)
+    rtn = metric(page, "Calibration-weighted error")
+    page.locator('[data-testid="stCheckbox"]').filter(has_text="calibrated").first.click()
+    idle(page)
+    gptq = wait_metric_change(page, "Calibration-weighted error", rtn)
+    assert float(gptq) < float(rtn)
+    settle(page)
+    kept = metric(page, "Parameters kept")
+    # the preview speaks (phase, block, time left) and Streamlit's Stop cancels it; the
+    # next preview is exact all the same (spectra eval agrees with it)
+    page.get_by_role("button", name="Preview perplexity").click()
+    page.get_by_text("s left)").first.wait_for()
+    page.locator('[data-testid="stStatusWidget"]').get_by_role("button", name="Stop").click()
+    settle(page)
+    page.get_by_role("button", name="Preview perplexity").click()
+    preview = float(
+        wait_metric_change(page, "Compressed perplexity", f"{preview1:.4f}", timeout=900)
+    )
+    idle(page)
+    assert preview > dense
+    page.screenshot(path=shots_dir() / "plan.png", full_page=True)
+    plan = download_plan(page, tmp_path / "edited.yaml")
+    data = yaml.safe_load(plan.read_text())
+    assert data["calibration"]["samples"] * data["calibration"]["seqlen"] == 4096
+    assert data["layers"][GPTQ_MODULE]["gptq"] is True
+    assert data["layers"][MODULE]["rank"] == 8
+    return preview, kept, plan
+
+
+def download_plan(page, path: Path) -> Path:
+    """The plan as the Export page downloads it (navigating within the app: a page load
+    would start a new session without the plan); the screenshot of the Export page."""
+    page.locator('[data-testid="stSidebarNav"]').get_by_text("Export").click()
+    page.get_by_text("Import a plan").wait_for()
+    idle(page)
+    page.screenshot(path=shots_dir() / "export.png", full_page=True)
+    with page.expect_download() as info:
+        page.get_by_role("button", name="Download plan.yaml").click()
+    info.value.save_as(path)
+    return path
