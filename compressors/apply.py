@@ -348,4 +348,7 @@ def _calib_rel(w, d, calib) -> float | None:
         return None
     w, d = w.detach().cpu(), d.detach().cpu()  # beside H, which stays on the CPU
     den = h_norm(w, calib.hessian)
-    return h_norm(w.to(torch.float64) - d.to(torch.float64), calib.hessian) / den if den else None
+    if not den:
+        return None
+    e = w.to(torch.float64, copy=True).sub_(d)  # one float64 copy
+    return h_norm(e, calib.hessian) / den

@@ -86,16 +86,12 @@ def artifacts() -> Path:
     return out
 
 
-def shots_dir() -> Path:
+@pytest.fixture(scope="module")
+def shots() -> Path:
     """Where the pages' screenshots go: the documentation's images."""
     out = Path(os.environ.get("SPECTRA_SCREENSHOTS", REPO / "docs" / "img"))
     out.mkdir(parents=True, exist_ok=True)
     return out
-
-
-@pytest.fixture(scope="module")
-def shots() -> Path:
-    return shots_dir()
 
 
 def metric(page, label: str, timeout: float | None = None) -> str:
@@ -120,11 +116,24 @@ def wait_metric_change(page, label: str, old: str, timeout: float = 60) -> str:
 
 
 def choose(page, label: str, option: str) -> None:
-    """Pick `option` in the Streamlit selectbox labelled `label`."""
+    """Pick `option` in the Streamlit selectbox labelled `label` (nothing to do when it
+    shows it already). A rerun that redraws the list while it is open detaches the
+    option under the pointer: then the list is closed and opened again."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
     box = page.locator('[data-testid="stSelectbox"]').filter(has_text=label).first
-    box.click()
-    page.keyboard.type(option)
-    page.locator('[role="option"]').filter(has_text=option).first.click()
+    if option in box.inner_text():
+        return
+    for _ in range(5):
+        box.click()
+        page.keyboard.type(option)
+        try:
+            page.locator('[role="option"]').filter(has_text=option).first.click(timeout=30_000)
+            return
+        except PlaywrightTimeout:
+            page.keyboard.press("Escape")
+            idle(page)
+    raise AssertionError(f"could not choose {option} in {label}")
 
 
 def idle(page, timeout: float = 180_000) -> None:
@@ -166,8 +175,8 @@ def session(page, server, shots, tmp_path, cli):
     page.goto(f"{server}/plan")  # a fresh session, straight to the Plan page
     page.get_by_text("Selected module").wait_for()
     idle(page)
-    plan1, preview1, dense = default_path(page, tmp_path)
-    preview2, kept, plan2 = edits(page, tmp_path, preview1, dense)
+    plan1, preview1, dense = default_path(page, tmp_path, shots)
+    preview2, kept, plan2 = edits(page, tmp_path, shots, preview1, dense)
     page.close()
 
     for plan, preview in ((plan1, preview1), (plan2, preview2)):
@@ -229,7 +238,7 @@ def pages(page, server, shots):
     assert page.get_by_text("Page not found").count() == 0
 
 
-def default_path(page, tmp_path):
+def default_path(page, tmp_path, shots):
     """Auto-allocate and Preview with nothing changed: (plan.yaml, preview, dense)."""
     page.get_by_role("button", name="Auto-allocate").click()
     page.get_by_text("Auto-allocated lowrank").wait_for(timeout=1_500_000)
@@ -245,10 +254,10 @@ def default_path(page, tmp_path):
     preview = float(metric(page, "Compressed perplexity"))
     dense = float(metric(page, "Dense perplexity"))
     assert 1 < dense < preview < 2 * dense, (preview, dense)
-    return download_plan(page, tmp_path / "default.yaml"), preview, dense
+    return download_plan(page, tmp_path / "default.yaml", shots), preview, dense
 
 
-def edits(page, tmp_path, preview1, dense):
+def edits(page, tmp_path, shots, preview1, dense):
     """A rank, then one module to GPTQ; a cancelled preview, then the incremental one:
     (preview, parameters kept, plan.yaml)."""
     page.locator('[data-testid="stSidebarNav"]').get_by_text("Plan", exact=True).click()
@@ -291,8 +300,8 @@ def edits(page, tmp_path, preview1, dense):
     )
     idle(page)
     assert preview > dense
-    page.screenshot(path=shots_dir() / "plan.png", full_page=True)
-    plan = download_plan(page, tmp_path / "edited.yaml")
+    page.screenshot(path=shots / "plan.png", full_page=True)
+    plan = download_plan(page, tmp_path / "edited.yaml", shots)
     data = yaml.safe_load(plan.read_text())
     assert data["calibration"]["samples"] * data["calibration"]["seqlen"] == 4096
     assert data["layers"][GPTQ_MODULE]["gptq"] is True
@@ -300,13 +309,13 @@ def edits(page, tmp_path, preview1, dense):
     return preview, kept, plan
 
 
-def download_plan(page, path: Path) -> Path:
+def download_plan(page, path: Path, shots: Path) -> Path:
     """The plan as the Export page downloads it (navigating within the app: a page load
     would start a new session without the plan); the screenshot of the Export page."""
     page.locator('[data-testid="stSidebarNav"]').get_by_text("Export").click()
     page.get_by_text("Import a plan").wait_for()
     idle(page)
-    page.screenshot(path=shots_dir() / "export.png", full_page=True)
+    page.screenshot(path=shots / "export.png", full_page=True)
     with page.expect_download() as info:
         page.get_by_role("button", name="Download plan.yaml").click()
     info.value.save_as(path)

@@ -338,3 +338,27 @@ def test_preview_streamed_equals_resident_and_eval(family, family_dir):
     assert got["none"][2] == pytest.approx(fresh, rel=1e-6)
     assert got["none"][0] == pytest.approx(dense, rel=1e-6)
     assert got["none"][1] != pytest.approx(got["none"][0], rel=1e-5)  # the plan did something
+
+
+def test_a_converting_read_goes_band_by_band_and_equals_the_whole(tmp_path, monkeypatch):
+    """read_tensor widens a stored tensor a band of rows at a time (never the whole
+    stored copy beside the converted one); the result equals converting it whole."""
+    from safetensors.torch import save_file
+
+    from spectra.io import offload
+    from spectra.io.tensors import read_header
+
+    g = torch.Generator().manual_seed(0)
+    stored = {
+        "w": torch.randn(1000, 30, generator=g).to(torch.bfloat16),
+        "v": torch.randn(17, generator=g).half(),
+        "i": torch.arange(5),
+    }
+    save_file(stored, tmp_path / "x.safetensors")
+    refs = {r.name: r for r in read_header(tmp_path / "x.safetensors")}
+    monkeypatch.setattr(offload, "BAND_BYTES", 1000)  # 16 rows of w a band
+    for name, t in stored.items():
+        for dtype in (torch.float32, torch.bfloat16, None):
+            want = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+            got = offload.read_tensor(refs[name], dtype)
+            assert got.dtype == want.dtype and torch.equal(got, want), (name, dtype)
