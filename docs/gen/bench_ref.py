@@ -426,7 +426,7 @@ def strategies() -> str:
         groups.setdefault(row, {})[r["strategy"]] = r
     order = ("uniform", "owl", "alpha", "farms", "loss")
     rows = []
-    for row, by in groups.items():
+    for row, by in sorted(groups.items()):  # by method, then budget, then pruner
         budget = next(iter(by.values()))
         kept = f"{budget['params_kept']:.3f}" if "target_params" in budget["budget"] else ""
         bits = f"{budget['bits_per_param']:.2f}" if "target_bits" in budget["budget"] else ""
