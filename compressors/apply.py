@@ -24,7 +24,7 @@ from torch import nn
 
 from compressors import blocks
 from compressors.activations import block_grams
-from compressors.base import Calibration, h_norm, relative_error
+from compressors.base import Calibration, h_relative_error, relative_error
 from compressors.registry import compress, method_of, needs_data
 from compressors.targets import Target, linear_targets
 from spectra.errors import SpectraInputError
@@ -347,8 +347,4 @@ def _calib_rel(w, d, calib) -> float | None:
     if calib is None:
         return None
     w, d = w.detach().cpu(), d.detach().cpu()  # beside H, which stays on the CPU
-    den = h_norm(w, calib.hessian)
-    if not den:
-        return None
-    e = w.to(torch.float64, copy=True).sub_(d)  # one float64 copy
-    return h_norm(e, calib.hessian) / den
+    return h_relative_error(w, d, calib.hessian)

@@ -99,6 +99,15 @@ def h_norm(e: torch.Tensor, h: torch.Tensor) -> float:
     return math.sqrt(max(total, 0.0))
 
 
+def h_relative_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float | None:
+    """||(W - W_hat) X^T||_F / ||W X^T||_F for H = X^T X (None when W X^T is 0), with
+    one float64 copy of W."""
+    den = h_norm(w, h)
+    if not den:
+        return None
+    return h_norm(w.detach().to(torch.float64, copy=True).sub_(w_hat), h) / den
+
+
 def config_to_dict(config) -> dict:
     """Plain dict of a config (for YAML/JSON), method name first."""
     return {"method": config.method, **dataclasses.asdict(config)}
@@ -192,6 +201,15 @@ def _wide_copy(h: torch.Tensor) -> torch.Tensor:
     return torch.empty(h.shape, dtype=torch.float64, device=h.device).copy_(h)
 
 
+def _in_place(step: str, f, run) -> int:
+    """LAPACK's info of `run(f)`, which must overwrite the Fortran array f (never half
+    in place: a copy would leave f as it was)."""
+    out, info = run(f)
+    if out.ctypes.data != f.ctypes.data:
+        raise RuntimeError(f"LAPACK {step} copied its input")
+    return int(info)
+
+
 def _cholesky_in_place(h: torch.Tensor) -> bool:
     """Overwrite the symmetric float64 CPU `h` with its lower Cholesky factor (LAPACK's
     potrf on the same memory); False, with h spoilt, when h is not positive definite.
@@ -201,9 +219,7 @@ def _cholesky_in_place(h: torch.Tensor) -> bool:
     from scipy.linalg import lapack
 
     f = h.numpy().T
-    out, info = lapack.dpotrf(f, lower=0, clean=0, overwrite_a=1)
-    if out.ctypes.data != f.ctypes.data:
-        raise RuntimeError("LAPACK potrf copied its input")  # never half in place
+    info = _in_place("potrf", f, lambda a: lapack.dpotrf(a, lower=0, clean=0, overwrite_a=1))
     if info != 0:
         return False
     h.tril_()  # the strict upper triangle still holds H
@@ -218,7 +234,6 @@ def _inverse_factor_in_place(h: torch.Tensor) -> torch.Tensor:
     h is C-ordered; its transpose (the same memory, the same matrix) is the Fortran
     array LAPACK overwrites. The lower factor of h^-1 in Fortran order is the upper
     factor U (h^-1 = U^T U) in C order."""
-    import numpy as np
     from scipy.linalg import lapack
 
     f = h.numpy().T  # Fortran-contiguous: LAPACK works in place
@@ -227,11 +242,9 @@ def _inverse_factor_in_place(h: torch.Tensor) -> torch.Tensor:
         ("potri", lambda a: lapack.dpotri(a, lower=1, overwrite_c=1)),
         ("potrf", lambda a: lapack.dpotrf(a, lower=1, clean=0, overwrite_a=1)),
     ):
-        out, info = run(f)
+        info = _in_place(step, f, run)
         if info != 0:
             raise torch.linalg.LinAlgError(
                 f"{step} failed (info {info}): H is not positive definite"
             )
-        if not np.shares_memory(out, f):
-            raise RuntimeError(f"LAPACK {step} copied its input")  # never half in place
     return h.triu_()  # the strict lower triangle holds what potri left there

@@ -33,7 +33,7 @@ from compressors.apply import (
     linear_targets,
     set_module,
 )
-from compressors.base import Calibration, h_norm, relative_error
+from compressors.base import Calibration, h_relative_error, relative_error
 from compressors.registry import METHODS, compress, needs_data
 from spectra.data import perplexity as ev
 from spectra.errors import SpectraInputError
@@ -77,8 +77,7 @@ def module_errors(weight, config, sigma=None, calib=None, curves=None):
     weight_err = float(relative_error(w, w_hat))
     if calib is None:
         return weight_err, None
-    den = h_norm(w, calib.hessian)
-    return weight_err, (h_norm(w.double() - w_hat.double(), calib.hessian) / den if den else 0.0)
+    return weight_err, h_relative_error(w, w_hat, calib.hessian) or 0.0
 
 
 def _grouped(config) -> bool:
