@@ -54,16 +54,11 @@ def read_tensor(ref: TensorRef, dtype: torch.dtype | None = None, device="cpu") 
     row = math.prod(ref.shape[1:]) * (ref.nbytes // math.prod(ref.shape))  # bytes a row
     step = max(1, BAND_BYTES // max(row, 1))
     buf = torch.empty(min(step, ref.shape[0]) * row, dtype=torch.uint8)
-    with open(ref.path, "rb") as f:
-        for r0 in range(0, ref.shape[0], step):
-            r1 = min(r0 + step, ref.shape[0])
-            part = buf[: (r1 - r0) * row]
-            f.seek(ref.start + r0 * row)
-            if f.readinto(memoryview(part.numpy())) != part.numel():
-                raise SpectraInputError(
-                    f"{ref.path}: truncated safetensors file (tensor {ref.name})"
-                )
-            out[r0:r1] = part.view(stored).view(r1 - r0, *ref.shape[1:])
+    for r0 in range(0, ref.shape[0], step):
+        r1 = min(r0 + step, ref.shape[0])
+        part = buf[: (r1 - r0) * row]
+        ref.read_bytes(part.numpy(), offset=r0 * row)
+        out[r0:r1] = part.view(stored).view(r1 - r0, *ref.shape[1:])
     return out
 
 

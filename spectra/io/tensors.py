@@ -52,13 +52,14 @@ class TensorRef:
     def nbytes(self) -> int:
         return self.end - self.start
 
-    def read_bytes(self, buf: np.ndarray | None = None) -> np.ndarray:
-        """The raw bytes, read into `buf` (uint8, exactly nbytes long) when given."""
+    def read_bytes(self, buf: np.ndarray | None = None, offset: int = 0) -> np.ndarray:
+        """The raw bytes, read into `buf` (uint8) when given: all nbytes, or from
+        `offset` on as many as `buf` holds (a band of a tensor)."""
         buf = np.empty(self.nbytes, dtype=np.uint8) if buf is None else buf
         with open(self.path, "rb") as f:
-            f.seek(self.start)
+            f.seek(self.start + offset)
             got = f.readinto(memoryview(buf))
-        if got != self.nbytes:
+        if got != len(buf) or offset + len(buf) > self.nbytes:
             raise SpectraInputError(f"{self.path}: truncated safetensors file (tensor {self.name})")
         return buf
 
