@@ -180,8 +180,8 @@ def hessian_inverse_factor(h: torch.Tensor, damp: float = DAMP, perm: torch.Tens
     else:  # widened and permuted a band of rows at a time: one n x n float64, no more
         perm = perm.to(h.device)
         wide = torch.empty(h.shape, dtype=torch.float64, device=h.device)
-        for r0 in range(0, len(perm), 1024):
-            wide[r0 : r0 + 1024] = h[perm[r0 : r0 + 1024]][:, perm]
+        for r0 in range(0, len(perm), BAND):
+            wide[r0 : r0 + BAND] = h[perm[r0 : r0 + BAND]][:, perm]
         h = wide
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
