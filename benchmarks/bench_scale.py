@@ -8,7 +8,10 @@ of that process (wait4's ru_maxrss) and its wall time:
 - `eval --max-tokens 1024`, `calibrate --tokens 2048`;
 - `apply` of GPTQ W4 g128 and of whitened low rank at 50% of every block's linear
   parameters (2048 calibration tokens), each with the model streamed from disk;
-- `export --format compressed-tensors` of the GPTQ output.
+- `apply` of RTN W4 g128 on every block matrix (no calibration: the streaming apply
+  path alone, which is what reaches 32 blocks in minutes on a CPU);
+- `export --format compressed-tensors` of the GPTQ output (of the RTN one when the run
+  made no GPTQ output; the row's `source` says which).
 
     python benchmarks/bench_scale.py --layers 2 8 [--only eval calibrate] [--shape 1b]
 
@@ -129,7 +132,12 @@ def plans(work: Path, shape: dict) -> dict[str, Path]:
     )
     lowrank = work / "lowrank.yaml"
     lowrank.write_text(f"version: 1\n{calib}rules:\n{rules}")
-    return {"gptq": gptq, "lowrank": lowrank}
+    rtn = work / "rtn.yaml"
+    rtn.write_text(
+        f"version: 1\nrules:\n  - targets: ['{targets}']\n"
+        "    method: quant\n    bits: 4\n    group_size: 128\n"
+    )
+    return {"gptq": gptq, "lowrank": lowrank, "rtn": rtn}
 
 
 WRAP = """
@@ -165,6 +173,13 @@ def run(cmd: list[str], env: dict, timeout: float, work: Path) -> dict:
     }
 
 
+def export_source(work: Path) -> Path:
+    """The GPTQ output when this run made one, else the RTN one (apply-gptq takes
+    hours at 32 blocks on a 2-core CPU; the export path is the same for both)."""
+    gptq = work / "out-gptq"
+    return gptq if gptq.is_dir() or not (work / "out-rtn").is_dir() else work / "out-rtn"
+
+
 def commands(model: Path, work: Path, shape: dict) -> dict[str, list[str]]:
     spectra = [sys.executable, "-m", "spectra.cli"]
     p = plans(work, shape)
@@ -179,8 +194,12 @@ def commands(model: Path, work: Path, shape: dict) -> dict[str, list[str]]:
             *spectra, "apply", str(p["lowrank"]), "--model", str(model),
             "-o", str(work / "out-lowrank"), "--force", "--json",
         ],
+        "apply-rtn": [
+            *spectra, "apply", str(p["rtn"]), "--model", str(model),
+            "-o", str(work / "out-rtn"), "--force", "--json",
+        ],
         "export": [
-            *spectra, "export", str(work / "out-gptq"), "--format", "compressed-tensors",
+            *spectra, "export", str(export_source(work)), "--format", "compressed-tensors",
             "-o", str(work / "export"), "--force", "--json",
         ],
     }  # fmt: skip
@@ -210,15 +229,18 @@ def main() -> None:
         model = work / "model"
         gb = write_checkpoint(model, shape, layers)
         env = {**os.environ, "SPECTRA_CACHE": str(work / "cache"), "PYTHONPATH": str(REPO)}
-        for name, cmd in commands(model, work, shape).items():
+        for name in commands(model, work, shape):
             if args.only and name not in args.only:
                 continue
+            cmd = commands(model, work, shape)[name]  # export's source exists only now
             if name != "export":
                 cmd = [*cmd, "--offload", args.offload, "--dtype", args.dtype]
             r = run(cmd, env, args.timeout, work)
             r.update(checkpoint_gb=round(gb, 2), layers=layers, shape=args.shape)
             r["offload"] = args.offload if name != "export" else None
             r["dtype"] = args.dtype if name != "export" else None
+            if name == "export":
+                r["source"] = export_source(work).name
             key = f"{args.shape}/{layers}/{name}"
             results["runs"][key] = r
             print(key, {k: r[k] for k in ("rc", "seconds", "peak_rss_gb")}, flush=True)

@@ -144,10 +144,12 @@ def apply(
                 # float64, so a block's Grams are never held twice
                 state.compress_block(block, grams[block] if aware else None)
                 state.finish_block(block)
-    with blocks.onloaded(model, *blocks.outer_modules(model)):
+    if on_block is None:
         state.compress_rest()
-        if on_block is not None:
-            on_block(None, model, state.factorizations)
+    else:  # one outer module at a time: an 8B's embeddings and head are 2 GB each in float32
+        for module in blocks.outer_modules(model):
+            with blocks.onloaded(model, module):
+                state.finish_outer(module)
     return model, state.reports, state.factorizations
 
 
@@ -201,6 +203,23 @@ class _Run:
         mine = {n: f for n, f in self.factorizations.items() if n.startswith(prefix)}
         self.on_block(block, self.model, mine)
         for name in mine:  # written: their tensors are freed
+            self.model.get_submodule(name).to("meta")
+            del self.factorizations[name]
+
+    def finish_outer(self, module) -> None:
+        """A streamed model's module outside the blocks, materialised: its entries are
+        compressed, the writer takes what is materialised and not yet written (block
+        None), and its compact modules are released."""
+        names = {id(m): n for n, m in self.model.named_modules()}
+        prefix = names[id(module)]
+        mine = [
+            e for e in self.todo.values() if e.name == prefix or e.name.startswith(prefix + ".")
+        ]
+        if mine:
+            self.compress_entries(mine)
+        facts = {n: f for n, f in self.factorizations.items() if n in {e.name for e in mine}}
+        self.on_block(None, self.model, facts)
+        for name in facts:
             self.model.get_submodule(name).to("meta")
             del self.factorizations[name]
 

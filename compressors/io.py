@@ -2,10 +2,12 @@
 
 OUT/ holds config.json and the tokenizer of the source model; dense.safetensors with
 every parameter that was not compressed; factors.safetensors with every
-factorization's tensors; manifest.json describing each factorization (its class and
-scalar fields, generically from its dataclass fields: no pickle, no per-method
-code); plan.yaml and report.json. `--dense` adds OUT/dense/, an ordinary Hugging
-Face checkpoint with the reconstructed weights.
+factorization's tensors (a streamed model's are written block by block: dense-NNNNN
+and factors-NNNNN per block, dense-outerNN and factors-outerNN per module outside the
+blocks, as the manifest's `shards` lists); manifest.json describing each factorization
+(its class and scalar fields, generically from its dataclass fields: no pickle, no
+per-method code); plan.yaml and report.json. `--dense` adds OUT/dense/, an ordinary
+Hugging Face checkpoint with the reconstructed weights.
 """
 
 from __future__ import annotations
@@ -99,26 +101,34 @@ class Writer:
         self.tmp = Path(tmp)
         self.modules: dict = {}
         self.shards: dict[str, list[str]] = {"dense": [], "factors": []}
+        self.outer, self.written = 0, set()  # a streamed model's parts outside the blocks
 
     def part(self, model, factorizations: dict, block: int | None = None, prefix: str = ""):
         """Write the parameters of `model` under `prefix` (all when "") or, with `block`
         None and a prefix, those outside it; compressed modules as factors."""
         suffix = "" if block is None else f"-{block:05d}"
-        if block is None and prefix:  # the modules outside the blocks
+        if block is None and prefix:  # the modules outside the blocks that are materialised
+            self.outer += 1  # (a streamed model's: one at a time) and not yet written
+            suffix = f"-outer{self.outer:02d}"
             items = [
-                (k, v) for k, v in model.state_dict().items() if not k.startswith(prefix + ".")
+                (k, v)
+                for k, v in model.state_dict().items()
+                if not k.startswith(prefix + ".") and not v.is_meta and k not in self.written
             ]
+            self.written.update(k for k, _ in items)
         elif prefix:
             items = list(model.get_submodule(prefix).state_dict(prefix=prefix + ".").items())
         else:
             items = list(model.state_dict().items())
         compressed = set(factorizations)
         keep, seen = {}, {}
+        canonical = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
         for k, v in items:
             owner = k.rsplit(".", 1)[0]
             if any(owner == c or owner.startswith(c + ".") for c in compressed):
                 continue
-            if v.data_ptr() in seen:  # tied weights are stored once
+            # tied weights are stored once (by their first name, also across parts)
+            if v.data_ptr() in seen or k not in canonical:
                 continue
             seen[v.data_ptr()] = k
             keep[k] = v.detach().contiguous()
@@ -210,9 +220,12 @@ def reconstruct(model, factorizations: dict, keep: dict | None = None, dtype=Non
 
 
 def is_compressed_checkpoint(path) -> bool:
-    return (Path(path) / "manifest.json").is_file() and (
-        Path(path) / "factors.safetensors"
-    ).is_file()
+    """Whether `path` is an apply output: a manifest.json and the factor shards it lists."""
+    path = Path(path)
+    if not (path / "manifest.json").is_file():
+        return False
+    factors = shard_files(path)["factors"]
+    return bool(factors) and all((path / f).is_file() for f in factors)
 
 
 def shard_files(out: Path) -> dict[str, list[str]]:

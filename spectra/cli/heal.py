@@ -60,7 +60,7 @@ def cmd_heal(args) -> int:
     src, out = Path(args.checkpoint), Path(args.out)
     if not io.is_compressed_checkpoint(src):
         raise SpectraInputError(
-            f"{src}: not a `spectra apply` output (no manifest.json and factors.safetensors)"
+            f"{src}: not a `spectra apply` output (no manifest.json and the factors it lists)"
         )
     if out.exists() and not args.force:
         raise SpectraInputError(f"{out}: already exists (pass --force to replace it)")
@@ -100,8 +100,9 @@ def cmd_heal(args) -> int:
     except (OSError, ValueError) as e:
         raise SpectraInputError(f"{src}: no usable tokenizer in the checkpoint") from e
     teacher = open_model(source, device, args.dtype, "none").load()
-    factors = src / "factors.safetensors"
-    identity = {"out": str(src.resolve()), "factors_bytes": factors.stat().st_size}
+    factors = io.shard_files(src)["factors"]
+    size = sum((src / f).stat().st_size for f in factors)
+    identity = {"out": str(src.resolve()), "factors_bytes": size}
     facts, section = run_heal(student, teacher, facts, tokenizer, config, corpus, out, identity)
     if "heal" in report:
         section["previous"] = report["heal"]
