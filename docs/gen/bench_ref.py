@@ -388,7 +388,7 @@ def scale() -> str:
             [
                 shape,
                 layers,
-                f"`{command}`",
+                f"`{command}`" + (f" of {r['source']}" if r.get("source") else ""),
                 f"{r['checkpoint_gb']:.2f} GB",
                 r.get("offload") or "",
                 r.get("dtype") or "",
