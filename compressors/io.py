@@ -220,12 +220,16 @@ def reconstruct(model, factorizations: dict, keep: dict | None = None, dtype=Non
 
 
 def is_compressed_checkpoint(path) -> bool:
-    """Whether `path` is an apply output: a manifest.json and the factor shards it lists."""
+    """Whether `path` is an apply output: a manifest.json of modules and every tensor
+    shard it lists (a streamed OUT has one per block and per outer module)."""
     path = Path(path)
-    if not (path / "manifest.json").is_file():
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except (OSError, ValueError):
         return False
-    factors = shard_files(path)["factors"]
-    return bool(factors) and all((path / f).is_file() for f in factors)
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("modules"), dict):
+        return False
+    return all((path / f).is_file() for files in shard_files(path).values() for f in files)
 
 
 def shard_files(out: Path) -> dict[str, list[str]]:

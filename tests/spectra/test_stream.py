@@ -188,6 +188,10 @@ def test_streamed_apply_writes_the_outer_modules_one_at_a_time(family, family_di
     assert any(k.startswith("lm_head#") for k in a) == (family == "llama")  # the others tie it
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=0)
+    # an OUT is recognised by the shards its manifest lists: all of them
+    assert io.is_compressed_checkpoint(outs["disk"]) and io.is_compressed_checkpoint(outs["none"])
+    (outs["disk"] / io.shard_files(outs["disk"])["dense"][-1]).unlink()
+    assert not io.is_compressed_checkpoint(outs["disk"])
 
 
 def test_interrupted_streamed_apply_leaves_no_out(tiny_llama_dir, tmp_path, monkeypatch):
