@@ -147,9 +147,22 @@ def apply(
     if on_block is None:
         state.compress_rest()
     else:  # one outer module at a time: an 8B's embeddings and head are 2 GB each in float32
-        for module in blocks.outer_modules(model):
+        names = {id(m): n for n, m in model.named_modules()}
+        done: list[str] = []
+        for name in [names[id(m)] for m in blocks.outer_modules(model)]:
+            if not name:  # onloading the model itself would materialise every block
+                raise SpectraInputError(
+                    "the model holds parameters of its own outside its blocks: apply it "
+                    "resident (--offload none)"
+                )
+            if any(name.startswith(d + ".") for d in done):
+                continue  # compressed and written within an outer module before it
+            module = model.get_submodule(name)  # looked up now: an earlier turn swaps
             with blocks.onloaded(model, module):
-                state.finish_outer(module)
+                state.finish_outer(name, module)
+            done.append(name)
+        if state.todo:  # every linear module is in a block or an outer module
+            raise SpectraInputError(f"{next(iter(state.todo))}: not reached by a streamed apply")
     return model, state.reports, state.factorizations
 
 
@@ -206,15 +219,12 @@ class _Run:
             self.model.get_submodule(name).to("meta")
             del self.factorizations[name]
 
-    def finish_outer(self, module) -> None:
-        """A streamed model's module outside the blocks, materialised: its entries are
-        compressed, the writer takes what is materialised and not yet written (block
-        None), and its compact modules are released."""
-        names = {id(m): n for n, m in self.model.named_modules()}
-        prefix = names[id(module)]
-        mine = [
-            e for e in self.todo.values() if e.name == prefix or e.name.startswith(prefix + ".")
-        ]
+    def finish_outer(self, prefix: str, module) -> None:
+        """A streamed model's module `prefix` outside the blocks, materialised: the
+        entries within it are compressed, the writer takes what is materialised and not
+        yet written (block None), and its compact modules are released."""
+        inside = {id(m) for m in module.modules()}
+        mine = [e for e in self.todo.values() if id(self.targets[e.name][1]) in inside]
         if mine:
             self.compress_entries(mine)
         facts = {n: f for n, f in self.factorizations.items() if n in {e.name for e in mine}}

@@ -220,16 +220,21 @@ def reconstruct(model, factorizations: dict, keep: dict | None = None, dtype=Non
 
 
 def is_compressed_checkpoint(path) -> bool:
-    """Whether `path` is an apply output: a manifest.json of modules and every tensor
-    shard it lists (a streamed OUT has one per block and per outer module)."""
-    path = Path(path)
-    try:
-        manifest = json.loads((path / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return False
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("modules"), dict):
-        return False
-    return all((path / f).is_file() for files in shard_files(path).values() for f in files)
+    """Whether `path` is an apply output: it has a manifest.json. A corrupt manifest,
+    or a part it lists that is missing or truncated, is then an input error of `index`
+    and `load` that names it."""
+    return (Path(path) / "manifest.json").is_file()
+
+
+def _check_shards(out: Path, shards: dict) -> None:
+    """Each listed part is there and has a readable header, else an input error naming it."""
+    for part in shards["factors"] + shards["dense"]:
+        if not (out / part).is_file():
+            raise SpectraInputError(f"{out}: corrupt compressed checkpoint: {part} is missing")
+        try:
+            read_header(out / part)  # a truncated part is named as such
+        except SpectraInputError as e:
+            raise SpectraInputError(f"{out}: corrupt compressed checkpoint: {e}") from e
 
 
 def shard_files(out: Path) -> dict[str, list[str]]:
@@ -262,6 +267,7 @@ def index(out: Path):
 
     out = Path(out)
     shards = shard_files(out)
+    _check_shards(out, shards)
     try:
         manifest = json.loads((out / "manifest.json").read_text())
         if not isinstance(manifest.get("modules"), dict):
@@ -286,12 +292,7 @@ def load(out, device: str = "cpu"):
 
     out = Path(out)
     shards = shard_files(out)
-    for part in shards["factors"] + shards["dense"]:
-        if (out / part).is_file():
-            try:
-                read_header(out / part)  # a truncated part is named as such
-            except SpectraInputError as e:
-                raise SpectraInputError(f"{out}: corrupt compressed checkpoint: {e}") from e
+    _check_shards(out, shards)
     try:
         manifest = json.loads((out / "manifest.json").read_text())
         # factors straight onto the device: the modules built from them share them, and

@@ -113,7 +113,7 @@ def choose_offload(out: Path, offload: str) -> str:
     need = 3 * size * WORK_MARGIN
     free = free_bytes("cpu")
     if offload == "auto":
-        blockwise = len(shards["factors"]) > 1
+        blockwise = len(shards["dense"]) > 1  # written block by block (io.Writer)
         fits = free is None or need <= RESIDENT_SHARE * free
         return "disk" if blockwise or not fits else "none"
     if offload == "none" and free is not None and need > free:

@@ -188,10 +188,28 @@ def test_streamed_apply_writes_the_outer_modules_one_at_a_time(family, family_di
     assert any(k.startswith("lm_head#") for k in a) == (family == "llama")  # the others tie it
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=0)
-    # an OUT is recognised by the shards its manifest lists: all of them
-    assert io.is_compressed_checkpoint(outs["disk"]) and io.is_compressed_checkpoint(outs["none"])
-    (outs["disk"] / io.shard_files(outs["disk"])["dense"][-1]).unlink()
-    assert not io.is_compressed_checkpoint(outs["disk"])
+    # no tensor is written twice (in two parts, or as dense and as a factor)
+    from safetensors import safe_open
+
+    shards = io.shard_files(outs["disk"])
+    counts = []
+    for part in shards["factors"] + shards["dense"]:
+        with safe_open(outs["disk"] / part, "pt") as f:
+            counts.append(len(list(f.keys())))
+    assert sum(counts) == len(b)
+    # written block by block: read back block by block
+    from spectra.export import choose_offload
+
+    assert choose_offload(outs["disk"], "auto") == "disk"
+    assert choose_offload(outs["none"], "auto") == "none"
+    # a listed part that is missing is named
+    gone = shards["dense"][-1]
+    (outs["disk"] / gone).unlink()
+    assert io.is_compressed_checkpoint(outs["disk"])
+    with pytest.raises(SpectraInputError, match=f"{gone} is missing"):
+        io.index(outs["disk"])
+    with pytest.raises(SpectraInputError, match=f"{gone} is missing"):
+        io.load(outs["disk"])
 
 
 def test_interrupted_streamed_apply_leaves_no_out(tiny_llama_dir, tmp_path, monkeypatch):
