@@ -198,8 +198,8 @@ def commands(model: Path, work: Path, shape: dict) -> dict[str, list[str]]:
             *spectra, "apply", str(p["rtn"]), "--model", str(model),
             "-o", str(work / "out-rtn"), "--force", "--json",
         ],
-        "export": [
-            *spectra, "export", str(export_source(work)), "--format", "compressed-tensors",
+        "export": [  # the source is known only once the applies have run
+            *spectra, "export", "{source}", "--format", "compressed-tensors",
             "-o", str(work / "export"), "--force", "--json",
         ],
     }  # fmt: skip
@@ -229,11 +229,12 @@ def main() -> None:
         model = work / "model"
         gb = write_checkpoint(model, shape, layers)
         env = {**os.environ, "SPECTRA_CACHE": str(work / "cache"), "PYTHONPATH": str(REPO)}
-        for name in commands(model, work, shape):
+        for name, cmd in commands(model, work, shape).items():
             if args.only and name not in args.only:
                 continue
-            cmd = commands(model, work, shape)[name]  # export's source exists only now
-            if name != "export":
+            if name == "export":
+                cmd = [str(export_source(work)) if c == "{source}" else c for c in cmd]
+            else:
                 cmd = [*cmd, "--offload", args.offload, "--dtype", args.dtype]
             r = run(cmd, env, args.timeout, work)
             r.update(checkpoint_gb=round(gb, 2), layers=layers, shape=args.shape)

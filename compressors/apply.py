@@ -159,7 +159,7 @@ def apply(
                 continue  # compressed and written within an outer module before it
             module = model.get_submodule(name)  # looked up now: an earlier turn swaps
             with blocks.onloaded(model, module):
-                state.finish_outer(name, module)
+                state.finish_outer(module)
             done.append(name)
         if state.todo:  # every linear module is in a block or an outer module
             raise SpectraInputError(f"{next(iter(state.todo))}: not reached by a streamed apply")
@@ -213,23 +213,23 @@ class _Run:
         if self.deferred:
             for name in [n for n in self.deferred if n.startswith(prefix)]:
                 set_module(self.model, name, self.deferred.pop(name))
-        mine = {n: f for n, f in self.factorizations.items() if n.startswith(prefix)}
-        self.on_block(block, self.model, mine)
-        for name in mine:  # written: their tensors are freed
-            self.model.get_submodule(name).to("meta")
-            del self.factorizations[name]
+        self._write(block, [n for n in self.factorizations if n.startswith(prefix)])
 
-    def finish_outer(self, prefix: str, module) -> None:
-        """A streamed model's module `prefix` outside the blocks, materialised: the
-        entries within it are compressed, the writer takes what is materialised and not
-        yet written (block None), and its compact modules are released."""
+    def finish_outer(self, module) -> None:
+        """A streamed model's module outside the blocks, materialised: the entries within
+        it are compressed, the writer takes what is materialised and not yet written
+        (block None), and its compact modules are released."""
         inside = {id(m) for m in module.modules()}
         mine = [e for e in self.todo.values() if id(self.targets[e.name][1]) in inside]
         if mine:
             self.compress_entries(mine)
-        facts = {n: f for n, f in self.factorizations.items() if n in {e.name for e in mine}}
-        self.on_block(None, self.model, facts)
-        for name in facts:
+        self._write(None, [e.name for e in mine if e.name in self.factorizations])
+
+    def _write(self, block: int | None, names: list[str]) -> None:
+        """The writer takes `block` with the factorizations of `names`; then their
+        compact modules' tensors are freed (to the meta device)."""
+        self.on_block(block, self.model, {n: self.factorizations[n] for n in names})
+        for name in names:
             self.model.get_submodule(name).to("meta")
             del self.factorizations[name]
 

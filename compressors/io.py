@@ -226,15 +226,19 @@ def is_compressed_checkpoint(path) -> bool:
     return (Path(path) / "manifest.json").is_file()
 
 
-def _check_shards(out: Path, shards: dict) -> None:
-    """Each listed part is there and has a readable header, else an input error naming it."""
-    for part in shards["factors"] + shards["dense"]:
-        if not (out / part).is_file():
-            raise SpectraInputError(f"{out}: corrupt compressed checkpoint: {part} is missing")
-        try:
-            read_header(out / part)  # a truncated part is named as such
-        except SpectraInputError as e:
-            raise SpectraInputError(f"{out}: corrupt compressed checkpoint: {e}") from e
+def _headers(out: Path, shards: dict) -> dict:
+    """{"factors"|"dense": {tensor name: TensorRef}} of the listed parts; a part that is
+    missing or truncated is an input error naming it."""
+    refs: dict = {"factors": {}, "dense": {}}
+    for kind, parts in shards.items():
+        for part in parts:
+            if not (out / part).is_file():
+                raise SpectraInputError(f"{out}: corrupt compressed checkpoint: {part} is missing")
+            try:
+                refs[kind].update((r.name, r) for r in read_header(out / part))
+            except SpectraInputError as e:
+                raise SpectraInputError(f"{out}: corrupt compressed checkpoint: {e}") from e
+    return refs
 
 
 def shard_files(out: Path) -> dict[str, list[str]]:
@@ -266,19 +270,12 @@ def index(out: Path):
     from transformers import AutoConfig
 
     out = Path(out)
-    shards = shard_files(out)
-    _check_shards(out, shards)
+    refs = _headers(out, shard_files(out))
     try:
         manifest = json.loads((out / "manifest.json").read_text())
         if not isinstance(manifest.get("modules"), dict):
             raise KeyError("modules")
-        refs = {
-            kind: {r.name: r for part in shards[kind] for r in read_header(out / part)}
-            for kind in ("factors", "dense")
-        }
         config = AutoConfig.from_pretrained(out)
-    except SpectraInputError as e:  # a truncated shard
-        raise SpectraInputError(f"{out}: corrupt compressed checkpoint: {e}") from e
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise SpectraInputError(f"{out}: corrupt compressed checkpoint ({e})") from e
     if manifest.get("format") != FORMAT:
@@ -292,7 +289,7 @@ def load(out, device: str = "cpu"):
 
     out = Path(out)
     shards = shard_files(out)
-    _check_shards(out, shards)
+    _headers(out, shards)  # a missing or truncated part is named as such
     try:
         manifest = json.loads((out / "manifest.json").read_text())
         # factors straight onto the device: the modules built from them share them, and

@@ -59,9 +59,7 @@ def cmd_heal(args) -> int:
 
     src, out = Path(args.checkpoint), Path(args.out)
     if not io.is_compressed_checkpoint(src):
-        raise SpectraInputError(
-            f"{src}: not a `spectra apply` output (no manifest.json and the factors it lists)"
-        )
+        raise SpectraInputError(f"{src}: not a `spectra apply` output (no manifest.json)")
     if out.exists() and not args.force:
         raise SpectraInputError(f"{out}: already exists (pass --force to replace it)")
     if not out.parent.is_dir():
