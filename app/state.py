@@ -16,6 +16,7 @@ import streamlit as st
 from spectra.analysis import analyze
 from spectra.errors import SpectraInputError
 from spectra.io import models, roles
+from spectra.io.model import open_model
 from spectra.io.roles import ROLES
 from spectra.plan.defaults import FIRST_CALIB_TOKENS
 
@@ -48,7 +49,7 @@ def matrix_table(spec: str):
     """One row per 2-D weight (read from file headers, no weights loaded)."""
     import polars as pl
 
-    mats = models.matrices(models.resolve(spec))
+    mats = opened(spec).matrices
     return pl.DataFrame(
         {
             "name": [m.name for m in mats],
@@ -64,14 +65,10 @@ def matrix_table(spec: str):
 @st.cache_data(show_spinner=False)
 def summary(spec: str) -> dict:
     """Architecture, sizes, dtype, device and cache status, from config and headers."""
-    import json
 
-    source = models.resolve(spec)
-    config = {}
+    model = opened(spec)
+    source, config, mats = model.source, model.config, model.matrices
     path = source.root / "config.json"
-    if path.is_file():
-        config = json.loads(path.read_text())
-    mats = models.matrices(source)
     return dict(
         has_config=path.is_file(),
         storage=models.storage(source),
@@ -83,7 +80,7 @@ def summary(spec: str) -> dict:
         params=sum(m.shape[0] * m.shape[1] for m in mats),
         matrices=len(mats),
         dtype=", ".join(sorted({DTYPES.get(m.ref.dtype, m.ref.dtype) for m in mats})),
-        device=models.resolve_device("auto"),
+        device=model.device,
         root=str(source.root),
     )
 
@@ -103,7 +100,7 @@ def analysis(spec: str, cores: int = 3):
     """The analysis table (spectra, metrics, MPO bond profiles) and whether it was cached."""
 
     info: dict = {}
-    df = analyze(spec, cores=cores, info=info)
+    df = analyze(opened(spec), cores=cores, info=info)
     return df, bool(info.get("cached"))
 
 
@@ -116,7 +113,7 @@ def calib_analysis(spec: str, calib_key: str):
 
     grams = open_folder(calib_key)
     df, _ = analysis(spec)
-    return df.join(calib_table(spec, grams.settings), on="name", how="left")
+    return df.join(calib_table(opened(spec), grams.settings), on="name", how="left")
 
 
 @st.cache_data(show_spinner=False)
@@ -136,28 +133,25 @@ def run_options() -> tuple[str, str]:
     )
 
 
-def handle(spec: str):
-    """The model resolved once with its working dtype and offload (spectra.io.handle):
-    a model too big for this machine is refused here, with one line."""
-    return _handle(spec, *run_options())
+def opened(spec: str):
+    """The model resolved once for every session (the app's entry point: the pages
+    name it by `spec`, the library takes this object), in the working dtype and
+    offload `spectra app` was started with; a model too big for this machine is
+    refused here, with one line."""
+    return _opened(spec, *run_options())
 
 
 @st.cache_resource(show_spinner=False)
-def _handle(spec: str, dtype: str, offload: str):
-    from spectra.io.handle import open_model
-
+def _opened(spec: str, dtype: str, offload: str):
     return open_model(spec, "auto", dtype, offload)
 
 
 def loaded(spec: str):
     """(model, tokenizer) for sensitivities and calibration, in the working dtype:
-    resident, or streamed from disk one block at a time; shared, never mutated."""
-    return _loaded(spec, *run_options())
-
-
-@st.cache_resource(show_spinner=False)
-def _loaded(spec: str, dtype: str, offload: str):
-    return _handle(spec, dtype, offload).load(), models.load_tokenizer(spec)
+    resident, or streamed from disk one block at a time; shared, never mutated (the
+    same one every library call on `opened(spec)` runs)."""
+    model = opened(spec)
+    return model.shared(), model.tokenizer()
 
 
 @st.cache_resource(show_spinner=False)
@@ -174,8 +168,8 @@ def previewer(spec: str):
     key = f"previewer::{spec}"
     if key not in st.session_state:
         model, tok = loaded(spec)
-        if handle(spec).offload == "disk":  # a previewer swaps modules in: its own skeleton
-            model = handle(spec).load()
+        if opened(spec).offload == "disk":  # a previewer swaps modules in: its own skeleton
+            model = opened(spec).load()
         st.session_state[key] = Previewer(model, tok, built=built_modules(spec))
     pv = st.session_state[key]
     pv.use_calibration(calibration(spec))
@@ -205,7 +199,7 @@ def auto_steps(spec: str, calibrating: bool) -> dict[str, int]:
 def calib_settings(spec: str):
     from spectra.data.calibration import for_model
 
-    return for_model(spec, tokens=calib_tokens())
+    return for_model(opened(spec), tokens=calib_tokens())
 
 
 def calibration(spec: str):
@@ -215,26 +209,21 @@ def calibration(spec: str):
     if key not in st.session_state:
         from spectra.data.calibration import cached
 
-        st.session_state[key] = cached(spec, calib_settings(spec))
+        st.session_state[key] = cached(opened(spec), calib_settings(spec))
     return st.session_state[key]
 
 
 @st.cache_data(show_spinner=False)
 def can_calibrate(spec: str) -> bool:
     """Whether the model has what a calibration needs (a tokenizer)."""
-    try:
-        models.load_tokenizer(spec)
-    except SpectraInputError:
-        return False
-    return True
+    return opened(spec).has_tokenizer()
 
 
 def compute_calibration(spec: str, progress=None):
     """Compute (or read) the calibration at the chosen size, with progress."""
     from spectra.data.calibration import calibrate
 
-    model, tok = loaded(spec)
-    grams = calibrate(spec, calib_settings(spec), model=model, tokenizer=tok, progress=progress)
+    grams = calibrate(opened(spec), calib_settings(spec), progress=progress)
     st.session_state[f"calibration::{spec}::{calib_tokens()}"] = grams
     return grams
 
@@ -255,7 +244,7 @@ def row_error(spec: str, name: str, settings: tuple, calib_key: str | None = Non
         got = method.errors(config, None, sigma, None, None)  # the spectrum suffices
         if got is not None:
             return got
-    weight = next(m for m in models.matrices(spec) if m.name == name).read()
+    weight = opened(spec).matrix(name).read()
     curves = None
     if calib is not None and method.curves is not None and method.needs_data(config):
         curves = calibrated_curves(spec, name, calib_key, config.method)
@@ -293,7 +282,7 @@ def calibrated_curves(spec: str, name: str, calib_key: str, method: str):
     factorization (whitened low rank: one SVD of W L)."""
     from compressors.registry import METHODS
 
-    weight = next(m for m in models.matrices(spec) if m.name == name).read()
+    weight = opened(spec).matrix(name).read()
     h, _ = calibration_block(spec, calib_key, roles.block_of(name))[name]
     return METHODS[method].curves(weight, h)
 
@@ -336,8 +325,10 @@ def _auto_layers(spec, method, key, target, sensitivity, calib_tokens, allocate,
     c = calib_settings(spec)  # what a calib damage and owl's outlier ratios read
     calib = sens.SensitivitySettings("calib", c.corpus, c.tokens, c.seqlen)
     settings = calib if sensitivity == "calib" else None
+    # the model as the app opened it (dtype, offload) and the shared network every
+    # page's calibration and sensitivity run: no second resident copy
     result = auto_plan(
-        spec,
+        opened(spec),
         method,
         sensitivity=sensitivity,
         sens_settings=settings,
@@ -390,7 +381,7 @@ def sensitivity_scores(spec: str, kind: str, tokens: int, progress=None):
         settings = sens.SensitivitySettings("calib", c.corpus, c.tokens, c.seqlen)
     else:
         settings = sens.SensitivitySettings(kind=kind, tokens=tokens)
-    return correlate.sensitivity_table(spec, settings, progress=progress, model=loaded(spec)[0])
+    return correlate.sensitivity_table(opened(spec), settings, progress=progress)
 
 
 @st.cache_data(show_spinner=False)
@@ -401,4 +392,4 @@ def sensitivity_metrics(spec: str, calib_key: str | None = None):
     from spectra.plan import correlate  # deferred: torch
 
     grams = open_folder(calib_key) if calib_key else None
-    return correlate.metric_table(spec, calibration=grams)
+    return correlate.metric_table(opened(spec), calibration=grams)

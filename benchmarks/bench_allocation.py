@@ -50,6 +50,8 @@ from pathlib import Path
 
 from bench_quality import write_results
 
+from spectra.io.model import open_model
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 BUDGETS = (0.4, 0.5, 0.6, 0.8)
@@ -119,7 +121,9 @@ def auto_layers(method, sensitivity, importance=True, **budget):
     from spectra.plan.auto import auto_plan
 
     t0 = time.perf_counter()
-    result = auto_plan("demo", method, sensitivity=sensitivity, importance=importance, **budget)
+    result = auto_plan(
+        open_model("demo"), method, sensitivity=sensitivity, importance=importance, **budget
+    )
     layers = {k: config_to_dict(c) for k, c in result.plan.layers.items()}
     return layers, time.perf_counter() - t0
 
@@ -163,11 +167,15 @@ def strategy_layers(method: str, strat: str, budget: dict, cache: dict) -> tuple
     if key not in cache:
         t0 = time.perf_counter()
         if strat == "loss":
-            result = auto_plan("demo", method, sensitivity="calib", **budget)
+            result = auto_plan(open_model("demo"), method, sensitivity="calib", **budget)
         else:
             # rule strategies: data-free candidates (their cost is all the rule needs)
             result = auto_plan(
-                "demo", method, sensitivity="none", strategy=Strategy(strat, e=0.2), **budget
+                open_model("demo"),
+                method,
+                sensitivity="none",
+                strategy=Strategy(strat, e=0.2),
+                **budget,
             )
         layers = {k: config_to_dict(c) for k, c in result.plan.layers.items()}
         cache[key] = (layers, time.perf_counter() - t0, result.plan.allocation)
@@ -189,18 +197,17 @@ def fix_knobs(layers: dict, fixed: dict) -> dict:
 def run_strategies(args) -> None:
     from spectra.data import calibration
     from spectra.data import perplexity as ev
-    from spectra.io import models
     from spectra.plan import format as plans
 
     out = RESULTS / "bench_strategies.json"
-    model = models.load("demo", device="cpu")
-    tok = models.load_tokenizer("demo")
+    model = open_model("demo", "cpu", "float32", "none").load()
+    tok = open_model("demo").tokenizer()
     ids = ev.token_stream(tok, "builtin", "eval")
     results = json.loads(out.read_text()) if out.is_file() else {}
     if "dense" not in results:
         base = ev.perplexity(model, tok, ids=ids, max_tokens=args.max_tokens)
         results["dense"] = dict(ppl=base.ppl, tokens=base.tokens)
-    grams = calibration.calibrate("demo", model=model, tokenizer=tok)
+    grams = calibration.calibrate(open_model("demo"), network=model)
     cache: dict = {}
     for name, method, strat, budget, fixed in strategy_rows():
         if args.only and name not in args.only:
@@ -210,7 +217,7 @@ def run_strategies(args) -> None:
         layers, alloc_s, record = strategy_layers(method, strat, budget, cache)
         layers = fix_knobs(layers, fixed)
         plan = plans.parse({"version": 1, "model": "demo", "layers": layers})
-        totals = plans.totals(plans.resolve(plan, list(models.matrices("demo"))))
+        totals = plans.totals(plans.resolve(plan, list(open_model("demo").matrices)))
         t0 = time.perf_counter()
         compressed, _, _ = plans.apply_plan(model, plan, grams)
         apply_s = time.perf_counter() - t0
@@ -291,14 +298,13 @@ def main() -> None:
     from spectra.analysis import analyze
     from spectra.data import calibration
     from spectra.data import perplexity as ev
-    from spectra.io import models
     from spectra.plan import format as plans
 
-    model = models.load("demo", device="cpu")
-    tok = models.load_tokenizer("demo")
+    model = open_model("demo", "cpu", "float32", "none").load()
+    tok = open_model("demo").tokenizer()
     ids = ev.token_stream(tok, "builtin", "eval")
-    mats = [m for m in models.matrices("demo") if m.role not in plans.NOT_TARGETABLE]
-    sigmas = {r["name"]: r["sigma"] for r in analyze("demo", with_mpo=False).to_dicts()}
+    mats = [m for m in open_model("demo").matrices if m.role not in plans.NOT_TARGETABLE]
+    sigmas = {r["name"]: r["sigma"] for r in analyze(open_model("demo"), with_mpo=False).to_dicts()}
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}
     if "dense" not in results:
         base = ev.perplexity(model, tok, ids=ids, max_tokens=args.max_tokens)
@@ -355,7 +361,7 @@ def main() -> None:
         t0 = time.perf_counter()
         data = any(e.config is not None and needs_data(e.config) for e in entries)
         if data and grams is None:
-            grams = calibration.calibrate("demo", model=model, tokenizer=tok)
+            grams = calibration.calibrate(open_model("demo"), network=model)
         compressed, _, _ = plans.apply_plan(model, plan, grams if data else None)
         apply_seconds = time.perf_counter() - t0
         r = ev.perplexity(compressed, tok, ids=ids, max_tokens=args.max_tokens)

@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from spectra.io.model import open_model
+
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "benchmarks" / "results" / "bench_app.json"
 MODULE = "model.layers.12.mlp.down_proj"
@@ -59,7 +61,7 @@ def row_edit() -> dict:
     from spectra.analysis import analyze
     from spectra.preview import module_error
 
-    df = analyze("demo")
+    df = analyze(open_model("demo"))
     sigma = df.filter(df["name"] == MODULE)["sigma"].to_list()[0]
     lookups = []
     for rank in range(50, 60):
@@ -76,10 +78,9 @@ def row_edit() -> dict:
 
 def previews() -> dict:
     from compressors.registry import make_config
-    from spectra.io import models
     from spectra.preview import Previewer
 
-    model, tok = models.load("demo", "cpu"), models.load_tokenizer("demo")
+    model, tok = open_model("demo", "cpu", "float32", "none").load(), open_model("demo").tokenizer()
     pv = Previewer(model, tok)
     layers = {MODULE: make_config("lowrank", rank=64)}
     t0 = time.perf_counter()
@@ -106,22 +107,21 @@ def default_path() -> dict:
     """Auto-allocate with the Plan page's defaults, then the first preview (library calls
     the page makes, timed phase by phase)."""
     from spectra.data.calibration import calibrate, for_model
-    from spectra.io import models
     from spectra.plan import sensitivity as sens
     from spectra.plan.auto import auto_plan
     from spectra.plan.defaults import DEFAULT_METHOD, DEFAULT_TARGET_PARAMS, FIRST_CALIB_TOKENS
     from spectra.preview import Previewer
 
-    model, tok = models.load("demo", "cpu"), models.load_tokenizer("demo")
+    model, tok = open_model("demo", "cpu", "float32", "none").load(), open_model("demo").tokenizer()
     t0 = time.perf_counter()
     calib = for_model("demo", tokens=FIRST_CALIB_TOKENS)
     info: dict = {}
-    grams = calibrate("demo", calib, model=model, tokenizer=tok, info=info)
+    grams = calibrate(open_model("demo"), calib, network=model, info=info)
     calib_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     settings = sens.SensitivitySettings("calib", calib.corpus, calib.tokens, calib.seqlen)
     result = auto_plan(
-        "demo",
+        open_model("demo"),
         DEFAULT_METHOD,
         target_params=DEFAULT_TARGET_PARAMS,
         sensitivity="calib",

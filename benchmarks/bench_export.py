@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from spectra.io.model import open_model
+
 REPO = Path(__file__).resolve().parent.parent
 ATTN = r"re:model\.layers\.\d+\.self_attn\.[qkvo]_proj"
 MLP = r"re:model\.layers\.\d+\.mlp\.(gate|up|down)_proj"
@@ -64,9 +66,7 @@ def dense_fp16(work: Path) -> int:
     """Bytes of the dense demo as an fp16 safetensors checkpoint (written, then measured)."""
     import torch
 
-    from spectra.io import models
-
-    model = models.load("demo", "cpu").to(torch.float16)
+    model = open_model("demo", "cpu", "float32", "none").load().to(torch.float16)
     model.save_pretrained(work / "dense-fp16")
     return size(work / "dense-fp16")
 

@@ -31,6 +31,8 @@ from pathlib import Path
 
 from bench_quality import densified, write_results
 
+from spectra.io.model import open_model
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results" / "bench_peers.json"
 PEER_PYTHON = REPO / ".venv-peers" / "bin" / "python"
@@ -170,11 +172,10 @@ def main() -> None:
     from compressors.apply import linear_targets
     from spectra.data import calibration
     from spectra.data import perplexity as ev
-    from spectra.io import models
     from spectra.plan import format as plans
 
-    model = models.load("demo", device="cpu")
-    tok = models.load_tokenizer("demo")
+    model = open_model("demo", "cpu", "float32", "none").load()
+    tok = open_model("demo").tokenizer()
     ids = ev.token_stream(tok, "builtin", "eval")
     spec = calibration.for_model("demo")
     windows = calibration.calibration_windows(tok, spec)
@@ -191,7 +192,7 @@ def main() -> None:
         row = ROWS[name]
         if name.startswith("peer-"):
             weights, seconds = run_peer(args.peer_python, work / "windows.safetensors", row, work)
-            scored = models.load("demo", device="cpu")
+            scored = open_model("demo", "cpu", "float32", "none").load()
             mods = dict(scored.named_modules())
             for mod_name, w in weights.items():
                 mods[mod_name].weight.data = w.to(mods[mod_name].weight.dtype)
@@ -212,7 +213,7 @@ def main() -> None:
                 _, _, facts = plans.apply_plan(model, plan, calib_ids=windows)
             else:
                 if grams is None and (knobs["method"] == "prune" or knobs.get("gptq")):
-                    grams = calibration.calibrate("demo", spec, model=model, tokenizer=tok)
+                    grams = calibration.calibrate(open_model("demo"), spec, network=model)
                 _, _, facts = plans.apply_plan(model, plan, grams)
             seconds = time.perf_counter() - t0
             # scored on the reconstructed weights: the same numbers as the compact

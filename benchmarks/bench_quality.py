@@ -29,6 +29,8 @@ import math
 import time
 from pathlib import Path
 
+from spectra.io.model import open_model
+
 REPO = Path(__file__).resolve().parent.parent
 CALIB = {"corpus": "builtin", "samples": 64, "seqlen": 512, "seed": 0}
 BLOCK_LINEARS = r"re:model\.layers\.\d+\.(self_attn\.[qkvo]|mlp\.(gate|up|down))_proj"
@@ -424,8 +426,8 @@ def main() -> None:
     started = time.perf_counter()
     device = models.resolve_device(args.device)
     cuda = device.startswith("cuda")
-    model = models.load("demo", device=device)
-    tok = models.load_tokenizer("demo")
+    model = open_model("demo", device, "float32", "none").load()
+    tok = open_model("demo").tokenizer()
     ids = ev.token_stream(tok, "builtin", "eval")
     grams = None  # the calibration cache, read (or computed) at the first data-aware row
     results = json.loads(args.out.read_text()) if args.out.is_file() and args.only else {}
@@ -462,7 +464,7 @@ def main() -> None:
             compressed, reports, facts = plans.apply_plan(model, plan, calib_ids=windows)
         else:
             if data and grams is None:
-                grams = calibration.calibrate("demo", spec, model=model, tokenizer=tok)
+                grams = calibration.calibrate(open_model("demo"), spec, network=model)
             compressed, reports, facts = plans.apply_plan(model, plan, grams if data else None)
         if kept is None or kept[0] != key:
             seconds = time.perf_counter() - t0

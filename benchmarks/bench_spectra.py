@@ -87,14 +87,16 @@ def child_spectra(spec: str, device: str, with_mpo: bool = True) -> dict:
     import threadpoolctl  # noqa: F401
 
     from spectra.analysis import analyze
+    from spectra.io.model import open_model
 
     info: dict = {}
     with PeakRSS() as mem:
         t0 = time.perf_counter()
-        df = analyze(spec, device=device, with_mpo=with_mpo, info=info)
+        model = open_model(spec, device)
+        df = analyze(model, with_mpo=with_mpo, info=info)
         cold = time.perf_counter() - t0
     t0 = time.perf_counter()
-    analyze(spec, device=device, with_mpo=with_mpo, info=info)
+    analyze(open_model(spec, device), with_mpo=with_mpo, info=info)
     hit = time.perf_counter() - t0
     assert info["cached"], "second analysis was not served from the cache"
     largest = int((df["shape_m"] * df["shape_n"]).max())

@@ -21,6 +21,7 @@ import numpy as np
 
 from spectra.errors import SpectraInputError
 from spectra.io import cache, models
+from spectra.io.model import Model
 from spectra.io.roles import ROLES
 from spectra.io.tensors import iter_row_chunks
 from spectra.linalg import metrics, mpo, scratch
@@ -59,8 +60,7 @@ class AnalysisSettings:
 
 
 def analyze(
-    spec: str,
-    device: str = "auto",
+    model: Model,
     cores: int = 3,
     with_mpo: bool = True,
     use_cache: bool = True,
@@ -70,11 +70,11 @@ def analyze(
     cached_only: bool = False,
     ray: str | None = None,
 ):
-    """Analyse a model (spec as in `models.resolve`); returns a polars DataFrame.
+    """Analyse a model (spectra.io.model's Model, on its device); returns a polars
+    DataFrame.
 
     Args:
-        spec: `demo`, a Hugging Face directory, a .safetensors or .gguf file, or a hub id.
-        device: `auto` (cuda when present), `cpu` or `cuda`.
+        model: the model opened once by the caller (`open_model`).
         cores: MPO cores K for the bond profiles (2..6).
         with_mpo: compute the MPO bond profiles (False: spectra and metrics only).
         use_cache: read and write the on-disk cache.
@@ -90,14 +90,10 @@ def analyze(
     import polars as pl
 
     settings = settings or AnalysisSettings(cores=cores, mpo=with_mpo)
-    source = models.resolve(spec)
-    mats = models.matrices(source)
+    source, mats, device = model.source, model.matrices, model.device
     if ray is not None:
         run = functools.partial(_run_ray, ray)
-        if device not in ("auto", "cpu") and not device.startswith("cuda"):
-            models.resolve_device(device)  # the one message for a bad device
     else:
-        device = models.resolve_device(device)
         run = _run_cuda if device.startswith("cuda") else _run_cpu
     stamps = {f: cache.file_stamp(f) for f in source.files}
     hashes = _known_hashes(stamps) if use_cache else None
@@ -318,7 +314,7 @@ def _run_ray(address, mats, settings, device, progress, hashes=None):
             rows[i] = _cpu_row(mats[i], settings, hashes)
             finished(i)
 
-    overlap = cluster.starts_local(address) and models.resolve_device(device) == "cpu"
+    overlap = cluster.starts_local(address) and device == "cpu"
     workers = max(1, min(os.cpu_count() or 1, 8)) if overlap else 0
     if overlap:
         scratch.tune_allocator()
@@ -434,10 +430,10 @@ def _schema():
     }
 
 
-def spectra_by_name(spec: str, use_cache: bool = True) -> dict[str, list[float]]:
+def spectra_by_name(model: Model, use_cache: bool = True) -> dict[str, list[float]]:
     """Every matrix's singular values: from the cached default analysis when there is
     one (the app's and `spectra analyze`'s), else from a spectra-only analysis."""
-    df = analyze(spec, cached_only=True) if use_cache else None
+    df = analyze(model, cached_only=True) if use_cache else None
     if df is None:
-        df = analyze(spec, with_mpo=False, use_cache=use_cache)
+        df = analyze(model, with_mpo=False, use_cache=use_cache)
     return {r["name"]: r["sigma"] for r in df.select("name", "sigma").to_dicts()}

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from spectra.io.model import open_model
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -174,11 +176,10 @@ def demo_block(demo_dir):
         from compressors.apply import linear_targets
         from compressors.base import Calibration
         from spectra.data.calibration import CalibrationSpec, calibration_windows
-        from spectra.io import models
 
-        model = models.load(str(demo_dir), "cpu")
+        model = open_model(str(demo_dir), "cpu", "float32", "none").load()
         windows = calibration_windows(
-            models.load_tokenizer(str(demo_dir)), CalibrationSpec(samples=4, seqlen=512)
+            open_model(str(demo_dir)).tokenizer(), CalibrationSpec(samples=4, seqlen=512)
         )
         targets = linear_targets(model)
         for block, grams in activations.block_grams(model, windows):

@@ -7,6 +7,7 @@ import torch
 import yaml
 
 from spectra.cli import main
+from spectra.io.model import open_model
 
 PLAN = {
     "version": 1,
@@ -186,10 +187,9 @@ def test_a_failure_while_writing_leaves_no_out(tiny_llama_dir, plan_file, tmp_pa
 
 def test_calibration_windows_start_with_bos_where_the_tokenizer_adds_one(family_dir, tmp_path, cli):
     from spectra.data.calibration import CalibrationSpec, calibration_windows
-    from spectra.io import models
 
     path = family_dir("llama")
-    tok = models.load_tokenizer(str(path))
+    tok = open_model(str(path)).tokenizer()
     windows = calibration_windows(tok, CalibrationSpec(samples=3, seqlen=32))
     assert windows.shape == (3, 32) and (windows[:, 0] == tok.bos_token_id).all()
     plan = tmp_path / "wanda.yaml"
@@ -235,7 +235,7 @@ def test_sequential_calibration_is_cached_under_the_plan_and_repeats_exactly(
     assert outs[0].keys() == outs[1].keys() and len(outs[0]) > 0
     assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
     folders = [p.parent for p in (isolated_cache / "calibration").glob("*/meta.json")]
-    assert len(folders) == 1 and calibration.latest(str(path)) is None
+    assert len(folders) == 1 and calibration.latest(open_model(str(path))) is None
     rules[0]["bits"] = 4
     plan.write_text(yaml.safe_dump({"calibration": calib, "rules": rules}))
     r = cli("apply", plan, "--model", path, "-o", tmp_path / "out4")

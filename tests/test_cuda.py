@@ -6,6 +6,7 @@ import torch
 
 from compressors.base import Calibration, relative_error
 from compressors.registry import compress, make_config
+from spectra.io.model import open_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -68,11 +69,10 @@ def test_every_compressor_on_cuda_agrees_with_the_cpu(knobs):
 def test_a_calibrated_apply_and_healing_run_on_cuda(family_dir):
     from spectra.data import calibration, heal
     from spectra.data import perplexity as ev
-    from spectra.io import models
     from spectra.plan import format as plans
 
     path = str(family_dir("llama"))
-    tok = models.load_tokenizer(path)
+    tok = open_model(path).tokenizer()
     plan = plans.parse(
         dict(
             version=1,
@@ -109,11 +109,11 @@ def test_a_calibrated_apply_and_healing_run_on_cuda(family_dir):
     held_out = windows[[i for i in range(windows.shape[0]) if i not in read][:4]]
     ppl, kl = {}, {}
     for device in ("cpu", GPU):
-        model = models.load(path, device=device)
+        model = open_model(path, device, "float32", "none").load()
         with torch.no_grad():  # a sharper head: a KL well above bf16's rounding
             model.lm_head.weight.mul_(30)
         grams = calibration.calibrate(
-            path, plan.calibration, model=model, tokenizer=tok, use_cache=False
+            open_model(path), plan.calibration, network=model, use_cache=False
         )
         student, _, facts = plans.apply_plan(model, plan, grams)
         assert {p.device.type for p in student.parameters()} == {device}

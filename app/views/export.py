@@ -12,7 +12,6 @@ from app import state
 from app.views import plan_page
 from spectra import export as exports
 from spectra.errors import SpectraInputError
-from spectra.io import models
 from spectra.plan import edit as pe
 from spectra.plan import format as plans
 
@@ -24,7 +23,7 @@ def render() -> None:
     if spec is None:
         return
     layers = st.session_state.plan_layers
-    shape = {m.name: list(m.shape) for m in models.matrices(spec)}
+    shape = {m.name: list(m.shape) for m in state.opened(spec).matrices}
     try:  # each entry records its module's shape, so another model's is refused
         plan = plans.parse(
             {
@@ -72,8 +71,8 @@ def render() -> None:
             except (yaml.YAMLError, UnicodeDecodeError) as e:
                 raise SpectraInputError(f"{upload.name}: not YAML or JSON ({e})") from e
             imported = plans.parse(data)
-            mats = [m for m in models.matrices(spec) if m.role != "embed"]
-            new = pe.layers_from_plan(imported, mats, spec)
+            mats = [m for m in state.opened(spec).matrices if m.role != "embed"]
+            new = pe.layers_from_plan(imported, mats, state.opened(spec))
         except SpectraInputError as e:
             st.error(f"{upload.name}: {e}")
             return
@@ -101,6 +100,7 @@ def run_elsewhere() -> None:
         language="bash",
     )
     from compressors import io
+    from compressors.opened import open_out
 
     if not io.is_compressed_checkpoint(out):
         st.caption(f"{out} is not a `spectra apply` output yet: run the commands above first.")
@@ -109,7 +109,8 @@ def run_elsewhere() -> None:
     if st.button(f"Export {out} to {dest}", key="export_go", type="primary"):
         try:
             with st.spinner(f"writing {dest}"):
-                summary = exports.export(out, fmt, dest, kind, force=force)
+                opened = open_out(out, "cpu")
+                summary = exports.export(opened, fmt, dest, kind, force=force)
         except SpectraInputError as e:
             st.error(str(e))
             return

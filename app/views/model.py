@@ -37,14 +37,16 @@ def render() -> None:
         convert.empty()
         table = state.matrix_table(spec)
         info = state.summary(spec)
-        run = state.handle(spec).describe()
+        run = state.opened(spec).describe()
 
         bar = st.progress(0.0, "spectra")
         status: dict = {}
         # the library call, not the Streamlit-cached one, so a miss can show progress;
         # a hit comes from the disk cache in milliseconds
         df = analyze(
-            spec, info=status, progress=lambda d, t, n: bar.progress(d / t, f"spectra {d}/{t}: {n}")
+            state.opened(spec),
+            info=status,
+            progress=lambda d, t, n: bar.progress(d / t, f"spectra {d}/{t}: {n}"),
         )
         cached = status.get("cached")
         bar.empty()

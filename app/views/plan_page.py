@@ -16,7 +16,6 @@ from app.views import knobs as kw
 from app.views.progress import Eta
 from compressors.registry import METHODS, needs_data
 from spectra.errors import SpectraInputError
-from spectra.io import models
 from spectra.plan import edit as pe
 from spectra.plan.defaults import DEFAULT_METHOD, DEFAULT_TARGET_PARAMS
 from spectra.plan.grid import auto_methods
@@ -352,7 +351,7 @@ def module_editor(spec: str, mats) -> None:
 def totals_and_preview(spec: str, mats) -> None:
     layers = st.session_state.plan_layers
     try:
-        t = pe.totals(spec, layers, mats)
+        t = pe.totals(state.opened(spec), layers, mats)
     except SpectraInputError as e:
         st.error(str(e))
         return
@@ -607,7 +606,7 @@ def render() -> None:
     init()
     spec = state.model_spec()
     try:
-        mats = [m for m in models.matrices(spec) if m.role != "embed"]
+        mats = [m for m in state.opened(spec).matrices if m.role != "embed"]
     except SpectraInputError as e:
         st.error(str(e))
         return

@@ -64,7 +64,7 @@ def _ray_option(p: argparse.ArgumentParser) -> None:
 
 def _run_options(p: argparse.ArgumentParser, offload_help: str = "", dtype_help: str = "") -> None:
     """--offload and --dtype: how a command that runs the model holds it (the choices
-    are spectra.io.handle's OFFLOADS and DTYPES, written here to keep --help light)."""
+    are spectra.io.model's OFFLOADS and DTYPES, written here to keep --help light)."""
     p.add_argument(
         "--offload",
         default="auto",

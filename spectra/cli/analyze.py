@@ -9,8 +9,8 @@ from pathlib import Path
 from spectra.analysis import analyze
 from spectra.cli.progress import progress_bar
 from spectra.cli.report import check_out_path, format_table, summaries
-from spectra.io import models
 from spectra.io.cache import atomic_path
+from spectra.io.model import open_model
 from spectra.linalg import mpo
 
 
@@ -19,13 +19,13 @@ def cmd_analyze(args) -> int:
     if args.out is not None:
         check_out_path(args.out)
 
-    models.resolve(args.model)  # a one-time GGUF conversion is timed apart (it says so)
+    # opened first: a one-time GGUF conversion is timed apart (it says so)
+    model = open_model(args.model, args.device)
     info: dict = {}
     t0 = time.perf_counter()
     with progress_bar("analyzing") as progress:
         df = analyze(
-            args.model,
-            device=args.device,
+            model,
             cores=args.cores,
             with_mpo=not args.no_mpo,
             use_cache=not args.no_cache,
@@ -38,8 +38,7 @@ def cmd_analyze(args) -> int:
 
         with progress_bar("activation-aware spectra") as progress:
             calib = calib_table(
-                args.model,
-                device=args.device,
+                model,
                 use_cache=not args.no_cache,
                 progress=progress,
                 info=info.setdefault("calib", {}),

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from spectra.errors import SpectraInputError
-from spectra.io.handle import open_model
+from spectra.io.model import open_model
 
 
 def _free(port: int) -> bool:

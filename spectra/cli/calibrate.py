@@ -6,29 +6,26 @@ import json
 
 from spectra.cli.progress import progress_bar
 from spectra.data.calibration import calibrate, for_model
-from spectra.io import models
-from spectra.io.handle import open_model
+from spectra.io.model import open_model
 
 
 def cmd_calibrate(args) -> int:
-    models.resolve(args.model)  # a one-time GGUF conversion is timed apart (it says so)
-    h = open_model(args.model, args.device, args.dtype, args.offload)
-    settings = for_model(args.model, args.corpus, args.tokens, args.seqlen, args.seed)
+    # opened first: a one-time GGUF conversion is timed apart (it says so)
+    model = open_model(args.model, args.device, args.dtype, args.offload)
+    settings = for_model(model, args.corpus, args.tokens, args.seqlen, args.seed)
     info: dict = {}
     with progress_bar("calibrating", unit="block") as progress:
         grams = calibrate(
-            args.model,
+            model,
             settings,
-            device=args.device,
             use_cache=not args.no_cache,
             progress=progress,
             info=info,
             ray=args.ray,
-            handle=h,
         )
     summary = describe(grams)
     summary.update(model=args.model, cached=info["cached"], seconds=round(info["seconds"], 3))
-    summary.update(h.describe())
+    summary.update(model.describe())
     if args.json:
         print(json.dumps(summary))
         return 0

@@ -15,19 +15,19 @@ from spectra.cli.progress import progress_bar
 from spectra.cli.report import check_out_path, format_table
 from spectra.data import calibration
 from spectra.data import perplexity as ev
-from spectra.data.calibration import calibrate
 from spectra.errors import SpectraInputError
-from spectra.io import cache, models
-from spectra.io.handle import open_model
+from spectra.io import cache
+from spectra.io.model import open_model
 from spectra.io.roles import ROLES
 from spectra.plan import format as plans
+from spectra.plan import run
 
 
 def cmd_plan_show(args) -> int:
     plan = plans.load(args.plan)
-    mats = models.matrices(args.model)
-    entries = plans.resolve(plan, mats, rank_of=plans.energy_ranks(args.model))
-    warn_other_model(plan, args.model)
+    model = open_model(args.model)
+    entries = plans.resolve(plan, model.matrices, rank_of=plans.energy_ranks(model))
+    warn_other_model(plan, model)
     order = {r: i for i, r in enumerate(ROLES)}
     entries.sort(key=lambda e: (-1 if e.block is None else e.block, order.get(e.role, 99)))
     rows = [
@@ -74,22 +74,19 @@ def cmd_plan_auto(args) -> int:
         args.target_params = DEFAULT_TARGET_PARAMS
     floors = autoplan.parse_floors(args.min_rank, args.min_bits, args.keep_dense)
     strategy = Strategy(args.allocate, args.alpha_e, args.owl_band)  # bad knobs: exit 2
-    sensitivity, settings, fallback = _auto_damage(args)
-    handle = None  # the model is loaded (streamed where it must be) only to score damage
-    if settings is not None:
-        handle = open_model(args.model, args.device, args.dtype, args.offload)
+    # loaded (streamed where it must be) only if a damage is scored on it
+    model = open_model(args.model, args.device, args.dtype, args.offload)
+    sensitivity, settings, fallback = _auto_damage(args, model)
     with progress_bar(sensitivity) as progress:
         result = autoplan.auto_plan(
-            args.model,
+            model,
             args.method,
             args.target_params,
             args.target_bits,
             sensitivity,
             floors,
             settings,
-            device=args.device,
             progress=progress,
-            handle=handle,
             strategy=strategy,
         )
     fmt = "json" if args.out.suffix.lower() == ".json" else "yaml"
@@ -113,9 +110,7 @@ def cmd_plan_auto(args) -> int:
         tmp.write_text(body)
     if fallback:  # after the plan is made, so that bad input stays one line
         print(fallback, file=sys.stderr)
-    used = _calibration_used(
-        args.model, result.plan.calibration if sensitivity == "calib" else None
-    )
+    used = _calibration_used(model, result.plan.calibration if sensitivity == "calib" else None)
     if args.json:
         print(json.dumps({"out": str(args.out), **s, "calibration": used}))
         return 0
@@ -144,7 +139,7 @@ def cmd_plan_auto(args) -> int:
     return 0
 
 
-def _auto_damage(args):
+def _auto_damage(args, model):
     """(sensitivity, settings, warning) of `plan auto`: `auto` scores the
     calibration-weighted damage on the model's newest cached calibration, else on a small
     one computed first; a model that cannot be calibrated falls back to the weight error,
@@ -157,12 +152,12 @@ def _auto_damage(args):
             return args.sensitivity, None, None  # `none`, or refused by auto_plan
         settings = sens.SensitivitySettings(args.sensitivity, tokens=args.tokens)
         return args.sensitivity, settings, None
-    found = calibration.latest(args.model)
+    found = calibration.latest(model)
     if found is not None:  # scored on that calibration, whatever its settings
         c = found.settings
         return "calib", sens.SensitivitySettings("calib", c.corpus, c.tokens, c.seqlen), None
     try:
-        models.load_tokenizer(args.model)
+        model.tokenizer()
     except SpectraInputError as e:
         return (
             "none",
@@ -177,18 +172,19 @@ def _auto_damage(args):
     return "calib", sens.SensitivitySettings("calib", tokens=tokens), None
 
 
-def _calibration_used(spec: str, settings) -> dict | None:
+def _calibration_used(model, settings) -> dict | None:
     """The calibration a plan was scored on: its settings, tokens and cache key."""
     if settings is None:
         return None
-    grams = calibration.cached(spec, settings)
+    grams = calibration.cached(model, settings)
     key = grams.folder.name if grams is not None else None
     tokens = grams.tokens if grams is not None else settings.tokens
     return dict(settings.windows_key, tokens=tokens, key=key)
 
 
-def warn_other_model(plan, spec: str) -> None:
+def warn_other_model(plan, model) -> None:
     """One warning line when the plan names another model than --model."""
+    spec = model.spec
     if plan.model is None or plan.model == spec:
         return
     a, b = Path(plan.model).expanduser(), Path(spec).expanduser()
@@ -232,23 +228,24 @@ def cmd_apply(args) -> int:
     if not out.parent.is_dir():
         raise SpectraInputError(f"{out}: directory {out.parent} does not exist")
     # the plan must fit the model before anything heavy is loaded
-    rank_of = plans.energy_ranks(args.model)
-    entries = plans.resolve(plan, models.matrices(args.model), rank_of=rank_of)
-    warn_other_model(plan, args.model)
+    model = open_model(args.model, args.device, args.dtype, args.offload)
+    rank_of = plans.energy_ranks(model)
+    entries = plans.resolve(plan, model.matrices, rank_of=rank_of)
+    warn_other_model(plan, model)
     # deferred: these pull in torch; `spectra --help` imports this module
     from compressors import apply as applying
     from compressors import io
 
-    h = open_model(args.model, args.device, args.dtype, args.offload)
-    if h.offload == "disk":
-        return _apply_streamed(args, plan, entries, h, rank_of)
+    if model.offload == "disk":
+        return _apply_streamed(args, model, plan, entries, rank_of)
     t0 = time.perf_counter()
-    with _cluster(args.ray, args.device) as mapper:
-        model = h.load()
-        compressed, reports, facts, tokenizer, grams, seq = _compress(
-            args, plan, entries, model, rank_of, mapper
+    with _cluster(args.ray, model.device) as mapper:
+        network = model.load()
+        done = run.apply(
+            model, plan, entries, network, rank_of=rank_of, mapper=mapper, bars=progress_bar
         )
-    rows = [applying.asdict(r) for r in reports]
+    facts, tokenizer = done.factorizations, done.tokenizer
+    rows = [applying.asdict(r) for r in done.reports]
     totals = plans.totals(entries)
     totals["seconds"] = time.perf_counter() - t0  # loading and compressing, not healing
     heal_section = None
@@ -257,8 +254,8 @@ def cmd_apply(args) -> int:
 
         identity = {"model": args.model, "plan": plans.plan_key(entries)}
         facts, heal_section = heal.run_heal(
-            compressed,
-            model,
+            done.compressed,
+            network,
             facts,
             tokenizer,
             plan.heal,
@@ -266,11 +263,18 @@ def cmd_apply(args) -> int:
             out,
             identity,
         )
-    report = _report(args, plan, tokenizer, grams, seq, totals, rows)
+    report = _report(args, plan, done, totals, rows)
     if heal_section is not None:
         report["heal"] = heal_section
     io.save(
-        out, compressed, facts, args.plan.read_text(), report, tokenizer, args.dense, args.force
+        out,
+        done.compressed,
+        facts,
+        args.plan.read_text(),
+        report,
+        tokenizer,
+        args.dense,
+        args.force,
     )
     if heal_section is not None:
         heal.finish(out)
@@ -294,22 +298,22 @@ def _apply_done(args, out, totals, heal_section) -> int:
     return 0
 
 
-def _report(args, plan, tokenizer, grams, seq, totals, rows) -> dict:
+def _report(args, plan, done, totals, rows) -> dict:
     return dict(
         model=args.model,
         plan=str(args.plan),
         calibration=dict(
             vars(plan.calibration),
-            bos=tokenizer is not None and ev.bos_token(tokenizer) is not None,
+            bos=done.tokenizer is not None and ev.bos_token(done.tokenizer) is not None,
         ),
-        calibration_tokens=seq.get("tokens", 0) if grams is None else grams.tokens,
-        calibration_cached=seq.get("cached") if seq else None,
+        calibration_tokens=done.seq.get("tokens", 0) if done.grams is None else done.grams.tokens,
+        calibration_cached=done.seq.get("cached") if done.seq else None,
         totals=totals,
         modules=rows,
     )
 
 
-def _apply_streamed(args, plan, entries, h, rank_of) -> int:
+def _apply_streamed(args, model, plan, entries, rank_of) -> int:
     """`spectra apply` of a model streamed from disk: OUT is written block by block as
     the blocks are compressed (inside its temporary directory, renamed at the end)."""
     from compressors import apply as applying
@@ -318,7 +322,8 @@ def _apply_streamed(args, plan, entries, h, rank_of) -> int:
     if plan.heal is not None:
         raise SpectraInputError(
             f"{args.plan}: heal trains the whole model on the device, which does not hold "
-            f"{h.describe()['resident_gb']:.1f} GB; apply without heal: here, heal where it fits"
+            f"{model.describe()['resident_gb']:.1f} GB; apply without heal: here, heal where "
+            "it fits"
         )
     if args.dense:
         raise SpectraInputError(
@@ -327,9 +332,9 @@ def _apply_streamed(args, plan, entries, h, rank_of) -> int:
     if args.ray is not None:
         raise SpectraInputError("--ray with a model streamed from disk: use --offload none")
     t0 = time.perf_counter()
-    model = h.load()
-    layers = blocks.decoder_layers(model)
-    prefix = next(n for n, m in model.named_modules() if m is layers)
+    network = model.load()
+    layers = blocks.decoder_layers(network)
+    prefix = next(n for n, m in network.named_modules() if m is layers)
     with cache.atomic_dir(args.out, args.force) as tmp:
         writer = io.Writer(tmp)
 
@@ -338,76 +343,27 @@ def _apply_streamed(args, plan, entries, h, rank_of) -> int:
 
         # one factorization at a time, on every core: a block's worth of n x n Hessian
         # factors at once would undo what streaming saves
-        _, reports, _, tokenizer, grams, seq = _compress(
-            args, plan, entries, model, rank_of, _one_at_a_time, on_block
+        done = run.apply(
+            model,
+            plan,
+            entries,
+            network,
+            rank_of=rank_of,
+            mapper=_one_at_a_time,
+            on_block=on_block,
+            bars=progress_bar,
         )
-        rows = [applying.asdict(r) for r in reports]
+        rows = [applying.asdict(r) for r in done.reports]
         totals = plans.totals(entries)
         totals["seconds"] = time.perf_counter() - t0
-        report = _report(args, plan, tokenizer, grams, seq, totals, rows)
-        report["run"] = h.describe()
-        writer.finish(model, args.plan.read_text(), report, tokenizer)
+        report = _report(args, plan, done, totals, rows)
+        report["run"] = model.describe()
+        writer.finish(network, args.plan.read_text(), report, done.tokenizer)
     return _apply_done(args, args.out, totals, None)
 
 
 def _one_at_a_time(fn, work):
     yield from map(fn, work)
-
-
-def _compress(args, plan, entries, model, rank_of, mapper, on_block=None):
-    """(compressed, reports, factorizations, tokenizer, grams, sequential info) of `plan`;
-    `on_block(block, model, factorizations)` hears each block once it is compressed."""
-    from compressors import apply as applying
-
-    needs_data = any(e.config is not None and applying.needs_data(e.config) for e in entries)
-    try:
-        tokenizer = models.load_tokenizer(args.model)
-    except SpectraInputError:
-        if needs_data:
-            raise
-        tokenizer = None  # a data-free plan needs none; OUT then has no tokenizer either
-    grams = None
-    seq: dict = {}  # sequential calibration: its cache folder, hit or not, tokens
-    if needs_data and plan.calibration.sequential:
-        # each block calibrated on the outputs of the blocks before it as compressed
-        with progress_bar("compressing (sequential calibration)") as progress:
-            compressed, reports, facts = calibration.sequential(
-                args.model,
-                plan.calibration,
-                plans.plan_key(entries),
-                functools.partial(
-                    plans.apply_plan,
-                    model,
-                    plan,
-                    progress=progress,
-                    rank_of=rank_of,
-                    mapper=mapper,
-                    on_block=on_block,
-                ),
-                tokenizer=tokenizer,
-                info=seq,
-            )
-    else:
-        if needs_data:
-            with progress_bar("calibrating", unit="block") as progress:
-                grams = calibrate(
-                    args.model,
-                    plan.calibration,
-                    model=model,
-                    tokenizer=tokenizer,
-                    progress=progress,
-                )
-        with progress_bar("compressing") as progress:
-            compressed, reports, facts = plans.apply_plan(
-                model,
-                plan,
-                grams=grams,
-                progress=progress,
-                rank_of=rank_of,
-                mapper=mapper,
-                on_block=on_block,
-            )
-    return compressed, reports, facts, tokenizer, grams, seq
 
 
 @contextlib.contextmanager
@@ -421,7 +377,7 @@ def _cluster(address: str | None, device: str):
 
     info = cluster.connect(address)
     try:
-        on_gpu = models.resolve_device(device).startswith("cuda")
+        on_gpu = device.startswith("cuda")
         if on_gpu and not info["gpus"]:
             raise SpectraInputError("--ray: the model is on cuda but the Ray cluster has no GPUs")
         yield functools.partial(cluster.task_map, num_gpus=1 if on_gpu else 0)
@@ -430,53 +386,27 @@ def _cluster(address: str | None, device: str):
 
 
 def cmd_eval(args) -> int:
-    from compressors import io  # deferred: torch
-
     if args.seqlen < 2:
         raise SpectraInputError(f"--seqlen {args.seqlen}: must be at least 2")
     if args.max_tokens is not None and args.max_tokens < args.seqlen:
         raise SpectraInputError(
             f"--max-tokens {args.max_tokens}: less than one window (--seqlen {args.seqlen})"
         )
+    from spectra import open_model as open_any
     from spectra.export import loadable
 
     gguf_export = loadable(args.model)  # a `spectra export --format gguf` DIR: its file
     if gguf_export is not None:
         args.model = str(gguf_export)
-    compressed = io.is_compressed_checkpoint(args.model)
-    device = models.resolve_device(args.device)
-    run = {}  # how the model is held: dtype, offload, expected memory
-    if compressed:  # a corrupt OUT fails here, on the checkpoint itself
-        import torch
-
-        from compressors import streamed_out
-        from spectra.export import choose_offload
-
-        dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
-        run = {"offload": choose_offload(Path(args.model), args.offload)}
-        if run["offload"] == "disk":  # built a block at a time from its factors
-            model = streamed_out.load(args.model, device, dtype)
-        else:
-            model = io.load(args.model, device)[0]
-            model = model if dtype is None else model.to(dtype)
-        from transformers import AutoTokenizer
-
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(args.model)
-        except (OSError, ValueError) as e:
-            raise SpectraInputError(f"{args.model}: no usable tokenizer in the checkpoint") from e
-        ids = ev.token_stream(tokenizer, args.corpus, "eval")
-    else:
-        h = open_model(args.model, args.device, args.dtype, args.offload)
-        tokenizer = h.tokenizer()
-        ids = ev.token_stream(tokenizer, args.corpus, "eval")  # bad corpora fail before loading
-        model, run = h.load(), h.describe()
-    result = {"model": args.model, **_ppl(model, tokenizer, ids, args).to_dict(), **run}
-    if compressed and not args.no_baseline:
-        source = json.loads((Path(args.model) / "report.json").read_text()).get("model")
-        base_model = open_model(source, args.device, args.dtype, args.offload).load()
-        base = _ppl(base_model, tokenizer, ids, args)
-        result["baseline"] = {"model": source, **base.to_dict()}
+    model = open_any(args.model, args.device, args.dtype, args.offload)
+    tokenizer = model.tokenizer()
+    ids = ev.token_stream(tokenizer, args.corpus, "eval")  # bad corpora fail before loading
+    run = model.describe()  # how the model is held: dtype, offload, expected memory
+    result = {"model": args.model, **_ppl(model.load(), tokenizer, ids, args).to_dict(), **run}
+    if model.kind == "compressed" and not args.no_baseline:
+        base = model.baseline(offload=args.offload)
+        dense = _ppl(base.load(), tokenizer, ids, args)
+        result["baseline"] = {"model": base.spec, **dense.to_dict()}
     if args.json:
         print(json.dumps(result))
         return 0

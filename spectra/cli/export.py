@@ -7,17 +7,11 @@ from collections import Counter
 
 
 def cmd_export(args) -> int:
-    from spectra.export import SERVE, export  # deferred: torch
+    from compressors.opened import open_out  # deferred: torch
+    from spectra.export import SERVE, export
 
-    summary = export(
-        args.checkpoint,
-        args.format,
-        args.out,
-        args.gguf_type,
-        args.dtype,
-        args.force,
-        args.offload,
-    )
+    out = open_out(args.checkpoint, "cpu", "auto", args.offload)
+    summary = export(out, args.format, args.out, args.gguf_type, args.dtype, args.force)
     summary["serve"] = SERVE[args.format].format(dir=args.out)
     if args.json:
         print(json.dumps(summary))

@@ -11,8 +11,7 @@ import yaml
 from spectra.cli.progress import progress_bar
 from spectra.data import heal
 from spectra.errors import SpectraInputError
-from spectra.io import models
-from spectra.io.handle import WORK_MARGIN, footprint, free_bytes, open_model, stored_dtype
+from spectra.io.model import WORK_MARGIN, footprint, free_bytes
 
 
 def checkpoint_folder(out: Path) -> Path:
@@ -56,6 +55,7 @@ def finish(out: Path) -> None:
 
 def cmd_heal(args) -> int:
     from compressors import io  # deferred: torch
+    from compressors.opened import open_out
 
     src, out = Path(args.checkpoint), Path(args.out)
     if not io.is_compressed_checkpoint(src):
@@ -83,21 +83,17 @@ def cmd_heal(args) -> int:
         corpus=args.corpus,
     )
     corpus = (report.get("calibration") or {}).get("corpus") or "builtin"
-    device = models.resolve_device(args.device)
     if args.offload == "disk":
         raise SpectraInputError(
             "heal trains the whole model on the device: --offload disk cannot; heal where the "
             "model fits (--offload none or auto)"
         )
-    check_memory(src, source, device, args.dtype)
-    student, facts = io.load(src, device)
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(src)
-    except (OSError, ValueError) as e:
-        raise SpectraInputError(f"{src}: no usable tokenizer in the checkpoint") from e
-    teacher = open_model(source, device, args.dtype, "none").load()
+    model = open_out(src, args.device, "auto", "none")
+    dense = model.baseline(dtype=args.dtype, offload="disk")  # its size, before any work
+    check_memory(model, dense)
+    student, facts = model.load_with_factors()
+    tokenizer = model.tokenizer()
+    teacher = dense.with_run(offload="none").load()
     factors = io.shard_files(src)["factors"]
     size = sum((src / f).stat().st_size for f in factors)
     identity = {"out": str(src.resolve()), "factors_bytes": size}
@@ -114,15 +110,14 @@ def cmd_heal(args) -> int:
     return 0
 
 
-def check_memory(src: Path, source: str, device: str, dtype: str) -> None:
+def check_memory(model, dense) -> None:
     """Refuse, before any work, a heal whose models and optimizer state do not fit the
-    device: the dense teacher in `dtype`, the compressed student as OUT stores it, and
-    gradients plus AdamW's two moments for its factors (float32), with a margin."""
+    device: the dense teacher in its working dtype, the compressed student as OUT stores
+    it, and gradients plus AdamW's two moments for its factors (float32), with a margin."""
     from compressors import io
 
-    resolved = models.resolve(source)
-    dtype = stored_dtype(resolved) if dtype == "auto" else dtype
-    teacher = footprint(resolved, dtype)["total"]
+    src, device, dtype = model.source.root, model.device, dense.dtype
+    teacher = footprint(dense.source, dtype)["total"]
     shards = io.shard_files(src)
     size = {
         k: sum((src / p).stat().st_size for p in v if (src / p).is_file())

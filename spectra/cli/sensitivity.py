@@ -6,8 +6,7 @@ import json
 
 from spectra.cli.progress import progress_bar
 from spectra.cli.report import check_out_path, format_table
-from spectra.io import models
-from spectra.io.handle import open_model
+from spectra.io.model import open_model
 
 SHOWN = 15  # modules listed on the terminal (the --out file and --json hold all)
 
@@ -18,24 +17,15 @@ def cmd_sensitivity(args) -> int:
 
     if args.out is not None:
         check_out_path(args.out)
-    settings = _settings(args)
-    models.resolve(args.model)
-    handle = open_model(args.model, args.device, args.dtype, args.offload)
+    model = open_model(args.model, args.device, args.dtype, args.offload)
+    settings = _settings(args, model)
     info: dict = {}
     with progress_bar(f"{args.kind} sensitivity") as progress:
-        table = correlate.sensitivity_table(
-            args.model,
-            settings,
-            args.device,
-            not args.no_cache,
-            progress,
-            handle=handle,
-            info=info,
-        )
+        table = correlate.sensitivity_table(model, settings, not args.no_cache, progress, info=info)
         ranked, metrics = None, None
         if args.correlate:
             metrics = correlate.metric_table(
-                args.model, not args.no_cache, _calibration(args.model, settings), progress
+                model, not args.no_cache, _calibration(model, settings), progress
             )
             ranked = correlate.correlate(table, metrics)
     if args.out is not None:
@@ -44,7 +34,7 @@ def cmd_sensitivity(args) -> int:
     return _report(args, settings, table, ranked, info)
 
 
-def _settings(args):
+def _settings(args, model):
     """The sensitivity's settings; `calib` without --tokens reads the newest cached
     calibration of the model, else a small one (plan auto's default)."""
     from spectra.data import calibration
@@ -52,7 +42,7 @@ def _settings(args):
     from spectra.plan.sensitivity import SensitivitySettings
 
     if args.kind == "calib" and args.tokens is None:
-        found = calibration.latest(args.model)
+        found = calibration.latest(model)
         if found is not None:
             c = found.settings
             return SensitivitySettings("calib", c.corpus, c.tokens, c.seqlen)
@@ -60,14 +50,14 @@ def _settings(args):
     return SensitivitySettings(args.kind, tokens=args.tokens)
 
 
-def _calibration(spec: str, settings):
+def _calibration(model, settings):
     """The calibration whose activation-aware metrics join the correlation: the one the
     calib sensitivity read, else the newest cached one (None: no calib_* metrics)."""
     from spectra.data import calibration
 
     if settings.kind == "calib":
-        return calibration.cached(spec, settings.calib_spec(spec))
-    return calibration.latest(spec)
+        return calibration.cached(model, settings.calib_spec(model))
+    return calibration.latest(model)
 
 
 def _write(df, out) -> None:

@@ -20,7 +20,8 @@ import numpy as np
 
 from compressors.base import Calibration, whitening_factor
 from spectra.data import calibration
-from spectra.io import cache, models
+from spectra.io import cache
+from spectra.io.model import Model
 from spectra.linalg import metrics
 from spectra.linalg.parallel import parallel_map
 
@@ -38,23 +39,22 @@ def activation_spectrum(weight, hessian, device: str = "cpu") -> np.ndarray:
 
 
 def calib_table(
-    spec: str,
+    model: Model,
     settings: calibration.CalibrationSpec | None = None,
     *,
-    device: str = "auto",
     use_cache: bool = True,
     progress=None,
     info: dict | None = None,
 ):
     """One row per linear module inside a transformer block: `name` and COLUMNS.
 
-    Reads (or computes) the calibration of `spec` first; `info` gets its `cached`,
+    Reads (or computes) the calibration of `model` first (on its device); `info` gets its `cached`,
     `path`, `tokens` and whether the spectra came from the cache (`spectra_cached`).
     """
     import polars as pl
 
     info = {} if info is None else info
-    grams = calibration.calibrate(spec, settings, device=device, use_cache=use_cache, info=info)
+    grams = calibration.calibrate(model, settings, use_cache=use_cache, info=info)
     path = grams.folder / SPECTRA_FILE
     if use_cache and path.is_file():
         try:
@@ -65,12 +65,11 @@ def calib_table(
         except Exception:  # a truncated or garbage file: recomputed
             pass
     info.update(spectra_cached=False)
-    device = models.resolve_device(device)
-    mats = {m.name: m for m in models.matrices(spec)}
+    device = model.device
     jobs = []
     for block in grams.blocks:
         for name, (h, _) in grams[block].items():
-            jobs.append((name, mats[name], h))
+            jobs.append((name, model.matrix(name), h))
 
     def work(job):
         name, m, h = job

@@ -1,6 +1,6 @@
 """Calibration: the windows every data-aware step reads, and the cached Grams of them.
 
-`calibrate(spec, settings)` gives, for every linear module inside a transformer
+`calibrate(model, settings)` gives, for every linear module inside a transformer
 block, H = X^T X of its inputs from the dense model on the calibration windows and
 the number of token rows in it (compressors.activations: layer-wise, modules that
 read one tensor share one H). The result is cached under cache/calibration/<key>/,
@@ -34,7 +34,8 @@ from pathlib import Path
 
 from spectra.data import perplexity as ev
 from spectra.errors import SpectraInputError
-from spectra.io import cache, models
+from spectra.io import cache
+from spectra.io.model import Model, open_model
 
 CALIB_VERSION = 1
 DEFAULT_TOKENS = 32_768
@@ -81,21 +82,21 @@ class CalibrationSpec:
         return CalibrationSpec(corpus, tokens // seqlen, seqlen, seed)
 
 
-def for_model(spec: str, corpus="builtin", tokens=None, seqlen=None, seed=0) -> CalibrationSpec:
-    """The calibration of `spec` with these settings; an unset seqlen is DEFAULT_SEQLEN or
-    the model's context when that is shorter (the token count kept)."""
+def for_model(model: Model, corpus="builtin", tokens=None, seqlen=None, seed=0) -> CalibrationSpec:
+    """The calibration of `model` with these settings; an unset seqlen is DEFAULT_SEQLEN
+    or the model's context when that is shorter (the token count kept)."""
     if seqlen is None:
-        context = models.context_length(spec)
+        context = model.context_length
         seqlen = min(DEFAULT_SEQLEN, context) if context else DEFAULT_SEQLEN
     return CalibrationSpec.from_tokens(corpus, tokens, seqlen, seed)
 
 
-def check_context(spec: str, settings: CalibrationSpec) -> None:
+def check_context(model: Model, settings: CalibrationSpec) -> None:
     """Windows longer than the model's positions are refused, naming both."""
-    context = models.context_length(spec)
+    context = model.context_length
     if context is not None and settings.seqlen > context:
         raise SpectraInputError(
-            f"calibration seqlen {settings.seqlen}: longer than the {context} positions of {spec}"
+            f"calibration seqlen {settings.seqlen}: longer than the {context} positions of {model}"
         )
 
 
@@ -192,42 +193,38 @@ class Hessians(Mapping):
 
 
 def calibrate(
-    spec: str,
+    model: Model,
     settings: CalibrationSpec | None = None,
     *,
-    model=None,
-    tokenizer=None,
-    device: str = "auto",
+    network=None,
     use_cache: bool = True,
     progress=None,
     info: dict | None = None,
     ray: str | None = None,
-    handle=None,
 ) -> Grams:
-    """The cached calibration of model `spec` (computed on a miss; see the module doc).
+    """The cached calibration of `model` (computed on a miss; see the module doc).
 
-    `model`/`tokenizer`: the already loaded ones of `spec`, if any; `handle`: how to
-    load it otherwise (spectra.io.handle: dtype, offload), else resident in float32.
-    Before computing, the entry's size is estimated, logged, and refused (input error)
-    when the cache's disk cannot hold it. `info` is filled with
-    `cached`, `path`, `tokens`, `seconds`. `ray`: compute a miss on the Ray cluster at
-    that address (`auto`, HOST:PORT), the windows split into one shard per task
-    (`sharded`).
+    `network`: the loaded torch model to run, if the caller holds one it may change
+    later (apply); else the model's shared one (`Model.shared`: resident or streamed,
+    in its working dtype, as it was opened). Before computing, the entry's size is
+    estimated, logged, and refused (input error) when the cache's disk cannot hold it.
+    `info` is filled with `cached`, `path`, `tokens`, `seconds`. `ray`: compute a miss
+    on the Ray cluster at that address (`auto`, HOST:PORT), the windows split into one
+    shard per task (`sharded`).
     """
-    settings = settings or for_model(spec)
-    check_context(spec, settings)
+    settings = settings or for_model(model)
+    check_context(model, settings)
     info = {} if info is None else info
     t0 = time.perf_counter()
-    alias = _alias(spec, settings)
+    alias = _alias(model, settings)
     if use_cache:
         hit = _via_alias(alias)
         if hit is not None:
             info.update(cached=True, path=str(hit.folder), tokens=hit.tokens)
             info.update(seconds=time.perf_counter() - t0)
             return hit
-    tokenizer = tokenizer if tokenizer is not None else models.load_tokenizer(spec)
-    windows = calibration_windows(tokenizer, settings)
-    folder = _folder(spec, windows)
+    windows = calibration_windows(model.tokenizer(), settings)
+    folder = _folder(model, windows)
     info.update(cached=False, path=str(folder), tokens=int(windows.numel()))
     if use_cache:
         hit = _open(folder)
@@ -238,13 +235,12 @@ def calibrate(
     from compressors.activations import block_grams  # deferred: the model stack
 
     if ray is not None:
-        stream = sharded(spec, windows, ray, device, progress)
+        stream = sharded(model, windows, ray, progress)
     else:
-        if model is None:
-            model = handle.load() if handle is not None else models.load(spec, device)
-        check_disk(folder, entry_bytes(model))
-        stream = block_grams(model, windows, progress)
-    meta = _meta(spec, settings, windows, tokenizer)
+        network = network if network is not None else model.shared()
+        check_disk(folder, entry_bytes(network))
+        stream = block_grams(network, windows, progress)
+    meta = _meta(model, settings, windows)
     with _building(folder) as tmp:
         for block, grams in stream:
             meta["blocks"][str(block)] = _write_block(tmp, block, grams, release=True)
@@ -288,8 +284,8 @@ def check_disk(folder: Path, need: int) -> None:
         )
 
 
-def sharded(spec: str, windows, address: str, device: str = "auto", progress=None):
-    """block_grams of `spec` on a Ray cluster: the windows cut into one shard per task
+def sharded(model: Model, windows, address: str, progress=None):
+    """block_grams of `model` on a Ray cluster: the windows cut into one shard per task
     (whole batches of activations.BATCH windows, at most one per CPU or GPU), every task
     loading the model from its path (one every node sees) and streaming its blocks'
     Grams; the driver sums block k over the shards (float64, shard order) and yields
@@ -298,10 +294,10 @@ def sharded(spec: str, windows, address: str, device: str = "auto", progress=Non
     from compressors.activations import BATCH
     from spectra.linalg import cluster
 
-    root = str(models.resolve(spec).root)
+    root, device = str(model.source.root), model.device
     info = cluster.connect(address)
     try:
-        gpu = info["gpus"] > 0 and models.resolve_device(device) != "cpu"
+        gpu = info["gpus"] > 0 and device != "cpu"
         if device.startswith("cuda") and not gpu:
             raise SpectraInputError(f"--device {device}: the Ray cluster has no GPUs")
         slots = max(1, info["gpus"] if gpu else info["cpus"])
@@ -309,7 +305,11 @@ def sharded(spec: str, windows, address: str, device: str = "auto", progress=Non
         per = math.ceil(batches / min(slots, batches)) * BATCH
         jobs = [
             ShardJob(
-                root, windows[lo : lo + per].clone(), "cuda" if gpu else "cpu", f"windows {lo}-"
+                root,
+                windows[lo : lo + per].clone(),
+                "cuda" if gpu else "cpu",
+                model.dtype,
+                f"windows {lo}-",
             )
             for lo in range(0, len(windows), per)
         ]
@@ -327,15 +327,17 @@ class ShardJob:
     root: str  # the model's directory, as every node sees it
     windows: object  # (windows, seqlen) token ids
     device: str
+    dtype: str  # the driver's working dtype
     name: str
 
 
 def shard_grams(job: ShardJob):
-    """A Ray task: (blocks, Grams) of one shard's windows, block by block."""
+    """A Ray task (an entry point: it opens the model itself): (blocks, Grams) of one
+    shard's windows, block by block."""
     from compressors.activations import block_grams
     from compressors.blocks import decoder_layers
 
-    model = models.load(job.root, job.device)
+    model = open_model(job.root, job.device, job.dtype, "none").load()
     layers = len(decoder_layers(model))
     for _, grams in block_grams(model, job.windows):
         yield layers, grams
@@ -365,10 +367,10 @@ TOKENIZER_FILES = (
 )
 
 
-def _alias(spec: str, settings: CalibrationSpec) -> Path | None:
-    """Where the alias of (weights, tokenizer, corpus, settings) lives; None when the
-    corpus cannot be pinned by its bytes (then only the windows' key is used)."""
-    root = models.resolve(spec).root
+def _alias(model: Model, settings: CalibrationSpec) -> Path | None:
+    """Where the alias of (weights, dtype, tokenizer, corpus, settings) lives; None when
+    the corpus cannot be pinned by its bytes (then only the windows' key is used)."""
+    root = model.source.root
     tok = [
         cache.hash_bytes((root / f).read_bytes()) for f in TOKENIZER_FILES if (root / f).is_file()
     ]
@@ -380,7 +382,7 @@ def _alias(spec: str, settings: CalibrationSpec) -> Path | None:
         corpus = cache.hash_bytes(Path(settings.corpus).read_bytes())
     else:
         return None
-    key = cache.key(CALIB_VERSION, models.fingerprint(spec), tok, corpus, settings.windows_key)
+    key = model.cache_key(CALIB_VERSION, tok, corpus, settings.windows_key)
     return cache.cache_dir() / "calibration" / "aliases" / f"{key}.json"
 
 
@@ -396,37 +398,37 @@ def _write_alias(alias: Path | None, folder: Path) -> None:
         cache.write_json(alias, {"folder": folder.name})
 
 
-def cached(spec: str, settings: CalibrationSpec | None = None, tokenizer=None) -> Grams | None:
-    """The calibration of `spec` if it is already in the cache (nothing is computed);
+def cached(model: Model, settings: CalibrationSpec | None = None) -> Grams | None:
+    """The calibration of `model` if it is already in the cache (nothing is computed);
     None also when the model has no tokenizer or corpus to calibrate with."""
     try:
-        settings = settings or for_model(spec)
-        hit = _via_alias(_alias(spec, settings))  # as calibrate's hit: no tokenizer
+        settings = settings or for_model(model)
+        hit = _via_alias(_alias(model, settings))  # as calibrate's hit: no tokenizer
         if hit is not None:
             return hit
-        tokenizer = tokenizer if tokenizer is not None else models.load_tokenizer(spec)
-        windows = calibration_windows(tokenizer, settings)
+        windows = calibration_windows(model.tokenizer(), settings)
     except SpectraInputError:
         return None
-    return _open(_folder(spec, windows))
+    return _open(_folder(model, windows))
 
 
-def _folder(spec: str, windows) -> Path:
-    """Where the calibration of `spec` on `windows` lives: keyed by weights and token ids."""
-    key = cache.key(CALIB_VERSION, models.fingerprint(spec), cache.hash_bytes(windows.numpy()))
+def _folder(model: Model, windows) -> Path:
+    """Where the calibration of `model` on `windows` lives: keyed by weights, working
+    dtype and token ids."""
+    key = model.cache_key(CALIB_VERSION, cache.hash_bytes(windows.numpy()))
     return cache.cache_dir() / "calibration" / key
 
 
-def latest(spec: str) -> Grams | None:
-    """The newest cached calibration of these weights, whatever its settings (None if
-    there is none): what `plan auto` scores with when it is not told."""
-    fingerprint = models.fingerprint(spec)
+def latest(model: Model) -> Grams | None:
+    """The newest cached calibration of these weights in this working dtype, whatever its
+    settings (None if there is none): what `plan auto` scores with when it is not told."""
     found = []
     for meta_path in (cache.cache_dir() / "calibration").glob("*/meta.json"):
         meta = cache.read_json(meta_path)
         if (
             isinstance(meta, dict)
-            and meta.get("fingerprint") == fingerprint
+            and meta.get("fingerprint") == model.fingerprint
+            and meta.get("dtype") == model.dtype
             and not meta.get("sequential")  # a plan's own Grams, not the model's
         ):
             found.append((meta_path.stat().st_mtime, meta_path.parent))
@@ -438,12 +440,11 @@ def latest(spec: str) -> Grams | None:
 
 
 def sequential(
-    spec: str,
+    model: Model,
     settings: CalibrationSpec,
     plan_key: str,
     run,
     *,
-    tokenizer=None,
     use_cache: bool = True,
     info: dict | None = None,
 ):
@@ -454,15 +455,8 @@ def sequential(
     windows, plan); on a hit it runs on those Grams, which gives the same result.
     """
     info = {} if info is None else info
-    tokenizer = tokenizer if tokenizer is not None else models.load_tokenizer(spec)
-    windows = calibration_windows(tokenizer, settings)
-    key = cache.key(
-        CALIB_VERSION,
-        models.fingerprint(spec),
-        cache.hash_bytes(windows.numpy()),
-        "sequential",
-        plan_key,
-    )
+    windows = calibration_windows(model.tokenizer(), settings)
+    key = model.cache_key(CALIB_VERSION, cache.hash_bytes(windows.numpy()), "sequential", plan_key)
     folder = cache.cache_dir() / "calibration" / key
     info.update(path=str(folder), tokens=int(windows.numel()))
     hit = _open(folder) if use_cache else None
@@ -471,7 +465,7 @@ def sequential(
         return run(grams=hit, calib_ids=None, on_grams=None)
     if not use_cache:
         return run(grams=None, calib_ids=windows, on_grams=None)
-    meta = _meta(spec, settings, windows, tokenizer, sequential=plan_key)
+    meta = _meta(model, settings, windows, sequential=plan_key)
     with _building(folder) as tmp:
 
         def record(block: int, grams: dict) -> None:
@@ -482,19 +476,20 @@ def sequential(
     return result
 
 
-def _meta(spec: str, settings: CalibrationSpec, windows, tokenizer, **extra) -> dict:
+def _meta(model: Model, settings: CalibrationSpec, windows, **extra) -> dict:
     """meta.json of a calibration folder (its blocks filled in as they are written)."""
     return {
         "version": CALIB_VERSION,
-        "model": str(spec),
-        "fingerprint": models.fingerprint(spec),
+        "model": model.spec,
+        "fingerprint": model.fingerprint,
+        "dtype": model.dtype,
         **extra,
         "corpus": settings.corpus,
         "samples": int(windows.shape[0]),
         "seqlen": settings.seqlen,
         "seed": settings.seed,
         "tokens": int(windows.numel()),
-        "bos": ev.bos_token(tokenizer),
+        "bos": ev.bos_token(model.tokenizer()),
         "blocks": {},
     }
 

@@ -19,7 +19,6 @@ from spectra.errors import SpectraInputError
 FORMATS = ("compressed-tensors", "gguf", "hf")
 GGUF_TYPES = ("F16", "Q8_0", "Q4_0")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
-OFFLOADS = ("auto", "none", "disk")
 SERVE = {  # the command that serves each export
     "compressed-tensors": "vllm serve {dir}",
     "gguf": "llama-cli -m {dir}/model.gguf",
@@ -28,36 +27,33 @@ SERVE = {  # the command that serves each export
 
 
 def export(
-    out,
+    model,
     fmt: str,
     dest,
     gguf_type: str = "Q8_0",
     dtype: str = "auto",
     force: bool = False,
-    offload: str = "auto",
 ) -> dict:
-    """Write OUT as `fmt` into `dest`; returns the summary (files, bytes, modules).
+    """Write the apply output `model` (compressors.opened.Compressed) as `fmt` into
+    `dest`; returns the summary (files, bytes, modules).
 
-    `offload`: `none` loads OUT whole; `disk` reads it a tensor at a time and writes a
-    part (a block, or a module outside the blocks) at a time; `auto` streams an OUT
-    that was written block by block or that would take over half the free memory."""
+    The model's offload says how OUT is read: `none` loads it whole; `disk` reads it a
+    tensor at a time and writes a part (a block, or a module outside the blocks) at a
+    time."""
     import torch
 
     from compressors import io
     from spectra.export import source as sources
     from spectra.io.cache import atomic_dir
 
-    out, dest = Path(out), Path(dest)
+    out, dest = model.source.root, Path(dest)
     for flag, value, allowed in (
         ("--format", fmt, FORMATS),
         ("--gguf-type", gguf_type, GGUF_TYPES),
         ("--dtype", dtype, DTYPES),
-        ("--offload", offload, OFFLOADS),
     ):
         if value not in allowed:
             raise SpectraInputError(f"{flag} {value!r}: must be one of {', '.join(allowed)}")
-    if not io.is_compressed_checkpoint(out):
-        raise SpectraInputError(f"{out}: not a `spectra apply` output (no manifest.json)")
     if dest.resolve() == out.resolve() or out.resolve() in dest.resolve().parents:
         raise SpectraInputError(f"{dest}: inside the source {out}; choose another directory")
     if dest.exists() and not force:
@@ -67,7 +63,7 @@ def export(
 
         ctensors.require_package()
     t0 = time.perf_counter()
-    offload = choose_offload(out, offload)
+    offload = model.offload
     src = sources.Streamed(out) if offload == "disk" else sources.Resident(*io.load(out))
     tokenizer = _tokenizer(out)
     torch_dtype = src.dtype if dtype == "auto" else getattr(torch, dtype)
@@ -98,30 +94,6 @@ def export(
         **sizes,
         seconds=round(time.perf_counter() - t0, 2),
     )
-
-
-def choose_offload(out: Path, offload: str) -> str:
-    """`none` or `disk` for `offload` (see `export`); an OUT that cannot be loaded whole
-    with `none` is refused here, before any work, with what it needs."""
-    from compressors import io
-    from spectra.io.handle import RESIDENT_SHARE, WORK_MARGIN, free_bytes
-
-    shards = io.shard_files(out)
-    files = [out / p for p in shards["factors"] + shards["dense"]]
-    # loaded whole: OUT's tensors and the float32 reconstruction beside them
-    size = sum(p.stat().st_size for p in files if p.is_file())
-    need = 3 * size * WORK_MARGIN
-    free = free_bytes("cpu")
-    if offload == "auto":
-        blockwise = len(shards["dense"]) > 1  # written block by block (io.Writer)
-        fits = free is None or need <= RESIDENT_SHARE * free
-        return "disk" if blockwise or not fits else "none"
-    if offload == "none" and free is not None and need > free:
-        raise SpectraInputError(
-            f"{out}: needs about {need / 1e9:.3g} GB of host memory to load whole "
-            f"(--offload none), {free / 1e9:.3g} GB is free; try --offload disk"
-        )
-    return offload
 
 
 def _write_hf(tmp: Path, src, dtype) -> None:

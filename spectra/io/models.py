@@ -1,9 +1,11 @@
 """Model sources: the embedded demo, local Hugging Face directories, .gguf files, hub ids.
 
 `resolve(spec)` turns a spec into a local directory of safetensors + config (the
-demo and .gguf files are converted once into the cache); `matrices(spec)` lists
-every 2-D weight lazily, without loading the model; `weights(spec)` yields them one
-at a time as torch tensors; `load(spec)` builds the transformers model.
+demo and .gguf files are converted once into the cache): a `Source`, which
+spectra.io.model's `open_model` wraps into the one Model object everything else takes.
+`matrices(source)` lists every 2-D weight lazily, without loading the model;
+`weights(source)` yields them one at a time as torch tensors; `build(source)` builds
+the transformers model; `tokenizer(source)` its tokenizer.
 """
 
 from __future__ import annotations
@@ -188,10 +190,8 @@ def _safetensors_files(root: Path) -> tuple[Path, ...]:
     raise SpectraInputError(f"{root}: no safetensors weights in this directory")
 
 
-def matrices(source: Source | str) -> list[Matrix]:
+def matrices(source: Source) -> list[Matrix]:
     """Every 2-D floating-point weight of the model, in checkpoint order, without reading it."""
-    if not isinstance(source, Source):
-        source = resolve(source)
     out = []
     for f in source.files:
         for ref in read_header(f):
@@ -212,44 +212,26 @@ def matrices(source: Source | str) -> list[Matrix]:
     return out
 
 
-def weights(spec: Source | str) -> Iterator[tuple[str, object]]:
+def weights(source: Source) -> Iterator[tuple[str, object]]:
     """Yield (module name, torch tensor (out, in)) one at a time, read lazily from disk."""
     import torch
 
-    for m in matrices(spec):
+    for m in matrices(source):
         yield m.name, torch.from_numpy(np.ascontiguousarray(m.read(np.float32)))
 
 
-def fingerprint(spec: str) -> str:
-    """Content key of all the model's weights (2-D hashes memoised, the rest read)."""
-    source = resolve(spec)
-    mats = matrices(source)
-
-    parts = []
-    for f in source.files:
-        refs = [m.ref for m in mats if m.ref.path == f]
-        hashes = cache.file_tensor_hashes(f, refs)
-        known = {r.name for r in refs}
-        for r in read_header(f):
-            h = hashes.get(r.name) if r.name in known else cache.hash_bytes(r.read_bytes())
-            parts.append((r.name, h))
-    return cache.key(cache.CACHE_VERSION, sorted(parts))
-
-
-def load(spec: str, device: str = "auto", dtype=None):
-    """The transformers causal LM for `spec`, on `device` (cuda when available)."""
+def build(source: Source, device: str, dtype=None):
+    """The transformers causal LM of `source`, resident on `device` (a resolved one)."""
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    source = resolve(spec)
-    device = resolve_device(device)
     require_config(source)
     hf_logging.disable_progress_bar()  # the caller shows its own progress
     try:
         model = AutoModelForCausalLM.from_pretrained(source.root, dtype=dtype or torch.float32)
     except (OSError, ValueError, KeyError) as e:
-        raise SpectraInputError(f"{spec}: cannot load model ({_first_line(e)})") from e
+        raise SpectraInputError(f"{source.spec}: cannot load model ({_first_line(e)})") from e
     return model.to(device).eval()
 
 
@@ -259,30 +241,15 @@ def require_config(source: Source) -> None:
         raise SpectraInputError(f"{source.root} has no config.json: the model cannot be built")
 
 
-CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
-
-
-def context_length(spec: str) -> int | None:
-    """The longest sequence the model's config admits (positions), None if it says not."""
-    config = cache.read_json(resolve(spec).root / "config.json")
-    if not isinstance(config, dict):
-        return None
-    for source in (config, config.get("text_config") or {}):
-        for key in CONTEXT_KEYS:
-            if isinstance(source.get(key), int) and source[key] > 0:
-                return source[key]
-    return None
-
-
-def load_tokenizer(spec: str):
+def tokenizer(source: Source):
+    """The tokenizer stored beside the weights (bad input when there is none)."""
     from transformers import AutoTokenizer
 
-    source = resolve(spec)
     require_config(source)
     try:
         return AutoTokenizer.from_pretrained(source.root)
     except (OSError, ValueError) as e:
-        raise SpectraInputError(f"{spec}: cannot load tokenizer ({_first_line(e)})") from e
+        raise SpectraInputError(f"{source.spec}: cannot load tokenizer ({_first_line(e)})") from e
 
 
 def _first_line(e: BaseException) -> str:

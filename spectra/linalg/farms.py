@@ -79,18 +79,19 @@ def farms_alpha(w, settings: FarmsSettings = FarmsSettings()) -> dict:
 
 
 def farms_table(
-    spec: str, settings: FarmsSettings = FarmsSettings(), use_cache: bool = True, progress=None
+    model, settings: FarmsSettings = FarmsSettings(), use_cache: bool = True, progress=None
 ):
-    """One row per analysed matrix of `spec`: `name` and COLUMNS (polars), cached."""
+    """One row per analysed matrix of `model` (spectra.io.model.Model): `name` and
+    COLUMNS (polars), cached."""
     import polars as pl
 
     from spectra.analysis import analyze
-    from spectra.io import cache, models
+    from spectra.io import cache
     from spectra.linalg.parallel import parallel_map
 
-    df = analyze(spec, cached_only=True) if use_cache else None
+    df = analyze(model, cached_only=True) if use_cache else None
     if df is None:
-        df = analyze(spec, with_mpo=False, use_cache=use_cache)
+        df = analyze(model, with_mpo=False, use_cache=use_cache)
     pairs = df.select("name", "content_hash").rows()
     key = cache.key("farms", FARMS_VERSION, asdict(settings), sorted(pairs))
     path = cache.cache_dir() / "analysis" / f"farms-{key}.parquet"
@@ -101,11 +102,10 @@ def farms_table(
                 return hit
         except Exception:  # a truncated or garbage file: recomputed
             pass
-    mats = {m.name: m for m in models.matrices(spec)}
     names = [name for name, _ in pairs]
 
     def work(name):
-        return {"name": name, **farms_alpha(mats[name].read(), settings)}
+        return {"name": name, **farms_alpha(model.matrix(name).read(), settings)}
 
     rows = []
     for done, row in enumerate(parallel_map(work, names), 1):

@@ -14,7 +14,7 @@ from compressors.registry import METHODS
 from spectra.analysis import analyze, spectra_by_name
 from spectra.data import calibration
 from spectra.errors import SpectraInputError
-from spectra.io import models
+from spectra.io.model import Model
 from spectra.io.roles import ROLES
 from spectra.plan import candidates as cands
 from spectra.plan import sensitivity as sens
@@ -108,11 +108,11 @@ def parse_floors(min_rank: list[str] | None, min_bits: list[str] | None, keep_de
     )
 
 
-def load_modules(spec: str, mats=None) -> list[cands.Module]:
-    """The linear modules (`mats`: the model's matrices, when already listed), each
-    read from the checkpoint when its candidates are built, then released."""
+def load_modules(mats) -> list[cands.Module]:
+    """The linear modules of `mats` (a model's matrices), each read from the checkpoint
+    when its candidates are built, then released."""
     out = []
-    for m in mats if mats is not None else models.matrices(spec):
+    for m in mats:
         if m.role in NOT_TARGETABLE:
             continue
         read = lambda m=m: torch.from_numpy(m.read())  # noqa: E731
@@ -134,19 +134,18 @@ def _check_reachable(lo: int, budget: int, total: int, key: str, target: float, 
 
 
 def auto_plan(
-    spec: str,
+    model: Model,
     method: str,
     target_params: float | None = None,
     target_bits: float | None = None,
     sensitivity: str = "none",
     floors: Floors | None = None,
     sens_settings=None,
-    device: str = "auto",
     progress=None,
     use_cache: bool = True,
     importance: bool = True,
-    handle=None,
     strategy: Strategy | None = None,
+    network=None,
 ) -> AutoResult:
     """An explicit per-module plan for `method` that meets the budget with least damage,
     or, with a rule `strategy` (spectra.plan.strategies), by that rule.
@@ -155,7 +154,8 @@ def auto_plan(
     outputs' loss gradients, so damages are loss estimates allocated across all
     modules (else relative errors, allocated within each role; a rule strategy uses
     damage only to choose among candidates of one cost, so it never needs them).
-    `handle` (spectra.io.handle): how the sensitivity loads the model (dtype, offload).
+    The sensitivity runs `network` when given, else the model's shared one (as it was
+    opened: dtype, offload).
     """
 
     t0 = time.perf_counter()
@@ -173,11 +173,11 @@ def auto_plan(
     strategy = strategy or Strategy()
     if strategy.name == "owl":  # before any work: OWL's scores need the calibration
         try:
-            models.load_tokenizer(spec)
+            model.tokenizer()
         except SpectraInputError as e:
             raise SpectraInputError(f"--allocate owl needs a calibration of the model: {e}") from e
     importance = importance and strategy.name == "loss"
-    shapes = [m for m in models.matrices(spec) if m.role not in NOT_TARGETABLE]
+    shapes = [m for m in model.matrices if m.role not in NOT_TARGETABLE]
     if floors.keep_dense is not None and not any(
         floors.keep_dense.fullmatch(m.name) for m in shapes
     ):
@@ -187,7 +187,7 @@ def auto_plan(
     total = sum(m.shape[0] * m.shape[1] for m in shapes)
     budget = math.floor(target * total)
     _check_reachable(cheapest(shapes, method, floors, key), budget, total, key, target, method)
-    modules = load_modules(spec, shapes)
+    modules = load_modules(shapes)
     seconds = {}
     dmg = cands.Damage()
     calib_block = None  # the plan's calibration block: the one its damage was scored on
@@ -198,15 +198,15 @@ def auto_plan(
             raise ValueError("sens_settings.kind differs from sensitivity")
         if sensitivity == "calib":
             got = sens.calibrated(
-                spec, settings, device, use_cache, progress, importance=importance, handle=handle
+                model, settings, use_cache, progress, network, importance=importance
             )
             dmg = cands.Damage(hessian=got.hessians, importance=got.importance, rows=got.rows)
-            calib_block = settings.calib_spec(spec)
+            calib_block = settings.calib_spec(model)
         elif sensitivity == "fisher":
-            fisher = sens.compute(spec, settings, device, use_cache, progress, handle=handle)
+            fisher = sens.compute(model, settings, use_cache, progress, network)
             dmg = cands.Damage(fisher=fisher)
         else:  # ppl
-            result = sens.compute(spec, settings, device, use_cache, progress, handle=handle)
+            result = sens.compute(model, settings, use_cache, progress, network)
             dmg = cands.Damage(
                 scale={k: v["delta_loss"] / max(v["err2"], 1e-30) for k, v in result.items()}
             )
@@ -214,7 +214,7 @@ def auto_plan(
     t = time.perf_counter()
     sigmas = None
     if dmg.spectral and any(METHODS[p].spectral for p in parts(method)):
-        sigmas = spectra_by_name(spec, use_cache)
+        sigmas = spectra_by_name(model, use_cache)
     units = cands.units_for(modules, method, dmg, floors, sigmas, progress)
     seconds["candidates"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -225,11 +225,11 @@ def auto_plan(
     else:
         values, windows = {}, None  # windows: the calibration owl's ratios were measured on
         if strategy.name in ("alpha", "farms"):
-            values = _alphas(spec, strategy.name, use_cache)
+            values = _alphas(model, strategy.name, use_cache)
         elif strategy.name == "owl":
             hessians = dmg.hessian
             if hessians is None:
-                hessians, windows = _owl_grams(spec, strategy, device, use_cache, handle)
+                hessians, windows = _owl_grams(model, strategy, use_cache, network)
             else:
                 windows = dict(calib_block.windows_key)
             values = owl_values(units, cands.Weights(modules), hessians)
@@ -245,7 +245,7 @@ def auto_plan(
         if c.config is not None:
             for name in u.names:
                 layers[name], shapes[name] = c.config, shape_of[name]
-    plan = Plan(model=spec, layers=layers, shapes=shapes)
+    plan = Plan(model=model.spec, layers=layers, shapes=shapes)
     if calib_block is not None:
         plan = dataclasses.replace(plan, calibration=calib_block)
     if record is not None:
@@ -255,33 +255,33 @@ def auto_plan(
     )
 
 
-def _alphas(spec: str, strategy: str, use_cache: bool) -> dict[str, float]:
+def _alphas(model: Model, strategy: str, use_cache: bool) -> dict[str, float]:
     """Per-module alpha (`alpha`) or FARMS alpha (`farms`) from the cached analysis,
     tied copies included."""
-    df = _analysis(spec, use_cache).select("name", "aliases", "alpha")
+    df = _analysis(model, use_cache).select("name", "aliases", "alpha")
     if strategy == "farms":
         from spectra.linalg.farms import farms_table
 
-        farms = farms_table(spec, use_cache=use_cache).select("name", "farms_alpha")
+        farms = farms_table(model, use_cache=use_cache).select("name", "farms_alpha")
         df = df.join(farms, on="name").select("name", "aliases", alpha="farms_alpha")
     return {n: alpha for name, aliases, alpha in df.rows() for n in (name, *aliases)}
 
 
-def _owl_grams(spec: str, strategy: Strategy, device, use_cache, handle) -> tuple[dict, dict]:
+def _owl_grams(model: Model, strategy: Strategy, use_cache, network) -> tuple[dict, dict]:
     """({module: H}, its windows) for owl when the damage read no calibration: the
     strategy's, else the newest cached one, else FIRST_CALIB_TOKENS computed first."""
     settings = strategy.calib
     if settings is None:
-        found = calibration.latest(spec)
+        found = calibration.latest(model)
         if found is not None:
             c = found.settings
             settings = sens.SensitivitySettings("calib", c.corpus, c.tokens, c.seqlen)
         else:
             settings = sens.SensitivitySettings("calib", tokens=FIRST_CALIB_TOKENS)
-    got = sens.calibrated(spec, settings, device, use_cache, importance=False, handle=handle)
-    return got.hessians, dict(settings.calib_spec(spec).windows_key)
+    got = sens.calibrated(model, settings, use_cache, network=network, importance=False)
+    return got.hessians, dict(settings.calib_spec(model).windows_key)
 
 
-def _analysis(spec: str, use_cache: bool):
-    df = analyze(spec, cached_only=True) if use_cache else None
-    return df if df is not None else analyze(spec, with_mpo=False, use_cache=use_cache)
+def _analysis(model: Model, use_cache: bool):
+    df = analyze(model, cached_only=True) if use_cache else None
+    return df if df is not None else analyze(model, with_mpo=False, use_cache=use_cache)

@@ -27,7 +27,8 @@ from dataclasses import asdict
 import torch
 
 from compressors.registry import compress
-from spectra.io import cache, models
+from spectra.io import cache
+from spectra.io.model import Model
 from spectra.plan import sensitivity as sens
 from spectra.plan.format import NOT_TARGETABLE
 
@@ -38,21 +39,21 @@ MIN_MODULES = 3  # fewer pairs have no rho
 
 
 def sensitivity_table(
-    spec: str,
+    model: Model,
     settings: sens.SensitivitySettings,
-    device: str = "auto",
     use_cache: bool = True,
     progress=None,
-    handle=None,
     info: dict | None = None,
-    model=None,
+    network=None,
 ):
     """(name, role, block, score) per linear module, polars; `info` gets `cached`.
-    `model`: the loaded model of `spec`, if any (else loaded through `handle`)."""
+    `network`: the loaded torch model to run, if the caller holds one (else the model's
+    shared one, as it was opened). Keyed by the weights, the working dtype and settings."""
     import polars as pl
 
     info = {} if info is None else info
-    path = cache.cache_dir() / "sensitivity" / f"scores-{_key(spec, settings, handle)}.parquet"
+    key = model.cache_key(SCORES_VERSION, asdict(settings))
+    path = cache.cache_dir() / "sensitivity" / f"scores-{key}.parquet"
     info.update(cached=False, path=str(path))
     if use_cache and path.is_file():
         try:
@@ -62,12 +63,12 @@ def sensitivity_table(
                 return hit
         except Exception:  # a truncated or garbage file: recomputed
             pass
-    mats = [m for m in models.matrices(spec) if m.role not in NOT_TARGETABLE]
+    mats = [m for m in model.matrices if m.role not in NOT_TARGETABLE]
     if settings.kind == "calib":
-        got = sens.calibrated(spec, settings, device, use_cache, progress, model, handle=handle)
+        got = sens.calibrated(model, settings, use_cache, progress, network)
         scores = calib_scores(got, mats)
     else:
-        result = sens.compute(spec, settings, device, use_cache, progress, model, handle=handle)
+        result = sens.compute(model, settings, use_cache, progress, network)
         weights = None
         if settings.kind == "fisher":
             weights = {m.name: torch.from_numpy(m.read()) for m in mats if m.name in result}
@@ -82,11 +83,6 @@ def sensitivity_table(
         with cache.atomic_path(path) as tmp:
             df.write_parquet(tmp)
     return df
-
-
-def _key(spec: str, settings, handle) -> str:
-    dtype = [] if handle is None or handle.dtype == "float32" else [handle.dtype]
-    return cache.key(SCORES_VERSION, models.fingerprint(spec), asdict(settings), *dtype)
 
 
 def calib_scores(got: sens.Calibrated, mats) -> dict:
@@ -105,7 +101,7 @@ def calib_scores(got: sens.Calibrated, mats) -> dict:
     return out
 
 
-def metric_table(spec: str, use_cache: bool = True, calibration=None, progress=None):
+def metric_table(model: Model, use_cache: bool = True, calibration=None, progress=None):
     """Per module name (aliases of tied weights included): METRICS, and CALIB_METRICS
     from the calibration `calibration` (spectra.data.calibration.Grams) when given."""
     import polars as pl
@@ -113,10 +109,10 @@ def metric_table(spec: str, use_cache: bool = True, calibration=None, progress=N
     from spectra.analysis import analyze
     from spectra.linalg.farms import farms_table
 
-    df = analyze(spec, cached_only=True) if use_cache else None
+    df = analyze(model, cached_only=True) if use_cache else None
     if df is None:
-        df = analyze(spec, with_mpo=False, use_cache=use_cache, progress=progress)
-    farms = farms_table(spec, use_cache=use_cache, progress=progress)
+        df = analyze(model, with_mpo=False, use_cache=use_cache, progress=progress)
+    farms = farms_table(model, use_cache=use_cache, progress=progress)
     df = df.join(farms.select("name", "farms_alpha"), on="name", how="left")
     df = df.select("name", "aliases", *METRICS)
     df = pl.concat(
@@ -132,7 +128,7 @@ def metric_table(spec: str, use_cache: bool = True, calibration=None, progress=N
     if calibration is not None:
         from spectra.data.calib_spectra import calib_table
 
-        calib = calib_table(spec, calibration.settings, use_cache=use_cache, progress=progress)
+        calib = calib_table(model, calibration.settings, use_cache=use_cache, progress=progress)
         df = df.join(calib.select("name", *CALIB_METRICS), on="name", how="left")
     return df
 

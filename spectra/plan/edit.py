@@ -11,7 +11,7 @@ from __future__ import annotations
 from compressors.base import config_to_dict
 from compressors.registry import METHODS, make_config
 from spectra.errors import SpectraInputError
-from spectra.io import models
+from spectra.io.model import Model
 from spectra.plan import format as plans
 
 
@@ -88,15 +88,16 @@ def settings_of(r: dict) -> dict | None:
     return out
 
 
-def totals(spec: str, layers: dict[str, dict], mats=None) -> dict:
-    """Exact params/bits totals of explicit layers (module -> settings) on a model."""
+def totals(model: Model, layers: dict[str, dict], mats=None) -> dict:
+    """Exact params/bits totals of explicit layers (module -> settings) on a model
+    (`mats`: a subset of its matrices, else all)."""
 
-    mats = mats if mats is not None else models.matrices(spec)
+    mats = mats if mats is not None else model.matrices
     plan = plans.parse({"layers": layers})
-    return plans.totals(plans.resolve(plan, mats, rank_of=plans.energy_ranks(spec)))
+    return plans.totals(plans.resolve(plan, mats, rank_of=plans.energy_ranks(model)))
 
 
-def layers_from_plan(plan: plans.Plan, mats, spec: str) -> dict[str, dict]:
+def layers_from_plan(plan: plans.Plan, mats, model: Model) -> dict[str, dict]:
     """An imported plan (rules and layers) resolved to explicit per-module settings."""
-    entries = plans.resolve(plan, mats, rank_of=plans.energy_ranks(spec))
+    entries = plans.resolve(plan, mats, rank_of=plans.energy_ranks(model))
     return {e.name: config_to_dict(e.config) for e in entries if e.config is not None}

@@ -360,8 +360,9 @@ def _config(make_config, raw: dict, where: str):
         raise PlanError(f"{where}: {e}") from e
 
 
-def energy_ranks(model: str):
-    """rank_of(name, energy) from the model's cached spectra, computed on first need."""
+def energy_ranks(model):
+    """rank_of(name, energy) from the cached spectra of `model` (spectra.io.model.Model),
+    computed on first need."""
     cache: dict = {}
 
     def rank_of(name: str, energy: float) -> int:
@@ -393,45 +394,6 @@ def weight_ranks(targets, read=None):
         return energy_rank(sigma(name), energy)
 
     return rank_of
-
-
-def apply_plan(
-    model,
-    plan: Plan,
-    grams=None,
-    progress=None,
-    rank_of=None,
-    calib_ids=None,
-    on_grams=None,
-    mapper=None,
-    on_block=None,
-):
-    """(compressed copy, reports, factorizations) of `plan` on a loaded `model`: the plan
-    resolved against the model's own linear modules, then compressors' module surgery.
-
-    `rank_of(name, energy)` sizes energy-based settings; by default from the weights.
-    `calib_ids`/`on_grams`: sequential calibration; `mapper`: where factorizations run;
-    `on_block`: a streamed model's writer (compressors.apply.apply).
-    """
-    from compressors import apply as applying  # deferred: torch (`spectra --help`)
-
-    targets = applying.linear_targets(model)
-    entries = resolve(plan, [t for t, _ in targets.values()], rank_of or weight_ranks(targets))
-    try:
-        return applying.apply(
-            model,
-            entries,
-            grams=grams,
-            progress=progress,
-            calib_ids=calib_ids,
-            on_grams=on_grams,
-            mapper=mapper,
-            on_block=on_block,
-        )
-    except PlanError:
-        raise
-    except SpectraInputError as e:  # what the surgery refuses is this plan's doing
-        raise PlanError(str(e)) from e
 
 
 def plan_key(entries) -> str:

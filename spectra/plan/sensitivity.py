@@ -19,9 +19,9 @@
   With it, `importance`: the loss weight of each module's outputs, so that damage is
   the predicted loss increase and compares across modules (see `output_fisher`).
 
-Fisher and ppl are cached under cache/sensitivity/, keyed by the weights' content
-fingerprint, the corpus, token count, window length and (for ppl) the probe
-settings.
+Fisher and ppl are cached under cache/sensitivity/, keyed (Model.cache_key) by the
+weights' content fingerprint, the working dtype, the corpus, token count, window
+length and (for ppl) the probe settings.
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ from compressors.registry import compress, make_config
 from spectra.data import calibration, gradients
 from spectra.data import perplexity as ev
 from spectra.errors import SpectraInputError
-from spectra.io import cache, models
+from spectra.io import cache
+from spectra.io.model import Model
 
 KINDS = ("fisher", "ppl", "calib")
 
@@ -66,9 +67,9 @@ class SensitivitySettings:
                 f"tokens={self.tokens}, seqlen={self.seqlen}: need at least one window"
             )
 
-    def calib_spec(self, spec: str) -> calibration.CalibrationSpec:
-        """The calibration of model `spec` (spectra calibrate) that the `calib` kind reads."""
-        return calibration.for_model(spec, self.corpus, self.tokens, self.seqlen)
+    def calib_spec(self, model: Model) -> calibration.CalibrationSpec:
+        """The calibration of `model` (spectra calibrate) that the `calib` kind reads."""
+        return calibration.for_model(model, self.corpus, self.tokens, self.seqlen)
 
 
 def _lowrank_half(m: int, n: int):
@@ -212,28 +213,20 @@ class Calibrated:
 
 
 def calibrated(
-    spec: str,
+    model: Model,
     settings: SensitivitySettings,
-    device: str = "auto",
     use_cache: bool = True,
     progress=None,
-    model=None,
+    network=None,
     importance: bool = True,
-    handle=None,
 ) -> Calibrated:
-    """The cached calibration of `spec` and, from gradients on its first
+    """The cached calibration of `model` and, from gradients on its first
     IMPORTANCE_TOKENS tokens (never the evaluation part), the modules' output weights,
-    cached beside it. `handle` (spectra.io.handle): how to load the model when it is
-    needed (dtype, offload: a model streamed from disk works), else resident float32."""
-    spec_c = settings.calib_spec(spec)
+    cached beside it. `network`: the loaded torch model to run, else the model's shared
+    one (as it was opened: dtype, offload; a model streamed from disk works)."""
+    spec_c = settings.calib_spec(model)
     grams = calibration.calibrate(
-        spec,
-        spec_c,
-        model=model,
-        device=device,
-        use_cache=use_cache,
-        progress=progress,
-        handle=handle,
+        model, spec_c, network=network, use_cache=use_cache, progress=progress
     )
     if not importance:
         return Calibrated(grams.hessians(), grams.tokens, None)
@@ -241,9 +234,8 @@ def calibrated(
     path = grams.folder / f"importance-v{IMPORTANCE_VERSION}-{n}.safetensors"
     found = _read_importance(path) if use_cache else None
     if found is None:
-        windows = calibration.calibration_windows(models.load_tokenizer(spec), spec_c)[:n]
-        model = model if model is not None else _load(spec, device, handle)
-        found = output_fisher(model, windows, progress)
+        windows = calibration.calibration_windows(model.tokenizer(), spec_c)[:n]
+        found = output_fisher(network if network is not None else model.shared(), windows, progress)
         if use_cache:
             from safetensors.torch import save_file
 
@@ -310,42 +302,35 @@ def _mean_nll(model, windows, batch: int = 4) -> float:
 
 
 def compute(
-    spec: str,
+    model: Model,
     settings: SensitivitySettings,
-    device: str = "auto",
     use_cache: bool = True,
     progress=None,
-    model=None,
+    network=None,
     info: dict | None = None,
     names: list[str] | None = None,
-    handle=None,
 ):
-    """Cached sensitivity of `spec`: {name: Fisher tensor} or {name: probe result}.
+    """Cached sensitivity of `model`: {name: Fisher tensor} or {name: probe result}.
 
-    `model`: the already loaded model of `spec`, if any; `handle`: how to load it
-    otherwise (spectra.io.handle; fisher and calib work on a model streamed from disk),
-    else resident in float32; `names`: probe only these modules (ppl).
+    `network`: the loaded torch model to run, else the model's shared one (as it was
+    opened; fisher and calib work on a model streamed from disk); `names`: probe only
+    these modules (ppl).
     """
     info = {} if info is None else info
     if settings.kind == "calib":
         grams = calibration.calibrate(
-            spec,
-            settings.calib_spec(spec),
-            model=model,
-            device=device,
+            model,
+            settings.calib_spec(model),
+            network=network,
             use_cache=use_cache,
             progress=progress,
             info=info,
-            handle=handle,
         )
         return grams.hessians()
 
-    tokenizer = models.load_tokenizer(spec)
+    tokenizer = model.tokenizer()
     bos = ev.bos_token(tokenizer)  # the windows differ with and without BOS
-    dtype = [] if handle is None or handle.dtype == "float32" else [handle.dtype]
-    key = cache.key(
-        models.fingerprint(spec), asdict(settings), sorted(names) if names else None, bos, *dtype
-    )
+    key = model.cache_key(asdict(settings), sorted(names) if names else None, bos)
     folder = cache.cache_dir() / "sensitivity"
     path = folder / f"{key}.{'safetensors' if settings.kind == 'fisher' else 'json'}"
     info.update(cached=False, path=str(path))
@@ -356,7 +341,7 @@ def compute(
             return hit
     split = "calib" if settings.kind == "fisher" else "eval"
     windows = _windows(tokenizer, settings, split)
-    model = model if model is not None else _load(spec, device, handle)
+    model = network if network is not None else model.shared()
     if settings.kind == "ppl" and blocks.is_streamed(model):
         raise SpectraInputError(
             "--sensitivity ppl swaps each module in a resident model; use --offload none, "
@@ -369,10 +354,6 @@ def compute(
     if use_cache:
         _write(path, settings.kind, result)
     return result
-
-
-def _load(spec: str, device: str, handle):
-    return handle.load() if handle is not None else models.load(spec, device)
 
 
 def _read(path, kind):

@@ -15,6 +15,7 @@ from compressors import lowrank
 from compressors.base import config_to_dict
 from compressors.method import Knob, Method
 from compressors.registry import METHODS, make_config, register
+from spectra.io.model import open_model
 
 ALL = list(METHODS)
 
@@ -170,7 +171,6 @@ def half():
 def test_a_method_registered_once_plans_applies_previews_and_saves(half, family_dir, tmp_path):
     from compressors import io
     from compressors.apply import asdict
-    from spectra.io import models
     from spectra.plan import edit as pe
     from spectra.plan import format as plans
     from spectra.plan.auto import auto_plan
@@ -179,15 +179,17 @@ def test_a_method_registered_once_plans_applies_previews_and_saves(half, family_
 
     spec = str(family_dir("llama"))
     assert "half" in auto_methods() and "half" in pe.methods()
-    result = auto_plan(spec, "half", target_params=0.6, sensitivity="none", use_cache=False)
+    result = auto_plan(
+        open_model(spec), "half", target_params=0.6, sensitivity="none", use_cache=False
+    )
     assert {c.method for c in result.plan.layers.values()} == {"half"}
     text = plans.dumps(result.plan)
     plan = plans.parse(yaml.safe_load(text))
-    model, tok = models.load(spec, "cpu"), models.load_tokenizer(spec)
+    model, tok = open_model(spec, "cpu", "float32", "none").load(), open_model(spec).tokenizer()
     compressed, reports, facts = plans.apply_plan(model, plan)
     assert reports and {r.method for r in reports} == {"half"}
     name = next(iter(plan.layers))
-    mat = next(m for m in models.matrices(spec) if m.name == name)
+    mat = next(m for m in open_model(spec).matrices if m.name == name)
     settings = pe.settings_of({"module": name, "method": "half", "m": 64, "n": 64})
     assert settings == {"method": "half", "rank": 2}  # its own defaults
     row = pe.row(mat, settings)

@@ -5,6 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
+from spectra.io.model import open_model
 from spectra.plan.allocate import BudgetError, Candidate, Unit, allocate, hull
 from spectra.plan.candidates import Damage, Module, candidates, units_for
 from spectra.plan.grid import Floors
@@ -220,7 +221,6 @@ def test_cheapest_from_shapes_is_the_candidates_reach(tiny_llama_dir, method, ke
     one the real candidates reach, floors and dense modules included."""
     import re
 
-    from spectra.io import models
     from spectra.plan.allocate import reachable
     from spectra.plan.auto import load_modules
     from spectra.plan.grid import cheapest
@@ -228,8 +228,10 @@ def test_cheapest_from_shapes_is_the_candidates_reach(tiny_llama_dir, method, ke
     floors = Floors(
         min_rank={"q": 0.5}, min_bits={"down": 4}, keep_dense=re.compile(r".*\.0\.mlp\..*")
     )
-    shapes = [m for m in models.matrices(str(tiny_llama_dir)) if m.role != "embed"]
-    units = units_for(load_modules(str(tiny_llama_dir)), method, Damage(), floors)
+    shapes = [m for m in open_model(str(tiny_llama_dir)).matrices if m.role != "embed"]
+    units = units_for(
+        load_modules(open_model(str(tiny_llama_dir)).matrices), method, Damage(), floors
+    )
     assert cheapest(shapes, method, floors, key) == reachable(units, key)[0]
 
 

@@ -12,6 +12,7 @@ from safetensors.numpy import load_file, save_file
 
 from spectra import analysis as an
 from spectra.io import cache
+from spectra.io.model import open_model
 
 
 def copy_model(src, dst):
@@ -20,7 +21,7 @@ def copy_model(src, dst):
 
 
 def test_table_has_every_design_column(tiny_llama_dir):
-    df = an.analyze(str(tiny_llama_dir))
+    df = an.analyze(open_model(str(tiny_llama_dir)))
     for col in [
         "shape_m",
         "shape_n",
@@ -54,23 +55,23 @@ def test_table_has_every_design_column(tiny_llama_dir):
 
 def test_cache_hit_returns_identical_values(tiny_llama_dir):
     info = {}
-    first = an.analyze(str(tiny_llama_dir), info=info)
+    first = an.analyze(open_model(str(tiny_llama_dir)), info=info)
     assert info["cached"] is False
-    again = an.analyze(str(tiny_llama_dir), info=info)
+    again = an.analyze(open_model(str(tiny_llama_dir)), info=info)
     assert info["cached"] is True
     assert again.equals(first)
 
 
 def test_changing_one_weight_forces_recomputation(tiny_llama_dir, tmp_path):
     model = copy_model(tiny_llama_dir, tmp_path / "m")
-    before = an.analyze(str(model))
+    before = an.analyze(open_model(str(model)))
     path = model / "model.safetensors"
     tensors = load_file(path)
     tensors["model.layers.0.self_attn.q_proj.weight"][3, 5] += 1.0
     time.sleep(0.01)
     save_file(tensors, path, metadata={"format": "pt"})
     info = {}
-    after = an.analyze(str(model), info=info)
+    after = an.analyze(open_model(str(model)), info=info)
     assert info["cached"] is False
     changed = after.filter(pl.col("name") == "model.layers.0.self_attn.q_proj")["sigma"][0]
     old = before.filter(pl.col("name") == "model.layers.0.self_attn.q_proj")["sigma"][0]
@@ -81,27 +82,27 @@ def test_changing_one_weight_forces_recomputation(tiny_llama_dir, tmp_path):
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
 def test_corrupt_cache_file_is_recomputed(tiny_llama_dir, isolated_cache, damage):
-    good = an.analyze(str(tiny_llama_dir))
+    good = an.analyze(open_model(str(tiny_llama_dir)))
     (table,) = (isolated_cache / "analysis").glob("*.parquet")
     data = table.read_bytes()
     table.write_bytes(
         {"truncate": data[: len(data) // 3], "garbage": os.urandom(len(data)), "empty": b""}[damage]
     )
     info = {}
-    again = an.analyze(str(tiny_llama_dir), info=info)
+    again = an.analyze(open_model(str(tiny_llama_dir)), info=info)
     assert info["cached"] is False and again.equals(good)
     assert pl.read_parquet(table).equals(good)  # rewritten whole
 
 
 def test_corrupt_hash_memo_is_recomputed(tiny_llama_dir, isolated_cache):
-    good = an.analyze(str(tiny_llama_dir))
+    good = an.analyze(open_model(str(tiny_llama_dir)))
     for memo in (isolated_cache / "hashes").glob("*.json"):
         memo.write_text('{"stamp": [1, 2')
-    assert an.analyze(str(tiny_llama_dir)).equals(good)
+    assert an.analyze(open_model(str(tiny_llama_dir))).equals(good)
 
 
 def test_no_temporary_files_left(tiny_llama_dir, isolated_cache):
-    an.analyze(str(tiny_llama_dir))
+    an.analyze(open_model(str(tiny_llama_dir)))
     leftovers = [p for p in isolated_cache.rglob("*") if p.name.endswith(".tmp")]
     assert leftovers == []
 
@@ -117,21 +118,20 @@ def test_tied_weights_are_analysed_once(tmp_path):
         },
         tmp_path / "model.safetensors",
     )
-    df = an.analyze(str(tmp_path))
+    df = an.analyze(open_model(str(tmp_path)))
     assert df.height == 2
     assert df.filter(pl.col("name") == "model.embed_tokens")["aliases"][0].to_list() == ["lm_head"]
 
 
 def test_settings_change_the_key(tiny_llama_dir):
-    a = an.analyze(str(tiny_llama_dir), cores=2)
-    b = an.analyze(str(tiny_llama_dir), cores=4)
+    a = an.analyze(open_model(str(tiny_llama_dir)), cores=2)
+    b = an.analyze(open_model(str(tiny_llama_dir)), cores=4)
     assert a["mpo_cores"].unique().to_list() == [2] and b["mpo_cores"].unique().to_list() == [4]
 
 
 def test_batched_torch_path_agrees_with_cpu_path(tiny_llama_dir):
-    from spectra.io import models
 
-    mats = models.matrices(str(tiny_llama_dir))
+    mats = open_model(str(tiny_llama_dir)).matrices
     settings = an.AnalysisSettings(cores=3)
     cpu = an._run_cpu(mats, settings, "cpu", None)
     batched = an._run_cuda(mats, settings, "cpu", None)  # same code as on CUDA, on the CPU
@@ -145,8 +145,8 @@ def test_batched_torch_path_agrees_with_cpu_path(tiny_llama_dir):
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
 def test_cuda_agrees_with_cpu(tiny_llama_dir):
-    cpu = an.analyze(str(tiny_llama_dir), device="cpu", use_cache=False)
-    gpu = an.analyze(str(tiny_llama_dir), device="cuda", use_cache=False)
+    cpu = an.analyze(open_model(str(tiny_llama_dir), "cpu"), use_cache=False)
+    gpu = an.analyze(open_model(str(tiny_llama_dir), "cuda"), use_cache=False)
     for a, b in zip(cpu["sigma"], gpu["sigma"], strict=True):
         np.testing.assert_allclose(a.to_numpy(), b.to_numpy(), rtol=1e-6)
 
@@ -161,7 +161,7 @@ def test_cache_dir_resolution(monkeypatch, tmp_path):
 @pytest.mark.demo
 def test_demo_analysis(demo_dir):
     info = {}
-    df = an.analyze("demo", info=info)
+    df = an.analyze(open_model("demo"), info=info)
     assert df.height == 211 and info["matrices"] == 211
     q0 = df.filter(pl.col("name") == "model.layers.0.self_attn.q_proj").row(0, named=True)
     assert 1 <= q0["energy_rank_90"] <= 576 and q0["alpha"] > 1
@@ -169,8 +169,8 @@ def test_demo_analysis(demo_dir):
 
 
 def test_without_mpo_the_profile_columns_are_null_and_spectra_equal(tiny_llama_dir):
-    full = an.analyze(str(tiny_llama_dir))
-    lean = an.analyze(str(tiny_llama_dir), with_mpo=False)
+    full = an.analyze(open_model(str(tiny_llama_dir)))
+    lean = an.analyze(open_model(str(tiny_llama_dir)), with_mpo=False)
     assert lean["bond_spectra"].null_count() == lean.height
     assert full["bond_spectra"].null_count() == 0
     assert lean.select("name", "sigma", "alpha").equals(full.select("name", "sigma", "alpha"))
@@ -178,7 +178,9 @@ def test_without_mpo_the_profile_columns_are_null_and_spectra_equal(tiny_llama_d
 
 def test_progress_reports_every_matrix(tiny_llama_dir):
     calls = []
-    an.analyze(str(tiny_llama_dir), use_cache=False, progress=lambda *a: calls.append(a))
+    an.analyze(
+        open_model(str(tiny_llama_dir)), use_cache=False, progress=lambda *a: calls.append(a)
+    )
     assert [c[0] for c in calls] == list(range(1, 17))
     assert {c[1] for c in calls} == {16} and all(isinstance(c[2], str) for c in calls)
 
@@ -192,11 +194,11 @@ def test_streamed_gram_of_a_large_tall_matrix_matches_the_whole(tmp_path, monkey
     called = []
     real = an.singular_values_streamed
     monkeypatch.setattr(an, "singular_values_streamed", lambda c: called.append(1) or real(c))
-    lean = an.analyze(str(tmp_path), with_mpo=False, use_cache=False)
+    lean = an.analyze(open_model(str(tmp_path)), with_mpo=False, use_cache=False)
     assert called
     ref = scipy.linalg.svdvals(big.astype(np.float64))
     np.testing.assert_allclose(lean["sigma"][0].to_numpy(), ref, rtol=1e-10)
-    full = an.analyze(str(tmp_path), use_cache=False)
+    full = an.analyze(open_model(str(tmp_path)), use_cache=False)
     assert lean["content_hash"][0] == full["content_hash"][0]
 
 
@@ -205,7 +207,7 @@ def test_streamed_falls_back_to_svd_when_ill_conditioned(tmp_path, monkeypatch):
     low = (rng.standard_normal((500, 3)) @ rng.standard_normal((3, 20))).astype(np.float32)
     save_file({"model.embed_tokens.weight": low}, tmp_path / "model.safetensors")
     monkeypatch.setattr(an, "STREAM_MIN_BYTES", 1)
-    df = an.analyze(str(tmp_path), with_mpo=False, use_cache=False)
+    df = an.analyze(open_model(str(tmp_path)), with_mpo=False, use_cache=False)
     s = df["sigma"][0].to_numpy()
     ref = scipy.linalg.svdvals(low.astype(np.float64))
     np.testing.assert_allclose(s[:3], ref[:3], rtol=1e-6)
@@ -215,13 +217,13 @@ def test_streamed_falls_back_to_svd_when_ill_conditioned(tmp_path, monkeypatch):
 def test_spectra_by_name_reads_whichever_analysis_is_cached(tiny_llama_dir):
     from spectra.analysis import analyze, spectra_by_name
 
-    assert analyze(str(tiny_llama_dir), cached_only=True) is None  # nothing computed
+    assert analyze(open_model(str(tiny_llama_dir)), cached_only=True) is None  # nothing computed
     info: dict = {}
-    full = analyze(str(tiny_llama_dir), info=info)
+    full = analyze(open_model(str(tiny_llama_dir)), info=info)
     assert not info["cached"]
-    sigmas = spectra_by_name(str(tiny_llama_dir))
+    sigmas = spectra_by_name(open_model(str(tiny_llama_dir)))
     assert sigmas == {r["name"]: r["sigma"] for r in full.to_dicts()}
-    hit = analyze(str(tiny_llama_dir), with_mpo=False, cached_only=True)
+    hit = analyze(open_model(str(tiny_llama_dir)), with_mpo=False, cached_only=True)
     assert hit is None  # served from the default analysis, no spectra-only table written
 
 
@@ -231,7 +233,7 @@ def test_transposed_conv1d_rows_equal_the_out_by_in_matrix(tiny_gpt2_dir, monkey
 
     monkeypatch.setattr(svd, "CHUNK_BYTES", 8 * 200)
     monkeypatch.setattr(mpo, "CHUNK_BYTES", 8 * 200)
-    df = an.analyze(str(tiny_gpt2_dir), use_cache=False)
+    df = an.analyze(open_model(str(tiny_gpt2_dir)), use_cache=False)
     row = df.filter(pl.col("name") == "transformer.h.1.mlp.c_fc").row(0, named=True)
     w = load_file(tiny_gpt2_dir / "model.safetensors")["transformer.h.1.mlp.c_fc.weight"]
     w = np.ascontiguousarray(w.T, dtype=np.float64)  # stored (in, out): 32 x 128

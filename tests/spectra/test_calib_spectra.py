@@ -11,6 +11,7 @@ from compressors.base import Calibration
 from compressors.registry import compress, make_config
 from spectra.cli import main
 from spectra.data.calib_spectra import activation_spectrum
+from spectra.io.model import open_model
 
 
 @pytest.mark.parametrize("seed", [0, 7])
@@ -38,13 +39,12 @@ def test_with_identity_activations_it_is_the_weight_spectrum():
 def test_analyze_calib_adds_the_columns_per_module(family, family_dir, capsys):
     from compressors.apply import linear_targets
     from spectra.data import calibration
-    from spectra.io import models
 
     path = str(family_dir(family))
     assert main(["analyze", path, "--calib", "--no-mpo", "--json"]) == 0
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)["rows"]}
-    model = models.load(path, "cpu")
-    grams = calibration.calibrate(path)
+    model = open_model(path, "cpu", "float32", "none").load()
+    grams = calibration.calibrate(open_model(path))
     targets = linear_targets(model)
     in_blocks = [n for n, (t, _) in targets.items() if t.block is not None]
     assert in_blocks and all(rows[n]["calib_erank"] > 1 for n in in_blocks)
@@ -61,7 +61,7 @@ def test_analyze_calib_adds_the_columns_per_module(family, family_dir, capsys):
     from spectra.data.calib_spectra import calib_table
 
     info = {}
-    table = calib_table(path, info=info)
+    table = calib_table(open_model(path), info=info)
     assert info["cached"] and info["spectra_cached"]
     got = table.filter(table["name"] == name)["calib_sigma"].to_list()[0]
     np.testing.assert_allclose(got, want, rtol=1e-9)

@@ -10,6 +10,7 @@ from compressors import activations
 from spectra.cli import main
 from spectra.data import calibration
 from spectra.io import models
+from spectra.io.model import open_model
 
 SMALL = calibration.CalibrationSpec(samples=4, seqlen=32)
 
@@ -25,13 +26,13 @@ def _same(a: calibration.Grams, b: calibration.Grams) -> bool:
 def test_a_hit_is_the_fresh_computation_and_equals_the_dense_inputs(family_dir):
     path = str(family_dir("llama"))
     info = {}
-    fresh = calibration.calibrate(path, SMALL, info=info)
+    fresh = calibration.calibrate(open_model(path), SMALL, info=info)
     assert info["cached"] is False and info["tokens"] == 4 * 32
-    again = calibration.calibrate(path, SMALL, info=info)
+    again = calibration.calibrate(open_model(path), SMALL, info=info)
     assert info["cached"] is True and again.folder == fresh.folder
     assert _same(fresh, again)
     # the stored Grams are those of the dense model's own inputs (float32 of float64 sums)
-    model, tok = models.load(path, "cpu"), models.load_tokenizer(path)
+    model, tok = open_model(path, "cpu", "float32", "none").load(), open_model(path).tokenizer()
     want = activations.collect(model, calibration.calibration_windows(tok, SMALL))
     for block, grams in want.items():
         got = again[block]
@@ -48,13 +49,13 @@ def test_a_changed_weight_or_corpus_recomputes(family_dir, tmp_path):
     work = tmp_path / "model"
     shutil.copytree(src, work)
     info = {}
-    first = calibration.calibrate(str(work), SMALL, info=info)
+    first = calibration.calibrate(open_model(str(work)), SMALL, info=info)
     from safetensors.torch import load_file, save_file
 
     weights = load_file(work / "model.safetensors")
     weights["model.layers.0.input_layernorm.weight"] *= 2  # not even a matrix
     save_file(weights, str(work / "model.safetensors"), metadata={"format": "pt"})
-    second = calibration.calibrate(str(work), SMALL, info=info)
+    second = calibration.calibrate(open_model(str(work)), SMALL, info=info)
     assert info["cached"] is False and second.folder != first.folder
     name = "model.layers.0.self_attn.q_proj"
     assert not torch.equal(first[0][name][0], second[0][name][0])
@@ -62,17 +63,17 @@ def test_a_changed_weight_or_corpus_recomputes(family_dir, tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("the quick brown fox jumps over the lazy dog\n" * 200)
     spec = calibration.CalibrationSpec(corpus=str(corpus), samples=2, seqlen=32)
-    a = calibration.calibrate(str(work), spec, info=info)
+    a = calibration.calibrate(open_model(str(work)), spec, info=info)
     assert info["cached"] is False
     corpus.write_text("pack my box with five dozen liquor jugs\n" * 200)
-    b = calibration.calibrate(str(work), spec, info=info)
+    b = calibration.calibrate(open_model(str(work)), spec, info=info)
     assert info["cached"] is False and a.folder != b.folder
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "meta"])
 def test_a_damaged_entry_is_recomputed_without_error(family_dir, damage):
     path = str(family_dir("llama"))
-    good = calibration.calibrate(path, SMALL)
+    good = calibration.calibrate(open_model(path), SMALL)
     block = good.folder / good.meta["blocks"]["1"]["file"]
     saved = {p.name: p.read_bytes() for p in good.folder.glob("*.safetensors")}
     if damage == "truncate":
@@ -82,10 +83,13 @@ def test_a_damaged_entry_is_recomputed_without_error(family_dir, damage):
     else:
         (good.folder / "meta.json").write_text("{not json")
     info = {}
-    again = calibration.calibrate(path, SMALL, info=info)
+    again = calibration.calibrate(open_model(path), SMALL, info=info)
     assert info["cached"] is False
     assert {p.name: p.read_bytes() for p in again.folder.glob("*.safetensors")} == saved
-    assert _same(again, calibration.calibrate(path, SMALL, info=info)) and info["cached"] is True
+    assert (
+        _same(again, calibration.calibrate(open_model(path), SMALL, info=info))
+        and info["cached"] is True
+    )
 
 
 def test_apply_reads_the_cache_that_calibrate_wrote(family_dir, tmp_path, capsys):
@@ -109,8 +113,8 @@ def test_apply_reads_the_cache_that_calibrate_wrote(family_dir, tmp_path, capsys
     from compressors.io import load
     from compressors.quant import QuantConfig, compress
 
-    grams = calibration.calibrate(path, SMALL)
-    model = models.load(path, "cpu")
+    grams = calibration.calibrate(open_model(path), SMALL)
+    model = open_model(path, "cpu", "float32", "none").load()
     w = model.model.layers[1].mlp.down_proj.weight.detach()
     h, rows = grams[1]["model.layers.1.mlp.down_proj"]
     want = compress(w, QuantConfig(bits=3, group_size=16, gptq=True), cal_of(h, rows))
@@ -164,15 +168,15 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(
 
 def test_a_repeat_is_a_file_read_without_the_tokenizer(family_dir, monkeypatch):
     path = str(family_dir("llama"))
-    first = calibration.calibrate(path, SMALL)
+    first = calibration.calibrate(open_model(path), SMALL)
 
     def no_tokenizer(spec):
         raise AssertionError("a cached calibration must not need the tokenizer")
 
     monkeypatch.setattr(models, "load_tokenizer", no_tokenizer)
     info = {}
-    again = calibration.calibrate(path, SMALL, info=info)
+    again = calibration.calibrate(open_model(path), SMALL, info=info)
     assert info["cached"] and again.folder == first.folder and _same(first, again)
     # another setting is no alias of it
     with pytest.raises(AssertionError, match="must not need"):
-        calibration.calibrate(path, calibration.CalibrationSpec(samples=3, seqlen=32))
+        calibration.calibrate(open_model(path), calibration.CalibrationSpec(samples=3, seqlen=32))

@@ -10,7 +10,7 @@ import yaml
 ray = pytest.importorskip("ray")
 
 from spectra.analysis import AnalysisSettings, analyze, matrix_task  # noqa: E402
-from spectra.io import models  # noqa: E402
+from spectra.io.model import open_model  # noqa: E402
 from spectra.linalg import cluster  # noqa: E402
 
 
@@ -26,12 +26,12 @@ def ray_cluster():
 @pytest.mark.parametrize("family", ["llama", "gpt2"])  # gpt2: Conv1D weights, stored (in, out)
 def test_analysis_on_ray_equals_local(ray_cluster, family_dir, family):
     path = family_dir(family)
-    local = analyze(str(path), device="cpu", use_cache=False)
+    local = analyze(open_model(str(path), "cpu"), use_cache=False)
     info: dict = {}
-    remote = analyze(str(path), use_cache=False, ray="auto", info=info)
+    remote = analyze(open_model(str(path)), use_cache=False, ray="auto", info=info)
     assert info["device"] == "ray auto"
     assert remote.equals(local)  # float64 numerics, bit for bit
-    assert remote.height == len(models.matrices(str(path)))
+    assert remote.height == len(open_model(str(path)).matrices)
 
 
 def _plan(tmp_path, rules):
@@ -52,7 +52,7 @@ def _compressed_state(model, plan, mapper, grams=None):
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_data_free_apply_on_ray_equals_local(ray_cluster, family_dir, family, tmp_path):
     path = family_dir(family)
-    model = models.load(str(path), device="cpu")
+    model = open_model(str(path), "cpu", "float32", "none").load()
     rules = [
         {"targets": [r"re:.*\.mlp\..*"], "method": "lowrank", "rank": 6},
         {"targets": [r"re:.*(q_proj|k_proj|c_attn)"], "method": "mpo", "bond_dim": 4},
@@ -72,7 +72,7 @@ def test_data_aware_apply_on_ray_equals_local(ray_cluster, family_dir, tmp_path)
     from compressors.activations import collect
 
     path = family_dir("llama")
-    model = models.load(str(path), device="cpu")
+    model = open_model(str(path), "cpu", "float32", "none").load()
     ids = torch.randint(
         0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0)
     )
@@ -104,7 +104,7 @@ def _die_once(marker_dir: str):
 
 def test_a_killed_worker_is_retried_and_the_result_is_complete(ray_cluster, family_dir, tmp_path):
     path = family_dir("llama")
-    mats = models.matrices(str(path))
+    mats = open_model(str(path)).matrices
     settings = AnalysisSettings()
     victim = mats[2].name
     jobs = [(m, settings, "cpu", victim) for m in mats]
@@ -135,9 +135,9 @@ def test_calibration_sharded_on_ray_equals_local(ray_cluster, family_dir):
 
     path = str(family_dir("llama"))
     settings = CalibrationSpec(samples=12, seqlen=32)  # 3 batches of 4 windows: 2 shards
-    local = calibrate(path, settings, device="cpu", use_cache=False)
+    local = calibrate(open_model(path, "cpu"), settings, use_cache=False)
     info: dict = {}
-    remote = calibrate(path, settings, use_cache=False, ray="auto", info=info)
+    remote = calibrate(open_model(path), settings, use_cache=False, ray="auto", info=info)
     assert info["cached"] is False
     assert local.blocks == remote.blocks and len(local.blocks) == 2
     for block in local.blocks:

@@ -8,6 +8,7 @@ import torch
 
 from spectra.data import perplexity as ev
 from spectra.errors import SpectraInputError
+from spectra.io.model import open_model
 
 
 def reference_ppl(model, ids, seqlen):
@@ -102,11 +103,10 @@ def test_windows_start_with_bos_when_the_tokenizer_adds_one(family_dir, cli):
 
 def test_the_preview_uses_eval_windows_with_bos(family_dir):
     from compressors.registry import make_config
-    from spectra.io import models
     from spectra.preview import Previewer
 
     path = str(family_dir("llama"))
-    model, tok = models.load(path, "cpu"), models.load_tokenizer(path)
+    model, tok = open_model(path, "cpu", "float32", "none").load(), open_model(path).tokenizer()
     layers = {"model.layers.1.mlp.up_proj": make_config("lowrank", rank=8)}
     pv = Previewer(model, tok, seqlen=32)
     result = pv.preview(layers, 128)
@@ -118,9 +118,8 @@ def test_the_preview_uses_eval_windows_with_bos(family_dir):
 
 @pytest.mark.demo
 def test_the_demo_tokenizer_adds_no_bos(demo_dir):
-    from spectra.io import models
 
-    tok = models.load_tokenizer(str(demo_dir))
+    tok = open_model(str(demo_dir)).tokenizer()
     assert ev.bos_token(tok) is None
     stream = ev.token_stream(tok)
     assert torch.equal(stream.windows(512, 1024).reshape(-1), stream.ids[:1024])

@@ -12,6 +12,7 @@ from compressors.factors import dense
 from compressors.healing import Trainable
 from spectra.data import heal
 from spectra.errors import SpectraInputError
+from spectra.io.model import open_model
 
 # one of each healable method, and the frozen ones, cycled over a model's block modules
 METHODS = [
@@ -34,11 +35,10 @@ def compressed(path, joint=True):
     that uses every method (joint for q, k where the family has them)."""
     from compressors.apply import linear_targets
     from spectra.data.calibration import calibration_windows
-    from spectra.io import models
     from spectra.plan import format as plans
 
-    model = models.load(str(path), device="cpu")
-    tok = models.load_tokenizer(str(path))
+    model = open_model(str(path), "cpu", "float32", "none").load()
+    tok = open_model(str(path)).tokenizer()
     names = [t.name for t, _ in linear_targets(model).values() if t.block is not None]
     rules = []
     if joint and any(n.endswith("self_attn.q_proj") for n in names):
@@ -184,11 +184,10 @@ def test_the_straight_through_estimator_saves_what_the_last_step_computed(family
 def test_healing_lowers_the_loss_and_the_perplexity_on_the_demo(demo_dir):
     """Block 3..8's MLPs at rank 48: a few distillation steps on calibration tokens lower
     the KL on a held-out calibration batch and the evaluation perplexity."""
-    from spectra.io import models
     from spectra.plan import format as plans
 
-    teacher = models.load(str(demo_dir), device="cpu")
-    tok = models.load_tokenizer(str(demo_dir))
+    teacher = open_model(str(demo_dir), "cpu", "float32", "none").load()
+    tok = open_model(str(demo_dir)).tokenizer()
     plan = plans.parse(
         {
             "rules": [
@@ -365,9 +364,8 @@ def test_checkpointed_blocks_give_the_same_gradients(tiny_llama_dir):
     import torch
 
     from spectra.data.heal import checkpoint_blocks
-    from spectra.io import models
 
-    model = models.load(str(tiny_llama_dir), "cpu")
+    model = open_model(str(tiny_llama_dir), "cpu", "float32", "none").load()
     x = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
     grads = []
     for ckpt in (False, True):

@@ -4,6 +4,8 @@ a loss estimate comparable across modules (spectra.plan.sensitivity.output_fishe
 import pytest
 import torch
 
+from spectra.io.model import open_model
+
 
 def _reference(model, windows):
     """F and A by a second route: a zero parameter added to every linear output (its
@@ -43,10 +45,9 @@ def _reference(model, windows):
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "phi3"])
 def test_output_fisher_equals_the_gradient_of_an_added_output_shift(family, family_dir):
-    from spectra.io import models
     from spectra.plan import sensitivity as sens
 
-    model = models.load(str(family_dir(family)), "cpu")
+    model = open_model(str(family_dir(family)), "cpu", "float32", "none").load()
     windows = torch.randint(0, 300, (3, 24), generator=torch.Generator().manual_seed(1))
     flags = [p.requires_grad for p in model.parameters()]
     got = sens.output_fisher(model, windows)
@@ -114,7 +115,6 @@ def test_importance_ranks_modules_like_the_measured_loss_increase(demo_dir):
     from compressors.base import Calibration
     from compressors.registry import compress, make_config
     from spectra.data import perplexity as ev
-    from spectra.io import models
     from spectra.plan import sensitivity as sens
     from spectra.plan.candidates import Damage, Module
 
@@ -123,7 +123,10 @@ def test_importance_ranks_modules_like_the_measured_loss_increase(demo_dir):
         for b in (0, 14, 28)
         for r in ("self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj")
     ]
-    model, tok = models.load(str(demo_dir), "cpu"), models.load_tokenizer(str(demo_dir))
+    model, tok = (
+        open_model(str(demo_dir), "cpu", "float32", "none").load(),
+        open_model(str(demo_dir)).tokenizer(),
+    )
     cal = ev.token_stream(tok, "builtin", "calib").windows(256, 2048)
     grams = {n: hr for block in collect(model, cal).values() for n, hr in block.items()}
     imp = sens.output_fisher(model, cal[:4])

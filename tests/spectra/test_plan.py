@@ -5,7 +5,7 @@ import json
 import pytest
 import yaml
 
-from spectra.io import models
+from spectra.io.model import open_model
 from spectra.plan import format as plans
 from spectra.plan.format import PlanError
 
@@ -31,7 +31,7 @@ GOOD = {
 
 
 def mats(tiny_llama_dir):
-    return models.matrices(str(tiny_llama_dir))
+    return open_model(str(tiny_llama_dir)).matrices
 
 
 def test_round_trip_through_yaml_and_json():

@@ -4,6 +4,7 @@ preview only evaluates, with the same perplexity."""
 import pytest
 
 from compressors.registry import make_config
+from spectra.io.model import open_model
 
 LAYERS = {
     "model.layers.0.mlp.down_proj": make_config("lowrank", rank=12, whiten=True),
@@ -15,12 +16,13 @@ LAYERS = {
 
 def test_a_prebuilt_plan_previews_without_compressing(family_dir):
     from spectra.data import calibration
-    from spectra.io import models
     from spectra.preview import Previewer
 
     path = str(family_dir("llama"))
-    model, tok = models.load(path, "cpu"), models.load_tokenizer(path)
-    grams = calibration.calibrate(path, calibration.CalibrationSpec(samples=4, seqlen=32))
+    model, tok = open_model(path, "cpu", "float32", "none").load(), open_model(path).tokenizer()
+    grams = calibration.calibrate(
+        open_model(path), calibration.CalibrationSpec(samples=4, seqlen=32)
+    )
     pv = Previewer(model, tok, seqlen=32, grams=grams)
     heard = []
     assert pv.prebuild(LAYERS, progress=lambda *a: heard.append(a)) == 3  # joint: one unit

@@ -4,13 +4,15 @@ import pytest
 
 from compressors.registry import make_config
 from spectra.errors import SpectraInputError
+from spectra.io.model import open_model
 
 
 @pytest.fixture()
 def demo(demo_dir):
-    from spectra.io import models
 
-    return models.load(str(demo_dir), "cpu"), models.load_tokenizer(str(demo_dir))
+    return open_model(str(demo_dir), "cpu", "float32", "none").load(), open_model(
+        str(demo_dir)
+    ).tokenizer()
 
 
 @pytest.mark.demo
@@ -80,11 +82,10 @@ class Cancel(Exception):
 def test_progress_by_block_and_a_cancelled_preview_leaves_it_consistent(family_dir):
     """Progress counts compressions and block runs; a cancel at any point (here during
     the compressions, then during the blocks) leaves the next preview exact."""
-    from spectra.io import models
     from spectra.preview import Previewer
 
     path = str(family_dir("llama"))
-    model, tok = models.load(path, "cpu"), models.load_tokenizer(path)
+    model, tok = open_model(path, "cpu", "float32", "none").load(), open_model(path).tokenizer()
     one = {"model.layers.1.mlp.up_proj": make_config("lowrank", rank=8)}
     two = {
         "model.layers.0.mlp.up_proj": make_config("lowrank", rank=4),
@@ -124,19 +125,20 @@ def test_data_aware_settings_preview_as_apply_and_eval_score_them(family, family
     from compressors.apply import linear_targets
     from spectra.data import calibration
     from spectra.data import perplexity as ev
-    from spectra.io import models
     from spectra.plan import format as plans
     from spectra.preview import Previewer
 
     path = str(family_dir(family))
-    model, tok = models.load(path, "cpu"), models.load_tokenizer(path)
+    model, tok = open_model(path, "cpu", "float32", "none").load(), open_model(path).tokenizer()
     names = list(linear_targets(model))
     layers = (
         dict(zip(names[:6], CALIBRATED.values(), strict=True)) if family == "gpt2" else CALIBRATED
     )
     if family == "gpt2":  # no joint siblings there: each stands alone
         layers = {k: v for k, v in layers.items() if v.method != "joint"}
-    grams = calibration.calibrate(path, calibration.CalibrationSpec(samples=4, seqlen=32))
+    grams = calibration.calibrate(
+        open_model(path), calibration.CalibrationSpec(samples=4, seqlen=32)
+    )
     pv = Previewer(model, tok, seqlen=32)
     with pytest.raises(SpectraInputError, match="no calibration"):
         pv.preview(layers, 128)
@@ -187,11 +189,12 @@ def test_pending_names_what_each_preview_runs(family_dir):
     baseline's blocks, the compressions and the blocks each preview then runs."""
     from collections import Counter
 
-    from spectra.io import models
     from spectra.preview import Previewer
 
     path = str(family_dir("llama"))
-    pv = Previewer(models.load(path, "cpu"), models.load_tokenizer(path), seqlen=64)
+    pv = Previewer(
+        open_model(path, "cpu", "float32", "none").load(), open_model(path).tokenizer(), seqlen=64
+    )
     b0 = {"model.layers.0.mlp.up_proj": make_config("lowrank", rank=4)}
     b1 = {**b0, "model.layers.1.self_attn.o_proj": make_config("quant", bits=3)}
     steps = [(b0, 512), (b1, 512), (b1, 512), (b0, 512), (b1, 1024)]

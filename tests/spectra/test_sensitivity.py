@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from spectra.io.model import open_model
+
 NAMES = [
     f"model.layers.{b}.{r}"
     for b in (0, 14, 28)
@@ -12,9 +14,10 @@ NAMES = [
 
 @pytest.fixture()
 def demo_model(demo_dir):
-    from spectra.io import models
 
-    return models.load(str(demo_dir), "cpu"), models.load_tokenizer(str(demo_dir))
+    return open_model(str(demo_dir), "cpu", "float32", "none").load(), open_model(
+        str(demo_dir)
+    ).tokenizer()
 
 
 @pytest.mark.demo
@@ -58,17 +61,23 @@ def test_ppl_probe_restores_the_model_and_cache_round_trips(demo_model, demo_dir
     before = {k: v.clone() for k, v in model.state_dict().items()}
     settings = sens.SensitivitySettings(kind="ppl", tokens=256, seqlen=128)
     info: dict = {}
-    first = sens.compute(str(demo_dir), settings, model=model, info=info, names=NAMES[:2])
+    first = sens.compute(
+        open_model(str(demo_dir)), settings, network=model, info=info, names=NAMES[:2]
+    )
     assert info["cached"] is False and set(first) == set(NAMES[:2])
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
-    again = sens.compute(str(demo_dir), settings, model=model, info=info, names=NAMES[:2])
+    again = sens.compute(
+        open_model(str(demo_dir)), settings, network=model, info=info, names=NAMES[:2]
+    )
     assert info["cached"] is True and again == first
     # a garbage cache file is a miss, recomputed without error
     from pathlib import Path
 
     Path(info["path"]).write_text("{not json")
-    third = sens.compute(str(demo_dir), settings, model=model, info=info, names=NAMES[:2])
+    third = sens.compute(
+        open_model(str(demo_dir)), settings, network=model, info=info, names=NAMES[:2]
+    )
     assert info["cached"] is False
     assert third.keys() == first.keys()
     for k in first:
@@ -121,14 +130,13 @@ def _oracle(model, windows):
 def test_fisher_and_importance_streamed_equal_whole_model_autograd(family, family_dir):
     """Backward a block at a time, resident or streamed from disk, gives the gradients
     of autograd through the whole model."""
-    from spectra.io import handle, models
     from spectra.plan import sensitivity as sens
 
     path = str(family_dir(family))
     windows = torch.randint(3, 300, (3, 24), generator=torch.Generator().manual_seed(1))
-    fisher_ref, out_ref = _oracle(models.load(path, "cpu"), windows)
+    fisher_ref, out_ref = _oracle(open_model(path, "cpu", "float32", "none").load(), windows)
     for offload in ("none", "disk"):
-        model = handle.open_model(path, "cpu", "float32", offload).load()
+        model = open_model(path, "cpu", "float32", offload).load()
         flags = [p.requires_grad for p in model.parameters()]
         fisher = sens.fisher(model, windows)
         out = sens.output_fisher(model, windows)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from spectra.io.model import open_model
 from spectra.linalg.farms import FarmsSettings, farms_alpha
 from spectra.linalg.metrics import spectrum_metrics
 from spectra.linalg.svd import singular_values
@@ -179,19 +180,18 @@ def test_owl_ratios_of_a_calibrated_model_equal_those_of_its_captured_inputs(fam
     the inputs each linear module receives on the same windows, captured by hooks."""
     from compressors.apply import linear_targets
     from spectra.data.calibration import CalibrationSpec, calibrate, calibration_windows
-    from spectra.io import models
     from spectra.plan.auto import load_modules
     from spectra.plan.candidates import Damage, units_for
     from spectra.plan.grid import Floors
 
     spec = str(family_dir("llama"))
     settings = CalibrationSpec(samples=4, seqlen=64)
-    grams = calibrate(spec, settings, device="cpu")
-    modules = load_modules(spec)
+    grams = calibrate(open_model(spec, "cpu"), settings)
+    modules = load_modules(open_model(spec).matrices)
     units = units_for(modules, "prune", Damage(), Floors())
     got = owl_values(units, {m.name: m.weight for m in modules}, grams.hessians())
 
-    model = models.load(spec, "cpu")
+    model = open_model(spec, "cpu", "float32", "none").load()
     inputs: dict[str, list] = {}
     hooks = [
         mod.register_forward_hook(
@@ -200,7 +200,7 @@ def test_owl_ratios_of_a_calibrated_model_equal_those_of_its_captured_inputs(fam
         for name, (_, mod) in linear_targets(model).items()
     ]
     with torch.no_grad():
-        model(calibration_windows(models.load_tokenizer(spec), settings))
+        model(calibration_windows(open_model(spec).tokenizer(), settings))
     for h in hooks:
         h.remove()
     weights = {m.name: m.weight.double() for m in modules}
@@ -264,7 +264,9 @@ def planted_llama(tmp_path_factory):
 def test_alpha_allocation_prunes_the_random_blocks_more(planted_llama, strategy):
     from spectra.plan.auto import auto_plan
 
-    result = auto_plan(planted_llama, "prune", target_params=0.5, strategy=Strategy(strategy))
+    result = auto_plan(
+        open_model(planted_llama), "prune", target_params=0.5, strategy=Strategy(strategy)
+    )
     assert result.spent <= result.budget
     layers = result.plan.layers
     sparsity = {}

@@ -18,12 +18,12 @@ from compressors import activations, blocks
 from spectra.cli import main as cli_main
 from spectra.data import perplexity as ev
 from spectra.errors import SpectraInputError
-from spectra.io import handle, models
+from spectra.io.model import open_model
 
 
 def _dense_ppl(path: Path, x: torch.Tensor) -> float:
     """exp(mean NLL) from the plain model's own forward, batch by batch."""
-    model = models.load(str(path), "cpu")
+    model = open_model(str(path), "cpu", "float32", "none").load()
     with torch.no_grad():
         nll = torch.cat([ev.window_nll(model, x[lo : lo + 4]) for lo in range(0, len(x), 4)])
     return math.exp(float(nll.mean()))
@@ -32,11 +32,11 @@ def _dense_ppl(path: Path, x: torch.Tensor) -> float:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_perplexity_streamed_equals_resident_and_dense_forward(family, family_dir):
     path = family_dir(family)
-    tok = models.load_tokenizer(str(path))
+    tok = open_model(str(path)).tokenizer()
     ids = ev.token_stream(tok, "builtin", "eval")
     got = {}
     for offload in ("none", "disk"):
-        model = handle.open_model(str(path), "cpu", "float32", offload).load()
+        model = open_model(str(path), "cpu", "float32", offload).load()
         assert blocks.is_streamed(model) == (offload == "disk")
         got[offload] = ev.perplexity(model, tok, ids=ids, seqlen=64, max_tokens=1024).ppl
     ref = _dense_ppl(path, ids.windows(64, 1024))
@@ -49,7 +49,7 @@ def test_grams_streamed_equal_resident(family, family_dir):
     path = family_dir(family)
     ids = torch.randint(0, 320, (6, 32), generator=torch.Generator().manual_seed(0))
     grams = {
-        off: activations.collect(handle.open_model(str(path), "cpu", "float32", off).load(), ids)
+        off: activations.collect(open_model(str(path), "cpu", "float32", off).load(), ids)
         for off in ("none", "disk")
     }
     assert grams["none"].keys() == grams["disk"].keys() == {0, 1}
@@ -61,7 +61,7 @@ def test_grams_streamed_equal_resident(family, family_dir):
 
 
 def test_streamed_model_holds_only_what_is_onloaded(tiny_llama_dir):
-    model = handle.open_model(str(tiny_llama_dir), "cpu", "float32", "disk").load()
+    model = open_model(str(tiny_llama_dir), "cpu", "float32", "disk").load()
     layers = blocks.decoder_layers(model)
     assert all(p.is_meta for p in model.parameters())
     with blocks.onloaded(model, layers[1]):
@@ -78,7 +78,7 @@ def test_a_module_swapped_in_while_onloaded_still_frees_the_one_it_replaced(tiny
 
     from compressors.apply import set_module
 
-    model = handle.open_model(str(tiny_llama_dir), "cpu", "float32", "disk").load()
+    model = open_model(str(tiny_llama_dir), "cpu", "float32", "disk").load()
     layer = blocks.decoder_layers(model)[0]
     dense = layer.mlp.up_proj
     with blocks.onloaded(model, layer):
@@ -180,7 +180,7 @@ def test_streamed_apply_writes_the_outer_modules_one_at_a_time(family, family_di
             outs[off] = tmp_path / f"out-{off}"
             argv = ["apply", plan, "--model", path, "-o", outs[off], "--offload", off]
             assert cli_main([str(a) for a in argv]) == 0
-    model = models.load(str(path), "cpu")
+    model = open_model(str(path), "cpu", "float32", "none").load()
     assert held and max(held) == 1, held  # one outer module materialised per part
     assert len(held) == len(blocks.outer_modules(model))
     a, b = _tensors(outs["none"]), _tensors(outs["disk"])
@@ -258,7 +258,7 @@ def test_auto_dtype_is_the_checkpoints(tmp_path):
     from conftest import tiny_family
 
     tiny_family("qwen2").to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
-    h = handle.open_model(str(tmp_path / "bf16"), "cpu", "auto", "auto")
+    h = open_model(str(tmp_path / "bf16"), "cpu", "auto", "auto")
     assert (h.dtype, h.offload) == ("bfloat16", "none")
 
 
@@ -266,8 +266,8 @@ def test_too_big_for_memory_is_refused_before_any_work(family_dir, cli, monkeypa
     tiny_llama_dir = family_dir("llama")
     monkeypatch.setenv("SPECTRA_MEMORY_GB", "0.0004")  # resident ~0.0005 GB, streamed ~0.00036
     with pytest.raises(SpectraInputError, match="needs about .* --offload none"):
-        handle.open_model(str(tiny_llama_dir), "cpu", "float32", "none")
-    h = handle.open_model(str(tiny_llama_dir), "cpu", "float32", "auto")
+        open_model(str(tiny_llama_dir), "cpu", "float32", "none")
+    h = open_model(str(tiny_llama_dir), "cpu", "float32", "auto")
     assert h.offload == "disk"  # a block fits where the whole model does not
     r = cli("eval", tiny_llama_dir, "--offload", "none", "--dtype", "float32", "--max-tokens", 512)
     assert r.returncode == 2
@@ -392,14 +392,14 @@ def test_preview_streamed_equals_resident_and_eval(family, family_dir):
     from spectra.preview import Previewer
 
     path = family_dir(family)
-    tok = models.load_tokenizer(str(path))
-    resident = models.load(str(path), "cpu")
+    tok = open_model(str(path)).tokenizer()
+    resident = open_model(str(path), "cpu", "float32", "none").load()
     names = [t.name for t, _ in linear_targets(resident).values() if t.block is not None]
     first = {n: make_config("lowrank", rank=4) for n in names if ".0." in n or "_0_" in n}
     later = {**first, names[-1]: make_config("quant", bits=3)}
     got = {}
     for off in ("none", "disk"):
-        model = handle.open_model(str(path), "cpu", "float32", off).load()
+        model = open_model(str(path), "cpu", "float32", off).load()
         pv = Previewer(model, tok, seqlen=64)
         assert pv.streamed == (off == "disk")
         a, b = pv.preview(first, 512), pv.preview(later, 512)

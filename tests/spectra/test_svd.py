@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
+from spectra.io.model import open_model
 from spectra.linalg import svd
 from spectra.linalg.svd import singular_values, singular_values_torch
 
@@ -92,9 +93,8 @@ def test_torch_batched_path_agrees_with_numpy():
 
 @pytest.mark.demo
 def test_demo_matrices(demo_dir):
-    from spectra.io import models
 
-    mats = {m.name: m for m in models.matrices(str(demo_dir))}
+    mats = {m.name: m for m in open_model(str(demo_dir)).matrices}
     for name in [
         "model.layers.0.self_attn.o_proj",
         "model.layers.5.self_attn.k_proj",
