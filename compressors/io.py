@@ -226,6 +226,13 @@ def is_compressed_checkpoint(path) -> bool:
     return (Path(path) / "manifest.json").is_file()
 
 
+def check_parts(out: Path) -> dict:
+    """Every part OUT's manifest lists, checked by its header (nothing loaded): the
+    {"factors"|"dense": {tensor name: TensorRef}}; a missing or truncated part is an
+    input error naming it."""
+    return _headers(Path(out), shard_files(Path(out)))
+
+
 def _headers(out: Path, shards: dict) -> dict:
     """{"factors"|"dense": {tensor name: TensorRef}} of the listed parts; a part that is
     missing or truncated is an input error naming it."""

@@ -72,14 +72,16 @@ class Compressed(Model):
             raise SpectraInputError(f"{self.spec}: no usable tokenizer in the checkpoint")
         return self._memo["tokenizer"]
 
-    def baseline(self, dtype: str | None = None, offload: str | None = None) -> Model:
+    def baseline(
+        self, dtype: str | None = None, offload: str | None = None, fit: bool = True
+    ) -> Model:
         """The dense model this OUT was compressed from, run the same way (or in `dtype`,
-        held as `offload`)."""
+        held as `offload`; `fit`: as open_model's)."""
         source = self.report.get("model")
         if not source:
             raise SpectraInputError(f"{self.spec}/report.json: does not name its source model")
         dtype = dtype or (self.dtype if self.cast else "auto")
-        return open_model(source, self.device, dtype, offload or self.offload)
+        return open_model(source, self.device, dtype, offload or self.offload, fit=fit)
 
     def describe(self) -> dict:
         return {"offload": self.offload}
@@ -92,16 +94,14 @@ def open_out(path, device: str = "auto", dtype: str = "auto", offload: str = "au
         raise SpectraInputError(f"{path}: not a `spectra apply` output (no manifest.json)")
     if offload not in OFFLOADS:
         raise SpectraInputError(f"--offload {offload}: expected one of {', '.join(OFFLOADS)}")
+    io.check_parts(path)  # a missing or truncated part is named here, before any work
     shards = io.shard_files(path)
-    files = tuple(path / p for p in shards["factors"] + shards["dense"] if (path / p).is_file())
+    files = tuple(path / p for p in shards["factors"] + shards["dense"])
     config = (
         json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
     )
     source = models.Source(str(path), "compressed", path, files, config.get("model_type"))
-    try:
-        stored = stored_dtype(source)
-    except SpectraInputError:  # a truncated part: `load()` names it as such
-        stored = "float32"
+    stored = stored_dtype(source)
     return Compressed(
         str(path),
         source,

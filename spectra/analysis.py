@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from spectra.errors import SpectraInputError
-from spectra.io import cache, models
-from spectra.io.model import Model
+from spectra.io import cache
+from spectra.io.model import Matrix, Model
 from spectra.io.roles import ROLES
 from spectra.io.tensors import iter_row_chunks
 from spectra.linalg import metrics, mpo, scratch
@@ -168,7 +168,7 @@ def _known_hashes(stamps) -> dict[str, str] | None:
 
 def _dedupe(mats, hashes):
     """Keep one matrix per content hash (not the lm_head); tied copies become aliases."""
-    first: dict[tuple, models.Matrix] = {}
+    first: dict[tuple, Matrix] = {}
     aliases: dict[str, list[str]] = {}
     for m in sorted(mats, key=lambda m: m.role == "lm_head"):
         k = (hashes[m.ref.name], m.shape)
@@ -254,7 +254,7 @@ def _run_cpu(mats, settings, device, progress, hashes=None):
     return rows
 
 
-def _cpu_row(m: models.Matrix, settings: AnalysisSettings, hashes: dict | None) -> dict:
+def _cpu_row(m: Matrix, settings: AnalysisSettings, hashes: dict | None) -> dict:
     """One matrix's row, read from its checkpoint (streamed when tall, large, no MPO)."""
     if not settings.mpo and _streamable(m):
         chunk = max(1, STREAM_CHUNK_BYTES // (8 * m.ref.shape[1]))
@@ -351,7 +351,7 @@ def _run_ray(address, mats, settings, device, progress, hashes=None):
     return rows
 
 
-def _streamable(m: models.Matrix) -> bool:
+def _streamable(m: Matrix) -> bool:
     """Tall (as stored) and large: its Gram is accumulated from row blocks read in turn."""
     a, b = m.ref.shape
     return a >= b and a * b * 8 >= STREAM_MIN_BYTES

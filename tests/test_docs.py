@@ -144,3 +144,22 @@ def test_the_app_screenshots_are_the_browser_tests():
     saved = set(re.findall(r'shots / "([\w-]+\.png)"', browser))
     used = set(re.findall(r"img/([\w-]+\.png)", (REPO / "docs" / "app.md").read_text()))
     assert used and used <= saved
+
+
+def test_the_layout_page_names_every_file_and_only_files_that_exist():
+    """docs/layout.md is the tree's map: every module of the packages is named there
+    (by file name, in its folder's entry), and every file it names exists."""
+    text = (REPO / "docs" / "layout.md").read_text()
+    block = text.split("```")[1]
+    named = set(re.findall(r"\b([a-z_][a-z0-9_]*\.py)\b", block))
+    files = [
+        p
+        for pkg in ("spectra", "compressors", "app")
+        for p in (REPO / pkg).rglob("*.py")
+        if "__pycache__" not in p.parts
+    ]
+    present = {p.name for p in files} | {p.name for p in (REPO / "docs" / "gen").glob("*.py")}
+    missing = sorted({p.name for p in files if p.name != "__init__.py"} - named)
+    assert not missing, f"docs/layout.md does not name: {', '.join(missing)}"
+    gone = sorted(named - present)
+    assert not gone, f"docs/layout.md names files that do not exist: {', '.join(gone)}"

@@ -88,8 +88,8 @@ def cmd_heal(args) -> int:
             "heal trains the whole model on the device: --offload disk cannot; heal where the "
             "model fits (--offload none or auto)"
         )
-    model = open_out(src, args.device, "auto", "none")
-    dense = model.baseline(dtype=args.dtype, offload="disk")  # its size, before any work
+    model = open_out(src, args.device)  # loaded whole below, when check_memory says it fits
+    dense = model.baseline(args.dtype, "none", fit=False)  # what check_memory weighs
     check_memory(model, dense)
     student, facts = model.load_with_factors()
     tokenizer = model.tokenizer()

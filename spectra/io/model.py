@@ -24,11 +24,14 @@ from __future__ import annotations
 import functools
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
+
 from spectra.errors import SpectraInputError
-from spectra.io import cache, models
-from spectra.io.tensors import read_header
+from spectra.io import cache, models, roles
+from spectra.io.tensors import FLOAT_DTYPES, TensorRef, read_header
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 OFFLOADS = ("auto", "none", "disk")
@@ -37,6 +40,33 @@ _STORED = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float
 RESIDENT_SHARE = 0.5  # `auto` streams a model that would take more of the free memory
 WORK_MARGIN = 1.25  # activations, Grams and the factorization's scratch beside weights
 _BLOCK = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class Matrix:
+    """One 2-D weight: where it is stored and how to read it as (out, in)."""
+
+    name: str  # module name, e.g. model.layers.0.mlp.up_proj
+    ref: TensorRef
+    role: str
+    block: int | None
+    transposed: bool  # stored (in, out) (GPT-2 Conv1D): transpose on read
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        a, b = self.ref.shape
+        return (b, a) if self.transposed else (a, b)
+
+    def read(self, dtype=np.float32) -> np.ndarray:
+        """A fresh (out, in) array of `dtype`."""
+        w = self.ref.read(dtype)
+        return w.T if self.transposed else w
+
+    def read_scratch(self, hashes: dict | None = None) -> np.ndarray:
+        """(out, in) float32 (float64 if stored so) in this thread's scratch buffer,
+        valid until its next read."""
+        w = self.ref.read_float(hashes)
+        return w.T if self.transposed else w
 
 
 @dataclass(frozen=True, eq=False)
@@ -68,11 +98,11 @@ class Model:
         return data if isinstance(data, dict) else {}
 
     @functools.cached_property
-    def matrices(self) -> list[models.Matrix]:
+    def matrices(self) -> list[Matrix]:
         """Every 2-D floating-point weight, in checkpoint order, without reading it."""
-        return models.matrices(self.source)
+        return matrices(self.source)
 
-    def matrix(self, name: str) -> models.Matrix:
+    def matrix(self, name: str) -> Matrix:
         """The matrix of module `name` (bad input when there is none)."""
         found = self._by_name.get(name)
         if found is None:
@@ -123,7 +153,7 @@ class Model:
         to each caller)."""
         if "tokenizer" not in self._memo:
             try:
-                self._memo["tokenizer"] = models.tokenizer(self.source)
+                self._memo["tokenizer"] = tokenizer(self.source)
             except SpectraInputError as e:
                 self._memo["tokenizer"] = e
         found = self._memo["tokenizer"]
@@ -142,10 +172,10 @@ class Model:
         """The model: resident on the device, or a skeleton whose blocks stay on disk.
         A new one each call (the caller may change it)."""
         if self.offload == "none":
-            return models.build(self.source, self.device, self.torch_dtype)
+            return build(self.source, self.device, self.torch_dtype)
         from spectra.io.offload import skeleton
 
-        models.require_config(self.source)
+        require_config(self.source)
         return skeleton(self.source.root, self.source.files, self.torch_dtype, self.device)
 
     def shared(self):
@@ -193,19 +223,27 @@ CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length",
 
 
 def open_model(
-    spec: str, device: str = "auto", dtype: str = "auto", offload: str = "auto", progress=None
+    spec: str,
+    device: str = "auto",
+    dtype: str = "auto",
+    offload: str = "auto",
+    progress=None,
+    fit: bool = True,
 ) -> Model:
     """Resolve `spec` and choose its dtype and offload (see the module docstring);
-    `progress(done, total, message)` hears about a one-time GGUF conversion."""
+    `progress(done, total, message)` hears about a one-time GGUF conversion; `fit`:
+    refuse a model the memory cannot hold (False: the caller checks a larger need)."""
     if dtype not in DTYPES:
         raise SpectraInputError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
     if offload not in OFFLOADS:
         raise SpectraInputError(f"--offload {offload}: expected one of {', '.join(OFFLOADS)}")
     source = models.resolve(spec, progress)
-    return open_source(str(spec), source, models.resolve_device(device), dtype, offload)
+    return open_source(str(spec), source, models.resolve_device(device), dtype, offload, fit)
 
 
-def open_source(spec: str, source: models.Source, device: str, dtype: str, offload: str) -> Model:
+def open_source(
+    spec: str, source: models.Source, device: str, dtype: str, offload: str, fit: bool = True
+) -> Model:
     """`open_model` of a source already resolved, on a resolved device."""
     dtype = stored_dtype(source) if dtype == "auto" else dtype
     check_dtype(dtype, device)
@@ -215,7 +253,7 @@ def open_source(spec: str, source: models.Source, device: str, dtype: str, offlo
     streamed = (need["outer"] + need["block"]) * WORK_MARGIN
     if offload == "auto":
         offload = "none" if free is None or resident <= RESIDENT_SHARE * free else "disk"
-    if free is not None:
+    if free is not None and fit:
         wanted = resident if offload == "none" else streamed
         if wanted > free:
             hint = "; try --offload disk" if offload == "none" and streamed <= free else ""
@@ -288,3 +326,67 @@ def check_dtype(dtype: str, device: str) -> None:
 
 def _where(device: str) -> str:
     return "GPU" if device.startswith("cuda") else "host"
+
+
+def matrices(source: models.Source) -> list[Matrix]:
+    """Every 2-D floating-point weight of the model, in checkpoint order, without reading it."""
+    out = []
+    for f in source.files:
+        for ref in read_header(f):
+            if len(ref.shape) != 2 or ref.dtype not in FLOAT_DTYPES or min(ref.shape) < 2:
+                continue
+            name = roles.module_name(ref.name)
+            out.append(
+                Matrix(
+                    name=name,
+                    ref=ref,
+                    role=roles.role_of(name),
+                    block=roles.block_of(name),
+                    transposed=roles.is_conv1d(name, source.model_type),
+                )
+            )
+    if not out:
+        raise SpectraInputError(f"{source.root}: no 2-D weights found")
+    return out
+
+
+def weights(source: models.Source) -> Iterator[tuple[str, object]]:
+    """Yield (module name, torch tensor (out, in)) one at a time, read lazily from disk."""
+    import torch
+
+    for m in matrices(source):
+        yield m.name, torch.from_numpy(np.ascontiguousarray(m.read(np.float32)))
+
+
+def build(source: models.Source, device: str, dtype=None):
+    """The transformers causal LM of `source`, resident on `device` (a resolved one)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    require_config(source)
+    hf_logging.disable_progress_bar()  # the caller shows its own progress
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source.root, dtype=dtype or torch.float32)
+    except (OSError, ValueError, KeyError) as e:
+        raise SpectraInputError(f"{source.spec}: cannot load model ({models.first_line(e)})") from e
+    return model.to(device).eval()
+
+
+def require_config(source: models.Source) -> None:
+    """Building the model needs its config.json (analysis alone does not)."""
+    if not (source.root / "config.json").is_file():
+        raise SpectraInputError(f"{source.root} has no config.json: the model cannot be built")
+
+
+def tokenizer(source: models.Source):
+    """The tokenizer stored beside the weights (bad input when there is none)."""
+    from transformers import AutoTokenizer
+
+    require_config(source)
+    try:
+        return AutoTokenizer.from_pretrained(source.root)
+    except (OSError, ValueError) as e:
+        raise SpectraInputError(
+            f"{source.spec}: cannot load tokenizer ({models.first_line(e)})"
+        ) from e

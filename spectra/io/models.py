@@ -2,10 +2,8 @@
 
 `resolve(spec)` turns a spec into a local directory of safetensors + config (the
 demo and .gguf files are converted once into the cache): a `Source`, which
-spectra.io.model's `open_model` wraps into the one Model object everything else takes.
-`matrices(source)` lists every 2-D weight lazily, without loading the model;
-`weights(source)` yields them one at a time as torch tensors; `build(source)` builds
-the transformers model; `tokenizer(source)` its tokenizer.
+spectra.io.model's `open_model` wraps into the one Model object everything else takes
+(it lists the matrices, builds the model and its tokenizer from the Source).
 """
 
 from __future__ import annotations
@@ -17,16 +15,13 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from spectra.errors import SpectraInputError
-from spectra.io import cache, gguf_file, roles
-from spectra.io.tensors import FLOAT_DTYPES, TensorRef, read_header
+from spectra.io import cache, gguf_file
+from spectra.io.tensors import read_header
 
 log = logging.getLogger("spectra")
 DEMO = "demo"
@@ -43,33 +38,6 @@ class Source:
     root: Path
     files: tuple[Path, ...]
     model_type: str | None
-
-
-@dataclass(frozen=True)
-class Matrix:
-    """One 2-D weight: where it is stored and how to read it as (out, in)."""
-
-    name: str  # module name, e.g. model.layers.0.mlp.up_proj
-    ref: TensorRef
-    role: str
-    block: int | None
-    transposed: bool  # stored (in, out) (GPT-2 Conv1D): transpose on read
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        a, b = self.ref.shape
-        return (b, a) if self.transposed else (a, b)
-
-    def read(self, dtype=np.float32) -> np.ndarray:
-        """A fresh (out, in) array of `dtype`."""
-        w = self.ref.read(dtype)
-        return w.T if self.transposed else w
-
-    def read_scratch(self, hashes: dict | None = None) -> np.ndarray:
-        """(out, in) float32 (float64 if stored so) in this thread's scratch buffer,
-        valid until its next read."""
-        w = self.ref.read_float(hashes)
-        return w.T if self.transposed else w
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -190,69 +158,7 @@ def _safetensors_files(root: Path) -> tuple[Path, ...]:
     raise SpectraInputError(f"{root}: no safetensors weights in this directory")
 
 
-def matrices(source: Source) -> list[Matrix]:
-    """Every 2-D floating-point weight of the model, in checkpoint order, without reading it."""
-    out = []
-    for f in source.files:
-        for ref in read_header(f):
-            if len(ref.shape) != 2 or ref.dtype not in FLOAT_DTYPES or min(ref.shape) < 2:
-                continue
-            name = roles.module_name(ref.name)
-            out.append(
-                Matrix(
-                    name=name,
-                    ref=ref,
-                    role=roles.role_of(name),
-                    block=roles.block_of(name),
-                    transposed=roles.is_conv1d(name, source.model_type),
-                )
-            )
-    if not out:
-        raise SpectraInputError(f"{source.root}: no 2-D weights found")
-    return out
-
-
-def weights(source: Source) -> Iterator[tuple[str, object]]:
-    """Yield (module name, torch tensor (out, in)) one at a time, read lazily from disk."""
-    import torch
-
-    for m in matrices(source):
-        yield m.name, torch.from_numpy(np.ascontiguousarray(m.read(np.float32)))
-
-
-def build(source: Source, device: str, dtype=None):
-    """The transformers causal LM of `source`, resident on `device` (a resolved one)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    require_config(source)
-    hf_logging.disable_progress_bar()  # the caller shows its own progress
-    try:
-        model = AutoModelForCausalLM.from_pretrained(source.root, dtype=dtype or torch.float32)
-    except (OSError, ValueError, KeyError) as e:
-        raise SpectraInputError(f"{source.spec}: cannot load model ({_first_line(e)})") from e
-    return model.to(device).eval()
-
-
-def require_config(source: Source) -> None:
-    """Building the model needs its config.json (analysis alone does not)."""
-    if not (source.root / "config.json").is_file():
-        raise SpectraInputError(f"{source.root} has no config.json: the model cannot be built")
-
-
-def tokenizer(source: Source):
-    """The tokenizer stored beside the weights (bad input when there is none)."""
-    from transformers import AutoTokenizer
-
-    require_config(source)
-    try:
-        return AutoTokenizer.from_pretrained(source.root)
-    except (OSError, ValueError) as e:
-        raise SpectraInputError(f"{source.spec}: cannot load tokenizer ({_first_line(e)})") from e
-
-
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0][:200] if text else e.__class__.__name__
 
@@ -286,7 +192,7 @@ def _ensure_gguf_converted(gguf: Path, out: Path, progress=None) -> Path:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except Exception as e:  # gguf raises a zoo of types on corrupt files
         raise SpectraInputError(
-            f"{gguf}: corrupt or unsupported GGUF file ({_first_line(e)})"
+            f"{gguf}: corrupt or unsupported GGUF file ({first_line(e)})"
         ) from e
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
@@ -389,7 +295,7 @@ def _hub_snapshot(repo_id: str) -> Path:
         )
     except Exception as e:
         raise SpectraInputError(
-            f"{repo_id}: cannot fetch from the Hugging Face hub ({_first_line(e)}); "
+            f"{repo_id}: cannot fetch from the Hugging Face hub ({first_line(e)}); "
             "pass a local directory or .gguf file"
         ) from e
     return Path(path)

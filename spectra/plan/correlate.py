@@ -87,7 +87,7 @@ def sensitivity_table(
 
 def calib_scores(got: sens.Calibrated, mats) -> dict:
     """The calibrated loss estimate of each module's lowrank-half error (`got`: the
-    calibration with its loss weights; `mats`: the modules, spectra.io.models.Matrix)."""
+    calibration with its loss weights; `mats`: the modules, spectra.io.model.Matrix)."""
     from spectra.plan.candidates import Damage, Module
 
     dmg = Damage(hessian=got.hessians, importance=got.importance, rows=got.rows)

@@ -8,14 +8,14 @@ import torch
 
 from spectra.errors import SpectraInputError
 from spectra.io import models, roles
-from spectra.io.model import open_model
+from spectra.io.model import matrices, open_model, weights
 
 
 def test_tiny_llama_matrices_and_weights_match_state_dict(tiny_llama_dir):
     from transformers import AutoModelForCausalLM
 
     state = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).state_dict()
-    got = dict(models.weights(models.resolve(str(tiny_llama_dir))))
+    got = dict(weights(models.resolve(str(tiny_llama_dir))))
     two_d = {k.removesuffix(".weight") for k, v in state.items() if v.ndim == 2}
     assert set(got) == two_d  # 2 blocks x 7 linears + embed + lm_head
     assert len(got) == 16
@@ -35,8 +35,8 @@ def test_sharded_checkpoint_reads_the_same(tiny_llama_dir, tmp_path):
     model.save_pretrained(tmp_path, max_shard_size="40KB")
     assert (tmp_path / "model.safetensors.index.json").is_file()
     assert len(list(tmp_path.glob("*.safetensors"))) > 2
-    a = dict(models.weights(models.resolve(str(tiny_llama_dir))))
-    b = dict(models.weights(models.resolve(str(tmp_path))))
+    a = dict(weights(models.resolve(str(tiny_llama_dir))))
+    b = dict(weights(models.resolve(str(tmp_path))))
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
@@ -47,7 +47,7 @@ def test_bf16_and_fp16_are_widened_exactly(tmp_path):
 
     x = torch.randn(8, 6)
     save_file({"a.weight": x.bfloat16(), "b.weight": x.half()}, tmp_path / "model.safetensors")
-    got = dict(models.weights(models.resolve(str(tmp_path))))
+    got = dict(weights(models.resolve(str(tmp_path))))
     torch.testing.assert_close(got["a"], x.bfloat16().float(), rtol=0, atol=0)
     torch.testing.assert_close(got["b"], x.half().float(), rtol=0, atol=0)
 
@@ -129,14 +129,14 @@ def test_load_gives_the_same_model(tiny_llama_dir):
 def test_bad_sources_raise_input_errors(tmp_path, make, match):
     target = make(tmp_path)
     with pytest.raises(SpectraInputError, match=match):
-        models.matrices(models.resolve(str(target)))
+        matrices(models.resolve(str(target)))
 
 
 def test_truncated_safetensors_is_detected(tiny_llama_dir, tmp_path):
     data = (tiny_llama_dir / "model.safetensors").read_bytes()
     _write(tmp_path / "model.safetensors", data[: len(data) // 2])
     with pytest.raises(SpectraInputError, match="truncated"):
-        models.matrices(models.resolve(str(tmp_path)))
+        matrices(models.resolve(str(tmp_path)))
 
 
 def test_missing_shard_is_named(tmp_path):
@@ -144,7 +144,7 @@ def test_missing_shard_is_named(tmp_path):
         json.dumps({"weight_map": {"a.weight": "model-00001-of-00002.safetensors"}})
     )
     with pytest.raises(SpectraInputError, match="model-00001-of-00002"):
-        models.matrices(models.resolve(str(tmp_path)))
+        matrices(models.resolve(str(tmp_path)))
 
 
 def test_hub_id_offline_is_an_input_error():
@@ -199,7 +199,7 @@ def test_a_gguf_file_path_is_converted_once_into_the_cache(demo_dir, isolated_ca
     source = models.resolve(str(gguf))
     assert source.kind == "gguf" and source.root.parent == isolated_cache / "models"
     assert (source.root / ".complete").is_file() and (source.root / "tokenizer.json").is_file()
-    names = [m.name for m in models.matrices(source)]
+    names = [m.name for m in matrices(source)]
     assert names == [m.name for m in open_model("demo").matrices]
     t0 = __import__("time").perf_counter()
     assert models.resolve(str(gguf)).root == source.root  # second time: no conversion

@@ -198,7 +198,7 @@ def test_streamed_apply_writes_the_outer_modules_one_at_a_time(family, family_di
             counts.append(len(list(f.keys())))
     assert sum(counts) == len(b)
     # written block by block: read back block by block
-    from spectra.export import choose_offload
+    from compressors.opened import choose_offload
 
     assert choose_offload(outs["disk"], "auto") == "disk"
     assert choose_offload(outs["none"], "auto") == "none"

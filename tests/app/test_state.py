@@ -1,0 +1,63 @@
+"""The app runs the model as `spectra app` opened it (dtype, offload) in every action:
+Auto-allocate's calibrated damage and the sensitivities included (AppTest, no browser)."""
+
+import tempfile
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from spectra.io import model as model_module
+
+
+def script(name: str, body: str) -> str:
+    path = Path(tempfile.gettempdir()) / f"spectra_app_state_{name}.py"
+    path.write_text(body)
+    return str(path)
+
+
+@pytest.fixture()
+def builds(monkeypatch):
+    """Every resident model built (spectra.io.model.build), as (spec, dtype)."""
+    made = []
+    build = model_module.build
+
+    def spy(source, device, dtype=None):
+        made.append((source.spec, str(dtype)))
+        return build(source, device, dtype)
+
+    monkeypatch.setattr(model_module, "build", spy)
+    return made
+
+
+def test_auto_allocate_under_offload_disk_keeps_no_resident_copy(family_dir, monkeypatch, builds):
+    monkeypatch.setenv("SPECTRA_APP_MODEL", str(family_dir("llama")))  # with a tokenizer
+    monkeypatch.setenv("SPECTRA_APP_OFFLOAD", "disk")
+    at = AppTest.from_file(
+        script("plan", "from app.views import plan_page\nplan_page.render()\n"),
+        default_timeout=300,
+    ).run()
+    at.button(key="auto_go").click().run()
+    assert not at.exception, at.exception
+    layers = at.session_state.plan_layers
+    assert layers and all(v["method"] == "lowrank" and v.get("whiten") for v in layers.values())
+    # the calibration and the loss weights ran on the streamed skeleton: nothing resident
+    assert builds == []
+
+
+def test_sensitivities_are_kept_apart_by_the_working_dtype(family_dir, monkeypatch):
+    """A bfloat16 app's sensitivity was cached as float32's, and read back by it."""
+    monkeypatch.setenv("SPECTRA_APP_MODEL", str(family_dir("llama")))
+    body = (
+        "import streamlit as st\n"
+        "from app import state\n"
+        "df = state.sensitivity_scores(state.model_spec(), 'fisher', 512)\n"
+        "st.write(' '.join(repr(v) for v in df['score'].to_list()))\n"
+    )
+    scores = {}
+    for dtype in ("bfloat16", "float32"):
+        monkeypatch.setenv("SPECTRA_APP_DTYPE", dtype)
+        at = AppTest.from_file(script(f"sens_{dtype}", body), default_timeout=300).run()
+        assert not at.exception, at.exception
+        scores[dtype] = at.markdown[0].value
+    assert scores["bfloat16"] != scores["float32"]
