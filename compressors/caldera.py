@@ -48,6 +48,7 @@ from compressors.quant import (
     check_quantizer,
     hessian_inverse_factor,
     ldlq,
+    round_to_nearest,
 )
 from compressors.quant import compress as quantize_rtn
 from compressors.rotation import Rotation
@@ -172,6 +173,27 @@ class Caldera(Factorization):
 
     def as_module(self, bias=None):
         return CalderaLinear(self, bias)
+
+    # healing trains L and R (in float, requantized after); the backbone Q stays frozen
+    healable: ClassVar[bool] = True
+
+    def float_factors(self) -> dict:
+        old = {}
+        for name in ("l", "r"):
+            part = getattr(self, name)
+            if isinstance(part, Quantized):
+                old[(name, None)] = part
+                setattr(self, name, Plain(part.to_dense().to(part.scales.dtype).contiguous()))
+        return old
+
+    def trained(self, key: tuple) -> torch.Tensor:
+        return getattr(self, key[0]).value
+
+    def on_grid(self, value, old):
+        """On the grid of L's or R's Quantized `old`: same bits, groups and symmetry."""
+        return round_to_nearest(
+            value.to(old.scales.dtype), old.nbits, old.group_size, old.symmetric
+        )
 
 
 class CalderaLinear(nn.Module):
@@ -383,4 +405,6 @@ METHOD = Method(
     defaults=lambda m, n: {"rank": min(32, m, n)},
     grid=grid,
     candidates=candidates,
+    factorizations=(Caldera,),
+    exports={"compressed-tensors": "Q + LR: no compressed-tensors format"},
 )

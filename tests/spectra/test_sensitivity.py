@@ -38,7 +38,7 @@ def test_fisher_ranks_modules_like_the_measured_loss_increase(demo_model):
     flags = [p.requires_grad for p in model.parameters()]
     fisher = sens.fisher(model, cal)
     assert [p.requires_grad for p in model.parameters()] == flags
-    measured = sens.ppl_probe(model, ev, sens._lowrank_half, names=NAMES)
+    measured = sens.ppl_probe(model, ev, sens.PROBES[sens.DEFAULT_PROBE], names=NAMES)
     targets = linear_targets(model)
     predicted = []
     for name in NAMES:
