@@ -80,7 +80,7 @@ class Entry:
     block: int | None
     source: str | None  # "rules[i]", "layers", or None (stays dense)
     config: object | None
-    group: str | None = None  # a group's (compressors.registry.groups) first member
+    group: str | None = None  # a grouped method's (compressors.registry.groups): the parent
     params_after: int = 0
     bits_after: int = 0
 
@@ -265,7 +265,7 @@ def _cost(entries, rank_of):
     for unit in groups(entries, lambda e: e.config and e.config.method):
         if unit[0].config is not None and METHODS[unit[0].config.method].grouped:
             for e in unit:
-                e.group = unit[0].name
+                e.group = e.name.rsplit(".", 1)[0]
             together.append(unit)
             continue
         e = unit[0]
