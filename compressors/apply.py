@@ -179,7 +179,7 @@ class _Run:
         self.deferred: dict | None = None  # {name: compact module} behind dense stand-ins
 
     def compress_entries(self, entries: list, grams: dict | None = None) -> None:
-        units = groups(entries, lambda e: e.config.method)
+        units = groups(entries, lambda e: e.config.method, lambda e: e.source)
         jobs = [self._job(members, grams) for members in units]
         work = [
             _Work("+".join(e.name for e in j.members), j.config, j.weights, j.calib) for j in jobs

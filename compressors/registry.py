@@ -94,17 +94,21 @@ def mixed() -> tuple[str, ...]:
     return tuple(name for name, m in METHODS.items() if m.mixed)
 
 
-def groups(modules: Iterable, method: Callable[[object], str | None]) -> list[list]:
+def groups(
+    modules: Iterable, method: Callable[[object], str | None], apart: Callable | None = None
+) -> list[list]:
     """Which modules a plan treats together, in order of their first member: siblings
     under one parent whose roles are one family of their method (`Method.families`:
-    joint's q, k, v under one attention), set by one source (`source`, a rule, when the
-    modules have one), are one group sharing one factorization; every other module
-    stands alone. Allocation, plan resolution, apply, previews and the app all ask this.
+    joint's q, k, v under one attention), set by one source (`apart`: a plan's rule),
+    are one group sharing one factorization; every other module stands alone.
+    Allocation, plan resolution, apply, previews and the app all ask this.
 
     Args:
-        modules: objects with `name` and `role` (and optionally `source`).
+        modules: objects with `name` and `role`.
         method: method(module) -> the name of its method (None, or one not registered,
             such as `mixed`: alone).
+        apart: apart(module) -> what keeps two groups of one parent apart (the rule
+            that set them); None: nothing does.
     """
     out: list[list] = []
     by_key: dict[tuple, list] = {}
@@ -114,7 +118,7 @@ def groups(modules: Iterable, method: Callable[[object], str | None]) -> list[li
         if family is None:
             out.append([mod])
             continue
-        key = (name, getattr(mod, "source", None), mod.name.rsplit(".", 1)[0], family)
+        key = (name, apart and apart(mod), mod.name.rsplit(".", 1)[0], family)
         if key not in by_key:
             by_key[key] = []
             out.append(by_key[key])

@@ -180,7 +180,7 @@ class Previewer:
         ]
         unit_of = {
             e.name: tuple(x.name for x in unit)
-            for unit in groups(resolved, lambda e: e.config and e.config.method)
+            for unit in groups(resolved, lambda e: e.config and e.config.method, lambda e: e.source)
             for e in unit
         }
         units: dict[tuple[str, ...], object] = {}

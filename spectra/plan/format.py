@@ -262,7 +262,7 @@ def _cost(entries, rank_of):
     from compressors.registry import METHODS, groups  # deferred: torch (`spectra --help`)
 
     together = []
-    for unit in groups(entries, lambda e: e.config and e.config.method):
+    for unit in groups(entries, lambda e: e.config and e.config.method, lambda e: e.source):
         if unit[0].config is not None and METHODS[unit[0].config.method].grouped:
             for e in unit:
                 e.group = e.name.rsplit(".", 1)[0]
