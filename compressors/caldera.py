@@ -39,6 +39,7 @@ from compressors.base import (
     h_norm,
     require_int,
 )
+from compressors.factors import Plain  # also compressors.caldera.Plain, as older OUTs name it
 from compressors.method import Floor, Knob, Method, residuals
 from compressors.quant import (
     QUANTIZERS,
@@ -122,20 +123,6 @@ class CalderaConfig:
 
 
 @dataclass
-class Plain:
-    """An unquantized factor (factor_bits = 16)."""
-
-    value: torch.Tensor
-
-    def to_dense(self):
-        return self.value
-
-    @property
-    def bits(self):
-        return DENSE_BITS * self.value.numel()
-
-
-@dataclass
 class Caldera(Factorization):
     q: Quantized | e8p.E8PQuantized  # (m, n), rotated and scaled coordinates
     l: Quantized | Plain  # (m, r)
@@ -174,23 +161,18 @@ class Caldera(Factorization):
     def as_module(self, bias=None):
         return CalderaLinear(self, bias)
 
-    # healing trains L and R (in float, requantized after); the backbone Q stays frozen
-    healable: ClassVar[bool] = True
+    healable: ClassVar[bool] = True  # L and R train (in float, requantized after), not Q
 
     def float_factors(self) -> dict:
-        old = {}
-        for name in ("l", "r"):
-            part = getattr(self, name)
-            if isinstance(part, Quantized):
-                old[(name, None)] = part
-                setattr(self, name, Plain(part.to_dense().to(part.scales.dtype).contiguous()))
+        old = {(n, None): getattr(self, n) for n in "lr" if isinstance(getattr(self, n), Quantized)}
+        for (n, _), q in old.items():
+            setattr(self, n, Plain(q.to_dense().to(q.scales.dtype).contiguous()))
         return old
 
     def trained(self, key: tuple) -> torch.Tensor:
         return getattr(self, key[0]).value
 
-    def on_grid(self, value, old):
-        """On the grid of L's or R's Quantized `old`: same bits, groups and symmetry."""
+    def on_grid(self, value, old):  # L's or R's grid: same bits, groups and symmetry
         return round_to_nearest(
             value.to(old.scales.dtype), old.nbits, old.group_size, old.symmetric
         )

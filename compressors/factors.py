@@ -72,6 +72,20 @@ class QuantizedFactor:
         return math.prod(self.shape)
 
 
+@dataclass
+class Plain:
+    """An unquantized factor held as such (CALDERA's L and R at factor_bits = 16)."""
+
+    value: torch.Tensor
+
+    def to_dense(self):
+        return self.value
+
+    @property
+    def bits(self):
+        return DENSE_BITS * self.value.numel()
+
+
 class QuantizedFactors:
     """Healing's hooks (compressors.base.Factorization) for a factorization whose
     quantized parts are QuantizedFactor fields or lists of them (`factor_bits` < 16)."""
