@@ -25,7 +25,7 @@ from torch import nn
 from compressors import blocks
 from compressors.activations import block_grams
 from compressors.base import Calibration, h_relative_error, relative_error
-from compressors.registry import compress, method_of, needs_data
+from compressors.registry import compress, groups, method_of, needs_data
 from compressors.targets import Target, linear_targets
 from spectra.errors import SpectraInputError
 from spectra.linalg.parallel import parallel_map
@@ -76,9 +76,9 @@ def apply(
     modules, so that memory holds one block.
 
     Args:
-        entries: one per module of `model` (or fewer), each with `name`, `config` (None:
-            stays dense), `block`, `source` and `group` (joint members with equal
-            (source, group) share one factorization) and the planned `params_before`,
+        entries: one per module of `model` (or fewer), each with `name`, `role`, `config`
+            (None: stays dense), `block`, `source` (the members of one of
+            compressors.registry.groups share one factorization) and the planned `params_before`,
             `params_after`, `bits_before`, `bits_after` that the report carries.
         grams: {block: {name: (H, rows)}} of the dense model's calibration inputs (any
             mapping read by block), needed when a data-aware method is planned.
@@ -179,14 +179,7 @@ class _Run:
         self.deferred: dict | None = None  # {name: compact module} behind dense stand-ins
 
     def compress_entries(self, entries: list, grams: dict | None = None) -> None:
-        units: list[list] = []
-        groups: dict[tuple, list] = {}
-        for e in entries:
-            if method_of(e.config).grouped:
-                groups.setdefault((e.source, e.group), []).append(e)
-            else:
-                units.append([e])
-        units += groups.values()
+        units = groups(entries, lambda e: e.config.method, lambda e: e.source)
         jobs = [self._job(members, grams) for members in units]
         work = [
             _Work("+".join(e.name for e in j.members), j.config, j.weights, j.calib) for j in jobs
@@ -254,10 +247,7 @@ class _Run:
     def _install(self, job: _Job, f, seconds: float) -> None:
         members, config, mods, weights, calib = job
         new = compact_modules(f, config, mods)
-        if method_of(config).grouped:
-            dense = [f.member_dense(i) for i in range(len(members))]
-        else:
-            dense = [f.to_dense()]
+        dense = [f.member_dense(i) for i in range(len(members))]
         for e, w, d, module, old in zip(members, weights, dense, new, mods, strict=True):
             if self.deferred is None:
                 set_module(self.model, e.name, module)
@@ -335,7 +325,7 @@ def compact_modules(f, config, dense: list[nn.Module]) -> list[nn.Module]:
         One compact module per dense one, each keeping its dense module's bias.
     """
     biases = [m.bias.detach() if m.bias is not None else None for m in dense]
-    return f.member_modules(biases) if method_of(config).grouped else [f.as_module(biases[0])]
+    return f.member_modules(biases)
 
 
 def _stand_in(old: nn.Module, dense: torch.Tensor, weight: torch.Tensor) -> nn.Linear:

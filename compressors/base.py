@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -50,9 +51,17 @@ def check_rank(method: str, rank: int, m: int, n: int) -> None:
 
 
 class Factorization:
-    """Compact form of one weight matrix (out, in)."""
+    """Compact form of one weight matrix (out, in), or of a group's (see `members`).
+
+    Healing (compressors.healing) asks each factorization what it trains: nothing
+    unless `healable`; then the float tensors of its module (`train`), its quantized
+    stored factors taken to float for the purpose (`float_factors`) and put back on
+    their grids after (`refold`). compressors.factors.QuantizedFactors serves every
+    factorization whose quantized parts are QuantizedFactor fields (or lists of them).
+    """
 
     shape: tuple[int, int]
+    healable: ClassVar[bool] = False  # healing trains its float parts
 
     def to_dense(self) -> torch.Tensor:
         raise NotImplementedError
@@ -68,9 +77,65 @@ class Factorization:
     def as_module(self, bias: torch.Tensor | None = None) -> nn.Module:
         raise NotImplementedError
 
+    @property
+    def members(self) -> int:
+        """How many modules this one factorization stands for (a group's: joint's q, k, v
+        share one); they are its members 0..members-1, in the order they were given."""
+        return 1
+
+    def member_dense(self, i: int) -> torch.Tensor:
+        """Member `i`'s reconstructed (out, in) weight."""
+        return self.to_dense()
+
+    def member_modules(self, biases: list | None = None) -> list[nn.Module]:
+        """One compact module per member (a group's share what they share)."""
+        return [self.as_module(biases[0] if biases else None)]
+
     def relative_error(self, weight: torch.Tensor) -> float:
         """||W - W_hat||_F / ||W||_F, in float64."""
         return relative_error(weight, self.to_dense())
+
+    # healing: what it trains, and how its quantized factors go and come back
+
+    def float_factors(self) -> dict:
+        """Replace every quantized stored factor by its float value, to be trained;
+        returns {(field, index or None): the quantized factor} to `refold` with (none
+        by default; compressors.factors.QuantizedFactors: its QuantizedFactor fields)."""
+        return {}
+
+    def trained(self, key: tuple) -> torch.Tensor:
+        """The float tensor that training updates at `key` (of `float_factors`)."""
+        name, i = key
+        return getattr(self, name) if i is None else getattr(self, name)[i]
+
+    def refold(self, key: tuple, old) -> None:
+        """Put the trained tensor at `key` back on the grid of `old`, round-to-nearest."""
+        name, i = key
+        value = self.on_grid(self.trained(key).detach(), old)
+        if i is None:
+            setattr(self, name, value)
+        else:
+            getattr(self, name)[i] = value
+
+    def on_grid(self, value: torch.Tensor, old):
+        """`value` quantized on the grid of `old` (a factor `float_factors` took)."""
+        raise NotImplementedError
+
+    def train(self, module: nn.Module) -> None:
+        """Give `module` (built from this factorization) its training form, in place:
+        by default every parameter but biases trains."""
+        for pname, p in module.named_parameters():
+            if pname != "bias" and not pname.endswith(".bias"):
+                p.requires_grad_(True)
+
+
+def units(factorizations: dict) -> list[tuple[list[str], Factorization]]:
+    """[(member names, factorization)] of {module name: factorization}: the names one
+    factorization stands for (a group's members, in order), each factorization once."""
+    by_id: dict[int, tuple[list[str], Factorization]] = {}  # all alive: ids are unique
+    for name, f in factorizations.items():
+        by_id.setdefault(id(f), ([], f))[0].append(name)
+    return list(by_id.values())
 
 
 BAND = 2048  # rows or columns widened to float64 at a time by the error norms below

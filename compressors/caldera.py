@@ -39,6 +39,7 @@ from compressors.base import (
     h_norm,
     require_int,
 )
+from compressors.factors import Plain  # also compressors.caldera.Plain, as older OUTs name it
 from compressors.method import Floor, Knob, Method, residuals
 from compressors.quant import (
     QUANTIZERS,
@@ -48,6 +49,7 @@ from compressors.quant import (
     check_quantizer,
     hessian_inverse_factor,
     ldlq,
+    round_to_nearest,
 )
 from compressors.quant import compress as quantize_rtn
 from compressors.rotation import Rotation
@@ -121,20 +123,6 @@ class CalderaConfig:
 
 
 @dataclass
-class Plain:
-    """An unquantized factor (factor_bits = 16)."""
-
-    value: torch.Tensor
-
-    def to_dense(self):
-        return self.value
-
-    @property
-    def bits(self):
-        return DENSE_BITS * self.value.numel()
-
-
-@dataclass
 class Caldera(Factorization):
     q: Quantized | e8p.E8PQuantized  # (m, n), rotated and scaled coordinates
     l: Quantized | Plain  # (m, r)
@@ -172,6 +160,22 @@ class Caldera(Factorization):
 
     def as_module(self, bias=None):
         return CalderaLinear(self, bias)
+
+    healable: ClassVar[bool] = True  # L and R train (in float, requantized after), not Q
+
+    def float_factors(self) -> dict:
+        old = {(n, None): getattr(self, n) for n in "lr" if isinstance(getattr(self, n), Quantized)}
+        for (n, _), q in old.items():
+            setattr(self, n, Plain(q.to_dense().to(q.scales.dtype).contiguous()))
+        return old
+
+    def trained(self, key: tuple) -> torch.Tensor:
+        return getattr(self, key[0]).value
+
+    def on_grid(self, value, old):  # L's or R's grid: same bits, groups and symmetry
+        return round_to_nearest(
+            value.to(old.scales.dtype), old.nbits, old.group_size, old.symmetric
+        )
 
 
 class CalderaLinear(nn.Module):
@@ -383,4 +387,6 @@ METHOD = Method(
     defaults=lambda m, n: {"rank": min(32, m, n)},
     grid=grid,
     candidates=candidates,
+    factorizations=(Caldera,),
+    exports={"compressed-tensors": "Q + LR: no compressed-tensors format"},
 )

@@ -17,8 +17,10 @@ forward (the weight is never stored in float).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -68,6 +70,44 @@ class QuantizedFactor:
 
     def numel(self) -> int:
         return math.prod(self.shape)
+
+
+@dataclass
+class Plain:
+    """An unquantized factor held as such (CALDERA's L and R at factor_bits = 16)."""
+
+    value: torch.Tensor
+
+    def to_dense(self):
+        return self.value
+
+    @property
+    def bits(self):
+        return DENSE_BITS * self.value.numel()
+
+
+class QuantizedFactors:
+    """Healing's hooks (compressors.base.Factorization) for a factorization whose
+    quantized parts are QuantizedFactor fields or lists of them (`factor_bits` < 16)."""
+
+    healable: ClassVar[bool] = True
+
+    def float_factors(self) -> dict:
+        old = {}
+        for f in dataclasses.fields(self):
+            part = getattr(self, f.name)
+            if isinstance(part, QuantizedFactor):
+                old[(f.name, None)] = part
+                setattr(self, f.name, part.to_dense().contiguous())
+            elif isinstance(part, list):
+                for i, x in enumerate(part):
+                    if isinstance(x, QuantizedFactor):
+                        old[(f.name, i)] = x
+                        part[i] = x.to_dense().contiguous()
+        return old
+
+    def on_grid(self, value: torch.Tensor, old):
+        return requantize(value, old)
 
 
 def quantize_factor(t: torch.Tensor, bits: int, group_size: int):

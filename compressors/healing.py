@@ -1,11 +1,13 @@
 """The compact parameters of a compressed model, made trainable for healing and folded back.
 
-Healing (spectra.data.heal) trains only what a factorization stores in float: low-rank
-factors (`lowrank`), joint's shared projection and per-member factors, LoSparse's
-factors and its sparse values on their fixed support, MPO cores (and the input scaling
-of the calibrated form), CALDERA's L and R. Everything else stays frozen: the
-backbone Q of CALDERA, `quant` codes, `prune` masks and values, biases, and every
-module the plan left dense.
+Healing (spectra.data.heal) trains only what a factorization stores in float, as
+each method's factorization class says (compressors.base.Factorization: `healable`,
+`train`, `float_factors`, `refold`): low-rank factors (`lowrank`), joint's shared
+projection and per-member factors, LoSparse's factors and its sparse values on their
+fixed support, MPO cores (and the input scaling of the calibrated form), CALDERA's L
+and R. Everything else stays frozen: the backbone Q of CALDERA, `quant` codes,
+`prune` masks and values, biases, and every module the plan left dense. This module
+names no method.
 
 `Trainable(model, factorizations)` turns the model's compact modules into training
 form in place: every parameter above has requires_grad and shares its tensor with the
@@ -22,22 +24,11 @@ factorizations to save.
 
 from __future__ import annotations
 
-import dataclasses
-
 from torch import nn
 from torch.nn.utils import parametrize
 
 from compressors import factors
-from compressors.caldera import Caldera, Plain
-from compressors.factors import QuantizedFactor
-from compressors.joint import JointGroup
-from compressors.losparse import LowRankSparse
-from compressors.lowrank import LowRank
-from compressors.mpo import MPO
-from compressors.quant import Quantized, round_to_nearest
-from compressors.sparse import TrainableSparseLinear
-
-HEALABLE = (LowRank, JointGroup, LowRankSparse, MPO, Caldera)
+from compressors.base import units
 
 
 class Trainable:
@@ -46,57 +37,29 @@ class Trainable:
     def __init__(self, model: nn.Module, factorizations: dict, ste: bool = False):
         self.model = model
         self.factorizations = dict(factorizations)
-        self._requantize: dict[int, dict[str, Quantized]] = {}  # id(f) -> {side: old}
+        self._requantize: dict[int, dict] = {}  # id(f) -> {key: old quantized factor}
         model.requires_grad_(False)
-        groups: dict[int, list[str]] = {}
-        for name, f in self.factorizations.items():
-            if isinstance(f, HEALABLE):
-                groups.setdefault(id(f), []).append(name)
-        self.groups = {names[0]: names for names in groups.values()}
-        for names in self.groups.values():
-            f = self.factorizations[names[0]]
-            self._float_factors(f)
+        self.units = [(names, f) for names, f in units(self.factorizations) if f.healable]
+        for names, f in self.units:
+            old = f.float_factors()
+            if old:
+                self._requantize[id(f)] = old
             modules = self._install(names, f, train=True)
-            if ste and id(f) in self._requantize:
-                _through_grid(modules, self._grids(f))
+            if ste and old:
+                _through_grid(modules, f, {f.trained(k).data_ptr(): o for k, o in old.items()})
 
-    def _float_factors(self, f) -> None:
-        """Quantized factors of `f` replaced by their float values (kept to requantize)."""
-        old = {}
-        for field in dataclasses.fields(f):
-            part = getattr(f, field.name)
-            if isinstance(f, Caldera) and isinstance(part, Quantized) and field.name in ("l", "r"):
-                old[(field.name, None)] = part
-                setattr(f, field.name, Plain(part.to_dense().to(part.scales.dtype).contiguous()))
-            elif isinstance(part, QuantizedFactor):
-                old[(field.name, None)] = part
-                setattr(f, field.name, part.to_dense().contiguous())
-            elif isinstance(part, list):
-                for i, x in enumerate(part):
-                    if isinstance(x, QuantizedFactor):
-                        old[(field.name, i)] = x
-                        part[i] = x.to_dense().contiguous()
-        if old:
-            self._requantize[id(f)] = old
-
-    def _grids(self, f) -> dict[int, object]:
-        """{data_ptr of a float factor of `f`: the grid it goes back to}."""
-        out = {}
-        for (name, i), old in self._requantize.get(id(f), {}).items():
-            part = getattr(f, name) if i is None else getattr(f, name)[i]
-            out[(part.value if isinstance(part, Plain) else part).data_ptr()] = old
-        return out
+    @property
+    def groups(self) -> dict[str, list[str]]:
+        """{first member: member names} of every trained factorization."""
+        return {names[0]: names for names, _ in self.units}
 
     def _install(self, names: list[str], f, train: bool) -> list[nn.Module]:
         biases = [self.model.get_submodule(n).bias for n in names]
         biases = [None if b is None else b.detach() for b in biases]
-        if isinstance(f, JointGroup):
-            modules = f.member_modules(biases)
-        else:
-            modules = [f.as_module(biases[0])]
+        modules = f.member_modules(biases)
         for name, module in zip(names, modules, strict=True):
             if train:
-                _train(module, f)
+                f.train(module)
             parent, _, child = name.rpartition(".")
             setattr(self.model.get_submodule(parent) if parent else self.model, child, module)
         return modules
@@ -118,44 +81,28 @@ class Trainable:
     def finish(self) -> dict:
         """Quantize trained factors back to their grids, reinstall the ordinary compact
         modules (frozen) and return the factorizations."""
-        for names in self.groups.values():
-            f = self.factorizations[names[0]]
-            for (name, i), old in self._requantize.pop(id(f), {}).items():
-                if isinstance(old, Quantized):  # CALDERA's L or R, on its grid's settings
-                    setattr(f, name, on_grid(getattr(f, name).value.detach(), old))
-                elif i is None:
-                    setattr(f, name, on_grid(getattr(f, name).detach(), old))
-                else:
-                    getattr(f, name)[i] = on_grid(getattr(f, name)[i].detach(), old)
+        for names, f in self.units:
+            for key, old in self._requantize.pop(id(f), {}).items():
+                f.refold(key, old)
             self._install(names, f, train=False)
         self.model.requires_grad_(False)
         return self.factorizations
 
 
-def on_grid(value, old):
-    """`value` quantized again on the grid of `old` (a QuantizedFactor, or CALDERA's
-    Quantized L or R): same bits, groups and symmetry, round-to-nearest."""
-    if isinstance(old, Quantized):
-        return round_to_nearest(
-            value.to(old.scales.dtype), old.nbits, old.group_size, old.symmetric
-        )
-    return factors.requantize(value, old)
-
-
 class _ThroughGrid(nn.Module):
     """A parametrization: the value on its grid forward, the identity backward."""
 
-    def __init__(self, old):
+    def __init__(self, old, on_grid=None):
         super().__init__()
-        self.old = old
+        self.old, self.on_grid = old, on_grid or factors.requantize
 
     def forward(self, x):
-        q = on_grid(x.detach(), self.old).to_dense().reshape(x.shape).to(x.dtype)
+        q = self.on_grid(x.detach(), self.old).to_dense().reshape(x.shape).to(x.dtype)
         return x + (q - x).detach()
 
 
-def _through_grid(modules: list[nn.Module], grids: dict[int, object]) -> None:
-    """Parametrize every trainable tensor of `modules` that is a quantized factor."""
+def _through_grid(modules: list[nn.Module], f, grids: dict[int, object]) -> None:
+    """Parametrize every trainable tensor of `modules` that is a quantized factor of `f`."""
     for module in modules:
         for pname, p in list(module.named_parameters(remove_duplicate=False)):
             old = grids.get(p.data_ptr()) if p.requires_grad else None
@@ -163,20 +110,4 @@ def _through_grid(modules: list[nn.Module], grids: dict[int, object]) -> None:
                 continue
             owner, _, attr = pname.rpartition(".")
             target = module.get_submodule(owner) if owner else module
-            parametrize.register_parametrization(target, attr, _ThroughGrid(old))
-
-
-def _train(module: nn.Module, f) -> None:
-    """Give `module` (built from healable `f`) its training form, in place."""
-    if isinstance(f, LowRankSparse):
-        module.low.requires_grad_(True)
-        if module.sparse is not None:
-            module.sparse = TrainableSparseLinear(f.s)
-        else:
-            values = module.row_values
-            del module.row_values
-            module.row_values = nn.Parameter(values)
-        return
-    for pname, p in module.named_parameters():
-        if pname != "bias" and not pname.endswith(".bias"):
-            p.requires_grad_(True)
+            parametrize.register_parametrization(target, attr, _ThroughGrid(old, f.on_grid))

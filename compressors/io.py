@@ -6,7 +6,9 @@ factorization's tensors (a streamed model's are written block by block: dense-NN
 and factors-NNNNN per block, dense-outerNN and factors-outerNN per module outside the
 blocks, as the manifest's `shards` lists); manifest.json describing each factorization
 (its class and scalar fields, generically from its dataclass fields: no pickle, no
-per-method code); plan.yaml and report.json. `--dense` adds OUT/dense/, an ordinary
+per-method code; a class is rebuilt only when a registered method declares it, or
+it lives in compressors/), and which member of it each module of a group is
+(compressors.base.units); plan.yaml and report.json. `--dense` adds OUT/dense/, an ordinary
 Hugging Face checkpoint with the reconstructed weights.
 """
 
@@ -20,11 +22,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from compressors.base import units
+from compressors.targets import is_conv1d
 from spectra.errors import SpectraInputError
 from spectra.io.cache import atomic_dir
 from spectra.io.tensors import read_header
 
 FORMAT = 1
+# the factorization classes of the registered methods by module.qualname (kept by
+# compressors.registry): a method defined outside compressors/ is rebuilt through it
+CLASSES: dict[str, type] = {}
 
 
 def flatten(obj, prefix: str, tensors: dict) -> dict:
@@ -63,14 +70,23 @@ def unflatten(desc: dict, tensors: dict):
     if "tensor" in desc:
         return tensors[desc["tensor"]]
     if "class" in desc:
-        module, _, name = desc["class"].rpartition(".")
-        if not module.startswith("compressors."):
-            raise SpectraInputError(f"manifest names a foreign class {desc['class']!r}")
-        cls = getattr(importlib.import_module(module), name)
+        cls = _class(desc["class"])
         return cls(**{k: unflatten(v, tensors) for k, v in desc["fields"].items()})
     if "list" in desc:
         return [unflatten(x, tensors) for x in desc["list"]]
     return desc["value"]
+
+
+def _class(qualified: str) -> type:
+    """A class the manifest names: a registered method's factorization (CLASSES), or one
+    of compressors/ (the parts they hold); anything else is refused."""
+    cls = CLASSES.get(qualified)
+    if cls is not None:
+        return cls
+    module, _, name = qualified.rpartition(".")
+    if not module.startswith("compressors."):
+        raise SpectraInputError(f"manifest names a foreign class {qualified!r}")
+    return getattr(importlib.import_module(module), name)
 
 
 def save(
@@ -133,26 +149,21 @@ class Writer:
             seen[v.data_ptr()] = k
             keep[k] = v.detach().contiguous()
         self._save(keep, "dense", suffix)
-        # a joint group's members are in one part; ids are per part (freed objects' ids recur)
-        tensors, done, members = {}, {}, {}
-        for name, f in factorizations.items():
-            key = done.get(id(f))
-            if key is None:
-                key = done[id(f)] = name
-                desc = flatten(f, f"{name}#f", tensors)
-            else:
-                desc = None  # a joint group's later member: points at the first one
-            bias = model.get_submodule(name).bias
-            if bias is not None:
-                tensors[f"{name}#bias"] = bias.detach().contiguous()
-            self.modules[name] = {
-                "factorization": desc,
-                "shared_with": None if desc else key,
-                "bias": bias is not None,
-            }
-            if type(f).__name__ == "JointGroup":
-                self.modules[name]["member"] = members.get(id(f), 0)
-                members[id(f)] = self.modules[name]["member"] + 1
+        # a group's members are in one part: its first member holds the factorization
+        tensors = {}
+        for names, f in units(factorizations):
+            desc = flatten(f, f"{names[0]}#f", tensors)
+            for i, name in enumerate(names):
+                bias = model.get_submodule(name).bias
+                if bias is not None:
+                    tensors[f"{name}#bias"] = bias.detach().contiguous()
+                self.modules[name] = {
+                    "factorization": desc if i == 0 else None,
+                    "shared_with": None if i == 0 else names[0],
+                    "bias": bias is not None,
+                }
+                if f.members > 1:
+                    self.modules[name]["member"] = i
         self._save(tensors, "factors", suffix)
 
     def _save(self, tensors: dict, kind: str, suffix: str) -> None:
@@ -170,16 +181,6 @@ class Writer:
         (self.tmp / "report.json").write_text(json.dumps(report, indent=1))
         if tokenizer is not None:
             tokenizer.save_pretrained(self.tmp)
-
-
-def _joint_members(factorizations) -> dict[str, int]:
-    """Member index of each module that belongs to a joint group (in group order)."""
-    out, count = {}, {}
-    for name, f in factorizations.items():
-        if type(f).__name__ == "JointGroup":
-            out[name] = count.get(id(f), 0)
-            count[id(f)] = out[name] + 1
-    return out
 
 
 def _write_dense(path: Path, model, factorizations, tokenizer):
@@ -204,11 +205,11 @@ def reconstruct(model, factorizations: dict, keep: dict | None = None, dtype=Non
         }
     dense = AutoModelForCausalLM.from_config(model.config)
     dense.load_state_dict(keep, strict=False)
-    members = _joint_members(factorizations)
+    member = {n: i for names, _ in units(factorizations) for i, n in enumerate(names)}
     for name, f in factorizations.items():
-        w = f.member_dense(members[name]) if name in members else f.to_dense()
+        w = f.member_dense(member[name])
         target = dense.get_submodule(name)
-        w = w.T if type(target).__name__ == "Conv1D" else w  # GPT-2 stores (in, out)
+        w = w.T if is_conv1d(target) else w  # GPT-2 stores (in, out)
         target.weight.data = w.detach().to(target.weight.dtype).contiguous()
         bias = model.get_submodule(name).bias
         if bias is not None:
@@ -322,20 +323,14 @@ def load(out, device: str = "cpu"):
         for name, spec in manifest["modules"].items():
             if spec["factorization"] is None:
                 factorizations[name] = factorizations[spec["shared_with"]]
-        group_of = {
-            name: spec["shared_with"] or name
-            for name, spec in manifest["modules"].items()
-            if "member" in spec
-        }
-        size = {g: list(group_of.values()).count(g) for g in group_of.values()}
         shared = {}
         for name, spec in manifest["modules"].items():
             f = factorizations[name]
             bias = tensors.get(f"{name}#bias")
-            if "member" in spec:
-                group = group_of[name]
+            if f.members > 1:  # a group's members, built together
+                group = spec["shared_with"] or name
                 if group not in shared:
-                    shared[group] = f.member_modules([None] * size[group])
+                    shared[group] = f.member_modules([None] * f.members)
                 module = shared[group][spec["member"]]
                 if bias is not None:
                     module.bias = torch.nn.Parameter(bias, requires_grad=False)

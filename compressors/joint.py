@@ -76,7 +76,7 @@ class JointConfig:
 
 
 @dataclass
-class JointGroup(Factorization):
+class JointGroup(factors.QuantizedFactors, Factorization):
     v: torch.Tensor | factors.QuantizedFactor  # (n, k), shared
     a: list  # (m_i, k) per member, tensors or QuantizedFactors
 
@@ -87,6 +87,10 @@ class JointGroup(Factorization):
     @property
     def rank(self) -> int:
         return self.v.shape[1]
+
+    @property
+    def members(self) -> int:
+        return len(self.a)
 
     def member_dense(self, i: int) -> torch.Tensor:
         return factors.dense(self.a[i]) @ factors.dense(self.v).T
@@ -267,4 +271,6 @@ METHOD = Method(
     group_candidates=group_candidates,
     member_costs=member_costs,
     alone=alone,
+    factorizations=(JointGroup,),
+    exports={"compressed-tensors": "joint rank-k factors: no compressed-tensors format"},
 )

@@ -41,7 +41,7 @@ from compressors.base import (
 )
 from compressors.lowrank import FACTOR_KNOBS, LowRankLinear, half_rank
 from compressors.method import Floor, Knob, Method, break_even_rank, residuals
-from compressors.sparse import CSR, SparseLinear, top_k_mask
+from compressors.sparse import CSR, SparseLinear, TrainableSparseLinear, top_k_mask
 
 STRUCTURES = ("none", "rows")
 RANK_FRACTIONS = (1 / 16, 1 / 8, 1 / 4, 1 / 2)  # of the break-even rank, for allocation
@@ -95,7 +95,7 @@ class LoSparseConfig:
 
 
 @dataclass
-class LowRankSparse(Factorization):
+class LowRankSparse(factors.QuantizedFactors, Factorization):
     a: torch.Tensor | factors.QuantizedFactor  # (m, r)
     b: torch.Tensor | factors.QuantizedFactor  # (r, n)
     s: CSR  # unstructured residual
@@ -130,6 +130,16 @@ class LowRankSparse(Factorization):
 
     def as_module(self, bias=None):
         return LowRankSparseLinear(self, bias)
+
+    def train(self, module: nn.Module) -> None:
+        """The factors train, and the sparse values on their fixed support."""
+        module.low.requires_grad_(True)
+        if module.sparse is not None:
+            module.sparse = TrainableSparseLinear(self.s)
+        else:
+            values = module.row_values
+            del module.row_values
+            module.row_values = nn.Parameter(values)
 
 
 class LowRankSparseLinear(nn.Module):
@@ -289,4 +299,6 @@ METHOD = Method(
     defaults=lambda m, n: {"rank": max(1, half_rank(m, n) // 2), "sparsity": 0.95},
     grid=grid,
     candidates=candidates,
+    factorizations=(LowRankSparse,),
+    exports={"compressed-tensors": "low-rank + sparse: no compressed-tensors format"},
 )

@@ -77,7 +77,7 @@ class LowRankConfig:
 
 
 @dataclass
-class LowRank(Factorization):
+class LowRank(factors.QuantizedFactors, Factorization):
     a: torch.Tensor | factors.QuantizedFactor  # (m, r)
     b: torch.Tensor | factors.QuantizedFactor  # (r, n)
 
@@ -281,4 +281,8 @@ METHOD = Method(
     spectral=True,
     errors=errors,
     curves=curves,
+    factorizations=(LowRank,),
+    mixed=True,
+    probes={"lowrank-half": lambda m, n: LowRankConfig(rank=max(1, m * n // (2 * (m + n))))},
+    exports={"compressed-tensors": "low-rank factors: no compressed-tensors format"},
 )

@@ -3,8 +3,12 @@
 A method module ends with `METHOD = Method(...)`: its config class and `compress`, how
 it uses calibration, its knobs (the app's widgets and the plan reference read them),
 the settings it offers one module for allocation (`grid`) and each setting's damage
-(`candidates`). `compressors.registry` registers it; planning, previews, the CLI and
-the app loop over the registry and never name a method.
+(`candidates`), which modules it treats together (`families`), the factorization
+classes it returns (what a saved OUT names), whether `mixed` allocation offers it, its
+sensitivity probes and how each export stores it. What healing trains is said by those
+factorization classes (compressors.base.Factorization). `compressors.registry`
+registers it; planning, previews, io, healing, exports, the CLI and the app loop over
+the registry and never name a method.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -93,8 +97,10 @@ class Method:
             known; quick: the cheaper set that `mixed` allocation asks for).
         spectral: candidates read `sigma` under weight damage (plan auto passes the
             cached spectra).
-        families: roles whose siblings under one parent, reading one input, share one
-            factorization (joint); empty: every module alone.
+        families: roles whose siblings under one parent a plan treats together, one
+            factorization for them all (joint: ("q", "k", "v"), ("gate", "up"); a width
+            method would name ("gate", "up", "down") and ("q", "k", "v", "o")); empty:
+            every module alone. compressors.registry.groups reads it.
         group_grid: group_grid(shapes, floors, spectral) -> configs for a family group.
         group_candidates: group_candidates(group, damage, floors) -> [(config, damage)].
         member_costs: member_costs(config, shapes) -> [(params, bits)] per member of a
@@ -107,6 +113,18 @@ class Method:
         curves: curves(weight, hessian) -> (weight errors, calibration-weighted errors)
             at every rank of the calibrated form, which `errors` reads (one SVD
             serves every rank of a module in the app).
+        factorizations: the Factorization classes `compress` returns: a saved OUT
+            names them and io rebuilds them from the registry; exports find a stored
+            module's method by them.
+        mixed: `plan auto --method mixed` offers this method's grid to every module.
+        probes: {probe name: probe(m, n) -> config}: settings that the `ppl`
+            sensitivity applies to one (m, n) module to measure its damage.
+        exports: {format: why}: how each export (spectra.export.FORMATS) stores a
+            module of this method. A string: it is written dense, for that reason;
+            a callable why(f) -> reason or None, where None means the format's own
+            layout holds it (compressed-tensors: a quantized grid); a format not named
+            is written dense with no reason given (hf, gguf: every module is
+            reconstructed).
     """
 
     name: str
@@ -129,6 +147,10 @@ class Method:
     alone: Callable | None = None
     errors: Callable | None = None
     curves: Callable | None = None
+    factorizations: tuple[type, ...] = ()
+    mixed: bool = False
+    probes: dict[str, Callable] = field(default_factory=dict, hash=False, compare=False)
+    exports: dict[str, object] = field(default_factory=dict, hash=False, compare=False)
 
     def __post_init__(self):
         if self.data not in DATA:
@@ -159,6 +181,10 @@ class Method:
 
     def knob(self, name: str) -> Knob:
         return next(k for k in self.knobs if k.name == name)
+
+    def family(self, role: str) -> tuple[str, ...] | None:
+        """The family of `role` (None: a module of that role stands alone)."""
+        return next((f for f in self.families if role in f), None)
 
 
 # helpers that several methods' damages share

@@ -95,7 +95,7 @@ class MPOConfig:
 
 
 @dataclass
-class MPO(Factorization):
+class MPO(factors.QuantizedFactors, Factorization):
     cores: list  # (r_{k-1}, m_k, n_k, r_k), tensors or QuantizedFactors
     scale: torch.Tensor | None = None  # (n,) input scaling g: W_hat = M diag(g)
 
@@ -399,4 +399,6 @@ METHOD = Method(
     columns=("cores", "bond_dim"),
     grid=grid,
     candidates=candidates,
+    factorizations=(MPO,),
+    exports={"compressed-tensors": "MPO cores: no compressed-tensors format"},
 )

@@ -328,4 +328,10 @@ METHOD = Method(
     columns=("sparsity", "pattern"),
     grid=grid,
     candidates=candidates,
+    factorizations=(Pruned,),
+    mixed=True,
+    exports={
+        "compressed-tensors": "sparse: compressed-tensors >= 0.15 (what transformers 5 needs) "
+        "has no sparse layout; zeros kept"
+    },
 )

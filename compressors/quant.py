@@ -493,4 +493,15 @@ METHOD = Method(
     columns=("bits",),
     grid=allocation_grid,
     candidates=candidates,
+    factorizations=(Quantized, e8p.QuipSharp),
+    mixed=True,
+    probes={"rtn-3bit": lambda m, n: QuantConfig(bits=3, group_size=128)},
+    # a grid is compressed-tensors' own (spectra.export.ctensors checks it fits)
+    exports={
+        "compressed-tensors": lambda f: (
+            "E8P lattice codes: no compressed-tensors format"
+            if isinstance(f, e8p.QuipSharp)
+            else None
+        )
+    },
 )

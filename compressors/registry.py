@@ -2,29 +2,76 @@
 
 A method brings one `compressors.method.Method` (kept in its own module beside its
 numerics) and is registered once: one line below for the bundled ones, one
-`register(Method(...))` call for any other. Planning, previews, the CLI and the app
-read this table and never name a method.
+`register(Method(...))` call for any other (`unregister`, or `registered(...)` as a
+context manager, takes it away again). Planning, previews, io, healing, exports, the
+CLI and the app read this table and never name a method. `groups` is the one rule of
+which modules a plan treats together.
 """
 
 from __future__ import annotations
 
-from compressors import caldera, joint, losparse, lowrank, mpo, prune, quant
+import contextlib
+from collections.abc import Callable, Iterable
+
+from compressors import caldera, io, joint, losparse, lowrank, mpo, prune, quant
 from compressors.base import config_error
 from compressors.method import Knob, Method
 
-__all__ = ["METHODS", "Knob", "Method", "compress", "make_config", "register"]
+__all__ = [
+    "METHODS",
+    "PROBES",
+    "Knob",
+    "Method",
+    "compress",
+    "groups",
+    "make_config",
+    "register",
+    "unregister",
+]
 
 METHODS: dict[str, Method] = {}
+# the `ppl` sensitivity's probes of every registered method, by probe name (kept in
+# step with METHODS, so that a dict read once stays current)
+PROBES: dict[str, Callable] = {}
 
 
 def register(method: Method) -> Method:
     """Add `method` to METHODS (a name already taken is an error, unless it is the same
-    description registered again)."""
+    description registered again; so is a probe name another method has)."""
     old = METHODS.get(method.name)
     if old is not None and old is not method:
         raise ValueError(f"method {method.name!r} is already registered")
+    for probe in method.probes:
+        if PROBES.get(probe, method.probes[probe]) is not method.probes[probe]:
+            raise ValueError(f"method {method.name}: probe {probe!r} is already registered")
     METHODS[method.name] = method
+    PROBES.update(method.probes)
+    io.CLASSES.update((_qualified(cls), cls) for cls in method.factorizations)
     return method
+
+
+def unregister(name: str) -> Method:
+    """Take method `name` out of METHODS (and its probes out of PROBES)."""
+    method = METHODS.pop(name)
+    for probe in method.probes:
+        PROBES.pop(probe, None)
+    for cls in method.factorizations:
+        io.CLASSES.pop(_qualified(cls), None)
+    return method
+
+
+def _qualified(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+@contextlib.contextmanager
+def registered(method: Method):
+    """`method` registered for the duration of a with block (a test's toy method)."""
+    register(method)
+    try:
+        yield method
+    finally:
+        unregister(method.name)
 
 
 for _module in (lowrank, joint, losparse, caldera, mpo, quant, prune):
@@ -34,6 +81,49 @@ for _module in (lowrank, joint, losparse, caldera, mpo, quant, prune):
 def method_of(config) -> Method:
     """The registered description of a config's method."""
     return METHODS[config.method]
+
+
+def method_of_factorization(f) -> Method | None:
+    """The registered method whose `compress` returns factorizations like `f` (None:
+    no registered method declares its class)."""
+    return next((m for m in METHODS.values() if type(f) in m.factorizations), None)
+
+
+def mixed() -> tuple[str, ...]:
+    """The methods whose settings `plan auto --method mixed` offers every module."""
+    return tuple(name for name, m in METHODS.items() if m.mixed)
+
+
+def groups(
+    modules: Iterable, method: Callable[[object], str | None], apart: Callable | None = None
+) -> list[list]:
+    """Which modules a plan treats together, in order of their first member: siblings
+    under one parent whose roles are one family of their method (`Method.families`:
+    joint's q, k, v under one attention), set by one source (`apart`: a plan's rule),
+    are one group sharing one factorization; every other module stands alone.
+    Allocation, plan resolution, apply, previews and the app all ask this.
+
+    Args:
+        modules: objects with `name` and `role`.
+        method: method(module) -> the name of its method (None, or one not registered,
+            such as `mixed`: alone).
+        apart: apart(module) -> what keeps two groups of one parent apart (the rule
+            that set them); None: nothing does.
+    """
+    out: list[list] = []
+    by_key: dict[tuple, list] = {}
+    for mod in modules:
+        name = method(mod)
+        family = METHODS[name].family(mod.role) if name in METHODS else None
+        if family is None:
+            out.append([mod])
+            continue
+        key = (name, apart and apart(mod), mod.name.rsplit(".", 1)[0], family)
+        if key not in by_key:
+            by_key[key] = []
+            out.append(by_key[key])
+        by_key[key].append(mod)
+    return out
 
 
 def make_config(method: str, **knobs):
@@ -69,10 +159,9 @@ def compress(weight, config, calib=None):
     is moved there first. The factorization comes back on that device, so the compact
     modules run where the model runs."""
     from compressors.base import Calibration
-    from compressors.io import to_device
 
     group = isinstance(weight, list | tuple)
     device = (weight[0] if group else weight).device
     if calib is not None and calib.hessian.device != device:
         calib = Calibration(calib.hessian.to(device), calib.count)
-    return to_device(METHODS[config.method].compress(weight, config, calib), device)
+    return io.to_device(METHODS[config.method].compress(weight, config, calib), device)

@@ -82,11 +82,10 @@ class OutOffload:
         f = io.unflatten(self.modules[first]["factorization"], Lazy(self.refs))
         bias = self.refs.get(f"{name}#bias")
         bias = None if bias is None else Lazy(self.refs)[f"{name}#bias"]
-        if "member" not in spec:
+        if f.members == 1:
             return f.as_module(bias)
-        if first not in groups:
-            size = sum(1 for s in self.modules.values() if (s["shared_with"] or "") == first)
-            groups[first] = f.member_modules([None] * (size + 1))
+        if first not in groups:  # the factorization's members, built together
+            groups[first] = f.member_modules([None] * f.members)
         module = groups[first][spec["member"]]
         if bias is not None:
             module.bias = nn.Parameter(bias, requires_grad=False)

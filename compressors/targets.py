@@ -25,6 +25,12 @@ class Target:
         return w.T if self.conv1d else w
 
 
+def is_conv1d(module) -> bool:
+    """Whether `module` is GPT-2's Conv1D, which stores its weight (in, out) (matched by
+    name: transformers' class is not imported for it)."""
+    return type(module).__name__ == "Conv1D"
+
+
 def linear_targets(model) -> dict[str, tuple[Target, nn.Module]]:
     """Every nn.Linear / Conv1D of the model with its (out, in) shape and tags."""
     out = {}
@@ -37,7 +43,7 @@ def linear_targets(model) -> dict[str, tuple[Target, nn.Module]]:
         return id(w) in tied or (not w.is_meta and w.data_ptr() in tied)
 
     for name, mod in model.named_modules():
-        conv1d = type(mod).__name__ == "Conv1D"
+        conv1d = is_conv1d(mod)
         if (isinstance(mod, nn.Linear) or conv1d) and not is_tied(mod.weight):
             shape = tuple(mod.weight.shape[::-1] if conv1d else mod.weight.shape)
             out[name] = (

@@ -34,7 +34,7 @@ from compressors.apply import (
     set_module,
 )
 from compressors.base import Calibration, h_relative_error, relative_error
-from compressors.registry import METHODS, compress, needs_data
+from compressors.registry import METHODS, compress, groups, needs_data
 from spectra.data import perplexity as ev
 from spectra.errors import SpectraInputError
 from spectra.plan.format import Plan, resolve, weight_ranks
@@ -78,10 +78,6 @@ def module_errors(weight, config, sigma=None, calib=None, curves=None):
     if calib is None:
         return weight_err, None
     return weight_err, h_relative_error(w, w_hat, calib.hessian) or 0.0
-
-
-def _grouped(config) -> bool:
-    return config is not None and METHODS[config.method].grouped
 
 
 @dataclass
@@ -172,22 +168,24 @@ class Previewer:
                 f"{bad[0]}: {layers[bad[0]].method} is data-aware and the preview {where} "
                 "(spectra calibrate)"
             )
-        # a module leaving a joint group changes the group's shared V: rebuild its rest
-        left = {n.rsplit(".", 1)[0] for n in changed if _grouped(current.get(n))}
+        # a module leaving a group changes what the group shares (joint's V): rebuild its rest
+        mods = [t for t, _ in self.targets.values()]
+        installed = groups(mods, lambda t: current.get(t.name) and current[t.name].method)
         regroup = [
-            n
-            for n in self.targets
-            if n not in changed and _grouped(current.get(n)) and n.rsplit(".", 1)[0] in left
+            t.name
+            for unit in installed
+            if len(unit) > 1 and any(t.name in changed for t in unit)
+            for t in unit
+            if t.name not in changed
         ]
+        unit_of = {
+            e.name: tuple(x.name for x in unit)
+            for unit in groups(resolved, lambda e: e.config and e.config.method, lambda e: e.source)
+            for e in unit
+        }
         units: dict[tuple[str, ...], object] = {}
         for n in changed + regroup:
-            e = entries[n]
-            if e.group is None:
-                units[(n,)] = e.config
-            else:
-                group = (e.source, e.group)
-                names = tuple(x.name for x in entries.values() if (x.source, x.group) == group)
-                units[names] = e.config
+            units[unit_of[n]] = entries[n].config
         return changed, units
 
     def _key(self, names: tuple[str, ...], config) -> tuple:

@@ -14,7 +14,7 @@ import streamlit as st
 from app import state
 from app.views import knobs as kw
 from app.views.progress import Eta
-from compressors.registry import METHODS, needs_data
+from compressors.registry import METHODS, groups, needs_data
 from spectra.errors import SpectraInputError
 from spectra.plan import edit as pe
 from spectra.plan.defaults import DEFAULT_METHOD, DEFAULT_TARGET_PARAMS
@@ -91,15 +91,13 @@ def read_table_edits(mats) -> list[str]:
 
 
 def set_module(name: str, settings: dict | None, mats) -> None:
-    """Change one module (a joint member changes its whole group) and rebase the table."""
+    """Change one module (a group's member, compressors.registry.groups: its whole group)
+    and rebase the table."""
     layers = dict(st.session_state.plan_layers)
-    group = [name]
-    if settings and METHODS[settings["method"]].grouped:
-        parent, method = name.rsplit(".", 1)[0], settings["method"]
-        family = [m.name for m in mats if m.name.rsplit(".", 1)[0] == parent]
-        group = [n for n in family if layers.get(n, {}).get("method") == method] or [name]
-        if name not in group:
-            group.append(name)
+    methods = {n: s["method"] for n, s in layers.items()}
+    methods[name] = settings["method"] if settings else None
+    units = groups(mats, lambda m: methods.get(m.name))
+    group = next([m.name for m in u] for u in units if any(m.name == name for m in u))
     for n in group:
         if settings is None:
             layers.pop(n, None)

@@ -45,10 +45,11 @@ class _Deferred(str):
 
 
 def _method_help() -> str:
-    from spectra.plan.grid import MIXED, auto_methods  # deferred: torch
+    from compressors.registry import mixed
+    from spectra.plan.grid import auto_methods  # deferred: torch
 
     methods = auto_methods()
-    return f"one of {', '.join(methods[:-1])} or {methods[-1]} (mixed: {', '.join(MIXED)})"
+    return f"one of {', '.join(methods[:-1])} or {methods[-1]} (mixed: {', '.join(mixed())})"
 
 
 def _ray_option(p: argparse.ArgumentParser) -> None:

@@ -79,7 +79,7 @@ def _report(args, settings, table, ranked, info) -> int:
             "model": args.model,
             "kind": args.kind,
             "tokens": settings.tokens,
-            "probe": "lowrank-half",
+            "probe": settings.probe,
             "cached": info.get("cached", False),
             "modules": table.to_dicts(),
         }
@@ -90,7 +90,7 @@ def _report(args, settings, table, ranked, info) -> int:
     top = table.sort("score", descending=True).head(SHOWN)
     print(
         f"{args.model}: {args.kind} sensitivity of {table.height} modules (loss increase, "
-        f"nats/token, of each alone at the lowrank-half probe; {settings.tokens:,} tokens"
+        f"nats/token, of each alone at the {settings.probe} probe; {settings.tokens:,} tokens"
         f"{', cached' if info.get('cached') else ''}); the {top.height} most sensitive:"
     )
     shown = top.select("name", "role", "block", score=top["score"].map_elements(_g, str))

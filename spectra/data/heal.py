@@ -320,8 +320,11 @@ def heal(
     trainable = Trainable(student, factorizations, ste=config.ste)
     params = trainable.named_parameters()
     if not params:
+        from compressors.registry import METHODS
+
+        names = [n for n, m in METHODS.items() if any(c.healable for c in m.factorizations)]
         raise SpectraInputError(
-            "nothing to heal: the plan has no lowrank, joint, losparse, mpo or caldera module"
+            f"nothing to heal: the plan has no {', '.join(names[:-1])} or {names[-1]} module"
         )
     share_frozen(student, teacher)
     opt = torch.optim.AdamW(

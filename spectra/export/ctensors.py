@@ -13,11 +13,12 @@ Codes are packed by the package's own `pack_to_int32`. A group of ours that does
 divide the row (128 on a 576-column row: four full groups and a 64-wide tail) is
 written at the group size gcd(group, columns), every scale repeated over the groups it
 covers, which is lossless; compressed-tensors needs whole groups.
-Everything else is written dense, reconstructed, and named with the reason: factorized
-forms (no such format), E8P lattice codes, 8-bit asymmetric grids (no signed 8-bit
-container holds them), and pruned modules (compressed-tensors >= 0.15, which
-transformers 5 requires, dropped its sparse-bitmask and 2:4 formats: the zeros are
-kept, the layout is dense).
+Everything else is written dense, reconstructed, and named with the reason each
+method declares (compressors.method.Method.exports: factorized forms have no such
+format, nor E8P lattice codes; compressed-tensors >= 0.15, which transformers 5
+requires, dropped its sparse-bitmask and 2:4 formats, so pruned modules keep their
+zeros in a dense layout), or found here (8-bit asymmetric grids: no signed 8-bit
+container holds them).
 """
 
 from __future__ import annotations
@@ -31,17 +32,8 @@ import torch
 
 from spectra.errors import SpectraInputError
 
+FORMAT = "compressed-tensors"
 CONTAINERS = (4, 8)  # the int widths vLLM's and transformers' kernels take
-WHY = {
-    "LowRank": "low-rank factors: no compressed-tensors format",
-    "JointGroup": "joint rank-k factors: no compressed-tensors format",
-    "LowRankSparse": "low-rank + sparse: no compressed-tensors format",
-    "MPO": "MPO cores: no compressed-tensors format",
-    "Caldera": "Q + LR: no compressed-tensors format",
-    "QuipSharp": "E8P lattice codes: no compressed-tensors format",
-    "Pruned": "sparse: compressed-tensors >= 0.15 (what transformers 5 needs) has no "
-    "sparse layout; zeros kept",
-}
 
 
 def require_package():
@@ -62,10 +54,17 @@ def signed_codes(f) -> torch.Tensor:
 
 
 def container(f) -> tuple[int | None, str | None]:
-    """(int width that holds `f` exactly, note) or (None, why it is written dense)."""
-    name = type(f).__name__
-    if name != "Quantized":
-        return None, WHY.get(name, f"{name}: no compressed-tensors format")
+    """(int width that holds `f` exactly, note) or (None, why it is written dense): its
+    method says why, or that a grid of codes, scales and zero points holds it."""
+    from compressors.registry import method_of_factorization
+
+    method = method_of_factorization(f)
+    why = None if method is None else method.exports.get(FORMAT)
+    if why is None:
+        return None, f"{type(f).__name__}: no compressed-tensors format"
+    reason = why(f) if callable(why) else why
+    if reason is not None:
+        return None, reason
     z = f.zeros.to(torch.float64)
     if not torch.equal(z, z.round()):
         return None, "zero points off the integer grid"

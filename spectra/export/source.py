@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from compressors.targets import is_conv1d
 from spectra.errors import SpectraInputError
 
 
@@ -141,8 +142,8 @@ class Streamed:
         if attr == "bias":
             return read_tensor(self.refs["factors"][f"{owner}#bias"])
         f = self.factorization(owner)
-        w = f.member_dense(spec["member"]) if "member" in spec else f.to_dense()
-        w = w.T if type(self.module(owner)).__name__ == "Conv1D" else w  # GPT-2: (in, out)
+        w = f.member_dense(spec.get("member", 0))
+        w = w.T if is_conv1d(self.module(owner)) else w  # GPT-2: (in, out)
         return w.detach().to(self.dtype).contiguous()
 
 

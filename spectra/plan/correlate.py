@@ -30,6 +30,7 @@ from compressors.registry import compress
 from spectra.io import cache
 from spectra.io.model import Model
 from spectra.plan import sensitivity as sens
+from spectra.plan.defaults import DEFAULT_PROBE
 from spectra.plan.format import NOT_TARGETABLE
 
 SCORES_VERSION = 1
@@ -96,7 +97,7 @@ def calib_scores(got: sens.Calibrated, mats) -> dict:
         if m.name not in got.hessians and m.name not in (got.importance or {}):
             continue
         w = torch.from_numpy(m.read())
-        e = w - compress(w, sens.PROBES["lowrank-half"](*w.shape)).to_dense().to(w.dtype)
+        e = w - compress(w, sens.PROBES[DEFAULT_PROBE](*w.shape)).to_dense().to(w.dtype)
         out[m.name] = dmg(Module(m.name, m.role, m.block, w), e)
     return out
 

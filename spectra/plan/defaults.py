@@ -12,6 +12,9 @@ No imports: the CLI's parser reads these without loading torch.
 # bit widths, and whitened low rank is the method whose spectra the app shows.
 DEFAULT_METHOD = "lowrank"
 DEFAULT_TARGET_PARAMS = 0.8
+# the `ppl` sensitivity's probe (a method's `probes`): the rank keeping half a module's
+# parameters
+DEFAULT_PROBE = "lowrank-half"
 # calibration tokens computed when the model has none cached (the app's smallest size):
 # the Grams of 4,096 tokens take about 45 s on the demo on 2 CPU cores
 FIRST_CALIB_TOKENS = 4096

@@ -80,7 +80,7 @@ class Entry:
     block: int | None
     source: str | None  # "rules[i]", "layers", or None (stays dense)
     config: object | None
-    group: str | None = None  # joint groups: the shared parent
+    group: str | None = None  # a grouped method's (compressors.registry.groups): the parent
     params_after: int = 0
     bits_after: int = 0
 
@@ -259,15 +259,18 @@ def totals(entries: list[Entry]) -> dict:
 
 
 def _cost(entries, rank_of):
-    from compressors.registry import METHODS  # deferred: torch (`spectra --help`)
+    from compressors.registry import METHODS, groups  # deferred: torch (`spectra --help`)
 
-    groups: dict[tuple, list[Entry]] = {}
-    for e in entries:
+    together = []
+    for unit in groups(entries, lambda e: e.config and e.config.method, lambda e: e.source):
+        if unit[0].config is not None and METHODS[unit[0].config.method].grouped:
+            for e in unit:
+                e.group = e.name.rsplit(".", 1)[0]
+            together.append(unit)
+            continue
+        e = unit[0]
         if e.config is None:
             e.params_after, e.bits_after = e.params_before, e.bits_before
-        elif METHODS[e.config.method].grouped:
-            e.group = e.name.rsplit(".", 1)[0]
-            groups.setdefault((e.source, e.group), []).append(e)
         else:
             m, n = e.shape
             _check(e, e.config.check_shape, m, n)
@@ -281,7 +284,8 @@ def _cost(entries, rank_of):
                 e.params_after, e.bits_after = e.config.cost(m, n, rank_of(e.name, energy))
             else:
                 e.params_after, e.bits_after = e.config.cost(m, n)
-    for (_, parent), members in groups.items():
+    for members in together:
+        parent = members[0].name.rsplit(".", 1)[0]
         n = members[0].shape[1]
         config = members[0].config
         if any(x.shape[1] != n for x in members):

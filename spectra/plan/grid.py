@@ -3,7 +3,8 @@
 Each method's own `grid` (compressors.registry) lists its settings for an (m, n)
 module under its role's floors; `candidates` adds each setting's damage, `cheapest`
 only its cost, so an impossible budget is refused from the shapes alone, before a
-weight is read. `mixed` offers several methods' settings to every module.
+weight is read. `mixed` offers the settings of every method registered with
+`mixed=True` to every module.
 """
 
 from __future__ import annotations
@@ -13,14 +14,14 @@ from dataclasses import dataclass, field
 
 from compressors.base import DENSE_BITS
 from compressors.method import Floor
-from compressors.registry import METHODS
+from compressors.registry import METHODS, groups, mixed
 
-MIXED = ("lowrank", "quant", "prune")  # the methods `mixed` offers every module
+MIXED = "mixed"  # the `plan auto --method` that offers every `mixed` method's settings
 
 
 def auto_methods() -> tuple[str, ...]:
     """What `plan auto --method` takes: every registered method with a grid, and mixed."""
-    return (*(name for name, m in METHODS.items() if m.grid is not None), "mixed")
+    return (*(name for name, m in METHODS.items() if m.grid is not None), MIXED)
 
 
 @dataclass
@@ -38,7 +39,7 @@ class Floors:
 
 def parts(method: str) -> tuple[str, ...]:
     """The registered methods whose settings `method` offers."""
-    return MIXED if method == "mixed" else (method,)
+    return mixed() if method == MIXED else (method,)
 
 
 def grid(method: str, m: int, n: int, role: str, floors: Floors, spectral: bool = False):
@@ -59,21 +60,11 @@ def joint_grid(method: str, group: list, floors: Floors, spectral: bool):
 
 
 def group_modules(modules: list, method: str) -> list[list]:
-    """Allocation groups: siblings of one family (q,k,v / gate,up under one parent) together
-    for a grouped method (joint), else one module each. Needs only name, role and shape."""
-    families = METHODS[method].families if method in METHODS else ()
-    if not families:
-        return [[mod] for mod in modules]
-    groups: list[list] = []
-    by_parent: dict[tuple, list] = {}
-    for mod in modules:
-        parent = mod.name.rsplit(".", 1)[0]
-        family = next((f for f in families if mod.role in f), None)
-        if family is None:
-            groups.append([mod])
-        else:
-            by_parent.setdefault((parent, family, mod.shape[1]), []).append(mod)
-    return groups + list(by_parent.values())
+    """Allocation units: compressors.registry.groups under `method` (joint: q,k,v / gate,up
+    under one parent together), modules alone first. Needs only name, role and shape."""
+    units = groups(modules, lambda mod: method)
+    family = METHODS[method].family if method in METHODS else lambda role: None
+    return sorted(units, key=lambda u: family(u[0].role) is not None)  # stable
 
 
 def cheapest(modules: list, method: str, floors: Floors, key: str) -> int:

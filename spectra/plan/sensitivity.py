@@ -33,12 +33,13 @@ import torch
 
 from compressors import blocks
 from compressors.apply import linear_targets
-from compressors.registry import compress, make_config
+from compressors.registry import PROBES, compress
 from spectra.data import calibration, gradients
 from spectra.data import perplexity as ev
 from spectra.errors import SpectraInputError
 from spectra.io import cache
 from spectra.io.model import Model
+from spectra.plan.defaults import DEFAULT_PROBE
 
 KINDS = ("fisher", "ppl", "calib")
 
@@ -49,7 +50,7 @@ class SensitivitySettings:
     corpus: str = "builtin"
     tokens: int | None = None  # fisher 4096, calib 32768 calibration tokens; ppl 512 per probe
     seqlen: int | None = None  # calib: 512 or the model's context if shorter; else 256
-    probe: str = "lowrank-half"  # ppl only: see PROBES
+    probe: str = DEFAULT_PROBE  # ppl only: one of PROBES (each method's `probes`)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -70,18 +71,6 @@ class SensitivitySettings:
     def calib_spec(self, model: Model) -> calibration.CalibrationSpec:
         """The calibration of `model` (spectra calibrate) that the `calib` kind reads."""
         return calibration.for_model(model, self.corpus, self.tokens, self.seqlen)
-
-
-def _lowrank_half(m: int, n: int):
-    return make_config("lowrank", rank=max(1, m * n // (2 * (m + n))))
-
-
-def _rtn3(m: int, n: int):
-    return make_config("quant", bits=3, group_size=128)
-
-
-# probe settings for `ppl`: rank keeping half a module's parameters, or 3-bit RTN
-PROBES = {"lowrank-half": _lowrank_half, "rtn-3bit": _rtn3}
 
 
 def _windows(tokenizer, settings: SensitivitySettings, split: str):
@@ -390,6 +379,6 @@ def scores(result: dict, kind: str, weights: dict | None = None) -> dict[str, fl
     out = {}
     for name, f in result.items():
         w = weights[name].float()
-        approx = compress(w, _lowrank_half(*w.shape)).to_dense().float()
+        approx = compress(w, PROBES[DEFAULT_PROBE](*w.shape)).to_dense().float()
         out[name] = 0.5 * float((f * (w - approx).pow(2)).sum(dtype=torch.float64))
     return out

@@ -41,12 +41,12 @@ def test_fisher_ranks_modules_like_the_measured_loss_increase(demo_model):
     flags = [p.requires_grad for p in model.parameters()]
     fisher = sens.fisher(model, cal)
     assert [p.requires_grad for p in model.parameters()] == flags
-    measured = sens.ppl_probe(model, ev, sens._lowrank_half, names=NAMES)
+    measured = sens.ppl_probe(model, ev, sens.PROBES[sens.DEFAULT_PROBE], names=NAMES)
     targets = linear_targets(model)
     predicted = []
     for name in NAMES:
         w = targets[name][0].weight(targets[name][1]).detach().float()
-        approx = compress(w, sens._lowrank_half(*w.shape)).to_dense().float()
+        approx = compress(w, sens.PROBES[sens.DEFAULT_PROBE](*w.shape)).to_dense().float()
         predicted.append(0.5 * float((fisher[name] * (w - approx) ** 2).sum()))
         assert fisher[name].shape == w.shape and bool((fisher[name] >= 0).all())
     rho = spearmanr(predicted, [measured[n]["delta_loss"] for n in NAMES]).statistic
