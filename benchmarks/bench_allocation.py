@@ -51,6 +51,7 @@ from pathlib import Path
 from bench_quality import write_results
 
 from spectra.io.model import open_model
+from spectra.plan import run
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -198,6 +199,7 @@ def run_strategies(args) -> None:
     from spectra.data import calibration
     from spectra.data import perplexity as ev
     from spectra.plan import format as plans
+    from spectra.plan import run
 
     out = RESULTS / "bench_strategies.json"
     model = open_model("demo", "cpu", "float32", "none").load()
@@ -219,7 +221,7 @@ def run_strategies(args) -> None:
         plan = plans.parse({"version": 1, "model": "demo", "layers": layers})
         totals = plans.totals(plans.resolve(plan, list(open_model("demo").matrices)))
         t0 = time.perf_counter()
-        compressed, _, _ = plans.apply_plan(model, plan, grams)
+        compressed, _, _ = run.apply_plan(model, plan, grams)
         apply_s = time.perf_counter() - t0
         r = ev.perplexity(compressed, tok, ids=ids, max_tokens=args.max_tokens)
         results[name] = dict(
@@ -362,7 +364,7 @@ def main() -> None:
         data = any(e.config is not None and needs_data(e.config) for e in entries)
         if data and grams is None:
             grams = calibration.calibrate(open_model("demo"), network=model)
-        compressed, _, _ = plans.apply_plan(model, plan, grams if data else None)
+        compressed, _, _ = run.apply_plan(model, plan, grams if data else None)
         apply_seconds = time.perf_counter() - t0
         r = ev.perplexity(compressed, tok, ids=ids, max_tokens=args.max_tokens)
         results[name] = dict(

@@ -173,6 +173,7 @@ def main() -> None:
     from spectra.data import calibration
     from spectra.data import perplexity as ev
     from spectra.plan import format as plans
+    from spectra.plan import run
 
     model = open_model("demo", "cpu", "float32", "none").load()
     tok = open_model("demo").tokenizer()
@@ -210,11 +211,11 @@ def main() -> None:
             entries = plans.resolve(plan, list(targets.values()))
             t0 = time.perf_counter()
             if sequential:
-                _, _, facts = plans.apply_plan(model, plan, calib_ids=windows)
+                _, _, facts = run.apply_plan(model, plan, calib_ids=windows)
             else:
                 if grams is None and (knobs["method"] == "prune" or knobs.get("gptq")):
                     grams = calibration.calibrate(open_model("demo"), spec, network=model)
-                _, _, facts = plans.apply_plan(model, plan, grams)
+                _, _, facts = run.apply_plan(model, plan, grams)
             seconds = time.perf_counter() - t0
             # scored on the reconstructed weights: the same numbers as the compact
             # modules up to float rounding, without the CPU's slow sparse matmul

@@ -422,6 +422,7 @@ def main() -> None:
     from spectra.data import perplexity as ev
     from spectra.io import models
     from spectra.plan import format as plans
+    from spectra.plan import run
 
     started = time.perf_counter()
     device = models.resolve_device(args.device)
@@ -461,11 +462,11 @@ def main() -> None:
             extra["compression_of"] = kept[4]
         elif plan.calibration.sequential:  # calibrated inside the apply, block by block
             windows = calibration.calibration_windows(tok, spec)
-            compressed, reports, facts = plans.apply_plan(model, plan, calib_ids=windows)
+            compressed, reports, facts = run.apply_plan(model, plan, calib_ids=windows)
         else:
             if data and grams is None:
                 grams = calibration.calibrate(open_model("demo"), spec, network=model)
-            compressed, reports, facts = plans.apply_plan(model, plan, grams if data else None)
+            compressed, reports, facts = run.apply_plan(model, plan, grams if data else None)
         if kept is None or kept[0] != key:
             seconds = time.perf_counter() - t0
             later = [compression_key(r) for r in list(selected.values())[i + 1 :]]

@@ -70,6 +70,7 @@ def test_a_calibrated_apply_and_healing_run_on_cuda(family_dir):
     from spectra.data import calibration, heal
     from spectra.data import perplexity as ev
     from spectra.plan import format as plans
+    from spectra.plan import run
 
     path = str(family_dir("llama"))
     tok = open_model(path).tokenizer()
@@ -115,7 +116,7 @@ def test_a_calibrated_apply_and_healing_run_on_cuda(family_dir):
         grams = calibration.calibrate(
             open_model(path), plan.calibration, network=model, use_cache=False
         )
-        student, _, facts = plans.apply_plan(model, plan, grams)
+        student, _, facts = run.apply_plan(model, plan, grams)
         assert {p.device.type for p in student.parameters()} == {device}
         ppl[device] = ev.perplexity(student, tok, seqlen=32, max_tokens=512).ppl
         x = held_out.to(device)

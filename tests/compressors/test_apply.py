@@ -7,6 +7,7 @@ from compressors import activations
 from compressors import apply as applying
 from compressors.base import DENSE_BITS
 from spectra.plan import format as plans
+from spectra.plan import run
 from spectra.plan.format import PlanError
 
 
@@ -42,7 +43,7 @@ PLAN = {
 def test_apply_replaces_planned_modules_and_leaves_the_source(tiny):
     before = {k: v.clone() for k, v in tiny.state_dict().items()}
     plan = plans.parse(PLAN)
-    model, reports, facts = plans.apply_plan(tiny, plan)
+    model, reports, facts = run.apply_plan(tiny, plan)
     assert all(torch.equal(v, tiny.state_dict()[k]) for k, v in before.items())
     assert len(reports) == 12 and set(facts) == {r.name for r in reports}
     layer0 = model.model.layers[0]
@@ -88,7 +89,7 @@ def test_data_aware_plans_calibrate_block_by_block(tiny):
         }
     )
     ids = calib_ids()
-    model, reports, _ = plans.apply_plan(tiny, plan, activations.collect(tiny, ids))
+    model, reports, _ = run.apply_plan(tiny, plan, activations.collect(tiny, ids))
     assert all(r.calib_error is not None and r.calib_error > 0 for r in reports)
     # the Hessian of layer 1's down_proj is what its input really is in the dense model
     grab = {}
@@ -124,14 +125,14 @@ def test_data_aware_plan_without_calibration_is_refused(tiny):
         }
     )
     with pytest.raises(PlanError, match="calibration is required"):
-        plans.apply_plan(tiny, plan)
+        run.apply_plan(tiny, plan)
 
 
 def test_save_and_load_give_the_same_logits(tiny, tmp_path):
     from compressors import io
 
     plan = plans.parse(PLAN)
-    model, reports, facts = plans.apply_plan(tiny, plan)
+    model, reports, facts = run.apply_plan(tiny, plan)
     report = {"modules": [applying.asdict(r) for r in reports]}
     io.save(tmp_path / "out", model, facts, plans.dumps(plan), report, dense=True)
     again, facts2 = io.load(tmp_path / "out")
@@ -159,7 +160,7 @@ def test_existing_out_is_refused_and_corrupt_checkpoints_are_input_errors(tiny, 
     from spectra.errors import SpectraInputError
 
     plan = plans.parse(PLAN)
-    model, reports, facts = plans.apply_plan(tiny, plan)
+    model, reports, facts = run.apply_plan(tiny, plan)
     io.save(tmp_path / "out", model, facts, "", {})
     with pytest.raises(SpectraInputError, match="already exists"):
         io.save(tmp_path / "out", model, facts, "", {})

@@ -16,6 +16,7 @@ from compressors.base import config_to_dict
 from compressors.method import Knob, Method
 from compressors.registry import METHODS, make_config, register
 from spectra.io.model import open_model
+from spectra.plan import run
 
 ALL = list(METHODS)
 
@@ -186,7 +187,7 @@ def test_a_method_registered_once_plans_applies_previews_and_saves(half, family_
     text = plans.dumps(result.plan)
     plan = plans.parse(yaml.safe_load(text))
     model, tok = open_model(spec, "cpu", "float32", "none").load(), open_model(spec).tokenizer()
-    compressed, reports, facts = plans.apply_plan(model, plan)
+    compressed, reports, facts = run.apply_plan(model, plan)
     assert reports and {r.method for r in reports} == {"half"}
     name = next(iter(plan.layers))
     mat = next(m for m in open_model(spec).matrices if m.name == name)

@@ -9,6 +9,7 @@ import torch
 from compressors import activations
 from compressors import apply as applying
 from spectra.plan import format as plans
+from spectra.plan import run
 
 PLAN = {
     "rules": [
@@ -50,7 +51,7 @@ def test_sequential_equals_block_by_block_recalibration(tiny):
     plan = plans.parse(PLAN)
     ids = calib_ids()
     seen = {}
-    _, _, facts = plans.apply_plan(
+    _, _, facts = run.apply_plan(
         tiny, plan, calib_ids=ids, on_grams=lambda b, g: seen.setdefault(b, g)
     )
     targets = applying.linear_targets(tiny)
@@ -83,8 +84,8 @@ def test_block_zero_is_the_dense_calibration_and_later_blocks_differ(tiny):
     plan = plans.parse(PLAN)
     ids = calib_ids()
     dense = activations.collect(tiny, ids)
-    _, _, seq = plans.apply_plan(tiny, plan, calib_ids=ids)
-    _, _, den = plans.apply_plan(tiny, plan, grams=dense)
+    _, _, seq = run.apply_plan(tiny, plan, calib_ids=ids)
+    _, _, den = run.apply_plan(tiny, plan, grams=dense)
     for name, f in seq.items():
         same = torch.equal(f.to_dense(), den[name].to_dense())
         assert same == (".layers.0." in name), name
@@ -92,7 +93,7 @@ def test_block_zero_is_the_dense_calibration_and_later_blocks_differ(tiny):
 
 def test_the_source_model_is_untouched(tiny):
     before = {k: v.clone() for k, v in tiny.state_dict().items()}
-    plans.apply_plan(tiny, plans.parse(PLAN), calib_ids=calib_ids())
+    run.apply_plan(tiny, plans.parse(PLAN), calib_ids=calib_ids())
     after = tiny.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
 
@@ -103,7 +104,7 @@ def test_the_result_holds_the_compact_modules_not_the_stand_ins(tiny):
     from compressors.quant import QuantLinear
     from compressors.sparse import SparseLinear
 
-    model, _, facts = plans.apply_plan(tiny, plans.parse(PLAN), calib_ids=calib_ids())
+    model, _, facts = run.apply_plan(tiny, plans.parse(PLAN), calib_ids=calib_ids())
     mods = dict(model.named_modules())
     assert isinstance(mods["model.layers.0.self_attn.q_proj"], QuantLinear)
     assert isinstance(mods["model.layers.1.mlp.down_proj"], SparseLinear)

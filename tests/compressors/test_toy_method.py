@@ -17,6 +17,7 @@ from torch import nn
 from compressors.base import DENSE_BITS, Factorization, check_rank, config_error
 from compressors.method import Knob, Method
 from compressors.registry import METHODS, PROBES, make_config, registered
+from spectra.plan import run
 
 WHY_DENSE = "half-rank factors: no compressed-tensors format (written dense)"
 TARGETS = r"re:model\.layers\.\d+\.mlp\.(gate|up|down)_proj"
@@ -169,7 +170,7 @@ def test_planned_previewed_applied_healed_saved_reloaded_and_exported(toy, famil
     assert got.recompressed == 6 and math.isfinite(got.ppl) and got.ppl != got.dense_ppl
 
     # applied as `spectra apply` does
-    student, reports, facts = plans.apply_plan(model, plan)
+    student, reports, facts = run.apply_plan(model, plan)
     assert {r.method for r in reports} == {"halfrank"} and len(facts) == 6
     assert all(isinstance(student.get_submodule(n), HalfRankLinear) for n in facts)
     ids = torch.randint(0, 300, (2, 16))

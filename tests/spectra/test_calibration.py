@@ -9,7 +9,7 @@ import torch
 from compressors import activations
 from spectra.cli import main
 from spectra.data import calibration
-from spectra.io import models
+from spectra.io import model as model_module
 from spectra.io.model import open_model
 
 SMALL = calibration.CalibrationSpec(samples=4, seqlen=32)
@@ -173,7 +173,7 @@ def test_a_repeat_is_a_file_read_without_the_tokenizer(family_dir, monkeypatch):
     def no_tokenizer(spec):
         raise AssertionError("a cached calibration must not need the tokenizer")
 
-    monkeypatch.setattr(models, "tokenizer", no_tokenizer)
+    monkeypatch.setattr(model_module, "tokenizer", no_tokenizer)
     info = {}
     again = calibration.calibrate(open_model(path), SMALL, info=info)
     assert info["cached"] and again.folder == first.folder and _same(first, again)

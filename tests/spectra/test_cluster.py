@@ -12,6 +12,7 @@ ray = pytest.importorskip("ray")
 from spectra.analysis import AnalysisSettings, analyze, matrix_task  # noqa: E402
 from spectra.io.model import open_model  # noqa: E402
 from spectra.linalg import cluster  # noqa: E402
+from spectra.plan import run  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +44,8 @@ def _plan(tmp_path, rules):
 
 
 def _compressed_state(model, plan, mapper, grams=None):
-    from spectra.plan import format as plans
 
-    out, reports, _ = plans.apply_plan(model, plan, grams=grams, mapper=mapper)
+    out, reports, _ = run.apply_plan(model, plan, grams=grams, mapper=mapper)
     return {k: v.clone() for k, v in out.state_dict().items()}, reports
 
 

@@ -13,6 +13,7 @@ from compressors.healing import Trainable
 from spectra.data import heal
 from spectra.errors import SpectraInputError
 from spectra.io.model import open_model
+from spectra.plan import run
 
 # one of each healable method, and the frozen ones, cycled over a model's block modules
 METHODS = [
@@ -36,6 +37,7 @@ def compressed(path, joint=True):
     from compressors.apply import linear_targets
     from spectra.data.calibration import calibration_windows
     from spectra.plan import format as plans
+    from spectra.plan import run
 
     model = open_model(str(path), "cpu", "float32", "none").load()
     tok = open_model(str(path)).tokenizer()
@@ -49,7 +51,7 @@ def compressed(path, joint=True):
         dict(version=1, calibration=dict(samples=4, seqlen=32), rules=rules, layers=layers)
     )
     windows = calibration_windows(tok, plan.calibration)
-    student, _, facts = plans.apply_plan(model, plan, calib_ids=windows)
+    student, _, facts = run.apply_plan(model, plan, calib_ids=windows)
     return model, student, facts, tok
 
 
@@ -199,7 +201,7 @@ def test_healing_lowers_the_loss_and_the_perplexity_on_the_demo(demo_dir):
             ]
         }
     )
-    student, _, facts = plans.apply_plan(teacher, plan)
+    student, _, facts = run.apply_plan(teacher, plan)
     config = heal.HealConfig(
         steps=6, tokens_per_step=256, seqlen=128, lr=5e-4, warmup=1, eval_tokens=1024
     )

@@ -5,6 +5,7 @@ import pytest
 from compressors.registry import make_config
 from spectra.errors import SpectraInputError
 from spectra.io.model import open_model
+from spectra.plan import run
 
 
 @pytest.fixture()
@@ -19,6 +20,7 @@ def demo(demo_dir):
 def test_replayed_blocks_give_the_full_result_and_reverts_reuse_modules(demo):
     from spectra.data import perplexity as ev
     from spectra.plan import format as plans
+    from spectra.plan import run
     from spectra.preview import Previewer
 
     model, tok = demo
@@ -36,7 +38,7 @@ def test_replayed_blocks_give_the_full_result_and_reverts_reuse_modules(demo):
     assert back.recompressed == 0 and back.ppl == pytest.approx(first.ppl, rel=1e-6)
     # and the convention is spectra eval's on the applied plan
     plan = plans.parse({"layers": {k: {"method": c.method, **c.__dict__} for k, c in two.items()}})
-    compressed, _, _ = plans.apply_plan(model, plan)
+    compressed, _, _ = run.apply_plan(model, plan)
     ref = ev.perplexity(compressed, tok, max_tokens=1024)
     assert ref.ppl == pytest.approx(second.ppl, rel=1e-5)
     # a joint group, then one member leaves it: the rest is rebuilt as apply builds it
@@ -147,7 +149,7 @@ def test_data_aware_settings_preview_as_apply_and_eval_score_them(family, family
     plan = plans.parse(
         {"layers": {k: {"method": c.method, **c.__dict__} for k, c in layers.items()}}
     )
-    compressed, reports, _ = plans.apply_plan(model, plan, grams)
+    compressed, reports, _ = run.apply_plan(model, plan, grams)
     ref = ev.perplexity(compressed, tok, seqlen=32, max_tokens=128)
     assert got.ppl == pytest.approx(ref.ppl, rel=1e-5) and got.ppl != pytest.approx(got.dense_ppl)
     assert all(r.calib_error is not None for r in reports)
