@@ -17,6 +17,7 @@ from torch import nn
 from compressors.base import DENSE_BITS, Factorization, check_rank, config_error
 from compressors.method import Knob, Method
 from compressors.registry import METHODS, PROBES, make_config, registered
+from spectra.io.model import open_model
 from spectra.plan import run
 
 WHY_DENSE = "half-rank factors: no compressed-tensors format (written dense)"
@@ -142,12 +143,11 @@ def test_planned_previewed_applied_healed_saved_reloaded_and_exported(toy, famil
     from spectra.data import heal
     from spectra.data import perplexity as ev
     from spectra.export import ctensors, export
-    from spectra.io import models
     from spectra.plan import format as plans
     from spectra.preview import Previewer, module_errors
 
     spec = str(family_dir("llama"))
-    model, tok = models.load(spec, "cpu"), models.load_tokenizer(spec)
+    model, tok = open_model(spec, "cpu", "float32", "none").load(), open_model(spec).tokenizer()
     plan = _plan(rank=4)
     text = plans.dumps(plan)
     assert plans.to_dict(plans.parse(yaml.safe_load(text))) == plans.to_dict(plan)
@@ -201,9 +201,11 @@ def test_planned_previewed_applied_healed_saved_reloaded_and_exported(toy, famil
     # compressed-tensors export gives the method's own reason for writing it dense
     from transformers import AutoModelForCausalLM
 
+    from compressors.opened import open_out
+
     for offload in ("none", "disk"):
         dest = tmp_path / f"hf-{offload}"
-        summary = export(out, "hf", dest, dtype="float32", offload=offload)
+        summary = export(open_out(out, "cpu", offload=offload), "hf", dest, dtype="float32")
         assert [r["stored"] for r in summary["modules"]] == ["dense"] * 6
         dense = AutoModelForCausalLM.from_pretrained(dest).eval()
         torch.testing.assert_close(_logits(dense, ids), healed, rtol=1e-4, atol=1e-4)
