@@ -9,7 +9,7 @@ H = X^T X. Steps, as in the paper's Algorithms 1 and 2:
   Haar-random factor, random signs; see compressors.rotation), which leave the
   objective unchanged and spread outliers so scalar grids fit;
 - `iters` outer iterations: Q = LDLQ(W' - L R) at `bits` under H' (group-wise grid,
-  compressors.quant.ldlq), then (L, R) = LPLR(W' - Q): the closed-form H-weighted
+  compressors.gptq.ldlq), then (L, R) = LPLR(W' - Q): the closed-form H-weighted
   rank-r fit trunc_r(A C) C^{-1} (H' = C C^T), refined `lplr_iters` times by
   quantizing R with LDLQ under H', refitting L in closed form and quantizing it with
   LDLQ under R H' R^T, then refitting R; factors at `factor_bits` (16 = unquantized);
@@ -40,6 +40,7 @@ from compressors.base import (
     require_int,
 )
 from compressors.factors import Plain  # also compressors.caldera.Plain, as older OUTs name it
+from compressors.gptq import ldlq
 from compressors.method import Floor, Knob, Method, residuals
 from compressors.quant import (
     QUANTIZERS,
@@ -48,7 +49,6 @@ from compressors.quant import (
     check_e8p_shape,
     check_quantizer,
     hessian_inverse_factor,
-    ldlq,
     round_to_nearest,
 )
 from compressors.quant import compress as quantize_rtn

@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from compressors.base import DENSE_BITS, config_error, require_int
-from compressors.quant import Quantized, dequantize, round_to_nearest
+from compressors.grids import dequantize
+from compressors.quant import Quantized, round_to_nearest
 
 FACTOR_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
 

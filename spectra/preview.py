@@ -37,7 +37,8 @@ from compressors.base import Calibration, h_relative_error, relative_error
 from compressors.registry import METHODS, compress, groups, needs_data
 from spectra.data import perplexity as ev
 from spectra.errors import SpectraInputError
-from spectra.plan.format import Plan, resolve, weight_ranks
+from spectra.plan.format import Plan, resolve
+from spectra.plan.run import weight_ranks
 
 
 def module_error(weight: np.ndarray | torch.Tensor | None, config, sigma=None) -> float:

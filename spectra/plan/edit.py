@@ -13,6 +13,7 @@ from compressors.registry import METHODS, make_config
 from spectra.errors import SpectraInputError
 from spectra.io.model import Model
 from spectra.plan import format as plans
+from spectra.plan import run
 
 
 def knobs() -> tuple[str, ...]:
@@ -94,10 +95,10 @@ def totals(model: Model, layers: dict[str, dict], mats=None) -> dict:
 
     mats = mats if mats is not None else model.matrices
     plan = plans.parse({"layers": layers})
-    return plans.totals(plans.resolve(plan, mats, rank_of=plans.energy_ranks(model)))
+    return plans.totals(plans.resolve(plan, mats, rank_of=run.energy_ranks(model)))
 
 
 def layers_from_plan(plan: plans.Plan, mats, model: Model) -> dict[str, dict]:
     """An imported plan (rules and layers) resolved to explicit per-module settings."""
-    entries = plans.resolve(plan, mats, rank_of=plans.energy_ranks(model))
+    entries = plans.resolve(plan, mats, rank_of=run.energy_ranks(model))
     return {e.name: config_to_dict(e.config) for e in entries if e.config is not None}

@@ -15,10 +15,14 @@ import functools
 import time
 from dataclasses import dataclass, field
 
+from spectra.analysis import spectra_by_name
 from spectra.data import calibration
 from spectra.errors import SpectraInputError
+from spectra.io import cache
 from spectra.io.model import Model
-from spectra.plan.format import Entry, Plan, PlanError, plan_key, resolve, weight_ranks
+from spectra.linalg.metrics import energy_rank
+from spectra.linalg.svd import singular_values
+from spectra.plan.format import Entry, Plan, PlanError, resolve
 
 
 @dataclass
@@ -126,3 +130,46 @@ def apply_plan(
         raise
     except SpectraInputError as e:  # what the surgery refuses is this plan's doing
         raise PlanError(str(e)) from e
+
+
+def energy_ranks(model):
+    """rank_of(name, energy) from the cached spectra of `model` (spectra.io.model.Model),
+    computed on first need."""
+    cache: dict = {}
+
+    def rank_of(name: str, energy: float) -> int:
+        if "df" not in cache:
+            cache["df"] = spectra_by_name(model)
+
+        return energy_rank(cache["df"][name], energy)
+
+    return rank_of
+
+
+def weight_ranks(targets, read=None):
+    """rank_of(name, energy) from the singular values of each module's own weight
+    (`targets`: compressors.apply.linear_targets of a loaded model; `read(name)`: the
+    (out, in) weight, when it must be read rather than taken from the module)."""
+    import functools
+
+    if read is None:
+
+        def read(name):
+            target, module = targets[name]
+            return target.weight(module)
+
+    @functools.cache
+    def sigma(name):
+        return singular_values(read(name).double().numpy())
+
+    def rank_of(name, energy):
+        return energy_rank(sigma(name), energy)
+
+    return rank_of
+
+
+def plan_key(entries) -> str:
+    """A hash of resolved settings: what a sequential calibration's Grams depend on."""
+    from compressors.base import config_to_dict
+
+    return cache.key([(e.name, config_to_dict(e.config)) for e in entries if e.config is not None])

@@ -45,7 +45,7 @@ def test_nearest_equals_a_brute_force_search_over_every_codeword(scale):
 
 
 def test_e8p_beats_the_scalar_2_bit_grid_on_gaussian_data():
-    from compressors.quant import dequantize, grid, quantize
+    from compressors.grids import dequantize, grid, quantize
 
     w = torch.randn(128, 256, generator=gen(2), dtype=torch.float64)
     _, rec = e8p.round_rows(w, e8p.row_scales(w))

@@ -58,7 +58,8 @@ def textbook_gptq_fixed_grid(w, h, scale, zero, bits, group_size, order):
 @pytest.mark.parametrize("symmetric", [False, True])
 @pytest.mark.parametrize("group_size", [16, 20])
 def test_act_order_equals_the_textbook_algorithm_in_activation_order(symmetric, group_size):
-    from compressors.quant import act_order_perm, grid
+    from compressors.gptq import act_order_perm
+    from compressors.grids import grid
 
     calib = calibration(1)
     w = torch.randn(24, 48, generator=gen(2), dtype=torch.float64)
@@ -133,7 +134,7 @@ def test_mse_observer_picks_the_shrunk_grid_with_least_weighted_error(symmetric)
     """Every (row, group) gets, of the min-max grid shrunk by each candidate factor,
     the one with the least diag(H)-weighted squared rounding error (brute force here,
     in torch), at the storage cost of min-max."""
-    from compressors.quant import SHRINKS, grid
+    from compressors.grids import SHRINKS, grid
 
     g = gen(7)
     w = torch.randn(10, 36, generator=g, dtype=torch.float64)

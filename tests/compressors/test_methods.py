@@ -165,7 +165,7 @@ def test_gptq_beats_rtn_in_the_activation_norm(bits):
 
 
 def test_gptq_block_size_does_not_change_the_result():
-    from compressors.quant import ldlq
+    from compressors.gptq import ldlq
 
     calib = anisotropic_calibration(0, n=40)
     w = torch.randn(8, 40, generator=gen(1), dtype=torch.float64)

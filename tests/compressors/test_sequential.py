@@ -55,7 +55,7 @@ def test_sequential_equals_block_by_block_recalibration(tiny):
         tiny, plan, calib_ids=ids, on_grams=lambda b, g: seen.setdefault(b, g)
     )
     targets = applying.linear_targets(tiny)
-    entries = plans.resolve(plan, [t for t, _ in targets.values()], plans.weight_ranks(targets))
+    entries = plans.resolve(plan, [t for t, _ in targets.values()], run.weight_ranks(targets))
     step = copy.deepcopy(tiny)
     want = {}
     for block in (0, 1):
