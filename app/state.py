@@ -376,9 +376,9 @@ def sensitivity_scores(spec: str, kind: str, tokens: int, progress=None):
     from spectra.plan import correlate
     from spectra.plan import sensitivity as sens  # deferred: torch
 
-    if kind == "calib":
+    if sens.KINDS[kind].calibrated:
         c = calib_settings(spec)
-        settings = sens.SensitivitySettings("calib", c.corpus, c.tokens, c.seqlen)
+        settings = sens.SensitivitySettings(kind, c.corpus, c.tokens, c.seqlen)
     else:
         settings = sens.SensitivitySettings(kind=kind, tokens=tokens)
     return correlate.sensitivity_table(opened(spec), settings, progress=progress)

@@ -125,6 +125,8 @@ class Method:
             layout holds it (compressed-tensors: a quantized grid); a format not named
             is written dense with no reason given (hf, gguf: every module is
             reconstructed).
+        data_free_e: AlphaPruning's band e (`--allocate alpha|farms`) when this
+            method's candidates are data-free (None: the calibrated default, 0.2).
     """
 
     name: str
@@ -151,6 +153,7 @@ class Method:
     mixed: bool = False
     probes: dict[str, Callable] = field(default_factory=dict, hash=False, compare=False)
     exports: dict[str, object] = field(default_factory=dict, hash=False, compare=False)
+    data_free_e: float | None = None
 
     def __post_init__(self):
         if self.data not in DATA:

@@ -291,6 +291,7 @@ def _semi_structured(mod, dmg, kinds, calib) -> list[tuple]:
 
 METHOD = Method(
     name="prune",
+    data_free_e=0.3,  # AlphaPruning's e with magnitude pruning
     config_cls=PruneConfig,
     compress=compress,
     summary="the kept weights in CSR (or an N:M semi-structured layout): magnitude, Wanda "

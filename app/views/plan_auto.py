@@ -10,24 +10,14 @@ from app.views.plan_state import plan_signature, rebase
 from app.views.progress import Eta
 from spectra.errors import SpectraInputError
 from spectra.plan import edit as pe
-from spectra.plan.defaults import DEFAULT_METHOD, DEFAULT_TARGET_PARAMS
+from spectra.plan.defaults import APP_DAMAGES, DEFAULT_METHOD, DEFAULT_TARGET_PARAMS
 from spectra.plan.grid import auto_methods
-from spectra.plan.strategies import STRATEGIES
+from spectra.plan.sensitivity import KINDS
+from spectra.plan.strategies import RULES
 
-DAMAGE = {  # the first is the default: a data-free damage can be millions of times worse
-    "calib": "calibration-weighted loss",
-    "none": "weight error (data-free)",
-    "fisher": "Fisher loss",
-}
-
-
-ALLOCATE = {  # plan auto --allocate
-    "loss": "least predicted damage",
-    "uniform": "uniform",
-    "alpha": "alpha (AlphaPruning)",
-    "farms": "FARMS alpha",
-    "owl": "outliers (OWL)",
-}
+# the first is the default: a data-free damage can be millions of times worse
+DAMAGE = {k: "weight error (data-free)" if k == "none" else KINDS[k].label for k in APP_DAMAGES}
+ALLOCATE = {name: rule.label for name, rule in RULES.items()}  # plan auto --allocate
 
 
 # what each phase of Auto-allocate is part of, as its progress says it
@@ -35,8 +25,8 @@ STEPS = {"block": "calibration", "candidates": "ranking", "compressing": "buildi
 
 
 def damage_label(kind: str, calibrated: bool) -> str:
-    if kind == "calib" and not calibrated:
-        return "calibration-weighted loss (computes the calibration first)"
+    if kind != "none" and KINDS[kind].calibrated and not calibrated:
+        return f"{KINDS[kind].label} (computes the calibration first)"
     return DAMAGE[kind]
 
 
@@ -76,7 +66,7 @@ def budget_controls(spec: str) -> None:
         )
     allocate = c[4].selectbox(
         "Allocation",
-        STRATEGIES,
+        list(ALLOCATE),
         key="auto_allocate",
         format_func=ALLOCATE.get,
         help="loss: least predicted damage; the others by a rule, on the same budget "
@@ -87,7 +77,8 @@ def budget_controls(spec: str) -> None:
     if c[5].button("Auto-allocate", key="auto_go", type="primary"):
         st.session_state.auto_fallback = None
         bar = st.progress(0.0, "Preparing...")
-        calibrate = (sens == "calib" or allocate == "owl") and not calibrated
+        reads = (sens != "none" and KINDS[sens].calibrated) or RULES[allocate].needs_calibration
+        calibrate = reads and not calibrated
         if calibrate and not state.can_calibrate(spec):
             calibrate, sens = False, "none"
             st.session_state.auto_fallback = (

@@ -10,11 +10,14 @@ from app.views.progress import Eta
 from app.views.spectra_page import heatmap
 from spectra.errors import SpectraInputError
 
-KINDS = {
-    "fisher": "Fisher (one gradient pass)",
-    "ppl": "ppl probe (one forward per module, slow)",
-    "calib": "calibrated loss estimate (the Plan page's calibration)",
-}
+TOKENS = [256, 512, 1024, 2048, 4096, 8192]
+
+
+def _label(name: str) -> str:
+    from spectra.plan.sensitivity import KINDS  # deferred: torch
+
+    kind = KINDS[name]
+    return f"{kind.label} ({kind.note})" if kind.note else kind.label
 
 
 def render() -> None:
@@ -22,15 +25,17 @@ def render() -> None:
     spec = state.checked_model()
     if spec is None:
         return
-    kind = st.radio("Kind", list(KINDS), horizontal=True, key="sens_kind", format_func=KINDS.get)
-    if kind == "calib":
+    from spectra.plan.sensitivity import KINDS  # deferred: torch
+
+    kind = st.radio("Kind", list(KINDS), horizontal=True, key="sens_kind", format_func=_label)
+    if KINDS[kind].calibrated:
         tokens = state.calib_tokens()
         st.caption(f"Calibration of {tokens:,} tokens (chosen on the Plan page).")
     else:
         tokens = st.select_slider(
             "Token budget",
-            [256, 512, 1024, 2048, 4096, 8192],
-            value=4096 if kind == "fisher" else 512,
+            TOKENS,
+            value=min(KINDS[kind].tokens, TOKENS[-1]),
             key=f"sens_tokens_{kind}",
         )
     st.caption(

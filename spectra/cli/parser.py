@@ -41,6 +41,26 @@ class _Deferred(str):
         return self.make().strip(chars)
 
 
+class _Registered:
+    """The names of a registry, read when argparse checks a value or shows them (the
+    registries import torch; parsing another command should not wait for it)."""
+
+    def __init__(self, names):
+        self.names = names
+
+    def __contains__(self, value) -> bool:
+        return value in self.names()
+
+    def __iter__(self):
+        return iter(self.names())
+
+
+def _kinds():
+    from spectra.plan.sensitivity import KINDS  # deferred: torch
+
+    return tuple(KINDS)
+
+
 def _method_help() -> str:
     from compressors.registry import mixed
     from spectra.plan.grid import auto_methods  # deferred: torch
@@ -151,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument(
         "--kind",
         default="fisher",
-        choices=("fisher", "ppl", "calib"),
+        choices=_Registered(_kinds),
         help="the loss increase of compressing each module alone to the rank that keeps half "
         "its parameters: fisher (default: predicted by the diagonal Fisher, one gradient "
         "pass), ppl (measured, one forward pass per module) or calib (the calibrated loss "

@@ -64,7 +64,8 @@ def cmd_plan_auto(args) -> int:
     # deferred: these pull in torch; `spectra --help` imports this module
     from spectra.plan import auto as autoplan
     from spectra.plan.defaults import DEFAULT_TARGET_PARAMS
-    from spectra.plan.strategies import Strategy
+    from spectra.plan.sensitivity import KINDS
+    from spectra.plan.strategies import RULES, Strategy
 
     check_out_path(args.out, (".yaml", ".yml", ".json"))
     if args.target_params is None and args.target_bits is None:
@@ -107,7 +108,8 @@ def cmd_plan_auto(args) -> int:
         tmp.write_text(body)
     if fallback:  # after the plan is made, so that bad input stays one line
         print(fallback, file=sys.stderr)
-    used = _calibration_used(model, result.plan.calibration if sensitivity == "calib" else None)
+    calibrated = sensitivity != "none" and KINDS[sensitivity].calibrated
+    used = _calibration_used(model, result.plan.calibration if calibrated else None)
     if args.json:
         print(json.dumps({"out": str(args.out), **s, "calibration": used}))
         return 0
@@ -116,22 +118,19 @@ def cmd_plan_auto(args) -> int:
             f"calibration: {used['tokens']:,} tokens of {used['corpus']} ({used['samples']} "
             f"windows of {used['seqlen']}, seed {used['seed']}), key {used['key']}"
         )
-    what = {
-        "none": "sum of squared relative weight errors",
-        "fisher": "Fisher-predicted loss increase (nats/token)",
-        "ppl": "probe-scaled loss increase (nats/token)",
-        "calib": "calibration-weighted loss increase (nats/token)",
-    }
-    if result.allocate != "loss" and sensitivity == "calib":  # no loss weights asked for
-        what["calib"] = "sum of relative calibration-weighted errors"
-    rule = "" if result.allocate == "loss" else f", allocated by {result.allocate}"
+    by_loss = RULES[result.allocate].by_loss
+    what = "sum of squared relative weight errors"
+    if sensitivity != "none":
+        kind = KINDS[sensitivity]  # a rule strategy asks for no loss weights
+        what = kind.what if by_loss or kind.relative is None else kind.relative
+    rule = "" if by_loss else f", allocated by {result.allocate}"
     print(
         f"{args.out}: {s['compressed']} of {s['modules']} linear modules compressed with "
         f"{args.method}{rule}; parameters kept {s['params_ratio']:.1%}, "
         f"{s['bits_per_param']:.2f} bits per parameter "
         f"(budget {'params' if s['key'] == 'params' else 'bits'} "
         f"{s['spent']:,} of {s['budget']:,}); predicted damage {s['predicted_damage']:.4g} "
-        f"({what[sensitivity]}); {s['seconds']['total']:.1f} s"
+        f"({what}); {s['seconds']['total']:.1f} s"
     )
     return 0
 

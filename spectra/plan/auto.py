@@ -11,20 +11,17 @@ from dataclasses import dataclass
 import torch
 
 from compressors.registry import METHODS
-from spectra.analysis import analyze, spectra_by_name
-from spectra.data import calibration
+from spectra.analysis import spectra_by_name
 from spectra.errors import SpectraInputError
 from spectra.io.model import Model
 from spectra.io.roles import ROLES
 from spectra.plan import candidates as cands
 from spectra.plan import sensitivity as sens
 from spectra.plan.allocate import BudgetError, Candidate, Unit, allocate, allocate_by_role
-from spectra.plan.defaults import FIRST_CALIB_TOKENS
 from spectra.plan.format import NOT_TARGETABLE, Plan
 from spectra.plan.grid import Floors, auto_methods, cheapest, parts
-from spectra.plan.strategies import Strategy, allocate_strategy, owl_values
-
-SENSITIVITIES = ("none", *sens.KINDS)
+from spectra.plan.rule_scores import Scoring
+from spectra.plan.strategies import Strategy, allocate_strategy
 
 
 @dataclass
@@ -161,8 +158,9 @@ def auto_plan(
     t0 = time.perf_counter()
     if method not in auto_methods():
         raise SpectraInputError(f"--method {method}: use one of {', '.join(auto_methods())}")
-    if sensitivity not in SENSITIVITIES:
-        raise SpectraInputError(f"--sensitivity {sensitivity}: use {', '.join(SENSITIVITIES)}")
+    if sensitivity != "none" and sensitivity not in sens.KINDS:
+        known = ", ".join(("none", *sens.KINDS))
+        raise SpectraInputError(f"--sensitivity {sensitivity}: use {known}")
     if (target_params is None) == (target_bits is None):
         raise SpectraInputError("give exactly one of --target-params and --target-bits")
     if target_params is not None and not 0 < target_params <= 1:
@@ -171,12 +169,15 @@ def auto_plan(
         raise SpectraInputError(f"--target-bits {target_bits}: must be in (0, 16]")
     floors = floors or Floors()
     strategy = strategy or Strategy()
-    if strategy.name == "owl":  # before any work: OWL's scores need the calibration
+    rule = strategy.rule
+    if rule.needs_calibration:  # before any work: its scores read the calibration
         try:
             model.tokenizer()
         except SpectraInputError as e:
-            raise SpectraInputError(f"--allocate owl needs a calibration of the model: {e}") from e
-    importance = importance and strategy.name == "loss"
+            raise SpectraInputError(
+                f"--allocate {rule.name} needs a calibration of the model: {e}"
+            ) from e
+    importance = importance and rule.by_loss
     shapes = [m for m in model.matrices if m.role not in NOT_TARGETABLE]
     if floors.keep_dense is not None and not any(
         floors.keep_dense.fullmatch(m.name) for m in shapes
@@ -196,20 +197,8 @@ def auto_plan(
         settings = sens_settings or sens.SensitivitySettings(kind=sensitivity)
         if settings.kind != sensitivity:
             raise ValueError("sens_settings.kind differs from sensitivity")
-        if sensitivity == "calib":
-            got = sens.calibrated(
-                model, settings, use_cache, progress, network, importance=importance
-            )
-            dmg = cands.Damage(hessian=got.hessians, importance=got.importance, rows=got.rows)
-            calib_block = settings.calib_spec(model)
-        elif sensitivity == "fisher":
-            fisher = sens.compute(model, settings, use_cache, progress, network)
-            dmg = cands.Damage(fisher=fisher)
-        else:  # ppl
-            result = sens.compute(model, settings, use_cache, progress, network)
-            dmg = cands.Damage(
-                scale={k: v["delta_loss"] / max(v["err2"], 1e-30) for k, v in result.items()}
-            )
+        kind = sens.KINDS[sensitivity]
+        dmg, calib_block = kind.damage(model, settings, use_cache, progress, network, importance)
         seconds["sensitivity"] = time.perf_counter() - t
     t = time.perf_counter()
     sigmas = None
@@ -219,21 +208,15 @@ def auto_plan(
     seconds["candidates"] = time.perf_counter() - t
     t = time.perf_counter()
     record = None
-    if strategy.name == "loss":
+    if rule.by_loss:
         # relative calibration-weighted errors compare within a role, not across roles
         chosen = (allocate if dmg.absolute else allocate_by_role)(units, budget, key)
     else:
-        values, windows = {}, None  # windows: the calibration owl's ratios were measured on
-        if strategy.name in ("alpha", "farms"):
-            values = _alphas(model, strategy.name, use_cache)
-        elif strategy.name == "owl":
-            hessians = dmg.hessian
-            if hessians is None:
-                hessians, windows = _owl_grams(model, strategy, use_cache, network)
-            else:
-                windows = dict(calib_block.windows_key)
-            values = owl_values(units, cands.Weights(modules), hessians)
-        free = method == "prune" and dmg.hessian is None  # magnitude: e's default is 0.3
+        values, windows = {}, None  # windows: the calibration a rule's scores read
+        if rule.scores is not None:
+            scoring = Scoring(model, units, modules, dmg, calib_block, strategy, use_cache, network)
+            values, windows = rule.scores(scoring)
+        free = METHODS[method].data_free_e if method in METHODS and dmg.hessian is None else None
         chosen, record = allocate_strategy(strategy, units, budget, key, values, free)
         if windows is not None:
             record["calibration"] = windows
@@ -253,35 +236,3 @@ def auto_plan(
     return AutoResult(
         method, sensitivity, plan, units, chosen, key, budget, total, seconds, strategy.name
     )
-
-
-def _alphas(model: Model, strategy: str, use_cache: bool) -> dict[str, float]:
-    """Per-module alpha (`alpha`) or FARMS alpha (`farms`) from the cached analysis,
-    tied copies included."""
-    df = _analysis(model, use_cache).select("name", "aliases", "alpha")
-    if strategy == "farms":
-        from spectra.linalg.farms import farms_table
-
-        farms = farms_table(model, use_cache=use_cache).select("name", "farms_alpha")
-        df = df.join(farms, on="name").select("name", "aliases", alpha="farms_alpha")
-    return {n: alpha for name, aliases, alpha in df.rows() for n in (name, *aliases)}
-
-
-def _owl_grams(model: Model, strategy: Strategy, use_cache, network) -> tuple[dict, dict]:
-    """({module: H}, its windows) for owl when the damage read no calibration: the
-    strategy's, else the newest cached one, else FIRST_CALIB_TOKENS computed first."""
-    settings = strategy.calib
-    if settings is None:
-        found = calibration.latest(model)
-        if found is not None:
-            c = found.settings
-            settings = sens.SensitivitySettings("calib", c.corpus, c.tokens, c.seqlen)
-        else:
-            settings = sens.SensitivitySettings("calib", tokens=FIRST_CALIB_TOKENS)
-    got = sens.calibrated(model, settings, use_cache, network=network, importance=False)
-    return got.hessians, dict(settings.calib_spec(model).windows_key)
-
-
-def _analysis(model: Model, use_cache: bool):
-    df = analyze(model, cached_only=True) if use_cache else None
-    return df if df is not None else analyze(model, with_mpo=False, use_cache=use_cache)

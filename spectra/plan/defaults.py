@@ -18,3 +18,6 @@ DEFAULT_PROBE = "lowrank-half"
 # calibration tokens computed when the model has none cached (the app's smallest size):
 # the Grams of 4,096 tokens take about 45 s on the demo on 2 CPU cores
 FIRST_CALIB_TOKENS = 4096
+# the damages the app's Auto-allocate offers, the first its default (the `ppl` kind,
+# one forward pass per module, is left to `plan auto --sensitivity ppl`)
+APP_DAMAGES = ("calib", "none", "fisher")

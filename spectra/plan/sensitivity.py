@@ -26,7 +26,7 @@ length and (for ppl) the probe settings.
 
 from __future__ import annotations
 
-import contextlib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -34,32 +34,86 @@ import torch
 from compressors import blocks
 from compressors.apply import linear_targets
 from compressors.registry import PROBES, compress
-from spectra.data import calibration, gradients
+from spectra.data import calibration
 from spectra.data import perplexity as ev
 from spectra.errors import SpectraInputError
 from spectra.io import cache
 from spectra.io.model import Model
 from spectra.plan.defaults import DEFAULT_PROBE
+from spectra.plan.fisher import IMPORTANCE_TOKENS, IMPORTANCE_VERSION, fisher, output_fisher
 
-KINDS = ("fisher", "ppl", "calib")
+
+@dataclass(frozen=True)
+class Kind:
+    """One kind of sensitivity (`--sensitivity`), registered once (`register_kind`):
+    plan auto, the CLI, the app and `spectra sensitivity` read KINDS.
+
+    Attributes:
+        name: the flag's value.
+        label: the app's name for the damage it gives.
+        what: what that damage measures (plan auto's summary line).
+        tokens: default token budget.
+        seqlen: default window length (None: the calibration's, spectra.data).
+        split: the corpus part its windows come from.
+        streams: whether it runs on a model streamed from disk.
+        run: run(network, windows, settings, progress, names) -> the result cached
+            under cache/sensitivity (None: the kind reads the calibration's cache).
+        damage: damage(model, settings, use_cache, progress, network, importance) ->
+            (candidates.Damage, the calibration it read or None).
+        score: score(result, weights) -> one loss estimate per module at the probe.
+        tensors: the result is tensors (safetensors), else JSON.
+        relative: what the damage measures without the loss weights (None: always
+            the loss).
+        note: what computing it costs (the app's Sensitivity page says it).
+    """
+
+    name: str
+    label: str
+    what: str
+    tokens: int
+    seqlen: int | None
+    split: str
+    streams: bool
+    damage: Callable
+    run: Callable | None = None
+    score: Callable | None = None
+    tensors: bool = False
+    relative: str | None = None
+    note: str = ""
+
+    @property
+    def calibrated(self) -> bool:
+        """It reads the model's calibration (spectra calibrate), not windows of its own."""
+        return self.run is None
+
+
+KINDS: dict[str, Kind] = {}
+
+
+def register_kind(kind: Kind) -> Kind:
+    """Add a kind of sensitivity (a name already taken is an error)."""
+    if KINDS.get(kind.name, kind) is not kind:
+        raise ValueError(f"sensitivity kind {kind.name!r} is already registered")
+    KINDS[kind.name] = kind
+    return kind
 
 
 @dataclass(frozen=True)
 class SensitivitySettings:
-    kind: str = "fisher"  # fisher | ppl | calib
+    kind: str = "fisher"  # a name of KINDS
     corpus: str = "builtin"
-    tokens: int | None = None  # fisher 4096, calib 32768 calibration tokens; ppl 512 per probe
-    seqlen: int | None = None  # calib: 512 or the model's context if shorter; else 256
+    tokens: int | None = None  # the kind's default (fisher 4096, calib 32768, ppl 512)
+    seqlen: int | None = None  # the kind's default (None: the calibration's)
     probe: str = DEFAULT_PROBE  # ppl only: one of PROBES (each method's `probes`)
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise SpectraInputError(f"sensitivity {self.kind!r}: use {', '.join(KINDS)}")
+        kind = KINDS[self.kind]
         if self.tokens is None:
-            default = {"ppl": 512, "fisher": 4096, "calib": calibration.DEFAULT_TOKENS}
-            object.__setattr__(self, "tokens", default[self.kind])
-        if self.seqlen is None and self.kind != "calib":
-            object.__setattr__(self, "seqlen", 256)
+            object.__setattr__(self, "tokens", kind.tokens)
+        if self.seqlen is None:
+            object.__setattr__(self, "seqlen", kind.seqlen)
         if self.probe not in PROBES:
             raise SpectraInputError(f"probe {self.probe!r}: known are {', '.join(PROBES)}")
         seqlen = calibration.DEFAULT_SEQLEN if self.seqlen is None else self.seqlen
@@ -76,119 +130,6 @@ class SensitivitySettings:
 def _windows(tokenizer, settings: SensitivitySettings, split: str):
     stream = ev.token_stream(tokenizer, settings.corpus, split)
     return stream.windows(settings.seqlen, settings.tokens)
-
-
-def fisher(model, windows, progress=None) -> dict[str, torch.Tensor]:
-    """Diagonal empirical Fisher of every linear weight, (out, in) float32 on the CPU;
-    backpropagated a block at a time, so a model streamed from disk works too."""
-    targets = linear_targets(model)
-    acc = {
-        name: torch.zeros(t.shape[::-1] if t.conv1d else t.shape, dtype=torch.float32)
-        for name, (t, _) in targets.items()
-    }
-    scope: dict = {}
-    tokens = windows.shape[1] - 1
-
-    class Visitor:
-        def before(self, index, module):
-            scope.clear()
-            scope.update(gradients.in_scope(model, targets, index, module))
-            for _, mod in scope.values():
-                mod.weight.requires_grad_(True)
-
-        def tensors(self):
-            return [mod.weight for _, mod in scope.values()]
-
-        def receive(self, window, grads):
-            for name, g in zip(scope, grads, strict=True):
-                if g is not None:
-                    acc[name] += g.float().pow(2).cpu() / tokens
-
-        def after(self, index):
-            for _, mod in scope.values():
-                mod.weight.requires_grad_(False)
-
-    with _frozen(model):
-        gradients.backward_by_block(model, windows, Visitor(), progress)
-    out = {}
-    for name, (target, _) in targets.items():
-        f = acc[name] / len(windows)
-        out[name] = (f.T if target.conv1d else f).contiguous()
-    return out
-
-
-@contextlib.contextmanager
-def _frozen(model):
-    """Every parameter without gradients for the duration (restored after)."""
-    saved = {p: p.requires_grad for p in model.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in saved.items():
-            p.requires_grad_(flag)
-
-
-IMPORTANCE_TOKENS = 4096  # calibration tokens whose gradients weight each module's outputs
-IMPORTANCE_VERSION = 1
-
-
-def output_fisher(model, windows, progress=None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per linear module: (F, A), F[i] = E_t[g_ti^2] the mean squared gradient of the
-    window's summed NLL with respect to output channel i, A[j] = E_t[x_tj^2] the mean
-    squared input feature j, both over every position of `windows`, float32.
-
-    A weight error E changes output t by E x_t; to second order at a trained optimum
-    (Hessian ~ Fisher, diagonal, positions independent) the mean NLL rises by
-    0.5 * sum_i F_i E_t[(E x_t)_i^2] = 0.5 * sum_i F_i (E H E^T)_ii / rows with
-    H = X^T X over `rows` positions: the calibration-weighted error with each output
-    weighted by how much the loss cares about it, in loss units, so it compares
-    across modules (the diagonal Kronecker-factored Fisher, K-FAC's G with the full A).
-    A module without an H uses A: 0.5 * sum_ij F_i A_j E_ij^2.
-    """
-
-    targets = linear_targets(model)
-    outs: dict[str, list] = {}
-    acc_f = {n: torch.zeros(t.shape[0], dtype=torch.float64) for n, (t, _) in targets.items()}
-    acc_a = {n: torch.zeros(t.shape[1], dtype=torch.float64) for n, (t, _) in targets.items()}
-    handles: list = []
-    calls: list = []
-
-    def keep(name):
-        def hook(module, inputs, output):
-            outs.setdefault(name, []).append((inputs[0].detach(), output))
-
-        return hook
-
-    class Visitor:
-        def before(self, index, module):
-            scope = gradients.in_scope(model, targets, index, module)
-            handles.extend(mod.register_forward_hook(keep(n)) for n, (_, mod) in scope.items())
-
-        def tensors(self):
-            calls[:] = [(n, x_in, y) for n, parts in outs.items() for x_in, y in parts]
-            outs.clear()
-            return [y for *_, y in calls]
-
-        def receive(self, window, grads):
-            for (name, x_in, _), g in zip(calls, grads, strict=True):
-                if g is None:  # a call the loss does not read (the model's own last logits)
-                    continue
-                acc_f[name] += g.double().pow(2).reshape(-1, g.shape[-1]).sum(0).cpu()
-                acc_a[name] += x_in.double().pow(2).reshape(-1, x_in.shape[-1]).sum(0).cpu()
-            calls.clear()
-
-        def after(self, index):
-            for h in handles:
-                h.remove()
-            handles.clear()
-            outs.clear()
-
-    with _frozen(model):
-        gradients.backward_by_block(model, windows, Visitor(), progress)
-    positions = windows.shape[0] * windows.shape[1]
-    return {n: ((acc_f[n] / positions).float(), (acc_a[n] / positions).float()) for n in targets}
 
 
 @dataclass
@@ -321,35 +262,33 @@ def compute(
     bos = ev.bos_token(tokenizer)  # the windows differ with and without BOS
     key = model.cache_key(asdict(settings), sorted(names) if names else None, bos)
     folder = cache.cache_dir() / "sensitivity"
-    path = folder / f"{key}.{'safetensors' if settings.kind == 'fisher' else 'json'}"
+    kind = KINDS[settings.kind]
+    path = folder / f"{key}.{'safetensors' if kind.tensors else 'json'}"
     info.update(cached=False, path=str(path))
     if use_cache:
-        hit = _read(path, settings.kind)
+        hit = _read(path, kind)
         if hit is not None:
             info.update(cached=True)
             return hit
-    split = "calib" if settings.kind == "fisher" else "eval"
-    windows = _windows(tokenizer, settings, split)
+    windows = _windows(tokenizer, settings, kind.split)
     model = network if network is not None else model.shared()
-    if settings.kind == "ppl" and blocks.is_streamed(model):
+    if not kind.streams and blocks.is_streamed(model):
+        streaming = ", ".join(k.name for k in KINDS.values() if k.streams)
         raise SpectraInputError(
-            "--sensitivity ppl swaps each module in a resident model; use --offload none, "
-            "or fisher or calib, which stream"
+            f"--sensitivity {kind.name} swaps each module in a resident model; use "
+            f"--offload none, or {streaming}, which stream"
         )
-    if settings.kind == "fisher":
-        result = fisher(model, windows, progress)
-    else:
-        result = ppl_probe(model, windows, PROBES[settings.probe], progress, names)
+    result = kind.run(model, windows, settings, progress, names)
     if use_cache:
-        _write(path, settings.kind, result)
+        _write(path, kind, result)
     return result
 
 
-def _read(path, kind):
+def _read(path, kind: Kind):
     if not path.is_file():
         return None
     try:
-        if kind == "fisher":
+        if kind.tensors:
             from safetensors.torch import load_file
 
             return {k: v.float() for k, v in load_file(path).items()}
@@ -359,8 +298,8 @@ def _read(path, kind):
         return None
 
 
-def _write(path, kind, result) -> None:
-    if kind == "ppl":
+def _write(path, kind: Kind, result) -> None:
+    if not kind.tensors:
         cache.write_json(path, result)
         return
     from safetensors.torch import save_file
@@ -371,14 +310,88 @@ def _write(path, kind, result) -> None:
 
 
 def scores(result: dict, kind: str, weights: dict | None = None) -> dict[str, float]:
-    """One number per module for a heatmap: the measured loss increase (ppl) or the
-    Fisher-predicted one at the lowrank-half probe (fisher; needs `weights`)."""
-    if kind == "ppl":
-        return {k: v["delta_loss"] for k, v in result.items()}
+    """One number per module for a heatmap: the kind's loss estimate at the probe
+    (`weights`: the modules' weights, where the kind needs them)."""
+    return KINDS[kind].score(result, weights)
 
+
+def _fisher_scores(result: dict, weights: dict) -> dict[str, float]:
+    """The Fisher-predicted loss increase at the default probe."""
     out = {}
     for name, f in result.items():
         w = weights[name].float()
         approx = compress(w, PROBES[DEFAULT_PROBE](*w.shape)).to_dense().float()
         out[name] = 0.5 * float((f * (w - approx).pow(2)).sum(dtype=torch.float64))
     return out
+
+
+def _measured_scores(result: dict, weights=None) -> dict[str, float]:
+    return {k: v["delta_loss"] for k, v in result.items()}
+
+
+def _calib_damage(model, settings, use_cache, progress, network, importance):
+    from spectra.plan.candidates import Damage
+
+    got = calibrated(model, settings, use_cache, progress, network, importance=importance)
+    damage = Damage(hessian=got.hessians, importance=got.importance, rows=got.rows)
+    return damage, settings.calib_spec(model)
+
+
+def _fisher_damage(model, settings, use_cache, progress, network, importance):
+    from spectra.plan.candidates import Damage
+
+    return Damage(fisher=compute(model, settings, use_cache, progress, network)), None
+
+
+def _ppl_damage(model, settings, use_cache, progress, network, importance):
+    from spectra.plan.candidates import Damage
+
+    result = compute(model, settings, use_cache, progress, network)
+    scale = {k: v["delta_loss"] / max(v["err2"], 1e-30) for k, v in result.items()}
+    return Damage(scale=scale), None
+
+
+for _kind in (
+    Kind(
+        "fisher",
+        "Fisher loss",
+        "Fisher-predicted loss increase (nats/token)",
+        tokens=4096,
+        seqlen=256,
+        split="calib",
+        streams=True,
+        damage=_fisher_damage,
+        run=lambda net, windows, settings, progress, names: fisher(net, windows, progress),
+        score=_fisher_scores,
+        tensors=True,
+        note="one gradient pass",
+    ),
+    Kind(
+        "ppl",
+        "measured loss (one pass per module)",
+        "probe-scaled loss increase (nats/token)",
+        tokens=512,
+        seqlen=256,
+        split="eval",
+        streams=False,
+        damage=_ppl_damage,
+        run=lambda net, windows, settings, progress, names: ppl_probe(
+            net, windows, PROBES[settings.probe], progress, names
+        ),
+        score=_measured_scores,
+        note="one forward pass per module, slow",
+    ),
+    Kind(
+        "calib",
+        "calibration-weighted loss",
+        "calibration-weighted loss increase (nats/token)",
+        tokens=calibration.DEFAULT_TOKENS,
+        seqlen=None,
+        split="calib",
+        streams=True,
+        damage=_calib_damage,
+        relative="sum of relative calibration-weighted errors",
+        note="the Plan page's calibration",
+    ),
+):
+    register_kind(_kind)

@@ -50,19 +50,61 @@ other blocks' scores ("global mean").
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from compressors.base import DENSE_BITS
 from spectra.errors import SpectraInputError
 from spectra.plan.allocate import Candidate, Unit
+from spectra.plan.rule_scores import OUTLIER_M, alphas, outliers
 
-STRATEGIES = ("loss", "uniform", "alpha", "farms", "owl")
 DEFAULT_E = 0.2  # AlphaPruning's e with Wanda / SparseGPT (and every calibrated method)
-DEFAULT_E_MAGNITUDE = 0.3  # ... with magnitude pruning
 DEFAULT_BAND = 0.08  # OWL's lambda
-OUTLIER_M = 5.0  # OWL's M: a score above M x the block mean is an outlier
 PICK_TOL = 0.005  # candidates this close in cost (fraction of dense) count as one level
-METRIC = {"alpha": "alpha", "farms": "farms_alpha", "owl": "outlier_ratio"}
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One `--allocate` rule, registered once (`register_rule`): the CLI's choices, the
+    app's options and plan auto read RULES.
+
+    Attributes:
+        name: the flag's value.
+        label: the app's name for it.
+        metric: the per-block score it maps onto the band, as the plan records it (None:
+            no score).
+        sign: +1: a higher score is compressed more; -1: less.
+        knob: the Strategy field that sets its band: "e", "band" or None (no band).
+        additive: under --target-params the band is added to the kept share (OWL's
+            sparsity band), else it scales the removed share (AlphaPruning).
+        by_loss: it is the damage-minimizing allocation (spectra.plan.allocate).
+        needs_calibration: its scores read the model's calibration.
+        scores: scores(scoring) -> ({module: score}, the calibration windows read or
+            None), `scoring` a `Scoring`; None: no scores.
+        record: what else the plan's `allocation` key records.
+    """
+
+    name: str
+    label: str
+    metric: str | None = None
+    sign: float = 1.0
+    knob: str | None = None
+    additive: bool = False
+    by_loss: bool = False
+    needs_calibration: bool = False
+    scores: Callable | None = None
+    record: dict = field(default_factory=dict)
+
+
+RULES: dict[str, Rule] = {}
+
+
+def register_rule(rule: Rule) -> Rule:
+    """Add an allocation rule (a name already taken is an error)."""
+    if RULES.get(rule.name, rule) is not rule:
+        raise ValueError(f"allocation rule {rule.name!r} is already registered")
+    RULES[rule.name] = rule
+    return rule
 
 
 @dataclass(frozen=True)
@@ -70,9 +112,9 @@ class Strategy:
     """`--allocate` and its knobs.
 
     Attributes:
-        name: one of STRATEGIES.
-        e: alpha and farms: the band [1 - e, 1 + e] around the target (None:
-            DEFAULT_E_MAGNITUDE for data-free pruning, else DEFAULT_E).
+        name: a name of RULES.
+        e: alpha and farms: the band [1 - e, 1 + e] around the target (None: the
+            method's `data_free_e` when its candidates are data-free, else DEFAULT_E).
         band: owl: the band around the target.
         calib: owl: the calibration (spectra.plan.sensitivity.SensitivitySettings of
             kind calib) whose Grams give ||X_j||; None: the one `--sensitivity calib`
@@ -85,20 +127,23 @@ class Strategy:
     calib: object | None = None
 
     def __post_init__(self):
-        if self.name not in STRATEGIES:
-            raise SpectraInputError(f"--allocate {self.name}: use one of {', '.join(STRATEGIES)}")
+        if self.name not in RULES:
+            raise SpectraInputError(f"--allocate {self.name}: use one of {', '.join(RULES)}")
         if self.e is not None and not 0 < self.e < 1:
             raise SpectraInputError(f"--alpha-e {self.e}: must be in (0, 1)")
         if not 0 < self.band < 1:
             raise SpectraInputError(f"--owl-band {self.band}: must be in (0, 1)")
 
-    def spread(self, data_free_prune: bool) -> float:
-        """The band's half-width: e (alpha, farms), band (owl), 0 (uniform)."""
-        if self.name in ("alpha", "farms"):
-            if self.e is not None:
-                return self.e
-            return DEFAULT_E_MAGNITUDE if data_free_prune else DEFAULT_E
-        return self.band if self.name == "owl" else 0.0
+    @property
+    def rule(self) -> Rule:
+        return RULES[self.name]
+
+    def spread(self, data_free_e: float | None = None) -> float:
+        """The band's half-width: e (alpha, farms; `data_free_e`: the method's own
+        default for data-free candidates), band (owl), 0 (uniform)."""
+        if self.rule.knob == "e":
+            return self.e if self.e is not None else (data_free_e or DEFAULT_E)
+        return self.band if self.rule.knob == "band" else 0.0
 
 
 # per-block scores
@@ -132,53 +177,22 @@ def _defined(v) -> bool:
     return v is not None and math.isfinite(v)
 
 
-def outlier_ratio(weights: list, gram_diags: list, m: float = OUTLIER_M) -> float:
-    """OWL's outlier ratio of a block: the share of Wanda scores |W_ij| * ||X_j|| (all
-    `weights` pooled, (out, in) each, with ||X_j||^2 = `gram_diags`' H_jj) above `m`
-    times their mean."""
-    import torch
-
-    def f64(a):
-        return a.double() if isinstance(a, torch.Tensor) else torch.tensor(a, dtype=torch.float64)
-
-    scores = [
-        (f64(w).abs() * f64(d).clamp(min=0).sqrt()).reshape(-1)
-        for w, d in zip(weights, gram_diags, strict=True)
-    ]
-    pooled = torch.cat(scores)
-    return float((pooled > m * pooled.mean()).double().mean())
-
-
-def owl_values(units: list[Unit], weights: dict, hessians: dict) -> dict[str, float]:
-    """Every block's outlier ratio, given to each of its modules that has a Gram (a
-    module without one is undefined: see `block_scores`)."""
-    by_block: dict[object, list[str]] = {}
-    for u in units:
-        for n in u.names:
-            if n in hessians:
-                by_block.setdefault(u.block if u.block is not None else n, []).append(n)
-    out = {}
-    for names in by_block.values():
-        ratio = outlier_ratio([weights[n] for n in names], [hessians[n].diagonal() for n in names])
-        out.update({n: ratio for n in names})
-    return out
-
-
 def directions(scores: dict[int, float], strategy: str) -> dict[int, float]:
     """z in [-1, 1] per unit, +1 = compressed most (highest alpha, lowest outlier ratio)."""
-    if strategy == "uniform" or not scores:
+    rule = RULES[strategy]
+    if rule.metric is None or not scores:
         return {i: 0.0 for i in scores}
     lo, hi = min(scores.values()), max(scores.values())
     if hi - lo <= 1e-12 * max(abs(hi), 1.0):
         return {i: 0.0 for i in scores}
-    sign = -1.0 if strategy == "owl" else 1.0
+    sign = rule.sign
     return {i: sign * (2 * (x - lo) / (hi - lo) - 1) for i, x in scores.items()}
 
 
 def fraction(t: float, z: float, spread: float, strategy: str, key: str) -> float:
     """A unit's target cost fraction at level t (the table of the module docstring)."""
     if key == "params":
-        if strategy == "owl":
+        if RULES[strategy].additive:
             return t - spread * z
         return 1 - (1 - t) * (1 + spread * z)
     return t * (1 - spread * z)
@@ -263,29 +277,29 @@ def allocate_strategy(
     budget: int,
     key: str,
     values: dict[str, float] | None = None,
-    data_free_prune: bool = False,
+    data_free_e: float | None = None,
 ) -> tuple[list[Candidate], dict]:
     """(one candidate per unit, the plan's `allocation` record) for a rule strategy.
 
     `values`: per-module score (alpha, FARMS alpha or outlier ratio; unused by
-    uniform); `data_free_prune`: the candidates are magnitude pruning (e's default).
+    uniform); `data_free_e`: the method's e when its candidates are data-free.
     """
-    if strategy.name == "loss":
-        raise ValueError("loss is spectra.plan.allocate's")
-    spread = strategy.spread(data_free_prune)
+    rule = strategy.rule
+    if rule.by_loss:
+        raise ValueError(f"{rule.name} is spectra.plan.allocate's")
+    spread = strategy.spread(data_free_e)
     scores, fallback = ({i: 0.0 for i in range(len(units))}, {})
-    if strategy.name != "uniform":
+    if rule.metric is not None:
         scores, fallback = block_scores(units, values or {})
     z = directions(scores, strategy.name)
     chosen, level = allocate_by_fractions(units, z, spread, strategy.name, budget, key)
     record: dict = {"strategy": strategy.name}
-    if strategy.name in ("alpha", "farms"):
-        record["e"] = spread
-    elif strategy.name == "owl":
-        record.update(band=spread, outlier_m=OUTLIER_M)
+    if rule.knob is not None:
+        record[rule.knob] = spread
+    record.update(rule.record)
     record["level"] = round(level, 6)
-    if strategy.name != "uniform":
-        record["metric"] = METRIC[strategy.name]
+    if rule.metric is not None:
+        record["metric"] = rule.metric
         blocks = {}
         for i, u in enumerate(units):
             if u.block is not None:
@@ -294,3 +308,32 @@ def allocate_strategy(
         if fallback:
             record["fallback"] = dict(sorted(fallback.items()))
     return chosen, record
+
+
+# the registered rules
+
+
+for _rule in (
+    Rule("loss", "least predicted damage", by_loss=True),
+    Rule("uniform", "uniform"),
+    Rule("alpha", "alpha (AlphaPruning)", metric="alpha", knob="e", scores=alphas),
+    Rule(
+        "farms",
+        "FARMS alpha",
+        metric="farms_alpha",
+        knob="e",
+        scores=lambda scoring: alphas(scoring, "farms_alpha"),
+    ),
+    Rule(
+        "owl",
+        "outliers (OWL)",
+        metric="outlier_ratio",
+        sign=-1.0,
+        knob="band",
+        additive=True,
+        needs_calibration=True,
+        scores=outliers,
+        record={"outlier_m": OUTLIER_M},
+    ),
+):
+    register_rule(_rule)

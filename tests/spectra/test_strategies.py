@@ -12,12 +12,11 @@ from spectra.linalg.farms import FarmsSettings, farms_alpha
 from spectra.linalg.metrics import spectrum_metrics
 from spectra.linalg.svd import singular_values
 from spectra.plan.allocate import Candidate, Unit
+from spectra.plan.rule_scores import outlier_ratio, owl_values
 from spectra.plan.strategies import (
     Strategy,
     allocate_strategy,
     block_scores,
-    outlier_ratio,
-    owl_values,
 )
 
 
