@@ -26,9 +26,10 @@ class Target:
 
 
 def is_conv1d(module) -> bool:
-    """Whether `module` is GPT-2's Conv1D, which stores its weight (in, out) (matched by
-    name: transformers' class is not imported for it)."""
-    return type(module).__name__ == "Conv1D"
+    """Whether `module` is GPT-2's Conv1D, which stores its weight (in, out)."""
+    from transformers.pytorch_utils import Conv1D  # deferred: only models import it
+
+    return isinstance(module, Conv1D)
 
 
 def linear_targets(model) -> dict[str, tuple[Target, nn.Module]]:
