@@ -85,7 +85,7 @@ def analyze(
         hashes = {}
         for f in source.files:
             hashes.update(cache.file_tensor_hashes(f, [m.ref for m in mats if m.ref.path == f]))
-    unique, aliases = _dedupe(mats, hashes)
+    unique, aliases = dedupe(mats, hashes)
     path = table_path(unique, hashes, settings)
     names = [m.name for m in unique]
     where = f"ray {ray}" if ray is not None else device
@@ -171,7 +171,7 @@ def _known_hashes(stamps) -> dict[str, str] | None:
     return hashes
 
 
-def _dedupe(mats, hashes):
+def dedupe(mats, hashes):
     """Keep one matrix per content hash (not the lm_head); tied copies become aliases."""
     first: dict[tuple, Matrix] = {}
     aliases: dict[str, list[str]] = {}
