@@ -55,11 +55,19 @@ def cost(m: Matrix) -> int:
     return a * b * min(a, b)
 
 
-def order(mats: list[Matrix]) -> list[Matrix]:
-    """The order rows are computed in: matrices outside the blocks (the big embeddings
-    and heads, which would otherwise finish last) first, then block by block, so the
-    blocks fill in from the first."""
-    return sorted(mats, key=lambda m: (m.block is not None, m.block or 0, -cost(m)))
+def order(mats: list[Matrix], workers: int) -> list[Matrix]:
+    """The order rows are computed in: block by block, so the blocks fill in from the
+    first; each matrix outside the blocks (embeddings and heads, often the largest by
+    far) goes in where the work queued after it can keep the other workers busy while
+    it runs, so it neither holds the blocks back nor leaves cores idle at the end."""
+    queue = sorted((m for m in mats if m.block is not None), key=lambda m: (m.block, -cost(m)))
+    for m in sorted((m for m in mats if m.block is None), key=cost):
+        after, at = 0, len(queue)
+        while at > 0 and after + cost(queue[at - 1]) <= (workers - 1) * cost(m):
+            at -= 1
+            after += cost(queue[at])
+        queue.insert(at, m)
+    return queue
 
 
 class AnalysisJob:
@@ -198,7 +206,7 @@ class AnalysisJob:
             return
         scratch.tune_allocator()
         with one_blas_thread(), ThreadPoolExecutor(rowlib.workers()) as pool:
-            futures = [pool.submit(self._work, m) for m in order(self.mats)]
+            futures = [pool.submit(self._work, m) for m in order(self.mats, rowlib.workers())]
             for f in as_completed(futures):
                 f.result()  # the first failure ends the job, the others stop soon
 

@@ -55,7 +55,7 @@ def test_rows_are_stored_and_read_back_one_by_one(tiny_llama_dir, monkeypatch):
 def test_an_interrupted_job_resumes_where_it_stopped(tiny_llama_dir, monkeypatch):
     model = open_model(str(tiny_llama_dir))
     job = AnalysisJob(model)
-    done = order(model.matrices)[:5]
+    done = order(model.matrices, 2)[:5]
     for m in done:  # what a job had finished when the app stopped
         job._one(m)
     computed = []
@@ -92,8 +92,17 @@ def test_a_replaced_checkpoint_stops_the_job_and_keeps_nothing(tiny_llama_dir, t
     assert not (cache.cache_dir() / "analysis").exists()
 
 
-def test_big_matrices_outside_the_blocks_go_first_then_block_by_block(tiny_llama_dir):
-    names = [m.name for m in order(open_model(str(tiny_llama_dir)).matrices)]
-    assert set(names[:2]) == {"lm_head", "model.embed_tokens"}
-    blocks = [n.split(".")[2] for n in names if n.startswith("model.layers.")]
-    assert blocks == sorted(blocks)
+def test_blocks_fill_in_in_order_and_the_big_ones_start_in_time(tiny_llama_dir):
+    from spectra.background import cost
+
+    mats = open_model(str(tiny_llama_dir)).matrices
+    for workers in (1, 2, 8):
+        queue = order(mats, workers)
+        assert sorted(m.name for m in queue) == sorted(m.name for m in mats)
+        blocks = [m.block for m in queue if m.block is not None]
+        assert blocks == sorted(blocks)
+        for i, m in enumerate(queue):
+            if m.block is None:  # the work after it keeps the other workers busy, no more
+                after = sum(cost(x) for x in queue[i + 1 :] if x.block is not None)
+                assert after <= max((workers - 1) * cost(m), 0) or i == 0
+    assert order(mats, 1)[-2:][0].block is None  # one worker: the big ones last
