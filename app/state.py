@@ -104,14 +104,20 @@ def spectra_job(spec: str) -> AnalysisJob:
 
 
 def mpo_job(spec: str, cores: int) -> AnalysisJob:
-    """The full analysis with MPO bond profiles for K = `cores`, in the background."""
+    """The full analysis with MPO bond profiles for K = `cores`, in the background while
+    a page that shows them is open (it calls `touch()`)."""
     return _job(spec, *run_options(), str(cache.cache_dir()), cores)
 
 
 @st.cache_resource(show_spinner=False, max_entries=16)
 def _job(spec: str, dtype: str, offload: str, where: str, cores: int | None) -> AnalysisJob:
-    settings = AnalysisSettings(mpo=False) if cores is None else AnalysisSettings(cores=cores)
-    return AnalysisJob(_opened(spec, dtype, offload), settings).start()
+    model = _opened(spec, dtype, offload)
+    if cores is None:
+        return AnalysisJob(model, AnalysisSettings(mpo=False)).start()
+    return AnalysisJob(model, AnalysisSettings(cores=cores), lease=LEASE_S).start()
+
+
+LEASE_S = 10.0  # bond profiles pause this long after their page was last drawn
 
 
 @st.cache_data(show_spinner=False)

@@ -18,6 +18,8 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
+import numpy as np
+
 from spectra import analysis
 from spectra import rows as rowlib
 from spectra.errors import SpectraInputError
@@ -78,8 +80,13 @@ class AnalysisJob:
     and stored, if it has not arrived).
     """
 
-    def __init__(self, model: Model, settings: AnalysisSettings | None = None):
+    def __init__(
+        self, model: Model, settings: AnalysisSettings | None = None, lease: float | None = None
+    ):
+        """`lease`: pause between rows while nobody has called `touch()` for that many
+        seconds (work for one page, done while the page is open); None: never pause."""
         self.model, self.settings = model, settings or AnalysisSettings(mpo=False)
+        self.lease, self._touched = lease, time.monotonic()
         self.mats = model.matrices
         self.total = len(self.mats)
         self.error: str | None = None
@@ -102,6 +109,10 @@ class AnalysisJob:
         self._t0 = time.perf_counter()
         self._thread.start()
         return self
+
+    def touch(self) -> None:
+        """Someone still wants the rows (see `lease`)."""
+        self._touched = time.monotonic()
 
     def stop(self) -> None:
         """Stop after the rows in flight (they are stored; the table is not written)."""
@@ -211,6 +222,9 @@ class AnalysisJob:
                 f.result()  # the first failure ends the job, the others stop soon
 
     def _work(self, m: Matrix) -> None:
+        while self.lease is not None and time.monotonic() - self._touched > self.lease:
+            if self._stop.wait(0.5):  # nobody looks: wait for a page to ask again
+                return
         if self._stop.is_set():
             return
         try:
@@ -227,27 +241,37 @@ class AnalysisJob:
 
     def _one(self, m: Matrix) -> tuple[dict, str, bool]:
         """(row, content hash, read from the cache) of one matrix."""
-        s = self.settings
+        s, got, w = self.settings, {}, None
         h = self._hashes.get(m.ref.name)
-        if h is not None:
-            row = rowlib.read_row(rowlib.row_path(m, h, s), s)
-            if row is not None:
-                return row, h, True
-        got: dict = {}
-        if h is None and not rowlib.streams(m, s):  # hash the bytes read, then look
+        row = self._stored(m, h, s)
+        if row is None and not rowlib.streams(m, s):  # hash the bytes read, then look
             w = m.read_scratch(got)
             h = got[m.ref.name]
-            row = rowlib.read_row(rowlib.row_path(m, h, s), s)
-            hit = row is not None
-            row = row if hit else rowlib.matrix_row(w, s)
-        else:
-            row, hit = rowlib.cpu_row(m, s, got), False
+            row = self._stored(m, h, s)
+        hit = row is not None
+        if w is not None and not hit:
+            row = rowlib.matrix_row(w, s, self._spectrum(m, h))
+        elif not hit:
+            row = rowlib.cpu_row(m, s, got)
             h = got.get(m.ref.name, h)
-        self._check(m)
         if not hit:
+            self._check(m)
             rowlib.write_row(rowlib.row_path(m, h, s), row)
         self._remember(m, h)
         return row, h, hit
+
+    @staticmethod
+    def _stored(m: Matrix, h: str | None, s: AnalysisSettings) -> dict | None:
+        return None if h is None else rowlib.read_row(rowlib.row_path(m, h, s), s)
+
+    def _spectrum(self, m: Matrix, h: str):
+        """The spectrum the spectra-only analysis stored (the same numbers: never the
+        streamed kind), so bond profiles do not compute it again; else None."""
+        plain = AnalysisSettings(mpo=False)
+        if not self.settings.mpo or rowlib.streams(m, plain):
+            return None
+        row = self._stored(m, h, plain)
+        return None if row is None else np.asarray(row["sigma"])
 
     def _check(self, m: Matrix) -> None:
         """The file `m` was read from is the one the job started on."""

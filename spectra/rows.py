@@ -69,9 +69,10 @@ def workers() -> int:
     return max(1, min(os.cpu_count() or 1, 8))
 
 
-def matrix_row(w: np.ndarray, settings: AnalysisSettings) -> dict:
-    """Spectrum, metrics and MPO profile of one (m, n) matrix (numpy, CPU)."""
-    s = singular_values(w)
+def matrix_row(w: np.ndarray, settings: AnalysisSettings, s: np.ndarray | None = None) -> dict:
+    """Spectrum, metrics and MPO profile of one (m, n) matrix (numpy, CPU); `s`: its
+    singular values when they are known already."""
+    s = singular_values(w) if s is None else s
     if not settings.mpo:
         return row_of(s, None, None, None, settings)
     mf, nf = (mpo.factorize(d, settings.cores) for d in w.shape)

@@ -20,6 +20,7 @@ def render() -> None:
         return
     cores = st.select_slider("MPO cores K", options=[2, 3, 4, 5, 6], value=3, key="tn_cores")
     job = state.mpo_job(spec, cores)
+    job.touch()
     job.wait(0.5)  # a small model's profiles are all in by then
     polling = not job.finished
     st.fragment(run_every=POLL_S if polling else None)(body)(spec, job, polling)
@@ -28,6 +29,7 @@ def render() -> None:
 def body(spec: str, job, polling: bool) -> None:
     import polars as pl
 
+    job.touch()  # the page is open: keep computing
     df = arrived(job, polling, "Bond profiles")
     if df is None:
         return

@@ -60,7 +60,7 @@ def test_an_interrupted_job_resumes_where_it_stopped(tiny_llama_dir, monkeypatch
         job._one(m)
     computed = []
     real = rowlib.matrix_row
-    monkeypatch.setattr(rowlib, "matrix_row", lambda w, s: computed.append(1) or real(w, s))
+    monkeypatch.setattr(rowlib, "matrix_row", lambda *a: computed.append(1) or real(*a))
     again = finished(open_model(str(tiny_llama_dir)))
     assert again.progress()["cached"] == 5 and len(computed) == 11
     ref = analysis.analyze(open_model(str(tiny_llama_dir)), with_mpo=False, use_cache=False)
@@ -75,6 +75,31 @@ def test_mpo_rows_on_demand_equal_the_table_s(tiny_llama_dir):
     want = ref.filter(ref["name"] == "model.layers.1.mlp.down_proj").to_dicts()[0]
     assert row["bond_spectra"] == want["bond_spectra"] and row["sigma"] == want["sigma"]
     assert row["shape_m"] == 64 and row["block"] == 1
+
+
+def test_bond_profiles_reuse_the_stored_spectra_and_equal_analyze_s(tiny_llama_dir, monkeypatch):
+    finished(open_model(str(tiny_llama_dir)))  # the spectra first, as the app does
+    calls = []
+    real = rowlib.singular_values
+    monkeypatch.setattr(rowlib, "singular_values", lambda w: calls.append(w.shape) or real(w))
+    job = finished(open_model(str(tiny_llama_dir)), AnalysisSettings(cores=3))
+    assert job.progress()["error"] is None and calls == []
+    ref = analysis.analyze(open_model(str(tiny_llama_dir)), use_cache=False)
+    assert job.table().equals(ref)
+
+
+def test_a_job_on_lease_waits_while_nobody_looks(tiny_llama_dir):
+    import time
+
+    job = AnalysisJob(open_model(str(tiny_llama_dir)), lease=0.2)
+    time.sleep(0.4)  # the page that wanted it is gone
+    job.start()
+    assert not job.wait(1.5) and job.progress()["done"] == 0
+    end = time.monotonic() + 60
+    while not job.finished and time.monotonic() < end:
+        job.touch()  # a page that draws it, every so often
+        time.sleep(0.05)
+    assert job.finished and job.progress()["done"] == 16
 
 
 def test_a_replaced_checkpoint_stops_the_job_and_keeps_nothing(tiny_llama_dir, tmp_path):
