@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import numpy as np
 
-from spectra import analysis
+from spectra import analysis as an
 from spectra import rows as rowlib
 from spectra.errors import SpectraInputError
 from spectra.io import cache
@@ -153,7 +153,7 @@ class AnalysisJob:
         with self._lock:
             n, rows = len(self._rows), list(self._rows.values())
         if self._frame[0] != n:
-            self._frame = (n, analysis.frame([dict(r, aliases=[]) for r in rows]))
+            self._frame = (n, an.frame([dict(r, aliases=[]) for r in rows]))
         return self._frame[1]
 
     def sigmas(self) -> dict:
@@ -177,7 +177,7 @@ class AnalysisJob:
             return got
         m = self.model.matrix(name)
         row, h, _ = self._one(m)
-        return dict(row, **analysis.identity(m, h))
+        return dict(row, **an.identity(m, h))
 
     def _remembered(self) -> dict[str, str]:
         hashes: dict[str, str] = {}
@@ -188,7 +188,7 @@ class AnalysisJob:
 
     def _run(self) -> None:
         try:
-            hit = analysis.analyze(self.model, settings=self.settings, cached_only=True)
+            hit = an.analyze(self.model, settings=self.settings, cached_only=True)
             if hit is not None:
                 self._take_table(hit)
                 return
@@ -212,7 +212,7 @@ class AnalysisJob:
 
     def _compute(self) -> None:
         if self.model.device.startswith("cuda"):  # batched by shape on the GPU, at once
-            self._take_table(analysis.analyze(self.model, settings=self.settings))
+            self._take_table(an.analyze(self.model, settings=self.settings))
             self.cached = 0
             return
         scratch.tune_allocator()
@@ -233,7 +233,7 @@ class AnalysisJob:
             self._stop.set()
             raise
         with self._lock:
-            self._rows[m.name] = dict(row, **analysis.identity(m, h))
+            self._rows[m.name] = dict(row, **an.identity(m, h))
             self._done_cost += 0 if hit else cost(m)
             self._left_cost -= cost(m)
             self.cached += hit
@@ -301,10 +301,10 @@ class AnalysisJob:
         for f, stamp in self._stamps.items():
             mine = [m.ref.name for m in self.mats if m.ref.path == f]
             cache.store_hashes(f, stamp, {k: self._hashes[k] for k in mine})
-        unique, aliases = analysis.dedupe(self.mats, self._hashes)
-        path = analysis.table_path(unique, self._hashes, self.settings)
+        unique, aliases = an.dedupe(self.mats, self._hashes)
+        path = an.table_path(unique, self._hashes, self.settings)
         rows = {m.name: self._rows[m.name] for m in unique}
-        self._final = analysis.table(unique, rows, self._hashes, aliases, path)
+        self._final = an.table(unique, rows, self._hashes, aliases, path)
 
 
 def _partial(f, stamp) -> str:

@@ -3,7 +3,7 @@ stopped by a replaced checkpoint without keeping anything half-written."""
 
 import shutil
 
-from spectra import analysis
+from spectra import analysis as an
 from spectra import rows as rowlib
 from spectra.background import AnalysisJob, order
 from spectra.io import cache
@@ -21,10 +21,10 @@ def test_the_job_gives_analyze_s_table_and_stores_it(tiny_llama_dir):
     job = finished(open_model(str(tiny_llama_dir)))
     p = job.progress()
     assert p["error"] is None and p["done"] == p["total"] == 16 and p["computed"] == 16
-    ref = analysis.analyze(open_model(str(tiny_llama_dir)), with_mpo=False, use_cache=False)
+    ref = an.analyze(open_model(str(tiny_llama_dir)), with_mpo=False, use_cache=False)
     assert job.table().equals(ref)  # float for float
     info: dict = {}
-    hit = analysis.analyze(open_model(str(tiny_llama_dir)), with_mpo=False, info=info)
+    hit = an.analyze(open_model(str(tiny_llama_dir)), with_mpo=False, info=info)
     assert info["cached"] and hit.equals(ref)  # `spectra analyze --no-mpo` reads its table
     assert set(job.sigmas()) == set(ref["name"])
 
@@ -49,7 +49,7 @@ def test_rows_are_stored_and_read_back_one_by_one(tiny_llama_dir, monkeypatch):
     assert again.table().equals(ref)
     # `analyze` reads the stored rows too once the hashes are known
     (next((cache.cache_dir() / "analysis").glob("*.parquet"))).unlink()
-    assert analysis.analyze(open_model(str(tiny_llama_dir)), with_mpo=False).equals(ref)
+    assert an.analyze(open_model(str(tiny_llama_dir)), with_mpo=False).equals(ref)
 
 
 def test_an_interrupted_job_resumes_where_it_stopped(tiny_llama_dir, monkeypatch):
@@ -63,7 +63,7 @@ def test_an_interrupted_job_resumes_where_it_stopped(tiny_llama_dir, monkeypatch
     monkeypatch.setattr(rowlib, "matrix_row", lambda *a: computed.append(1) or real(*a))
     again = finished(open_model(str(tiny_llama_dir)))
     assert again.progress()["cached"] == 5 and len(computed) == 11
-    ref = analysis.analyze(open_model(str(tiny_llama_dir)), with_mpo=False, use_cache=False)
+    ref = an.analyze(open_model(str(tiny_llama_dir)), with_mpo=False, use_cache=False)
     assert again.table().equals(ref)
 
 
@@ -71,7 +71,7 @@ def test_mpo_rows_on_demand_equal_the_table_s(tiny_llama_dir):
     settings = AnalysisSettings(cores=3)
     job = AnalysisJob(open_model(str(tiny_llama_dir)), settings)  # not started
     row = job.row("model.layers.1.mlp.down_proj")
-    ref = analysis.analyze(open_model(str(tiny_llama_dir)), use_cache=False)
+    ref = an.analyze(open_model(str(tiny_llama_dir)), use_cache=False)
     want = ref.filter(ref["name"] == "model.layers.1.mlp.down_proj").to_dicts()[0]
     assert row["bond_spectra"] == want["bond_spectra"] and row["sigma"] == want["sigma"]
     assert row["shape_m"] == 64 and row["block"] == 1
@@ -84,7 +84,7 @@ def test_bond_profiles_reuse_the_stored_spectra_and_equal_analyze_s(tiny_llama_d
     monkeypatch.setattr(rowlib, "singular_values", lambda w: calls.append(w.shape) or real(w))
     job = finished(open_model(str(tiny_llama_dir)), AnalysisSettings(cores=3))
     assert job.progress()["error"] is None and calls == []
-    ref = analysis.analyze(open_model(str(tiny_llama_dir)), use_cache=False)
+    ref = an.analyze(open_model(str(tiny_llama_dir)), use_cache=False)
     assert job.table().equals(ref)
 
 
