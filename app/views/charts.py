@@ -53,13 +53,11 @@ def heatmap_frame(df, metric: str, layout=None):
 
 
 def block_ticks(blocks: list[int], most: int = 16) -> list[int]:
-    """Integer tick values for a block axis: every block, or every k-th one (first and
-    last kept) when there are more than `most`."""
+    """Integer tick values for a block axis: every block, or every k-th one from the
+    first when there are more than `most` (evenly spaced, so none crowd the last)."""
     if len(blocks) <= most:
         return list(blocks)
-    step = math.ceil(len(blocks) / most)
-    ticks = list(blocks[::step])
-    return ticks if ticks[-1] == blocks[-1] else [*ticks[:-1], blocks[-1]]
+    return list(blocks[:: math.ceil(len(blocks) / most)])
 
 
 def decimate(n: int, points: int = 400) -> np.ndarray:

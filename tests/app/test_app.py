@@ -167,7 +167,7 @@ def test_the_heatmap_has_integer_block_ticks_and_curves_are_decimated(on_tiny):
     at = run_page("spectra_page")
     fig = json.loads(at.get("plotly_chart")[0].proto.spec)
     assert fig["layout"]["xaxis"]["tickvals"] == [0, 1]
-    assert block_ticks(list(range(32)))[:3] == [0, 2, 4] and block_ticks(list(range(32)))[-1] == 31
+    assert block_ticks(list(range(32))) == list(range(0, 32, 2))
     for n in (1, 5, 400, 3584, 152064):
         idx = decimate(n)
         assert idx[0] == 0 and idx[-1] == n - 1 and len(idx) <= 400
