@@ -13,12 +13,12 @@ import os
 
 import streamlit as st
 
-from spectra.analysis import analyze
+from spectra.background import AnalysisJob
 from spectra.errors import SpectraInputError
-from spectra.io import models, roles
+from spectra.io import cache, models, roles
 from spectra.io.model import open_model
-from spectra.io.roles import ROLES
 from spectra.plan.defaults import FIRST_CALIB_TOKENS
+from spectra.rows import AnalysisSettings
 
 
 def default_model() -> str:
@@ -37,6 +37,7 @@ def checked_model() -> str | None:
 
     spec = model_spec()
     try:
+        opened(spec)
         matrix_table(spec)
     except SpectraInputError as e:
         st.error(str(e))
@@ -95,34 +96,43 @@ def _causal_lm(model_type: str | None) -> str:
     return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type or "", model_type or "?")
 
 
+def spectra_job(spec: str) -> AnalysisJob:
+    """The model's spectra and metrics (no MPO), computed in the background from the
+    first time a page asks, one matrix at a time, each stored as it finishes; shared by
+    every session. `table()` has what has arrived, `progress()` how far it is."""
+    return _job(spec, *run_options(), str(cache.cache_dir()), None)
+
+
+def mpo_job(spec: str, cores: int) -> AnalysisJob:
+    """The full analysis with MPO bond profiles for K = `cores`, in the background while
+    a page that shows them is open (it calls `touch()`)."""
+    return _job(spec, *run_options(), str(cache.cache_dir()), cores)
+
+
+@st.cache_resource(show_spinner=False, max_entries=16)
+def _job(spec: str, dtype: str, offload: str, where: str, cores: int | None) -> AnalysisJob:
+    model = _opened(spec, dtype, offload)
+    if cores is None:
+        return AnalysisJob(model, AnalysisSettings(mpo=False)).start()
+    return AnalysisJob(model, AnalysisSettings(cores=cores), lease=LEASE_S).start()
+
+
+LEASE_S = 10.0  # bond profiles pause this long after their page was last drawn
+
+
 @st.cache_data(show_spinner=False)
-def analysis(spec: str, cores: int = 3):
-    """The analysis table (spectra, metrics, MPO bond profiles) and whether it was cached."""
-
-    info: dict = {}
-    df = analyze(opened(spec), cores=cores, info=info)
-    return df, bool(info.get("cached"))
-
-
-@st.cache_data(show_spinner=False)
-def calib_analysis(spec: str, calib_key: str):
-    """The analysis table joined with the activation-aware spectra of the calibration in
-    folder `calib_key` (calib_sigma, calib_* metrics; null outside the blocks)."""
+def calib_spectra(spec: str, calib_key: str):
+    """The activation-aware spectra of the calibration in folder `calib_key` (name,
+    calib_sigma, calib_* metrics; only the blocks' modules), to join on `name`."""
     from spectra.data.calib_spectra import calib_table  # deferred: torch
     from spectra.data.calibration import open_folder
 
-    grams = open_folder(calib_key)
-    df, _ = analysis(spec)
-    return df.join(calib_table(opened(spec), grams.settings), on="name", how="left")
+    return calib_table(opened(spec), open_folder(calib_key).settings)
 
 
-@st.cache_data(show_spinner=False)
 def sigmas(spec: str) -> dict:
-    """Singular values by module name, from the cached analysis."""
-    import numpy as np
-
-    df, _ = analysis(spec)
-    return {r["name"]: np.asarray(r["sigma"]) for r in df.select("name", "sigma").to_dicts()}
+    """Singular values by module name, of the matrices whose spectra have arrived."""
+    return spectra_job(spec).sigmas()
 
 
 def run_options() -> tuple[str, str]:
@@ -137,8 +147,28 @@ def opened(spec: str):
     """The model resolved once for every session (the app's entry point: the pages
     name it by `spec`, the library takes this object), in the working dtype and
     offload `spectra app` was started with; a model too big for this machine is
-    refused here, with one line."""
-    return _opened(spec, *run_options())
+    refused here, with one line. Files replaced since it was opened: every cached
+    fact about it is dropped, and one message says so (the next run opens the new one)."""
+    model = _opened(spec, *run_options())
+    before = _stamps(spec, *run_options())
+    try:
+        now = {f: cache.file_stamp(f) for f in before}
+    except OSError:
+        now = None
+    if now != before:
+        for cached in (_opened, _stamps, _job, matrix_table, summary, can_calibrate):
+            cached.clear()
+        raise SpectraInputError(
+            f"{spec}: its files were replaced while the app was running; nothing computed "
+            "from the old ones is kept. Rerun the page to open the new weights."
+        )
+    return model
+
+
+@st.cache_resource(show_spinner=False)
+def _stamps(spec: str, dtype: str, offload: str) -> dict:
+    """The model's files as they were when it was opened."""
+    return {f: cache.file_stamp(f) for f in _opened(spec, dtype, offload).source.files}
 
 
 @st.cache_resource(show_spinner=False)
@@ -342,33 +372,6 @@ def _auto_layers(spec, method, key, target, sensitivity, calib_tokens, allocate,
     }
 
 
-def heatmap_frame(df, metric: str):
-    """(blocks, roles, z) for a block x role heatmap of `metric`; missing cells None."""
-    rows = df.filter(df["block"].is_not_null())
-    blocks = sorted(set(rows["block"].to_list()))
-    present = set(rows["role"].to_list())
-    roles = [r for r in ROLES if r in present] + sorted(present - set(ROLES))
-    z = [[None] * len(blocks) for _ in roles]
-    index = {b: i for i, b in enumerate(blocks)}
-    for r in rows.select("block", "role", metric).iter_rows():
-        if r[1] in roles:
-            z[roles.index(r[1])][index[r[0]]] = r[2]
-    return blocks, roles, z
-
-
-def csv_text(df) -> str:
-    """CSV of a table whose list columns are written as space-separated values."""
-    import polars as pl
-
-    cols = [
-        pl.col(c).list.eval(pl.element().cast(pl.String)).list.join(" ")
-        if isinstance(df.schema[c], pl.List)
-        else pl.col(c)
-        for c in df.columns
-    ]
-    return df.select(cols).write_csv()
-
-
 def sensitivity_scores(spec: str, kind: str, tokens: int, progress=None):
     """Per-module sensitivity scores (name, role, block, score) as a table
     (spectra.plan.correlate, cached on disk by the library); `calib` reads the
@@ -392,4 +395,5 @@ def sensitivity_metrics(spec: str, calib_key: str | None = None):
     from spectra.plan import correlate  # deferred: torch
 
     grams = open_folder(calib_key) if calib_key else None
+    spectra_job(spec).wait()  # the table the library reads is then cached
     return correlate.metric_table(opened(spec), calibration=grams)

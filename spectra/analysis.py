@@ -11,52 +11,24 @@ from __future__ import annotations
 import collections
 import functools
 import math
-import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import numpy as np
 
+from spectra import rows as rowlib
 from spectra.errors import SpectraInputError
 from spectra.io import cache
 from spectra.io.model import Matrix, Model
 from spectra.io.roles import ROLES
-from spectra.io.tensors import iter_row_chunks
-from spectra.linalg import metrics, mpo, scratch
-from spectra.linalg.svd import singular_values, singular_values_streamed, singular_values_torch
+from spectra.linalg import mpo, scratch
+from spectra.linalg.svd import singular_values_torch
+from spectra.rows import AnalysisSettings, matrix_row  # noqa: F401 (their home was here)
 
 Progress = Callable[[int, int, str], None]
 GPU_BATCH_BYTES = 2 * 2**30  # float64 bytes of matrices moved to the GPU at once
-# without MPO profiles, tall matrices above this float64 size (embeddings, lm_heads) are
-# never held whole: their Gram is accumulated from row blocks of STREAM_CHUNK_BYTES
-STREAM_MIN_BYTES = 32 * 2**20
-STREAM_CHUNK_BYTES = 8 * 2**20
-
-
-@dataclass(frozen=True)
-class AnalysisSettings:
-    """What an analysis computes; part of the cache key.
-
-    Attributes:
-        cores: number of MPO cores K (2..6).
-        mpo: compute the MPO bond profiles (False leaves those columns null).
-        mpo_eps: relative error at which `bond_chi` (chi(eps) per bond) is reported.
-        mpo_ratio: parameter ratio at which `mpo_chi_for_ratio` is reported.
-    """
-
-    cores: int = 3
-    mpo: bool = True
-    mpo_eps: float = 0.1
-    mpo_ratio: float = 0.5
-
-    def __post_init__(self):
-        mpo.check_cores(self.cores)
-        if not 0 < self.mpo_eps < 1:
-            raise ValueError(f"mpo_eps={self.mpo_eps}: must be in (0, 1)")
-        if not 0 < self.mpo_ratio <= 1:
-            raise ValueError(f"mpo_ratio={self.mpo_ratio}: must be in (0, 1]")
 
 
 def analyze(
@@ -87,8 +59,6 @@ def analyze(
             table, under the same cache key, as the local path's.
     """
     info = {} if info is None else info
-    import polars as pl
-
     settings = settings or AnalysisSettings(cores=cores, mpo=with_mpo)
     source, mats, device = model.source, model.matrices, model.device
     if ray is not None:
@@ -115,16 +85,11 @@ def analyze(
         hashes = {}
         for f in source.files:
             hashes.update(cache.file_tensor_hashes(f, [m.ref for m in mats if m.ref.path == f]))
-    unique, aliases = _dedupe(mats, hashes)
-    fingerprint = cache.key(
-        cache.CACHE_VERSION,
-        asdict(settings),
-        [(m.name, hashes[m.ref.name], m.transposed, m.role) for m in unique],
-    )
-    path = cache.cache_dir() / "analysis" / f"{fingerprint}.parquet"
+    unique, aliases = dedupe(mats, hashes)
+    path = table_path(unique, hashes, settings)
     names = [m.name for m in unique]
     where = f"ray {ray}" if ray is not None else device
-    info.update(cached=False, device=where, fingerprint=fingerprint, matrices=len(names))
+    info.update(cached=False, device=where, fingerprint=path.stem, matrices=len(names))
     if use_cache and rows_by_name is None:
         hit = _read_table(path, names)
         if hit is not None:
@@ -133,26 +98,66 @@ def analyze(
     if cached_only:
         return None
     if rows_by_name is None:
-        rows = run(unique, settings, device, progress)
-    else:
-        rows = [rows_by_name[m.name] for m in unique]
-    for r, m in zip(rows, unique, strict=True):
-        r.update(
-            name=m.name,
-            role=m.role,
-            block=m.block,
-            shape_m=m.shape[0],
-            shape_n=m.shape[1],
-            dtype=m.ref.dtype,
-            content_hash=hashes[m.ref.name],
-            aliases=aliases[m.name],
-        )
-    df = pl.DataFrame(rows, schema=_schema(), strict=False).select(list(_schema()))
-    df = df.sort(by=_order_key(df)).drop("_order", strict=False)
-    if use_cache:
+        # rows a background analysis (spectra.background) already stored are read
+        rows_by_name = _stored_rows(unique, hashes, settings) if use_cache else {}
+        todo = [m for m in unique if m.name not in rows_by_name]
+        if todo:
+            got = run(todo, settings, device, progress)
+            rows_by_name.update(zip([m.name for m in todo], got, strict=True))
+    return table(unique, rows_by_name, hashes, aliases, path if use_cache else None)
+
+
+def table_path(unique: list[Matrix], hashes: dict, settings: AnalysisSettings):
+    """Where the table of these (deduplicated) matrices under `settings` is cached."""
+    fingerprint = cache.key(
+        cache.CACHE_VERSION,
+        asdict(settings),
+        [(m.name, hashes[m.ref.name], m.transposed, m.role) for m in unique],
+    )
+    return cache.cache_dir() / "analysis" / f"{fingerprint}.parquet"
+
+
+def table(unique, rows_by_name: dict, hashes: dict, aliases: dict, path=None):
+    """The analysis table of `unique` from their rows; written to `path` if given."""
+    rows = [
+        dict(rows_by_name[m.name], **identity(m, hashes[m.ref.name]), aliases=aliases[m.name])
+        for m in unique
+    ]
+    df = frame(rows)
+    if path is not None:
         with cache.atomic_path(path) as tmp:
             df.write_parquet(tmp)
     return df
+
+
+def identity(m: Matrix, content_hash: str | None) -> dict:
+    """The columns of a row that say which matrix it is."""
+    return dict(
+        name=m.name,
+        role=m.role,
+        block=m.block,
+        shape_m=m.shape[0],
+        shape_n=m.shape[1],
+        dtype=m.ref.dtype,
+        content_hash=content_hash,
+    )
+
+
+def frame(rows: list[dict]):
+    """Rows (with their identity columns) as the analysis table, in its order."""
+    import polars as pl
+
+    df = pl.DataFrame(rows, schema=rowlib.schema(), strict=False).select(list(rowlib.schema()))
+    return df.sort(by=_order_key(df))
+
+
+def _stored_rows(unique, hashes, settings) -> dict[str, dict]:
+    found = {}
+    for m in unique:
+        row = rowlib.read_row(rowlib.row_path(m, hashes[m.ref.name], settings), settings)
+        if row is not None:
+            found[m.name] = row
+    return found
 
 
 def _known_hashes(stamps) -> dict[str, str] | None:
@@ -166,7 +171,7 @@ def _known_hashes(stamps) -> dict[str, str] | None:
     return hashes
 
 
-def _dedupe(mats, hashes):
+def dedupe(mats, hashes):
     """Keep one matrix per content hash (not the lm_head); tied copies become aliases."""
     first: dict[tuple, Matrix] = {}
     aliases: dict[str, list[str]] = {}
@@ -198,39 +203,9 @@ def _read_table(path, names):
         df = pl.read_parquet(path)
     except Exception:  # truncated or garbage file: recompute
         return None
-    if set(df.columns) != set(_schema()) or sorted(df["name"].to_list()) != sorted(names):
+    if set(df.columns) != set(rowlib.schema()) or sorted(df["name"].to_list()) != sorted(names):
         return None
     return df
-
-
-def matrix_row(w: np.ndarray, settings: AnalysisSettings) -> dict:
-    """Spectrum, metrics and MPO profile of one (m, n) matrix (numpy, CPU)."""
-    s = singular_values(w)
-    if not settings.mpo:
-        return _row(s, None, None, None, settings)
-    mf, nf = (mpo.factorize(d, settings.cores) for d in w.shape)
-    return _row(s, mpo.bond_spectra(w, mf, nf), mf, nf, settings)
-
-
-def _row(s, bonds, mf, nf, settings) -> dict:
-    row = metrics.spectrum_metrics(s)
-    row.update(sigma=s.tolist())
-    if bonds is None:
-        return row
-    row.update(
-        mpo_cores=len(mf),
-        mpo_m=list(mf),
-        mpo_n=list(nf),
-        bond_dims=mpo.full_bond_dims(mf, nf),
-        bond_entropy=[mpo.entropy(b) for b in bonds],
-        bond_spectra=[b.tolist() for b in bonds],
-        mpo_eps=settings.mpo_eps,
-        bond_chi=mpo.chi_for_eps(bonds, settings.mpo_eps),
-        mpo_params_full=mpo.mpo_params(mf, nf, mpo.full_bond_dims(mf, nf)),
-        mpo_ratio=settings.mpo_ratio,
-        mpo_chi_for_ratio=mpo.chi_for_ratio(mf, nf, settings.mpo_ratio),
-    )
-    return row
 
 
 def _run_cpu(mats, settings, device, progress, hashes=None):
@@ -240,10 +215,10 @@ def _run_cpu(mats, settings, device, progress, hashes=None):
     scratch.tune_allocator()
     order = sorted(range(len(mats)), key=lambda i: -math.prod(mats[i].shape))
     rows: list[dict | None] = [None] * len(mats)
-    workers = max(1, min(os.cpu_count() or 1, 8))
+    workers = rowlib.workers()
 
     def work(i):
-        rows[i] = _cpu_row(mats[i], settings, hashes)
+        rows[i] = rowlib.cpu_row(mats[i], settings, hashes)
         return i
 
     # one BLAS thread per worker: LAPACK's eigensolver scales poorly across threads
@@ -252,16 +227,6 @@ def _run_cpu(mats, settings, device, progress, hashes=None):
             if progress:
                 progress(done, len(mats), mats[i].name)
     return rows
-
-
-def _cpu_row(m: Matrix, settings: AnalysisSettings, hashes: dict | None) -> dict:
-    """One matrix's row, read from its checkpoint (streamed when tall, large, no MPO)."""
-    if not settings.mpo and _streamable(m):
-        chunk = max(1, STREAM_CHUNK_BYTES // (8 * m.ref.shape[1]))
-        s = singular_values_streamed(iter_row_chunks(m.ref, chunk, hashes))
-        if s is not None:
-            return _row(s, None, None, None, settings)
-    return matrix_row(m.read_scratch(hashes), settings)
 
 
 def matrix_task(job: tuple) -> tuple[dict, dict]:
@@ -276,7 +241,7 @@ def matrix_task(job: tuple) -> tuple[dict, dict]:
         w = m.read_scratch(hashes)
         return _cuda_rows([w], settings, device)[0], hashes
     scratch.tune_allocator()
-    return _cpu_row(m, settings, hashes), hashes
+    return rowlib.cpu_row(m, settings, hashes), hashes
 
 
 def _run_ray(address, mats, settings, device, progress, hashes=None):
@@ -311,11 +276,11 @@ def _run_ray(address, mats, settings, device, progress, hashes=None):
 
     def local_worker():
         while (i := take()) is not None:
-            rows[i] = _cpu_row(mats[i], settings, hashes)
+            rows[i] = rowlib.cpu_row(mats[i], settings, hashes)
             finished(i)
 
     overlap = cluster.starts_local(address) and device == "cpu"
-    workers = max(1, min(os.cpu_count() or 1, 8)) if overlap else 0
+    workers = rowlib.workers() if overlap else 0
     if overlap:
         scratch.tune_allocator()
     with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(max(workers, 1)) as pool:
@@ -349,12 +314,6 @@ def _run_ray(address, mats, settings, device, progress, hashes=None):
                 queue.clear()  # a failure stops the local workers too
             cluster.disconnect(info)
     return rows
-
-
-def _streamable(m: Matrix) -> bool:
-    """Tall (as stored) and large: its Gram is accumulated from row blocks read in turn."""
-    a, b = m.ref.shape
-    return a >= b and a * b * 8 >= STREAM_MIN_BYTES
 
 
 def _run_cuda(mats, settings, device, progress):
@@ -396,38 +355,9 @@ def _cuda_rows(arrays: list[np.ndarray], settings, device) -> list[dict]:
     )
     del w
     return [
-        _row(s[j], [x[j] for x in bonds] if bonds is not None else None, mf, nf, settings)
+        rowlib.row_of(s[j], [x[j] for x in bonds] if bonds is not None else None, mf, nf, settings)
         for j in range(len(arrays))
     ]
-
-
-def _schema():
-    import polars as pl
-
-    f64, i64, f64s, i64s = pl.Float64, pl.Int64, pl.List(pl.Float64), pl.List(pl.Int64)
-    return {
-        "name": pl.String,
-        "role": pl.String,
-        "block": i64,
-        "shape_m": i64,
-        "shape_n": i64,
-        "dtype": pl.String,
-        "content_hash": pl.String,
-        "aliases": pl.List(pl.String),
-        **metrics.schema(),  # every weight metric, one column each
-        "sigma": f64s,
-        "mpo_cores": i64,
-        "mpo_m": i64s,
-        "mpo_n": i64s,
-        "bond_dims": i64s,
-        "bond_entropy": f64s,
-        "bond_spectra": pl.List(f64s),
-        "mpo_eps": f64,
-        "bond_chi": i64s,
-        "mpo_params_full": i64,
-        "mpo_ratio": f64,
-        "mpo_chi_for_ratio": i64,
-    }
 
 
 def spectra_by_name(model: Model, use_cache: bool = True) -> dict[str, list[float]]:

@@ -16,6 +16,8 @@ LAYERS = {
     "spectra.io": 1,  # tensors, gguf_file, models, roles, cache
     "spectra.linalg": 1,  # svd, metrics, mpo, scratch, parallel
     "spectra.analysis": 1,
+    "spectra.rows": 1,  # one matrix's analysis row and its cache
+    "spectra.background": 1,  # the analysis as a background job, row by row
     "compressors": 2,
     "spectra.plan": 3,  # format, edit, candidates, allocate, auto, sensitivity
     "spectra.data": 3,  # perplexity, calibration, memory

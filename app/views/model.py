@@ -1,9 +1,12 @@
-"""Model page: choose a model, load it with progress, see what it is and what is cached."""
+"""Model page: choose a model and see at once what it is (from its config and file
+headers, no weight read), how it will be held, and how far its spectra are: they are
+computed in the background, one matrix at a time, while the page is in use."""
 
 import streamlit as st
 
 from app import state
-from spectra.analysis import analyze
+from app.views.charts import POLL_S
+from spectra.background import eta_text
 from spectra.errors import SpectraInputError
 from spectra.io import models
 
@@ -38,18 +41,7 @@ def render() -> None:
         table = state.matrix_table(spec)
         info = state.summary(spec)
         run = state.opened(spec).describe()
-
-        bar = st.progress(0.0, "spectra")
-        status: dict = {}
-        # the library call, not the Streamlit-cached one, so a miss can show progress;
-        # a hit comes from the disk cache in milliseconds
-        df = analyze(
-            state.opened(spec),
-            info=status,
-            progress=lambda d, t, n: bar.progress(d / t, f"spectra {d}/{t}: {n}"),
-        )
-        cached = status.get("cached")
-        bar.empty()
+        job = state.spectra_job(spec)  # started now, in the background
     except SpectraInputError as e:
         st.error(str(e))
         return
@@ -74,10 +66,9 @@ def render() -> None:
         if converted
         else f"read from `{info['root']}`"
     )
-    st.caption(
-        f"Weights {origin}; spectra of {df.height} distinct matrices "
-        f"{'read from the cache' if cached else 'computed and cached'}."
-    )
+    st.caption(f"Weights {origin}.")
+    polling = not job.finished
+    st.fragment(run_every=POLL_S if polling else None)(spectra_line)(job, polling)
     if not info["has_config"]:
         st.warning(
             f"{info['root']} has no config.json, so the architecture is unknown and the "
@@ -86,3 +77,27 @@ def render() -> None:
             "model's config.json beside its weights."
         )
     st.dataframe(table, width="stretch", hide_index=True)
+
+
+def spectra_line(job, polling: bool) -> None:
+    """How far the background spectra are (redrawn until they are all in)."""
+    p = job.progress()
+    if p["error"]:
+        st.error(p["error"])
+        return
+    if polling and p["finished"]:
+        st.rerun()  # the whole page once more, without polling
+    if not p["finished"]:
+        st.progress(
+            p["done"] / max(p["total"], 1),
+            f"Spectra: {eta_text(p)}; the Spectra page draws them as they arrive "
+            f"({p['cached']} read from the cache)",
+        )
+        return
+    where = (
+        "read from the cache"
+        if not p["computed"]
+        else f"computed in {p['seconds']:.0f} s and cached"
+        + (f" ({p['cached']} read from the cache)" if p["cached"] else "")
+    )
+    st.caption(f"Spectra of {job.table().height} distinct matrices {where}.")

@@ -25,7 +25,25 @@ def on_tiny(tiny_llama_dir, monkeypatch):
 
 
 def run_page(page: str) -> AppTest:
-    return AppTest.from_file(page_script(page), default_timeout=120).run()
+    """A page once its background analyses are in (they redraw it until then)."""
+    return settled(AppTest.from_file(page_script(page), default_timeout=120).run())
+
+
+def progress_texts(at) -> list[str]:
+    return [p.proto.text for p in at.get("progress")]
+
+
+def settled(at: AppTest, timeout: float = 120) -> AppTest:
+    """Rerun `at` until no background analysis shows its progress (a browser's page
+    redraws itself; AppTest does not run fragments on a timer)."""
+    import time
+
+    end = time.monotonic() + timeout
+    while any(t.startswith(("Spectra:", "Bond profiles:")) for t in progress_texts(at)):
+        assert time.monotonic() < end, progress_texts(at)
+        time.sleep(0.2)
+        at.run()
+    return at
 
 
 def test_router_opens_on_the_model_page(on_tiny):
@@ -41,6 +59,51 @@ def test_router_opens_on_the_model_page(on_tiny):
     assert len(table) == 16 and "model.layers.1.mlp.down_proj" in list(table["name"])
     held = [c.value for c in at.caption if c.value.startswith("Runs in")]
     assert held and held[0].startswith("Runs in float32 on cpu, resident: about")
+
+
+def test_the_model_page_renders_before_any_spectrum_is_computed(on_tiny, monkeypatch):
+    """Its summary comes from config and headers; the spectra follow in the background."""
+    import threading
+
+    from spectra.background import AnalysisJob
+
+    gate = threading.Event()
+    compute = AnalysisJob._compute
+    monkeypatch.setattr(AnalysisJob, "_compute", lambda job: gate.wait(60) and compute(job))
+    at = AppTest.from_file(MAIN, default_timeout=120).run()
+    try:
+        assert not at.exception, at.exception
+        assert {m.label: m.value for m in at.metric}["2-D weights"] == "16"
+        assert len(at.dataframe[0].value) == 16
+        assert any(t.startswith("Spectra: 0/16 matrices") for t in progress_texts(at))
+    finally:
+        gate.set()
+    settled(at)
+    assert any(c.value.startswith("Spectra of 16 distinct matrices computed") for c in at.caption)
+    again = AppTest.from_file(MAIN, default_timeout=120).run()  # another session: all in
+    assert any(c.value.startswith("Spectra of 16 distinct matrices") for c in again.caption)
+    assert not progress_texts(again)
+
+
+def test_a_model_replaced_while_the_app_runs_is_one_message(tiny_llama_dir, tmp_path, monkeypatch):
+    import shutil
+
+    from conftest import save_tiny_llama
+
+    d = tmp_path / "m"
+    shutil.copytree(tiny_llama_dir, d)
+    monkeypatch.setenv("SPECTRA_APP_MODEL", str(d))
+    at = run_page("model")
+    assert not at.exception and not at.error
+    for page, size in (("model", 48), ("spectra_page", 32)):
+        shutil.rmtree(d)
+        save_tiny_llama(d, intermediate_size=size)  # another model under the same name
+        at = AppTest.from_file(page_script(page), default_timeout=120).run()
+        assert not at.exception, at.exception
+        assert len([e for e in at.error if "replaced while the app was running" in e.value]) == 1
+        at = run_page(page)  # the next run opens the new weights
+        assert not at.exception and not at.error, page
+    assert 32 in set(at.dataframe[0].value["shape_n"])
 
 
 def test_model_page_and_previews_stream_when_asked(family_dir, monkeypatch):
@@ -94,6 +157,21 @@ def test_a_directory_without_config_is_explained(tmp_path, tiny_llama_dir, monke
     assert not at.exception and not at.error
     assert "has no config.json" in at.warning[0].value and "previews" in at.warning[0].value
     assert {m.label: m.value for m in at.metric}["2-D weights"] == "16"
+
+
+def test_the_heatmap_has_integer_block_ticks_and_curves_are_decimated(on_tiny):
+    import json
+
+    from app.views.charts import block_ticks, decimate
+
+    at = run_page("spectra_page")
+    fig = json.loads(at.get("plotly_chart")[0].proto.spec)
+    assert fig["layout"]["xaxis"]["tickvals"] == [0, 1]
+    assert block_ticks(list(range(32))) == list(range(0, 32, 2))
+    for n in (1, 5, 400, 3584, 152064):
+        idx = decimate(n)
+        assert idx[0] == 0 and idx[-1] == n - 1 and len(idx) <= 400
+        assert (idx[1:] > idx[:-1]).all()
 
 
 def test_log_ticks_are_readable():

@@ -198,6 +198,9 @@ def pages(page, server, shots):
     page.get_by_text("Parameters in them").wait_for()
     idle(page)
     assert metric(page, "2-D weights") == "211"
+    # the page is there before the spectra: they arrive in the background, then it says so
+    page.get_by_text("distinct matrices computed in").wait_for(timeout=600_000)
+    idle(page)
     page.locator('[data-testid="stDataFrame"]').first.wait_for()
     page.wait_for_timeout(1500)  # the weights table draws its canvas after the page runs
     page.screenshot(path=shots / "model.png", full_page=True)

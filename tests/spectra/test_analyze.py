@@ -11,6 +11,7 @@ import scipy.linalg
 from safetensors.numpy import load_file, save_file
 
 from spectra import analysis as an
+from spectra import rows as rowlib
 from spectra.io import cache
 from spectra.io.model import open_model
 
@@ -189,11 +190,11 @@ def test_streamed_gram_of_a_large_tall_matrix_matches_the_whole(tmp_path, monkey
     rng = np.random.default_rng(4)
     big = rng.standard_normal((3000, 40)).astype(np.float32)
     save_file({"model.embed_tokens.weight": big}, tmp_path / "model.safetensors")
-    monkeypatch.setattr(an, "STREAM_MIN_BYTES", 1)  # stream it
-    monkeypatch.setattr(an, "STREAM_CHUNK_BYTES", 7 * 40 * 8)  # in blocks of 7 rows
+    monkeypatch.setattr(rowlib, "STREAM_MIN_BYTES", 1)  # stream it
+    monkeypatch.setattr(rowlib, "STREAM_CHUNK_BYTES", 7 * 40 * 8)  # in blocks of 7 rows
     called = []
-    real = an.singular_values_streamed
-    monkeypatch.setattr(an, "singular_values_streamed", lambda c: called.append(1) or real(c))
+    real = rowlib.singular_values_streamed
+    monkeypatch.setattr(rowlib, "singular_values_streamed", lambda c: called.append(1) or real(c))
     lean = an.analyze(open_model(str(tmp_path)), with_mpo=False, use_cache=False)
     assert called
     ref = scipy.linalg.svdvals(big.astype(np.float64))
@@ -206,7 +207,7 @@ def test_streamed_falls_back_to_svd_when_ill_conditioned(tmp_path, monkeypatch):
     rng = np.random.default_rng(5)
     low = (rng.standard_normal((500, 3)) @ rng.standard_normal((3, 20))).astype(np.float32)
     save_file({"model.embed_tokens.weight": low}, tmp_path / "model.safetensors")
-    monkeypatch.setattr(an, "STREAM_MIN_BYTES", 1)
+    monkeypatch.setattr(rowlib, "STREAM_MIN_BYTES", 1)
     df = an.analyze(open_model(str(tmp_path)), with_mpo=False, use_cache=False)
     s = df["sigma"][0].to_numpy()
     ref = scipy.linalg.svdvals(low.astype(np.float64))
