@@ -43,13 +43,7 @@ def grid(
     wp = torch.nn.functional.pad(w, (0, pad), value=float("nan")).reshape(m, groups, group_size)
     lo = torch.nan_to_num(wp, nan=float("inf")).amin(-1).clamp(max=0)
     hi = torch.nan_to_num(wp, nan=float("-inf")).amax(-1).clamp(min=0)
-    if symmetric:
-        scale = torch.maximum(-lo, hi) / ((2**bits - 1) / 2)
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        return scale, torch.full_like(scale, 2 ** (bits - 1))
-    scale = (hi - lo) / (2**bits - 1)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return scale, torch.round(-lo / scale)
+    return _range_grid(lo, hi, bits, symmetric)
 
 
 def quantize(w: torch.Tensor, scale, zero, bits: int, group_size: int) -> torch.Tensor:
