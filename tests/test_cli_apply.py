@@ -251,7 +251,7 @@ def test_sequential_calibration_is_cached_under_the_plan_and_repeats_exactly(
 def test_the_report_names_knobs_that_differ_from_their_resolved_defaults():
     """GPTQ's act_order and observer follow gptq: plain GPTQ shows neither, an explicit
     act_order: false is shown."""
-    from spectra.cli.compress import _settings
+    from spectra.cli.plan import _settings
 
     from compressors.registry import make_config
 
