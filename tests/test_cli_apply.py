@@ -251,9 +251,8 @@ def test_sequential_calibration_is_cached_under_the_plan_and_repeats_exactly(
 def test_the_report_names_knobs_that_differ_from_their_resolved_defaults():
     """GPTQ's act_order and observer follow gptq: plain GPTQ shows neither, an explicit
     act_order: false is shown."""
-    from spectra.cli.plan import _settings
-
     from compressors.registry import make_config
+    from spectra.cli.plan import _settings
 
     assert _settings(make_config("quant", bits=3)) == "quant(bits=3)"
     assert _settings(make_config("quant", bits=3, gptq=True)) == "quant(bits=3, gptq=True)"
