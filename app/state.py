@@ -374,17 +374,17 @@ def _auto_layers(spec, method, key, target, sensitivity, calib_tokens, allocate,
 
 def sensitivity_scores(spec: str, kind: str, tokens: int, progress=None):
     """Per-module sensitivity scores (name, role, block, score) as a table
-    (spectra.plan.correlate, cached on disk by the library); `calib` reads the
+    (spectra.plan.sensitivity_report, cached on disk by the library); `calib` reads the
     calibration of the chosen size (`tokens` ignored)."""
-    from spectra.plan import correlate
     from spectra.plan import sensitivity as sens  # deferred: torch
+    from spectra.plan import sensitivity_report
 
     if sens.KINDS[kind].calibrated:
         c = calib_settings(spec)
         settings = sens.SensitivitySettings(kind, c.corpus, c.tokens, c.seqlen)
     else:
         settings = sens.SensitivitySettings(kind=kind, tokens=tokens)
-    return correlate.sensitivity_table(opened(spec), settings, progress=progress)
+    return sensitivity_report.sensitivity_table(opened(spec), settings, progress=progress)
 
 
 @st.cache_data(show_spinner=False)
@@ -392,8 +392,8 @@ def sensitivity_metrics(spec: str, calib_key: str | None = None):
     """The spectral metrics that `spectra sensitivity --correlate` ranks, per module
     (calib_* ones from the calibration in folder `calib_key`, if any)."""
     from spectra.data.calibration import open_folder
-    from spectra.plan import correlate  # deferred: torch
+    from spectra.plan import sensitivity_report  # deferred: torch
 
     grams = open_folder(calib_key) if calib_key else None
     spectra_job(spec).wait()  # the table the library reads is then cached
-    return correlate.metric_table(opened(spec), calibration=grams)
+    return sensitivity_report.metric_table(opened(spec), calibration=grams)

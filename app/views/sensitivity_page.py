@@ -69,7 +69,7 @@ def render() -> None:
 def evidence(spec: str, scores) -> None:
     """Which spectral metric predicts the score: a scatter of the chosen metric against
     it, coloured by role, with rho overall and per role, and the metrics ranked."""
-    from spectra.plan.correlate import correlate  # deferred: torch
+    from spectra.plan.sensitivity_report import correlate  # deferred: torch
 
     st.subheader("Which metric predicts it")
     grams = state.calibration(spec)

@@ -13,7 +13,7 @@ SHOWN = 15  # modules listed on the terminal (the --out file and --json hold all
 
 def cmd_sensitivity(args) -> int:
     # deferred: these pull in torch; `spectra --help` imports this module
-    from spectra.plan import correlate
+    from spectra.plan import sensitivity_report
 
     if args.out is not None:
         check_out_path(args.out)
@@ -21,13 +21,15 @@ def cmd_sensitivity(args) -> int:
     settings = _settings(args, model)
     info: dict = {}
     with progress_bar(f"{args.kind} sensitivity") as progress:
-        table = correlate.sensitivity_table(model, settings, not args.no_cache, progress, info=info)
+        table = sensitivity_report.sensitivity_table(
+            model, settings, not args.no_cache, progress, info=info
+        )
         ranked, metrics = None, None
         if args.correlate:
-            metrics = correlate.metric_table(
+            metrics = sensitivity_report.metric_table(
                 model, not args.no_cache, _calibration(model, settings), progress
             )
-            ranked = correlate.correlate(table, metrics)
+            ranked = sensitivity_report.correlate(table, metrics)
     if args.out is not None:
         full = table if metrics is None else table.join(metrics, on="name", how="left")
         _write(full, args.out)

@@ -76,15 +76,15 @@ def test_cache_key_names_the_working_dtype_of_what_runs(tiny_llama_dir):
 
 def test_correlation_cache_keys_the_dtype(family_dir):
     """A bfloat16 sensitivity was read from (and written to) the float32 entry."""
-    from spectra.plan import correlate
     from spectra.plan import sensitivity as sens
+    from spectra.plan import sensitivity_report
 
     path = str(family_dir("llama"))
     settings = sens.SensitivitySettings("fisher", tokens=64, seqlen=32)
     got = {}
     for dtype in ("float32", "bfloat16", "float32"):
         info: dict = {}
-        table = correlate.sensitivity_table(
+        table = sensitivity_report.sensitivity_table(
             open_model(path, "cpu", dtype, "none"), settings, info=info
         )
         got.setdefault(dtype, []).append((info["path"], info["cached"], table))
