@@ -10,6 +10,7 @@ not branch on what they were given.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +24,8 @@ from spectra.io.model import (
     WORK_MARGIN,
     Model,
     free_bytes,
+    majority_dtype,
     open_model,
-    stored_dtype,
 )
 
 
@@ -35,7 +36,7 @@ class Compressed(Model):
     cast: bool = False
     kind = "compressed"
 
-    @property
+    @functools.cached_property
     def report(self) -> dict:
         try:
             data = json.loads((self.source.root / "report.json").read_text())
@@ -60,17 +61,14 @@ class Compressed(Model):
         """(model, factorizations) resident: what healing trains and saving writes."""
         return io.load(self.source.root, self.device)
 
-    def tokenizer(self):
+    def _read_tokenizer(self):
+        """The tokenizer saved beside the factors (Model.tokenizer remembers it)."""
         from transformers import AutoTokenizer
 
-        if "tokenizer" not in self._memo:
-            try:
-                self._memo["tokenizer"] = AutoTokenizer.from_pretrained(self.source.root)
-            except (OSError, ValueError):
-                self._memo["tokenizer"] = None
-        if self._memo["tokenizer"] is None:
-            raise SpectraInputError(f"{self.spec}: no usable tokenizer in the checkpoint")
-        return self._memo["tokenizer"]
+        try:
+            return AutoTokenizer.from_pretrained(self.source.root)
+        except (OSError, ValueError) as e:
+            raise SpectraInputError(f"{self.spec}: no usable tokenizer in the checkpoint") from e
 
     def baseline(
         self, dtype: str | None = None, offload: str | None = None, fit: bool = True
@@ -94,14 +92,14 @@ def open_out(path, device: str = "auto", dtype: str = "auto", offload: str = "au
         raise SpectraInputError(f"{path}: not a `spectra apply` output (no manifest.json)")
     if offload not in OFFLOADS:
         raise SpectraInputError(f"--offload {offload}: expected one of {', '.join(OFFLOADS)}")
-    io.check_parts(path)  # a missing or truncated part is named here, before any work
+    refs = io.check_parts(path)  # a missing or truncated part is named here, before any work
     shards = io.shard_files(path)
     files = tuple(path / p for p in shards["factors"] + shards["dense"])
     config = (
         json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
     )
     source = models.Source(str(path), "compressed", path, files, config.get("model_type"))
-    stored = stored_dtype(source)
+    stored = majority_dtype(r for part in refs.values() for r in part.values())
     return Compressed(
         str(path),
         source,

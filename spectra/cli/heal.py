@@ -72,9 +72,6 @@ def cmd_heal(args) -> int:
         plan_raw = yaml.safe_load(plan_text) or {}
     except (OSError, ValueError, yaml.YAMLError) as e:
         raise SpectraInputError(f"{src}: unreadable report.json or plan.yaml ({e})") from e
-    source = report.get("model")
-    if not source:
-        raise SpectraInputError(f"{src}/report.json: does not name its source model")
     config = heal.parse(
         plan_raw.get("heal") if isinstance(plan_raw, dict) else None,
         steps=args.steps,

@@ -153,13 +153,16 @@ class Model:
         to each caller)."""
         if "tokenizer" not in self._memo:
             try:
-                self._memo["tokenizer"] = tokenizer(self.source)
+                self._memo["tokenizer"] = self._read_tokenizer()
             except SpectraInputError as e:
                 self._memo["tokenizer"] = e
         found = self._memo["tokenizer"]
         if isinstance(found, SpectraInputError):
             raise SpectraInputError(str(found))
         return found
+
+    def _read_tokenizer(self):
+        return tokenizer(self.source)
 
     def has_tokenizer(self) -> bool:
         try:
@@ -266,11 +269,15 @@ def open_source(
 
 def stored_dtype(source: models.Source) -> str:
     """The dtype most of the checkpoint's floating-point bytes are stored in."""
+    return majority_dtype(ref for f in source.files for ref in read_header(f))
+
+
+def majority_dtype(refs) -> str:
+    """The dtype most of these tensors' floating-point bytes are stored in."""
     sizes: dict[str, int] = {}
-    for f in source.files:
-        for ref in read_header(f):
-            if ref.dtype in _STORED:
-                sizes[_STORED[ref.dtype]] = sizes.get(_STORED[ref.dtype], 0) + ref.nbytes
+    for ref in refs:
+        if ref.dtype in _STORED:
+            sizes[_STORED[ref.dtype]] = sizes.get(_STORED[ref.dtype], 0) + ref.nbytes
     return max(sizes, key=sizes.get) if sizes else "float32"
 
 
