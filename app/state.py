@@ -216,14 +216,13 @@ def calib_tokens() -> int:
 
 def auto_steps(spec: str, calibrating: bool) -> dict[str, int]:
     """The phases Auto-allocate runs, in order, as their progress names them (for the
-    time left over all of them): the calibration's blocks, one candidate unit per linear
-    module, then at most one compression per module to build the plan's modules (the
-    allocation then says how many). {} for a model that cannot be previewed."""
+    time left over all of them): the calibration's blocks, then one candidate unit per
+    linear module (the plan's modules are compressed afterwards, in the background:
+    app.views.plan_build). {} for a model that cannot be previewed."""
     if not can_calibrate(spec):
         return {}
     pv = previewer(spec)
-    n = len(pv.targets)
-    return {"block": len(pv.layers) if calibrating else 0, "candidates": n, "compressing": n}
+    return {"block": len(pv.layers) if calibrating else 0, "candidates": len(pv.targets)}
 
 
 def calib_settings(spec: str):
@@ -294,9 +293,10 @@ def _module_calibration(spec: str, name: str, calib_key: str | None):
     return Calibration(h, rows)
 
 
-@st.cache_resource(show_spinner=False, max_entries=64)
+@st.cache_resource(show_spinner=False, max_entries=2)
 def calibration_block(spec: str, calib_key: str, block: int | None):
-    """One block's Grams (float64) of the calibration in folder `calib_key`."""
+    """One block's Grams (float64) of the calibration in folder `calib_key`; two blocks
+    kept at most (a block of 8B shapes is about 2 GB in float64)."""
     from compressors.apply import as_float64
     from spectra.data.calibration import open_folder
 

@@ -154,6 +154,194 @@ def default_path() -> dict:
 
 SECTIONS = {"row_edit": row_edit, "preview": previews, "default_path": default_path}
 
+# a random checkpoint small enough to check this benchmark itself in a minute
+TINY = dict(hidden=256, mlp=704, heads=4, kv=2, vocab=49152, tie=False, mlp_only=False)
+
+
+def _hwm_reset(pid: int) -> None:
+    """Start the process's peak resident set (VmHWM) afresh (Linux: clear_refs 5)."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
+def _status_kb(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+class Sampler:
+    """The server's resident set every second, for the curve of where memory goes."""
+
+    def __init__(self, pid: int):
+        import threading
+
+        self.pid, self.t0, self.samples = pid, time.perf_counter(), []
+        self.marks: list[tuple[float, str]] = []
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(1.0):
+            try:
+                rss = _status_kb(self.pid, "VmRSS")
+            except (OSError, KeyError):
+                return
+            self.samples.append((round(time.perf_counter() - self.t0, 1), round(rss / 1e6, 3)))
+
+    def mark(self, what: str) -> None:
+        self.marks.append((round(time.perf_counter() - self.t0, 1), what))
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self.thread.join()
+        return {"rss_gb_every_s": self.samples, "marks": self.marks}
+
+
+def _phase(pid: int, fn) -> dict:
+    """Wall time of `fn()` and the server's peak resident set while it ran."""
+    _hwm_reset(pid)
+    t0 = time.perf_counter()
+    fn()
+    seconds = time.perf_counter() - t0
+    return {
+        "seconds": round(seconds, 1),
+        "peak_rss_gb": round(_status_kb(pid, "VmHWM") * 1024 / 1e9, 3),
+    }
+
+
+def _until(page, text: str, timeout: float) -> None:
+    """Until `text` shows, failing at once on an error or exception in the page."""
+    bad = page.locator('[data-testid="stException"], [data-testid="stAlertContentError"]')
+    end = time.perf_counter() + timeout / 1000
+    while time.perf_counter() < end:
+        if page.get_by_text(text).count():
+            return
+        if bad.count():
+            raise RuntimeError(f"the page failed before '{text}': {bad.first.inner_text()}")
+        page.wait_for_timeout(1000)
+    raise TimeoutError(f"'{text}' did not show in {timeout / 1000:.0f} s")
+
+
+def big(shape_name: str, layers: int, work: Path) -> dict:
+    """The app on a random checkpoint of real shapes (issue 43), beside the command
+    line doing the same work, each with its own fresh cache:
+
+    - Model page: `spectra app DIR --offload disk` started, Chromium opens it; seconds
+      until the page shows the model (its parameters), then until every spectrum is in
+      (the page says so), beside `spectra analyze DIR --no-mpo`;
+    - Auto-allocate with the Plan page's defaults (a 4,096-token calibration, whitened
+      low rank at 80% on the calibration-weighted loss) beside `spectra plan auto DIR`
+      (the same defaults: it calibrates first);
+    - the first preview (2,048 tokens: the dense baseline, then the plan's modules,
+      compressed in the background since Auto-allocate, waited for) beside `spectra
+      apply` of the plan auto wrote and `spectra eval OUT --max-tokens 2048`.
+
+    The server's peak resident set per action is its VmHWM, reset before the action; a
+    command's is its own ru_maxrss.
+    """
+    import os
+    import subprocess
+    import sys
+    import urllib.request
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from bench_scale import SHAPES, run, write_checkpoint
+    from playwright.sync_api import sync_playwright
+
+    shape = TINY if shape_name == "tiny" else SHAPES[shape_name]
+    model = work / "model"
+    gb = write_checkpoint(model, shape, layers)
+    out: dict = {"shape": shape_name, "layers": layers, "checkpoint_gb": round(gb, 2)}
+    env = dict(os.environ, SPECTRA_CACHE=str(work / "cache-app"))
+    env.pop("DISPLAY", None)
+    port = 8765
+    t_launch = time.perf_counter()
+    with open(work / "server.log", "w") as log:  # the server keeps its own handle
+        server = subprocess.Popen(
+            [sys.executable, "-m", "spectra", "app", str(model), "--offload", "disk",
+             "--port", str(port)],
+            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+        )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    sampler = Sampler(server.pid)
+    try:
+        for _ in range(240):
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2):
+                    break
+            except OSError:
+                time.sleep(0.5)
+        out["server_start_s"] = round(time.perf_counter() - t_launch, 1)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(
+                executable_path="/usr/bin/chromium",
+                args=["--headless", "--no-sandbox", "--disable-gpu"],
+            )
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            hour = 3_600_000
+            _hwm_reset(server.pid)
+            t0 = time.perf_counter()
+            page.goto(url)
+            _until(page, "Parameters in them", 120_000)
+            out["app_model_page_s"] = round(time.perf_counter() - t0, 1)
+            sampler.mark("model page")
+            _until(page, "distinct matrices computed in", 3 * hour)
+            out["app_all_spectra_s"] = round(time.perf_counter() - t0, 1)
+            line = page.get_by_text("distinct matrices computed in").inner_text()
+            out["app_spectra_line"] = line
+            out["app_analysis_peak_rss_gb"] = round(_status_kb(server.pid, "VmHWM") * 1024 / 1e9, 3)
+            sampler.mark("spectra in")
+            page.goto(f"{url}/plan")
+            _until(page, "Selected module", 600_000)
+
+            def allocate():
+                page.get_by_role("button", name="Auto-allocate").click()
+                _until(page, "Auto-allocated lowrank", 4 * hour)
+
+            sampler.mark("auto-allocate")
+            out["app_auto_allocate"] = _phase(server.pid, allocate)
+            out["app_auto_message"] = page.get_by_text("Auto-allocated lowrank").inner_text()
+            sampler.mark("preview")
+
+            def preview():
+                page.get_by_role("button", name="Preview perplexity").click()
+                _until(page, "Compressed perplexity", 4 * hour)
+
+            out["app_first_preview"] = _phase(server.pid, preview)
+            sampler.mark("done")
+            browser.close()
+    finally:
+        out["server_rss"] = sampler.stop()
+        server.terminate()
+        server.wait(timeout=60)
+    spectra = [sys.executable, "-m", "spectra"]
+    cli_env = dict(os.environ, SPECTRA_CACHE=str(work / "cache-cli"))
+    day = 6 * 3600
+    plan = work / "plan.yaml"
+    for name, cmd in (
+        ("cli_analyze", [*spectra, "analyze", str(model), "--no-mpo", "--json"]),
+        ("cli_plan_auto", [*spectra, "plan", "auto", str(model), "--offload", "disk",
+                           "-o", str(plan), "--json"]),
+        ("cli_apply", [*spectra, "apply", str(plan), "--model", str(model), "--offload",
+                       "disk", "-o", str(work / "out"), "--force", "--json"]),
+        ("cli_eval", [*spectra, "eval", str(work / "out"), "--max-tokens", "2048",
+                      "--json"]),
+    ):  # fmt: skip
+        got = run(cmd, cli_env, day, work)
+        got.pop("stdout", None)
+        out[name] = got
+        print(name, got, flush=True)
+    a, c = out["app_auto_allocate"], out["cli_plan_auto"]
+    out["auto_allocate_time_ratio"] = round(a["seconds"] / c["seconds"], 3)
+    out["auto_allocate_rss_over_cli_gb"] = round(a["peak_rss_gb"] - c["peak_rss_gb"], 3)
+    spectra_s = float(out["app_spectra_line"].split("computed in ")[1].split(" s")[0])
+    out["analysis_time_ratio"] = round(spectra_s / out["cli_analyze"]["seconds"], 3)
+    p, e = out["app_first_preview"], out["cli_eval"]
+    out["preview_rss_over_cli_eval_gb"] = round(p["peak_rss_gb"] - e["peak_rss_gb"], 3)
+    return out
+
 
 def main() -> None:
     import argparse
@@ -162,9 +350,24 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", nargs="+", choices=SECTIONS, help="sections to run (default: all)")
+    ap.add_argument("--shape", choices=["8b", "1b", "tiny"], help="the app on a random checkpoint")
+    ap.add_argument("--layers", type=int, default=4, help="its blocks (default 4)")
+    ap.add_argument("--work", type=Path, help="where it goes (default: a temporary folder)")
     args = ap.parse_args()
     results = json.loads(OUT.read_text()) if OUT.is_file() else {}
     results["torch_threads"] = torch.get_num_threads()
+    if args.shape:
+        import shutil
+
+        work = args.work or Path(tempfile.mkdtemp(prefix="spectra-bench-app-"))
+        try:
+            got = big(args.shape, args.layers, work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        results.setdefault("big", {})[f"{args.shape}/{args.layers}"] = got
+        OUT.write_text(json.dumps(results, indent=2) + "\n")
+        print(json.dumps(got, indent=2))
+        return
     for name, fn in SECTIONS.items():
         if not args.only or name in args.only:
             results[name] = fn()

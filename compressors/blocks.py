@@ -203,7 +203,7 @@ def with_final_hidden(model: nn.Module, finals: list[torch.Tensor]):
     skip = (
         is_streamed(model)
         and isinstance(embed, nn.Embedding)
-        and (head is None or head.weight is not embed.weight)
+        and getattr(head, "weight", None) is not embed.weight  # a compressed head shares none
     )
     outer = [m for m in outer_modules(model) if not (skip and m is embed)]
     if skip:

@@ -6,8 +6,8 @@ attaches `OutOffload`: materialising a block (compressors.blocks.onloaded) reads
 dense parameters from OUT's dense shards (spectra.io.offload.DiskOffload) and puts in
 place each compressed module inside it, built from its factorization (read from the
 factors shards for the purpose) as `io.load` builds it; releasing the block puts the
-placeholders back. A compressed module outside the blocks (a head) is refused: load
-such an OUT whole.
+placeholders back. A compressed module outside the blocks (a head) is built once and
+kept resident for the run (its factors are what it costs).
 """
 
 from __future__ import annotations
@@ -16,8 +16,6 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from torch import nn
-
-from spectra.errors import SpectraInputError
 
 
 class Lazy(Mapping):
@@ -107,9 +105,8 @@ def load(out, device: str = "cpu", dtype=None) -> nn.Module:
         model = AutoModelForCausalLM.from_config(config, **({"dtype": dtype} if dtype else {}))
     model.tie_weights()
     inside = {id(m) for m in blocks.decoder_layers(model).modules()}
+    outer = [n for n in modules if id(model.get_submodule(n)) not in inside]
     for name in modules:
-        if id(model.get_submodule(name)) not in inside:
-            raise SpectraInputError(f"{out}: {name} is compressed outside the blocks")
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, Pending(name))
     for name, buf in list(model.named_buffers()):
@@ -121,5 +118,9 @@ def load(out, device: str = "cpu", dtype=None) -> nn.Module:
                 module._buffers[attr] = b.to(device)
     disk = DiskOffload(model, refs["dense"], device)
     off = OutOffload(model, disk, refs["factors"], modules, device, dtype)
+    for name in outer:  # compressed outside the blocks (a head): built once, kept resident
+        built = off._build(name, {}).to(device)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, built.to(dtype) if dtype else built)
     model.__dict__[blocks.ATTR] = off
     return model.eval()

@@ -121,7 +121,7 @@ class Previewer:
         self.dense_ppl: dict[int, float] = {}
         self.history: list[PreviewResult] = []
         self.grams = grams
-        self._blocks: dict[int, dict] = {}  # calibration blocks read so far (float64)
+        self._blocks: dict[int, dict] = {}  # the calibration block read last (float64)
 
     def use_calibration(self, grams) -> None:
         """Data-aware settings from now on read `grams` (modules built with another
@@ -135,9 +135,11 @@ class Previewer:
         block = self.targets[name][0].block
         if self.grams is None or block is None or block not in self.grams:
             return None
-        if block not in self._blocks:
-            self._blocks[block] = as_float64(self.grams[block])
-        h, rows = self._blocks[block][name]
+        wide = self._blocks.get(block)
+        if wide is None:  # one block at a time (about 2 GB of float64 on 8B shapes)
+            wide = as_float64(self.grams[block])
+            self._blocks = {block: wide}
+        h, rows = wide[name]
         return Calibration(h, rows)
 
     def _calibration_tag(self) -> str | None:

@@ -5,7 +5,8 @@ import math
 
 import streamlit as st
 
-from app import state
+from app import memory, state
+from app.views import plan_build
 from app.views.plan_state import plan_signature, rebase
 from app.views.progress import Eta
 from spectra.errors import SpectraInputError
@@ -21,7 +22,7 @@ ALLOCATE = {name: rule.label for name, rule in RULES.items()}  # plan auto --all
 
 
 # what each phase of Auto-allocate is part of, as its progress says it
-STEPS = {"block": "calibration", "candidates": "ranking", "compressing": "building"}
+STEPS = {"block": "calibration", "candidates": "ranking"}
 
 
 def damage_label(kind: str, calibrated: bool) -> str:
@@ -76,6 +77,7 @@ def budget_controls(spec: str) -> None:
     c[5].write("")
     if c[5].button("Auto-allocate", key="auto_go", type="primary"):
         st.session_state.auto_fallback = None
+        plan_build.stop(spec)  # the last plan's build (its modules stay in the store)
         bar = st.progress(0.0, "Preparing...")
         reads = (sens != "none" and KINDS[sens].calibrated) or RULES[allocate].needs_calibration
         calibrate = reads and not calibrated
@@ -89,6 +91,7 @@ def budget_controls(spec: str) -> None:
         # one time left over every step: calibration, ranking, building the modules
         eta = Eta(bar, "auto-allocate", plan=state.auto_steps(spec, calibrate), labels=STEPS)
         try:
+            memory.check(state.opened(spec), "auto-allocate", state.calib_tokens())
             if calibrate:
                 state.compute_calibration(spec, progress=eta)
             out = state.auto_layers(
@@ -105,8 +108,9 @@ def budget_controls(spec: str) -> None:
             bar.empty()
             st.error(str(e))
             return
-        prebuild(spec, out["layers"], eta)
         bar.empty()
+        # the plan is chosen; its modules compress for the previews in the background
+        plan_build.start(spec, {k: pe.config_of(v) for k, v in out["layers"].items()})
         rebase(out["layers"])
         st.session_state.auto_message = auto_message(method, sens, out["summary"], allocate)
         st.session_state.auto_damage = (f"auto: {DAMAGE[sens]}", plan_signature(out["layers"]))
@@ -115,17 +119,6 @@ def budget_controls(spec: str) -> None:
         st.info(st.session_state.auto_message)
     if st.session_state.get("auto_fallback"):
         st.warning(st.session_state.auto_fallback)
-
-
-def prebuild(spec: str, layers: dict, eta: Eta) -> None:
-    """Compress the allocated plan into the store the previews read, so that the first
-    preview only evaluates (a model that cannot be previewed, no tokenizer, skips it)."""
-    if not state.can_calibrate(spec):
-        return
-    configs = {k: pe.config_of(v) for k, v in layers.items()}
-    pv = state.previewer(spec)
-    eta.expect("compressing", pv.pending(configs)["compressing"])
-    pv.prebuild(configs, progress=eta)
 
 
 def auto_message(method: str, sens: str, s: dict, allocate: str = "loss") -> str:
@@ -180,6 +173,11 @@ def calibration_controls(spec: str) -> None:
         "`spectra calibrate`), then cached."
     )
     if c[2].button("Compute calibration", key="calib_go"):
+        try:
+            memory.check(state.opened(spec), "calibration", state.calib_tokens())
+        except SpectraInputError as e:
+            st.error(str(e))
+            return
         bar = st.progress(0.0, "Calibrating...")
         state.compute_calibration(spec, progress=Eta(bar))
         bar.empty()

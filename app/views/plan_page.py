@@ -9,8 +9,9 @@ top of the run, so every control below sees the same plan.
 import polars as pl
 import streamlit as st
 
-from app import state
+from app import memory, state
 from app.views import knobs as kw
+from app.views import plan_build
 from app.views.plan_auto import budget_controls, calibration_controls
 from app.views.plan_state import error_key, init, known_errors, plan_signature, rebase, set_module
 from app.views.plan_table import read_table_edits, table
@@ -137,11 +138,13 @@ def totals_and_preview(spec: str, mats) -> None:
         st.session_state.preview_running = True
         try:  # Stop (or a rerun) raises out of `bar.progress`: preview_running stays True
             configs = {k: pe.config_of(v) for k, v in layers.items()}
+            memory.check(state.opened(spec), "preview", int(tokens), t["params_after"])
             if state.calibration(spec) is None and any(
                 needs_data(c) for c in configs.values() if c is not None
             ):
                 state.compute_calibration(spec, progress=Eta(bar))
             pv = state.previewer(spec)
+            plan_build.wait(spec, bar)  # Auto-allocate's modules, still compressing
             plan = pv.pending(configs, int(tokens))  # every phase counts in the time left
             r = pv.preview(configs, int(tokens), progress=Eta(bar, plan=plan))
         except SpectraInputError as e:
@@ -233,6 +236,7 @@ def render() -> None:
         st.error(problem)
     calibration_controls(spec)
     budget_controls(spec)
+    plan_build.status(spec)
     st.subheader("Selected module")
     module_editor(spec, mats)
     st.subheader("Budget and perplexity")

@@ -5,7 +5,7 @@ import plotly.graph_objects as go
 import polars as pl
 import streamlit as st
 
-from app import state
+from app import memory, state
 from app.views.progress import Eta
 from app.views.spectra_page import heatmap
 from spectra.errors import SpectraInputError
@@ -50,6 +50,7 @@ def render() -> None:
         if key not in st.session_state:
             bar = st.progress(0.0, kind)
             try:
+                memory.check(state.opened(spec), "sensitivity", tokens)
                 st.session_state[key] = state.sensitivity_scores(
                     spec,
                     kind,

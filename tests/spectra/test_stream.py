@@ -351,6 +351,8 @@ def test_eval_of_a_compressed_out_streamed_equals_resident(family, family_dir, t
         {"targets": [r"re:.*(down_proj|mlp\.c_proj)"], "method": "quant", "group_size": 16},
         {"targets": [r"re:.*(o_proj|c_attn)"], "method": "prune", "pattern": "2:4"},
     ]
+    if family == "llama":  # an untied head compressed: built once, outside the blocks
+        rules.append({"targets": ["lm_head"], "method": "lowrank", "rank": 8})
     plan = tmp_path / "plan.yaml"
     plan.write_text(yaml.safe_dump({"version": 1, "rules": rules}))
     out = tmp_path / "out"
@@ -411,6 +413,27 @@ def test_preview_streamed_equals_resident_and_eval(family, family_dir):
     assert got["none"][2] == pytest.approx(fresh, rel=1e-6)
     assert got["none"][0] == pytest.approx(dense, rel=1e-6)
     assert got["none"][1] != pytest.approx(got["none"][0], rel=1e-5)  # the plan did something
+
+
+def test_a_compressed_untied_head_previews_streamed_as_resident(family_dir):
+    """The untied head itself compressed (Auto-allocate's plans include lm_head): the
+    streamed preview still runs the real embedding through the head's replacement,
+    which has no `weight` to compare with the embedding's (it failed with
+    AttributeError on a random 8B-shape slice)."""
+    from compressors.registry import make_config
+    from spectra.preview import Previewer
+
+    path = family_dir("llama")  # its head is untied
+    tok = open_model(str(path)).tokenizer()
+    layers = {"lm_head": make_config("lowrank", rank=8)}
+    got = {}
+    for off in ("none", "disk"):
+        model = open_model(str(path), "cpu", "float32", off).load()
+        assert model.lm_head.weight is not model.model.embed_tokens.weight  # untied
+        r = Previewer(model, tok, seqlen=64).preview(layers, 256)
+        got[off] = (r.dense_ppl, r.ppl)
+    assert got["disk"] == pytest.approx(got["none"], rel=1e-6)
+    assert got["none"][1] != pytest.approx(got["none"][0], rel=1e-4)  # the head changed
 
 
 def test_a_converting_read_goes_band_by_band_and_equals_the_whole(tmp_path, monkeypatch):
