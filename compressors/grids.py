@@ -82,11 +82,23 @@ def group_grid(
     return scale, zero
 
 
+def half_exact(scale: torch.Tensor) -> torch.Tensor:
+    """`scale` rounded to the nearest float16 value (kept in its dtype; 1 where that is
+    0): every format that stores scales in 16 bits (GGUF's blocks, compressed-tensors in
+    float16) then holds the very grid the codes were computed on."""
+    s = scale.to(torch.float16).to(scale.dtype)
+    return torch.where(s > 0, s, torch.ones_like(s))
+
+
+def scale_dtype(dtype: torch.dtype) -> torch.dtype:
+    """A dtype that holds float16 scales exactly next to weights of `dtype` (bfloat16's
+    8-bit mantissa does not: float32 then)."""
+    return torch.promote_types(dtype, torch.float16)
+
+
 def _range_grid(lo, hi, bits, symmetric):
     if symmetric:
-        scale = torch.maximum(-lo, hi) / ((2**bits - 1) / 2)
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        scale = half_exact(torch.maximum(-lo, hi) / ((2**bits - 1) / 2))
         return scale, torch.full_like(scale, 2 ** (bits - 1))
-    scale = (hi - lo) / (2**bits - 1)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    scale = half_exact((hi - lo) / (2**bits - 1))
     return scale, torch.round(-lo / scale)

@@ -7,7 +7,10 @@ clamp(round(w / scale) + zero, 0, 2^bits - 1). Storage: `bits` per weight plus a
 16-bit scale and a 16-bit zero point per group. `symmetric`: the grid of
 compressed-tensors (llm-compressor, vLLM): scale = max|w| / ((2^bits - 1) / 2), signed
 codes in [-2^(bits-1), 2^(bits-1) - 1] (stored offset by 2^(bits-1)), no zero point
-stored: 16 bits per group instead of 32.
+stored: 16 bits per group instead of 32. Every scale is rounded to a float16 value
+before any code is computed (held in float32 beside bfloat16 weights), so a format that
+stores scales in 16 bits (GGUF's Q4_0/Q8_0/Q4_1 blocks, compressed-tensors in float16)
+keeps exactly the grid the codes were chosen on.
 
 GPTQ (Frantar et al. 2022; the same update as LDLQ in QuIP, Chee et al. 2023):
 columns are quantized in order and each column's rounding error, scaled by the
@@ -50,7 +53,7 @@ from compressors.base import (  # noqa: F401 (re-exported)
     hessian_inverse_factor,
 )
 from compressors.gptq import ldlq
-from compressors.grids import dequantize, grid, quantize
+from compressors.grids import dequantize, grid, quantize, scale_dtype
 from compressors.method import Floor, Knob, Method
 
 OBSERVERS = ("minmax", "mse")
@@ -177,7 +180,8 @@ def round_to_nearest(w: torch.Tensor, bits: int, group_size: int, symmetric: boo
     wd = w.detach().to(torch.float64)
     scale, zero = grid(wd, bits, group_size, symmetric)
     codes = quantize(wd, scale, zero, bits, group_size).to(torch.uint8)
-    return Quantized(codes, scale.to(w.dtype), zero.to(w.dtype), bits, group_size, symmetric)
+    held = scale_dtype(w.dtype)
+    return Quantized(codes, scale.to(held), zero.to(held), bits, group_size, symmetric)
 
 
 def compress(weight: torch.Tensor, config: QuantConfig, calib: Calibration | None = None):
@@ -203,8 +207,8 @@ def compress(weight: torch.Tensor, config: QuantConfig, calib: Calibration | Non
         codes = quantize(w, scale, zero, config.bits, config.group_size)
     return Quantized(
         codes.to(torch.uint8),
-        scale.to(weight.dtype),
-        zero.to(weight.dtype),
+        scale.to(scale_dtype(weight.dtype)),
+        zero.to(scale_dtype(weight.dtype)),
         config.bits,
         config.group_size,
         config.symmetric,
@@ -212,6 +216,36 @@ def compress(weight: torch.Tensor, config: QuantConfig, calib: Calibration | Non
 
 
 QUANTIZERS = ("scalar", "e8p")
+
+# llama.cpp's block types that hold a grid's own codes: 32 weights share one float16
+# scale (Q4_1: and a float16 minimum); by (bits, symmetric)
+GGUF_BLOCKS = {(4, True): "Q4_0", (8, True): "Q8_0", (4, False): "Q4_1"}
+
+
+def grid_of(f) -> tuple[int, int, bool] | None:
+    """(bits, group size, symmetric) of a scalar grid; None for anything else."""
+    return (f.nbits, f.group_size, f.symmetric) if isinstance(f, Quantized) else None
+
+
+def gguf_block(grid: tuple[int, int, bool] | None) -> str | None:
+    """The GGUF block type holding this grid's codes exactly, or None."""
+    if grid is None or grid[1] != 32:
+        return None
+    return GGUF_BLOCKS.get((grid[0], grid[2]))
+
+
+def gguf_reason(grid: tuple[int, int, bool] | None) -> str | None:
+    """None when a GGUF block holds the grid, else why the module is requantized."""
+    if grid is None:
+        return "E8P lattice codes: no GGUF block type"
+    if gguf_block(grid) is not None:
+        return None
+    bits, group, symmetric = grid
+    kind = "symmetric" if symmetric else "asymmetric"
+    return (
+        f"{kind} {bits}-bit grid in groups of {group}: no GGUF block type holds it "
+        "(Q4_0, Q8_0: symmetric 4 and 8 bits; Q4_1: asymmetric 4 bits; groups of 32)"
+    )
 
 
 def check_quantizer(method: str, quantizer, bits) -> None:
@@ -293,12 +327,14 @@ METHOD = Method(
     factorizations=(Quantized, e8p.QuipSharp),
     mixed=True,
     probes={"rtn-3bit": lambda m, n: QuantConfig(bits=3, group_size=128)},
-    # a grid is compressed-tensors' own (spectra.export.ctensors checks it fits)
+    # a grid is compressed-tensors' own (spectra.export.ctensors checks it fits), and
+    # llama.cpp's where it is one of its 32-weight blocks (spectra.export.gguf_out)
     exports={
         "compressed-tensors": lambda f: (
             "E8P lattice codes: no compressed-tensors format"
             if isinstance(f, e8p.QuipSharp)
             else None
-        )
+        ),
+        "gguf": lambda f: gguf_reason(grid_of(f)),
     },
 )

@@ -1,10 +1,14 @@
 """A GGUF file of the reconstructed model, for llama.cpp and what is built on it.
 
-Every compressed module is reconstructed (GGUF has no factorized or sparse forms), and
-every 2-D weight is written in the asked type (F16, Q8_0 or Q4_0, quantized by the
-gguf package's own quantizers; a row whose width is not a multiple of the 32-weight
-block falls back to F16), 1-D tensors (norms, biases) in F32 as llama.cpp's converter
-writes them.
+A `quant` module whose grid is one of llama.cpp's 32-weight block types keeps its own
+codes: symmetric 4-bit as Q4_0, symmetric 8-bit as Q8_0, asymmetric 4-bit as Q4_1
+(groups of 32; the grid's scales are float16 values, so Q4_0 and Q8_0 hold it bit for
+bit, and Q4_1's minimum, -zero x scale, is rounded to float16). Every other compressed
+module is reconstructed (GGUF has no factorized or sparse forms; a grid no block type
+holds is requantized, and the summary says why), and every other 2-D weight is written
+in the asked type (F16, Q8_0 or Q4_0, quantized by the gguf package's own quantizers; a
+row whose width is not a multiple of the 32-weight block falls back to F16), 1-D
+tensors (norms, biases) in F32 as llama.cpp's converter writes them.
 
 Metadata: a GGUF source (the demo, a .gguf file) has its own key-values carried over,
 tokenizer included, and its tensor names and order. A Hugging Face Llama, Mistral or
@@ -24,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from compressors.quant import gguf_block, gguf_reason
 from spectra.errors import SpectraInputError
 
 FILE = "model.gguf"
@@ -66,13 +71,19 @@ def write(tmp: Path, out: Path, src, tokenizer, gguf_type: str):
     by_gguf = {g: h for h, g in names.items()}
     copied = {t.name: t for t in reader.tensors} if source is not None else {}
     fallback = []
+    # quant modules whose grid is a GGUF block type: written with their own codes
+    native = {}
+    for module in src.compressed():
+        block = gguf_block(src.grid(module))
+        if block is not None:
+            native[f"{module}.weight"] = gguf.GGMLQuantizationType[block]
     for gname in order:  # a tensor transformers does not keep (e.g. rope_freqs): copied
         t = copied[gname] if by_gguf.get(gname) is None else None
         if t is not None:
             writer.add_tensor_info(gname, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
             continue
         shape = src.shape(by_gguf[gname])
-        dtype = _encoded_type(gguf, shape, qtype)
+        dtype = native.get(by_gguf[gname]) or _encoded_type(gguf, shape, qtype)
         if dtype != qtype and len(shape) == 2:
             fallback.append(gname)
         if dtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
@@ -91,17 +102,57 @@ def write(tmp: Path, out: Path, src, tokenizer, gguf_type: str):
         if hname is None:
             writer.write_tensor_data(copied[gname].data)
             continue
-        w = src.value(hname).detach().to(torch.float32).numpy()
+        heads = None
         if arch in PERMUTED and hname.endswith(("q_proj.weight", "k_proj.weight")):
             heads = config.num_attention_heads
             if hname.endswith("k_proj.weight"):
                 heads = getattr(config, "num_key_value_heads", None) or heads
+        if hname in native:
+            f = src.factorization(hname.removesuffix(".weight"))
+            data = blocks(f, native[hname].name)
+            writer.write_tensor_data(data if heads is None else rotary_rows(data, heads))
+            continue
+        w = src.value(hname).detach().to(torch.float32).numpy()
+        if heads is not None:
             w = rotary_rows(w, heads)
         writer.write_tensor_data(_encode(gguf, w, qtype)[0])
         del w
     writer.close()
     note = None if not fallback else f"{len(fallback)} tensors in F16 (rows not in 32-blocks)"
-    return [dict(module=n, stored=f"dense {gguf_type}", reason=note) for n in src.compressed()]
+    rows = []
+    for n in src.compressed():
+        block = native.get(f"{n}.weight")
+        if block is not None:
+            rows.append(dict(module=n, stored=f"{block.name}, its own codes", reason=None))
+            continue
+        grid = src.grid(n)
+        why = gguf_reason(grid) if grid is not None else note
+        rows.append(dict(module=n, stored=f"dense {gguf_type}", reason=why))
+    return rows
+
+
+def blocks(f, kind: str) -> np.ndarray:
+    """A scalar grid's codes as llama.cpp's blocks of 32 weights, (rows, bytes): Q8_0 is
+    a float16 scale d and 32 int8 q (w = d q); Q4_0 is d and 16 bytes of 4-bit q, the
+    block's first 16 weights in the low nibbles and its last 16 in the high ones
+    (w = d (q - 8)); Q4_1 is d, a float16 minimum m and the same nibbles (w = d q + m).
+    Our symmetric codes are offset by 2^(bits-1), so Q4_0's and Q8_0's q are exactly
+    them; Q4_1's m is -zero x scale, rounded to float16."""
+    codes = f.codes.numpy().astype(np.int16)
+    m, n = codes.shape
+    g = n // 32
+    c = codes.reshape(m, g, 32)
+    scales = f.scales.to(torch.float32).numpy()
+    d = scales.astype(np.float16).reshape(m, g, 1).view(np.uint8)
+    if kind == "Q8_0":
+        q = (c - 128).astype(np.int8).view(np.uint8)
+        return np.concatenate([d, q], axis=-1).reshape(m, g * 34)
+    nibbles = (c[..., :16] | (c[..., 16:] << 4)).astype(np.uint8)
+    if kind == "Q4_0":
+        return np.concatenate([d, nibbles], axis=-1).reshape(m, g * 18)
+    zeros = f.zeros.to(torch.float32).numpy()
+    low = (-zeros * scales).astype(np.float16).reshape(m, g, 1).view(np.uint8)
+    return np.concatenate([d, low, nibbles], axis=-1).reshape(m, g * 20)
 
 
 def _encoded_type(gguf, shape, qtype):

@@ -74,6 +74,12 @@ class Resident:
     def compressed(self) -> list[str]:
         return list(self.factorizations)
 
+    def grid(self, name: str) -> tuple[int, int, bool] | None:
+        """(bits, group size, symmetric) of a module stored as a scalar grid, else None."""
+        from compressors.quant import grid_of
+
+        return grid_of(self.factorizations[name])
+
 
 class Streamed:
     """The reconstruction of OUT read from its files a tensor at a time."""
@@ -116,6 +122,15 @@ class Streamed:
 
     def compressed(self) -> list[str]:
         return list(self.modules)
+
+    def grid(self, name: str) -> tuple[int, int, bool] | None:
+        """(bits, group size, symmetric) of a module stored as a scalar grid, else None
+        (read from the manifest: no tensor is read)."""
+        desc = self.modules[name]["factorization"]
+        if not desc or not desc.get("class", "").endswith("quant.Quantized"):
+            return None
+        fields = desc["fields"]
+        return tuple(fields[k]["value"] for k in ("nbits", "group_size", "symmetric"))
 
     def factorization(self, name: str):
         from compressors import io

@@ -100,15 +100,15 @@ def test_act_order_lowers_the_calibration_error_on_unequal_inputs():
 
 def test_symmetric_grid_is_compressed_tensors_and_costs_no_zero_points():
     """scale = max|w| / ((2^b - 1) / 2), signed codes clamped to [-2^(b-1), 2^(b-1) - 1]
-    (compressed-tensors' calculate_qparams and fake_quantize, written out here), and
-    16 bits per group instead of 32."""
+    (compressed-tensors' calculate_qparams and fake_quantize, written out here, on a
+    float16 model: the scale in float16), and 16 bits per group instead of 32."""
     g = gen(5)
     w = torch.randn(6, 40, generator=g, dtype=torch.float64) * 2
     for bits in (3, 4):
         q = compress(w, make_config("quant", bits=bits, group_size=8, symmetric=True))
         groups = w.reshape(6, 5, 8)
         amax = groups.abs().amax(-1, keepdim=True)
-        scale = amax / ((2**bits - 1) / 2)
+        scale = (amax / ((2**bits - 1) / 2)).half().double()
         signed = torch.clamp(torch.round(groups / scale), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
         torch.testing.assert_close(q.to_dense().double(), (signed * scale).reshape(6, 40))
         assert int(q.codes.max()) <= 2**bits - 1
@@ -147,11 +147,11 @@ def test_mse_observer_picks_the_shrunk_grid_with_least_weighted_error(symmetric)
         lo, hi = block.amin(1).clamp(max=0), block.amax(1).clamp(min=0)
         errors, grids = [], []
         for p in SHRINKS:
-            if symmetric:
-                s = torch.maximum(-lo, hi) * float(p) / (top / 2)
+            if symmetric:  # every scale a float16 value, as the formats store it
+                s = (torch.maximum(-lo, hi) * float(p) / (top / 2)).half().double()
                 z = torch.full_like(s, 2 ** (bits - 1))
             else:
-                s = (hi - lo) * float(p) / top
+                s = ((hi - lo) * float(p) / top).half().double()
                 z = torch.round(-lo * float(p) / s)
             q = torch.clamp(torch.round(block / s[:, None]) + z[:, None], 0, top)
             errors.append((((q - z[:, None]) * s[:, None] - block) ** 2) @ d[k * gs : (k + 1) * gs])
@@ -261,3 +261,17 @@ def test_sparsegpt_and_wanda_are_exclusive():
 
     with pytest.raises(SpectraInputError, match="sparsegpt"):
         make_config("prune", sparsity=0.5, wanda=True, sparsegpt=True)
+
+
+@pytest.mark.parametrize("gptq", [False, True])
+def test_scales_are_float16_values_held_exactly_beside_bfloat16_weights(gptq):
+    """Every grid's scale is a float16 value, stored without rounding (float32 beside
+    bfloat16 weights, whose 8-bit mantissa would round it again): a 16-bit format then
+    holds the grid the codes were computed on."""
+    w = (torch.randn(8, 64, generator=gen(7)) * 0.02).to(torch.bfloat16)
+    for symmetric in (False, True):
+        config = make_config("quant", bits=4, group_size=32, symmetric=symmetric, gptq=gptq)
+        q = compress(w, config, calibration(3, n=64) if gptq else None)
+        assert q.scales.dtype == torch.float32
+        assert torch.equal(q.scales, q.scales.half().float())
+        assert not torch.equal(q.scales, q.scales.bfloat16().float())  # bf16 would round

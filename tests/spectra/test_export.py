@@ -195,7 +195,11 @@ def test_gguf_from_a_hf_source_reads_back(family, kind, tol, applied, tmp_path, 
     types = {t.name: t.tensor_type.name for t in reader.tensors}
     vectors = {t.name for t in reader.tensors if len(t.shape) == 1}  # norms, qwen2's biases
     assert vectors and {types[n] for n in vectors} == {"F32"}
-    assert {types[n] for n in types if n not in vectors} == {kind}
+    native = {"blk.1.attn_q.weight": "Q8_0"}  # symmetric 8-bit in groups of 32: its codes
+    assert {n: types[n] for n in native} == native
+    assert {types[n] for n in types if n not in vectors | set(native)} == {kind}
+    stored = {r["module"]: r["stored"] for r in summary["modules"]}
+    assert stored["model.layers.1.self_attn.q_proj"] == "Q8_0, its own codes"
     assert reader.fields["general.architecture"].contents() == family
     logits = read_back(tmp_path, tmp_path / "gg", "model.gguf")
     assert rel(logits, ours(out)) < tol
@@ -338,6 +342,66 @@ def test_gguf_q4_0_blocks_hold_the_reconstruction(applied, tmp_path, capsys):
     assert (err <= np.abs(want).max(-1) / 8 * 1.01).all()
     assert np.abs(got.reshape(64, 3, 32) - want).mean() < np.abs(want).mean() / 8
     assert err.max() > 0  # it is quantized, not copied
+
+
+def test_gguf_blocks_hold_the_grids_own_codes(family_dir, tmp_path, capsys):
+    """Scalar grids in groups of 32 are written as llama.cpp's blocks with their own
+    codes: GPTQ's symmetric 4-bit as Q4_0 and 8-bit as Q8_0, which the gguf package's
+    dequantizer reads back bit for bit, asymmetric 4-bit as Q4_1 (its minimum, -zero x
+    scale, rounded to float16); a grid no block holds is requantized and says why."""
+    import gguf
+
+    from compressors import io
+    from spectra.export.gguf_out import rotary_rows
+
+    calib = {"corpus": "builtin", "samples": 4, "seqlen": 64, "seed": 0}
+    rules = [
+        {"targets": [r"re:.*self_attn\.[qkvo]_proj"], "method": "quant", "bits": 4,
+         "group_size": 32, "symmetric": True, "gptq": True},
+        {"targets": [r"re:.*mlp\.(gate|up)_proj"], "method": "quant", "bits": 8,
+         "group_size": 32, "symmetric": True},
+        {"targets": [r"re:model\.layers\.0\.mlp\.down_proj"], "method": "quant", "bits": 4,
+         "group_size": 32},
+        {"targets": [r"re:model\.layers\.1\.mlp\.down_proj"], "method": "quant", "bits": 4,
+         "group_size": 96, "symmetric": True},
+    ]  # fmt: skip
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(yaml.safe_dump({"version": 1, "calibration": calib, "rules": rules}))
+    out = tmp_path / "out"
+    assert main(["apply", plan, "--model", family_dir("llama"), "-o", out]) == 0
+    summary = export(capsys, out, "gguf", tmp_path / "gg")
+    stored = {r["module"]: (r["stored"], r["reason"]) for r in summary["modules"]}
+    assert stored["model.layers.0.self_attn.q_proj"] == ("Q4_0, its own codes", None)
+    assert stored["model.layers.0.mlp.up_proj"] == ("Q8_0, its own codes", None)
+    assert stored["model.layers.0.mlp.down_proj"] == ("Q4_1, its own codes", None)
+    kind, why = stored["model.layers.1.mlp.down_proj"]
+    assert kind == "dense Q8_0" and "groups of 96: no GGUF block type" in why
+    reader = gguf.GGUFReader(tmp_path / "gg" / "model.gguf")
+    by_name = {t.name: t for t in reader.tensors}
+    config = json.loads((out / "config.json").read_text())
+    facts = io.load(out)[1]
+    gguf_name = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v",
+                 "o_proj": "attn_output", "gate_proj": "ffn_gate", "up_proj": "ffn_up",
+                 "down_proj": "ffn_down"}  # fmt: skip
+    checked = set()
+    for name, f in facts.items():
+        if not stored[name][0].endswith("its own codes"):
+            continue  # requantized by gguf's own Q8_0
+        block, leaf = name.split(".")[2], name.rsplit(".", 1)[1]
+        t = by_name[f"blk.{block}.{gguf_name[leaf]}.weight"]
+        want = f.to_dense().float().numpy()
+        if leaf in ("q_proj", "k_proj"):
+            heads = config["num_attention_heads" if leaf == "q_proj" else "num_key_value_heads"]
+            want = rotary_rows(want, heads)
+        got = gguf.quants.dequantize(t.data, t.tensor_type).reshape(want.shape)
+        checked.add(t.tensor_type.name)
+        if t.tensor_type.name in ("Q4_0", "Q8_0"):
+            assert np.array_equal(got, want), name
+        elif t.tensor_type.name == "Q4_1":
+            low = (-f.zeros * f.scales).float().numpy()
+            assert np.abs(got - want).max() <= np.abs(low).max() * 2**-11, name
+            assert np.abs(got - want).max() > 0  # the minimum was rounded, not the codes
+    assert checked == {"Q4_0", "Q8_0", "Q4_1"}
 
 
 def _tensors_of(path):
