@@ -317,61 +317,6 @@ def calibrated_curves(spec: str, name: str, calib_key: str, method: str):
     return METHODS[method].curves(weight, h)
 
 
-@st.cache_resource(show_spinner=False)
-def _allocations() -> dict:
-    """Auto-allocations made so far, shared by sessions (never mutated once stored)."""
-    return {}
-
-
-def auto_layers(
-    spec: str,
-    method: str,
-    key: str,
-    target: float,
-    sensitivity: str,
-    calib_tokens: int = 0,
-    progress=None,
-    allocate: str = "loss",
-) -> dict:
-    """Auto-allocated explicit plan layers (module -> settings dict) and its summary
-    (`calib_tokens`: the calibration size a calib damage reads; `progress` hears the
-    damage's phases: a page element, which st.cache_data could not replay, hence the
-    plain store; `allocate`: the strategy, spectra.plan.strategies)."""
-    args = (spec, method, key, target, sensitivity, calib_tokens, allocate)
-    store = _allocations()
-    if args not in store:
-        store[args] = _auto_layers(*args, progress)
-    return store[args]
-
-
-def _auto_layers(spec, method, key, target, sensitivity, calib_tokens, allocate, progress):
-    # deferred: torch, needed only once a preview, an error or an allocation is asked for
-    from compressors.base import config_to_dict
-    from spectra.plan import sensitivity as sens
-    from spectra.plan.auto import auto_plan
-    from spectra.plan.strategies import Strategy
-
-    budget = {"target_params": target} if key == "params" else {"target_bits": target}
-    c = calib_settings(spec)  # what a calib damage and owl's outlier ratios read
-    calib = sens.SensitivitySettings("calib", c.corpus, c.tokens, c.seqlen)
-    settings = calib if sensitivity == "calib" else None
-    # the model as the app opened it (dtype, offload) and the shared network every
-    # page's calibration and sensitivity run: no second resident copy
-    result = auto_plan(
-        opened(spec),
-        method,
-        sensitivity=sensitivity,
-        sens_settings=settings,
-        progress=progress,
-        strategy=Strategy(allocate, calib=calib),
-        **budget,
-    )
-    return {
-        "layers": {k: config_to_dict(c) for k, c in result.plan.layers.items()},
-        "summary": result.summary(),
-    }
-
-
 def sensitivity_scores(spec: str, kind: str, tokens: int, progress=None):
     """Per-module sensitivity scores (name, role, block, score) as a table
     (spectra.plan.sensitivity_report, cached on disk by the library); `calib` reads the

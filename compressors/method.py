@@ -58,10 +58,12 @@ class Knob:
 @dataclass(frozen=True)
 class Floor:
     """What the plan's floors ask of one module (its role's): a least rank as a
-    fraction of min(m, n), and least bits."""
+    fraction of min(m, n), least bits, and a preset that narrows a method's grid to
+    what one engine keeps exactly."""
 
     rank: float = 0.0
     bits: int = 0
+    preset: str | None = None  # a named restriction of the grid (quant: "llama.cpp")
 
     def min_rank(self, full: int) -> int:
         return max(1, math.ceil(self.rank * full))

@@ -267,7 +267,15 @@ def check_e8p_shape(method: str, quantizer: str, n: int) -> None:
 # planning: bit widths, damage measured on the result (GPTQ under calibration damage)
 
 
+# `plan auto --preset`: grids an engine stores exactly ("llama.cpp": GGUF's Q4_0, Q8_0)
+PRESETS = {"llama.cpp": dict(bits=(4, 8), group_size=32, symmetric=True)}
+
+
 def allocation_grid(m: int, n: int, floor: Floor, spectral: bool = False) -> list[QuantConfig]:
+    preset = PRESETS.get(floor.preset) if floor.preset else None
+    if preset is not None:
+        fixed = dict(group_size=preset["group_size"], symmetric=preset["symmetric"])
+        return [QuantConfig(bits=b, **fixed) for b in preset["bits"] if b >= floor.bits]
     return [QuantConfig(bits=b, group_size=GRID_GROUP) for b in GRID_BITS if b >= floor.bits]
 
 
@@ -282,9 +290,14 @@ def candidates(mod, dmg, floor: Floor, sigma=None, quick: bool = False) -> list[
     factor = hessian_inverse_factor(calib.hessian)  # one for every bit width
     out = []
     for c in allocation_grid(m, n, floor):
-        config = QuantConfig(bits=c.bits, group_size=c.group_size, gptq=True)
+        config = QuantConfig(bits=c.bits, group_size=c.group_size, symmetric=c.symmetric, gptq=True)
         codes, scale, zero = ldlq(
-            mod.weight.double(), calib.hessian, config.bits, config.group_size, factor=factor
+            mod.weight.double(),
+            calib.hessian,
+            config.bits,
+            config.group_size,
+            factor=factor,
+            symmetric=config.symmetric,
         )
         w_hat = dequantize(codes, scale, zero, config.group_size)
         out.append((config, dmg(mod, mod.weight.double() - w_hat)))

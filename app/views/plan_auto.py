@@ -5,7 +5,8 @@ import math
 
 import streamlit as st
 
-from app import memory, state
+from app import allocations, memory, state
+from app.allocations import Ask
 from app.views import plan_build
 from app.views.plan_state import plan_signature, rebase
 from app.views.progress import Eta
@@ -20,6 +21,9 @@ from spectra.plan.strategies import RULES
 DAMAGE = {k: "weight error (data-free)" if k == "none" else KINDS[k].label for k in APP_DAMAGES}
 ALLOCATE = {name: rule.label for name, rule in RULES.items()}  # plan auto --allocate
 
+
+# the method choices that are a method with a preset (`plan auto --preset`)
+PRESETS = {"quant:llama.cpp": "quant (llama.cpp)"}
 
 # what each phase of Auto-allocate is part of, as its progress says it
 STEPS = {"block": "calibration", "candidates": "ranking"}
@@ -36,10 +40,17 @@ def budget_controls(spec: str) -> None:
     whitened low rank at 80% of the parameters on the calibration-weighted loss estimate,
     computing the small calibration it needs first."""
     c = st.columns([2, 2, 2, 3, 2, 1.4])
-    methods = auto_methods()
+    methods = [*auto_methods(), *PRESETS]
     method = c[0].selectbox(
-        "Allocate with", methods, index=methods.index(DEFAULT_METHOD), key="auto_method"
+        "Allocate with",
+        methods,
+        index=methods.index(DEFAULT_METHOD),
+        key="auto_method",
+        format_func=lambda m: PRESETS.get(m, m),
+        help="quant (llama.cpp): only the grids a GGUF export keeps with their own codes "
+        "(symmetric 4 and 8 bits in groups of 32: Q4_0, Q8_0), `plan auto --preset llama.cpp`",
     )
+    method, preset = ("quant", method.partition(":")[2]) if method in PRESETS else (method, None)
     kind = c[1].radio(
         "Budget",
         ["params", "bits"],
@@ -88,22 +99,14 @@ def budget_controls(spec: str) -> None:
                 "data-free weight error. Give it a tokenizer and compute a "
                 "calibration (or `spectra calibrate MODEL`) for a calibrated plan."
             )
-        # one time left over every step: calibration, ranking, building the modules
+        # one time left over every step: calibration, then ranking
         eta = Eta(bar, "auto-allocate", plan=state.auto_steps(spec, calibrate), labels=STEPS)
         try:
             memory.check(state.opened(spec), "auto-allocate", state.calib_tokens())
             if calibrate:
                 state.compute_calibration(spec, progress=eta)
-            out = state.auto_layers(
-                spec,
-                method,
-                kind,
-                float(target),
-                sens,
-                state.calib_tokens(),
-                progress=eta,
-                allocate=allocate,
-            )
+            ask = Ask(method, kind, float(target), sens, state.calib_tokens(), allocate, preset)
+            out = allocations.auto_layers(spec, ask, progress=eta)
         except SpectraInputError as e:
             bar.empty()
             st.error(str(e))

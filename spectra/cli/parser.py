@@ -272,6 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ROLE=BITS",
         help="bits floor for quant and caldera, e.g. down=4 (repeatable)",
     )
+    auto.add_argument(
+        "--preset",
+        help="llama.cpp: quant grids GGUF keeps with their own codes (symmetric 4 and "
+        "8 bits in groups of 32: Q4_0, Q8_0)",
+    )
     auto.add_argument("--device", default="auto", help=DEVICE_HELP)
     _run_options(auto)  # how fisher, ppl and calib hold the model
     auto.add_argument("-o", "--out", type=Path, required=True, help="plan file (.yaml or .json)")

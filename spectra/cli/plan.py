@@ -70,7 +70,7 @@ def cmd_plan_auto(args) -> int:
     check_out_path(args.out, (".yaml", ".yml", ".json"))
     if args.target_params is None and args.target_bits is None:
         args.target_params = DEFAULT_TARGET_PARAMS
-    floors = autoplan.parse_floors(args.min_rank, args.min_bits, args.keep_dense)
+    floors = autoplan.parse_floors(args.min_rank, args.min_bits, args.keep_dense, args.preset)
     strategy = Strategy(args.allocate, args.alpha_e, args.owl_band)  # bad knobs: exit 2
     # loaded (streamed where it must be) only if a damage is scored on it
     model = open_model(args.model, args.device, args.dtype, args.offload)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from compressors.quant import PRESETS
 from compressors.registry import METHODS
 from spectra.analysis import spectra_by_name
 from spectra.errors import SpectraInputError
@@ -72,8 +73,14 @@ class AutoResult:
         )
 
 
-def parse_floors(min_rank: list[str] | None, min_bits: list[str] | None, keep_dense: str | None):
-    """Floors from `ROLE=VALUE` strings and a full-match regex (exit 2 on nonsense)."""
+def parse_floors(
+    min_rank: list[str] | None,
+    min_bits: list[str] | None,
+    keep_dense: str | None,
+    preset: str | None = None,
+):
+    """Floors from `ROLE=VALUE` strings, a full-match regex and a preset name (exit 2 on
+    nonsense)."""
 
     def pairs(items, flag, cast, ok):
         out = {}
@@ -98,10 +105,13 @@ def parse_floors(min_rank: list[str] | None, min_bits: list[str] | None, keep_de
             pattern = re.compile(keep_dense)
         except re.error as e:
             raise SpectraInputError(f"--keep-dense {keep_dense!r}: does not compile ({e})") from e
+    if preset is not None and preset not in PRESETS:
+        raise SpectraInputError(f"--preset {preset!r}: use one of {', '.join(PRESETS)}")
     return Floors(
         pairs(min_rank, "--min-rank", float, lambda v: 0 < v <= 1),
         pairs(min_bits, "--min-bits", int, lambda v: 2 <= v <= 16),
         pattern,
+        preset,
     )
 
 
@@ -168,6 +178,10 @@ def auto_plan(
     if target_bits is not None and not 0 < target_bits <= 16:
         raise SpectraInputError(f"--target-bits {target_bits}: must be in (0, 16]")
     floors = floors or Floors()
+    if floors.preset is not None and "quant" not in parts(method):
+        raise SpectraInputError(
+            f"--preset {floors.preset}: a quant preset; use it with --method quant or mixed"
+        )
     strategy = strategy or Strategy()
     rule = strategy.rule
     if rule.needs_calibration:  # before any work: its scores read the calibration

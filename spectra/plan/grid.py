@@ -31,10 +31,11 @@ class Floors:
     min_rank: dict[str, float] = field(default_factory=dict)  # role -> fraction of min(m, n)
     min_bits: dict[str, int] = field(default_factory=dict)  # role -> bits
     keep_dense: re.Pattern | None = None
+    preset: str | None = None  # `plan auto --preset`: e.g. quant's "llama.cpp"
 
     def of(self, role: str) -> Floor:
         """What the floors ask of one module of `role`."""
-        return Floor(self.min_rank.get(role, 0.0), self.min_bits.get(role, 0))
+        return Floor(self.min_rank.get(role, 0.0), self.min_bits.get(role, 0), self.preset)
 
 
 def parts(method: str) -> tuple[str, ...]:

@@ -61,3 +61,23 @@ def test_sensitivities_are_kept_apart_by_the_working_dtype(family_dir, monkeypat
         assert not at.exception, at.exception
         scores[dtype] = at.markdown[0].value
     assert scores["bfloat16"] != scores["float32"]
+
+
+def test_auto_allocate_offers_the_llama_cpp_preset(family_dir, monkeypatch):
+    """"quant (llama.cpp)" allocates only the grids a GGUF export keeps with their own
+    codes, as `plan auto --method quant --preset llama.cpp` does."""
+    monkeypatch.setenv("SPECTRA_APP_MODEL", str(family_dir("llama")))
+    at = AppTest.from_file(
+        script("plan_preset", "from app.views import plan_page\nplan_page.render()\n"),
+        default_timeout=300,
+    ).run()
+    at.selectbox(key="auto_method").set_value("quant:llama.cpp").run()
+    at.radio(key="auto_kind").set_value("bits").run()
+    at.number_input(key="auto_target_bits").set_value(6.0).run()
+    at.selectbox(key="auto_sens").set_value("none").run()
+    at.button(key="auto_go").click().run()
+    assert not at.exception, at.exception
+    layers = at.session_state.plan_layers
+    assert layers and {v["method"] for v in layers.values()} == {"quant"}
+    assert all(v["group_size"] == 32 and v["symmetric"] for v in layers.values())
+    assert {v["bits"] for v in layers.values()} <= {4, 8}

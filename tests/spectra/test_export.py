@@ -404,6 +404,30 @@ def test_gguf_blocks_hold_the_grids_own_codes(family_dir, tmp_path, capsys):
     assert checked == {"Q4_0", "Q8_0", "Q4_1"}
 
 
+def test_the_llama_cpp_preset_exports_every_quant_module_with_its_codes(
+    family_dir, tmp_path, capsys, cli
+):
+    """`plan auto --method quant --preset llama.cpp` offers only the grids GGUF keeps
+    (symmetric 4 and 8 bits in groups of 32), so its export requantizes nothing."""
+    model = family_dir("llama")
+    plan = tmp_path / "plan.yaml"
+    argv = ["plan", "auto", model, "--method", "quant", "--preset", "llama.cpp"]
+    assert main([*argv, "--target-bits", "6", "--sensitivity", "none", "-o", plan]) == 0
+    layers = yaml.safe_load(plan.read_text())["layers"]
+    quant = [v for v in layers.values() if v["method"] == "quant"]
+    assert quant and all(v["group_size"] == 32 and v["symmetric"] for v in quant)
+    assert {v["bits"] for v in quant} == {4, 8}  # 6 bits on average: both are used
+    out = tmp_path / "out"
+    assert main(["apply", plan, "--model", model, "-o", out]) == 0
+    summary = export(capsys, out, "gguf", tmp_path / "gg")
+    stored = {r["stored"] for r in summary["modules"]}
+    assert stored <= {"Q4_0, its own codes", "Q8_0, its own codes"}, stored
+    bad = cli("plan", "auto", model, "--preset", "vllm", "-o", tmp_path / "p.yaml")
+    assert bad.returncode == 2 and "--preset 'vllm': use one of llama.cpp" in bad.stderr
+    bad = cli("plan", "auto", model, "--preset", "llama.cpp", "-o", tmp_path / "p.yaml")
+    assert bad.returncode == 2 and "use it with --method quant or mixed" in bad.stderr
+
+
 def _tensors_of(path):
     from safetensors.torch import load_file
 
