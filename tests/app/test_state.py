@@ -64,7 +64,7 @@ def test_sensitivities_are_kept_apart_by_the_working_dtype(family_dir, monkeypat
 
 
 def test_auto_allocate_offers_the_llama_cpp_preset(family_dir, monkeypatch):
-    """"quant (llama.cpp)" allocates only the grids a GGUF export keeps with their own
+    """The "quant (llama.cpp)" choice allocates only the grids a GGUF export keeps with their own
     codes, as `plan auto --method quant --preset llama.cpp` does."""
     monkeypatch.setenv("SPECTRA_APP_MODEL", str(family_dir("llama")))
     at = AppTest.from_file(
