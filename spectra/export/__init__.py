@@ -75,6 +75,8 @@ def export(
             from spectra.export import gguf_out
 
             rows = gguf_out.write(tmp, out, src, tokenizer, gguf_type)
+            if tokenizer is not None:  # for `spectra serve-check`'s windows; not weights
+                tokenizer.save_pretrained(tmp / "tokenizer")
         else:
             rows = [dict(module=n, stored="dense", reason=None) for n in src.compressed()]
             _write_hf(tmp, src, torch_dtype)

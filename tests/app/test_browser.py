@@ -34,13 +34,17 @@ def free_port() -> int:
 
 @pytest.fixture()
 def server(demo_dir, tmp_path_factory):
+    yield from serve("demo", tmp_path_factory.mktemp("server") / "server.log")
+
+
+def serve(model: str, log: Path, **env_vars):
+    """`spectra app MODEL` as a real server; yields its URL, stops it afterwards."""
     port = free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    env = dict(os.environ)
+    env = dict(os.environ, **env_vars)
     env.pop("DISPLAY", None)
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "spectra", "app", "demo", "--port", str(port)],
+            [sys.executable, "-m", "spectra", "app", model, "--port", str(port)],
             stdout=out,
             stderr=subprocess.STDOUT,
             env=env,
@@ -92,6 +96,34 @@ def shots() -> Path:
     out = Path(os.environ.get("SPECTRA_SCREENSHOTS", REPO / "docs" / "img"))
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def test_the_model_page_is_drawn_before_the_spectra(browser, tmp_path):
+    """Issue 43: the Model page shows the model from its headers while its spectra are
+    computed in the background (a random Llama whose spectra take seconds, a fresh
+    cache), then says they are in, without a reload."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=1024, intermediate_size=2816, num_hidden_layers=2, num_attention_heads=8,
+        num_key_value_heads=8, vocab_size=32000, tie_word_embeddings=False,
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
+    url = serve(str(tmp_path / "model"), tmp_path / "server.log", SPECTRA_CACHE=str(tmp_path / "c"))
+    base = next(url)
+    try:
+        page = browser.new_page()
+        page.goto(base)
+        page.get_by_text("Parameters in them").wait_for(timeout=60_000)
+        assert metric(page, "2-D weights") == "16"
+        assert page.get_by_text("distinct matrices computed in").count() == 0
+        assert page.get_by_text("Spectra: ").count() == 1  # its progress, while it runs
+        page.get_by_text("distinct matrices computed in").wait_for(timeout=300_000)
+        page.close()
+    finally:
+        url.close()
 
 
 def metric(page, label: str, timeout: float | None = None) -> str:
