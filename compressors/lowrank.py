@@ -125,6 +125,8 @@ def compress(
     """Truncated (optionally whitened) SVD of `weight` (out, in)."""
     m, n = weight.shape
     config.check_shape(m, n)
+    if m > TALL * n:  # a head or an embedding: through n x n Grams
+        return _tall_compress(weight, config, calib)
     w = weight.detach().to(torch.float64)
     r = config.rank
     if r is None:
@@ -149,6 +151,37 @@ def compress(
     return LowRank(
         factors.quantize_factor(a.to(weight.dtype), fb, gs),
         factors.quantize_factor(b.to(weight.dtype), fb, gs),
+    )
+
+
+def _tall_compress(weight: torch.Tensor, config: LowRankConfig, calib) -> LowRank:
+    """`compress` of an (m, n) weight with m >> n, never holding an m x n float64: with
+    W L = U S V^T (L = I unwhitened), V and S^2 come from the n x n L^T W^T W L, then
+    A = U_r S_r^(1/2) = W L V_r S_r^(-1/2) is computed ROWS rows at a time, and
+    B = S_r^(-1/2) U_r^T W = S_r^(-3/2) V_r^T L^T (W^T W) (the same projection of W as
+    the SVD route, B from W itself)."""
+    chol = whitening_factor("lowrank", calib) if config.whiten else None
+    gram = grams(weight)
+    s2, v = _tall_eigh(weight, chol, gram)
+    r = config.rank
+    if r is None:  # energy: the weight's own spectrum, also when whitened
+        own = s2 if chol is None else torch.linalg.eigvalsh(gram).flip(0).clamp_min(0)
+        r = energy_rank(own.sqrt().numpy(), config.energy)
+    s = s2[:r].sqrt()
+    right = v[:, :r] if chol is None else chol @ v[:, :r]  # L V_r
+    inv = torch.where(s > 0, 1 / s, torch.zeros_like(s))
+    a = torch.cat(
+        [
+            (weight[lo : lo + ROWS].detach().to(torch.float64) @ right) * inv.sqrt()
+            for lo in range(0, weight.shape[0], ROWS)
+        ]
+    )
+    b = (inv.pow(1.5)[:, None] * right.T) @ gram
+    fb, gs = config.factor_bits, config.factor_group_size
+    device = weight.device
+    return LowRank(
+        factors.quantize_factor(a.to(device, weight.dtype), fb, gs),
+        factors.quantize_factor(b.to(device, weight.dtype), fb, gs),
     )
 
 
@@ -189,8 +222,13 @@ def candidates(mod, dmg, floor: Floor, sigma=None, quick: bool = False) -> list[
         # whitened: ||(W - W_r) X^T||_F^2 = sum_{i>r} s_i^2 of W L (activation-aware
         # spectrum); with output weights, component i costs s_i^2 * sum_j g_j u_ji^2
         chol = whitening_factor("lowrank", calib)
+        g = dmg.out_weights(mod)
+        if m > TALL * n:  # a head or an embedding: n x n Grams, never an m x n float64
+            s2, terms = tall_terms(mod.weight, chol, g)
+            tail = tail_sums(s2 / s2.sum() if g is None else terms)
+            return [(LowRankConfig(rank=r, whiten=True), tail[r]) for r in ranks]
         white = mod.weight.double() @ chol
-        if dmg.out_weights(mod) is None:  # the singular values are enough
+        if g is None:  # the singular values are enough
             s2 = torch.linalg.svdvals(white).pow(2)
             tail = tail_sums(s2 / s2.sum())
         else:
@@ -207,20 +245,60 @@ def candidates(mod, dmg, floor: Floor, sigma=None, quick: bool = False) -> list[
     return out
 
 
+TALL = 2  # rows per column beyond which whitened candidates go through n x n Grams
+ROWS = 8192  # rows of W widened to float64 at a time
+
+
+def tall_terms(weight: torch.Tensor, chol: torch.Tensor, g: torch.Tensor | None):
+    """(s_i^2, sum_j g_j (W L v_i)_j^2) of W L = U S V^T, largest first, for an (m, n)
+    weight with m >> n, from the n x n matrices L^T W^T W L and L^T W^T diag(g) W L
+    (W widened ROWS rows at a time): the same numbers as an SVD of W L up to float64
+    rounding of s_i^2 relative to the largest, with n x n memory instead of m x n.
+    Without g the terms are None."""
+    s2, v = _tall_eigh(weight, chol)
+    if g is None:
+        return s2, None
+    weighted = grams(weight, g)
+    return s2, ((chol.T @ weighted @ chol) @ v * v).sum(0)
+
+
+def grams(weight: torch.Tensor, g: torch.Tensor | None = None) -> torch.Tensor:
+    """W^T W (W^T diag(g) W with `g`) in float64, W widened ROWS rows at a time."""
+    n = weight.shape[1]
+    out = torch.zeros(n, n, dtype=torch.float64, device=weight.device)
+    for lo in range(0, weight.shape[0], ROWS):
+        w = weight[lo : lo + ROWS].detach().to(torch.float64)
+        out.addmm_(w.T, w if g is None else w * g[lo : lo + ROWS, None].to(w))
+    return out
+
+
+def _tall_eigh(weight: torch.Tensor, chol: torch.Tensor | None, gram=None):
+    """(s^2, V) of W L = U S V^T, largest first, from L^T W^T W L (L = I if None)."""
+    gram = grams(weight) if gram is None else gram
+    m = gram if chol is None else chol.T @ gram @ chol
+    s2, v = torch.linalg.eigh((m + m.T) / 2)
+    return s2.flip(0).clamp_min(0), v.flip(1)
+
+
 def curves(weight, hessian) -> tuple[np.ndarray, np.ndarray]:
     """(weight errors, calibration-weighted errors) of whitened low rank at every rank k
     (index k), from one SVD of W L: with W L = U S V^T and b_i = v_i^T L^{-1},
     ||W - W_k||_F^2 = sum_{i>k} s_i^2 ||b_i||^2 and ||(W - W_k) X^T||_F^2 = sum_{i>k} s_i^2
     (H regularised by the whitening jitter, as the compressor does)."""
-    w = torch.as_tensor(np.asarray(weight)).to(torch.float64)
+    w = torch.as_tensor(np.asarray(weight))
     chol = whitening_factor("lowrank", Calibration(torch.as_tensor(hessian), 0))
-    _, s, vt = torch.linalg.svd(w @ chol, full_matrices=False)
+    if w.shape[0] > TALL * w.shape[1]:  # a head: from the n x n Gram (tall_terms)
+        s2, v = _tall_eigh(w, chol)
+        s, vt = s2.sqrt(), v.T
+    else:
+        w = w.to(torch.float64)
+        _, s, vt = torch.linalg.svd(w @ chol, full_matrices=False)
     b = torch.linalg.solve_triangular(chol, vt, upper=False, left=False)
     s2 = s.pow(2)
     tail = lambda t: torch.flip(torch.cumsum(torch.flip(t, (0,)), 0), (0,))  # noqa: E731
     zero = torch.zeros(1, dtype=torch.float64)
     calib = torch.cat([tail(s2), zero]) / s2.sum()
-    weight_err = torch.cat([tail(s2 * b.pow(2).sum(1)), zero]) / w.pow(2).sum()
+    weight_err = torch.cat([tail(s2 * b.pow(2).sum(1)), zero]) / w.double().pow(2).sum()
     return weight_err.clamp_min(0).sqrt().numpy(), calib.clamp_min(0).sqrt().numpy()
 
 

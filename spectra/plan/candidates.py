@@ -132,10 +132,12 @@ class Damage:
         return p.double().pow(2).sum(0) / max(self._norm_h(mod), 1e-300)
 
     def _norm_h(self, mod: Module) -> float:
-        if mod.name not in self._den:
-            h = self.hessian[mod.name]
-            w = mod.weight.to(h.dtype)
-            self._den[mod.name] = float(((w @ h) * w).sum(dtype=torch.float64))
+        if mod.name not in self._den:  # tr(W H W^T), a few thousand rows at a time
+            h, w = self.hessian[mod.name], mod.weight
+            self._den[mod.name] = sum(
+                float(((c @ h) * c).sum(dtype=torch.float64))
+                for c in (w[lo : lo + 8192].to(h.dtype) for lo in range(0, w.shape[0], 8192))
+            )
         return self._den[mod.name]
 
     def h_weighted(self, mod: Module, e: torch.Tensor) -> float:

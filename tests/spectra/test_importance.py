@@ -88,6 +88,33 @@ def test_damage_with_importance_is_the_weighted_row_error():
         assert c.damage == pytest.approx(dmg(mod, w.double() - built), rel=1e-5, abs=1e-9)
 
 
+@pytest.mark.parametrize("weighted", [True, False])
+def test_a_tall_modules_whitened_candidates_are_the_built_damage(weighted):
+    """A head-shaped module (rows >> columns) is ranked from n x n Grams, never an m x n
+    float64 (an 8B head: 4.2 GB each); each rank's damage is still the one measured on
+    the compressed weight, with and without the loss's output weights."""
+    from compressors.base import Calibration
+    from compressors.lowrank import TALL
+    from compressors.registry import compress
+    from spectra.plan.candidates import Damage, Module, candidates
+    from spectra.plan.grid import Floors
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(400, 20, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3, 20)
+    h = x.T @ x
+    w = torch.randn(150, 20, generator=g)
+    assert w.shape[0] > TALL * w.shape[1]
+    mod = Module("m", "head", None, w)
+    f = torch.rand(150, generator=g, dtype=torch.float64) + 0.01
+    importance = {"m": (f.float(), torch.ones(20))} if weighted else None
+    dmg = Damage(hessian={"m": h}, importance=importance, rows=400)
+    cands = candidates("lowrank", [mod], dmg, Floors())
+    assert len(cands) > 5
+    for c in cands:
+        built = compress(w, c.config, Calibration(h, 400)).to_dense().double()
+        assert c.damage == pytest.approx(dmg(mod, w.double() - built), rel=1e-5, abs=1e-9)
+
+
 def test_a_module_without_h_uses_the_input_diagonal():
     from spectra.plan.candidates import Damage, Module
 
