@@ -379,6 +379,53 @@ def small() -> str:
     )
 
 
+def app_big() -> str:
+    a = load("bench_app").get("big", {})
+    out = []
+    for key, r in a.items():
+        shape, layers = key.split("/")
+        if shape == "tiny":  # the benchmark's own check, not a measurement
+            continue
+        line = r["app_spectra_line"]
+        analysis = float(line.split("computed in ")[1].split(" s")[0])
+        auto, plan = r["app_auto_allocate"], r["cli_plan_auto"]
+        prev, apply_, ev = r["app_first_preview"], r["cli_apply"], r["cli_eval"]
+        gb = lambda x: f"{x:.2f} GB"  # noqa: E731
+        rows = [
+            ["Model page drawn", secs(r["app_model_page_s"]), "", "", ""],
+            [
+                "every spectrum in (no MPO)",
+                f"{secs(r['app_all_spectra_s'])} ({secs(analysis)} computing)",
+                gb(r["app_analysis_peak_rss_gb"]),
+                "`analyze --no-mpo`: " + secs(r["cli_analyze"]["seconds"]),
+                gb(r["cli_analyze"]["peak_rss_gb"]),
+            ],
+            [
+                "Auto-allocate (defaults)",
+                secs(auto["seconds"]),
+                gb(auto["peak_rss_gb"]),
+                "`plan auto`: " + secs(plan["seconds"]),
+                gb(plan["peak_rss_gb"]),
+            ],
+            [
+                "first preview, 2,048 tokens",
+                secs(prev["seconds"]),
+                gb(prev["peak_rss_gb"]),
+                f"`apply`: {secs(apply_['seconds'])}, `eval`: {secs(ev['seconds'])}",
+                f"{gb(apply_['peak_rss_gb'])}, {gb(ev['peak_rss_gb'])}",
+            ],
+        ]
+        out.append(
+            f"Random checkpoint of {shape.upper()} shapes, {layers} blocks "
+            f"({r['checkpoint_gb']:.1f} GB of bfloat16), `spectra app --offload disk` in "
+            "Chromium, each action's server peak RSS (VmHWM reset before it), beside the "
+            "command line doing the same work, each with a fresh cache:"
+        )
+        out.append(table(["action", "app", "app peak RSS", "CLI", "CLI peak RSS"], rows))
+    out.append(source("bench_app"))
+    return "\n\n".join(out)
+
+
 def scale() -> str:
     d = load("bench_scale")
     rows = []
@@ -460,6 +507,7 @@ SECTIONS = {
     "peers": peers,
     "export": export,
     "other": small,
+    "app": app_big,
     "scale": scale,
 }
 

@@ -78,8 +78,9 @@ def export(
             if tokenizer is not None:  # for `spectra serve-check`'s windows; not weights
                 tokenizer.save_pretrained(tmp / "tokenizer")
         else:
-            rows = [dict(module=n, stored="dense", reason=None) for n in src.compressed()]
-            _write_hf(tmp, src, torch_dtype)
+            from spectra.export import compact_hf
+
+            rows = compact_hf.write(tmp, src, torch_dtype)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
         files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
@@ -96,33 +97,6 @@ def export(
         **sizes,
         seconds=round(time.perf_counter() - t0, 2),
     )
-
-
-def _write_hf(tmp: Path, src, dtype) -> None:
-    """An ordinary transformers checkpoint: `save_pretrained` of a resident
-    reconstruction; a streamed one written a part at a time as sharded safetensors."""
-    from safetensors.torch import save_file
-
-    from spectra.export.source import cast, shard_names, write_index
-
-    if not src.streamed:
-        src.dense.to(dtype).save_pretrained(tmp)
-        return
-    parts = src.parts()
-    weight_map, total = {}, 0
-    for file, names in zip(shard_names(parts), parts, strict=True):
-        state = {k: cast(src.value(k), dtype).contiguous() for k in names}
-        save_file(state, tmp / file, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(state, file))
-        total += sum(t.numel() * t.element_size() for t in state.values())
-        del state
-    write_index(tmp, weight_map, total)
-    config = src.config
-    config.architectures = [type(src.dense).__name__]
-    config.dtype = str(dtype).removeprefix("torch.")
-    config.save_pretrained(tmp)
-    if src.dense.can_generate() and src.dense.generation_config is not None:
-        src.dense.generation_config.save_pretrained(tmp)
 
 
 def _tokenizer(out: Path):

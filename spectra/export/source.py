@@ -74,6 +74,16 @@ class Resident:
     def compressed(self) -> list[str]:
         return list(self.factorizations)
 
+    def member(self, name: str) -> int:
+        """Which member of its factorization's group `name` is (0 alone)."""
+        from compressors.base import units
+
+        if not hasattr(self, "_members"):
+            self._members = {
+                n: i for names, _ in units(self.factorizations) for i, n in enumerate(names)
+            }
+        return self._members[name]
+
     def grid(self, name: str) -> tuple[int, int, bool] | None:
         """(bits, group size, symmetric) of a module stored as a scalar grid, else None."""
         from compressors.quant import grid_of
@@ -122,6 +132,10 @@ class Streamed:
 
     def compressed(self) -> list[str]:
         return list(self.modules)
+
+    def member(self, name: str) -> int:
+        """Which member of its factorization's group `name` is (0 alone)."""
+        return self.modules[name].get("member", 0)
 
     def grid(self, name: str) -> tuple[int, int, bool] | None:
         """(bits, group size, symmetric) of a module stored as a scalar grid, else None

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from spectra.errors import SpectraInputError
-from spectra.io import cache, models, roles
+from spectra.io import cache, models, remote_code, roles
 from spectra.io.tensors import FLOAT_DTYPES, TensorRef, read_header
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -374,7 +374,11 @@ def build(source: models.Source, device: str, dtype=None):
     require_config(source)
     hf_logging.disable_progress_bar()  # the caller shows its own progress
     try:
-        model = AutoModelForCausalLM.from_pretrained(source.root, dtype=dtype or torch.float32)
+        # a compact hf export runs its modeling file, which must be exactly spectra's
+        remote = {"trust_remote_code": True} if remote_code.is_ours(source.root) else {}
+        model = AutoModelForCausalLM.from_pretrained(
+            source.root, dtype=dtype or torch.float32, **remote
+        )
     except (OSError, ValueError, KeyError) as e:
         raise SpectraInputError(f"{source.spec}: cannot load model ({models.first_line(e)})") from e
     return model.to(device).eval()

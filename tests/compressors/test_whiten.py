@@ -166,16 +166,16 @@ def test_a_tall_weight_compresses_as_its_svd_does(whiten, knob, monkeypatch):
     """A head-shaped weight (rows >> columns) is factored through n x n Grams, never an
     m x n float64; its factors reconstruct what the SVD of W L gives (the SVD route,
     taken here by raising the threshold), energy ranks from the weight's own spectrum."""
-    import compressors.lowrank as lr
+    from compressors import lowrank
 
     g = torch.Generator().manual_seed(3)
     w = torch.randn(3000, 64, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3, 64)
     x = torch.randn(500, 64, generator=g, dtype=torch.float64)
     calib = Calibration(x.T @ x, 500) if whiten else None
     config = make_config("lowrank", whiten=whiten, **knob)
-    tall = lr.compress(w, config, calib)
-    monkeypatch.setattr(lr, "TALL", 10**9)
-    svd = lr.compress(w, config, calib)
+    tall = lowrank.compress(w, config, calib)
+    monkeypatch.setattr(lowrank, "TALL", 10**9)
+    svd = lowrank.compress(w, config, calib)
     assert tall.a.shape == svd.a.shape
     torch.testing.assert_close(tall.to_dense(), svd.to_dense(), rtol=0, atol=1e-12 * w.abs().max())
 
@@ -183,14 +183,14 @@ def test_a_tall_weight_compresses_as_its_svd_does(whiten, knob, monkeypatch):
 def test_a_tall_weights_error_curves_are_its_svds(monkeypatch):
     """The app's per-rank errors of whitened low rank (`curves`) for a head-shaped
     weight, from the n x n Gram, equal those of the SVD of W L."""
-    import compressors.lowrank as lr
+    from compressors import lowrank
 
     g = torch.Generator().manual_seed(4)
     w = torch.randn(2000, 48, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3, 48)
     x = torch.randn(400, 48, generator=g, dtype=torch.float64)
-    tall = lr.curves(w.numpy(), (x.T @ x).numpy())
-    monkeypatch.setattr(lr, "TALL", 10**9)
-    svd = lr.curves(w.numpy(), (x.T @ x).numpy())
+    tall = lowrank.curves(w.numpy(), (x.T @ x).numpy())
+    monkeypatch.setattr(lowrank, "TALL", 10**9)
+    svd = lowrank.curves(w.numpy(), (x.T @ x).numpy())
     for a, b in zip(tall, svd, strict=True):
         assert a.shape == b.shape == (49,)
         assert abs(a - b).max() < 1e-6 and abs(a[:-1] - b[:-1]).max() / b[0] < 1e-6

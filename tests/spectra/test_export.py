@@ -65,7 +65,9 @@ READ_BACK = """
 import sys, torch
 from transformers import AutoModelForCausalLM
 kw = {"gguf_file": sys.argv[3]} if len(sys.argv) > 3 else {}
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32, **kw).eval()
+model = AutoModelForCausalLM.from_pretrained(
+    sys.argv[1], dtype=torch.float32, trust_remote_code=True, **kw
+).eval()
 with torch.no_grad():
     logits = model(torch.tensor([IDS])).logits
 assert "spectra" not in sys.modules and "compressors" not in sys.modules
@@ -228,11 +230,36 @@ def test_rotary_rows_is_the_inverse_of_transformers_gguf_loader():
     assert not np.array_equal(rotary_rows(w, 6), w)
 
 
-def test_hf_export_is_the_reconstruction(applied, tmp_path, capsys):
+def test_hf_export_keeps_low_rank_factorized(applied, tmp_path, capsys):
+    """Joint's members are stored as their factors (A_i and the shared V^T) and run by the
+    export's own modeling file in plain transformers: the OUT's logits, with the weights
+    the plan says (every other module reconstructed dense, and named)."""
+    from safetensors import safe_open
+
     out = applied("llama")
     summary = export(capsys, out, "hf", tmp_path / "hf")
     assert summary["dtype"] == "float32"
+    stored = {r["module"]: (r["stored"], r["reason"]) for r in summary["modules"]}
+    assert stored["model.layers.0.mlp.gate_proj"] == ("low rank, factors of rank 8", None)
+    kind, why = stored["model.layers.0.self_attn.o_proj"]
+    assert kind == "dense" and why == "prune: no compact form in the hf export (reconstructed)"
+    names = set()
+    for f in (tmp_path / "hf").glob("*.safetensors"):
+        with safe_open(f, "pt") as st:
+            names |= set(st.keys())
+    assert {"model.layers.0.mlp.up_proj.a", "model.layers.0.mlp.up_proj.b"} <= names
+    assert "model.layers.0.mlp.up_proj.weight" not in names
     assert rel(read_back(tmp_path, tmp_path / "hf"), ours(out)) < 1e-5
+
+
+def test_a_changed_modeling_file_is_never_run(applied, tmp_path, capsys, cli):
+    """spectra trusts a compact export's remote code only when it is its own, verbatim."""
+    export(capsys, applied("llama"), "hf", tmp_path / "hf")
+    code = tmp_path / "hf" / "spectra_modeling.py"
+    code.write_text(code.read_text() + "\nimport os  # anything else\n")
+    r = cli("eval", tmp_path / "hf", "--max-tokens", "256", "--seqlen", "128")
+    assert r.returncode == 2
+    assert "spectra_modeling.py is not the one spectra writes; refusing to run it" in r.stderr
 
 
 def test_eval_accepts_every_export(applied, tmp_path, capsys):
