@@ -250,6 +250,22 @@ def test_hf_export_keeps_low_rank_factorized(applied, tmp_path, capsys):
     assert {"model.layers.0.mlp.up_proj.a", "model.layers.0.mlp.up_proj.b"} <= names
     assert "model.layers.0.mlp.up_proj.weight" not in names
     assert rel(read_back(tmp_path, tmp_path / "hf"), ours(out)) < 1e-5
+    # resident, it holds what the plan says: each factorized module r (m + n), not m n
+    from compressors import io
+    from spectra.io.model import open_model
+
+    dense = io.reconstruct(*io.load(out))
+    saved = sum(
+        mod.weight.numel() - 8 * sum(mod.weight.shape)
+        for name, mod in dense.named_modules()
+        if name.endswith(("gate_proj", "up_proj"))
+    )
+    compact = open_model(str(tmp_path / "hf"), "cpu", "float32", "none").load()
+    assert saved > 0
+    assert (
+        sum(p.numel() for p in compact.parameters())
+        == sum(p.numel() for p in dense.parameters()) - saved
+    )
 
 
 def test_a_changed_modeling_file_is_never_run(applied, tmp_path, capsys, cli):
