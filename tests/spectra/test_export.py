@@ -529,3 +529,28 @@ def test_export_offload_none_refuses_what_memory_cannot_hold(applied, tmp_path, 
     assert r.returncode == 2 and r.stderr.count("\n") == 1
     assert "needs about" in r.stderr and "--offload disk" in r.stderr
     assert not (tmp_path / "hf").exists()
+
+
+def test_serve_check_runs_the_export_in_its_engine(applied, tmp_path, capsys, cli):
+    """transformers, in a process of its own that imports no spectra, scores the hf
+    export on `spectra eval`'s windows: the same perplexity, with its memory and speed."""
+    out = applied("llama")
+    export(capsys, out, "hf", tmp_path / "hf")
+    export(capsys, out, "hf", tmp_path / "base")  # the same export twice: equal rows
+    r = cli("serve-check", tmp_path / "hf", "--baseline", tmp_path / "base", "--seqlen",
+            "64", "--max-tokens", "256", "--decode", "4", "--json")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    assert [row["engine"] for row in rows] == ["transformers", "transformers"]
+    assert rows[0]["ppl"] == pytest.approx(rows[1]["ppl"], rel=1e-9)
+    assert rows[0]["decoded"] == 4 and rows[0]["decode_tok_s"] > 0
+    assert rows[0]["peak_rss_gb"] > 0.1 and rows[0]["file_bytes"] > 0
+    capsys.readouterr()
+    args = ["eval", tmp_path / "hf", "--seqlen", "64", "--max-tokens", "256", "--json"]
+    assert main(args) == 0
+    assert rows[0]["ppl"] == pytest.approx(json.loads(capsys.readouterr().out)["ppl"], rel=1e-4)
+    missing = cli("serve-check", tmp_path / "hf", "--engine", "llama.cpp",
+                  env={"SPECTRA_ENGINES": str(tmp_path / "none")})  # fmt: skip
+    assert missing.returncode == 2
+    assert "llama.cpp: no engine environment at" in missing.stderr
+    assert "run `make engines`" in missing.stderr
