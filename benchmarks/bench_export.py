@@ -71,16 +71,64 @@ def dense_fp16(work: Path) -> int:
     return size(work / "dense-fp16")
 
 
+GPTQ4_G32 = dict(method="quant", bits=4, group_size=32, symmetric=True, gptq=True)
+
+
+def engines(work: Path, limit: list, results: dict) -> dict:
+    """GPTQ W4 g32 (symmetric: GGUF's Q4_0 with its own codes) on every block matrix of
+    the demo, exported as GGUF with the other tensors in Q4_0, run by llama.cpp itself
+    (`spectra serve-check`) beside the dense model exported as F16 (the size reference)
+    and as Q4_0 (llama.cpp's own round-to-nearest 4-bit of the same tensors)."""
+
+    def applied(name: str, rules: list) -> Path:
+        plan = {"version": 1, "model": "demo", "calibration": CALIB, "rules": rules}
+        (work / f"{name}.json").write_text(json.dumps(plan))
+        spectra("apply", work / f"{name}.json", "--model", "demo", "-o", work / name)
+        return work / name
+
+    gptq = applied("gptq-g32", [{"targets": [ATTN], **GPTQ4_G32}, {"targets": [MLP], **GPTQ4_G32}])
+    dense = applied("dense", [])
+    rows = {}
+    for name, out, kind in (("gptq-w4-g32", gptq, "Q4_0"), ("dense-F16", dense, "F16"),
+                            ("dense-Q4_0", dense, "Q4_0")):  # fmt: skip
+        dest = work / f"{name}-gguf"
+        summary = spectra("export", out, "--format", "gguf", "--gguf-type", kind, "-o", dest)
+        check = spectra("serve-check", dest, "--max-tokens", limit[1] if limit else 2048)[0]
+        rows[name] = dict(
+            gguf_type=kind,
+            stored=sorted({m["stored"] for m in summary["modules"]}),
+            bytes=summary["bytes"],
+            **{k: check.get(k) for k in ("loaded", "ppl", "peak_rss_gb", "prefill_tok_s",
+                                         "decode_tok_s", "version", "error")},
+        )  # fmt: skip
+    ppl_out = spectra("eval", gptq, "--no-baseline", *limit)["ppl"]
+    g, f16, q4 = rows["gptq-w4-g32"], rows["dense-F16"], rows["dense-Q4_0"]
+    return dict(
+        rows=rows,
+        spectra_eval_out_ppl=ppl_out,
+        bytes_vs_dense_f16=round(g["bytes"] / f16["bytes"], 4),
+        llama_cpp_ppl_vs_spectra_eval=round(g["ppl"] / ppl_out - 1, 6),
+        gptq_ppl_vs_llama_cpp_q4_0=round(g["ppl"] / q4["ppl"] - 1, 6),
+        targets=dict(bytes_vs_dense_f16=0.36, ppl_vs_spectra_eval=0.005),
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--max-tokens", type=int)
     p.add_argument("--only", nargs="*", help="plan names")
+    p.add_argument("--engines", action="store_true", help="only the GPTQ g32 run in llama.cpp")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks/results/bench_export.json")
     args = p.parse_args()
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}
     limit = ["--max-tokens", args.max_tokens] if args.max_tokens else []
     work = Path(tempfile.mkdtemp(prefix="bench-export-"))
     try:
+        if args.engines:
+            results["engines"] = engines(work, limit, results)
+            print(json.dumps(results["engines"], indent=2))
+            args.out.write_text(json.dumps(results, indent=2) + "\n")
+            return
         results["dense_fp16_bytes"] = dense_fp16(work)
         for name, rules in PLANS.items():
             if args.only and name not in args.only:

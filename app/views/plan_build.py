@@ -81,6 +81,7 @@ def start(spec: str, configs: dict) -> Build | None:
     """Stop the model's running build, then compress `configs` in the background (a
     model that cannot be previewed, no tokenizer, builds nothing)."""
     stop(spec)
+    st.session_state.pop(_key(spec), None)
     if not state.can_calibrate(spec):
         return None
     build = Build(state.previewer(spec), configs)
