@@ -19,6 +19,11 @@ def main() -> int:
         from vllm.inputs import TokensPrompt
 
         out["version"] = vllm.__version__
+        config = json.loads((Path(job["model"]) / "config.json").read_text())
+        # a compact hf export: its own modeling file, through vLLM's transformers backend
+        remote = (
+            dict(trust_remote_code=True, model_impl="transformers") if "auto_map" in config else {}
+        )
         t0 = time.perf_counter()
         llm = LLM(
             model=job["model"],
@@ -26,6 +31,7 @@ def main() -> int:
             enforce_eager=True,
             max_model_len=job["seqlen"] + job["decode"] + 16,
             seed=0,
+            **remote,
         )
         out["load_s"] = time.perf_counter() - t0
         out["loaded"] = True
