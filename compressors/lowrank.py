@@ -235,6 +235,12 @@ def candidates(mod, dmg, floor: Floor, sigma=None, quick: bool = False) -> list[
             u, s, _ = torch.linalg.svd(white, full_matrices=False)
             tail = tail_sums(dmg.whitened_terms(mod, u * s))
         return [(LowRankConfig(rank=r, whiten=True), tail[r]) for r in ranks]
+    if m > TALL * n:  # a head: never an m x n error
+        gram = grams(mod.weight)
+        _, v = _tall_eigh(mod.weight, None, gram)
+        got = dmg.projected(mod, v, ranks, gram)
+        if got is not None:
+            return [(LowRankConfig(rank=r), d) for r, d in zip(ranks, got, strict=True)]
     u, s, vh = torch.linalg.svd(mod.weight, full_matrices=False)
     e = mod.weight.clone()
     done, out = 0, []

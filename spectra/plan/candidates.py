@@ -158,6 +158,34 @@ class Damage:
             return rel
         return rel * self.h_weighted(mod, mod.weight.double())
 
+    def projected(self, mod: Module, v: torch.Tensor, ranks: list[int], gram) -> list | None:
+        """Damage of E = W (I - V_r V_r^T) at each rank r, the plain low-rank error of
+        a tall module (V: W's right singular vectors, `gram`: W^T W), from n x n
+        matrices only; None when the damage needs E itself (an H, or a full Fisher)."""
+        from compressors.lowrank import grams
+
+        if (self.hessian is not None and mod.name in self.hessian) or (
+            self.fisher is not None and (self.importance is None or mod.name not in self.importance)
+        ):
+            return None
+        if self.importance is not None and mod.name in self.importance:
+            # 0.5 sum_ij f_i a_j E_ij^2 = 0.5 tr(A Q G_f Q), Q = I - V_r V_r^T
+            f, a = self.importance[mod.name]
+            g, a = grams(mod.weight, f.double()), a.double().to(v.device)
+            out = []
+            for r in ranks:
+                vr = v[:, :r]
+                gv, av = g @ vr, a[:, None] * vr
+                cross = float((gv * av).sum())  # tr(V_r^T G A V_r)
+                inner = float(((vr.T @ av) * (vr.T @ gv)).sum())  # tr(A P G P)
+                out.append(0.5 * (float(torch.diagonal(g) @ a) - 2 * cross + inner))
+            return out
+        total = float(torch.trace(gram))  # ||E||^2 = tr(G) - tr(V_r^T G V_r)
+        return [
+            self.relative(mod.name, total - float(((gram @ v[:, :r]) * v[:, :r]).sum()), total)
+            for r in ranks
+        ]
+
     def relative(self, name: str, err2: float, norm2: float) -> float:
         return self.scale.get(name, 1.0) * err2 / max(norm2, 1e-300)
 

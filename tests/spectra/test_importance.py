@@ -115,6 +115,33 @@ def test_a_tall_modules_whitened_candidates_are_the_built_damage(weighted):
         assert c.damage == pytest.approx(dmg(mod, w.double() - built), rel=1e-5, abs=1e-9)
 
 
+@pytest.mark.parametrize("weights", ["importance", "relative"])
+def test_a_tall_modules_plain_candidates_are_the_built_damage(weights):
+    """A head without an H (outside the calibration's blocks) ranked for plain low rank:
+    each rank's damage comes from n x n matrices (never W - W_r, an 8B head's 2 GB, nor
+    its float64 square) and equals the damage of the compressed weight's error, with
+    the loss's row and column weights and as a relative error."""
+    from compressors.registry import compress
+    from spectra.plan.candidates import Damage, Module, candidates
+    from spectra.plan.grid import Floors
+
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(160, 24, generator=g) * torch.linspace(0.2, 2, 24)
+    mod = Module("head", "head", None, w)
+    f = torch.rand(160, generator=g) + 0.05
+    a = torch.rand(24, generator=g) + 0.05
+    dmg = (
+        Damage(hessian={}, importance={"head": (f, a)}, rows=7)
+        if weights == "importance"
+        else Damage()
+    )
+    cands = candidates("lowrank", [mod], dmg, Floors())
+    assert len(cands) > 5
+    for c in cands:
+        built = compress(w, c.config).to_dense().double()
+        assert c.damage == pytest.approx(dmg(mod, w.double() - built), rel=1e-6, abs=1e-10)
+
+
 def test_a_module_without_h_uses_the_input_diagonal():
     from spectra.plan.candidates import Damage, Module
 
