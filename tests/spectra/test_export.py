@@ -5,6 +5,7 @@ package's reader, transformers' GGUF loader)."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -554,3 +555,32 @@ def test_serve_check_runs_the_export_in_its_engine(applied, tmp_path, capsys, cl
     assert missing.returncode == 2
     assert "llama.cpp: no engine environment at" in missing.stderr
     assert "run `make engines`" in missing.stderr
+
+
+LLAMACPP = Path(__file__).resolve().parents[2] / ".venv-llamacpp" / "bin" / "python"
+
+
+@pytest.mark.engines
+@pytest.mark.skipif(not LLAMACPP.is_file(), reason="no .venv-llamacpp (make engines)")
+def test_llama_cpp_scores_gptqs_own_q4_0_blocks_as_spectra_does(family_dir, tmp_path, capsys):
+    """llama.cpp itself (llama-cpp-python, its own process) loads a GPTQ W4 g32 export
+    whose blocks are the grid's own codes and scores it within 0.5% of `spectra eval
+    OUT` on the same windows."""
+    calib = {"corpus": "builtin", "samples": 4, "seqlen": 64, "seed": 0}
+    rule = {"targets": [r"re:model\.layers\.\d+\..*_proj"], "method": "quant", "bits": 4,
+            "group_size": 32, "symmetric": True, "gptq": True}  # fmt: skip
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(yaml.safe_dump({"version": 1, "calibration": calib, "rules": [rule]}))
+    out = tmp_path / "out"
+    assert main(["apply", plan, "--model", family_dir("llama"), "-o", out]) == 0
+    summary = export(capsys, out, "gguf", tmp_path / "gg", "--gguf-type", "F16")
+    assert {r["stored"] for r in summary["modules"]} == {"Q4_0, its own codes"}
+    capsys.readouterr()
+    argv = ["serve-check", tmp_path / "gg", "--seqlen", "64", "--max-tokens", "512"]
+    assert main([*argv, "--decode", "4", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)[0]
+    assert row["engine"] == "llama.cpp" and row["loaded"] and row["decoded"] == 4
+    args = ["eval", out, "--seqlen", "64", "--max-tokens", "512", "--no-baseline", "--json"]
+    assert main(args) == 0
+    ours = json.loads(capsys.readouterr().out)["ppl"]
+    assert abs(row["ppl"] / ours - 1) < 5e-3, (row["ppl"], ours)
