@@ -114,7 +114,7 @@ def default_path() -> dict:
 
     model, tok = open_model("demo", "cpu", "float32", "none").load(), open_model("demo").tokenizer()
     t0 = time.perf_counter()
-    calib = for_model("demo", tokens=FIRST_CALIB_TOKENS)
+    calib = for_model(open_model("demo"), tokens=FIRST_CALIB_TOKENS)
     info: dict = {}
     grams = calibrate(open_model("demo"), calib, network=model, info=info)
     calib_s = time.perf_counter() - t0
