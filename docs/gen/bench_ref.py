@@ -416,7 +416,8 @@ def app_big() -> str:
             ],
         ]
         out.append(
-            f"Random checkpoint of {shape.upper()} shapes, {layers} blocks "
+            f"Random checkpoint of {shape.upper()} shapes, {layers} "
+            f"block{'' if layers == '1' else 's'} "
             f"({r['checkpoint_gb']:.1f} GB of bfloat16), `spectra app --offload disk` in "
             "Chromium, each action's server peak RSS (VmHWM reset before it), beside the "
             "command line doing the same work, each with a fresh cache:"
