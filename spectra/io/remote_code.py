@@ -44,9 +44,12 @@ class Spectra{base}({base}):
             parent, _, child = name.rpartition(".")
             owner = self.get_submodule(parent) if parent else self
             old = getattr(owner, child)
+            out_features, in_features = old.weight.shape
+            if type(old).__name__ == "Conv1D":  # GPT-2 stores (in, out)
+                in_features, out_features = old.weight.shape
             new = LowRankLinear(
-                old.in_features,
-                old.out_features,
+                in_features,
+                out_features,
                 spec["rank"],
                 old.bias is not None,
                 old.weight.dtype,

@@ -82,7 +82,8 @@ def test_quant_is_exact_on_its_own_grid():
     codes = torch.randint(0, 16, (12, 32), generator=g).double()
     codes[:, ::8] = 0  # every group of 8 spans the full grid 0..15
     codes[:, 1::8] = 15
-    scale = torch.rand(12, 4, generator=g, dtype=torch.float64) + 0.1
+    # scales a 16-bit format stores (every grid's scales are float16 values)
+    scale = (torch.rand(12, 4, generator=g, dtype=torch.float64) + 0.1).half().double()
     zero = torch.full((12, 4), 5.0, dtype=torch.float64)
     per_col = torch.arange(32) // 8
     w = (codes - zero[:, per_col]) * scale[:, per_col]

@@ -3,10 +3,10 @@
 python llamacpp.py JOB.json RESULT.json
 """
 
-import json
 import sys
 import time
-from pathlib import Path
+
+import runner
 
 
 def log_softmax_nll(logits, targets) -> float:
@@ -18,47 +18,39 @@ def log_softmax_nll(logits, targets) -> float:
     return float((logz - x[np.arange(len(targets)), targets]).sum())
 
 
-def main() -> int:
-    job = json.loads(Path(sys.argv[1]).read_text())
-    out = {"engine": "llama.cpp", "loaded": False}
-    try:
-        import llama_cpp
-        import numpy as np
+def check(job: dict, out: dict) -> None:
+    import llama_cpp
+    import numpy as np
 
-        out["version"] = llama_cpp.__version__
-        t0 = time.perf_counter()
-        llm = llama_cpp.Llama(
-            model_path=job["model"],
-            n_ctx=job["seqlen"] + job["decode"] + 16,
-            n_batch=job["seqlen"],
-            logits_all=True,
-            n_threads=job["threads"],
-            verbose=False,
-        )
-        out["load_s"] = time.perf_counter() - t0
-        out["loaded"] = True
-        nll, count, prefill = 0.0, 0, 0.0
-        for window in job["windows"]:
-            llm.reset()
-            t = time.perf_counter()
-            llm.eval(window)
-            prefill += time.perf_counter() - t
-            logits = llm.scores[: len(window) - 1]
-            nll += log_softmax_nll(logits, window[1:])
-            count += len(window) - 1
-        out.update(nll=nll, predicted=count, prefill_s=prefill)
-        out["prefill_tokens"] = sum(len(w) for w in job["windows"])
+    out["version"] = llama_cpp.__version__
+    t0 = time.perf_counter()
+    llm = llama_cpp.Llama(
+        model_path=job["model"],
+        n_ctx=job["seqlen"] + job["decode"] + 16,
+        n_batch=job["seqlen"],
+        logits_all=True,
+        n_threads=job["threads"],
+        verbose=False,
+    )
+    out["load_s"] = time.perf_counter() - t0
+    out["loaded"] = True
+    nll, count, prefill = 0.0, 0, 0.0
+    for window in job["windows"]:
         llm.reset()
-        llm.eval(job["windows"][0][:16])
         t = time.perf_counter()
-        for _ in range(job["decode"]):  # greedy, one token at a time: batch 1
-            llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
-        out.update(decode_s=time.perf_counter() - t, decoded=job["decode"])
-    except Exception as e:  # the engine's own words, one line
-        out["error"] = f"{type(e).__name__}: {e}".splitlines()[0]
-    Path(sys.argv[2]).write_text(json.dumps(out))
-    return 0 if out.get("decoded") else 1
+        llm.eval(window)
+        prefill += time.perf_counter() - t
+        nll += log_softmax_nll(llm.scores[: len(window) - 1], window[1:])
+        count += len(window) - 1
+    out.update(nll=nll, predicted=count, prefill_s=prefill)
+    out["prefill_tokens"] = sum(len(w) for w in job["windows"])
+    llm.reset()
+    llm.eval(job["windows"][0][:16])
+    t = time.perf_counter()
+    for _ in range(job["decode"]):  # greedy, one token at a time: batch 1
+        llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+    out.update(decode_s=time.perf_counter() - t, decoded=job["decode"])
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(runner.run("llama.cpp", check))

@@ -4,54 +4,47 @@ spectra: its logits over the windows, then greedy decoding at batch 1.
     python transformers_check.py JOB.json RESULT.json
 """
 
-import json
 import sys
 import time
-from pathlib import Path
+
+import runner
 
 
-def main() -> int:
-    job = json.loads(Path(sys.argv[1]).read_text())
-    out = {"engine": "transformers", "loaded": False}
-    try:
-        import torch
-        import transformers
-        from transformers import AutoModelForCausalLM
+def check(job: dict, out: dict) -> None:
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM
 
-        out["version"] = transformers.__version__
-        torch.set_num_threads(job["threads"])
-        t0 = time.perf_counter()
-        dtype = getattr(torch, job["dtype"]) if job.get("dtype") else "auto"
-        model = AutoModelForCausalLM.from_pretrained(
-            job["model"], dtype=dtype, trust_remote_code=True
-        ).eval()
-        out["load_s"] = time.perf_counter() - t0
-        out["loaded"] = True
-        nll, count, prefill = 0.0, 0, 0.0
-        with torch.no_grad():
-            for window in job["windows"]:
-                x = torch.tensor([window])
-                t = time.perf_counter()
-                logits = model(x, use_cache=False).logits[0, :-1].double()
-                prefill += time.perf_counter() - t
-                nll += float(torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="sum"))
-                count += len(window) - 1
-            out.update(nll=nll, predicted=count, prefill_s=prefill)
-            out["prefill_tokens"] = sum(len(w) for w in job["windows"])
-            prompt = torch.tensor([job["windows"][0][:16]])
+    out["version"] = transformers.__version__
+    torch.set_num_threads(job["threads"])
+    t0 = time.perf_counter()
+    dtype = getattr(torch, job["dtype"]) if job.get("dtype") else "auto"
+    model = AutoModelForCausalLM.from_pretrained(
+        job["model"], dtype=dtype, trust_remote_code=True
+    ).eval()
+    out["load_s"] = time.perf_counter() - t0
+    out["loaded"] = True
+    nll, count, prefill = 0.0, 0, 0.0
+    with torch.no_grad():
+        for window in job["windows"]:
+            x = torch.tensor([window])
             t = time.perf_counter()
-            got = model.generate(
-                prompt,
-                max_new_tokens=job["decode"],
-                min_new_tokens=job["decode"],
-                do_sample=False,
-            )
-            out.update(decode_s=time.perf_counter() - t, decoded=got.shape[1] - prompt.shape[1])
-    except Exception as e:  # the engine's own words, one line
-        out["error"] = f"{type(e).__name__}: {e}".splitlines()[0]
-    Path(sys.argv[2]).write_text(json.dumps(out))
-    return 0 if out.get("decoded") else 1
+            logits = model(x, use_cache=False).logits[0, :-1].double()
+            prefill += time.perf_counter() - t
+            nll += float(torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="sum"))
+            count += len(window) - 1
+        out.update(nll=nll, predicted=count, prefill_s=prefill)
+        out["prefill_tokens"] = sum(len(w) for w in job["windows"])
+        prompt = torch.tensor([job["windows"][0][:16]])
+        t = time.perf_counter()
+        got = model.generate(
+            prompt,
+            max_new_tokens=job["decode"],
+            min_new_tokens=job["decode"],
+            do_sample=False,
+        )
+        out.update(decode_s=time.perf_counter() - t, decoded=got.shape[1] - prompt.shape[1])
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(runner.run("transformers", check))

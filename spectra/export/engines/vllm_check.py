@@ -9,53 +9,46 @@ import sys
 import time
 from pathlib import Path
 
+import runner
 
-def main() -> int:
-    job = json.loads(Path(sys.argv[1]).read_text())
-    out = {"engine": "vllm", "loaded": False}
-    try:
-        import vllm
-        from vllm import LLM, SamplingParams
-        from vllm.inputs import TokensPrompt
 
-        out["version"] = vllm.__version__
-        config = json.loads((Path(job["model"]) / "config.json").read_text())
-        # a compact hf export: its own modeling file, through vLLM's transformers backend
-        remote = (
-            dict(trust_remote_code=True, model_impl="transformers") if "auto_map" in config else {}
-        )
-        t0 = time.perf_counter()
-        llm = LLM(
-            model=job["model"],
-            dtype=job.get("dtype") or "auto",
-            enforce_eager=True,
-            max_model_len=job["seqlen"] + job["decode"] + 16,
-            seed=0,
-            **remote,
-        )
-        out["load_s"] = time.perf_counter() - t0
-        out["loaded"] = True
-        score = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
-        nll, count, prefill = 0.0, 0, 0.0
-        for window in job["windows"]:
-            t = time.perf_counter()
-            got = llm.generate([TokensPrompt(prompt_token_ids=window)], score, use_tqdm=False)
-            prefill += time.perf_counter() - t
-            for i, lp in enumerate(got[0].prompt_logprobs[1:], start=1):
-                nll -= lp[window[i]].logprob
-            count += len(window) - 1
-        out.update(nll=nll, predicted=count, prefill_s=prefill)
-        out["prefill_tokens"] = sum(len(w) for w in job["windows"])
-        decode = SamplingParams(max_tokens=job["decode"], ignore_eos=True, temperature=0.0)
-        prompt = TokensPrompt(prompt_token_ids=job["windows"][0][:16])
+def check(job: dict, out: dict) -> None:
+    import vllm
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    out["version"] = vllm.__version__
+    config = json.loads((Path(job["model"]) / "config.json").read_text())
+    # a compact hf export: its own modeling file, through vLLM's transformers backend
+    remote = dict(trust_remote_code=True, model_impl="transformers") if "auto_map" in config else {}
+    t0 = time.perf_counter()
+    llm = LLM(
+        model=job["model"],
+        dtype=job.get("dtype") or "auto",
+        enforce_eager=True,
+        max_model_len=job["seqlen"] + job["decode"] + 16,
+        seed=0,
+        **remote,
+    )
+    out["load_s"] = time.perf_counter() - t0
+    out["loaded"] = True
+    score = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
+    nll, count, prefill = 0.0, 0, 0.0
+    for window in job["windows"]:
         t = time.perf_counter()
-        got = llm.generate([prompt], decode, use_tqdm=False)
-        out.update(decode_s=time.perf_counter() - t, decoded=len(got[0].outputs[0].token_ids))
-    except Exception as e:  # the engine's own words, one line
-        out["error"] = f"{type(e).__name__}: {e}".splitlines()[0]
-    Path(sys.argv[2]).write_text(json.dumps(out))
-    return 0 if out.get("decoded") else 1
+        got = llm.generate([TokensPrompt(prompt_token_ids=window)], score, use_tqdm=False)
+        prefill += time.perf_counter() - t
+        for i, lp in enumerate(got[0].prompt_logprobs[1:], start=1):
+            nll -= lp[window[i]].logprob
+        count += len(window) - 1
+    out.update(nll=nll, predicted=count, prefill_s=prefill)
+    out["prefill_tokens"] = sum(len(w) for w in job["windows"])
+    decode = SamplingParams(max_tokens=job["decode"], ignore_eos=True, temperature=0.0)
+    prompt = TokensPrompt(prompt_token_ids=job["windows"][0][:16])
+    t = time.perf_counter()
+    got = llm.generate([prompt], decode, use_tqdm=False)
+    out.update(decode_s=time.perf_counter() - t, decoded=len(got[0].outputs[0].token_ids))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(runner.run("vllm", check))
