@@ -11,7 +11,7 @@ from spectra.cli.app import cmd_app
 from spectra.cli.apply import cmd_apply
 from spectra.cli.calibrate import cmd_calibrate
 from spectra.cli.evaluate import cmd_eval
-from spectra.cli.export import cmd_export, cmd_serve_check
+from spectra.cli.export import add_export_parsers
 from spectra.cli.heal import cmd_heal
 from spectra.cli.plan import cmd_plan_auto, cmd_plan_show
 from spectra.cli.sensitivity import cmd_sensitivity
@@ -323,67 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     he.add_argument("--json", action="store_true", help=JSON_HELP)
     he.set_defaults(func=cmd_heal)
 
-    ex = sub.add_parser("export", help="write an apply output for vLLM, transformers or llama.cpp")
-    ex.add_argument("checkpoint", metavar="OUT", help="a `spectra apply` (or heal) output")
-    ex.add_argument(
-        "--format",
-        required=True,
-        choices=("compressed-tensors", "gguf", "hf"),
-        help="compressed-tensors (vLLM, transformers), gguf (llama.cpp) or hf (dense)",
-    )
-    ex.add_argument("-o", "--out", type=Path, required=True, help="the export directory")
-    ex.add_argument(
-        "--gguf-type",
-        default="Q8_0",
-        choices=("F16", "Q8_0", "Q4_0"),
-        help="tensor type of a GGUF export's matrices (default Q8_0)",
-    )
-    ex.add_argument(
-        "--dtype",
-        default="auto",
-        choices=("auto", "float32", "float16", "bfloat16"),
-        help="dense tensors and scales of compressed-tensors and hf exports, and the dtype "
-        "they are reconstructed in (auto: OUT's own)",
-    )
-    ex.add_argument(
-        "--offload",
-        default="auto",
-        choices=("auto", "none", "disk"),
-        help="none: OUT loaded whole; disk: read a tensor and written a block at a time; "
-        "auto (default): disk for an OUT written block by block or too big for half the "
-        "free memory",
-    )
-    ex.add_argument("--force", action="store_true", help="replace an existing DIR")
-    ex.add_argument("--json", action="store_true", help=JSON_HELP)
-    ex.set_defaults(func=cmd_export)
-
-    sc = sub.add_parser(
-        "serve-check",
-        help="load an export in its engine (llama.cpp, vLLM, transformers) and measure it",
-    )
-    sc.add_argument("export", metavar="DIR", help="a `spectra export` directory")
-    sc.add_argument(
-        "--baseline",
-        metavar="DIR2",
-        help="a dense export of the source made the same way, run beside it",
-    )
-    sc.add_argument(
-        "--engine",
-        default="auto",
-        choices=("auto", "llama.cpp", "vllm", "transformers"),
-        help="auto: llama.cpp for gguf, vllm for compressed-tensors, transformers for hf",
-    )
-    sc.add_argument("--corpus", default="builtin", help="builtin, wikitext2 or a text file")
-    sc.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
-    sc.add_argument("--max-tokens", type=int, default=2048, help="evaluation tokens (default 2048)")
-    sc.add_argument("--decode", type=int, default=32, help="tokens decoded greedily at batch 1")
-    sc.add_argument(
-        "--dtype",
-        choices=("float32", "float16", "bfloat16"),
-        help="vLLM and transformers: the dtype they run in (default: the export's)",
-    )
-    sc.add_argument("--json", action="store_true", help=JSON_HELP)
-    sc.set_defaults(func=cmd_serve_check)
+    add_export_parsers(sub, JSON_HELP)
 
     ev = sub.add_parser("eval", help="perplexity on a corpus (GPTQ / SVD-LLM convention)")
     ev.add_argument("model", help=f"{MODEL_HELP}, or a `spectra apply` output")
