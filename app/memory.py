@@ -25,7 +25,8 @@ import os
 
 from spectra.data.grams import SHARED_INPUT
 from spectra.errors import SpectraInputError
-from spectra.io.model import Model, free_bytes
+from spectra.io.devices import free_bytes
+from spectra.io.model import Model
 
 GB = 1e9
 WIDTH = {"float32": 4, "bfloat16": 2, "float16": 2}  # bytes per element

@@ -18,12 +18,12 @@ from pathlib import Path
 from compressors import io
 from spectra.errors import SpectraInputError
 from spectra.io import models
+from spectra.io.devices import free_bytes
 from spectra.io.model import (
     OFFLOADS,
     RESIDENT_SHARE,
     WORK_MARGIN,
     Model,
-    free_bytes,
     majority_dtype,
     open_model,
 )

@@ -11,7 +11,8 @@ import yaml
 from spectra.cli.progress import progress_bar
 from spectra.data import heal
 from spectra.errors import SpectraInputError
-from spectra.io.model import WORK_MARGIN, footprint, free_bytes
+from spectra.io.devices import free_bytes
+from spectra.io.model import WORK_MARGIN, footprint
 
 
 def checkpoint_folder(out: Path) -> Path:

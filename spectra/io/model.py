@@ -22,7 +22,6 @@ A compressed OUT of `spectra apply` is one more kind of it (compressors.opened).
 from __future__ import annotations
 
 import functools
-import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ import numpy as np
 
 from spectra.errors import SpectraInputError
 from spectra.io import cache, models, remote_code, roles
+from spectra.io.devices import check_dtype, free_bytes, where
 from spectra.io.tensors import FLOAT_DTYPES, TensorRef, read_header
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -261,7 +261,7 @@ def open_source(
         if wanted > free:
             hint = "; try --offload disk" if offload == "none" and streamed <= free else ""
             raise SpectraInputError(
-                f"{spec}: needs about {wanted / 1e9:.3g} GB of {_where(device)} memory in "
+                f"{spec}: needs about {wanted / 1e9:.3g} GB of {where(device)} memory in "
                 f"{dtype} with --offload {offload}, {free / 1e9:.3g} GB is free{hint}"
             )
     return Model(spec, source, device, dtype, offload)
@@ -297,42 +297,6 @@ def footprint(source: models.Source, dtype: str) -> dict:
                 outer += size
     block = max(per_block.values(), default=0)
     return {"total": outer + sum(per_block.values()), "outer": outer, "block": block}
-
-
-def free_bytes(device: str) -> int | None:
-    """Memory free for the work: MemAvailable on the CPU, the device's free memory on
-    CUDA; SPECTRA_MEMORY_GB overrides (to plan for a smaller machine, and in tests)."""
-    if os.environ.get("SPECTRA_MEMORY_GB"):
-        return int(float(os.environ["SPECTRA_MEMORY_GB"]) * 1e9)
-    if device.startswith("cuda"):
-        import torch
-
-        return int(torch.cuda.mem_get_info(torch.device(device))[0])
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def check_dtype(dtype: str, device: str) -> None:
-    """Refuse a dtype the device cannot multiply in (float16 on a CPU without it)."""
-    if dtype != "float16" or device.startswith("cuda"):
-        return
-    import torch
-
-    a = torch.ones(4, 4, dtype=torch.float16)
-    try:
-        (a @ a).sum().item()
-    except RuntimeError as e:
-        raise SpectraInputError(f"--dtype float16: this CPU cannot run it ({e})") from e
-
-
-def _where(device: str) -> str:
-    return "GPU" if device.startswith("cuda") else "host"
 
 
 def matrices(source: models.Source) -> list[Matrix]:
