@@ -56,9 +56,10 @@ def blocks(model: Model) -> int:
 
 
 def scratch(model: Model) -> int:
-    """One whitened factorization per core: the largest block matrix, thrice in float64."""
+    """One whitened factorization per core: the largest block matrix twice in float64
+    (the weight and its product with a band of H or its n x n factor's)."""
     big = max((m.shape[0] * m.shape[1] for m in model.matrices if m.block is not None), default=0)
-    return 3 * big * 8 * min(2, os.cpu_count() or 1)
+    return 2 * big * 8 * min(2, os.cpu_count() or 1)
 
 
 def need(model: Model, action: str, tokens: int = 0, kept_params: int = 0) -> dict[str, float]:

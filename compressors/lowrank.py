@@ -19,6 +19,7 @@ from torch import nn
 
 from compressors import factors
 from compressors.base import (
+    BAND,
     Calibration,
     Factorization,
     check_rank,
@@ -132,11 +133,17 @@ def compress(
     if r is None:
         r = energy_rank(torch.linalg.svdvals(w).cpu().numpy(), config.energy)
     if config.whiten:
-        chol = whitening_factor("lowrank", calib)
-        wl = w @ chol
-        del chol  # not needed again: B comes from W itself (below)
-        u, s, _ = torch.linalg.svd(wl, full_matrices=False)
-        del wl
+        if m <= n:  # U and S^2 of W L from the m x m W H W^T: no factor of H
+            if calib is None:
+                raise config_error("lowrank", "whiten", True, "needs calibration data")
+            s2, u = _wide_eigh(w, calib.hessian)
+            s = s2.sqrt()
+        else:
+            chol = whitening_factor("lowrank", calib)
+            wl = w @ chol
+            del chol  # not needed again: B comes from W itself (below)
+            u, s, _ = torch.linalg.svd(wl, full_matrices=False)
+            del wl
         root = s[:r].sqrt()
         a = u[:, :r] * root
         # B = root V_r^T L^-1 = root^-1 U_r^T W, as W L = U S V^T: A B = U_r U_r^T W
@@ -221,8 +228,13 @@ def candidates(mod, dmg, floor: Floor, sigma=None, quick: bool = False) -> list[
     if calib is not None:
         # whitened: ||(W - W_r) X^T||_F^2 = sum_{i>r} s_i^2 of W L (activation-aware
         # spectrum); with output weights, component i costs s_i^2 * sum_j g_j u_ji^2
-        chol = whitening_factor("lowrank", calib)
         g = dmg.out_weights(mod)
+        if m <= n:  # U and S^2 of W L from the m x m W H W^T: no factor of H
+            s2, u = _wide_eigh(mod.weight, calib.hessian)
+            p = None if g is None else u * s2.sqrt()
+            tail = tail_sums(s2 / s2.sum() if p is None else dmg.whitened_terms(mod, p))
+            return [(LowRankConfig(rank=r, whiten=True), tail[r]) for r in ranks]
+        chol = whitening_factor("lowrank", calib)
         if m > TALL * n:  # a head or an embedding: n x n Grams, never an m x n float64
             s2, terms = tall_terms(mod.weight, chol, g)
             tail = tail_sums(s2 / s2.sum() if g is None else terms)
@@ -286,25 +298,45 @@ def _tall_eigh(weight: torch.Tensor, chol: torch.Tensor | None, gram=None):
     return s2.flip(0).clamp_min(0), v.flip(1)
 
 
+def _wide_eigh(weight: torch.Tensor, hessian: torch.Tensor):
+    """(s^2, U) of W L = U S V^T (H = L L^T), largest first, for an (m, n) weight with
+    m <= n, from the m x m W H W^T = (W L)(W L)^T, H widened BAND rows at a time: no
+    n x n factor of H and no SVD workspace (an 8B model's down_proj: 0.6 GB, not 3 GB).
+    H is used as it is: it needs no jitter, as nothing is factored."""
+    w = weight.detach().to(torch.float64)
+    n = w.shape[1]
+    g = torch.zeros(w.shape[0], w.shape[0], dtype=torch.float64, device=w.device)
+    for lo in range(0, n, BAND):  # H symmetric: H[:, band] = H[band]^T
+        band = hessian[lo : lo + BAND].to(w.device, torch.float64)
+        g.addmm_(w @ band.T, w[:, lo : lo + BAND].T)
+    del band
+    s2, u = torch.linalg.eigh((g + g.T) / 2)
+    return s2.flip(0).clamp_min(0), u.flip(1)
+
+
 def curves(weight, hessian) -> tuple[np.ndarray, np.ndarray]:
     """(weight errors, calibration-weighted errors) of whitened low rank at every rank k
-    (index k), from one SVD of W L: with W L = U S V^T and b_i = v_i^T L^{-1},
-    ||W - W_k||_F^2 = sum_{i>k} s_i^2 ||b_i||^2 and ||(W - W_k) X^T||_F^2 = sum_{i>k} s_i^2
-    (H regularised by the whitening jitter, as the compressor does)."""
+    (index k), from W L = U S V^T: ||(W - W_k) X^T||_F^2 = sum_{i>k} s_i^2 and
+    ||W - W_k||_F^2 = sum_{i>k} ||u_i^T W||^2 (= s_i^2 ||v_i^T L^{-1}||^2), by the same
+    route as the compressor (wide: W H W^T; else H's factor with the whitening jitter)."""
     w = torch.as_tensor(np.asarray(weight))
-    chol = whitening_factor("lowrank", Calibration(torch.as_tensor(hessian), 0))
-    if w.shape[0] > TALL * w.shape[1]:  # a head: from the n x n Gram (tall_terms)
-        s2, v = _tall_eigh(w, chol)
-        s, vt = s2.sqrt(), v.T
+    if w.shape[0] <= w.shape[1]:  # from the m x m W H W^T; W - W_k = sum_{i>k} u_i u_i^T W
+        s2, u = _wide_eigh(w, torch.as_tensor(np.asarray(hessian)))
+        wide = w.to(torch.float64)
+        rows = ((wide @ wide.T) @ u * u).sum(0)  # ||u_i^T W||^2
     else:
-        w = w.to(torch.float64)
-        _, s, vt = torch.linalg.svd(w @ chol, full_matrices=False)
-    b = torch.linalg.solve_triangular(chol, vt, upper=False, left=False)
-    s2 = s.pow(2)
+        chol = whitening_factor("lowrank", Calibration(torch.as_tensor(hessian), 0))
+        if w.shape[0] > TALL * w.shape[1]:  # a head: from the n x n Gram (tall_terms)
+            s2, v = _tall_eigh(w, chol)
+            vt = v.T
+        else:
+            _, s, vt = torch.linalg.svd(w.to(torch.float64) @ chol, full_matrices=False)
+            s2 = s.pow(2)
+        rows = s2 * torch.linalg.solve_triangular(chol, vt, upper=False, left=False).pow(2).sum(1)
     tail = lambda t: torch.flip(torch.cumsum(torch.flip(t, (0,)), 0), (0,))  # noqa: E731
     zero = torch.zeros(1, dtype=torch.float64)
     calib = torch.cat([tail(s2), zero]) / s2.sum()
-    weight_err = torch.cat([tail(s2 * b.pow(2).sum(1)), zero]) / w.double().pow(2).sum()
+    weight_err = torch.cat([tail(rows), zero]) / w.double().pow(2).sum()
     return weight_err.clamp_min(0).sqrt().numpy(), calib.clamp_min(0).sqrt().numpy()
 
 

@@ -2,6 +2,7 @@
 a lower calibration-weighted error than the data-free form at equal cost on demo
 matrices with the demo's own activations."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -194,3 +195,32 @@ def test_a_tall_weights_error_curves_are_its_svds(monkeypatch):
     for a, b in zip(tall, svd, strict=True):
         assert a.shape == b.shape == (49,)
         assert abs(a - b).max() < 1e-6 and abs(a[:-1] - b[:-1]).max() / b[0] < 1e-6
+
+
+def test_a_wide_weight_whitens_without_factoring_h(monkeypatch):
+    """A weight with m <= n (down_proj) takes U and S^2 of W L from the m x m W H W^T:
+    its compression and its error curves equal numpy's SVD of W L with L = cholesky(H)
+    (the reference, in float64), without an n x n factor in the compressor."""
+    from compressors import lowrank
+
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(40, 300, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3, 300)
+    x = torch.randn(900, 300, generator=g, dtype=torch.float64) * torch.linspace(2, 0.2, 300)
+    h = (x.T @ x).numpy()
+    ell = np.linalg.cholesky(h)
+    u, s, _ = np.linalg.svd(w.numpy() @ ell, full_matrices=False)
+    r = 11
+
+    def no_factor(*args):
+        raise AssertionError("H was factored")
+
+    monkeypatch.setattr(lowrank, "whitening_factor", no_factor)
+    want = u[:, :r] @ u[:, :r].T @ w.numpy()  # the activation-optimal rank-r weight
+    config = make_config("lowrank", whiten=True, rank=r)
+    got = lowrank.compress(w, config, Calibration(x.T @ x, 900))
+    np.testing.assert_allclose(got.to_dense().numpy(), want, atol=1e-9 * np.abs(want).max())
+    weight_err, calib_err = lowrank.curves(w.numpy(), h)
+    tail = np.cumsum((s**2)[::-1])[::-1]
+    np.testing.assert_allclose(calib_err[:-1] ** 2, tail / tail[0], rtol=1e-8, atol=1e-12)
+    err = np.linalg.norm(w.numpy() - want) / np.linalg.norm(w.numpy())
+    assert abs(weight_err[r] - err) < 1e-9
