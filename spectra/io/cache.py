@@ -130,6 +130,9 @@ def store_hashes(path: Path, stamp: list, hashes: dict[str, str]) -> None:
     write_json(_memo_path(path), {"stamp": stamp, "tensors": hashes})
 
 
+PIECE = 64 * 2**20  # bytes hashed at a time
+
+
 def file_tensor_hashes(path: Path, refs: Iterable) -> dict[str, str]:
     """Content hash of every tensor in one safetensors file, memoised by file stat."""
     stamp = file_stamp(path)
@@ -140,8 +143,12 @@ def file_tensor_hashes(path: Path, refs: Iterable) -> dict[str, str]:
 
     import numpy as np
 
-    def one(r):
-        return r.name, hash_bytes(r.read_bytes(scratch.buffer("raw", r.nbytes, np.uint8)))
+    def one(r):  # in pieces (the same digest as one-shot): no buffer of a whole tensor
+        digest = xxhash.xxh3_128()
+        for lo in range(0, r.nbytes, PIECE):
+            buf = scratch.buffer("raw", min(PIECE, r.nbytes - lo), np.uint8)
+            digest.update(r.read_bytes(buf, offset=lo))
+        return r.name, digest.hexdigest()
 
     with ThreadPoolExecutor(max(1, min(os.cpu_count() or 1, 8))) as pool:
         hashes = dict(pool.map(one, refs))

@@ -190,6 +190,28 @@ def test_in_place_widening_read_equals_a_plain_read(tmp_path, dtype, shape):
     assert got.dtype == (np.float64 if dtype == "F64" else np.float32)
     np.testing.assert_array_equal(got, x.double().numpy())
     assert len(hashes["w.weight"]) == 32
+    fresh = refs["w.weight"].read()  # its own array, widened in place too
+    assert fresh.dtype == np.float32 and not np.shares_memory(fresh, got)
+    np.testing.assert_array_equal(fresh, x.float().numpy())
+
+
+def test_tensor_hashes_in_pieces_are_the_one_shot_hashes(tmp_path, monkeypatch):
+    """The checkpoint's content hashes (its cache key) are read 64 MB at a time; the
+    digest is the one of the whole tensor's bytes, whatever the piece size."""
+    from safetensors.torch import save_file
+
+    from spectra.io import cache
+    from spectra.io.tensors import read_header
+
+    g = torch.Generator().manual_seed(2)
+    save_file({"a": torch.randn(301, 7, generator=g), "b": torch.randn(3, generator=g)},
+              tmp_path / "m.safetensors")  # fmt: skip
+    refs = read_header(tmp_path / "m.safetensors")
+    want = {r.name: cache.hash_bytes(r.read_bytes()) for r in refs}
+    monkeypatch.setattr(cache, "PIECE", 1000)  # 301 x 7 x 4 bytes: 9 pieces
+    monkeypatch.setattr(cache, "memoized_hashes", lambda *a: None)
+    monkeypatch.setattr(cache, "store_hashes", lambda *a: None)
+    assert cache.file_tensor_hashes(tmp_path / "m.safetensors", refs) == want
 
 
 @pytest.mark.demo
