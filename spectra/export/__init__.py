@@ -80,7 +80,7 @@ def export(
         else:
             from spectra.export import compact_hf
 
-            rows = compact_hf.write(tmp, src, torch_dtype)
+            rows, sizes = compact_hf.write(tmp, src, torch_dtype)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
         files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}

@@ -2,9 +2,11 @@
 
 Each low-rank module (a `lowrank` module, or a member of a `joint` group: its own A_i
 beside a copy of the group's shared V) is stored as its two factors, `NAME.a` (out, r)
-and `NAME.b` (r, in), and runs as two thin products; every other module is stored
-dense (reconstructed), and the summary says why. A factorization that is not smaller
-than its dense matrix (r (m + n) >= m n) is stored dense too.
+and `NAME.b` (r, in), and runs as two thin products; a LoSparse module as its factors
+and its sparse residual in CSR (or its kept rows); an MPO module as its cores. Every
+other module (CALDERA, quant, prune) is stored dense (reconstructed), and the summary
+says why. A form that is not smaller than its dense matrix (r (m + n) >= m n for low
+rank) is stored dense too.
 
 The directory ships `spectra_modeling.py`, a modeling file of the project's own that
 imports only torch and transformers: a subclass of the checkpoint's own architecture
@@ -37,30 +39,87 @@ def pair(f, member: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     return None
 
 
+def form(f, member: int) -> tuple[dict, dict[str, torch.Tensor]] | None:
+    """(spec in config.json, {suffix: tensor}) of a module's compact form, or None when
+    it has none: low rank and joint members (`.a`, `.b`), LoSparse (its factors and
+    its residual's CSR `.s_crow`, `.s_col` (int32), `.s_values`, or its kept rows),
+    MPO (`.core0` ... and `.scale` when calibrated). Quantized factors and cores are
+    stored dequantized in the export's dtype."""
+    from compressors import factors
+    from compressors.losparse import LowRankSparse
+    from compressors.mpo import MPO
+
+    got = pair(f, member)
+    if got is not None:
+        return {"kind": "lowrank", "rank": got[0].shape[1]}, {"a": got[0], "b": got[1]}
+    if isinstance(f, LowRankSparse):
+        a, b = factors.dense(f.a), factors.dense(f.b)
+        spec, parts = {"kind": "losparse", "rank": a.shape[1]}, {"a": a, "b": b}
+        if f.rows is not None:
+            spec["rows"] = int(f.rows.numel())
+            parts |= {"rows": f.rows.to(torch.int64), "row_values": f.row_values}
+        else:
+            spec["nnz"] = f.s.nnz
+            parts |= {
+                "s_crow": f.s.crow.to(torch.int32),
+                "s_col": f.s.col.to(torch.int32),
+                "s_values": f.s.values,
+            }
+        return spec, parts
+    if isinstance(f, MPO):
+        cores = [factors.dense(c) for c in f.cores]
+        shapes = [list(c.shape) for c in cores]
+        spec = {"kind": "mpo", "cores": shapes, "scale": f.scale is not None}
+        parts = {f"core{i}": c for i, c in enumerate(cores)}
+        if f.scale is not None:
+            parts["scale"] = f.scale
+        return spec, parts
+    return None
+
+
+def _numbers(parts: dict[str, torch.Tensor]) -> int:
+    """Stored size in 16-bit-number units (an int32 index counts as two)."""
+    return sum(t.numel() * (1 if t.is_floating_point() else 2) for t in parts.values())
+
+
 def plan(src) -> tuple[dict, dict[str, str]]:
-    """({module: rank} of the modules kept factorized, {module: why dense} of the others)."""
+    """({module: (spec, tensors)} of the modules kept compact, {module: why dense} of the
+    others); a form that is not smaller than the dense matrix is stored dense."""
     from compressors.registry import method_of_factorization
 
     compact, dense = {}, {}
     for name in src.compressed():
         f = src.factorization(name)
-        got = pair(f, src.member(name))
+        got = form(f, src.member(name))
         if got is None:
             method = method_of_factorization(f)
             what = method.name if method is not None else type(f).__name__
             dense[name] = f"{what}: no compact form in the hf export (reconstructed)"
             continue
-        (m, r), n = got[0].shape, got[1].shape[1]
-        if r * (m + n) >= m * n:
-            dense[name] = f"rank {r} of ({m}, {n}) is not smaller than dense"
+        spec, parts = got
+        m, n = f.shape
+        if _numbers(parts) >= m * n:
+            what = f"rank {spec['rank']}" if spec["kind"] == "lowrank" else spec["kind"]
+            dense[name] = f"{what} of ({m}, {n}) is not smaller than dense"
             continue
-        compact[name] = r
+        compact[name] = got
     return compact, dense
 
 
-def write(tmp: Path, src, dtype) -> list[dict]:
+STORED = {
+    "lowrank": lambda s: f"low rank, factors of rank {s['rank']}",
+    "losparse": lambda s: (
+        f"low rank {s['rank']} + sparse "
+        + (f"{s['rows']} rows" if "rows" in s else f"{s['nnz']} nonzeros")
+    ),
+    "mpo": lambda s: f"MPO, {len(s['cores'])} cores, bond {max(c[3] for c in s['cores'])}",
+}
+
+
+def write(tmp: Path, src, dtype) -> tuple[list[dict], dict]:
     """The compact checkpoint into `tmp`, a part (a block, or a module outside the
-    blocks) at a time; one summary row per compressed module."""
+    blocks) at a time: (one summary row per compressed module, with the bytes it
+    takes; {"bytes_by_kind": bytes per form: lowrank, losparse, mpo, dense})."""
     from safetensors.torch import save_file
 
     from spectra.export.source import cast, shard_names, write_index
@@ -71,27 +130,30 @@ def write(tmp: Path, src, dtype) -> list[dict]:
     tied = [f"{k}.weight" for k in compact if f"{k}.weight" not in named]  # a tied head
     if tied:
         parts = [*parts, tied]
-    weight_map, total = {}, 0
+    weight_map, total, held = {}, 0, {}  # held: bytes stored per compressed module
     for file, names in zip(shard_names(parts), parts, strict=True):
         state = {}
         for k in names:
             owner, _, attr = k.rpartition(".")
             if owner in compact and attr == "weight":
-                a, b = pair(src.factorization(owner), src.member(owner))
-                state[f"{owner}.a"], state[f"{owner}.b"] = cast(a, dtype), cast(b, dtype)
+                for suffix, t in compact[owner][1].items():
+                    state[f"{owner}.{suffix}"] = cast(t, dtype) if t.is_floating_point() else t
+                    held[owner] = held.get(owner, 0) + _bytes(state[f"{owner}.{suffix}"])
             else:
                 state[k] = cast(src.value(k), dtype)
+                if owner in dense and attr == "weight":
+                    held[owner] = _bytes(state[k])
         state = {k: v.contiguous() for k, v in state.items()}
         save_file(state, tmp / file, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(state, file))
-        total += sum(t.numel() * t.element_size() for t in state.values())
+        total += sum(_bytes(t) for t in state.values())
         del state
     write_index(tmp, weight_map, total)
     base = type(src.dense).__name__
     config = src.config
     config.architectures = [f"Spectra{base}"]
     config.auto_map = {"AutoModelForCausalLM": f"{MODELING[:-3]}.Spectra{base}"}
-    config.spectra_compact = {k: {"kind": "lowrank", "rank": r} for k, r in compact.items()}
+    config.spectra_compact = {k: spec for k, (spec, _) in compact.items()}
     head = src.dense.get_output_embeddings()
     if head is not None and any(src.module(k) is head for k in compact):
         config.tie_word_embeddings = False  # a factorized head shares no matrix
@@ -101,7 +163,17 @@ def write(tmp: Path, src, dtype) -> list[dict]:
     if src.dense.can_generate() and src.dense.generation_config is not None:
         src.dense.generation_config.save_pretrained(tmp)
     rows = [
-        dict(module=k, stored=f"low rank, factors of rank {r}", reason=None)
-        for k, r in compact.items()
+        dict(module=k, stored=STORED[spec["kind"]](spec), reason=None, bytes=held[k])
+        for k, (spec, _) in compact.items()
     ]
-    return rows + [dict(module=k, stored="dense", reason=why) for k, why in dense.items()]
+    rows += [dict(module=k, stored="dense", reason=why, bytes=held[k]) for k, why in dense.items()]
+    by_kind: dict[str, int] = {}
+    for k, (spec, _) in compact.items():
+        by_kind[spec["kind"]] = by_kind.get(spec["kind"], 0) + held[k]
+    if dense:
+        by_kind["dense"] = sum(held[k] for k in dense)
+    return rows, dict(bytes_by_kind=by_kind)
+
+
+def _bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()

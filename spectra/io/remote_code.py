@@ -35,8 +35,63 @@ class LowRankLinear(nn.Module):
         return nn.functional.linear(nn.functional.linear(x, self.b), self.a, self.bias)
 
 
+class LowRankSparseLinear(LowRankLinear):
+    """y = x (A B + S)^T + bias, S sparse: its nonzeros in CSR (`s_crow`, `s_col`,
+    `s_values`), or whole rows (`rows`, `row_values`)."""
+
+    def __init__(self, in_features, out_features, rank, bias, dtype=None, nnz=0, rows=None):
+        super().__init__(in_features, out_features, rank, bias, dtype)
+        self.by_rows = rows is not None
+        if self.by_rows:
+            self.register_buffer("rows", torch.empty(rows, dtype=torch.int64))
+            self.row_values = nn.Parameter(torch.empty(rows, in_features, dtype=dtype))
+        else:
+            self.register_buffer("s_crow", torch.empty(out_features + 1, dtype=torch.int32))
+            self.register_buffer("s_col", torch.empty(nnz, dtype=torch.int32))
+            self.s_values = nn.Parameter(torch.empty(nnz, dtype=dtype))
+
+    def forward(self, x):
+        y = nn.functional.linear(nn.functional.linear(x, self.b), self.a)
+        if self.by_rows:
+            y = y.index_add(-1, self.rows, nn.functional.linear(x, self.row_values))
+        else:
+            shape = (self.out_features, self.in_features)
+            s = torch.sparse_csr_tensor(self.s_crow, self.s_col, self.s_values, shape)
+            flat = x.reshape(-1, self.in_features)
+            y = y + (s @ flat.T).T.reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
+class MPOLinear(nn.Module):
+    """y = x (W diag(scale))^T + bias with W the contraction of `core0`, `core1`, ...
+    (r, m_k, n_k, r'): W[(i_1..i_K), (j_1..j_K)] = G_1[i_1, j_1] ... G_K[i_K, j_K]."""
+
+    def __init__(self, in_features, out_features, cores, bias, dtype=None, scale=False):
+        super().__init__()
+        self.in_features, self.out_features, self.k = in_features, out_features, len(cores)
+        for i, shape in enumerate(cores):
+            setattr(self, f"core{{i}}", nn.Parameter(torch.empty(*shape, dtype=dtype)))
+        self.scale = nn.Parameter(torch.empty(in_features, dtype=dtype)) if scale else None
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype)) if bias else None
+
+    def forward(self, x):
+        lead = x.shape[:-1]
+        if self.scale is not None:
+            x = x * self.scale
+        t = x.reshape(-1, 1, 1, self.in_features)  # (tokens, rows done, bond, columns left)
+        for i in range(self.k):
+            core = getattr(self, f"core{{i}}")  # (r, m, n, r')
+            b, done, r, left = t.shape
+            n = core.shape[2]
+            t = t.reshape(b, done, r, n, left // n)
+            t = torch.einsum("bdrnl,rmns->bdmsl", t, core)
+            t = t.reshape(b, done * core.shape[1], core.shape[3], left // n)
+        y = t.reshape(*lead, self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
 class Spectra{base}({base}):
-    """{base} with the modules `config.spectra_compact` names factorized."""
+    """{base} with the modules `config.spectra_compact` names in their compact forms."""
 
     def __init__(self, config):
         super().__init__(config)
@@ -47,13 +102,17 @@ class Spectra{base}({base}):
             out_features, in_features = old.weight.shape
             if type(old).__name__ == "Conv1D":  # GPT-2 stores (in, out)
                 in_features, out_features = old.weight.shape
-            new = LowRankLinear(
-                in_features,
-                out_features,
-                spec["rank"],
-                old.bias is not None,
-                old.weight.dtype,
-            )
+            dims = (in_features, out_features)
+            bias, dtype = old.bias is not None, old.weight.dtype
+            if spec["kind"] == "lowrank":
+                new = LowRankLinear(*dims, spec["rank"], bias, dtype)
+            elif spec["kind"] == "losparse":
+                extra = dict(nnz=spec.get("nnz", 0), rows=spec.get("rows"))
+                new = LowRankSparseLinear(*dims, spec["rank"], bias, dtype, **extra)
+            elif spec["kind"] == "mpo":
+                new = MPOLinear(*dims, spec["cores"], bias, dtype, spec["scale"])
+            else:
+                raise ValueError(f"{{name}}: unknown compact kind {{spec['kind']!r}}")
             setattr(owner, child, new)
 '''
 

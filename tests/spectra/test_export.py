@@ -584,3 +584,61 @@ def test_llama_cpp_scores_gptqs_own_q4_0_blocks_as_spectra_does(family_dir, tmp_
     assert main(args) == 0
     ours = json.loads(capsys.readouterr().out)["ppl"]
     assert abs(row["ppl"] / ours - 1) < 5e-3, (row["ppl"], ours)
+
+
+def factorized_numbers(out, name) -> int:
+    from compressors import io
+
+    return io.load(out)[1][name].n_params
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_hf_export_keeps_losparse_and_mpo_compact(family, family_dir, tmp_path, capsys):
+    """LoSparse (its factors and CSR residual, or its kept rows) and MPO (its cores) are
+    stored compact and run by the export's modeling file in plain transformers: the
+    OUT's logits, each module holding its form's numbers, not m n (qwen2: with biases)."""
+    from safetensors import safe_open
+
+    from compressors import io
+    from spectra.io.model import open_model
+
+    out = apply_rules(
+        family_dir(family),
+        tmp_path,
+        {"targets": [r"re:.*layers\.0\.self_attn\.q_proj"], "method": "losparse", "rank": 4,
+         "sparsity": 0.95},
+        {"targets": [r"re:.*layers\.0\.mlp\.up_proj"], "method": "losparse", "rank": 4,
+         "sparsity": 0.9, "structured": "rows"},
+        {"targets": [r"re:.*layers\.1\.mlp\.down_proj"], "method": "mpo", "cores": 2,
+         "bond_dim": 4},
+    )  # fmt: skip
+    summary = export(capsys, out, "hf", tmp_path / "hf")
+    stored = {r["module"]: r["stored"] for r in summary["modules"]}
+    q, up, down = (
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.0.mlp.up_proj",
+        "model.layers.1.mlp.down_proj",
+    )
+    assert stored[q].startswith("low rank 4 + sparse ") and stored[q].endswith(" nonzeros")
+    assert stored[up].startswith("low rank 4 + sparse ") and stored[up].endswith(" rows")
+    assert stored[down].startswith("MPO, 2 cores, bond ")
+    held = {r["module"]: r["bytes"] for r in summary["modules"]}
+    assert summary["bytes_by_kind"] == {"losparse": held[q] + held[up], "mpo": held[down]}
+    assert held[down] == 4 * factorized_numbers(out, down)  # float32 cores
+    names = set()
+    for f in (tmp_path / "hf").glob("*.safetensors"):
+        with safe_open(f, "pt") as st:
+            names |= set(st.keys())
+    assert {f"{q}.s_crow", f"{q}.s_col", f"{q}.s_values", f"{up}.row_values"} <= names
+    assert {f"{down}.core0", f"{down}.core1"} <= names
+    assert not {f"{q}.weight", f"{up}.weight", f"{down}.weight"} & names
+    assert (family == "qwen2") == (f"{q}.bias" in names)
+    assert rel(read_back(tmp_path, tmp_path / "hf"), ours(out)) < 1e-5
+    # resident: each module holds its form's numbers
+    factorized, dense = io.load(out)[1], io.reconstruct(*io.load(out))
+    compact = open_model(str(tmp_path / "hf"), "cpu", "float32", "none").load()
+    held = dict(compact.named_modules())
+    for name in (q, up, down):
+        ours_n = factorized[name].n_params
+        theirs = sum(p.numel() for p in held[name].parameters() if p is not held[name].bias)
+        assert theirs == ours_n < dict(dense.named_modules())[name].weight.numel()
