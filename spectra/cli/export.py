@@ -14,6 +14,9 @@ def cmd_export(args) -> int:
     out = open_out(args.checkpoint, "cpu", "auto", args.offload)
     summary = export(out, args.format, args.out, args.gguf_type, args.dtype, args.force)
     summary["serve"] = SERVE[args.format].format(dir=args.out)
+    compact = set(summary.get("bytes_by_kind", {})) - {"dense"}
+    if compact:  # its own modeling file: transformers' code path in vLLM
+        summary["serve"] += " --trust-remote-code --model-impl transformers"
     if args.json:
         print(json.dumps(summary))
         return 0
@@ -25,8 +28,17 @@ def cmd_export(args) -> int:
     )
     for (stored, reason), n in sorted(kinds.items(), key=lambda kv: -kv[1]):
         print(f"  {n:4d} modules {stored}" + (f": {reason}" if reason else ""))
+    if summary.get("bytes_by_kind"):
+        print("  bytes by form: " + ", ".join(
+            f"{k} {_size(v)}" for k, v in summary["bytes_by_kind"].items()))  # fmt: skip
     print(f"serve it: {summary['serve']}")
     return 0
+
+
+def _size(b: int) -> str:
+    if b >= 1e9:
+        return f"{b / 1e9:.2f} GB"
+    return f"{b / 1e6:.1f} MB" if b >= 1e6 else f"{b / 1e3:.1f} kB"
 
 
 def cmd_serve_check(args) -> int:
