@@ -1,6 +1,7 @@
 """Exports of four demo plans: size on disk and perplexity as other engines load them.
 
     python benchmarks/bench_export.py [--max-tokens N] [--only NAME ...]
+    python benchmarks/bench_export.py --engines [llama.cpp transformers vllm]
 
 Plans (every linear module of the blocks): RTN 4-bit g128 and GPTQ 4-bit g128 (both
 on compressed-tensors' symmetric grid, so that the export keeps 4 bits), Wanda 2:4,
@@ -74,33 +75,43 @@ def dense_fp16(work: Path) -> int:
 GPTQ4_G32 = dict(method="quant", bits=4, group_size=32, symmetric=True, gptq=True)
 
 
-def engines(work: Path, limit: list, results: dict) -> dict:
+CHECKED = ("loaded", "ppl", "peak_rss_gb", "file_bytes", "prefill_tok_s", "decode_tok_s",
+           "version", "error")  # fmt: skip
+
+
+def applied(work: Path, name: str, rules: list) -> Path:
+    """`spectra apply` of `rules` on the demo (with the benchmark's calibration)."""
+    plan = {"version": 1, "model": "demo", "calibration": CALIB, "rules": rules}
+    (work / f"{name}.json").write_text(json.dumps(plan))
+    spectra("apply", work / f"{name}.json", "--model", "demo", "-o", work / name)
+    return work / name
+
+
+def checked(dest: Path, *flags) -> dict:
+    """`spectra serve-check DEST FLAGS`: the engine's row, the fields the docs show."""
+    got = spectra("serve-check", dest, *flags)[0]
+    return {k: got.get(k) for k in CHECKED}
+
+
+def llama_cpp(work: Path, limit: list) -> dict:
     """GPTQ W4 g32 (symmetric: GGUF's Q4_0 with its own codes) on every block matrix of
     the demo, exported as GGUF with the other tensors in Q4_0, run by llama.cpp itself
     (`spectra serve-check`) beside the dense model exported as F16 (the size reference)
     and as Q4_0 (llama.cpp's own round-to-nearest 4-bit of the same tensors)."""
-
-    def applied(name: str, rules: list) -> Path:
-        plan = {"version": 1, "model": "demo", "calibration": CALIB, "rules": rules}
-        (work / f"{name}.json").write_text(json.dumps(plan))
-        spectra("apply", work / f"{name}.json", "--model", "demo", "-o", work / name)
-        return work / name
-
-    gptq = applied("gptq-g32", [{"targets": [ATTN], **GPTQ4_G32}, {"targets": [MLP], **GPTQ4_G32}])
-    dense = applied("dense", [])
+    gptq = applied(work, "gptq-g32", [{"targets": [ATTN], **GPTQ4_G32},
+                                      {"targets": [MLP], **GPTQ4_G32}])  # fmt: skip
+    dense = applied(work, "dense", [])
     rows = {}
     for name, out, kind in (("gptq-w4-g32", gptq, "Q4_0"), ("dense-F16", dense, "F16"),
                             ("dense-Q4_0", dense, "Q4_0")):  # fmt: skip
         dest = work / f"{name}-gguf"
         summary = spectra("export", out, "--format", "gguf", "--gguf-type", kind, "-o", dest)
-        check = spectra("serve-check", dest, "--max-tokens", limit[1] if limit else 2048)[0]
         rows[name] = dict(
             gguf_type=kind,
             stored=sorted({m["stored"] for m in summary["modules"]}),
             bytes=summary["bytes"],
-            **{k: check.get(k) for k in ("loaded", "ppl", "peak_rss_gb", "prefill_tok_s",
-                                         "decode_tok_s", "version", "error")},
-        )  # fmt: skip
+            **checked(dest, "--max-tokens", limit[1] if limit else 2048),
+        )
     ppl_out = spectra("eval", gptq, "--no-baseline", *limit)["ppl"]
     g, f16, q4 = rows["gptq-w4-g32"], rows["dense-F16"], rows["dense-Q4_0"]
     return dict(
@@ -113,21 +124,92 @@ def engines(work: Path, limit: list, results: dict) -> dict:
     )
 
 
+def lowrank_hf(work: Path, limit: list) -> dict:
+    """Whitened low rank at 50% of the linear parameters (`plan auto`'s defaults on the
+    calibration-weighted loss), exported as a compact hf checkpoint in float16 and run in
+    transformers (`serve-check --engine transformers`, in float32: this CPU has no fast
+    16-bit matmul) beside the dense model exported the same way: bytes on disk, the
+    engine's peak RSS, perplexity, prefill and decode tokens/s."""
+    plan = work / "lowrank-50.yaml"
+    spectra("plan", "auto", "demo", "--method", "lowrank", "--target-params", "0.5", "-o", plan)
+    out = work / "lowrank-50"
+    spectra("apply", plan, "--model", "demo", "-o", out)
+    dense = work / "dense" if (work / "dense").is_dir() else applied(work, "dense", [])
+    rows = {}
+    for name, src in (("lowrank-50", out), ("dense", dense)):
+        dest = work / f"{name}-hf"
+        summary = spectra("export", src, "--format", "hf", "--dtype", "float16", "-o", dest)
+        rows[name] = dict(
+            bytes=summary["bytes"],
+            bytes_by_kind=summary.get("bytes_by_kind"),
+            **checked(dest, "--engine", "transformers", "--dtype", "float32",
+                      "--max-tokens", limit[1] if limit else 2048),
+        )  # fmt: skip
+    ppl_out = spectra("eval", out, "--no-baseline", *limit)["ppl"]
+    lr, d = rows["lowrank-50"], rows["dense"]
+    return dict(
+        rows=rows,
+        spectra_eval_out_ppl=ppl_out,
+        bytes_vs_dense=round(lr["bytes"] / d["bytes"], 4),
+        rss_vs_dense=round(lr["peak_rss_gb"] / d["peak_rss_gb"], 4),
+        decode_vs_dense=round(lr["decode_tok_s"] / d["decode_tok_s"], 4),
+        prefill_vs_dense=round(lr["prefill_tok_s"] / d["prefill_tok_s"], 4),
+        ppl_vs_spectra_eval=round(lr["ppl"] / ppl_out - 1, 6),
+        targets=dict(bytes_vs_dense=0.65, rss_vs_dense=0.7, decode_vs_dense=1.1),
+    )
+
+
+def vllm(work: Path, limit: list) -> dict:
+    """vLLM CPU on the exports it should run: the dense demo (float32), the low-rank
+    compact hf export (its transformers backend, remote code), RTN W8 g128 and W4 g128 in
+    compressed-tensors (weight-only int8/int4: a kernel this CPU build may lack); each
+    row's perplexity beside `spectra eval OUT`."""
+    w8 = dict(method="quant", bits=8, group_size=128, symmetric=True)
+    outs = {
+        "dense": work / "dense" if (work / "dense").is_dir() else applied(work, "dense", []),
+        "rtn-w8-g128": applied(work, "rtn-w8", [{"targets": [ATTN], **w8},
+                                                {"targets": [MLP], **w8}]),
+        "rtn-w4-g128": applied(work, "rtn-w4", [{"targets": [ATTN], **RTN4},
+                                                {"targets": [MLP], **RTN4}]),
+    }  # fmt: skip
+    if (work / "lowrank-50").is_dir():
+        outs["lowrank-50"] = work / "lowrank-50"
+    rows = {}
+    for name, out in outs.items():
+        fmt = "hf" if name in ("dense", "lowrank-50") else "compressed-tensors"
+        dest = work / f"{name}-vllm"
+        spectra("export", out, "--format", fmt, "--dtype", "float32", "-o", dest)
+        row = checked(dest, "--engine", "vllm", "--dtype", "float32",
+                      "--max-tokens", limit[1] if limit else 2048)  # fmt: skip
+        row["spectra_eval_out_ppl"] = spectra("eval", out, "--no-baseline", *limit)["ppl"]
+        if row["ppl"]:
+            row["ppl_vs_spectra_eval"] = round(row["ppl"] / row["spectra_eval_out_ppl"] - 1, 6)
+        rows[name] = row
+        print("vllm", name, json.dumps(row), flush=True)
+    return dict(rows=rows, targets=dict(ppl_vs_spectra_eval=0.01))
+
+
+ENGINE_RUNS = {"llama.cpp": llama_cpp, "transformers": lowrank_hf, "vllm": vllm}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--max-tokens", type=int)
     p.add_argument("--only", nargs="*", help="plan names")
-    p.add_argument("--engines", action="store_true", help="only the GPTQ g32 run in llama.cpp")
+    p.add_argument("--engines", nargs="*", choices=list(ENGINE_RUNS),
+                   help="only the engine runs (all three without names)")  # fmt: skip
     p.add_argument("--out", type=Path, default=REPO / "benchmarks/results/bench_export.json")
     args = p.parse_args()
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}
     limit = ["--max-tokens", args.max_tokens] if args.max_tokens else []
     work = Path(tempfile.mkdtemp(prefix="bench-export-"))
     try:
-        if args.engines:
-            results["engines"] = engines(work, limit, results)
-            print(json.dumps(results["engines"], indent=2))
-            args.out.write_text(json.dumps(results, indent=2) + "\n")
+        if args.engines is not None:
+            done = results.setdefault("engines", {})
+            for name in args.engines or list(ENGINE_RUNS):
+                done[name] = ENGINE_RUNS[name](work, limit)
+                print(name, json.dumps(done[name], indent=2), flush=True)
+                args.out.write_text(json.dumps(results, indent=2) + "\n")
             return
         results["dense_fp16_bytes"] = dense_fp16(work)
         for name, rules in PLANS.items():
