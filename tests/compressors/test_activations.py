@@ -15,6 +15,21 @@ def test_gram_by_panels_equals_the_full_product():
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-3)
 
 
+def test_panels_add_into_a_float64_sum_as_the_float32_gram_would():
+    """A collector's sum takes each float32 panel product into its float64 accumulator in
+    place: the same numbers as forming the float32 Gram and adding it, call after call."""
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(200, 700, generator=g).bfloat16() for _ in range(3)]
+    acc = torch.zeros(700, 700, dtype=torch.float64)
+    want = torch.zeros(700, 700, dtype=torch.float64)
+    for x in xs:
+        activations.add_gram(x, acc)
+        want += activations.gram(x).double()
+    assert torch.equal(acc, want)
+    exact = sum(x.double().T @ x.double() for x in xs)
+    torch.testing.assert_close(acc, exact, rtol=1e-5, atol=1e-3)
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2", "phi3", "opt"])
 def test_grams_are_the_inputs_products_shared_by_siblings(family, family_dir):
     from transformers import AutoModelForCausalLM
