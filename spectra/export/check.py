@@ -37,6 +37,7 @@ KERNELS = {
     "AVX-512 builds only); export 8-bit or dense for it",
 }
 WEIGHTS = (".gguf", ".safetensors", ".bin")
+STAMP = ".spectra-engine"  # written by `make engines` once an environment is complete
 
 WRAP = """
 import json, resource, subprocess, sys
@@ -63,7 +64,7 @@ def python_of(engine: str) -> str:
         return sys.executable
     root = Path(os.environ.get("SPECTRA_ENGINES") or Path(__file__).resolve().parents[2])
     python = root / venv / "bin" / "python"
-    if not python.is_file():
+    if not (root / venv / STAMP).is_file():  # `make engines` finished building it
         raise SpectraInputError(
             f"{engine}: no engine environment at {root / venv}: run `make engines`"
         )

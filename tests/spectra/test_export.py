@@ -557,7 +557,7 @@ def test_serve_check_runs_the_export_in_its_engine(applied, tmp_path, capsys, cl
     assert "run `make engines`" in missing.stderr
 
 
-LLAMACPP = Path(__file__).resolve().parents[2] / ".venv-llamacpp" / "bin" / "python"
+LLAMACPP = Path(__file__).resolve().parents[2] / ".venv-llamacpp" / ".spectra-engine"
 
 
 @pytest.mark.engines
