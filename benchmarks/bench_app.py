@@ -224,7 +224,9 @@ def _until(page, text: str, timeout: float) -> None:
     raise TimeoutError(f"'{text}' did not show in {timeout / 1000:.0f} s")
 
 
-def big(shape_name: str, layers: int, work: Path, page_only: bool = False) -> dict:
+def big(
+    shape_name: str, layers: int, work: Path, page_only: bool = False, port: int = 8765
+) -> dict:
     """The app on a random checkpoint of real shapes (issue 43), beside the command
     line doing the same work, each with its own fresh cache:
 
@@ -256,7 +258,6 @@ def big(shape_name: str, layers: int, work: Path, page_only: bool = False) -> di
     out: dict = {"shape": shape_name, "layers": layers, "checkpoint_gb": round(gb, 2)}
     env = dict(os.environ, SPECTRA_CACHE=str(work / "cache-app"))
     env.pop("DISPLAY", None)
-    port = 8765
     t_launch = time.perf_counter()
     with open(work / "server.log", "w") as log:  # the server keeps its own handle
         server = subprocess.Popen(
@@ -358,6 +359,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4, help="its blocks (default 4)")
     ap.add_argument("--work", type=Path, help="where it goes (default: a temporary folder)")
     ap.add_argument("--page-only", action="store_true", help="time the Model page only")
+    ap.add_argument("--port", type=int, default=8765, help="the server's port (default 8765)")
     args = ap.parse_args()
     results = json.loads(OUT.read_text()) if OUT.is_file() else {}
     results["torch_threads"] = torch.get_num_threads()
@@ -366,7 +368,7 @@ def main() -> None:
 
         work = args.work or Path(tempfile.mkdtemp(prefix="spectra-bench-app-"))
         try:
-            got = big(args.shape, args.layers, work, args.page_only)
+            got = big(args.shape, args.layers, work, args.page_only, args.port)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         key = f"{args.shape}/{args.layers}" + ("/page" if args.page_only else "")
