@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import time
+from itertools import chain
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,6 +40,9 @@ from spectra.data import perplexity as ev
 from spectra.errors import SpectraInputError
 from spectra.plan.format import Plan, resolve
 from spectra.plan.run import weight_ranks
+
+# a weight this large (an 8B q_proj: 16.8M) is compressed alone, on every core
+SERIAL_NUMEL = 1 << 24
 
 
 def module_error(weight: np.ndarray | torch.Tensor | None, config, sigma=None) -> float:
@@ -219,13 +223,25 @@ class Previewer:
         todo = [
             (n, c) for n, c in units.items() if c is not None and self._key(n, c) not in self.built
         ]
-        for i, (unit, modules) in enumerate(
-            zip(todo, parallel_map(lambda u: self._build(*u), todo), strict=True)
-        ):
+        # Two compressions at once hold two sets of working matrices: an 8B down_proj's
+        # whitened factorization alone is about 3 GB (its 14,336-wide Gram in float64 and
+        # the products). Matrices that large go one at a time on every core, as `spectra
+        # apply` does; smaller ones (the demo's all) one per core.
+        big = [u for u in todo if self._size(u[0]) >= SERIAL_NUMEL]
+        small = [u for u in todo if self._size(u[0]) < SERIAL_NUMEL]
+        built = chain(
+            zip(small, parallel_map(lambda u: self._build(*u), small), strict=True),
+            ((u, self._build(*u)) for u in big),
+        )
+        for i, (unit, modules) in enumerate(built):
             self.built[self._key(*unit)] = modules
             if progress:
                 progress(i + 1, len(todo), f"compressing {unit[0][0]}")
         return len(todo)
+
+    def _size(self, names: tuple[str, ...]) -> int:
+        """The unit's largest weight, in elements."""
+        return max(self.targets[n][0].shape[0] * self.targets[n][0].shape[1] for n in names)
 
     def pending(self, layers: dict[str, object], tokens: int = 2048) -> dict[str, int]:
         """What `preview(layers, tokens)` will run, phase by phase, as its progress names

@@ -7,8 +7,9 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 
-def parallel_map(fn, jobs):
-    """fn over jobs in order, on one thread per core with one BLAS thread each.
+def parallel_map(fn, jobs, workers: int | None = None):
+    """fn over jobs in order, on one thread per core (or `workers`) with one BLAS
+    thread each.
 
     Factorizations and per-module error curves are chains of mid-sized BLAS calls and
     short Python loops: one single-threaded job per core is about twice as fast on 2
@@ -22,7 +23,7 @@ def parallel_map(fn, jobs):
     from threadpoolctl import threadpool_limits
 
     jobs = list(jobs)
-    workers = min(len(jobs), os.cpu_count() or 1)
+    workers = min(len(jobs), workers or os.cpu_count() or 1)
     if workers < 2:
         yield from map(fn, jobs)
         return

@@ -32,3 +32,44 @@ def test_a_prebuilt_plan_previews_without_compressing(family_dir):
     assert got.recompressed == 0
     ref = Previewer(model, tok, seqlen=32, grams=grams).preview(LAYERS, 128)
     assert ref.recompressed == 3 and got.ppl == pytest.approx(ref.ppl, rel=1e-6)
+
+
+@pytest.mark.parametrize("serial", [True, False])
+def test_big_matrices_are_compressed_one_at_a_time(family_dir, monkeypatch, serial):
+    """Matrices of SERIAL_NUMEL elements or more (an 8B q_proj) are compressed alone,
+    two of them at once would hold two sets of working matrices; smaller ones go one per
+    core. The store is the same either way."""
+    import os
+    import threading
+    import time
+
+    from spectra import preview
+    from spectra.preview import Previewer
+
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("one core: never two at once")
+    path = str(family_dir("llama"))
+    model, tok = open_model(path, "cpu", "float32", "none").load(), open_model(path).tokenizer()
+    monkeypatch.setattr(preview, "SERIAL_NUMEL", 1 if serial else 1 << 40)
+    pv = Previewer(model, tok, seqlen=32)
+    names = [f"model.layers.{b}.mlp.{m}_proj" for b in (0, 1) for m in ("up", "down")]
+    layers = {n: make_config("lowrank", rank=8) for n in names}
+    running, most = [0], [0]
+    lock = threading.Lock()
+    build = pv._build
+
+    def counted(*a):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.2)  # long enough for a second worker to start beside it
+        try:
+            return build(*a)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(pv, "_build", counted)
+    assert pv.prebuild(layers) == 4
+    assert most[0] == (1 if serial else 2)
+    assert len(pv.built) == 4
