@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import copy
 import time
-from itertools import chain
 from dataclasses import dataclass
+from itertools import chain
 
 import numpy as np
 import torch
