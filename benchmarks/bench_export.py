@@ -110,7 +110,7 @@ def llama_cpp(work: Path, limit: list) -> dict:
             gguf_type=kind,
             stored=sorted({m["stored"] for m in summary["modules"]}),
             bytes=summary["bytes"],
-            **checked(dest, "--max-tokens", limit[1] if limit else 2048),
+            **checked(dest, "--max-tokens", limit[1]),
         )
     ppl_out = spectra("eval", gptq, "--no-baseline", *limit)["ppl"]
     g, f16, q4 = rows["gptq-w4-g32"], rows["dense-F16"], rows["dense-Q4_0"]
@@ -143,7 +143,7 @@ def lowrank_hf(work: Path, limit: list) -> dict:
             bytes=summary["bytes"],
             bytes_by_kind=summary.get("bytes_by_kind"),
             **checked(dest, "--engine", "transformers", "--dtype", "float32",
-                      "--max-tokens", limit[1] if limit else 2048),
+                      "--max-tokens", limit[1]),
         )  # fmt: skip
     ppl_out = spectra("eval", out, "--no-baseline", *limit)["ppl"]
     lr, d = rows["lowrank-50"], rows["dense"]
@@ -180,7 +180,7 @@ def vllm(work: Path, limit: list) -> dict:
         dest = work / f"{name}-vllm"
         spectra("export", out, "--format", fmt, "--dtype", "float32", "-o", dest)
         row = checked(dest, "--engine", "vllm", "--dtype", "float32",
-                      "--max-tokens", limit[1] if limit else 2048)  # fmt: skip
+                      "--max-tokens", limit[1])  # fmt: skip
         row["spectra_eval_out_ppl"] = spectra("eval", out, "--no-baseline", *limit)["ppl"]
         if row["ppl"]:
             row["ppl_vs_spectra_eval"] = round(row["ppl"] / row["spectra_eval_out_ppl"] - 1, 6)
@@ -189,6 +189,7 @@ def vllm(work: Path, limit: list) -> dict:
     return dict(rows=rows, targets=dict(ppl_vs_spectra_eval=0.01))
 
 
+ENGINE_TOKENS = 2048
 ENGINE_RUNS = {"llama.cpp": llama_cpp, "transformers": lowrank_hf, "vllm": vllm}
 
 
@@ -205,6 +206,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-export-"))
     try:
         if args.engines is not None:
+            # the engines and `spectra eval OUT` score the same windows: the first
+            # ENGINE_TOKENS of the evaluation part unless --max-tokens says otherwise
+            limit = limit or ["--max-tokens", ENGINE_TOKENS]
             done = results.setdefault("engines", {})
             for name in args.engines or list(ENGINE_RUNS):
                 done[name] = ENGINE_RUNS[name](work, limit)

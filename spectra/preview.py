@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass
-from itertools import chain
 
 import numpy as np
 import torch
@@ -40,9 +39,6 @@ from spectra.data import perplexity as ev
 from spectra.errors import SpectraInputError
 from spectra.plan.format import Plan, resolve
 from spectra.plan.run import weight_ranks
-
-# a weight this large (an 8B q_proj: 16.8M) is compressed alone, on every core
-SERIAL_NUMEL = 1 << 24
 
 
 def module_error(weight: np.ndarray | torch.Tensor | None, config, sigma=None) -> float:
@@ -214,25 +210,18 @@ class Previewer:
             return compact_modules(factorize(config, weights, calib), config, dense)
 
     def prebuild(self, layers: dict[str, object], progress=None) -> int:
-        """Compress every module of `layers` not in the store yet (two at a time, one per
-        core), installing nothing: the next preview of `layers` only evaluates. Returns
-        the number of compressions. `progress(done, total, what)` hears each one."""
-        from spectra.linalg.parallel import parallel_map
+        """Compress every module of `layers` not in the store yet (one per core;
+        matrices of SERIAL_NUMEL elements or more one at a time), installing nothing:
+        the next preview of `layers` only evaluates. Returns the number of compressions.
+        `progress(done, total, what)` hears each one."""
+        from spectra.linalg.parallel import map_by_size
 
         _, units = self._units(layers)
         todo = [
             (n, c) for n, c in units.items() if c is not None and self._key(n, c) not in self.built
         ]
-        # Two compressions at once hold two sets of working matrices: an 8B down_proj's
-        # whitened factorization alone is about 3 GB (its 14,336-wide Gram in float64 and
-        # the products). Matrices that large go one at a time on every core, as `spectra
-        # apply` does; smaller ones (the demo's all) one per core.
-        big = [u for u in todo if self._size(u[0]) >= SERIAL_NUMEL]
-        small = [u for u in todo if self._size(u[0]) < SERIAL_NUMEL]
-        built = chain(
-            zip(small, parallel_map(lambda u: self._build(*u), small), strict=True),
-            ((u, self._build(*u)) for u in big),
-        )
+        # big matrices one at a time on every core, as `spectra apply` compresses them
+        built = map_by_size(lambda u: self._build(*u), todo, lambda u: self._size(u[0]))
         for i, (unit, modules) in enumerate(built):
             self.built[self._key(*unit)] = modules
             if progress:

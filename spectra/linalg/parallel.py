@@ -40,3 +40,20 @@ def parallel_map(fn, jobs, workers: int | None = None):
                 yield ahead.popleft().result()
     finally:
         torch.set_num_threads(threads)
+
+
+# A job on a weight this large (an 8B q_proj: 16.8M elements) runs alone on every core:
+# two at once hold two sets of working matrices (an 8B down_proj's whitened candidates
+# or compression alone are 1.5 to 3 GB: its 14,336-wide Gram in float64 and products).
+SERIAL_NUMEL = 1 << 24
+
+
+def map_by_size(fn, jobs, numel):
+    """(job, fn(job)) pairs: jobs whose `numel(job)` is below SERIAL_NUMEL first, one per
+    core (parallel_map), then the others one at a time in this thread on every core."""
+    jobs = list(jobs)
+    small = [j for j in jobs if numel(j) < SERIAL_NUMEL]
+    big = [j for j in jobs if numel(j) >= SERIAL_NUMEL]
+    yield from zip(small, parallel_map(fn, small), strict=True)
+    for job in big:
+        yield job, fn(job)

@@ -36,7 +36,7 @@ import torch
 
 from compressors.base import DENSE_BITS, Calibration
 from compressors.registry import METHODS
-from spectra.linalg.parallel import parallel_map
+from spectra.linalg.parallel import map_by_size
 from spectra.plan.allocate import Candidate, Unit
 from spectra.plan.grid import Floors, group_modules, parts
 
@@ -288,9 +288,11 @@ def units_for(
         unit.candidates = [base, *cands]
         return unit
 
-    units = []
-    for unit in parallel_map(build, groups):  # in order, in this thread
-        units.append(unit)
+    units = {}
+    order = {id(g): i for i, g in enumerate(groups)}
+    size = lambda group: sum(g.shape[0] for g in group) * group[0].shape[1]  # noqa: E731
+    for group, unit in map_by_size(build, groups, size):  # progress from this thread
+        units[order[id(group)]] = unit
         if progress:
             progress(len(units), len(groups), f"candidates {unit.names[0]}")
-    return units
+    return [units[i] for i in range(len(groups))]

@@ -323,3 +323,27 @@ def test_prune_offers_the_2_4_pattern_with_exact_cost(calibrated):
         for c in candidates("prune", [Module("m", "down", 0, odd)], Damage(), Floors())
         if c.config.pattern
     ]
+
+
+def test_big_units_are_ranked_alone_and_in_order(monkeypatch):
+    """Units of SERIAL_NUMEL elements or more get their candidates one at a time (after
+    the small ones, which go one per core), and come back in the modules' order with
+    the same candidates."""
+    import torch
+
+    from spectra.linalg import parallel
+
+    g = torch.Generator().manual_seed(1)
+    mods = [
+        Module(f"model.layers.{i}.mlp.{r}_proj", r, i, torch.randn(m, 48, generator=g))
+        for i in range(2)
+        for r, m in (("down", 64), ("up", 32))
+    ]
+    ref = units_for(mods, "lowrank", Damage(), Floors())
+    monkeypatch.setattr(parallel, "SERIAL_NUMEL", 64 * 48)  # the down_proj units alone
+    heard = []
+    got = units_for(mods, "lowrank", Damage(), Floors(), progress=lambda *a: heard.append(a[2]))
+    assert [u.names for u in got] == [u.names for u in ref]
+    assert heard[-2:] == [f"candidates model.layers.{i}.mlp.down_proj" for i in range(2)]
+    for a, b in zip(got, ref, strict=True):
+        assert [c.damage for c in a.candidates] == pytest.approx([c.damage for c in b.candidates])

@@ -43,14 +43,14 @@ def test_big_matrices_are_compressed_one_at_a_time(family_dir, monkeypatch, seri
     import threading
     import time
 
-    from spectra import preview
+    from spectra.linalg import parallel
     from spectra.preview import Previewer
 
     if (os.cpu_count() or 1) < 2:
         pytest.skip("one core: never two at once")
     path = str(family_dir("llama"))
     model, tok = open_model(path, "cpu", "float32", "none").load(), open_model(path).tokenizer()
-    monkeypatch.setattr(preview, "SERIAL_NUMEL", 1 if serial else 1 << 40)
+    monkeypatch.setattr(parallel, "SERIAL_NUMEL", 1 if serial else 1 << 40)
     pv = Previewer(model, tok, seqlen=32)
     names = [f"model.layers.{b}.mlp.{m}_proj" for b in (0, 1) for m in ("up", "down")]
     layers = {n: make_config("lowrank", rank=8) for n in names}
