@@ -318,13 +318,19 @@ def engines() -> str:
         mb = lambda x: f"{x['bytes'] / 1e6:.1f} MB"  # noqa: E731
         parts += [
             "**llama.cpp**: GPTQ W4 g32 on every block matrix of the demo, its codes as "
-            "Q4_0 blocks, beside the dense demo exported as F16 and as llama.cpp's own "
-            f"Q4_0. File {r['bytes_vs_dense_f16']:.3f}x the dense F16 GGUF (target "
+            "Q4_0 blocks and the tied embedding (left dense by the plan) in Q8_0, beside "
+            "the dense demo exported as F16 and with the same bits by llama.cpp's own "
+            "quantizer (Q4_0 blocks, Q8_0 embedding). "
+            f"File {r['bytes_vs_dense_f16']:.3f}x the dense F16 GGUF (target "
             f"<= {r['targets']['bytes_vs_dense_f16']}); llama.cpp's perplexity "
             f"{r['llama_cpp_ppl_vs_spectra_eval'] * 100:+.2f}% against `spectra eval OUT` "
             f"({r['spectra_eval_out_ppl']:.3f}), and {r['gptq_ppl_vs_llama_cpp_q4_0'] * 100:+.2f}% "
             "against llama.cpp's own Q4_0 of the dense model.",
-            engine_rows(r["rows"], ["GGUF type", "bytes"], lambda x: [x["gguf_type"], mb(x)]),
+            engine_rows(
+                r["rows"],
+                ["GGUF type", "embedding", "bytes"],
+                lambda x: [x["gguf_type"], x.get("embedding_type", x["gguf_type"]), mb(x)],
+            ),
         ]
     if "transformers" in e:
         r = e["transformers"]
@@ -333,8 +339,15 @@ def engines() -> str:
             "parameters (`plan auto --method lowrank --target-params 0.5`), exported as a "
             "compact hf checkpoint in float16, beside the dense demo exported the same way. "
             f"Bytes {r['bytes_vs_dense']:.3f}x (target <= {r['targets']['bytes_vs_dense']}), "
-            f"peak RSS {r['rss_vs_dense']:.3f}x (target <= {r['targets']['rss_vs_dense']}), "
-            f"decode {r['decode_vs_dense']:.2f}x (target >= {r['targets']['decode_vs_dense']}), "
+            f"peak RSS {r['rss_vs_dense']:.3f}x (target <= {r['targets']['rss_vs_dense']})"
+            + (
+                f", {r['rss_above_runtime_vs_dense']:.3f}x above the engine's own runtime "
+                f"(torch and transformers imported, before the model) and "
+                f"{r['weights_vs_dense']:.3f}x in resident weights, "
+                if "weights_vs_dense" in r
+                else ", "
+            )
+            + f"decode {r['decode_vs_dense']:.2f}x (target >= {r['targets']['decode_vs_dense']}), "
             f"prefill {r['prefill_vs_dense']:.2f}x; perplexity "
             f"{r['ppl_vs_spectra_eval'] * 100:+.3f}% against `spectra eval OUT`.",
             engine_rows(r["rows"], ["bytes"], lambda x: [f"{x['bytes'] / 1e6:.1f} MB"]),

@@ -12,7 +12,10 @@ def cmd_export(args) -> int:
     from spectra.export import SERVE, export
 
     out = open_out(args.checkpoint, "cpu", "auto", args.offload)
-    summary = export(out, args.format, args.out, args.gguf_type, args.dtype, args.force)
+    summary = export(
+        out, args.format, args.out, args.gguf_type, args.dtype, args.force,
+        args.gguf_embedding_type,
+    )  # fmt: skip
     summary["serve"] = SERVE[args.format].format(dir=args.out)
     compact = set(summary.get("bytes_by_kind", {})) - {"dense"}
     if compact:  # its own modeling file: transformers' code path in vLLM
@@ -21,7 +24,11 @@ def cmd_export(args) -> int:
         print(json.dumps(summary))
         return 0
     kinds = Counter((r["stored"], r["reason"]) for r in summary["modules"])
-    what = args.format + (f" ({args.gguf_type})" if args.format == "gguf" else "")
+    what = args.format
+    if args.format == "gguf":
+        what += f" ({args.gguf_type}" + (
+            f", embeddings {args.gguf_embedding_type})" if args.gguf_embedding_type else ")"
+        )
     print(
         f"{args.out}: {what}, {summary['bytes'] / 1e6:.1f} MB in {len(summary['files'])} files, "
         f"{summary['seconds']:.1f} s"
@@ -91,6 +98,12 @@ def add_export_parsers(sub, json_help: str) -> None:
         default="Q8_0",
         choices=("F16", "Q8_0", "Q4_0"),
         help="tensor type of a GGUF export's matrices (default Q8_0)",
+    )
+    ex.add_argument(
+        "--gguf-embedding-type",
+        choices=("F16", "Q8_0", "Q4_0"),
+        help="the token embedding's and output head's type when not compressed (default: "
+        "--gguf-type), as llama.cpp's --token-embedding-type",
     )
     ex.add_argument(
         "--dtype",

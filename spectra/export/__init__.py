@@ -33,9 +33,12 @@ def export(
     gguf_type: str = "Q8_0",
     dtype: str = "auto",
     force: bool = False,
+    embedding_type: str | None = None,
 ) -> dict:
     """Write the apply output `model` (compressors.opened.Compressed) as `fmt` into
-    `dest`; returns the summary (files, bytes, modules).
+    `dest`; returns the summary (files, bytes, modules). `embedding_type`: a GGUF
+    export's token embedding and output head in that type instead of `gguf_type` (as
+    llama.cpp's `llama-quantize --token-embedding-type`), unless they are compressed.
 
     The model's offload says how OUT is read: `none` loads it whole; `disk` reads it a
     tensor at a time and writes a part (a block, or a module outside the blocks) at a
@@ -51,6 +54,7 @@ def export(
         ("--format", fmt, FORMATS),
         ("--gguf-type", gguf_type, GGUF_TYPES),
         ("--dtype", dtype, DTYPES),
+        ("--gguf-embedding-type", embedding_type or gguf_type, GGUF_TYPES),
     ):
         if value not in allowed:
             raise SpectraInputError(f"{flag} {value!r}: must be one of {', '.join(allowed)}")
@@ -74,7 +78,7 @@ def export(
         elif fmt == "gguf":
             from spectra.export import gguf_out
 
-            rows = gguf_out.write(tmp, out, src, tokenizer, gguf_type)
+            rows = gguf_out.write(tmp, out, src, tokenizer, gguf_type, embedding_type)
             if tokenizer is not None:  # for `spectra serve-check`'s windows; not weights
                 tokenizer.save_pretrained(tmp / "tokenizer")
         else:
@@ -89,6 +93,7 @@ def export(
         format=fmt,
         out=str(dest),
         gguf_type=gguf_type if fmt == "gguf" else None,
+        gguf_embedding_type=(embedding_type or gguf_type) if fmt == "gguf" else None,
         dtype=str(torch_dtype).removeprefix("torch.") if fmt != "gguf" else None,
         offload=offload,
         files=files,

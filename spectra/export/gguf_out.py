@@ -34,19 +34,22 @@ from spectra.errors import SpectraInputError
 FILE = "model.gguf"
 HF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}  # model_type -> GGUF arch
 PERMUTED = ("llama",)  # architectures whose q/k rows llama.cpp's converter reorders
+EMBEDDINGS = ("token_embd.weight", "output.weight")  # --gguf-embedding-type's tensors
 SKIP_KEYS = ("GGUF.", "general.file_type", "general.quantization_version", "split.")
 
 
-def write(tmp: Path, out: Path, src, tokenizer, gguf_type: str):
+def write(tmp: Path, out: Path, src, tokenizer, gguf_type: str, embedding_type=None):
     """Write tmp/model.gguf from `src` (spectra.export.source): the tensor infos first,
     then each tensor computed, encoded and written in turn (one held at a time); one
-    summary row per compressed module."""
+    summary row per compressed module. Dense matrices are `gguf_type`, the token
+    embedding and output head `embedding_type` (default: the same)."""
     import logging
 
     import gguf
 
     logging.getLogger("gguf").setLevel(logging.ERROR)  # vocab readers' chatter
     qtype = gguf.GGMLQuantizationType[gguf_type]
+    etype = gguf.GGMLQuantizationType[embedding_type or gguf_type]
     config = src.config
     source = _gguf_source(out)
     if source is not None:
@@ -83,8 +86,9 @@ def write(tmp: Path, out: Path, src, tokenizer, gguf_type: str):
             writer.add_tensor_info(gname, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
             continue
         shape = src.shape(by_gguf[gname])
-        dtype = native.get(by_gguf[gname]) or _encoded_type(gguf, shape, qtype)
-        if dtype != qtype and len(shape) == 2:
+        want = etype if gname in EMBEDDINGS else qtype
+        dtype = native.get(by_gguf[gname]) or _encoded_type(gguf, shape, want)
+        if dtype != want and len(shape) == 2 and by_gguf[gname] not in native:
             fallback.append(gname)
         if dtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
             np_dtype = np.float32 if dtype == gguf.GGMLQuantizationType.F32 else np.float16
@@ -115,7 +119,7 @@ def write(tmp: Path, out: Path, src, tokenizer, gguf_type: str):
         w = src.value(hname).detach().to(torch.float32).numpy()
         if heads is not None:
             w = rotary_rows(w, heads)
-        writer.write_tensor_data(_encode(gguf, w, qtype)[0])
+        writer.write_tensor_data(_encode(gguf, w, etype if gname in EMBEDDINGS else qtype)[0])
         del w
     writer.close()
     note = None if not fallback else f"{len(fallback)} tensors in F16 (rows not in 32-blocks)"

@@ -388,6 +388,35 @@ def test_gguf_q4_0_blocks_hold_the_reconstruction(applied, tmp_path, capsys):
     assert err.max() > 0  # it is quantized, not copied
 
 
+def test_gguf_embedding_type_sets_the_embedding_and_head_alone(applied, tmp_path, capsys):
+    """`--gguf-embedding-type Q8_0` beside `--gguf-type Q4_0`: token_embd (and an untied
+    output head) in Q8_0, every other dense matrix in Q4_0, the grid's own codes kept."""
+    import gguf
+
+    from compressors import io
+
+    out = applied("llama")
+    summary = export(capsys, out, "gguf", tmp_path / "gg", "--gguf-type", "Q4_0",
+                     "--gguf-embedding-type", "Q8_0")  # fmt: skip
+    assert (summary["gguf_type"], summary["gguf_embedding_type"]) == ("Q4_0", "Q8_0")
+    reader = gguf.GGUFReader(tmp_path / "gg" / "model.gguf")
+    types = {t.name: t.tensor_type.name for t in reader.tensors if len(t.shape) == 2}
+    embeddings = {n for n in types if n in ("token_embd.weight", "output.weight")}
+    assert "token_embd.weight" in embeddings
+    assert {types[n] for n in embeddings} == {"Q8_0"}
+    assert types["blk.1.attn_q.weight"] == "Q8_0"  # its own 8-bit codes
+    rest = set(types) - embeddings - {"blk.1.attn_q.weight"}
+    assert rest and {types[n] for n in rest} == {"Q4_0"}
+    tensor = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    got = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    model, facts = io.load(out)
+    want = io.reconstruct(model, facts).state_dict()["model.embed_tokens.weight"].numpy()
+    step = np.abs(want.reshape(*want.shape[:-1], -1, 32)).max(-1, keepdims=True) / 127
+    err = np.abs(got - want).reshape(step.shape[:-1] + (32,))
+    # Q8_0: half a step of rounding, plus the float16 scale's rounding (127 x 2^-11 step)
+    assert (err <= step * 0.57).all() and err.max() > 0
+
+
 def test_gguf_blocks_hold_the_grids_own_codes(family_dir, tmp_path, capsys):
     """Scalar grids in groups of 32 are written as llama.cpp's blocks with their own
     codes: GPTQ's symmetric 4-bit as Q4_0 and 8-bit as Q8_0, which the gguf package's
@@ -546,6 +575,14 @@ def test_serve_check_runs_the_export_in_its_engine(applied, tmp_path, capsys, cl
     assert rows[0]["ppl"] == pytest.approx(rows[1]["ppl"], rel=1e-9)
     assert rows[0]["decoded"] == 4 and rows[0]["decode_tok_s"] > 0
     assert rows[0]["peak_rss_gb"] > 0.1 and rows[0]["file_bytes"] > 0
+    # the engine's own runtime before the model, and the model's resident tensors (the
+    # stored weights, plus a few rotary buffers)
+    assert 0.05 < rows[0]["runtime_rss_gb"] < rows[0]["peak_rss_gb"]
+    stored = rows[0]["file_bytes"] - sum(
+        8 + int.from_bytes(f.read_bytes()[:8], "little")
+        for f in (tmp_path / "hf").glob("*.safetensors")
+    )  # each file's 8-byte length and JSON header are not weights
+    assert stored <= rows[0]["weights_bytes"] <= stored * 1.01
     capsys.readouterr()
     args = ["eval", tmp_path / "hf", "--seqlen", "64", "--max-tokens", "256", "--json"]
     assert main(args) == 0

@@ -19,3 +19,15 @@ def run(engine: str, body) -> int:
         out["error"] = f"{type(e).__name__}: {e}".splitlines()[0]
     Path(sys.argv[2]).write_text(json.dumps(out))
     return 0 if out.get("decoded") else 1
+
+
+def rss_gb() -> float | None:
+    """This process's resident set now (Linux's /proc), in GB; None elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return round(int(line.split()[1]) * 1024 / 1e9, 3)
+    except OSError:
+        return None
+    return None

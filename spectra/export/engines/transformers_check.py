@@ -17,6 +17,7 @@ def check(job: dict, out: dict) -> None:
 
     out["version"] = transformers.__version__
     torch.set_num_threads(job["threads"])
+    out["runtime_rss_gb"] = runner.rss_gb()  # torch and transformers, before the model
     t0 = time.perf_counter()
     dtype = getattr(torch, job["dtype"]) if job.get("dtype") else "auto"
     model = AutoModelForCausalLM.from_pretrained(
@@ -24,6 +25,8 @@ def check(job: dict, out: dict) -> None:
     ).eval()
     out["load_s"] = time.perf_counter() - t0
     out["loaded"] = True
+    tensors = [*model.parameters(), *model.buffers()]
+    out["weights_bytes"] = sum(t.numel() * t.element_size() for t in tensors)
     nll, count, prefill = 0.0, 0, 0.0
     with torch.no_grad():
         for window in job["windows"]:
