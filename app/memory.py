@@ -8,8 +8,8 @@ beside it, from the model's headers alone:
 - calibration: one block's Grams in float64 (their float32 copy is written as the next
   block runs) and the calibration windows' hidden states;
 - Auto-allocate: the calibration's, or one block of Grams read in float64, plus one
-  whitened factorization's scratch per core (the weight times the Gram's factor, its
-  SVD's two factors, all float64);
+  whitened factorization's scratch per core, one in all for matrices of 16.8M elements
+  or more (the weight times the Gram's factor, its SVD's two factors, all float64);
 - a preview: the plan's compressed modules, kept for the next previews in the working
   dtype, one hidden state per block and window for the blocks it replays, and a block of
   Grams when the plan is data-aware;
@@ -56,10 +56,14 @@ def blocks(model: Model) -> int:
 
 
 def scratch(model: Model) -> int:
-    """One whitened factorization per core: the largest block matrix twice in float64
-    (the weight and its product with a band of H or its n x n factor's)."""
+    """One whitened factorization per core, or one in all for matrices of SERIAL_NUMEL
+    elements or more (spectra.linalg.parallel.map_by_size): the largest block matrix
+    twice in float64 (the weight and its product with a band of H or its n x n
+    factor's)."""
+    from spectra.linalg.parallel import SERIAL_NUMEL
+
     big = max((m.shape[0] * m.shape[1] for m in model.matrices if m.block is not None), default=0)
-    return 2 * big * 8 * min(2, os.cpu_count() or 1)
+    return 2 * big * 8 * (1 if big >= SERIAL_NUMEL else min(2, os.cpu_count() or 1))
 
 
 def need(model: Model, action: str, tokens: int = 0, kept_params: int = 0) -> dict[str, float]:
