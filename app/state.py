@@ -287,23 +287,25 @@ def _module_calibration(spec: str, name: str, calib_key: str | None):
     block = calibration_block(spec, calib_key, roles.block_of(name))
     if block is None or name not in block:
         return None
+    import torch
+
     from compressors.base import Calibration
 
     h, rows = block[name]
-    return Calibration(h, rows)
+    return Calibration(h.to(torch.float64), rows)  # this module's H only, for this use
 
 
-@st.cache_resource(show_spinner=False, max_entries=2)
+@st.cache_resource(show_spinner=False, max_entries=1)
 def calibration_block(spec: str, calib_key: str, block: int | None):
-    """One block's Grams (float64) of the calibration in folder `calib_key`; two blocks
-    kept at most (a block of 8B shapes is about 2 GB in float64)."""
-    from compressors.apply import as_float64
+    """One block's Grams of the calibration in folder `calib_key`, float32 as stored (a
+    block of 8B shapes: 1 GB; two blocks in float64 were 4 GB beside every action), one
+    block kept: a module's H is widened when it is used."""
     from spectra.data.calibration import open_folder
 
     grams = open_folder(calib_key)
     if grams is None or block is None or block not in grams:
         return None
-    return as_float64(grams[block])
+    return grams[block]
 
 
 @st.cache_resource(show_spinner=False, max_entries=512)

@@ -28,7 +28,7 @@ from compressors.base import Calibration, h_relative_error, relative_error
 from compressors.registry import compress, groups, method_of, needs_data
 from compressors.targets import Target, linear_targets
 from spectra.errors import SpectraInputError
-from spectra.linalg.parallel import parallel_map
+from spectra.linalg.parallel import sized_map
 
 # also for the previews (spectra.preview builds modules exactly as apply does)
 __all__ = [
@@ -88,7 +88,8 @@ def apply(
             outputs of the blocks before it as already compressed, then the block is
             compressed; `on_grams(block, grams)` receives each block's Grams.
         mapper: how a list of factorizations runs, `mapper(fn, work)` yielding
-            `fn(w)` in order; by default the local thread pool (parallel_map), or
+            `fn(w)` in order; by default the local thread pool (one per core, weights
+            of 16.8M elements or more one at a time: `_local_map`), or
             spectra.linalg.cluster.task_map for Ray tasks. One list per block.
         on_block: required for a streamed model (see above); ignored otherwise.
     """
@@ -107,7 +108,7 @@ def apply(
         raise SpectraInputError(
             f"{name}: data-aware methods are supported inside transformer blocks only"
         )
-    state = _Run(model, targets, todo, progress, mapper or parallel_map, on_block)
+    state = _Run(model, targets, todo, progress, mapper or _local_map, on_block)
     layers = blocks.decoder_layers(model)
     if data and calib_ids is not None:
 
@@ -289,6 +290,12 @@ class _Work(NamedTuple):
     config: object
     weights: list[torch.Tensor]
     calib: Calibration | None
+
+
+def _local_map(fn, work: list) -> list:
+    """The default mapper: one factorization per core, those of 16.8M-element weights
+    or more (an 8B model's) one at a time on every core (spectra.linalg.parallel)."""
+    return sized_map(fn, work, lambda w: max(x.numel() for x in w.weights))
 
 
 def _factorize(job: _Work):

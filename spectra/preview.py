@@ -134,6 +134,7 @@ class Previewer:
         """The module's calibration (None without one, or outside the blocks)."""
         block = self.targets[name][0].block
         if self.grams is None or block is None or block not in self.grams:
+            self._blocks = {}  # a module outside the blocks (a head): no Grams beside it
             return None
         wide = self._blocks.get(block)
         if wide is None:  # one block at a time (about 2 GB of float64 on 8B shapes)
@@ -204,6 +205,8 @@ class Previewer:
         """The compact modules of one unit under `config`, exactly as `spectra apply`
         (a streamed model's dense modules are read for the duration)."""
         dense = [self.targets[n][1] for n in names]
+        if self.targets[names[0]][0].block is None:
+            self._blocks = {}  # a head's weight (2.1 GB on 8B shapes) without Grams beside it
         calib = self.calibration(names[0]) if needs_data(config) else None
         with blocks.onloaded(self.work, *dense):
             weights = [self.targets[n][0].weight(d) for n, d in zip(names, dense, strict=True)]
@@ -226,6 +229,7 @@ class Previewer:
             self.built[self._key(*unit)] = modules
             if progress:
                 progress(i + 1, len(todo), f"compressing {unit[0][0]}")
+        self._blocks = {}  # the last block's float64 Grams (2 GB on 8B shapes): not kept
         return len(todo)
 
     def _size(self, names: tuple[str, ...]) -> int:

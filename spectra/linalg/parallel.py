@@ -57,3 +57,13 @@ def map_by_size(fn, jobs, numel):
     yield from zip(small, parallel_map(fn, small), strict=True)
     for job in big:
         yield job, fn(job)
+
+
+def sized_map(fn, jobs, numel) -> list:
+    """[fn(job) for job in jobs], in order, run as map_by_size runs them."""
+    jobs = list(jobs)
+    out = [None] * len(jobs)
+    pairs = map_by_size(lambda p: fn(p[1]), list(enumerate(jobs)), lambda p: numel(p[1]))
+    for (i, _), got in pairs:
+        out[i] = got
+    return out

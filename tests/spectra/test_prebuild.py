@@ -73,3 +73,35 @@ def test_big_matrices_are_compressed_one_at_a_time(family_dir, monkeypatch, seri
     assert pv.prebuild(layers) == 4
     assert most[0] == (1 if serial else 2)
     assert len(pv.built) == 4
+
+
+def test_apply_runs_big_factorizations_one_at_a_time(monkeypatch):
+    """`spectra apply`'s default mapper: the factorizations in order, those of weights
+    of SERIAL_NUMEL elements or more alone (after the small ones, which go one per
+    core)."""
+    import threading
+    import time
+
+    import torch
+
+    from compressors.apply import _local_map, _Work
+    from spectra.linalg import parallel
+
+    monkeypatch.setattr(parallel, "SERIAL_NUMEL", 100)
+    sizes = [(8, 8), (20, 10), (4, 4), (10, 30), (2, 2)]  # 200 and 300 elements: alone
+    work = [_Work(str(i), None, [torch.zeros(s)], None) for i, s in enumerate(sizes)]
+    running, log = [0], []
+    lock = threading.Lock()
+
+    def fn(w):
+        with lock:
+            running[0] += 1
+            log.append((w.name, running[0]))
+        time.sleep(0.1)
+        with lock:
+            running[0] -= 1
+        return w.name
+
+    assert _local_map(fn, work) == ["0", "1", "2", "3", "4"]
+    assert [n for n, _ in log][-2:] == ["1", "3"]  # the big ones last
+    assert all(k == 1 for n, k in log if n in ("1", "3"))
