@@ -177,17 +177,17 @@ def _tall_compress(weight: torch.Tensor, config: LowRankConfig, calib) -> LowRan
     s = s2[:r].sqrt()
     right = v[:, :r] if chol is None else chol @ v[:, :r]  # L V_r
     inv = torch.where(s > 0, 1 / s, torch.zeros_like(s))
-    a = torch.cat(
-        [
-            (weight[lo : lo + ROWS].detach().to(torch.float64) @ right) * inv.sqrt()
-            for lo in range(0, weight.shape[0], ROWS)
-        ]
-    )
+    # A in the weight's dtype, filled ROWS rows at a time: no m x r float64 (an 8B head
+    # at rank 2,000: 2 GB, and as much again to concatenate the pieces)
+    a = torch.empty(weight.shape[0], r, dtype=weight.dtype, device=weight.device)
+    root = inv.sqrt()
+    for lo in range(0, weight.shape[0], ROWS):
+        a[lo : lo + ROWS] = (weight[lo : lo + ROWS].detach().to(torch.float64) @ right) * root
     b = (inv.pow(1.5)[:, None] * right.T) @ gram
     fb, gs = config.factor_bits, config.factor_group_size
     device = weight.device
     return LowRank(
-        factors.quantize_factor(a.to(device, weight.dtype), fb, gs),
+        factors.quantize_factor(a, fb, gs),
         factors.quantize_factor(b.to(device, weight.dtype), fb, gs),
     )
 
