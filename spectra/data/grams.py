@@ -133,6 +133,11 @@ class Hessians(Mapping):
             self.held.move_to_end(block)
             return self.held[block][name]
 
+    def release(self) -> None:
+        """Forget the blocks held (read again when asked for)."""
+        with self.lock:
+            self.held.clear()
+
     def __contains__(self, name) -> bool:
         return name in self.block_of
 

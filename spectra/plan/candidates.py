@@ -117,6 +117,13 @@ class Damage:
             return None
         return Calibration(self.hessian[mod.name], 0)
 
+    def release(self) -> None:
+        """Drop the blocks of H held for reuse (spectra.data.grams.Hessians): a module
+        outside the calibration (a head) needs none of them beside its own weight."""
+        release = getattr(self.hessian, "release", None)
+        if release is not None:
+            release()
+
     def out_weights(self, mod: Module) -> torch.Tensor | None:
         """0.5 F / rows per output row (loss per unit of row-wise H-error), if known."""
         if self.importance is None or mod.name not in self.importance:
@@ -281,6 +288,8 @@ def units_for(
         if kept is not None and all(kept.fullmatch(g.name) for g in group):
             unit.candidates = [base]
             return unit
+        if dmg.hessian is not None and all(g.name not in dmg.hessian for g in group):
+            dmg.release()  # an 8B head: 2.1 GB of float32, without 2 GB of Grams beside it
         with contextlib.ExitStack() as stack:  # the group's weights, read for its candidates
             for g in group:
                 stack.enter_context(g.held())

@@ -347,3 +347,25 @@ def test_big_units_are_ranked_alone_and_in_order(monkeypatch):
     assert heard[-2:] == [f"candidates model.layers.{i}.mlp.down_proj" for i in range(2)]
     for a, b in zip(got, ref, strict=True):
         assert [c.damage for c in a.candidates] == pytest.approx([c.damage for c in b.candidates])
+
+
+def test_a_head_is_ranked_without_the_blocks_grams_beside_it(family_dir):
+    """Before the candidates of a module outside the calibration (an untied head), the
+    Hessians' held blocks are dropped; a module inside reads its block again after."""
+    from spectra.data.calibration import CalibrationSpec, calibrate
+    from spectra.plan.auto import load_modules
+
+    spec = str(family_dir("llama"))
+    grams = calibrate(open_model(spec, "cpu"), CalibrationSpec(samples=4, seqlen=32))
+    hessians = grams.hessians()
+    modules = load_modules(open_model(spec).matrices)
+    inside = next(m for m in modules if m.name in hessians)
+    outside = [m for m in modules if m.name not in hessians]
+    assert outside, "the tiny Llama's head is outside the calibration's blocks"
+    dmg = Damage(hessian=hessians)
+    units_for([inside], "lowrank", dmg, Floors())
+    assert len(hessians.held) == 1
+    units_for(outside, "lowrank", dmg, Floors())
+    assert not hessians.held
+    h = hessians[inside.name]
+    assert len(hessians.held) == 1 and h.shape[0] == inside.shape[1]
