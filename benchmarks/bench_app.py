@@ -254,7 +254,11 @@ def big(
 
     shape = TINY if shape_name == "tiny" else SHAPES[shape_name]
     model = work / "model"
-    gb = write_checkpoint(model, shape, layers)
+    config = model / "config.json"
+    if config.is_file() and json.loads(config.read_text()).get("num_hidden_layers") == layers:
+        gb = sum(p.stat().st_size for p in model.glob("*.safetensors")) / 1e9  # a rerun
+    else:
+        gb = write_checkpoint(model, shape, layers)
     out: dict = {"shape": shape_name, "layers": layers, "checkpoint_gb": round(gb, 2)}
     env = dict(os.environ, SPECTRA_CACHE=str(work / "cache-app"))
     env.pop("DISPLAY", None)
@@ -320,7 +324,11 @@ def big(
     finally:
         out["server_rss"] = sampler.stop()
         server.terminate()
-        server.wait(timeout=60)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # a spectra thread mid-matrix: not worth waiting
+            server.kill()
+            server.wait()
     spectra = [sys.executable, "-m", "spectra"]
     cli_env = dict(os.environ, SPECTRA_CACHE=str(work / "cache-cli"))
     day = 6 * 3600
