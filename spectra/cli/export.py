@@ -18,8 +18,12 @@ def cmd_export(args) -> int:
     )  # fmt: skip
     summary["serve"] = SERVE[args.format].format(dir=args.out)
     compact = set(summary.get("bytes_by_kind", {})) - {"dense"}
-    if compact:  # its own modeling file: transformers' code path in vLLM
-        summary["serve"] += " --trust-remote-code --model-impl transformers"
+    if compact:  # its own modeling file: transformers loads it; vLLM 0.32 cannot
+        summary["serve"] = (
+            f"AutoModelForCausalLM.from_pretrained('{args.out}', trust_remote_code=True) "
+            "in transformers (vLLM's Transformers backend puts its own one-weight Linear "
+            "in every projection; for vLLM, `spectra apply --dense` then export)"
+        )
     if args.json:
         print(json.dumps(summary))
         return 0

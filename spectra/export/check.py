@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -37,6 +38,9 @@ KERNELS = {
     "AVX-512 builds only); export 8-bit or dense for it",
 }
 WEIGHTS = (".gguf", ".safetensors", ".bin")
+# vLLM's engine process logs its traceback as "(Worker pid=N) ERROR <time> [file:line] ..."
+_LOGGED = re.compile(r"^(\(\w+ pid=\d+\) )?(ERROR \S+ \S+ \[[^\]]+\] )?")
+_RAISED = re.compile(r"^[A-Za-z_.]*(Error|Exception): ")
 STAMP = ".spectra-engine"  # written by `make engines` once an environment is complete
 
 WRAP = """
@@ -105,6 +109,8 @@ def run(engine: str, export_dir: Path, job: dict, timeout: float = 3600) -> dict
     if not got:
         tail = (proc.stderr or proc.stdout).strip().splitlines()
         got = {"engine": engine, "loaded": False, "error": tail[-1] if tail else "no result"}
+    if "See root cause above" in got.get("error", ""):  # vLLM's engine process died first
+        got["error"] = root_cause(f"{proc.stdout}\n{proc.stderr}") or got["error"]
     for marker, why in KERNELS.items():
         if marker in got.get("error", ""):
             got["error"] = f"{why} ({got['error']})"
@@ -117,6 +123,14 @@ def run(engine: str, export_dir: Path, job: dict, timeout: float = 3600) -> dict
         got["decode_tok_s"] = got["decoded"] / got["decode_s"]
     got["export"] = str(export_dir)
     return got
+
+
+def root_cause(stderr: str | None) -> str | None:
+    """The first exception line an engine's own processes logged (vLLM's worker dies
+    with the real error; the processes above it only point back at it)."""
+    lines = [_LOGGED.sub("", line).strip() for line in (stderr or "").splitlines()]
+    raised = [line for line in lines if _RAISED.match(line) and "root cause" not in line]
+    return raised[0] if raised else None
 
 
 def serve_check(
