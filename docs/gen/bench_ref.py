@@ -325,7 +325,7 @@ def engines() -> str:
             f"<= {r['targets']['bytes_vs_dense_f16']}); llama.cpp's perplexity "
             f"{r['llama_cpp_ppl_vs_spectra_eval'] * 100:+.2f}% against `spectra eval OUT` "
             f"({r['spectra_eval_out_ppl']:.3f}), and {r['gptq_ppl_vs_llama_cpp_q4_0'] * 100:+.2f}% "
-            "against llama.cpp's own Q4_0 of the dense model.",
+            "against llama.cpp's own quantizer at the same bits (`dense-Q4_0`).",
             engine_rows(
                 r["rows"],
                 ["GGUF type", "embedding", "bytes"],
