@@ -35,7 +35,9 @@ ENGINES = {  # name -> (virtual environment, script)
 # an engine's error that means its build lacks a kernel, and what to say
 KERNELS = {
     "cpu_gemm_wna16": "this vLLM CPU build has no 4-bit weight kernel (cpu_gemm_wna16: "
-    "AVX-512 builds only); export 8-bit or dense for it",
+    "AVX-512 builds only); export dense (hf) for it",
+    "kernel that can implement the WNA16": "this vLLM CPU build has no weight-only "
+    "quantized kernel (WNA16, 4- or 8-bit) for this CPU; export dense (hf) for it",
 }
 WEIGHTS = (".gguf", ".safetensors", ".bin")
 # vLLM's engine process logs its traceback as "(Worker pid=N) ERROR <time> [file:line] ..."
