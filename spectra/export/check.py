@@ -111,7 +111,7 @@ def run(engine: str, export_dir: Path, job: dict, timeout: float = 3600) -> dict
     if not got:
         tail = (proc.stderr or proc.stdout).strip().splitlines()
         got = {"engine": engine, "loaded": False, "error": tail[-1] if tail else "no result"}
-    if "See root cause above" in got.get("error", ""):  # vLLM's engine process died first
+    if "root cause" in got.get("error", ""):  # vLLM's engine process died first
         got["error"] = root_cause(f"{proc.stdout}\n{proc.stderr}") or got["error"]
     for marker, why in KERNELS.items():
         if marker in got.get("error", ""):
