@@ -303,7 +303,12 @@ def engine_rows(rows: dict, first: list[str], cells) -> str:
     out = []
     for name, r in rows.items():
         rate = lambda k, r=r: f"{r[k]:,.1f}" if r.get(k) else ""  # noqa: E731
-        out.append([f"`{name}`", *cells(r), "yes" if r.get("loaded") else r.get("error", "no"),
+        status = (
+            "yes"
+            if r.get("loaded") and not r.get("error")
+            else (("loaded, then: " if r.get("loaded") else "") + (r.get("error") or "no"))
+        )
+        out.append([f"`{name}`", *cells(r), status,
                     ppl(r.get("ppl")), f"{r['peak_rss_gb']:.2f} GB" if r.get("peak_rss_gb") else "",
                     rate("prefill_tok_s"), rate("decode_tok_s")])  # fmt: skip
     return table(head, out)
