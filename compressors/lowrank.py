@@ -19,13 +19,13 @@ from torch import nn
 
 from compressors import factors
 from compressors.base import (
-    BAND,
     Calibration,
     Factorization,
     check_rank,
     config_error,
     whitening_factor,
 )
+from compressors.gram_route import ROWS, grams, tall_eigh, tall_terms, wide_eigh
 from compressors.method import Floor, Knob, Method, break_even_rank, tail_sums
 from spectra.linalg.metrics import energy_rank, rank_error_curve
 
@@ -136,7 +136,7 @@ def compress(
         if m <= n:  # U and S^2 of W L from the m x m W H W^T: no factor of H
             if calib is None:
                 raise config_error("lowrank", "whiten", True, "needs calibration data")
-            s2, u = _wide_eigh(w, calib.hessian)
+            s2, u = wide_eigh(w, calib.hessian)
             s = s2.sqrt()
         else:
             chol = whitening_factor("lowrank", calib)
@@ -169,7 +169,7 @@ def _tall_compress(weight: torch.Tensor, config: LowRankConfig, calib) -> LowRan
     the SVD route, B from W itself)."""
     chol = whitening_factor("lowrank", calib) if config.whiten else None
     gram = grams(weight)
-    s2, v = _tall_eigh(weight, chol, gram)
+    s2, v = tall_eigh(weight, chol, gram)
     r = config.rank
     if r is None:  # energy: the weight's own spectrum, also when whitened
         own = s2 if chol is None else torch.linalg.eigvalsh(gram).flip(0).clamp_min(0)
@@ -230,7 +230,7 @@ def candidates(mod, dmg, floor: Floor, sigma=None, quick: bool = False) -> list[
         # spectrum); with output weights, component i costs s_i^2 * sum_j g_j u_ji^2
         g = dmg.out_weights(mod)
         if m <= n:  # U and S^2 of W L from the m x m W H W^T: no factor of H
-            s2, u = _wide_eigh(mod.weight, calib.hessian)
+            s2, u = wide_eigh(mod.weight, calib.hessian)
             p = None if g is None else u * s2.sqrt()
             tail = tail_sums(s2 / s2.sum() if p is None else dmg.whitened_terms(mod, p))
             return [(LowRankConfig(rank=r, whiten=True), tail[r]) for r in ranks]
@@ -249,7 +249,7 @@ def candidates(mod, dmg, floor: Floor, sigma=None, quick: bool = False) -> list[
         return [(LowRankConfig(rank=r, whiten=True), tail[r]) for r in ranks]
     if m > TALL * n:  # a head: never an m x n error
         gram = grams(mod.weight)
-        _, v = _tall_eigh(mod.weight, None, gram)
+        _, v = tall_eigh(mod.weight, None, gram)
         got = dmg.projected(mod, v, ranks, gram)
         if got is not None:
             return [(LowRankConfig(rank=r), d) for r, d in zip(ranks, got, strict=True)]
@@ -264,54 +264,6 @@ def candidates(mod, dmg, floor: Floor, sigma=None, quick: bool = False) -> list[
 
 
 TALL = 2  # rows per column beyond which whitened candidates go through n x n Grams
-ROWS = 8192  # rows of W widened to float64 at a time
-
-
-def tall_terms(weight: torch.Tensor, chol: torch.Tensor, g: torch.Tensor | None):
-    """(s_i^2, sum_j g_j (W L v_i)_j^2) of W L = U S V^T, largest first, for an (m, n)
-    weight with m >> n, from the n x n matrices L^T W^T W L and L^T W^T diag(g) W L
-    (W widened ROWS rows at a time): the same numbers as an SVD of W L up to float64
-    rounding of s_i^2 relative to the largest, with n x n memory instead of m x n.
-    Without g the terms are None."""
-    s2, v = _tall_eigh(weight, chol)
-    if g is None:
-        return s2, None
-    weighted = grams(weight, g)
-    return s2, ((chol.T @ weighted @ chol) @ v * v).sum(0)
-
-
-def grams(weight: torch.Tensor, g: torch.Tensor | None = None) -> torch.Tensor:
-    """W^T W (W^T diag(g) W with `g`) in float64, W widened ROWS rows at a time."""
-    n = weight.shape[1]
-    out = torch.zeros(n, n, dtype=torch.float64, device=weight.device)
-    for lo in range(0, weight.shape[0], ROWS):
-        w = weight[lo : lo + ROWS].detach().to(torch.float64)
-        out.addmm_(w.T, w if g is None else w * g[lo : lo + ROWS, None].to(w))
-    return out
-
-
-def _tall_eigh(weight: torch.Tensor, chol: torch.Tensor | None, gram=None):
-    """(s^2, V) of W L = U S V^T, largest first, from L^T W^T W L (L = I if None)."""
-    gram = grams(weight) if gram is None else gram
-    m = gram if chol is None else chol.T @ gram @ chol
-    s2, v = torch.linalg.eigh((m + m.T) / 2)
-    return s2.flip(0).clamp_min(0), v.flip(1)
-
-
-def _wide_eigh(weight: torch.Tensor, hessian: torch.Tensor):
-    """(s^2, U) of W L = U S V^T (H = L L^T), largest first, for an (m, n) weight with
-    m <= n, from the m x m W H W^T = (W L)(W L)^T, H widened BAND rows at a time: no
-    n x n factor of H and no SVD workspace (an 8B model's down_proj: 0.6 GB, not 3 GB).
-    H is used as it is: it needs no jitter, as nothing is factored."""
-    w = weight.detach().to(torch.float64)
-    n = w.shape[1]
-    g = torch.zeros(w.shape[0], w.shape[0], dtype=torch.float64, device=w.device)
-    for lo in range(0, n, BAND):  # H symmetric: H[:, band] = H[band]^T
-        band = hessian[lo : lo + BAND].to(w.device, torch.float64)
-        g.addmm_(w @ band.T, w[:, lo : lo + BAND].T)
-    del band
-    s2, u = torch.linalg.eigh((g + g.T) / 2)
-    return s2.flip(0).clamp_min(0), u.flip(1)
 
 
 def curves(weight, hessian) -> tuple[np.ndarray, np.ndarray]:
@@ -321,13 +273,13 @@ def curves(weight, hessian) -> tuple[np.ndarray, np.ndarray]:
     route as the compressor (wide: W H W^T; else H's factor with the whitening jitter)."""
     w = torch.as_tensor(np.asarray(weight))
     if w.shape[0] <= w.shape[1]:  # from the m x m W H W^T; W - W_k = sum_{i>k} u_i u_i^T W
-        s2, u = _wide_eigh(w, torch.as_tensor(np.asarray(hessian)))
+        s2, u = wide_eigh(w, torch.as_tensor(np.asarray(hessian)))
         wide = w.to(torch.float64)
         rows = ((wide @ wide.T) @ u * u).sum(0)  # ||u_i^T W||^2
     else:
         chol = whitening_factor("lowrank", Calibration(torch.as_tensor(hessian), 0))
         if w.shape[0] > TALL * w.shape[1]:  # a head: from the n x n Gram (tall_terms)
-            s2, v = _tall_eigh(w, chol)
+            s2, v = tall_eigh(w, chol)
             vt = v.T
         else:
             _, s, vt = torch.linalg.svd(w.to(torch.float64) @ chol, full_matrices=False)

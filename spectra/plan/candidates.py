@@ -169,7 +169,7 @@ class Damage:
         """Damage of E = W (I - V_r V_r^T) at each rank r, the plain low-rank error of
         a tall module (V: W's right singular vectors, `gram`: W^T W), from n x n
         matrices only; None when the damage needs E itself (an H, or a full Fisher)."""
-        from compressors.lowrank import grams
+        from compressors.gram_route import grams
 
         if (self.hessian is not None and mod.name in self.hessian) or (
             self.fisher is not None and (self.importance is None or mod.name not in self.importance)
