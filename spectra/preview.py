@@ -134,7 +134,6 @@ class Previewer:
         """The module's calibration (None without one, or outside the blocks)."""
         block = self.targets[name][0].block
         if self.grams is None or block is None or block not in self.grams:
-            self._blocks = {}  # a module outside the blocks (a head): no Grams beside it
             return None
         wide = self._blocks.get(block)
         if wide is None:  # one block at a time (about 2 GB of float64 on 8B shapes)
