@@ -11,13 +11,9 @@ from spectra.cli import main
 VLLM = Path(__file__).resolve().parents[2] / ".venv-vllm" / ".spectra-engine"
 
 
-@pytest.mark.engines
-@pytest.mark.slow
-@pytest.mark.skipif(not VLLM.is_file(), reason="no .venv-vllm (make engines)")
-def test_vllm_scores_an_export_as_spectra_eval_does(tmp_path, capsys):
-    """A quant 8-bit plan exported dense (hf, float32) runs in vLLM, whose
-    prompt_logprobs give `spectra eval OUT`'s perplexity within 1%, with decoding (a
-    tiny Llama with 32-wide heads: vLLM's CPU attention takes no narrower)."""
+def tiny_llama(path: Path) -> Path:
+    """A random tiny Llama with 32-wide heads (vLLM's CPU attention takes no narrower)
+    and a tokenizer, saved at `path`."""
     import torch
     import transformers as tf
     from conftest import TINY_VOCAB, _save, bos_tokenizer
@@ -25,10 +21,20 @@ def test_vllm_scores_an_export_as_spectra_eval_does(tmp_path, capsys):
     config = tf.LlamaConfig(vocab_size=TINY_VOCAB, num_hidden_layers=2, hidden_size=64,
                             intermediate_size=96, num_attention_heads=2,
                             num_key_value_heads=1)  # fmt: skip
-    model = tmp_path / "model"
     torch.manual_seed(0)
-    _save(tf.LlamaForCausalLM(config), model)
-    bos_tokenizer(model)
+    _save(tf.LlamaForCausalLM(config), path)
+    bos_tokenizer(path)
+    return path
+
+
+@pytest.mark.engines
+@pytest.mark.slow
+@pytest.mark.skipif(not VLLM.is_file(), reason="no .venv-vllm (make engines)")
+def test_vllm_scores_an_export_as_spectra_eval_does(tmp_path, capsys):
+    """A quant 8-bit plan exported dense (hf, float32) runs in vLLM, whose
+    prompt_logprobs give `spectra eval OUT`'s perplexity within 1%, with decoding (a
+    tiny Llama with 32-wide heads: vLLM's CPU attention takes no narrower)."""
+    model = tiny_llama(tmp_path / "model")
     rule = {"targets": [r"re:model\.layers\.\d+\..*_proj"], "method": "quant", "bits": 8,
             "group_size": 32, "symmetric": True}  # fmt: skip
     plan = tmp_path / "plan.yaml"
@@ -59,17 +65,7 @@ def test_vllm_refuses_a_compact_low_rank_export_naming_the_factor(tmp_path, caps
     projection, so the factor `.a` has nowhere to go. The check says so in one line (the
     worker's own error, not the front end's "see root cause above"), exit 1, the export
     kept; the summary's serve line points to transformers."""
-    import torch
-    import transformers as tf
-    from conftest import TINY_VOCAB, _save, bos_tokenizer
-
-    config = tf.LlamaConfig(vocab_size=TINY_VOCAB, num_hidden_layers=2, hidden_size=64,
-                            intermediate_size=96, num_attention_heads=2,
-                            num_key_value_heads=1)  # fmt: skip
-    model = tmp_path / "model"
-    torch.manual_seed(0)
-    _save(tf.LlamaForCausalLM(config), model)
-    bos_tokenizer(model)
+    model = tiny_llama(tmp_path / "model")
     rule = {"targets": [r"re:model\.layers\.\d+\.mlp\..*_proj"], "method": "lowrank", "rank": 8}
     plan = tmp_path / "plan.yaml"
     plan.write_text(yaml.safe_dump({"version": 1, "rules": [rule]}))
