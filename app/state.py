@@ -275,8 +275,9 @@ def row_error(spec: str, name: str, settings: tuple, calib_key: str | None = Non
             return got
     weight = opened(spec).matrix(name).read()
     curves = None
-    if calib is not None and method.curves is not None and method.needs_data(config):
-        curves = calibrated_curves(spec, name, calib_key, config.method)
+    if calib is not None and method.curves is not None:  # every rank from one factorization
+        whiten = bool(getattr(config, "whiten", True))
+        curves = calibrated_curves(spec, name, calib_key, config.method, whiten)
     return module_errors(weight, config, sigma, calib, curves)
 
 
@@ -309,14 +310,14 @@ def calibration_block(spec: str, calib_key: str, block: int | None):
 
 
 @st.cache_resource(show_spinner=False, max_entries=512)
-def calibrated_curves(spec: str, name: str, calib_key: str, method: str):
-    """A method's calibrated (weight, calibration-weighted) error at every rank, from one
-    factorization (whitened low rank: one SVD of W L)."""
+def calibrated_curves(spec: str, name: str, calib_key: str, method: str, whiten: bool = True):
+    """A method's (weight, calibration-weighted) error at every rank under a calibration,
+    from one factorization (low rank: whitened from W L's spectrum, plain from W's)."""
     from compressors.registry import METHODS
 
     weight = opened(spec).matrix(name).read()
     h, _ = calibration_block(spec, calib_key, roles.block_of(name))[name]
-    return METHODS[method].curves(weight, h)
+    return METHODS[method].curves(weight, h, whiten)
 
 
 def sensitivity_scores(spec: str, kind: str, tokens: int, progress=None):

@@ -51,12 +51,17 @@ def wide_eigh(weight: torch.Tensor, hessian: torch.Tensor):
     m <= n, from the m x m W H W^T = (W L)(W L)^T, H widened BAND rows at a time: no
     n x n factor of H and no SVD workspace (an 8B model's down_proj: 0.6 GB, not 3 GB).
     H is used as it is: it needs no jitter, as nothing is factored."""
+    g = wide_gram(weight, hessian)
+    s2, u = torch.linalg.eigh((g + g.T) / 2)
+    return s2.flip(0).clamp_min(0), u.flip(1)
+
+
+def wide_gram(weight: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
+    """W H W^T in float64 for an (m, n) weight, H widened BAND rows at a time."""
     w = weight.detach().to(torch.float64)
     n = w.shape[1]
     g = torch.zeros(w.shape[0], w.shape[0], dtype=torch.float64, device=w.device)
     for lo in range(0, n, BAND):  # H symmetric: H[:, band] = H[band]^T
         band = hessian[lo : lo + BAND].to(w.device, torch.float64)
         g.addmm_(w @ band.T, w[:, lo : lo + BAND].T)
-    del band
-    s2, u = torch.linalg.eigh((g + g.T) / 2)
-    return s2.flip(0).clamp_min(0), u.flip(1)
+    return g

@@ -25,7 +25,7 @@ from compressors.base import (
     config_error,
     whitening_factor,
 )
-from compressors.gram_route import ROWS, grams, tall_eigh, tall_terms, wide_eigh
+from compressors.gram_route import ROWS, grams, tall_eigh, tall_terms, wide_eigh, wide_gram
 from compressors.method import Floor, Knob, Method, break_even_rank, tail_sums
 from spectra.linalg.metrics import energy_rank, rank_error_curve
 
@@ -266,9 +266,41 @@ def candidates(mod, dmg, floor: Floor, sigma=None, quick: bool = False) -> list[
 TALL = 2  # rows per column beyond which whitened candidates go through n x n Grams
 
 
-def curves(weight, hessian) -> tuple[np.ndarray, np.ndarray]:
-    """(weight errors, calibration-weighted errors) of whitened low rank at every rank k
-    (index k), from W L = U S V^T: ||(W - W_k) X^T||_F^2 = sum_{i>k} s_i^2 and
+def curves(weight, hessian, whiten: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(weight errors, calibration-weighted errors) of low rank at every rank k (index
+    k): whitened (below) or plain (plain_curves)."""
+    if not whiten:
+        return plain_curves(weight, hessian)
+    return whitened_curves(weight, hessian)
+
+
+def plain_curves(weight, hessian) -> tuple[np.ndarray, np.ndarray]:
+    """Plain low rank's errors at every rank from W = U S V^T: ||W - W_k||_F^2 =
+    sum_{i>k} s_i^2 and, the u_i being orthonormal, ||(W - W_k) X^T||_F^2 =
+    sum_{i>k} s_i^2 v_i^T H v_i, through the smaller Gram (wide: u_i^T W H W^T u_i)."""
+    w = torch.as_tensor(np.asarray(weight))
+    h = torch.as_tensor(np.asarray(hessian))
+    if w.shape[0] <= w.shape[1]:
+        gram = w.to(torch.float64) @ w.to(torch.float64).T
+        s2, u = torch.linalg.eigh((gram + gram.T) / 2)
+        s2, u = s2.flip(0).clamp_min(0), u.flip(1)
+        terms = (wide_gram(w, h) @ u * u).sum(0)
+    else:
+        s2, v = tall_eigh(w, None)
+        terms = s2 * ((h.to(torch.float64) @ v) * v).sum(0)
+    return _tails(s2), _tails(terms)
+
+
+def _tails(t: torch.Tensor) -> np.ndarray:
+    """sqrt(sum_{i>k} t_i / sum t) at every k = 0..len(t) (index k)."""
+    tail = torch.flip(torch.cumsum(torch.flip(t, (0,)), 0), (0,))
+    out = torch.cat([tail, torch.zeros(1, dtype=tail.dtype)]) / t.sum()
+    return out.clamp_min(0).sqrt().numpy()
+
+
+def whitened_curves(weight, hessian) -> tuple[np.ndarray, np.ndarray]:
+    """Whitened low rank's errors at every rank, from W L = U S V^T:
+    ||(W - W_k) X^T||_F^2 = sum_{i>k} s_i^2 and
     ||W - W_k||_F^2 = sum_{i>k} ||u_i^T W||^2 (= s_i^2 ||v_i^T L^{-1}||^2), by the same
     route as the compressor (wide: W H W^T; else H's factor with the whitening jitter)."""
     w = torch.as_tensor(np.asarray(weight))
@@ -294,11 +326,11 @@ def curves(weight, hessian) -> tuple[np.ndarray, np.ndarray]:
 
 def errors(config: LowRankConfig, weight, sigma=None, calib=None, curves=None):
     """Closed-form (weight error, calibration-weighted error or None) of a rank setting:
-    from `curves` (whitened, with calibration) or from the spectrum (plain, without);
-    None where one compression is needed."""
+    from `curves` (with calibration: `curves(W, H, config.whiten)`) or from the
+    spectrum (plain, without); None where one compression is needed."""
     if config.rank is None:
         return None
-    if config.whiten and curves is not None:
+    if curves is not None:
         k = min(config.rank, len(curves[0]) - 1)
         return float(curves[0][k]), float(curves[1][k])
     if not config.whiten and calib is None:

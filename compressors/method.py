@@ -112,9 +112,10 @@ class Method:
         errors: errors(config, weight, sigma, calib, curves) -> (weight error,
             calibration-weighted error or None), or None where one compression is
             needed: previews read closed forms (a spectrum) through it.
-        curves: curves(weight, hessian) -> (weight errors, calibration-weighted errors)
-            at every rank of the calibrated form, which `errors` reads (one SVD
-            serves every rank of a module in the app).
+        curves: curves(weight, hessian, whiten) -> (weight errors, calibration-weighted
+            errors) at every rank of the whitened or plain form, which `errors` reads
+            for a setting of that form (one factorization serves every rank of a
+            module in the app).
         factorizations: the Factorization classes `compress` returns: a saved OUT
             names them and io rebuilds them from the registry; exports find a stored
             module's method by them.

@@ -81,3 +81,40 @@ def test_auto_allocate_offers_the_llama_cpp_preset(family_dir, monkeypatch):
     assert layers and {v["method"] for v in layers.values()} == {"quant"}
     assert all(v["group_size"] == 32 and v["symmetric"] for v in layers.values())
     assert {v["bits"] for v in layers.values()} <= {4, 8}
+
+
+def test_row_errors_of_plain_low_rank_under_a_calibration_match_a_compression(
+    family_dir, monkeypatch
+):
+    """A row edit of plain low rank with a calibration reads both errors off one
+    factorization of the weight; each equals the rank's compression, as apply builds it."""
+    monkeypatch.setenv("SPECTRA_APP_MODEL", str(family_dir("llama")))
+    body = (
+        "import streamlit as st\n"
+        "from app import state\n"
+        "from compressors.registry import make_config\n"
+        "from spectra.preview import module_errors\n"
+        "spec = state.model_spec()\n"
+        "key = str(state.compute_calibration(spec).folder)\n"
+        "name = 'model.layers.1.mlp.down_proj'\n"
+        "w = state.opened(spec).matrix(name).read()\n"
+        "calib = state._module_calibration(spec, name, key)\n"
+        "import spectra.preview as sp\n"
+        "calls, real = [], sp.compress\n"
+        "sp.compress = lambda *a, **k: calls.append(1) or real(*a, **k)\n"
+        "for k in (1, 3, 6):\n"
+        "    fast = state.row_error(spec, name, (('method', 'lowrank'), ('rank', k)), key)\n"
+        "    n = len(calls)\n"
+        "    slow = module_errors(w, make_config('lowrank', rank=k), calib=calib)\n"
+        "    st.write(repr((n, *fast, *slow)))\n"
+    )
+    at = AppTest.from_file(script("plain_rows", body), default_timeout=300).run()
+    assert not at.exception, at.exception
+    rows = [eval(m.value) for m in at.markdown[:3]]
+    for i, (compressions, fast_w, fast_h, slow_w, slow_h) in enumerate(rows):
+        assert compressions == i  # only the reference compressed: the row read its curve
+        assert fast_h is not None and 0 < fast_h < 1
+        assert fast_w == pytest.approx(slow_w, rel=1e-4) and fast_h == pytest.approx(
+            slow_h, rel=1e-4
+        )
+    assert len({r[2] for r in rows}) == 3  # each rank its own calibrated error

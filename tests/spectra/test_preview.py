@@ -186,6 +186,36 @@ def test_errors_of_whitened_low_rank_at_every_rank_from_one_svd():
     )
 
 
+@pytest.mark.parametrize("shape", [(16, 20), (20, 20), (60, 12)])
+def test_errors_of_plain_low_rank_under_a_calibration_at_every_rank(shape):
+    """Plain low rank's calibration-weighted error at every rank from one
+    factorization of W (the app's row edits), checked against each rank's compression:
+    wide, square and tall (a head, through W^T W)."""
+    import torch
+
+    from compressors.base import Calibration, h_norm
+    from compressors.lowrank import curves
+    from compressors.registry import compress
+    from spectra.preview import module_errors
+
+    g = torch.Generator().manual_seed(4)
+    m, n = shape
+    x = torch.randn(300, n, generator=g, dtype=torch.float64) * torch.logspace(-1, 1, n)
+    w = torch.randn(m, n, generator=g, dtype=torch.float64) * torch.logspace(0, -1, n)
+    calib = Calibration.from_activations(x)
+    got = curves(w.numpy(), calib.hessian.numpy(), whiten=False)
+    for k in range(1, min(m, n) + 1):
+        config = make_config("lowrank", rank=k)
+        w_k = compress(w, config).to_dense()
+        want_w = float(torch.linalg.norm(w - w_k) / torch.linalg.norm(w))
+        want_h = h_norm(w - w_k, calib.hessian) / h_norm(w, calib.hessian)
+        assert got[0][k] == pytest.approx(want_w, rel=1e-6, abs=1e-7)
+        assert got[1][k] == pytest.approx(want_h, rel=1e-6, abs=1e-7)
+        fast = module_errors(w, config, calib=calib, curves=got)
+        assert fast == pytest.approx(module_errors(w, config, calib=calib), rel=1e-5, abs=1e-6)
+    assert got[1][0] == pytest.approx(1.0) and got[1][min(m, n)] == 0.0
+
+
 def test_pending_names_what_each_preview_runs(family_dir):
     """Previewer.pending (the app's time left over every phase) predicts the dense
     baseline's blocks, the compressions and the blocks each preview then runs."""
