@@ -1,0 +1,187 @@
+"""Width's numerics on planted blocks, checked on real transformers models: a smaller
+config loaded with the shrunk weights reproduces the original."""
+
+import numpy as np
+import pytest
+import torch
+import transformers as tf
+
+from compressors import width
+from compressors.base import ConfigError, h_norm
+
+
+def llama(**kw) -> tf.LlamaForCausalLM:
+    cfg = dict(
+        vocab_size=50,
+        hidden_size=32,
+        intermediate_size=24,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        num_hidden_layers=1,
+    )
+    torch.manual_seed(0)
+    return tf.LlamaForCausalLM(tf.LlamaConfig(**{**cfg, **kw})).double().eval()
+
+
+def intermediate(mlp, x: torch.Tensor) -> torch.Tensor:
+    """down_proj's input for inputs x (tokens, hidden)."""
+    with torch.no_grad():
+        return mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
+
+
+def planted_mlp(model, k: int):
+    """Neurons k.. are scaled copies of neurons 0..: gate rows equal, up rows scaled, so
+    the intermediate activations live in k dimensions."""
+    mlp = model.model.layers[0].mlp
+    n = mlp.down_proj.weight.shape[1]
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for j in range(k, n):
+            src = j % k
+            mlp.gate_proj.weight[j] = mlp.gate_proj.weight[src]
+            mlp.up_proj.weight[j] = mlp.up_proj.weight[src] * (0.5 + torch.rand(1, generator=g))
+    return mlp
+
+
+def with_weights(model, intermediate_size=None, kv_heads=None, **weights):
+    """A copy of `model` with a smaller config, its state loaded with `weights` replaced."""
+    cfg = model.config.to_dict()
+    if intermediate_size:
+        cfg["intermediate_size"] = intermediate_size
+    if kv_heads:
+        cfg["num_key_value_heads"] = kv_heads
+    small = tf.LlamaForCausalLM(tf.LlamaConfig(**cfg)).double().eval()
+    state = dict(model.state_dict())
+    state.update(weights)
+    small.load_state_dict(state)
+    return small
+
+
+def test_kept_neurons_with_the_refit_reproduce_a_planted_mlp():
+    model = llama()
+    mlp = planted_mlp(model, k=9)
+    x = torch.randn(400, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    z = intermediate(mlp, x)
+    h = z.T @ z
+    gate, up, down, keep = width.shrink_mlp(
+        mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight, 9, h
+    )
+    assert len(set(keep.tolist())) == 9 and sorted(keep.tolist()) == keep.tolist()
+    p = "model.layers.0.mlp."
+    small = with_weights(
+        model,
+        intermediate_size=9,
+        **{p + "gate_proj.weight": gate, p + "up_proj.weight": up, p + "down_proj.weight": down},
+    )
+    ids = torch.randint(0, 50, (3, 17), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want, got = model(ids).logits, small(ids).logits
+    assert torch.allclose(got, want, atol=1e-6, rtol=0)
+    # and the refit is the least-squares fit of the block's output from the kept neurons
+    ref = np.linalg.lstsq(
+        z[:, keep].numpy(), (z @ mlp.down_proj.weight.detach().T).numpy(), rcond=None
+    )
+    assert np.allclose(down.numpy(), ref[0].T, atol=1e-8)
+
+
+def test_greedy_neurons_beat_weight_norms_on_the_calibration():
+    model = llama(intermediate_size=64)
+    mlp = model.model.layers[0].mlp
+    x = torch.randn(500, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    x = x * torch.logspace(-1, 1, 32, dtype=torch.float64)
+    z = intermediate(mlp, x)
+    h = z.T @ z
+    w = mlp.down_proj.weight.detach()
+    x = x.detach()
+    errs = {}
+    for select in ("greedy", "norm"):
+        gate, up, down, keep = width.shrink_mlp(
+            mlp.gate_proj.weight, mlp.up_proj.weight, w, 24, h, select
+        )
+        out = intermediate(mlp, x) @ w.T
+        small = (torch.nn.functional.silu(x @ gate.T) * (x @ up.T)) @ down.T
+        errs[select] = float(torch.linalg.norm(out - small) / torch.linalg.norm(out))
+    assert errs["greedy"] < 0.8 * errs["norm"], errs
+
+
+def test_the_greedy_choice_follows_what_down_proj_reads():
+    """Two equally active neurons; down_proj reads only the second: it is kept."""
+    h = torch.eye(4, dtype=torch.float64)
+    down = torch.tensor([[0.0, 3.0, 0.1, 0.0], [0.0, 1.0, 0.0, 0.2]], dtype=torch.float64)
+    assert width.greedy_neurons(down, h, 1).tolist() == [1]
+    # the second kept adds the most of what is left of the output
+    assert width.greedy_neurons(down, h, 2).tolist() == [1, 3]
+
+
+def test_merged_duplicate_key_value_heads_reproduce_the_attention():
+    """Heads 0 and 2, 1 and 3 are duplicates (not neighbours): merged to two key/value
+    heads, with the query heads regrouped, the model's output is unchanged."""
+    model = llama()
+    attn = model.model.layers[0].self_attn
+    d = 8
+    with torch.no_grad():
+        for w in (attn.k_proj.weight, attn.v_proj.weight):
+            w[2 * d : 3 * d] = w[0:d]
+            w[3 * d : 4 * d] = w[d : 2 * d]
+    x = torch.randn(300, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    q, k, v, o, _, sets = width.merge_kv_heads(
+        attn.q_proj.weight,
+        attn.k_proj.weight,
+        attn.v_proj.weight,
+        attn.o_proj.weight,
+        n_heads=4,
+        n_kv=4,
+        new_kv=2,
+        hessian=x.T @ x,
+    )
+    assert sets == [[0, 2], [1, 3]]
+    p = "model.layers.0.self_attn."
+    small = with_weights(
+        model,
+        kv_heads=2,
+        **{
+            p + "q_proj.weight": q,
+            p + "k_proj.weight": k,
+            p + "v_proj.weight": v,
+            p + "o_proj.weight": o,
+        },
+    )
+    assert small.model.layers[0].self_attn.k_proj.weight.shape == (16, 32)
+    ids = torch.randint(0, 50, (2, 21), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        assert torch.allclose(small(ids).logits, model(ids).logits, atol=1e-10, rtol=0)
+
+
+def test_merged_heads_minimise_the_calibrated_error_of_their_members():
+    """A merged head is the mean of its members: no other K' does better on
+    sum_i ||(K_i - K') X^T||^2 (checked against perturbations)."""
+    g = torch.Generator().manual_seed(7)
+    k = torch.randn(4 * 8, 32, dtype=torch.float64, generator=g)
+    v = torch.randn(4 * 8, 32, dtype=torch.float64, generator=g)
+    x = torch.randn(200, 32, dtype=torch.float64, generator=g)
+    h = x.T @ x
+    q = torch.randn(8 * 8, 32, dtype=torch.float64, generator=g)
+    o = torch.randn(32, 8 * 8, dtype=torch.float64, generator=g)
+    _, k2, _, _, _, sets = width.merge_kv_heads(q, k, v, o, 8, 4, 1, h)
+    assert sets == [[0, 1, 2, 3]]
+
+    def loss(kk):
+        return sum(h_norm(k[i * 8 : (i + 1) * 8] - kk, h) ** 2 for i in range(4))
+
+    best = loss(k2)
+    for _ in range(5):
+        assert loss(k2 + 1e-3 * torch.randn(8, 32, dtype=torch.float64, generator=g)) > best
+
+
+def test_bad_widths_are_refused_naming_the_limit():
+    w = torch.randn(8, 6, dtype=torch.float64)
+    with pytest.raises(ConfigError, match="ffn.*6 neurons"):
+        width.shrink_mlp(None, torch.randn(6, 8), w, 7, torch.eye(6))
+    with pytest.raises(ConfigError, match="ffn"):
+        width.WidthConfig(ffn=0)
+    with pytest.raises(ConfigError, match="kv_heads.*4 key/value heads"):
+        width.merge_sets(torch.randn(32, 8), torch.randn(32, 8), 4, 3)
+    with pytest.raises(ConfigError, match="skip"):
+        width.WidthConfig(skip="everything")
+    with pytest.raises(ConfigError, match="calibration"):
+        width.shrink_mlp(None, torch.randn(6, 8), w, 3, None, "greedy")
