@@ -72,7 +72,11 @@ class WidthConfig:
 def greedy_neurons(down: torch.Tensor, hessian: torch.Tensor, k: int) -> torch.Tensor:
     """The k intermediate neurons (sorted indices) that, refit, best reproduce
     down_proj's output: greedy on ||W_down R[:, j]||^2 / R[j, j], R the Schur complement
-    of H on the neurons kept so far (float64)."""
+    of H on the neurons kept so far (float64). One rank-one update of R (n x n) per
+    neuron kept: about k n^2 flops (the demo's MLP, 1,536 neurons: a second; an 8B
+    one, 14,336: minutes). Choosing many at once from a pool of the best gains was
+    tried and kept neurons that the first choice already explained: the gains of
+    correlated neurons fall together."""
     r = hessian.detach().to(torch.float64).clone()
     w = down.detach().to(torch.float64)
     g = w @ r  # W_down R, updated with R
