@@ -1,6 +1,8 @@
 """Width's numerics on planted blocks, checked on real transformers models: a smaller
 config loaded with the shrunk weights reproduces the original."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -185,3 +187,95 @@ def test_bad_widths_are_refused_naming_the_limit():
         width.WidthConfig(skip="everything")
     with pytest.raises(ConfigError, match="calibration"):
         width.shrink_mlp(None, torch.randn(6, 8), w, 3, None, "greedy")
+
+
+def calibrated(model, ids):
+    """{block: {name: (H, rows)}} of every Linear input of `model` on `ids`."""
+    grams, hooks = {}, []
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and ".layers." in name:
+            block = int(name.split(".layers.")[1].split(".")[0])
+
+            def grab(m, args, out, name=name, block=block):
+                x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+                h, n = grams.setdefault(block, {}).get(name, (0, 0))
+                grams[block][name] = (h + x.T @ x, n + x.shape[0])
+
+            hooks.append(mod.register_forward_hook(grab))
+    with torch.no_grad():
+        model(ids)
+    for h in hooks:
+        h.remove()
+    return grams
+
+
+def test_a_uniform_width_saves_a_plain_checkpoint_of_the_same_architecture(tmp_path):
+    """Every block at one width, one block skipped: `save_pretrained` of the narrowed
+    model loads with plain from_pretrained (no remote code) and equals it."""
+    import copy
+
+    from compressors.width_model import plain_config, shrink
+
+    model = llama(num_hidden_layers=3, num_key_value_heads=2, intermediate_size=40)
+    ids = torch.randint(0, 50, (4, 32), generator=torch.Generator().manual_seed(9))
+    grams = calibrated(model, ids)
+    small = copy.deepcopy(model)
+    settings = {i: width.WidthConfig(ffn=24, kv_heads=1) for i in (0, 2)}
+    settings[1] = width.WidthConfig(skip="block")
+    got = shrink(small, settings, grams)
+    assert got == {
+        0: {"ffn": 24, "kv_heads": 1},
+        1: {"skip": "block"},
+        2: {"ffn": 24, "kv_heads": 1},
+    }
+    assert plain_config(small)
+    small.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert (cfg["intermediate_size"], cfg["num_key_value_heads"], cfg["num_hidden_layers"]) == (
+        24,
+        1,
+        2,
+    )
+    assert "auto_map" not in cfg
+    loaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64).eval()
+    test = torch.randint(0, 50, (2, 19), generator=torch.Generator().manual_seed(10))
+    with torch.no_grad():
+        a, b, dense = loaded(test).logits, small(test).logits, model(test).logits
+    assert torch.allclose(a, b, atol=1e-12, rtol=0)
+    assert not torch.allclose(a, dense, atol=1e-3)  # narrower: not the dense model
+    assert sum(p.numel() for p in loaded.parameters()) < sum(p.numel() for p in model.parameters())
+
+
+def test_a_skipped_block_is_the_identity():
+    """With block 1 of 2 skipped, the final norm and head read block 0's output."""
+    from compressors.width_model import shrink
+
+    model = llama(num_hidden_layers=2)
+    ids = torch.randint(0, 50, (2, 15), generator=torch.Generator().manual_seed(11))
+    seen = {}
+
+    def grab(module, args, kwargs):
+        seen["h"] = kwargs.get("hidden_states", args[0] if args else None)
+
+    with torch.no_grad():
+        hook = model.model.layers[1].register_forward_pre_hook(grab, with_kwargs=True)
+        model(ids)
+        hook.remove()
+        shrink(model, {1: width.WidthConfig(skip="block")})
+        assert len(model.model.layers) == 1 and model.config.num_hidden_layers == 1
+        want = model.lm_head(model.model.norm(seen["h"]))
+        assert torch.allclose(model(ids).logits, want, atol=1e-12, rtol=0)
+
+
+def test_widths_the_model_cannot_take_are_refused():
+    from compressors.width_model import shrink
+
+    model = llama(num_hidden_layers=2)
+    with pytest.raises(ConfigError, match="every block"):
+        shrink(model, {i: width.WidthConfig(skip="block") for i in range(2)})
+    with pytest.raises(ConfigError, match="2 blocks"):
+        shrink(model, {5: width.WidthConfig(ffn=4, select="norm")})
+    with pytest.raises(ConfigError, match="ffn.*24 neurons"):
+        shrink(model, {0: width.WidthConfig(ffn=30, select="norm")})
+    with pytest.raises(ConfigError, match="kv_heads.*4 key/value heads"):
+        shrink(model, {0: width.WidthConfig(kv_heads=3, select="norm")})
