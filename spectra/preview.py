@@ -27,7 +27,6 @@ from torch import nn
 
 from compressors import blocks
 from compressors.apply import (
-    as_float64,
     compact_modules,
     factorize,
     linear_targets,
@@ -121,7 +120,7 @@ class Previewer:
         self.dense_ppl: dict[int, float] = {}
         self.history: list[PreviewResult] = []
         self.grams = grams
-        self._blocks: dict[int, dict] = {}  # the calibration block read last (float64)
+        self._blocks: dict[int, dict] = {}  # the calibration block read last, as stored
 
     def use_calibration(self, grams) -> None:
         """Data-aware settings from now on read `grams` (modules built with another
@@ -131,16 +130,22 @@ class Previewer:
             self.current = {n: c for n, c in self.current.items() if not needs_data(c)}
 
     def calibration(self, name: str) -> Calibration | None:
-        """The module's calibration (None without one, or outside the blocks)."""
-        block = self.targets[name][0].block
-        if self.grams is None or block is None or block not in self.grams:
+        """The module's calibration (None without one, or outside the blocks): its H
+        widened to float64 for this use, from the block's Grams as stored (one block
+        held: 1 GB of float32 on 8B shapes; the whole block in float64 was 2 GB more)."""
+        if not self._has_calibration(name):
             return None
-        wide = self._blocks.get(block)
-        if wide is None:  # one block at a time (about 2 GB of float64 on 8B shapes)
-            wide = as_float64(self.grams[block])
-            self._blocks = {block: wide}
-        h, rows = wide[name]
-        return Calibration(h, rows)
+        block = self.targets[name][0].block
+        stored = self._blocks.get(block)
+        if stored is None:
+            stored = self.grams[block]
+            self._blocks = {block: stored}
+        h, rows = stored[name]
+        return Calibration(h.to(torch.float64), rows)
+
+    def _has_calibration(self, name: str) -> bool:
+        block = self.targets[name][0].block
+        return self.grams is not None and block is not None and block in self.grams
 
     def _calibration_tag(self) -> str | None:
         folder = getattr(self.grams, "folder", None)
@@ -163,7 +168,7 @@ class Previewer:
         bad = [
             n
             for n in changed
-            if layers.get(n) is not None and needs_data(layers[n]) and self.calibration(n) is None
+            if layers.get(n) is not None and needs_data(layers[n]) and not self._has_calibration(n)
         ]
         if bad:
             where = "has no calibration" if self.grams is None else "is outside the blocks"
@@ -228,7 +233,7 @@ class Previewer:
             self.built[self._key(*unit)] = modules
             if progress:
                 progress(i + 1, len(todo), f"compressing {unit[0][0]}")
-        self._blocks = {}  # the last block's float64 Grams (2 GB on 8B shapes): not kept
+        self._blocks = {}  # the last block's Grams (1 GB on 8B shapes): not kept
         return len(todo)
 
     def _size(self, names: tuple[str, ...]) -> int:

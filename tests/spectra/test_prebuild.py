@@ -105,3 +105,42 @@ def test_apply_runs_big_factorizations_one_at_a_time(monkeypatch):
     assert _local_map(fn, work) == ["0", "1", "2", "3", "4"]
     assert [n for n, _ in log][-2:] == ["1", "3"]  # the big ones last
     assert all(k == 1 for n, k in log if n in ("1", "3"))
+
+
+def test_the_previewer_widens_one_module_h_at_a_time(family_dir):
+    """A block's Grams stay as the calibration stores them (float32): only the H a
+    compression reads is widened to float64 (a whole block of 8B shapes in float64 held
+    2 GB more), and the preview checks a calibration's presence without widening any."""
+    import torch
+
+    from spectra.data import calibration
+    from spectra.preview import Previewer
+
+    path = str(family_dir("llama"))
+    model, tok = open_model(path, "cpu", "float32", "none").load(), open_model(path).tokenizer()
+    grams = calibration.calibrate(
+        open_model(path), calibration.CalibrationSpec(samples=4, seqlen=32)
+    )
+    pv = Previewer(model, tok, seqlen=32, grams=grams)
+    name = "model.layers.0.mlp.down_proj"
+    stored = grams[0][name][0]
+    assert stored.dtype == torch.float32
+    widened = []
+    real = torch.Tensor.to
+
+    def spy(t, *a, **k):
+        out = real(t, *a, **k)
+        if out.dtype == torch.float64 and t.dim() == 2 and t.shape[0] == t.shape[1]:
+            widened.append(tuple(t.shape))
+        return out
+
+    torch.Tensor.to = spy
+    try:
+        pv._units({name: make_config("lowrank", rank=4, whiten=True)})
+        assert widened == []  # presence only
+        calib = pv.calibration(name)
+    finally:
+        torch.Tensor.to = real
+    assert widened == [tuple(stored.shape)]
+    assert calib.hessian.dtype == torch.float64 and torch.equal(calib.hessian, stored.double())
+    assert all(h.dtype == torch.float32 for b in pv._blocks.values() for h, _ in b.values())
