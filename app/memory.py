@@ -12,7 +12,8 @@ beside it, from the model's headers alone:
   or more (the weight times the Gram's factor, its SVD's two factors, all float64);
 - a preview: the plan's compressed modules, kept for the next previews in the working
   dtype, one hidden state per block and window for the blocks it replays, and a block of
-  Grams when the plan is data-aware;
+  Grams as stored (float32) with the H being used in float64 when the plan is
+  data-aware;
 - a sensitivity: the hidden states of its windows.
 
 An action whose estimate exceeds the memory available (free memory, plus the model
@@ -78,7 +79,10 @@ def need(model: Model, action: str, tokens: int = 0, kept_params: int = 0) -> di
     if action == "preview":
         parts["the plan's compressed modules"] = kept_params * WIDTH.get(model.dtype, 4)
         parts["recorded block outputs"] = tokens * hidden(model) * 4 * blocks(model)
-        parts["a block of calibration Grams (float64)"] = gram_block(model)
+        widest = max((m.shape[1] for m in model.matrices if m.block is not None), default=0)
+        parts["a block of calibration Grams, one H in float64"] = (
+            gram_block(model) // 2 + widest**2 * 8
+        )
     if action == "sensitivity":
         parts["the windows' hidden states"] = states * 2
     return parts
