@@ -401,6 +401,17 @@ def small() -> str:
             f"{a['row_edit']['page_rerun_median_s'] * 1e3:.0f} / "
             f"{a['row_edit']['page_rerun_max_s'] * 1e3:.0f} ms",
         ],
+        *(
+            [
+                [
+                    "the same with a calibration (median / max)",
+                    f"{a['row_edit']['page_rerun_calibrated_median_s'] * 1e3:.0f} / "
+                    f"{a['row_edit']['page_rerun_calibrated_max_s'] * 1e3:.0f} ms",
+                ]
+            ]
+            if "page_rerun_calibrated_median_s" in a["row_edit"]
+            else []
+        ),
         [
             "error lookup (cached spectrum)",
             f"{a['row_edit']['error_lookup_median_s'] * 1e3:.2f} ms",
