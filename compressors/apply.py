@@ -34,7 +34,6 @@ from spectra.linalg.parallel import sized_map
 __all__ = [
     "Target",
     "apply",
-    "as_float64",
     "compact_modules",
     "factorize",
     "linear_targets",
@@ -345,22 +344,6 @@ def _stand_in(old: nn.Module, dense: torch.Tensor, weight: torch.Tensor) -> nn.L
         if bias is not None:
             lin.bias.copy_(bias)
     return lin.requires_grad_(False)
-
-
-def as_float64(block: dict) -> dict:
-    """A block's Grams as float64, as the compressors expect them.
-
-    Args:
-        block: {module name: (H, rows)}, one block of a calibration.
-
-    Returns:
-        The same mapping with every H in float64; modules that share one H (they read
-        the same input) still share one matrix.
-    """
-    wide: dict[int, torch.Tensor] = {}
-    return {
-        n: (wide.setdefault(id(h), h.to(torch.float64)), rows) for n, (h, rows) in block.items()
-    }
 
 
 def set_module(model, name: str, module: nn.Module) -> None:
