@@ -229,8 +229,7 @@ class _Run:
     @functools.cached_property
     def layers_prefix(self) -> str:
         """The module-name prefix of the blocks (e.g. model.layers)."""
-        layers = blocks.decoder_layers(self.model)
-        return next(name for name, mod in self.model.named_modules() if mod is layers)
+        return blocks.layers_name(self.model)
 
     def _job(self, members: list, grams) -> _Job:
         config = members[0].config

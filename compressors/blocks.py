@@ -75,6 +75,12 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     raise SpectraInputError("cannot find the model's transformer blocks")
 
 
+def layers_name(model: nn.Module) -> str:
+    """The module name of the model's list of blocks (e.g. model.layers)."""
+    layers = decoder_layers(model)
+    return next(name for name, mod in model.named_modules() if mod is layers)
+
+
 def outer_modules(model: nn.Module, head: bool = True) -> list[nn.Module]:
     """The modules outside the blocks that hold parameters of their own (embeddings,
     final norm, head; without the head when `head` is False)."""

@@ -281,9 +281,7 @@ def plain_curves(weight, hessian) -> tuple[np.ndarray, np.ndarray]:
     w = torch.as_tensor(np.asarray(weight))
     h = torch.as_tensor(np.asarray(hessian))
     if w.shape[0] <= w.shape[1]:
-        gram = w.to(torch.float64) @ w.to(torch.float64).T
-        s2, u = torch.linalg.eigh((gram + gram.T) / 2)
-        s2, u = s2.flip(0).clamp_min(0), u.flip(1)
+        s2, u = tall_eigh(w.T, None)  # the m x m W W^T
         terms = (wide_gram(w, h) @ u * u).sum(0)
     else:
         s2, v = tall_eigh(w, None)
@@ -291,10 +289,12 @@ def plain_curves(weight, hessian) -> tuple[np.ndarray, np.ndarray]:
     return _tails(s2), _tails(terms)
 
 
-def _tails(t: torch.Tensor) -> np.ndarray:
-    """sqrt(sum_{i>k} t_i / sum t) at every k = 0..len(t) (index k)."""
+def _tails(t: torch.Tensor, total: torch.Tensor | None = None) -> np.ndarray:
+    """sqrt(sum_{i>k} t_i / total) at every k = 0..len(t) (index k; total: sum t)."""
     tail = torch.flip(torch.cumsum(torch.flip(t, (0,)), 0), (0,))
-    out = torch.cat([tail, torch.zeros(1, dtype=tail.dtype)]) / t.sum()
+    out = torch.cat([tail, torch.zeros(1, dtype=tail.dtype)]) / (
+        t.sum() if total is None else total
+    )
     return out.clamp_min(0).sqrt().numpy()
 
 
@@ -317,11 +317,7 @@ def whitened_curves(weight, hessian) -> tuple[np.ndarray, np.ndarray]:
             _, s, vt = torch.linalg.svd(w.to(torch.float64) @ chol, full_matrices=False)
             s2 = s.pow(2)
         rows = s2 * torch.linalg.solve_triangular(chol, vt, upper=False, left=False).pow(2).sum(1)
-    tail = lambda t: torch.flip(torch.cumsum(torch.flip(t, (0,)), 0), (0,))  # noqa: E731
-    zero = torch.zeros(1, dtype=torch.float64)
-    calib = torch.cat([tail(s2), zero]) / s2.sum()
-    weight_err = torch.cat([tail(rows), zero]) / w.double().pow(2).sum()
-    return weight_err.clamp_min(0).sqrt().numpy(), calib.clamp_min(0).sqrt().numpy()
+    return _tails(rows, w.double().pow(2).sum()), _tails(s2)
 
 
 def errors(config: LowRankConfig, weight, sigma=None, calib=None, curves=None):

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from compressors.base import config_error
-from compressors.blocks import decoder_layers
+from compressors.blocks import decoder_layers, layers_name
 from compressors.width import WidthConfig, merge_kv_heads, shrink_mlp
 
 MLP = ("gate_proj", "up_proj", "down_proj")
@@ -48,8 +48,7 @@ def shrink(model: nn.Module, settings: dict[int, WidthConfig], grams=None) -> di
     """Narrow `model`'s blocks in place; returns {block: {"ffn", "kv_heads"} kept, or
     {"skip": "block"}}. `grams`: {block: {module name: (H, rows)}} of the calibration
     (the MLP's choice reads down_proj's, the head merge q_proj's)."""
-    layers = decoder_layers(model)
-    prefix = next(name for name, mod in model.named_modules() if mod is layers)
+    layers, prefix = decoder_layers(model), layers_name(model)
     cfg = model.config.get_text_config()
     n_heads, n_kv = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None)
     n_kv = n_kv or n_heads
