@@ -99,7 +99,8 @@ def apply(
         model, on_block = copy.deepcopy(model).eval(), None
     targets = linear_targets(model)
     todo = [e for e in entries if e.config is not None]
-    data = any(needs_data(e.config) for e in todo)
+    widths = {e.block: e.width for e in entries if getattr(e, "width", None) is not None}
+    data = any(needs_data(e.config) for e in todo) or any(map(needs_data, widths.values()))
     if data and grams is None and calib_ids is None:
         raise SpectraInputError("this plan has data-aware settings: calibration is required")
     if data and any(needs_data(e.config) and e.block is None for e in todo):
@@ -107,7 +108,7 @@ def apply(
         raise SpectraInputError(
             f"{name}: data-aware methods are supported inside transformer blocks only"
         )
-    state = _Run(model, targets, todo, progress, mapper or _local_map, on_block)
+    state = _Run(model, targets, todo, progress, mapper or _local_map, on_block, widths)
     layers = blocks.decoder_layers(model)
     if data and calib_ids is not None:
 
@@ -116,7 +117,10 @@ def apply(
                 on_grams(block, block_grams_)
             state.compress_block(block, block_grams_)
 
-        last = max(e.block for e in todo if needs_data(e.config))
+        last = max(
+            [e.block for e in todo if needs_data(e.config)]
+            + [b for b, w in widths.items() if needs_data(w)]
+        )
         # the next blocks' inputs go through dense stand-ins of the reconstructed weights
         # (the compact modules' forward up to float rounding, without the CPU's slow
         # sparse or per-call dequantizing matmuls); the compact modules go in after
@@ -136,9 +140,9 @@ def apply(
     else:
         for block in range(len(layers)):
             mine = [e for e in state.todo.values() if e.block == block]
-            if not streamed and not mine:
+            if not streamed and not mine and block not in widths:
                 continue
-            aware = any(needs_data(e.config) for e in mine)
+            aware = any(needs_data(e.config) for e in mine) or needs_data(widths.get(block))
             with blocks.onloaded(model, layers[block]):
                 # H as stored (float32): each method widens the one it is using to
                 # float64, so a block's Grams are never held twice
@@ -169,9 +173,11 @@ def apply(
 class _Run:
     """Bookkeeping of one apply: what is left, reports, module swapping."""
 
-    def __init__(self, model, targets, todo, progress, mapper, on_block=None):
+    def __init__(self, model, targets, todo, progress, mapper, on_block=None, widths=None):
         self.model, self.targets, self.progress, self.mapper = model, targets, progress, mapper
         self.on_block = on_block  # a streamed model's writer
+        self.widths = dict(widths or {})  # {block: its width setting}, until applied
+        self.narrowed: dict[int, list[str]] = {}  # a block's modules that width made anew
         self.todo = {e.name: e for e in todo}
         self.total = len(todo)
         self.reports: list[ModuleReport] = []
@@ -191,7 +197,10 @@ class _Run:
         self.compress_entries(list(self.todo.values()))
 
     def compress_block(self, block: int, grams: dict | None) -> None:
-        """Every entry of `block` (its data-aware ones read `grams`)."""
+        """Every entry of `block` (its data-aware ones read `grams`), after the block's
+        width setting (which narrows its modules first)."""
+        if block in self.widths:
+            grams = self._narrow(block, self.widths.pop(block), grams)
         entries = [e for e in self.todo.values() if e.block == block]
         if entries:
             self.compress_entries(entries, grams)
@@ -207,6 +216,39 @@ class _Run:
             for name in [n for n in self.deferred if n.startswith(prefix)]:
                 set_module(self.model, name, self.deferred.pop(name))
         self._write(block, [n for n in self.factorizations if n.startswith(prefix)])
+        for name in self.narrowed.pop(block, ()):  # written: released like the rest
+            self.model.get_submodule(name).to("meta")
+
+    def _narrow(self, block: int, config, grams: dict | None) -> dict | None:
+        """Apply `block`'s width setting; the Grams its new modules read (down_proj's on
+        the kept neurons, exact; o_proj's on its heads' new order, the dense model's)."""
+        from compressors import width_model
+
+        info = width_model.shrink_block(self.model, block, config, grams or {})
+        prefix = f"{self.layers_prefix}.{block}."
+        for name in [n for n in self.targets if n.startswith(prefix)]:
+            target, old = self.targets.pop(name)
+            try:
+                module = self.model.get_submodule(name)
+            except AttributeError:  # a removed sublayer's
+                continue
+            shape = tuple(module.weight.shape)
+            self.targets[name] = (Target(name, shape, target.role, block, False), module)
+            if module is not old:  # made anew: not the offloader's to release
+                self.narrowed.setdefault(block, []).append(name)
+        if grams is None:
+            return None
+        grams = dict(grams)
+        down, o = f"{prefix}mlp.down_proj", f"{prefix}self_attn.o_proj"
+        if info["keep"] is not None and down in grams:
+            h, rows = grams[down]
+            grams[down] = (h[info["keep"]][:, info["keep"]], rows)
+        if info["q_heads"] is not None and o in grams:
+            d = self.model.get_submodule(f"{prefix}self_attn").head_dim
+            idx = torch.cat([torch.arange(i * d, (i + 1) * d) for i in info["q_heads"]])
+            h, rows = grams[o]
+            grams[o] = (h[idx][:, idx], rows)
+        return grams
 
     def finish_outer(self, module) -> None:
         """A streamed model's module outside the blocks, materialised: the entries within

@@ -6,8 +6,9 @@ each method's factorization class says (compressors.base.Factorization: `healabl
 projection and per-member factors, LoSparse's factors and its sparse values on their
 fixed support, MPO cores (and the input scaling of the calibrated form), CALDERA's L
 and R. Everything else stays frozen: the backbone Q of CALDERA, `quant` codes,
-`prune` masks and values, biases, and every module the plan left dense. This module
-names no method.
+`prune` masks and values, biases, and every module the plan left dense, except those
+of the blocks that `width` narrowed: there every plain nn.Linear weight is trained (the
+smaller model is what is distilled). This module names no method.
 
 `Trainable(model, factorizations)` turns the model's compact modules into training
 form in place: every parameter above has requires_grad and shares its tensor with the
@@ -47,6 +48,8 @@ class Trainable:
             modules = self._install(names, f, train=True)
             if ste and old:
                 _through_grid(modules, f, {f.trained(k).data_ptr(): o for k, o in old.items()})
+        for module in _narrowed_linears(model):
+            module.weight.requires_grad_(True)
 
     @property
     def groups(self) -> dict[str, list[str]]:
@@ -87,6 +90,18 @@ class Trainable:
             self._install(names, f, train=False)
         self.model.requires_grad_(False)
         return self.factorizations
+
+
+def _narrowed_linears(model: nn.Module) -> list[nn.Linear]:
+    """The plain nn.Linear modules of the blocks that width narrowed (width_model
+    marks such a block with `width_kept`)."""
+    return [
+        m
+        for block in model.modules()
+        if getattr(block, "width_kept", None) is not None
+        for m in block.modules()
+        if type(m) is nn.Linear
+    ]
 
 
 class _ThroughGrid(nn.Module):

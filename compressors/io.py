@@ -175,12 +175,42 @@ class Writer:
 
     def finish(self, model, plan_text: str, report: dict, tokenizer=None) -> None:
         manifest = {"format": FORMAT, "modules": self.modules, "shards": self.shards}
+        shapes = structure(model)
+        if shapes is not None:  # width: blocks narrower than the config says
+            manifest["blocks"] = shapes
         (self.tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
         model.config.to_json_file(self.tmp / "config.json")
         (self.tmp / "plan.yaml").write_text(plan_text)
         (self.tmp / "report.json").write_text(json.dumps(report, indent=1))
         if tokenizer is not None:
             tokenizer.save_pretrained(self.tmp)
+
+
+def structure(model):
+    """The blocks' widths when width narrowed any (compressors.width_model.structure)."""
+    from compressors import width_model
+
+    try:
+        return width_model.structure(model)
+    except (AttributeError, SpectraInputError):  # not a Llama-like decoder: not narrowed
+        return None
+
+
+def skeleton(config, blocks: list | None, meta: bool = False):
+    """The model of `config`, its blocks given the widths OUT's manifest recorded
+    (`blocks`; None: as the config says); on the meta device when `meta`."""
+    from transformers import AutoModelForCausalLM
+
+    if meta:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    else:
+        model = AutoModelForCausalLM.from_config(config)
+    if blocks:
+        from compressors import width_model
+
+        width_model.restructure(model, blocks)
+    return model
 
 
 def _write_dense(path: Path, model, factorizations, tokenizer):
@@ -195,15 +225,13 @@ def reconstruct(model, factorizations: dict, keep: dict | None = None, dtype=Non
     """A plain transformers model of `model`'s architecture with every compressed
     module's weight reconstructed (`keep`: the uncompressed tensors, read from `model`
     when not given), in `dtype` (default: `model`'s)."""
-    from transformers import AutoModelForCausalLM
-
     if keep is None:
         keep = {
             k: v.detach()
             for k, v in model.state_dict().items()
             if not any(k.startswith(c + ".") for c in factorizations)
         }
-    dense = AutoModelForCausalLM.from_config(model.config)
+    dense = skeleton(model.config, structure(model))
     dense.load_state_dict(keep, strict=False)
     member = {n: i for names, _ in units(factorizations) for i, n in enumerate(names)}
     for name, f in factorizations.items():
@@ -293,7 +321,7 @@ def index(out: Path):
 
 def load(out, device: str = "cpu"):
     """(model, factorizations) rebuilt from OUT; corrupt files are input errors."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     out = Path(out)
     shards = shard_files(out)
@@ -314,7 +342,10 @@ def load(out, device: str = "cpu"):
         ) from e
     if manifest.get("format") != FORMAT:
         raise SpectraInputError(f"{out}: unknown checkpoint format {manifest.get('format')!r}")
-    model = AutoModelForCausalLM.from_config(config)
+    try:
+        model = skeleton(config, manifest.get("blocks"))
+    except (ValueError, TypeError, KeyError) as e:
+        raise SpectraInputError(f"{out}: corrupt compressed checkpoint (blocks: {e})") from e
     try:
         factorizations = {}
         for name, spec in manifest["modules"].items():

@@ -22,6 +22,7 @@ import torch
 
 DATA = ("never", "optional", "whiten", "required")  # how a method uses calibration
 KINDS = ("int", "float", "bool", "choice")
+SCOPES = ("module", "block")  # what a plan's targets name for a method
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,12 @@ class Method:
             reconstructed).
         data_free_e: AlphaPruning's band e (`--allocate alpha|farms`) when this
             method's candidates are data-free (None: the calibrated default, 0.2).
+        scope: what a plan's targets name: "module" (a linear module, compressed by
+            `compress`) or "block" (a decoder block, reshaped as a whole: width; its
+            `compress` is never called per weight, and a block's modules may carry a
+            module-scope method as well, applied to their new shapes).
+        reads_data: reads_data(config) -> whether it reads calibration, where `data`
+            and `flags` cannot say (width: its `select` choice); None: they say.
     """
 
     name: str
@@ -157,8 +164,12 @@ class Method:
     probes: dict[str, Callable] = field(default_factory=dict, hash=False, compare=False)
     exports: dict[str, object] = field(default_factory=dict, hash=False, compare=False)
     data_free_e: float | None = None
+    scope: str = "module"
+    reads_data: Callable | None = None
 
     def __post_init__(self):
+        if self.scope not in SCOPES:
+            raise ValueError(f"method {self.name}: scope {self.scope!r} not in {SCOPES}")
         if self.data not in DATA:
             raise ValueError(f"method {self.name}: data {self.data!r} not in {DATA}")
         if getattr(self.config_cls, "method", None) != self.name:
@@ -181,6 +192,8 @@ class Method:
 
     def needs_data(self, config) -> bool:
         """Whether `config` reads calibration (H = X^T X of the module's inputs)."""
+        if self.reads_data is not None:
+            return bool(self.reads_data(config))
         if self.data == "required":
             return True
         return any(bool(getattr(config, f)) for f in self.flags)

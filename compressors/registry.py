@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterable
 
-from compressors import caldera, io, joint, losparse, lowrank, mpo, prune, quant
+from compressors import caldera, io, joint, losparse, lowrank, mpo, prune, quant, width
 from compressors.base import config_error
 from compressors.method import Knob, Method
 
@@ -74,8 +74,23 @@ def registered(method: Method):
         unregister(method.name)
 
 
-for _module in (lowrank, joint, losparse, caldera, mpo, quant, prune):
+for _module in (lowrank, joint, losparse, caldera, mpo, quant, prune, width):
     register(_module.METHOD)
+
+
+def module_methods() -> tuple[str, ...]:
+    """The methods a plan applies to one linear module (or a family of them)."""
+    return tuple(name for name, m in METHODS.items() if m.scope == "module")
+
+
+def block_methods() -> tuple[str, ...]:
+    """The methods a plan applies to a whole decoder block (width)."""
+    return tuple(name for name, m in METHODS.items() if m.scope == "block")
+
+
+def is_block_config(config) -> bool:
+    """Whether `config` belongs to a block-scope method (its plan targets name blocks)."""
+    return config is not None and METHODS[config.method].scope == "block"
 
 
 def method_of(config) -> Method:

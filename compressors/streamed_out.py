@@ -103,6 +103,10 @@ def load(out, device: str = "cpu", dtype=None) -> nn.Module:
     modules = manifest["modules"]
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, **({"dtype": dtype} if dtype else {}))
+    if manifest.get("blocks"):  # width narrowed them
+        from compressors import width_model
+
+        width_model.restructure(model, manifest["blocks"])
     model.tie_weights()
     inside = {id(m) for m in blocks.decoder_layers(model).modules()}
     outer = [n for n in modules if id(model.get_submodule(n)) not in inside]

@@ -35,6 +35,7 @@ from typing import ClassVar
 import torch
 
 from compressors.base import config_error, require_int
+from compressors.method import Knob, Method
 
 SKIPS = ("none", "attention", "mlp", "block")
 SELECTS = ("greedy", "norm")
@@ -214,3 +215,41 @@ def _mean(w: torch.Tensor, group: list[int], d: int) -> torch.Tensor:
     """The mean of `group`'s heads (d rows each), in float64, back in w's dtype."""
     heads = torch.stack([w[i * d : (i + 1) * d].to(torch.float64) for i in group])
     return heads.mean(0).to(w.dtype)
+
+
+def _per_block(weight, config, calib=None):
+    raise TypeError("width reshapes a decoder block (compressors.width_model), not one weight")
+
+
+METHOD = Method(
+    name="width",
+    config_cls=WidthConfig,
+    compress=_per_block,
+    summary="a narrower block: fewer MLP neurons (down_proj refit), merged key/value heads, "
+    "or a sublayer removed; the model itself gets smaller",
+    paper="MoDeGPT (Lin et al. 2024) refit; Minitron (Sreenivas et al. 2024); "
+    "Puzzle (Bercovich et al. 2025)",
+    data="optional",
+    knobs=(
+        Knob("ffn", "MLP intermediate neurons kept (unset: all)", None, "int", 1),
+        Knob("kv_heads", "key/value heads kept; divides the block's (unset: all)", None, "int", 1),
+        Knob(
+            "skip",
+            "a sublayer removed: attention, mlp or the whole block",
+            "none",
+            "choice",
+            choices=SKIPS,
+        ),  # fmt: skip
+        Knob(
+            "select",
+            "greedy on the calibration (down_proj refit), or norm (data-free)",
+            "greedy",
+            "choice",
+            choices=SELECTS,
+        ),  # fmt: skip
+    ),
+    scope="block",
+    reads_data=lambda c: (
+        c.select == "greedy" and c.skip != "block" and (c.ffn is not None or c.kv_heads is not None)
+    ),
+)

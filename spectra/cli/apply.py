@@ -15,6 +15,7 @@ from spectra.io import cache
 from spectra.io.model import open_model
 from spectra.plan import format as plans
 from spectra.plan import run
+from spectra.plan.block_plan import heads_of
 
 
 def cmd_apply(args) -> int:
@@ -27,7 +28,7 @@ def cmd_apply(args) -> int:
     # the plan must fit the model before anything heavy is loaded
     model = open_model(args.model, args.device, args.dtype, args.offload)
     rank_of = run.energy_ranks(model)
-    entries = plans.resolve(plan, model.matrices, rank_of=rank_of)
+    entries = plans.resolve(plan, model.matrices, rank_of=rank_of, heads=heads_of(model.config))
     warn_other_model(plan, model)
     # deferred: these pull in torch; `spectra --help` imports this module
     from compressors import apply as applying

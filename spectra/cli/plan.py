@@ -18,21 +18,24 @@ from spectra.io.model import open_model
 from spectra.io.roles import ROLES
 from spectra.plan import format as plans
 from spectra.plan import run
+from spectra.plan.block_plan import heads_of
 
 
 def cmd_plan_show(args) -> int:
     plan = plans.load(args.plan)
     model = open_model(args.model)
-    entries = plans.resolve(plan, model.matrices, rank_of=run.energy_ranks(model))
+    entries = plans.resolve(
+        plan, model.matrices, rank_of=run.energy_ranks(model), heads=heads_of(model.config)
+    )
     warn_other_model(plan, model)
     order = {r: i for i, r in enumerate(ROLES)}
     entries.sort(key=lambda e: (-1 if e.block is None else e.block, order.get(e.role, 99)))
     rows = [
         dict(
             module=e.name,
-            rule=e.source or "-",
-            method=_settings(e.config),
-            shape=f"{e.shape[0]}x{e.shape[1]}",
+            rule=" + ".join(s for s in (e.width_source, e.source) if s) or "-",
+            method=_with_width(e),
+            shape=_shape(e),
             params_before=e.params_before,
             params_after=e.params_after,
             bits_before=e.bits_before,
@@ -191,6 +194,22 @@ def warn_other_model(plan, model) -> None:
         "matched by name, its layers entries checked by shape",
         file=sys.stderr,
     )
+
+
+def _with_width(e) -> str:
+    """The module's settings, after its block's width setting when it has one."""
+    if e.width is None:
+        return _settings(e.config)
+    if e.removed:
+        return f"{_settings(e.width)}: removed"
+    return _settings(e.width) + ("" if e.config is None else f" + {_settings(e.config)}")
+
+
+def _shape(e) -> str:
+    """out x in, and what width leaves of it."""
+    shape = f"{e.shape[0]}x{e.shape[1]}"
+    after = e.shape_after or e.shape
+    return shape if tuple(after) == tuple(e.shape) else f"{shape} -> {after[0]}x{after[1]}"
 
 
 def _settings(config) -> str:

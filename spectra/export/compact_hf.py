@@ -151,15 +151,19 @@ def write(tmp: Path, src, dtype) -> tuple[list[dict], dict]:
     write_index(tmp, weight_map, total)
     base = type(src.dense).__name__
     config = src.config
-    config.architectures = [f"Spectra{base}"]
-    config.auto_map = {"AutoModelForCausalLM": f"{MODELING[:-3]}.Spectra{base}"}
-    config.spectra_compact = {k: spec for k, (spec, _) in compact.items()}
+    blocks = getattr(src, "blocks", None)  # width's per-block widths
+    if compact or blocks:  # the project's modeling file builds them
+        config.architectures = [f"Spectra{base}"]
+        config.auto_map = {"AutoModelForCausalLM": f"{MODELING[:-3]}.Spectra{base}"}
+        config.spectra_compact = {k: spec for k, (spec, _) in compact.items()}
+        if blocks:
+            config.spectra_blocks = blocks
+        (tmp / MODELING).write_text(TEMPLATE.format(base=base))
     head = src.dense.get_output_embeddings()
     if head is not None and any(src.module(k) is head for k in compact):
         config.tie_word_embeddings = False  # a factorized head shares no matrix
     config.dtype = str(dtype).removeprefix("torch.")
     config.save_pretrained(tmp)
-    (tmp / MODELING).write_text(TEMPLATE.format(base=base))
     if src.dense.can_generate() and src.dense.generation_config is not None:
         src.dense.generation_config.save_pretrained(tmp)
     rows = [

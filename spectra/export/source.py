@@ -47,8 +47,13 @@ class Resident:
     streamed = False
 
     def __init__(self, model, factorizations: dict):
-        from compressors import io
+        from compressors import io, width_model
 
+        # width: skipped blocks out, one width into the config, or the blocks' widths
+        # for a per-block export (None: the architecture as it was)
+        self.blocks = None
+        if io.structure(model) is not None:
+            factorizations, self.blocks = width_model.exported(model, factorizations)
         self.factorizations = factorizations
         self.dense = io.reconstruct(model, factorizations)
         self.config = self.dense.config
@@ -107,6 +112,15 @@ class Streamed:
         self.modules = manifest["modules"]
         with init_empty_weights(include_buffers=False):
             self.dense = AutoModelForCausalLM.from_config(self.config)
+        if manifest.get("blocks"):  # width narrowed them
+            from compressors import width_model
+
+            width_model.restructure(self.dense, manifest["blocks"])
+            if not width_model.plain_config(self.dense):
+                raise SpectraInputError(
+                    f"{out}: width left its blocks different (or skipped some): read it "
+                    "whole to export it (--offload none)"
+                )
         self.dense.tie_weights()  # outside the context, as compressors.blocks' skeleton
         self.config = self.dense.config
         self.names = _distinct(self.dense)

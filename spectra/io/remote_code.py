@@ -90,11 +90,54 @@ class MPOLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+class Removed(nn.Module):
+    """A sublayer that width took out: its residual branch adds nothing."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, hidden_states, *args, **kwargs):
+        out = torch.zeros_like(hidden_states)
+        return (out, None) if self.kind == "attention" else out
+
+
+def narrowed(old, out_features, in_features):
+    """An nn.Linear like `old` (bias, dtype) of another shape."""
+    dtype = old.weight.dtype
+    return nn.Linear(in_features, out_features, bias=old.bias is not None, dtype=dtype)
+
+
+def set_widths(model, blocks):
+    """Each block's MLP width and key/value heads as `config.spectra_blocks` lists them
+    (0: the sublayer removed)."""
+    heads = model.config.num_attention_heads
+    for layer, want in zip(model.model.layers, blocks):
+        ffn, kv = want["ffn"], want["kv_heads"]
+        mlp, attn = layer.mlp, layer.self_attn
+        if ffn == 0:
+            layer.mlp = Removed("mlp")
+        elif ffn != mlp.down_proj.in_features:
+            mlp.gate_proj = narrowed(mlp.gate_proj, ffn, mlp.gate_proj.in_features)
+            mlp.up_proj = narrowed(mlp.up_proj, ffn, mlp.up_proj.in_features)
+            mlp.down_proj = narrowed(mlp.down_proj, mlp.down_proj.out_features, ffn)
+        if kv == 0:
+            layer.self_attn = Removed("attention")
+        elif kv * attn.head_dim != attn.k_proj.out_features:
+            attn.k_proj = narrowed(attn.k_proj, kv * attn.head_dim, attn.k_proj.in_features)
+            attn.v_proj = narrowed(attn.v_proj, kv * attn.head_dim, attn.v_proj.in_features)
+            attn.num_key_value_groups = heads // kv
+
+
 class Spectra{base}({base}):
-    """{base} with the modules `config.spectra_compact` names in their compact forms."""
+    """{base} with each block's widths as `config.spectra_blocks` lists them, and the
+    modules `config.spectra_compact` names in their compact forms."""
 
     def __init__(self, config):
         super().__init__(config)
+        blocks = getattr(config, "spectra_blocks", None)
+        if blocks:
+            set_widths(self, blocks)
         for name, spec in (getattr(config, "spectra_compact", None) or {{}}).items():
             parent, _, child = name.rpartition(".")
             owner = self.get_submodule(parent) if parent else self

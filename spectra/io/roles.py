@@ -44,6 +44,13 @@ def role_of(name: str) -> str:
     return "other"
 
 
+def block_prefix(name: str) -> str | None:
+    """The decoder block's own module name within a module name (model.layers.3 of
+    model.layers.3.mlp.up_proj), None outside the blocks."""
+    m = _BLOCK_RE.search(name)
+    return name[: m.end() - 1] if m else None
+
+
 def block_of(name: str) -> int | None:
     """Transformer block index of a module name, None outside the blocks."""
     m = _BLOCK_RE.search(name)

@@ -9,11 +9,12 @@ that always reads calibration has none); a knob a method does not use is None.
 from __future__ import annotations
 
 from compressors.base import config_to_dict
-from compressors.registry import METHODS, make_config
+from compressors.registry import METHODS, make_config, module_methods
 from spectra.errors import SpectraInputError
 from spectra.io.model import Model
 from spectra.plan import format as plans
 from spectra.plan import run
+from spectra.plan.block_plan import heads_of
 
 
 def knobs() -> tuple[str, ...]:
@@ -33,7 +34,7 @@ def method_knobs() -> dict[str, tuple[str, ...]]:
 
 def methods() -> tuple[str, ...]:
     """What a row's method may be: dense, then every registered method."""
-    return ("dense", *METHODS)
+    return ("dense", *module_methods())
 
 
 def default_settings(method: str, m: int, n: int) -> dict:
@@ -95,10 +96,14 @@ def totals(model: Model, layers: dict[str, dict], mats=None) -> dict:
 
     mats = mats if mats is not None else model.matrices
     plan = plans.parse({"layers": layers})
-    return plans.totals(plans.resolve(plan, mats, rank_of=run.energy_ranks(model)))
+    return plans.totals(
+        plans.resolve(plan, mats, rank_of=run.energy_ranks(model), heads=heads_of(model.config))
+    )
 
 
 def layers_from_plan(plan: plans.Plan, mats, model: Model) -> dict[str, dict]:
     """An imported plan (rules and layers) resolved to explicit per-module settings."""
-    entries = plans.resolve(plan, mats, rank_of=run.energy_ranks(model))
+    entries = plans.resolve(
+        plan, mats, rank_of=run.energy_ranks(model), heads=heads_of(model.config)
+    )
     return {e.name: config_to_dict(e.config) for e in entries if e.config is not None}

@@ -19,6 +19,7 @@ from spectra.data.calibration import CalibrationSpec
 from spectra.data.heal import HealConfig, HealError
 from spectra.data.heal import parse as heal_settings
 from spectra.errors import SpectraInputError
+from spectra.plan import block_plan
 
 PLAN_VERSION = 1
 TOP_KEYS = {"version", "model", "calibration", "rules", "layers", "heal", "allocation"}
@@ -79,6 +80,14 @@ class Entry:
     group: str | None = None  # a grouped method's (compressors.registry.groups): the parent
     params_after: int = 0
     bits_after: int = 0
+    width: object | None = None  # the block's block-scope setting (spectra.plan.block_plan)
+    width_source: str | None = None
+    shape_after: tuple[int, int] | None = None  # (out, in) once `width` is applied; (0, 0): gone
+
+    @property
+    def removed(self) -> bool:
+        """Whether the block's setting removes this module."""
+        return self.shape_after == (0, 0)
 
     @property
     def params_before(self) -> int:
@@ -196,15 +205,23 @@ def dumps(plan: Plan, fmt: str = "yaml") -> str:
     return json.dumps(data, indent=2) if fmt == "json" else yaml.safe_dump(data, sort_keys=False)
 
 
-def resolve(plan: Plan, modules, rank_of=None) -> list[Entry]:
-    """Entries for `modules` (objects with name, shape, role): who matches what, and costs.
+def resolve(plan: Plan, modules, rank_of=None, heads=None) -> list[Entry]:
+    """Entries for `modules` (objects with name, shape, role, block): who matches what,
+    and costs.
 
-    `rank_of(name, energy)` gives the rank that keeps `energy` for energy-based settings.
-    Raises PlanError for layers entries naming unknown modules, rules that match
-    nothing, and settings impossible for a module's shape.
+    `rank_of(name, energy)` gives the rank that keeps `energy` for energy-based settings;
+    `heads`: (attention heads, key/value heads) of the model (block_plan.heads_of), which
+    a width `kv_heads` is costed with. Raises PlanError for layers entries naming unknown
+    modules or blocks, rules that match nothing, and settings impossible for a module's
+    or a block's shape.
     """
+    from compressors.registry import is_block_config  # deferred: torch (`spectra --help`)
+
     shapes = {m.name: tuple(m.shape) for m in modules}
-    for name in plan.layers:
+    module_rules = [r for r in plan.rules if not is_block_config(r.config)]
+    for name, config in plan.layers.items():
+        if is_block_config(config):
+            continue  # named a block: block_plan.assign checks it
         if name not in shapes:
             raise PlanError(f"layers.{name}: no such module in this model")
         planned = plan.shapes.get(name)
@@ -213,7 +230,7 @@ def resolve(plan: Plan, modules, rank_of=None) -> list[Entry]:
                 f"layers.{name}: planned for shape {planned[0]}x{planned[1]}, this model's "
                 f"is {shapes[name][0]}x{shapes[name][1]} (a plan made for another model?)"
             )
-    used = {r.where: 0 for r in plan.rules}
+    used = {r.where: 0 for r in module_rules}
     entries = []
     for m in modules:
         entry = Entry(m.name, tuple(m.shape), m.role, m.block, None, None)
@@ -221,7 +238,7 @@ def resolve(plan: Plan, modules, rank_of=None) -> list[Entry]:
             if m.name in plan.layers:
                 entry.source, entry.config = "layers", plan.layers[m.name]
             else:
-                for rule in plan.rules:
+                for rule in module_rules:
                     if rule.matches(m.name):
                         entry.source, entry.config = rule.where, rule.config
                         used[rule.where] += 1
@@ -232,8 +249,13 @@ def resolve(plan: Plan, modules, rank_of=None) -> list[Entry]:
             rule = next(r for r in plan.rules if r.where == where)
             targets = [p.text for p in rule.targets]
             raise PlanError(f"{where}.targets: {targets} match no module of this model")
+    block_plan.assign(plan, entries, heads, _raise)
     _cost(entries, rank_of)
     return entries
+
+
+def _raise(message: str):
+    raise PlanError(message)
 
 
 def totals(entries: list[Entry]) -> dict:
@@ -241,7 +263,7 @@ def totals(entries: list[Entry]) -> dict:
     linear = [e for e in entries if e.role not in NOT_TARGETABLE]
     out = dict(
         modules=len(linear),
-        compressed=sum(e.config is not None for e in linear),
+        compressed=sum(e.config is not None or e.width is not None for e in linear),
         params_before=sum(e.params_before for e in linear),
         params_after=sum(e.params_after for e in linear),
         bits_before=sum(e.bits_before for e in linear),
@@ -255,20 +277,27 @@ def totals(entries: list[Entry]) -> dict:
 
 
 def _cost(entries, rank_of):
-    from compressors.registry import METHODS, groups  # deferred: torch (`spectra --help`)
+    from compressors.base import DENSE_BITS  # deferred: torch (`spectra --help`)
+    from compressors.registry import METHODS, groups
 
     together = []
+    for e in entries:
+        if e.removed:
+            e.config = None  # nothing of it is left to compress
     for unit in groups(entries, lambda e: e.config and e.config.method, lambda e: e.source):
+        if unit[0].removed:
+            unit[0].params_after = unit[0].bits_after = 0
+            continue
         if unit[0].config is not None and METHODS[unit[0].config.method].grouped:
             for e in unit:
                 e.group = e.name.rsplit(".", 1)[0]
             together.append(unit)
             continue
         e = unit[0]
+        m, n = e.shape_after or e.shape
         if e.config is None:
-            e.params_after, e.bits_after = e.params_before, e.bits_before
+            e.params_after, e.bits_after = m * n, DENSE_BITS * m * n
         else:
-            m, n = e.shape
             _check(e, e.config.check_shape, m, n)
             energy = getattr(e.config, "energy", None)  # sized from the spectrum
             if energy is not None and getattr(e.config, "rank", None) is None:
@@ -277,21 +306,23 @@ def _cost(entries, rank_of):
                         f"{e.name}: {e.config.method} energy={energy} needs the "
                         "model's spectra to be costed"
                     )
-                e.params_after, e.bits_after = e.config.cost(m, n, rank_of(e.name, energy))
+                rank = min(rank_of(e.name, energy), m, n)  # a narrowed module's shape caps it
+                e.params_after, e.bits_after = e.config.cost(m, n, rank)
             else:
                 e.params_after, e.bits_after = e.config.cost(m, n)
     for members in together:
         parent = members[0].name.rsplit(".", 1)[0]
-        n = members[0].shape[1]
         config = members[0].config
-        if any(x.shape[1] != n for x in members):
-            shapes = {x.name: x.shape for x in members}
+        now = [x.shape_after or x.shape for x in members]
+        n = now[0][1]
+        if any(s[1] != n for s in now):
+            shapes = {x.name: s for x, s in zip(members, now, strict=True)}
             raise PlanError(
                 f"{parent}: {config.method} members must read the same input size, got {shapes}"
             )
-        total_m = sum(x.shape[0] for x in members)
+        total_m = sum(s[0] for s in now)
         _check(members[0], config.check_shape, total_m, n)
-        costs = METHODS[config.method].member_costs(config, [x.shape for x in members])
+        costs = METHODS[config.method].member_costs(config, now)
         for x, (p, b) in zip(members, costs, strict=True):
             x.params_after, x.bits_after = p, b
 

@@ -22,6 +22,7 @@ from spectra.io import cache
 from spectra.io.model import Model
 from spectra.linalg.metrics import energy_rank
 from spectra.linalg.svd import singular_values
+from spectra.plan.block_plan import heads_of
 from spectra.plan.format import Entry, Plan, PlanError, resolve
 
 
@@ -65,7 +66,7 @@ def apply(
     from compressors import apply as applying  # deferred: torch
 
     t0 = time.perf_counter()
-    needs_data = any(e.config is not None and applying.needs_data(e.config) for e in entries)
+    needs_data = any(applying.needs_data(e.config) or applying.needs_data(e.width) for e in entries)
     # a data-free plan needs no tokenizer; OUT then has none either
     tokenizer = model.tokenizer() if needs_data or model.has_tokenizer() else None
     surgery = functools.partial(
@@ -114,7 +115,12 @@ def apply_plan(
     from compressors import apply as applying  # deferred: torch (`spectra --help`)
 
     targets = applying.linear_targets(model)
-    entries = resolve(plan, [t for t, _ in targets.values()], rank_of or weight_ranks(targets))
+    entries = resolve(
+        plan,
+        [t for t, _ in targets.values()],
+        rank_of or weight_ranks(targets),
+        heads=heads_of(model.config),
+    )
     try:
         return applying.apply(
             model,
@@ -172,4 +178,7 @@ def plan_key(entries) -> str:
     """A hash of resolved settings: what a sequential calibration's Grams depend on."""
     from compressors.base import config_to_dict
 
-    return cache.key([(e.name, config_to_dict(e.config)) for e in entries if e.config is not None])
+    return cache.key(
+        [(e.name, config_to_dict(e.config)) for e in entries if e.config is not None]
+        + [(e.name, config_to_dict(e.width)) for e in entries if e.width is not None]
+    )

@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from compressors.base import DENSE_BITS, Calibration, ConfigError, config_to_dict
-from compressors.registry import METHODS, compress, make_config
+from compressors.registry import compress, make_config, module_methods
 from spectra.linalg import mpo
 
 M, N = 48, 40
@@ -76,10 +76,10 @@ def weight(seed=0):
 
 
 def test_every_method_has_a_ladder():
-    assert set(LADDERS) == set(METHODS)
+    assert set(LADDERS) == set(module_methods())  # width: tests/compressors/test_width.py
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", sorted(module_methods()))
 def test_contract(method):
     w = weight()
     before = w.clone()
@@ -112,7 +112,7 @@ def test_contract(method):
     assert errors[0] > errors[1] > errors[2], errors
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", sorted(module_methods()))
 def test_config_round_trips_through_json_and_yaml(method):
     config = make_config(method, **LADDERS[method][1])
     d = config_to_dict(config)

@@ -14,15 +14,27 @@ import yaml
 from compressors import lowrank
 from compressors.base import config_to_dict
 from compressors.method import Knob, Method
-from compressors.registry import METHODS, make_config, register
+from compressors.registry import METHODS, make_config, module_methods, register
 from spectra.io.model import open_model
 from spectra.plan import run
 
 ALL = list(METHODS)
+MODULE = list(module_methods())  # those a plan applies to linear modules
 
 
 def test_methods_in_display_order():
-    assert ALL == ["lowrank", "joint", "losparse", "caldera", "mpo", "quant", "prune"]
+    assert ALL == ["lowrank", "joint", "losparse", "caldera", "mpo", "quant", "prune", "width"]
+    assert MODULE == ALL[:-1] and METHODS["width"].scope == "block"
+
+
+def test_width_reads_calibration_only_where_it_chooses_with_it():
+    m = METHODS["width"]
+    assert m.needs_data(make_config("width", ffn=8)) and m.needs_data(
+        make_config("width", kv_heads=1)
+    )
+    assert not m.needs_data(make_config("width", ffn=8, select="norm"))
+    assert not m.needs_data(make_config("width", skip="block", ffn=8))
+    assert not m.needs_data(make_config("width"))
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -35,7 +47,7 @@ def test_knobs_are_the_config_fields_with_their_defaults(name):
         assert k.help and "\n" not in k.help
         assert k.default == fields[k.name], k.name
         assert (k.kind == "choice") == bool(k.choices), k.name
-    assert (m.data == "required") == (m.switch is None)
+    assert (m.data == "required") == (m.switch is None) or m.reads_data is not None
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -68,7 +80,7 @@ def test_every_method_is_in_plan_auto_help_and_choices(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["plan", "auto", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for name in (*ALL, "mixed"):
+    for name in (*MODULE, "mixed"):
         assert name in auto_methods()
         assert name in text
 
@@ -79,9 +91,10 @@ def test_every_method_is_in_the_app_menus_and_widgets():
     from spectra.plan import edit as pe
     from spectra.plan.grid import auto_methods
 
-    assert set(ALL) <= set(pe.methods()) and set(ALL) <= set(auto_methods())
+    assert set(MODULE) <= set(pe.methods()) and set(MODULE) <= set(auto_methods())
+    assert "width" not in pe.methods()  # a module's menu: width names blocks
     shown = pe.method_knobs()
-    for name in ALL:
+    for name in MODULE:
         m = METHODS[name]
         assert set(shown[name]) <= set(pe.knobs())
         assert ("calibrated" in shown[name]) == (m.switch is not None)

@@ -1,0 +1,179 @@
+"""`method: width` through the plan, apply (resident and streamed), OUT and the exports:
+real tiny checkpoints with a tokenizer, the exported models read back by plain
+transformers in a fresh process that never imports spectra."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from spectra.cli import main
+
+IDS = list(range(2, 60))
+BLOCKS = r"re:model\.layers\.\d+"
+UNIFORM = {
+    "rules": [
+        {"targets": [BLOCKS], "method": "width", "ffn": 40, "kv_heads": 1},
+        # GPTQ reads down_proj's Gram on the kept neurons, o_proj's on the heads' new order
+        {"targets": [r"re:.*(down|o)_proj"], "method": "quant", "bits": 4, "gptq": True},
+    ]
+}
+PER_BLOCK = {
+    "layers": {
+        "model.layers.0": {"method": "width", "ffn": 24, "select": "norm", "skip": "attention"},
+        "model.layers.1": {"method": "width", "skip": "block"},
+    },
+    "rules": [{"targets": [r"re:.*up_proj"], "method": "lowrank", "rank": 8}],
+}
+
+READ_BACK = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(
+    sys.argv[1], dtype=torch.float32, trust_remote_code=sys.argv[3] == "remote"
+).eval()
+with torch.no_grad():
+    logits = model(torch.tensor([IDS])).logits
+assert "spectra" not in sys.modules and "compressors" not in sys.modules
+torch.save({"logits": logits, "class": type(model).__name__}, sys.argv[2])
+""".replace("IDS", str(IDS))
+
+
+def write_plan(tmp_path, data, name="plan.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def read_back(tmp_path, path, remote: bool):
+    script = tmp_path / "read_back.py"
+    script.write_text(READ_BACK)
+    out = tmp_path / "logits.pt"
+    args = [sys.executable, str(script), str(path), str(out), "remote" if remote else "plain"]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return torch.load(out)
+
+
+def ours(out):
+    import spectra
+
+    with torch.no_grad():
+        return spectra.load_compressed(out)(torch.tensor([IDS])).logits
+
+
+def linear_params(path) -> int:
+    """Elements of every linear weight of an exported plain checkpoint (embeddings out)."""
+    from safetensors import safe_open
+
+    total = 0
+    for f in path.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as s:
+            for k in s.keys():
+                if k.endswith("_proj.weight") or k == "lm_head.weight":
+                    shape = s.get_slice(k).get_shape()
+                    total += shape[0] * shape[1]
+    return total
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_a_uniform_width_plan_exports_the_models_own_smaller_architecture(
+    family, family_dir, tmp_path, capsys
+):
+    """plan show counts what the export holds; resident and streamed apply agree; the hf
+    export is a plain config (no remote code) whose logits are OUT's."""
+    model, plan = family_dir(family), write_plan(tmp_path, UNIFORM)
+    assert main(["plan", "show", plan, "--model", model, "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    rows = {r["module"]: r for r in shown["modules"]}
+    assert rows["model.layers.0.mlp.gate_proj"]["shape"] == "96x64 -> 40x64"
+    assert rows["model.layers.1.self_attn.k_proj"]["shape"] == "32x64 -> 16x64"
+    assert rows["model.layers.1.mlp.down_proj"]["method"].startswith("width(ffn=40, kv_heads=1)")
+    outs = {}
+    for off in ("none", "disk"):
+        outs[off] = tmp_path / f"out-{off}"
+        assert main(["apply", plan, "--model", model, "-o", outs[off], "--offload", off]) == 0
+        manifest = json.loads((outs[off] / "manifest.json").read_text())
+        assert manifest["blocks"] == [{"ffn": 40, "kv_heads": 1}] * 2
+    torch.testing.assert_close(ours(outs["disk"]), ours(outs["none"]), rtol=0, atol=1e-5)
+    dest = tmp_path / "hf"
+    assert main(["export", outs["disk"], "--format", "hf", "-o", dest, "--json"]) == 0
+    capsys.readouterr()
+    config = json.loads((dest / "config.json").read_text())
+    assert (config["intermediate_size"], config["num_key_value_heads"]) == (40, 1)
+    assert "auto_map" not in config and not (dest / "spectra_modeling.py").exists()
+    assert linear_params(dest) == shown["totals"]["params_after"]
+    got = read_back(tmp_path, dest, remote=False)
+    assert got["class"] == ("LlamaForCausalLM" if family == "llama" else "Qwen2ForCausalLM")
+    want = ours(outs["none"])
+    assert float((got["logits"] - want).abs().max() / want.abs().max()) < 1e-5
+
+
+def test_per_block_widths_export_with_the_projects_modeling_file(family_dir, tmp_path, capsys):
+    """A removed attention and a skipped block: OUT equals the narrowed model, the hf
+    export (its own modeling file) equals OUT, and formats that need one width refuse."""
+    model, plan = family_dir("llama"), write_plan(tmp_path, PER_BLOCK)
+    out = tmp_path / "out"
+    assert main(["apply", plan, "--model", model, "-o", out]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["blocks"] == [{"ffn": 24, "kv_heads": 0}, {"ffn": 0, "kv_heads": 0}]
+    import spectra
+
+    loaded = spectra.load_compressed(out)
+    x = torch.tensor([IDS])
+    with torch.no_grad():  # the skipped block is the identity, the removed attention adds 0
+        h = loaded.model.embed_tokens(x)
+        layer = loaded.model.layers[0]
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+        want = loaded.lm_head(loaded.model.norm(h))
+    torch.testing.assert_close(loaded(x).logits, want, rtol=0, atol=1e-5)
+    dest = tmp_path / "hf"
+    assert main(["export", out, "--format", "hf", "-o", dest, "--json"]) == 0
+    capsys.readouterr()
+    config = json.loads((dest / "config.json").read_text())
+    assert config["num_hidden_layers"] == 1 and config["spectra_blocks"] == [
+        {"ffn": 24, "kv_heads": 0}
+    ]
+    got = read_back(tmp_path, dest, remote=True)
+    assert float((got["logits"] - want).abs().max() / want.abs().max()) < 1e-5
+    for fmt, off in (("gguf", "none"), ("compressed-tensors", "none"), ("hf", "disk")):
+        dest = tmp_path / f"{fmt}-{off}"
+        code = main(["export", out, "--format", fmt, "-o", dest, "--offload", off])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and "width" in err[0], err
+        assert not dest.exists()
+
+
+@pytest.mark.parametrize(
+    "layers,message",
+    [
+        ({"model.layers.1": {"method": "width", "ffn": 97}}, "model.layers.1: width ffn=97"),
+        ({"model.layers.0": {"method": "width", "kv_heads": 3}}, "must divide the block's 2"),
+        (
+            {f"model.layers.{i}": {"method": "width", "skip": "block"} for i in range(2)},
+            "skip=block on every block",
+        ),
+        ({"model.layers.0.mlp": {"method": "width", "ffn": 8}}, "no decoder block"),
+        ({"model.layers.0": {"method": "width", "ffn": 0}}, "ffn"),
+    ],
+)
+def test_impossible_widths_exit_2_naming_the_block(layers, message, family_dir, tmp_path, cli):
+    plan = write_plan(tmp_path, {"layers": layers})
+    out = tmp_path / "out"
+    for args in (["plan", "show", plan], ["apply", plan, "-o", out]):
+        r = cli(*args, "--model", family_dir("llama"))
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and message in lines[0], r.stderr
+    assert not out.exists()
+
+
+def test_width_refuses_an_mlp_that_is_not_gated(family_dir, tmp_path, cli):
+    plan = write_plan(
+        tmp_path, {"rules": [{"targets": [r"re:.*\.h\.\d+"], "method": "width", "ffn": 8}]}
+    )
+    r = cli("apply", plan, "--model", family_dir("gpt2"), "-o", tmp_path / "out")
+    assert r.returncode == 2 and "gated MLP" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
