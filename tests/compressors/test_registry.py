@@ -24,7 +24,7 @@ MODULE = list(module_methods())  # those a plan applies to linear modules
 
 def test_methods_in_display_order():
     assert ALL == ["lowrank", "joint", "losparse", "caldera", "mpo", "quant", "prune", "width"]
-    assert MODULE == ALL[:-1] and METHODS["width"].scope == "block"
+    assert ALL[:-1] == MODULE and METHODS["width"].scope == "block"
 
 
 def test_width_reads_calibration_only_where_it_chooses_with_it():
