@@ -70,7 +70,9 @@ class WidthConfig:
             raise config_error("width", "select", self.select, f"one of {', '.join(SELECTS)}")
 
 
-def greedy_neurons(down: torch.Tensor, hessian: torch.Tensor, k: int) -> torch.Tensor:
+def greedy_neurons(
+    down: torch.Tensor, hessian: torch.Tensor, k: int, gains: list | None = None
+) -> torch.Tensor:
     """The k intermediate neurons (sorted indices) that, refit, best reproduce
     down_proj's output: greedy on ||W_down R[:, j]||^2 / R[j, j], R the Schur complement
     of H on the neurons kept so far (float64). One in-place rank-one update of R
@@ -78,7 +80,9 @@ def greedy_neurons(down: torch.Tensor, hessian: torch.Tensor, k: int) -> torch.T
     takes 18 s to start and 0.37 s per neuron kept (about an hour for 10,000; a
     blocked form is still to find). Choosing many at once from a pool of the best gains was
     tried and kept neurons that the first choice already explained: the gains of
-    correlated neurons fall together."""
+    correlated neurons fall together. `gains`, a list, receives each step's reduction of
+    the residual, so that residual(j) = trace(W_down H W_down^T) - sum(gains[:j]) for
+    every j <= k (plan auto's damage curve from one run)."""
     r = hessian.detach().to(torch.float64).clone()
     w = down.detach().to(torch.float64)
     g = w @ r  # W_down R, updated with R
@@ -95,7 +99,11 @@ def greedy_neurons(down: torch.Tensor, hessian: torch.Tensor, k: int) -> torch.T
         if gain[j] < 0:  # the rest are explained: any unkept neurons complete the set
             rest = torch.nonzero(~kept).flatten()[: k - len(order)]
             order.extend(int(i) for i in rest)
+            if gains is not None:
+                gains.extend([0.0] * len(rest))
             break
+        if gains is not None:
+            gains.append(float(gain[j]))
         col = r[:, j].clone()
         pivot = col[j]
         r.addr_(col, col, alpha=-1 / float(pivot))  # in place: no n x n temporary

@@ -177,3 +177,63 @@ def test_width_refuses_an_mlp_that_is_not_gated(family_dir, tmp_path, cli):
     r = cli("apply", plan, "--model", family_dir("gpt2"), "-o", tmp_path / "out")
     assert r.returncode == 2 and "gated MLP" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_plan_auto_width_meets_the_budget_and_loss_beats_uniform(family_dir, tmp_path, capsys):
+    """Each allocation keeps at most the target and plan show counts what it says; the
+    calibrated allocation's predicted damage is at most uniform's; erank orders widths
+    as the blocks' effective ranks."""
+    from compressors.width import greedy_neurons
+    from spectra.data import calibration
+    from spectra.io.model import open_model
+
+    model_dir = family_dir("llama")
+    plans = {}
+    for how in ("uniform", "erank", "loss"):
+        out = tmp_path / f"{how}.yaml"
+        args = ["plan", "auto", model_dir, "--method", "width", "--allocate", how]
+        assert main([*args, "--target-params", "0.85", "-o", out, "--json"]) == 0
+        said = json.loads(capsys.readouterr().out)
+        assert said["params_ratio"] <= 0.85
+        assert main(["plan", "show", out, "--model", model_dir, "--json"]) == 0
+        shown = json.loads(capsys.readouterr().out)["totals"]
+        assert shown["params_ratio"] == pytest.approx(said["params_ratio"], abs=1e-12)
+        plans[how] = yaml.safe_load(out.read_text())
+    widths = {how: p["allocation"]["widths"] for how, p in plans.items()}
+    assert len(set(widths["uniform"].values())) == 1
+    erank = plans["erank"]["allocation"]["erank"]
+    names = sorted(erank, key=erank.get)
+    assert [widths["erank"][n] for n in names] == sorted(widths["erank"][n] for n in names)
+    model = open_model(model_dir)
+    grams = calibration.cached(model, calibration.for_model(model, tokens=4096))
+
+    def damage(chosen):  # the greedy residual each block's chosen width leaves
+        total = 0.0
+        for name, k in chosen.items():
+            block = int(name.rsplit(".", 1)[1])
+            h = grams[block][f"{name}.mlp.down_proj"][0].double()
+            w = torch.from_numpy(model.matrix(f"{name}.mlp.down_proj").read()).double()
+            gains: list = []
+            greedy_neurons(w, h, k, gains)
+            total += float(torch.einsum("ij,jk,ik->", w, h, w)) - sum(gains)
+        return total
+
+    assert damage(widths["loss"]) <= damage(widths["uniform"]) * (1 + 1e-9)
+    assert sum(plans["loss"]["allocation"]["damage"].values()) == pytest.approx(
+        damage(widths["loss"]), rel=1e-6
+    )
+
+
+def test_plan_auto_width_refuses_what_it_cannot_do(family_dir, tmp_path, cli):
+    for args, message in (
+        (["--allocate", "alpha"], "with --method width one of"),
+        (["--target-params", "0.05"], "at least 32 neurons"),
+        (["--target-bits", "4"], "--target-bits with --method width"),
+    ):
+        out = tmp_path / "p.yaml"
+        r = cli("plan", "auto", family_dir("llama"), "--method", "width", *args, "-o", out)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and message in lines[0], r.stderr
+        assert not out.exists()
+    r = cli("plan", "auto", family_dir("gpt2"), "--method", "width", "-o", tmp_path / "g.yaml")
+    assert r.returncode == 2 and "gated MLP" in r.stderr

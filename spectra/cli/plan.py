@@ -73,6 +73,8 @@ def cmd_plan_auto(args) -> int:
     check_out_path(args.out, (".yaml", ".yml", ".json"))
     if args.target_params is None and args.target_bits is None:
         args.target_params = DEFAULT_TARGET_PARAMS
+    if args.method == "width":
+        return _plan_auto_width(args)
     floors = autoplan.parse_floors(args.min_rank, args.min_bits, args.keep_dense, args.preset)
     strategy = Strategy(args.allocate, args.alpha_e, args.owl_band)  # bad knobs: exit 2
     # loaded (streamed where it must be) only if a damage is scored on it
@@ -134,6 +136,53 @@ def cmd_plan_auto(args) -> int:
         f"(budget {'params' if s['key'] == 'params' else 'bits'} "
         f"{s['spent']:,} of {s['budget']:,}); predicted damage {s['predicted_damage']:.4g} "
         f"({what}); {s['seconds']['total']:.1f} s"
+    )
+    return 0
+
+
+def _plan_auto_width(args) -> int:
+    """`plan auto --method width`: each block's MLP width (spectra.plan.width_auto), on the
+    model's newest calibration (or a first small one); uniform without one is data-free."""
+    from spectra.plan import width_auto
+    from spectra.plan.defaults import FIRST_CALIB_TOKENS
+
+    if args.target_bits is not None:
+        raise SpectraInputError("--target-bits with --method width: width sets parameters")
+    model = open_model(args.model, args.device, args.dtype, args.offload)
+    # an unsupported architecture or budget: refused before calibrating
+    width_auto.check(model, args.target_params, args.allocate)
+    grams = None
+    if args.sensitivity != "none":
+        found = calibration.latest(model)
+        try:
+            spec = (
+                found.settings
+                if found is not None
+                else calibration.for_model(model, tokens=args.tokens or FIRST_CALIB_TOKENS)
+            )
+            with progress_bar("calibrating", unit="block") as progress:
+                grams = calibration.calibrate(model, spec, progress=progress)
+        except SpectraInputError:
+            if args.allocate != "uniform":
+                raise
+    with progress_bar(f"width ({args.allocate})", unit="block") as progress:
+        plan, facts = width_auto.width_plan(
+            model, args.target_params, args.allocate, grams, progress=progress
+        )
+    fmt = "json" if args.out.suffix.lower() == ".json" else "yaml"
+    body = plans.dumps(plan, fmt)
+    if fmt == "yaml":
+        body = f"# {shlex.join(['spectra', *args.argv])}\n" + body
+    with cache.atomic_path(args.out) as tmp:
+        tmp.write_text(body)
+    summary = dict(out=str(args.out), **{k: facts[k] for k in ("allocate", "params_ratio")})
+    summary["blocks_narrowed"] = len(plan.layers)
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    print(
+        f"{args.out}: {len(plan.layers)} blocks narrowed by width ({args.allocate}); "
+        f"linear parameters kept {facts['params_ratio']:.1%}; {facts['seconds']:.1f} s"
     )
     return 0
 

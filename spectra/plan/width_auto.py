@@ -1,0 +1,193 @@
+"""`spectra plan auto --method width`: each decoder block's MLP width for a parameter
+budget (`--target-params`: the fraction of the linear parameters kept).
+
+Three ways to share the budget among blocks, each rounded to a multiple of
+`multiple` neurons (32: what GGUF's quantized row blocks need):
+
+- `loss` (the default): the least calibrated damage. A block's damage at k neurons is
+  the residual ||W_down (Z - P_S Z)^T||_F^2 left by the greedy choice of k neurons
+  with the refit (compressors.width.greedy_neurons): the error its MLP adds to the
+  residual stream, summed over the calibration tokens. One greedy run gives the whole
+  curve of a block; the convex-hull Lagrangian of spectra.plan.allocate shares the
+  budget.
+- `uniform`: one width in every block.
+- `erank`: each block's width proportional to the effective rank of its intermediate
+  activation spectrum (the singular values of Z, the square roots of H's
+  eigenvalues), scaled to the budget.
+
+Only `ffn` is allocated; key/value heads and skipped sublayers are set by hand.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+
+from spectra.errors import SpectraInputError
+from spectra.plan.allocate import Candidate, Unit, allocate
+from spectra.plan.block_plan import blocks
+
+ALLOCATE = ("loss", "uniform", "erank")
+MULTIPLE = 32
+
+
+def mlp_blocks(mats) -> list[dict]:
+    """Every block's MLP as allocation sees it: name, neurons, parameters per neuron."""
+    out = []
+    for name, members in blocks(mats).items():
+        roles = {m.role: m for m in members}
+        if not all(r in roles for r in ("gate", "up", "down")):
+            raise SpectraInputError(
+                f"{name}: width needs a gated MLP (gate, up and down projections)"
+            )
+        per = roles["gate"].shape[1] + roles["up"].shape[1] + roles["down"].shape[0]
+        out.append(dict(name=name, down=roles["down"].name, n=roles["down"].shape[1], per=per))
+    return out
+
+
+def widths(n: int, multiple: int) -> list[int]:
+    """The widths offered a block of n neurons: multiples of `multiple`, and n."""
+    return sorted({*range(multiple, n, multiple), n})
+
+
+def allocate_widths(model, target: float, how: str, grams=None, multiple: int = MULTIPLE,
+                    progress=None) -> tuple[dict[str, int], dict]:  # fmt: skip
+    """({block name: MLP width}, facts) meeting `target` (fraction of linear parameters
+    kept) by `how` (ALLOCATE); `grams`: the calibration, read a block at a time (loss
+    and erank)."""
+    mlps, total, fixed, budget = check(model, target, how, multiple)
+    t0 = time.perf_counter()
+    facts: dict = {"allocate": how, "multiple": multiple}
+    if how == "uniform":
+        common = sorted({w for b in mlps for w in widths(b["n"], multiple)})
+        fit = [w for w in common if sum(b["per"] * min(w, b["n"]) for b in mlps) <= budget]
+        chosen = {b["name"]: min(fit[-1], b["n"]) for b in mlps}
+    elif how == "erank":
+        ranks = _eranks(mlps, grams, progress)
+        facts["erank"] = {b["name"]: round(r, 1) for b, r in zip(mlps, ranks, strict=True)}
+        chosen = _scaled(mlps, ranks, budget, multiple)
+    else:
+        units = _loss_units(model, mlps, grams, multiple, progress)
+        picked = allocate(units, budget, "params")
+        chosen = {u.names[0]: c.config for u, c in zip(units, picked, strict=True)}
+        facts["damage"] = {u.names[0]: c.damage for u, c in zip(units, picked, strict=True)}
+    kept = fixed + sum(b["per"] * chosen[b["name"]] for b in mlps)
+    facts.update(params_ratio=kept / total, seconds=round(time.perf_counter() - t0, 2))
+    return chosen, facts
+
+
+def check(model, target: float, how: str, multiple: int = MULTIPLE):
+    """(MLPs, linear parameters, those outside the MLPs, the MLPs' budget); a setting
+    that cannot be met is an input error, raised before anything is computed."""
+    if how not in ALLOCATE:
+        raise SpectraInputError(
+            f"--allocate {how!r}: with --method width one of {', '.join(ALLOCATE)}"
+        )
+    if not 0 < target <= 1:
+        raise SpectraInputError(f"--target-params {target}: must be in (0, 1]")
+    mats = [m for m in model.matrices if m.role != "embed"]
+    mlps = mlp_blocks(mats)
+    total = sum(m.shape[0] * m.shape[1] for m in mats)
+    fixed = total - sum(b["per"] * b["n"] for b in mlps)
+    budget = int(target * total) - fixed  # parameters the MLPs may keep
+    least = sum(b["per"] * min(multiple, b["n"]) for b in mlps)
+    if budget < least:
+        raise SpectraInputError(
+            f"--target-params {target}: width keeps at least {multiple} neurons per MLP, "
+            f"{(fixed + least) / total:.3f} of the linear parameters"
+        )
+    return mlps, total, fixed, budget
+
+
+def _need(grams, how: str):
+    if grams is None:
+        raise SpectraInputError(f"--allocate {how} with --method width needs a calibration")
+    return grams
+
+
+def _block_index(name: str) -> int:
+    return int(name.rsplit(".", 1)[1])
+
+
+def _eranks(mlps, grams, progress) -> list[float]:
+    import torch
+
+    grams = _need(grams, "erank")
+    out = []
+    for i, b in enumerate(mlps):
+        h = grams[_block_index(b["name"])][b["down"]][0].to(torch.float64)
+        s = torch.linalg.eigvalsh(h).clamp_min(0).sqrt().numpy()
+        p = s / s.sum()
+        p = p[p > 0]
+        out.append(float(np.exp(-(p * np.log(p)).sum())))
+        if progress:
+            progress(i + 1, len(mlps), b["name"])
+    return out
+
+
+def _scaled(mlps, ranks, budget: int, multiple: int) -> dict[str, int]:
+    """Widths proportional to `ranks`, the largest scale that fits the budget."""
+
+    def at(scale: float) -> dict[str, int]:
+        out = {}
+        for b, r in zip(mlps, ranks, strict=True):
+            w = max(multiple, math.floor(scale * r / multiple) * multiple)
+            out[b["name"]] = b["n"] if w >= b["n"] else w
+        return out
+
+    def cost(got) -> int:
+        return sum(b["per"] * got[b["name"]] for b in mlps)
+
+    lo, hi = 0.0, max(b["n"] / max(r, 1e-9) for b, r in zip(mlps, ranks, strict=True)) * 2
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cost(at(mid)) <= budget else (lo, mid)
+    return at(lo)
+
+
+def _loss_units(model, mlps, grams, multiple: int, progress) -> list[Unit]:
+    """One allocation unit per block: its widths, each with the greedy residual."""
+    import torch
+
+    from compressors.width import greedy_neurons
+
+    grams = _need(grams, "loss")
+    units = []
+    for i, b in enumerate(mlps):
+        block = grams[_block_index(b["name"])]
+        h = block[b["down"]][0]
+        down = torch.from_numpy(model.matrix(b["down"]).read())
+        gains: list[float] = []
+        greedy_neurons(down, h, b["n"], gains)
+        w = down.to(torch.float64)
+        start = float(torch.einsum("ij,jk,ik->", w, h.to(torch.float64), w))
+        left = start - np.concatenate([[0.0], np.cumsum(gains)])
+        cands = [
+            Candidate(k, b["per"] * k, 16 * b["per"] * k, max(float(left[k]), 0.0))
+            for k in widths(b["n"], multiple)
+        ]
+        units.append(Unit((b["name"],), cands, b["per"] * b["n"], "mlp"))
+        if progress:
+            progress(i + 1, len(mlps), b["name"])
+    return units
+
+
+def width_plan(model, target: float, how: str, grams=None, multiple: int = MULTIPLE,
+               progress=None):  # fmt: skip
+    """(plan, facts): `allocate_widths` written as a plan of `layers` block entries
+    (a block kept whole has none), on the calibration it was scored on."""
+    from compressors.registry import make_config
+    from spectra.plan.format import Plan
+
+    chosen, facts = allocate_widths(model, target, how, grams, multiple, progress)
+    full = {b["name"]: b["n"] for b in mlp_blocks(model.matrices)}
+    layers = {
+        name: make_config("width", ffn=k, select="greedy" if grams is not None else "norm")
+        for name, k in chosen.items()
+        if k < full[name]
+    }
+    record = dict(facts, strategy="width", widths=chosen)
+    calib = grams.settings if grams is not None else Plan().calibration
+    return Plan(model=str(model), calibration=calib, layers=layers, allocation=record), facts
