@@ -150,10 +150,26 @@ def quality_plans(model) -> dict[str, dict]:
         out[f"prune-{kind}-2:4"] = per_module(
             model, lambda m, n, k=knobs: dict(method="prune", pattern="2:4", **k)
         )
+    for ratio in WIDTH_RATIOS:  # width beside whitened low rank at the same parameters
+        tag = f"{int(ratio * 100)}%"
+        if f"lowrank-whiten-{tag}" not in out:
+            out[f"lowrank-whiten-{tag}"] = per_module(
+                model,
+                lambda m, n, r=ratio: dict(method="lowrank", rank=rank_for(m, n, r), whiten=True),
+            )
+        for how in ("uniform", "loss", "erank"):  # made when selected: they read the calibration
+            out[f"width-{how}-{tag}"] = lambda r=ratio, h=how: width_plan(r, h)
     for name in SEQUENTIAL:  # the same plan, each block calibrated on the compressed ones
         out[f"{name}-seq"] = dict(out[name], calibration=dict(CALIB, sequential=True))
     for name in HEALED:  # the same plan, then healed
         out[f"{name}+heal"] = dict(out[name], heal=HEAL)
+    for name in HEALED_WIDTH:  # width's rows and their low-rank reference, on the 96 steps
+        raw = out[name]
+        out[f"{name}+heal96"] = (
+            (lambda raw=raw: dict(raw(), heal=HEAL_96))
+            if callable(raw)
+            else dict(raw, heal=HEAL_96)
+        )
     for name in HEALED_LONG:  # the same plan, healed six times longer
         out[f"{name}+heal{HEAL_LONG['steps']}"] = dict(out[name], heal=HEAL_LONG)
     for name in HEALED_FLOAT:  # quantized factors trained in float, rounded at the end
@@ -226,6 +242,25 @@ HEALED = (
     "mpo-whiten-k2-30%-4bit",
     "caldera-e8p-r32",
 )
+
+
+# width (issue 44) at 90%, 80% and 70% of the linear parameters (on the demo, whose
+# embedding is tied, the block parameters): uniform, allocated on the calibrated loss,
+# by erank; beside whitened low rank at the same parameters; the 80% rows healed 96 steps
+WIDTH_RATIOS = (0.9, 0.8, 0.7)
+HEALED_WIDTH = ("width-uniform-80%", "width-loss-80%")  # low rank: lowrank-whiten-80%+heal96-lr1e-5
+
+
+def width_plan(ratio: float, how: str) -> dict:
+    """`plan auto --method width --allocate HOW --target-params RATIO` on the demo."""
+    from spectra.data import calibration
+    from spectra.plan import format as plans
+    from spectra.plan import width_auto
+
+    demo = open_model("demo")
+    grams = calibration.calibrate(demo, calibration.CalibrationSpec(**CALIB))
+    plan, _ = width_auto.width_plan(demo, ratio, how, grams)
+    return dict(plans.to_dict(plan), model="demo", calibration=CALIB)
 
 
 # data-aware rows also run with sequential calibration (GPTQ, Wanda, SparseGPT: bench_peers)
@@ -423,6 +458,7 @@ def main() -> None:
     from spectra.io import models
     from spectra.plan import format as plans
     from spectra.plan import run
+    from spectra.plan.block_plan import heads_of
 
     started = time.perf_counter()
     device = models.resolve_device(args.device)
@@ -441,7 +477,9 @@ def main() -> None:
         curve_ref = ev.perplexity(model, tok, ids=ids, max_tokens=HEAL["eval_tokens"])
         results["dense"]["ppl_heal_eval"] = curve_ref.ppl  # what the curves' points see
     selected = {
-        n: raw for n, raw in quality_plans(model).items() if not args.only or n in args.only
+        n: raw() if callable(raw) else raw  # width's: allocated only when selected
+        for n, raw in quality_plans(model).items()
+        if not args.only or n in args.only
     }
     kept = None  # (plan key, {"c": model, "f": facts} copied before healing, reports, s, row)
     for i, (name, raw) in enumerate(selected.items()):
@@ -449,8 +487,8 @@ def main() -> None:
             print(f"{name}: not started (past --deadline)", flush=True)
             continue
         plan = plans.parse(raw)
-        entries = plans.resolve(plan, linears(model))
-        data = any(e.config is not None and needs_data(e.config) for e in entries)
+        entries = plans.resolve(plan, linears(model), heads=heads_of(model.config))
+        data = any(needs_data(e.config) or needs_data(e.width) for e in entries)
         key = compression_key(raw)
         extra = {}
         t0 = time.perf_counter()
@@ -510,7 +548,9 @@ def main() -> None:
             apply_seconds=seconds,
             params_kept=after_p / before,
             bits_per_param=after_b / before,
-            median_rel_error=sorted(x.rel_error for x in reports)[len(reports) // 2],
+            median_rel_error=(
+                sorted(x.rel_error for x in reports)[len(reports) // 2] if reports else None
+            ),
             **extra,
         )
         print(
