@@ -5,6 +5,7 @@ transformers in a fresh process that never imports spectra."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -139,7 +140,7 @@ def test_per_block_widths_export_with_the_projects_modeling_file(family_dir, tmp
     ]
     got = read_back(tmp_path, dest, remote=True)
     assert float((got["logits"] - want).abs().max() / want.abs().max()) < 1e-5
-    for fmt, off in (("gguf", "none"), ("compressed-tensors", "none"), ("hf", "disk")):
+    for fmt, off in (("compressed-tensors", "none"), ("hf", "disk")):
         dest = tmp_path / f"{fmt}-{off}"
         code = main(["export", out, "--format", fmt, "-o", dest, "--offload", off])
         err = capsys.readouterr().err.strip().splitlines()
@@ -237,3 +238,39 @@ def test_plan_auto_width_refuses_what_it_cannot_do(family_dir, tmp_path, cli):
         assert not out.exists()
     r = cli("plan", "auto", family_dir("gpt2"), "--method", "width", "-o", tmp_path / "g.yaml")
     assert r.returncode == 2 and "gated MLP" in r.stderr
+
+
+LLAMACPP = Path(__file__).resolve().parents[1] / ".venv-llamacpp" / ".spectra-engine"
+
+
+@pytest.mark.engines
+@pytest.mark.skipif(not LLAMACPP.is_file(), reason="no .venv-llamacpp (make engines)")
+@pytest.mark.parametrize("plan", ["uniform", "per-block"])
+def test_llama_cpp_runs_the_narrowed_model_as_spectra_does(plan, family_dir, tmp_path, capsys):
+    """llama.cpp itself loads the width GGUF (uniform: Llama with the smaller sizes;
+    per block: its Deci blocks, per-layer sizes, 0 for a removed sublayer) and scores it
+    within 0.5% of `spectra eval OUT` on the same windows."""
+    calib = {"corpus": "builtin", "samples": 4, "seqlen": 64, "seed": 0}
+    data = dict(UNIFORM if plan == "uniform" else PER_BLOCK, calibration=calib)
+    if plan == "uniform":  # 32-weight rows for Q8_0: ffn 64, one key/value head
+        data["rules"] = [dict(data["rules"][0], ffn=64)]
+    else:  # an attention left somewhere: llama.cpp needs one layer with a cache
+        data["layers"] = {
+            "model.layers.0": {"method": "width", "ffn": 32, "kv_heads": 1},
+            "model.layers.1": {"method": "width", "ffn": 64, "skip": "attention"},
+        }
+    out = tmp_path / "out"
+    assert (
+        main(["apply", write_plan(tmp_path, data), "--model", family_dir("llama"), "-o", out]) == 0
+    )
+    export_args = ["export", out, "--format", "gguf", "-o", tmp_path / "gg", "--gguf-type", "F16"]
+    assert main([*export_args, "--json"]) == 0
+    capsys.readouterr()
+    argv = ["serve-check", tmp_path / "gg", "--seqlen", "64", "--max-tokens", "512"]
+    assert main([*argv, "--decode", "4", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)[0]
+    assert row["engine"] == "llama.cpp" and row["loaded"] and row["decoded"] == 4
+    args = ["eval", out, "--seqlen", "64", "--max-tokens", "512", "--no-baseline", "--json"]
+    assert main(args) == 0
+    ours = json.loads(capsys.readouterr().out)["ppl"]
+    assert abs(row["ppl"] / ours - 1) < 5e-3, (row["ppl"], ours)

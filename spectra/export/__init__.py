@@ -69,11 +69,11 @@ def export(
     t0 = time.perf_counter()
     offload = model.offload
     src = sources.Streamed(out) if offload == "disk" else sources.Resident(*io.load(out))
-    if getattr(src, "blocks", None) and fmt != "hf":
+    if getattr(src, "blocks", None) and fmt == "compressed-tensors":
         raise SpectraInputError(
-            f"{out}: width left its blocks with different widths: --format hf writes them "
-            f"(with a modeling file of its own); {fmt} needs one MLP width and key/value "
-            "head count in every block (a uniform width plan)"
+            f"{out}: width left its blocks with different widths: --format hf (a modeling "
+            "file of its own) and gguf (llama.cpp's per-layer Deci blocks) write them; "
+            "compressed-tensors needs one MLP width and key/value head count in every block"
         )
     tokenizer = _tokenizer(out)
     torch_dtype = src.dtype if dtype == "auto" else getattr(torch, dtype)

@@ -33,7 +33,10 @@ from spectra.errors import SpectraInputError
 
 FILE = "model.gguf"
 HF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}  # model_type -> GGUF arch
-PERMUTED = ("llama",)  # architectures whose q/k rows llama.cpp's converter reorders
+PERMUTED = ("llama", "deci")  # architectures whose q/k rows llama.cpp's converter reorders
+# width's per-block widths go into llama.cpp's Deci architecture (per-layer head and
+# feed-forward counts, 0 for a removed sublayer: what its Nemotron-NAS converter writes)
+PER_BLOCK_ARCH = "deci"
 EMBEDDINGS = ("token_embd.weight", "output.weight")  # --gguf-embedding-type's tensors
 SKIP_KEYS = ("GGUF.", "general.file_type", "general.quantization_version", "split.")
 
@@ -62,16 +65,21 @@ def write(tmp: Path, out: Path, src, tokenizer, gguf_type: str, embedding_type=N
                 f"--format gguf: {config.model_type} models are not supported "
                 f"(Llama, Mistral, Qwen2 or a GGUF source)"
             )
+    blocks = getattr(src, "blocks", None)  # width's per-block widths (None: one width)
+    arch_in, arch = arch, (PER_BLOCK_ARCH if blocks else arch)
     writer = gguf.GGUFWriter(tmp / FILE, arch)
     if source is not None:
-        _copy_metadata(writer, reader)
+        _copy_metadata(writer, reader, arch_in, arch)
+        _sizes(writer, config, blocks)  # width may have changed them
     else:
-        _hf_metadata(writer, config, out)
+        _hf_metadata(writer, config, out, blocks)
     writer.add_file_type(_file_type(gguf, gguf_type))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    names = _gguf_names(gguf, arch, config, src.names)
+    names = _gguf_names(gguf, arch, config, _kept(src.names, blocks))
     order = [t.name for t in reader.tensors] if source is not None else list(names.values())
     by_gguf = {g: h for h, g in names.items()}
+    # a block tensor of the source that the model no longer has (width removed it)
+    order = [g for g in order if g in by_gguf or not g.startswith("blk.")]
     copied = {t.name: t for t in reader.tensors} if source is not None else {}
     fallback = []
     # quant modules whose grid is a GGUF block type: written with their own codes
@@ -110,7 +118,7 @@ def write(tmp: Path, out: Path, src, tokenizer, gguf_type: str, embedding_type=N
         if arch in PERMUTED and hname.endswith(("q_proj.weight", "k_proj.weight")):
             heads = config.num_attention_heads
             if hname.endswith("k_proj.weight"):
-                heads = getattr(config, "num_key_value_heads", None) or heads
+                heads = _kv_heads(config, blocks, hname)
         if hname in native:
             f = src.factorization(hname.removesuffix(".weight"))
             data = blocks(f, native[hname].name)
@@ -227,28 +235,80 @@ def _gguf_source(out: Path) -> Path | None:
     return Path(path) if path and Path(path).is_file() else None
 
 
-def _copy_metadata(writer, reader) -> None:
+def _kept(names: list[str], blocks) -> list[str]:
+    """`names` without the norms of removed sublayers (llama.cpp's Deci blocks have
+    none: a norm feeds only its sublayer)."""
+    from spectra.io.roles import block_of
+
+    if not blocks:
+        return names
+    out = []
+    for n in names:
+        b = block_of(n)
+        gone = b is not None and (
+            (blocks[b]["kv_heads"] == 0 and "input_layernorm" in n)
+            or (blocks[b]["ffn"] == 0 and "post_attention_layernorm" in n)
+        )
+        if not gone:
+            out.append(n)
+    return out
+
+
+def _kv_heads(config, blocks, name: str) -> int:
+    """The key/value heads of the block `name` is in."""
+    from spectra.io.roles import block_of
+
+    if blocks:
+        return blocks[block_of(name)]["kv_heads"]
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
+
+def _sizes(writer, config, blocks) -> None:
+    """Blocks, feed-forward length and heads: one value each, or per block (width)."""
+    heads = config.num_attention_heads
+    writer.add_block_count(config.num_hidden_layers)
+    if blocks:
+        writer.add_feed_forward_length([b["ffn"] for b in blocks])
+        writer.add_head_count([heads if b["kv_heads"] else 0 for b in blocks])
+        writer.add_head_count_kv([b["kv_heads"] for b in blocks])
+        return
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or heads)
+
+
+SIZE_KEYS = (
+    "block_count",
+    "feed_forward_length",
+    "attention.head_count",
+    "attention.head_count_kv",
+)
+
+
+def _copy_metadata(writer, reader, arch_in: str, arch: str) -> None:
+    """The source's key-values, its architecture's keys under `arch`, without the sizes
+    (`_sizes` writes them)."""
     from gguf import GGUFValueType
 
+    sizes = {f"{arch_in}.{k}" for k in SIZE_KEYS} | {"general.architecture"}
     for key, field in reader.fields.items():
-        if key.startswith(SKIP_KEYS) or not field.types:
+        if key.startswith(SKIP_KEYS) or not field.types or key in sizes:
             continue
+        if key.startswith(arch_in + "."):
+            key = arch + key[len(arch_in) :]
         vtype = field.types[0]
         sub = field.types[-1] if vtype == GGUFValueType.ARRAY else None
         writer.add_key_value(key, field.contents(), vtype, sub_type=sub)
 
 
-def _hf_metadata(writer, config, out: Path) -> None:
+def _hf_metadata(writer, config, out: Path, blocks=None) -> None:
     """The keys llama.cpp's converter writes for a Llama/Mistral/Qwen2 checkpoint."""
     import gguf
 
     writer.add_name(Path(out).name)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(getattr(config, "num_key_value_heads", config.num_attention_heads))
+    _sizes(writer, config, blocks)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     writer.add_rope_dimension_count(head_dim)
     rope = getattr(config, "rope_parameters", None) or {}
