@@ -348,7 +348,8 @@ def download_plan(page, path: Path, shots: Path) -> Path:
     """The plan as the Export page downloads it (navigating within the app: a page load
     would start a new session without the plan); the screenshot of the Export page."""
     page.locator('[data-testid="stSidebarNav"]').get_by_text("Export").click()
-    page.get_by_text("Import a plan").wait_for()
+    # the page switch waits for the Plan page's run to end (CI once took over 180 s)
+    page.get_by_text("Import a plan").wait_for(timeout=600_000)
     idle(page)
     page.screenshot(path=shots / "export.png", full_page=True)
     with page.expect_download() as info:
