@@ -236,19 +236,7 @@ class _Run:
             self.targets[name] = (Target(name, shape, target.role, block, False), module)
             if module is not old:  # made anew: not the offloader's to release
                 self.narrowed.setdefault(block, []).append(name)
-        if grams is None:
-            return None
-        grams = dict(grams)
-        down, o = f"{prefix}mlp.down_proj", f"{prefix}self_attn.o_proj"
-        if info["keep"] is not None and down in grams:
-            h, rows = grams[down]
-            grams[down] = (h[info["keep"]][:, info["keep"]], rows)
-        if info["q_heads"] is not None and o in grams:
-            d = self.model.get_submodule(f"{prefix}self_attn").head_dim
-            idx = torch.cat([torch.arange(i * d, (i + 1) * d) for i in info["q_heads"]])
-            h, rows = grams[o]
-            grams[o] = (h[idx][:, idx], rows)
-        return grams
+        return width_model.narrowed_grams(self.model, block, info, grams)
 
     def finish_outer(self, module) -> None:
         """A streamed model's module outside the blocks, materialised: the entries within

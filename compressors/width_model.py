@@ -262,3 +262,22 @@ def exported(model: nn.Module, factorizations: dict) -> tuple[dict, list[dict] |
     if plain_config(model):
         return factorizations, None
     return factorizations, [{"ffn": f, "kv_heads": k} for f, k in widths(model)]
+
+
+def narrowed_grams(model: nn.Module, index: int, info: dict, grams: dict | None) -> dict | None:
+    """Block `index`'s calibration Grams for its modules as `shrink_block` left them
+    (`info`): down_proj's on the kept neurons (exact: their activations are unchanged),
+    o_proj's with its input heads in their new order (the dense attention's output)."""
+    if grams is None:
+        return None
+    grams, prefix = dict(grams), f"{layers_name(model)}.{index}."
+    down, o = f"{prefix}mlp.down_proj", f"{prefix}self_attn.o_proj"
+    if info["keep"] is not None and down in grams:
+        h, rows = grams[down]
+        grams[down] = (h[info["keep"]][:, info["keep"]], rows)
+    if info["q_heads"] is not None and o in grams:
+        d = model.get_submodule(f"{prefix}self_attn").head_dim
+        idx = torch.cat([torch.arange(i * d, (i + 1) * d) for i in info["q_heads"]])
+        h, rows = grams[o]
+        grams[o] = (h[idx][:, idx], rows)
+    return grams
