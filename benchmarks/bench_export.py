@@ -1,7 +1,7 @@
 """Exports of four demo plans: size on disk and perplexity as other engines load them.
 
     python benchmarks/bench_export.py [--max-tokens N] [--only NAME ...]
-    python benchmarks/bench_export.py --engines [llama.cpp transformers vllm]
+    python benchmarks/bench_export.py --engines [llama.cpp transformers vllm width]
 
 Plans (every linear module of the blocks): RTN 4-bit g128 and GPTQ 4-bit g128 (both
 on compressed-tensors' symmetric grid, so that the export keeps 4 bits), Wanda 2:4,
@@ -200,8 +200,52 @@ def vllm(work: Path, limit: list) -> dict:
     return dict(rows=rows, targets=dict(ppl_vs_spectra_eval=0.01))
 
 
+def width(work: Path, limit: list) -> dict:
+    """Width (issue 44) at 80% of the linear parameters (the demo's block parameters:
+    its embedding is tied), allocated on the calibrated loss and uniform, unhealed: GGUF
+    Q8_0 (embedding Q8_0) run by llama.cpp beside the dense model's Q8_0 GGUF, and hf
+    (float16) run by transformers in float32 beside the dense hf export: bytes, the
+    engines' perplexity, prefill and decode tokens/s."""
+    dense = work / "dense" if (work / "dense").is_dir() else applied(work, "dense", [])
+    outs = {"dense": dense}
+    for how in ("loss", "uniform"):
+        plan = work / f"width-{how}-80.yaml"
+        spectra("plan", "auto", "demo", "--method", "width", "--allocate", how,
+                "--target-params", "0.8", "-o", plan)  # fmt: skip
+        outs[f"width-{how}-80"] = work / f"width-{how}-80"
+        spectra("apply", plan, "--model", "demo", "-o", outs[f"width-{how}-80"])
+    rows = {}
+    for name, out in outs.items():
+        gg, hf = work / f"{name}-gguf", work / f"{name}-hf"
+        spectra("export", out, "--format", "gguf", "--gguf-type", "Q8_0", "-o", gg)
+        spectra("export", out, "--format", "hf", "--dtype", "float16", "-o", hf)
+        rows[name] = dict(
+            spectra_eval_out_ppl=spectra("eval", out, "--no-baseline", *limit)["ppl"],
+            llama_cpp=checked(gg, "--max-tokens", limit[1]),
+            transformers=checked(
+                hf, "--engine", "transformers", "--dtype", "float32", "--max-tokens", limit[1]
+            ),  # fmt: skip
+        )
+        print("width", name, json.dumps(rows[name]), flush=True)
+    d = rows["dense"]
+    ratios = {}
+    for name, r in rows.items():
+        if name == "dense":
+            continue
+        ratios[name] = {
+            engine: dict(
+                bytes=round(r[engine]["file_bytes"] / d[engine]["file_bytes"], 4),
+                decode=round(r[engine]["decode_tok_s"] / d[engine]["decode_tok_s"], 4),
+                prefill=round(r[engine]["prefill_tok_s"] / d[engine]["prefill_tok_s"], 4),
+                ppl_vs_spectra_eval=round(r[engine]["ppl"] / r["spectra_eval_out_ppl"] - 1, 6),
+            )
+            for engine in ("llama_cpp", "transformers")
+        }
+    return dict(rows=rows, vs_dense=ratios, targets=dict(bytes=0.85, llama_cpp_decode=1.1))
+
+
 ENGINE_TOKENS = 2048
-ENGINE_RUNS = {"llama.cpp": llama_cpp, "transformers": lowrank_hf, "vllm": vllm}
+ENGINE_RUNS = {"llama.cpp": llama_cpp, "transformers": lowrank_hf, "vllm": vllm, "width": width}
 
 
 def main() -> None:
