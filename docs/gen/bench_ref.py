@@ -381,7 +381,8 @@ def engines() -> str:
                 ppl(row["spectra_eval_out_ppl"]),
                 *(
                     f"{row[eng]['file_bytes'] / 1e6:.1f} MB, ppl {ppl(row[eng]['ppl'])}, "
-                    f"prefill {row[eng]['prefill_tok_s']:.0f}, decode {row[eng]['decode_tok_s']:.1f}"
+                    f"prefill {row[eng]['prefill_tok_s']:.0f}, "
+                    f"decode {row[eng]['decode_tok_s']:.1f}"
                     for eng in ("llama_cpp", "transformers")
                 ),
             ]
@@ -395,7 +396,8 @@ def engines() -> str:
             "demo exported the same ways (tokens/s on this 2-core CPU). llama.cpp: file "
             f"{ratio('width-loss-80', 'llama_cpp', 'bytes'):.3f}x and "
             f"{ratio('width-uniform-80', 'llama_cpp', 'bytes'):.3f}x (target "
-            f"<= {r['targets']['bytes']}), decode {ratio('width-loss-80', 'llama_cpp', 'decode'):.2f}x "
+            f"<= {r['targets']['bytes']}), decode "
+            f"{ratio('width-loss-80', 'llama_cpp', 'decode'):.2f}x "
             f"and {ratio('width-uniform-80', 'llama_cpp', 'decode'):.2f}x (target "
             f">= {r['targets']['llama_cpp_decode']}: not met, a 135M model's decode step "
             "is mostly per-token overhead and the tied 49,152-row head), prefill "
