@@ -65,17 +65,17 @@ def write(tmp: Path, out: Path, src, tokenizer, gguf_type: str, embedding_type=N
                 f"--format gguf: {config.model_type} models are not supported "
                 f"(Llama, Mistral, Qwen2 or a GGUF source)"
             )
-    blocks = getattr(src, "blocks", None)  # width's per-block widths (None: one width)
-    arch_in, arch = arch, (PER_BLOCK_ARCH if blocks else arch)
+    widths = getattr(src, "blocks", None)  # width's per-block widths (None: one width)
+    arch_in, arch = arch, (PER_BLOCK_ARCH if widths else arch)
     writer = gguf.GGUFWriter(tmp / FILE, arch)
     if source is not None:
         _copy_metadata(writer, reader, arch_in, arch)
-        _sizes(writer, config, blocks)  # width may have changed them
+        _sizes(writer, config, widths)  # width may have changed them
     else:
-        _hf_metadata(writer, config, out, blocks)
+        _hf_metadata(writer, config, out, widths)
     writer.add_file_type(_file_type(gguf, gguf_type))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    names = _gguf_names(gguf, arch, config, _kept(src.names, blocks))
+    names = _gguf_names(gguf, arch, config, _kept(src.names, widths))
     order = [t.name for t in reader.tensors] if source is not None else list(names.values())
     by_gguf = {g: h for h, g in names.items()}
     # a block tensor of the source that the model no longer has (width removed it)
@@ -118,7 +118,7 @@ def write(tmp: Path, out: Path, src, tokenizer, gguf_type: str, embedding_type=N
         if arch in PERMUTED and hname.endswith(("q_proj.weight", "k_proj.weight")):
             heads = config.num_attention_heads
             if hname.endswith("k_proj.weight"):
-                heads = _kv_heads(config, blocks, hname)
+                heads = _kv_heads(config, widths, hname)
         if hname in native:
             f = src.factorization(hname.removesuffix(".weight"))
             data = blocks(f, native[hname].name)
