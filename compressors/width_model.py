@@ -34,7 +34,7 @@ def _linear(weight: torch.Tensor, bias: torch.Tensor | None, like: nn.Linear) ->
     return out
 
 
-def _check(layer: nn.Module, index: int, config: WidthConfig) -> None:
+def _check(layer: nn.Module, index: int) -> None:
     mlp, attn = getattr(layer, "mlp", None), getattr(layer, "self_attn", None)
     if mlp is None or not (
         removed(mlp) or all(isinstance(getattr(mlp, n, None), nn.Linear) for n in MLP)
@@ -93,7 +93,7 @@ def shrink_block(model: nn.Module, index: int, config: WidthConfig, grams: dict)
     Returns what a later method on the block's new modules needs: {"keep": the MLP's
     kept neurons, "q_heads": o_proj's input heads in their new order} (None: unchanged)."""
     layer, name = decoder_layers(model)[index], f"{layers_name(model)}.{index}"
-    _check(layer, index, config)
+    _check(layer, index)
     info: dict = {"keep": None, "q_heads": None}
     if config.skip in ("attention", "block"):
         layer.self_attn = Removed("attention")
