@@ -155,8 +155,7 @@ def structure(model: nn.Module) -> list[dict] | None:
     """Every block's {"ffn", "kv_heads"} (0: the sublayer removed) when any block differs
     from the model's config, else None: what a saved OUT records so that its skeleton
     can be rebuilt (`restructure`)."""
-    full = _full(model)
-    got = [getattr(layer, "width_kept", full) for layer in decoder_layers(model)]
+    full, got = _full(model), widths(model)
     if all(g == full for g in got):
         return None
     return [{"ffn": f, "kv_heads": k} for f, k in got]
