@@ -244,8 +244,100 @@ def width(work: Path, limit: list) -> dict:
     return dict(rows=rows, vs_dense=ratios, targets=dict(bytes=0.85, llama_cpp_decode=1.1))
 
 
+# one row per method of bench_quality (its best variant: whitened where it has one) at
+# the 50% and 80% rows, cheapest first (a run resumes from the rows already in the JSON)
+METHOD_ROWS = tuple(
+    f"{m}-{r}" for m in ("prune-wanda", "lowrank-whiten", "joint-whiten", "losparse-whiten",
+                         "mpo-whiten-k2") for r in ("50%", "80%")
+)  # fmt: skip
+
+
+def methods(work: Path, limit: list, prior: dict, save) -> dict:
+    """Every method of bench_quality at its 50% and 80% rows plus GPTQ W4 g32, beside the
+    dense model, in the three engines where the format applies: transformers runs the hf
+    export (float16 on disk, compact where the method has a compact form; run in
+    float32), llama.cpp the GGUF (F16: it has no factorized layout, so a factorized
+    module is written dense; GPTQ g32 in Q4_0 with its own codes, the embedding in Q8_0),
+    vLLM the model as it can load it (the plain checkpoint `apply --dense` writes, in
+    float32: vLLM runs no compact export; GPTQ as compressed-tensors, which this CPU
+    build has no 4-bit kernel for). Each row: bytes on disk, the engine's peak RSS,
+    perplexity beside `spectra eval OUT`, prefill and decode tokens/s; `vs_dense` puts
+    them against the dense row of the same engine."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from bench_quality import quality_plans
+
+    plans = quality_plans(open_model("demo"))
+    plans["gptq-w4-g32"] = {
+        "version": 1, "model": "demo", "calibration": CALIB,
+        "rules": [{"targets": [ATTN], **GPTQ4_G32}, {"targets": [MLP], **GPTQ4_G32}],
+    }  # fmt: skip
+    plans["dense"] = {"version": 1, "model": "demo", "rules": []}
+    rows = dict(prior.get("rows", {}))
+    for name in ("dense", "gptq-w4-g32", *METHOD_ROWS):
+        if name in rows:
+            continue
+        plan = plans[name]() if callable(plans[name]) else plans[name]
+        path, out = work / f"{name}.json", work / name.replace("%", "")
+        path.write_text(json.dumps(plan))
+        t0 = time.perf_counter()
+        spectra("apply", path, "--model", "demo", "-o", out, "--dense")
+        row = dict(
+            apply_seconds=round(time.perf_counter() - t0, 1),
+            spectra_eval_out_ppl=spectra("eval", out, "--no-baseline", *limit)["ppl"],
+        )
+        hf, gg, ct = (work / f"{out.name}-{k}" for k in ("hf", "gguf", "ct"))
+        summary = spectra("export", out, "--format", "hf", "--dtype", "float16", "-o", hf)
+        row["hf_bytes_by_kind"] = summary.get("bytes_by_kind")
+        row["transformers"] = checked(hf, "--engine", "transformers", "--dtype", "float32",
+                                      "--max-tokens", limit[1])  # fmt: skip
+        kind, emb = ("Q4_0", "Q8_0") if name.startswith("gptq") else ("F16", "F16")
+        summary = spectra("export", out, "--format", "gguf", "--gguf-type", kind,
+                          "--gguf-embedding-type", emb, "-o", gg)  # fmt: skip
+        row["gguf_stored"] = sorted({m["stored"] for m in summary["modules"]})
+        row["llama_cpp"] = dict(checked(gg, "--max-tokens", limit[1]), gguf_type=kind)
+        if name.startswith("gptq"):
+            spectra("export", out, "--format", "compressed-tensors", "--dtype", "float32",
+                    "-o", ct)  # fmt: skip
+            row["vllm"] = dict(checked(ct, "--engine", "vllm", "--max-tokens", limit[1]),
+                               loads="compressed-tensors W4A16 g32")  # fmt: skip
+        else:
+            plain = out / "dense" if (out / "dense").is_dir() else hf
+            row["vllm"] = dict(checked(plain, "--engine", "vllm", "--dtype", "float32",
+                                       "--max-tokens", limit[1]),
+                               loads="plain checkpoint (apply --dense)")  # fmt: skip
+        for d in (out, hf, gg, ct):
+            shutil.rmtree(d, ignore_errors=True)
+        rows[name] = row
+        print("methods", name, json.dumps(row), flush=True)
+        save(dict(rows=rows))
+    return dict(rows=rows, vs_dense=_vs_dense(rows))
+
+
+def _vs_dense(rows: dict) -> dict:
+    """Each row's bytes, peak RSS, prefill and decode tokens/s against the dense row in
+    the same engine, and the engine's perplexity against `spectra eval OUT`."""
+    d, out = rows.get("dense"), {}
+    for name, r in rows.items():
+        if name == "dense" or d is None:
+            continue
+        out[name] = {}
+        for engine in ("transformers", "llama_cpp", "vllm"):
+            e, base = r[engine], d[engine]
+            ratio = {
+                k: round(e[k] / base[k], 4) if e.get(k) and base.get(k) else None
+                for k in ("file_bytes", "peak_rss_gb", "prefill_tok_s", "decode_tok_s")
+            }
+            ratio["ppl_vs_spectra_eval"] = (
+                round(e["ppl"] / r["spectra_eval_out_ppl"] - 1, 6) if e.get("ppl") else None
+            )
+            ratio["error"] = e.get("error")
+            out[name][engine] = ratio
+    return out
+
+
 ENGINE_TOKENS = 2048
-ENGINE_RUNS = {"llama.cpp": llama_cpp, "transformers": lowrank_hf, "vllm": vllm, "width": width}
+ENGINE_RUNS = {"llama.cpp": llama_cpp, "transformers": lowrank_hf, "vllm": vllm, "width": width,
+               "methods": methods}  # fmt: skip
 
 
 def main() -> None:
@@ -266,7 +358,15 @@ def main() -> None:
             limit = limit or ["--max-tokens", ENGINE_TOKENS]
             done = results.setdefault("engines", {})
             for name in args.engines or list(ENGINE_RUNS):
-                done[name] = ENGINE_RUNS[name](work, limit)
+                if name == "methods":  # hours: resumes from the rows already written
+
+                    def save(part, done=done):
+                        done["methods"] = part
+                        args.out.write_text(json.dumps(results, indent=2) + "\n")
+
+                    done[name] = methods(work, limit, done.get(name) or {}, save)
+                else:
+                    done[name] = ENGINE_RUNS[name](work, limit)
                 print(name, json.dumps(done[name], indent=2), flush=True)
                 args.out.write_text(json.dumps(results, indent=2) + "\n")
             return
