@@ -266,7 +266,7 @@ def methods(work: Path, limit: list, prior: dict, save) -> dict:
     sys.path.insert(0, str(REPO / "benchmarks"))
     from bench_quality import quality_plans
 
-    plans = quality_plans(open_model("demo"))
+    plans = quality_plans(open_model("demo", "cpu", "float32", "none").load())
     plans["gptq-w4-g32"] = {
         "version": 1, "model": "demo", "calibration": CALIB,
         "rules": [{"targets": [ATTN], **GPTQ4_G32}, {"targets": [MLP], **GPTQ4_G32}],
