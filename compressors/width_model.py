@@ -263,6 +263,26 @@ def exported(model: nn.Module, factorizations: dict) -> tuple[dict, list[dict] |
     return factorizations, [{"ffn": f, "kv_heads": k} for f, k in widths(model)]
 
 
+def kept(names: list[str], blocks: list[dict] | None) -> list[str]:
+    """`names` without the norms of the sublayers `blocks` (a per-block export's
+    {"ffn", "kv_heads"}, 0: removed) removed: a norm feeds only its sublayer, and the
+    engines' per-block layouts (llama.cpp's and vLLM's Deci blocks) have none there."""
+    from spectra.io.roles import block_of
+
+    if not blocks:
+        return names
+    out = []
+    for n in names:
+        b = block_of(n)
+        gone = b is not None and (
+            (blocks[b]["kv_heads"] == 0 and "input_layernorm" in n)
+            or (blocks[b]["ffn"] == 0 and "post_attention_layernorm" in n)
+        )
+        if not gone:
+            out.append(n)
+    return out
+
+
 def narrowed_grams(model: nn.Module, index: int, info: dict, grams: dict | None) -> dict | None:
     """Block `index`'s calibration Grams for its modules as `shrink_block` left them
     (`info`): down_proj's on the kept neurons (exact: their activations are unchanged),

@@ -82,10 +82,12 @@ def windows(export_dir: Path, corpus: str, seqlen: int, max_tokens: int) -> list
     from transformers import AutoTokenizer
 
     from spectra.data.perplexity import token_stream
+    from spectra.io import remote_code
 
     beside = export_dir / "tokenizer"  # a GGUF export keeps it in a folder of its own
     try:
-        tok = AutoTokenizer.from_pretrained(beside if beside.is_dir() else export_dir)
+        where = beside if beside.is_dir() else export_dir
+        tok = AutoTokenizer.from_pretrained(where, **remote_code.trusted(where))
     except (OSError, ValueError) as e:
         raise SpectraInputError(f"{export_dir}: no tokenizer beside the export ({e})") from e
     return token_stream(tok, corpus, "eval").windows(seqlen, max_tokens).tolist()

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from spectra.io.remote_code import MODELING, TEMPLATE
+from spectra.io.remote_code import DECI_BASES, MODELING, modeling
 
 
 def pair(f, member: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -122,10 +122,12 @@ def write(tmp: Path, src, dtype) -> tuple[list[dict], dict]:
     takes; {"bytes_by_kind": bytes per form: lowrank, losparse, mpo, dense})."""
     from safetensors.torch import save_file
 
+    from compressors import width_model
     from spectra.export.source import cast, shard_names, write_index
 
     compact, dense = plan(src)
-    parts = src.parts()
+    blocks = getattr(src, "blocks", None)  # width's per-block widths
+    parts = [width_model.kept(part, blocks) for part in src.parts()]  # norms of removed out
     named = {k for part in parts for k in part}
     tied = [f"{k}.weight" for k in compact if f"{k}.weight" not in named]  # a tied head
     if tied:
@@ -151,19 +153,22 @@ def write(tmp: Path, src, dtype) -> tuple[list[dict], dict]:
     write_index(tmp, weight_map, total)
     base = type(src.dense).__name__
     config = src.config
-    blocks = getattr(src, "blocks", None)  # width's per-block widths
+    deci = blocks and config.model_type in DECI_BASES
     if compact or blocks:  # the project's modeling file builds them
         config.architectures = [f"Spectra{base}"]
         config.auto_map = {"AutoModelForCausalLM": f"{MODELING[:-3]}.Spectra{base}"}
         config.spectra_compact = {k: spec for k, (spec, _) in compact.items()}
         if blocks:
             config.spectra_blocks = blocks
-        (tmp / MODELING).write_text(TEMPLATE.format(base=base))
+        code = modeling(base, type(config).__name__ if deci else None)
+        (tmp / MODELING).write_text(code)
     head = src.dense.get_output_embeddings()
     if head is not None and any(src.module(k) is head for k in compact):
         config.tie_word_embeddings = False  # a factorized head shares no matrix
     config.dtype = str(dtype).removeprefix("torch.")
     config.save_pretrained(tmp)
+    if deci:
+        _as_deci(tmp / "config.json", base, type(config).__name__, blocks)
     if src.dense.can_generate() and src.dense.generation_config is not None:
         src.dense.generation_config.save_pretrained(tmp)
     rows = [
@@ -181,3 +186,28 @@ def write(tmp: Path, src, dtype) -> tuple[list[dict], dict]:
 
 def _bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
+
+
+def _as_deci(path: Path, base: str, config_class: str, blocks: list[dict]) -> None:
+    """config.json made DeciLM's (`DeciLMForCausalLM`, model_type nemotron-nas), which
+    vLLM runs natively: per block, `block_configs` with the attention's
+    `n_heads_in_group` (query heads per key/value head) and the ffn's
+    `intermediate_size`, `no_op` for a removed sublayer; transformers loads it through
+    the modeling file (`auto_map`: its configuration class reads `block_configs`)."""
+    import json
+
+    c = json.loads(path.read_text())
+    heads = c["num_attention_heads"]
+    c.update(DECI_BASES[c["model_type"]], spectra_base=base, spectra_base_config=config_class)
+    c["block_configs"] = [
+        {
+            "attention": {"no_op": b["kv_heads"] == 0, "replace_with_linear": False,
+                          "n_heads_in_group": heads // b["kv_heads"] if b["kv_heads"] else None},
+            "ffn": {"no_op": b["ffn"] == 0, "replace_with_linear": False,
+                    "intermediate_size": b["ffn"] or None},
+        }
+        for b in blocks
+    ]  # fmt: skip
+    c["auto_map"] = {"AutoConfig": f"{MODELING[:-3]}.SpectraDeciConfig", **c["auto_map"]}
+    c["architectures"], c["model_type"] = ["DeciLMForCausalLM"], "nemotron-nas"
+    path.write_text(json.dumps(c, indent=2, sort_keys=True) + "\n")

@@ -50,6 +50,8 @@ def write(tmp: Path, out: Path, src, tokenizer, gguf_type: str, embedding_type=N
 
     import gguf
 
+    from compressors import width_model
+
     logging.getLogger("gguf").setLevel(logging.ERROR)  # vocab readers' chatter
     qtype = gguf.GGMLQuantizationType[gguf_type]
     etype = gguf.GGMLQuantizationType[embedding_type or gguf_type]
@@ -75,7 +77,7 @@ def write(tmp: Path, out: Path, src, tokenizer, gguf_type: str, embedding_type=N
         _hf_metadata(writer, config, out, widths)
     writer.add_file_type(_file_type(gguf, gguf_type))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    names = _gguf_names(gguf, arch, config, _kept(src.names, widths))
+    names = _gguf_names(gguf, arch, config, width_model.kept(src.names, widths))
     order = [t.name for t in reader.tensors] if source is not None else list(names.values())
     by_gguf = {g: h for h, g in names.items()}
     # a block tensor of the source that the model no longer has (width removed it)
@@ -233,25 +235,6 @@ def _gguf_source(out: Path) -> Path | None:
         return None
     path = models.conversion_info(source).get("gguf")
     return Path(path) if path and Path(path).is_file() else None
-
-
-def _kept(names: list[str], blocks) -> list[str]:
-    """`names` without the norms of removed sublayers (llama.cpp's Deci blocks have
-    none: a norm feeds only its sublayer)."""
-    from spectra.io.roles import block_of
-
-    if not blocks:
-        return names
-    out = []
-    for n in names:
-        b = block_of(n)
-        gone = b is not None and (
-            (blocks[b]["kv_heads"] == 0 and "input_layernorm" in n)
-            or (blocks[b]["ffn"] == 0 and "post_attention_layernorm" in n)
-        )
-        if not gone:
-            out.append(n)
-    return out
 
 
 def _kv_heads(config, blocks, name: str) -> int:

@@ -339,9 +339,8 @@ def build(source: models.Source, device: str, dtype=None):
     hf_logging.disable_progress_bar()  # the caller shows its own progress
     try:
         # a compact hf export runs its modeling file, which must be exactly spectra's
-        remote = {"trust_remote_code": True} if remote_code.is_ours(source.root) else {}
         model = AutoModelForCausalLM.from_pretrained(
-            source.root, dtype=dtype or torch.float32, **remote
+            source.root, dtype=dtype or torch.float32, **remote_code.trusted(source.root)
         )
     except (OSError, ValueError, KeyError) as e:
         raise SpectraInputError(f"{source.spec}: cannot load model ({models.first_line(e)})") from e
@@ -360,7 +359,7 @@ def tokenizer(source: models.Source):
 
     require_config(source)
     try:
-        return AutoTokenizer.from_pretrained(source.root)
+        return AutoTokenizer.from_pretrained(source.root, **remote_code.trusted(source.root))
     except (OSError, ValueError) as e:
         raise SpectraInputError(
             f"{source.spec}: cannot load tokenizer ({models.first_line(e)})"

@@ -115,14 +115,16 @@ def set_widths(model, blocks):
     for layer, want in zip(model.model.layers, blocks):
         ffn, kv = want["ffn"], want["kv_heads"]
         mlp, attn = layer.mlp, layer.self_attn
-        if ffn == 0:
+        if ffn == 0:  # the norm before it goes too: the export has none
             layer.mlp = Removed("mlp")
+            layer.post_attention_layernorm = nn.Identity()
         elif ffn != mlp.down_proj.in_features:
             mlp.gate_proj = narrowed(mlp.gate_proj, ffn, mlp.gate_proj.in_features)
             mlp.up_proj = narrowed(mlp.up_proj, ffn, mlp.up_proj.in_features)
             mlp.down_proj = narrowed(mlp.down_proj, mlp.down_proj.out_features, ffn)
         if kv == 0:
             layer.self_attn = Removed("attention")
+            layer.input_layernorm = nn.Identity()
         elif kv * attn.head_dim != attn.k_proj.out_features:
             attn.k_proj = narrowed(attn.k_proj, kv * attn.head_dim, attn.k_proj.in_features)
             attn.v_proj = narrowed(attn.v_proj, kv * attn.head_dim, attn.v_proj.in_features)
@@ -160,6 +162,63 @@ class Spectra{base}({base}):
 '''
 
 
+# a per-block width export on these architectures is also DeciLM's (vLLM's nemotron_nas):
+# the configuration class below turns `block_configs`' dicts into the objects it reads
+DECI_BASES = {"llama": {}, "mistral": {}, "qwen2": {"qkv_bias": True}}
+DECI = '''
+
+from transformers import {config}
+
+
+class DeciPart:
+    """A sublayer's entry in a `block_configs` item (no_op, n_heads_in_group,
+    intermediate_size), as attributes: how vLLM's nemotron_nas reads them."""
+
+    def __init__(self, **fields):
+        self.__dict__.update(fields)
+
+    def to_dict(self):
+        return dict(self.__dict__)
+
+
+class DeciBlock:
+    """One decoder block's `block_configs` item: its attention and ffn parts."""
+
+    def __init__(self, attention, ffn, **extra):
+        self.attention = attention if isinstance(attention, DeciPart) else DeciPart(**attention)
+        self.ffn = ffn if isinstance(ffn, DeciPart) else DeciPart(**ffn)
+
+    def to_dict(self):
+        return {{"attention": self.attention.to_dict(), "ffn": self.ffn.to_dict()}}
+
+
+class SpectraDeciConfig({config}):
+    """{config} with DeciLM's per-block `block_configs` (model_type nemotron-nas)."""
+
+    model_type = "nemotron-nas"
+
+    def __post_init__(self, **kwargs):
+        blocks = kwargs.pop("block_configs", None)
+        super().__post_init__(**kwargs)
+        self.block_configs = [DeciBlock(**b) if isinstance(b, dict) else b for b in blocks or []]
+
+    def to_dict(self):
+        out = super().to_dict()
+        out["block_configs"] = [b.to_dict() for b in self.block_configs]
+        return out
+
+
+Spectra{base}.config_class = SpectraDeciConfig
+'''
+
+
+def modeling(base: str, deci_config: str | None = None) -> str:
+    """The modeling file for the `base` architecture (with DeciLM's configuration class
+    on `deci_config`, the base's own configuration class, for a per-block export)."""
+    code = TEMPLATE.format(base=base)
+    return code + DECI.format(base=base, config=deci_config) if deci_config else code
+
+
 def is_ours(root: Path) -> bool:
     """Whether `root` is a compact hf export (False for any other checkpoint); one whose
     modeling file is not exactly ours is refused, never run."""
@@ -171,8 +230,8 @@ def is_ours(root: Path) -> bool:
     if not isinstance(c, dict) or "spectra_compact" not in c:
         return False
     try:
-        base = c["architectures"][0].removeprefix("Spectra")
-        ours = code.read_text() == TEMPLATE.format(base=base)
+        base = c.get("spectra_base") or c["architectures"][0].removeprefix("Spectra")
+        ours = code.read_text() == modeling(base, c.get("spectra_base_config"))
     except (OSError, KeyError, IndexError, TypeError, AttributeError):
         ours = False
     if not ours:
@@ -180,3 +239,10 @@ def is_ours(root: Path) -> bool:
             f"{root}: its {MODELING} is not the one spectra writes; refusing to run it"
         )
     return True
+
+
+def trusted(root: Path) -> dict:
+    """transformers' loading arguments for `root`: trust_remote_code for an export whose
+    modeling file is spectra's (a DeciLM config needs its configuration class even to
+    read the tokenizer), nothing otherwise."""
+    return {"trust_remote_code": True} if is_ours(root) else {}

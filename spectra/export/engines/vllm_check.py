@@ -19,8 +19,12 @@ def check(job: dict, out: dict) -> None:
 
     out["version"] = vllm.__version__
     config = json.loads((Path(job["model"]) / "config.json").read_text())
-    # a compact hf export: its own modeling file, through vLLM's transformers backend
-    remote = dict(trust_remote_code=True, model_impl="transformers") if "auto_map" in config else {}
+    if config.get("architectures") == ["DeciLMForCausalLM"]:  # width's per-block export:
+        remote = dict(trust_remote_code=True)  # vLLM's own model, the export's config class
+    elif "auto_map" in config:  # a compact hf export: its modeling file, through vLLM's
+        remote = dict(trust_remote_code=True, model_impl="transformers")  # transformers backend
+    else:
+        remote = {}
     t0 = time.perf_counter()
     llm = LLM(
         model=job["model"],
