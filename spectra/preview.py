@@ -34,6 +34,7 @@ from compressors.apply import (
 )
 from compressors.base import Calibration, h_relative_error, relative_error
 from compressors.registry import METHODS, compress, groups, needs_data
+from spectra import preview_width
 from spectra.data import perplexity as ev
 from spectra.errors import SpectraInputError
 from spectra.plan.format import Plan, resolve
@@ -91,7 +92,7 @@ class PreviewResult:
     seconds: float
 
 
-class Previewer:
+class Previewer(preview_width.WidthBlocks):
     """Incremental perplexity previews of per-module settings on one model."""
 
     def __init__(
@@ -121,6 +122,10 @@ class Previewer:
         self.history: list[PreviewResult] = []
         self.grams = grams
         self._blocks: dict[int, dict] = {}  # the calibration block read last, as stored
+        # width: {block: the key of the narrowed block installed}, {block: its original}
+        self.block_current: dict[int, tuple] = {}
+        self._originals: dict[int, nn.Module] = {}
+        self._prefix = blocks.layers_name(self.work)
 
     def use_calibration(self, grams) -> None:
         """Data-aware settings from now on read `grams` (modules built with another
@@ -162,9 +167,16 @@ class Previewer:
         `current`: what is taken as installed (default: what is).
         """
         current = self.current if current is None else current
+        # a block narrowed by width is built whole (_width_changes); its modules wait
+        modules, widths = preview_width.split(layers, self._prefix)
+        layers = {n: c for n, c in modules.items() if self.targets[n][0].block not in widths}
         resolved = resolve(Plan(layers=layers), [t for t, _ in self.targets.values()], self.rank_of)
         entries = {e.name: e for e in resolved}
-        changed = [n for n in self.targets if current.get(n) != layers.get(n)]
+        changed = [
+            n
+            for n in self.targets
+            if current.get(n) != layers.get(n) and self.targets[n][0].block not in widths
+        ]
         bad = [
             n
             for n in changed
@@ -247,6 +259,9 @@ class Previewer:
         baseline = tokens not in self.dense_ppl
         changed, units = self._units(layers, {} if baseline else None)
         todo = sum(c is not None and self._key(u, c) not in self.built for u, c in units.items())
+        wide = self._width_changes(layers, {} if baseline else None)
+        changed += [f"{self._prefix}.{i}" for i, _ in wide]
+        todo += sum(key is not None and key not in self.built for _, key in wide)
         fresh = baseline or (self.records is not None and self.tokens == tokens)
         first = self._first_block(changed, fresh)
         if first is None:  # nothing changed: the last result, or a first score
@@ -261,13 +276,15 @@ class Previewer:
             return 0
         if not changed:
             return None
-        known = [self.targets[c][0].block for c in changed]
+        known = [self.targets[c][0].block if c in self.targets else self._index(c) for c in changed]
         return 0 if None in known else min(known)
 
     def _install(self, layers: dict[str, object], progress=None) -> tuple[list[str], int]:
         """Swap in the modules whose setting changed; returns (changed names, compressions)."""
         changed, units = self._units(layers)
-        compressions = 0
+        wide = [f"{self._prefix}.{i}" for i, _ in self._width_changes(layers)]
+        compressions = self._install_widths(layers, progress)
+        changed = changed + wide
         for i, (names, config) in enumerate(units.items()):
             if progress:
                 progress(i, len(units), f"compressing {names[0]}")

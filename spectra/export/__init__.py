@@ -71,9 +71,10 @@ def export(
     src = sources.Streamed(out) if offload == "disk" else sources.Resident(*io.load(out))
     if getattr(src, "blocks", None) and fmt == "compressed-tensors":
         raise SpectraInputError(
-            f"{out}: width left its blocks with different widths: --format hf (a modeling "
-            "file of its own) and gguf (llama.cpp's per-layer Deci blocks) write them; "
-            "compressed-tensors needs one MLP width and key/value head count in every block"
+            f"{out}: width left its blocks with different widths: --format hf (DeciLM's "
+            "block_configs, which vLLM and transformers run) and gguf (llama.cpp's Deci "
+            "blocks) write them; compressed-tensors needs one MLP width and key/value head "
+            "count in every block"
         )
     tokenizer = _tokenizer(out)
     torch_dtype = src.dtype if dtype == "auto" else getattr(torch, dtype)

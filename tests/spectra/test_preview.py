@@ -310,3 +310,48 @@ def test_auto_allocate_time_left_spans_its_steps():
     again(2, 2, "block 1")
     again(0, 3, "compressing model.layers.0.q_proj")
     assert "candidates" not in again.ahead and bar.text.endswith("about 9 s left)"), bar.text
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_width_blocks_preview_as_apply_and_eval_score_them(family, family_dir):
+    """Block entries of `width` (narrowed MLPs, merged key/value heads, a removed
+    attention) with module methods on what width leaves (GPTQ on the narrowed
+    down_proj, low rank on an up_proj) preview to the perplexity `spectra apply` + eval
+    give; dropping one block's width reruns from that block only, and the plan without
+    width is the dense model again."""
+    from spectra.data import calibration
+    from spectra.data import perplexity as ev
+    from spectra.plan import format as plans
+    from spectra.preview import Previewer
+
+    path = str(family_dir(family))
+    model, tok = open_model(path, "cpu", "float32", "none").load(), open_model(path).tokenizer()
+    grams = calibration.calibrate(
+        open_model(path), calibration.CalibrationSpec(samples=4, seqlen=32)
+    )
+    layers = {
+        "model.layers.0": make_config("width", ffn=40, kv_heads=1),
+        "model.layers.0.mlp.down_proj": make_config("quant", bits=4, gptq=True),
+        "model.layers.1": make_config("width", ffn=32, select="norm", skip="attention"),
+        "model.layers.1.mlp.up_proj": make_config("lowrank", rank=8),
+    }
+    pv = Previewer(model, tok, seqlen=32, grams=grams)
+    got = pv.preview(layers, 128)
+    assert got.first_block == 0 and got.recompressed == 2
+    plan = plans.parse(
+        {"layers": {k: {"method": c.method, **c.__dict__} for k, c in layers.items()}}
+    )
+    compressed, _, _ = run.apply_plan(model, plan, grams)
+    ref = ev.perplexity(compressed, tok, seqlen=32, max_tokens=128)
+    assert got.ppl == pytest.approx(ref.ppl, rel=1e-5) and got.ppl != pytest.approx(got.dense_ppl)
+    fewer = {k: v for k, v in layers.items() if not k.startswith("model.layers.1")}
+    one = pv.preview(fewer, 128)
+    assert one.first_block == 1 and one.recompressed == 0
+    plan = plans.parse(
+        {"layers": {k: {"method": c.method, **c.__dict__} for k, c in fewer.items()}}
+    )
+    ref = ev.perplexity(run.apply_plan(model, plan, grams)[0], tok, seqlen=32, max_tokens=128)
+    assert one.ppl == pytest.approx(ref.ppl, rel=1e-5)
+    assert pv.preview({}, 128).ppl == pytest.approx(got.dense_ppl, rel=1e-6)
+    back = pv.preview(layers, 128)  # both narrowed blocks kept: nothing rebuilt
+    assert back.recompressed == 0 and back.ppl == pytest.approx(got.ppl, rel=1e-6)
