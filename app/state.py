@@ -345,3 +345,28 @@ def sensitivity_metrics(spec: str, calib_key: str | None = None):
     grams = open_folder(calib_key) if calib_key else None
     spectra_job(spec).wait()  # the table the library reads is then cached
     return sensitivity_report.metric_table(opened(spec), calibration=grams)
+
+
+@st.cache_data(show_spinner=False, max_entries=2000)
+def block_error(spec: str, block: str, settings: tuple, calib_key: str | None = None) -> dict:
+    """{"mlp", "kv"}: the calibration-weighted errors of a width setting (settings as
+    sorted items) on `block` (compressors.width.block_errors; None without a
+    calibration)."""
+    import torch
+
+    from compressors.registry import make_config
+    from compressors.width import block_errors
+    from spectra.plan.block_plan import heads_of
+
+    config = make_config(**dict(settings))
+    model = opened(spec)
+    mats = {m.role: m for m in model.matrices if m.name.startswith(block + ".")}
+    w = {
+        r: torch.from_numpy(mats[r].read()).double()
+        for r in ("gate", "up", "down", "q", "k", "v", "o")
+    }
+    index = roles.block_of(block + ".mlp")
+    grams = calibration_block(spec, calib_key, index) if calib_key else None
+    h = {n: grams[mats[r].name][0].double() for r, n in (("down", "down"), ("q", "in"))
+         if grams is not None and mats[r].name in grams}  # fmt: skip
+    return block_errors(w, config, heads_of(model.config)[0], h.get("down"), h.get("in"))

@@ -225,6 +225,53 @@ def _mean(w: torch.Tensor, group: list[int], d: int) -> torch.Tensor:
     return heads.mean(0).to(w.dtype)
 
 
+def block_errors(w: dict, config, n_heads: int, h_down=None, h_in=None) -> dict:
+    """{"mlp", "kv"}: calibration-weighted relative errors of a width `config` on one
+    block whose weights `w` are {"gate", "up", "down", "q", "k", "v", "o"} (out, in).
+    mlp: ||W_d Z^T - W_d' Z_S^T|| / ||W_d Z^T||, Z the intermediate activations
+    (`h_down`: their Gram, down_proj's H); kv: ||(K - K^) X^T||^2 + the same for V,
+    over ||K X^T||^2 + ||V X^T||^2, each original key/value head K_i replaced by its
+    merged head (`h_in`: the block input's Gram, q_proj's H). 1.0 for a removed
+    sublayer, 0.0 for one left whole, None where the calibration is missing."""
+    from compressors.base import h_norm
+
+    out = {"mlp": 0.0, "kv": 0.0}
+    if config.skip in ("mlp", "block"):
+        out["mlp"] = 1.0
+    elif config.ffn is not None and config.ffn != w["down"].shape[1]:
+        if h_down is None:
+            out["mlp"] = None
+        else:
+            _, _, new_down, keep = shrink_mlp(w["gate"], w["up"], w["down"], config.ffn,
+                                              h_down, config.select)  # fmt: skip
+            approx = torch.zeros_like(w["down"], dtype=new_down.dtype)
+            approx[:, keep] = new_down
+            out["mlp"] = h_norm(w["down"] - approx, h_down) / h_norm(w["down"], h_down)
+    if config.skip in ("attention", "block"):
+        out["kv"] = 1.0
+        return out
+    d = w["q"].shape[0] // n_heads
+    n_kv = w["k"].shape[0] // d
+    if config.kv_heads is None or config.kv_heads == n_kv:
+        return out
+    if h_in is None:
+        out["kv"] = None
+        return out
+    hessian = h_in if config.select == "greedy" else None
+    _, k2, v2, _, _, sets = merge_kv_heads(w["q"], w["k"], w["v"], w["o"], n_heads, n_kv,
+                                           config.kv_heads, hessian)  # fmt: skip
+    err = total = 0.0
+    for old, new in ((w["k"], k2), (w["v"], v2)):
+        back = torch.empty_like(old)
+        for g, group in enumerate(sets):
+            for i in group:
+                back[i * d : (i + 1) * d] = new[g * d : (g + 1) * d]
+        err += h_norm(old - back, h_in) ** 2
+        total += h_norm(old, h_in) ** 2
+    out["kv"] = (err / total) ** 0.5 if total else 0.0
+    return out
+
+
 def _per_block(weight, config, calib=None):
     raise TypeError("width reshapes a decoder block (compressors.width_model), not one weight")
 

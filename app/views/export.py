@@ -40,7 +40,9 @@ def render() -> None:
     except SpectraInputError as e:
         st.error(str(e))
         return
-    st.write(f"{len(layers)} modules with explicit settings; every other module stays dense.")
+    width = sum(v["method"] == "width" for v in layers.values())
+    what = f"{len(layers) - width} modules" + (f" and {width} blocks (width)" if width else "")
+    st.write(f"{what} with explicit settings; every other module stays dense.")
     for col, fmt, mime in zip(
         st.columns(2), ("yaml", "json"), ("application/x-yaml", "application/json"), strict=True
     ):

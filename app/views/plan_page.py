@@ -11,7 +11,7 @@ import streamlit as st
 
 from app import memory, state
 from app.views import knobs as kw
-from app.views import plan_build
+from app.views import plan_build, plan_width
 from app.views.plan_auto import budget_controls, calibration_controls
 from app.views.plan_state import error_key, init, known_errors, plan_signature, rebase, set_module
 from app.views.plan_table import read_table_edits, table
@@ -239,6 +239,8 @@ def render() -> None:
     plan_build.status(spec)
     st.subheader("Selected module")
     module_editor(spec, mats)
+    st.subheader("Selected block: width")
+    plan_width.block_editor(spec, mats)
     st.subheader("Budget and perplexity")
     totals_and_preview(spec, mats)
     st.subheader("All modules")

@@ -12,6 +12,7 @@ from compressors.base import config_to_dict
 from compressors.registry import METHODS, make_config, module_methods
 from spectra.errors import SpectraInputError
 from spectra.io.model import Model
+from spectra.io.roles import block_prefix
 from spectra.plan import format as plans
 from spectra.plan import run
 from spectra.plan.block_plan import heads_of
@@ -106,4 +107,8 @@ def layers_from_plan(plan: plans.Plan, mats, model: Model) -> dict[str, dict]:
     entries = plans.resolve(
         plan, mats, rank_of=run.energy_ranks(model), heads=heads_of(model.config)
     )
-    return {e.name: config_to_dict(e.config) for e in entries if e.config is not None}
+    out = {e.name: config_to_dict(e.config) for e in entries if e.config is not None}
+    for e in entries:  # a block's width setting, named by the block
+        if e.width is not None:
+            out.setdefault(block_prefix(e.name), config_to_dict(e.width))
+    return out

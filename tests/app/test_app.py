@@ -330,6 +330,39 @@ def test_a_calibrated_setting_shows_both_errors_and_previews(on_bos_llama):
     assert float(got["Compressed perplexity"]) != float(got["Dense perplexity"])
 
 
+def test_a_blocks_width_is_edited_with_its_errors_and_previewed(on_bos_llama):
+    """The Plan page's block editor: fewer MLP neurons, then a removed attention, each a
+    `width` entry named by the block with its calibration-weighted errors and the
+    block's parameters kept (exact); the totals and the perplexity preview follow."""
+    at = run_page("plan_page")
+    at.button(key="calib_go").click().run()
+    kept = next(m.value for m in at.metric if m.label == "Parameters kept")
+    block = "model.layers.1"
+    at.selectbox(key="plan_block").set_value(block).run()
+    at.number_input(key=f"pw_ffn::{block}::[]").set_value(48).run()
+    assert not at.exception, at.exception
+    assert at.session_state.plan_layers[block] == {"method": "width", "ffn": 48}
+    got = {m.label: m.value for m in at.metric}
+    # q, o 64x64, k, v 32x64 (2 of 4 heads of 16), the MLP 3 x 64 x 48 of 3 x 64 x 96
+    assert got["Block parameters kept"] == f"{(2 * 4096 + 2 * 2048 + 3 * 64 * 48) / 30720:.1%}"
+    assert 0 < float(got["MLP output error"]) < 1 and got["Key/value error"] == "0.0000"
+    assert float(got["Parameters kept"].rstrip("%")) < float(kept.rstrip("%"))
+    tag = repr(sorted({"method": "width", "ffn": 48}.items()))
+    at.selectbox(key=f"pw_skip::{block}::{tag}").set_value("attention").run()
+    assert at.session_state.plan_layers[block] == {
+        "method": "width",
+        "ffn": 48,
+        "skip": "attention",
+    }
+    got = {m.label: m.value for m in at.metric}
+    assert got["Key/value error"] == "1.0000"
+    assert got["Block parameters kept"] == f"{3 * 64 * 48 / 30720:.1%}"
+    at.button(key="preview_go").click().run()
+    assert not at.exception, at.exception
+    got = {m.label: m.value for m in at.metric}
+    assert float(got["Compressed perplexity"]) != float(got["Dense perplexity"])
+
+
 def test_the_spectra_page_switches_to_activation_aware_spectra(on_bos_llama):
     at = run_page("spectra_page")
     at.radio(key="spectra_kind").set_value("activation-aware").run()

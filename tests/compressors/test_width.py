@@ -279,3 +279,48 @@ def test_widths_the_model_cannot_take_are_refused():
         shrink(model, {0: width.WidthConfig(ffn=30, select="norm")})
     with pytest.raises(ConfigError, match="kv_heads.*4 key/value heads"):
         shrink(model, {0: width.WidthConfig(kv_heads=3, select="norm")})
+
+
+def test_block_errors_are_the_calibrated_output_errors_of_what_apply_builds():
+    """The Plan page's block errors: the MLP's equals its output error on the
+    calibration tokens after `shrink_block` narrows it (greedy and norm choices); the
+    key/value one equals the projections' output error with each head replaced by its
+    merged head; a removed sublayer is 1, one left whole 0, no calibration None."""
+    import copy
+
+    from compressors import width_model
+
+    model = llama(num_key_value_heads=4)
+    layer = model.model.layers[0]
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(300, 32, generator=g, dtype=torch.float64)
+    z = intermediate(layer.mlp, x)
+    h_down, h_in = z.T @ z, x.T @ x
+    a, m = layer.self_attn, layer.mlp
+    w = {r: getattr(m, f"{r}_proj").weight for r in ("gate", "up", "down")}
+    w.update({r: getattr(a, f"{r}_proj").weight for r in "qkvo"})
+    for select in ("greedy", "norm"):
+        config = width.WidthConfig(ffn=10, kv_heads=2, select=select)
+        got = width.block_errors(w, config, 4, h_down, h_in)
+        small = copy.deepcopy(model)
+        grams = {"model.layers.0.mlp.down_proj": (h_down, 300),
+                 "model.layers.0.self_attn.q_proj": (h_in, 300)}  # fmt: skip
+        width_model.shrink_block(small, 0, config, grams)
+        with torch.no_grad():
+            want = (m(x) - small.model.layers[0].mlp(x)).norm() / m(x).norm()
+        assert got["mlp"] == pytest.approx(float(want), rel=1e-9), select
+        hessian = h_in if select == "greedy" else None
+        *_, sets = width.merge_kv_heads(w["q"], w["k"], w["v"], w["o"], 4, 4, 2, hessian)
+        err = total = 0.0
+        for proj in (a.k_proj, a.v_proj):
+            with torch.no_grad():
+                y = proj(x).reshape(300, 4, 8)  # (tokens, heads, head_dim)
+            for group in sets:
+                merged = y[:, group].mean(1, keepdim=True)
+                err += float(((y[:, group] - merged) ** 2).sum())
+            total += float((y**2).sum())
+        assert got["kv"] == pytest.approx((err / total) ** 0.5, rel=1e-9) and got["kv"] > 0
+    removed = width.block_errors(w, width.WidthConfig(skip="attention"), 4, h_down, h_in)
+    assert removed == {"mlp": 0.0, "kv": 1.0}
+    blind = width.block_errors(w, width.WidthConfig(ffn=10, kv_heads=2, select="norm"), 4)
+    assert blind == {"mlp": None, "kv": None}
