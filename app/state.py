@@ -370,3 +370,18 @@ def block_error(spec: str, block: str, settings: tuple, calib_key: str | None = 
     h = {n: grams[mats[r].name][0].double() for r, n in (("down", "down"), ("q", "in"))
          if grams is not None and mats[r].name in grams}  # fmt: skip
     return block_errors(w, config, heads_of(model.config)[0], h.get("down"), h.get("in"))
+
+
+@st.cache_data(show_spinner=False, max_entries=512)
+def intermediate_spectrum(spec: str, calib_key: str, block: str) -> tuple | None:
+    """(singular values of the block's MLP intermediate activations, their effective
+    rank, the MLP's neurons) on the calibration in `calib_key`; None without them."""
+    from spectra.plan.width_auto import intermediate_spectrum as spectrum
+
+    down = next((m for m in opened(spec).matrices if m.name.startswith(block + ".")
+                 and m.role == "down"), None)  # fmt: skip
+    grams = calibration_block(spec, calib_key, roles.block_of(block + ".mlp"))
+    if down is None or grams is None or down.name not in grams:
+        return None
+    s, erank = spectrum(grams[down.name][0])
+    return s, erank, down.shape[1]

@@ -5,6 +5,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from app import state
+from app.views import width_spectra
 from app.views.charts import POLL_S, block_ticks, csv_text, decimate, heatmap_frame, log_y
 from app.views.progress import Eta
 from spectra.background import eta_text
@@ -154,6 +155,8 @@ def body(spec: str, job, polling: bool) -> None:
     chosen = pick(layout, clicked)
     if chosen:
         curves(df, chosen, aware)
+    if aware:
+        width_spectra.render(spec, str(grams.folder), layout)
     table = df.drop("sigma", "calib_sigma", "bond_spectra", "content_hash", strict=False)
     st.dataframe(table, width="stretch", hide_index=True, key="spectra_table")
     st.download_button(

@@ -115,17 +115,22 @@ def _block_index(name: str) -> int:
     return int(name.rsplit(".", 1)[1])
 
 
-def _eranks(mlps, grams, progress) -> list[float]:
+def intermediate_spectrum(h) -> tuple[np.ndarray, float]:
+    """(singular values of the intermediate activations Z, descending; their effective
+    rank, exp of the entropy of s / sum s) from down_proj's input Gram H = Z^T Z."""
     import torch
 
+    s = torch.linalg.eigvalsh(h.to(torch.float64)).clamp_min(0).sqrt().flip(0).numpy()
+    p = s / s.sum()
+    p = p[p > 0]
+    return s, float(np.exp(-(p * np.log(p)).sum()))
+
+
+def _eranks(mlps, grams, progress) -> list[float]:
     grams = _need(grams, "erank")
     out = []
     for i, b in enumerate(mlps):
-        h = grams[_block_index(b["name"])][b["down"]][0].to(torch.float64)
-        s = torch.linalg.eigvalsh(h).clamp_min(0).sqrt().numpy()
-        p = s / s.sum()
-        p = p[p > 0]
-        out.append(float(np.exp(-(p * np.log(p)).sum())))
+        out.append(intermediate_spectrum(grams[_block_index(b["name"])][b["down"]][0])[1])
         if progress:
             progress(i + 1, len(mlps), b["name"])
     return out

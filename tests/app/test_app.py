@@ -373,6 +373,19 @@ def test_the_spectra_page_switches_to_activation_aware_spectra(on_bos_llama):
     assert at.selectbox(key="spectra_metric::True").options[0] == "effective rank"
     table = at.dataframe[-1].value
     assert "calib_erank" in table.columns and table["calib_erank"].notna().sum() == 14
+    # each chosen block's intermediate activation spectrum beside the plan's width
+    at.session_state.plan_layers = {"model.layers.0": {"method": "width", "ffn": 40}}
+    at.multiselect(key="width_blocks").set_value(["model.layers.0", "model.layers.1"]).run()
+    assert not at.exception, at.exception
+    assert not [c.value for c in at.caption if "No calibration of" in c.value]
+    frames = [d.value for d in at.dataframe]
+    rows = next(f for f in frames if "top_width_energy" in f.columns).to_dict("records")
+    assert [(r["block"], r["width"], r["neurons"]) for r in rows] == [
+        ("model.layers.0", 40, 96),
+        ("model.layers.1", 96, 96),
+    ]
+    assert 1 < rows[0]["erank"] <= 96 and rows[1]["top_width_energy"] == 1.0
+    assert 0 < rows[0]["top_width_energy"] < 1
 
 
 def test_export_page_exports_an_applied_plan(on_bos_llama, tmp_path):
