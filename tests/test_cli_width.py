@@ -182,11 +182,14 @@ def test_width_refuses_an_mlp_that_is_not_gated(family_dir, tmp_path, cli):
 
 def test_plan_auto_width_meets_the_budget_and_loss_beats_uniform(family_dir, tmp_path, capsys):
     """Each allocation keeps at most the target and plan show counts what it says; the
-    calibrated allocation's predicted damage is at most uniform's; erank orders widths
-    as the blocks' effective ranks."""
+    calibrated allocation's predicted damage (each block's greedy residual with down_proj's
+    output channels weighted by the loss's output Fisher) is at most uniform's; erank
+    orders widths as the blocks' effective ranks; `--uniform` rounds loss's widths to
+    uniform's, `--multiple` sets the step."""
     from compressors.width import greedy_neurons
     from spectra.data import calibration
     from spectra.io.model import open_model
+    from spectra.plan.sensitivity import importance_of
 
     model_dir = family_dir("llama")
     plans = {}
@@ -207,13 +210,16 @@ def test_plan_auto_width_meets_the_budget_and_loss_beats_uniform(family_dir, tmp
     assert [widths["erank"][n] for n in names] == sorted(widths["erank"][n] for n in names)
     model = open_model(model_dir)
     grams = calibration.cached(model, calibration.for_model(model, tokens=4096))
+    importance = importance_of(model, grams)
+    assert plans["loss"]["allocation"]["damage_kind"] == "loss (output Fisher)"
 
-    def damage(chosen):  # the greedy residual each block's chosen width leaves
+    def damage(chosen):  # the weighted greedy residual each block's chosen width leaves
         total = 0.0
         for name, k in chosen.items():
             block = int(name.rsplit(".", 1)[1])
             h = grams[block][f"{name}.mlp.down_proj"][0].double()
             w = torch.from_numpy(model.matrix(f"{name}.mlp.down_proj").read()).double()
+            w = w * importance[f"{name}.mlp.down_proj"][0].double().sqrt()[:, None]
             gains: list = []
             greedy_neurons(w, h, k, gains)
             total += float(torch.einsum("ij,jk,ik->", w, h, w)) - sum(gains)
@@ -223,6 +229,14 @@ def test_plan_auto_width_meets_the_budget_and_loss_beats_uniform(family_dir, tmp
     assert sum(plans["loss"]["allocation"]["damage"].values()) == pytest.approx(
         damage(widths["loss"]), rel=1e-6
     )
+    out = tmp_path / "round.yaml"
+    args = ["plan", "auto", model_dir, "--method", "width", "--target-params", "0.85"]
+    assert main([*args, "--uniform", "--multiple", "16", "-o", out, "--json"]) == 0
+    capsys.readouterr()
+    got = yaml.safe_load(out.read_text())["allocation"]
+    assert len(set(got["widths"].values())) == 1 and got["uniform"] and got["multiple"] == 16
+    assert all(w % 16 == 0 or w == 96 for w in got["proposed"].values())
+    assert next(iter(got["widths"].values())) >= next(iter(widths["uniform"].values()))
 
 
 def test_plan_auto_width_refuses_what_it_cannot_do(family_dir, tmp_path, cli):
@@ -230,6 +244,7 @@ def test_plan_auto_width_refuses_what_it_cannot_do(family_dir, tmp_path, cli):
         (["--allocate", "alpha"], "with --method width one of"),
         (["--target-params", "0.05"], "at least 32 neurons"),
         (["--target-bits", "4"], "--target-bits with --method width"),
+        (["--multiple", "0"], "--multiple 0"),
     ):
         out = tmp_path / "p.yaml"
         r = cli("plan", "auto", family_dir("llama"), "--method", "width", *args, "-o", out)
@@ -238,6 +253,8 @@ def test_plan_auto_width_refuses_what_it_cannot_do(family_dir, tmp_path, cli):
         assert not out.exists()
     r = cli("plan", "auto", family_dir("gpt2"), "--method", "width", "-o", tmp_path / "g.yaml")
     assert r.returncode == 2 and "gated MLP" in r.stderr
+    r = cli("plan", "auto", family_dir("llama"), "--method", "lowrank", "--uniform", "-o", out)
+    assert r.returncode == 2 and "--uniform is for --method width" in r.stderr and not out.exists()
 
 
 LLAMACPP = Path(__file__).resolve().parents[1] / ".venv-llamacpp" / ".spectra-engine"

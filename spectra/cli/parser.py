@@ -259,6 +259,21 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="BAND",
         help="owl: the band target +- BAND, in (0, 1) (default 0.08)",
     )
+    auto.add_argument(
+        "--multiple",
+        type=int,
+        default=None,
+        metavar="N",
+        help="--method width: MLP widths in multiples of N neurons (default 32, what GGUF's "
+        "quantized rows need; llama.cpp's Nemotron-NAS converter rounds to 256)",
+    )
+    auto.add_argument(
+        "--uniform",
+        action="store_true",
+        help="--method width: one width in every block (the widest multiple the budget "
+        "allows; the allocation's own widths are recorded beside it), so that the export "
+        "is the checkpoint's own architecture, which every engine and format runs",
+    )
     auto.add_argument("--keep-dense", help="full-match regex of modules left dense")
     auto.add_argument(
         "--min-rank",

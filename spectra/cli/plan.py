@@ -75,6 +75,9 @@ def cmd_plan_auto(args) -> int:
         args.target_params = DEFAULT_TARGET_PARAMS
     if args.method == "width":
         return _plan_auto_width(args)
+    if args.multiple is not None or args.uniform:
+        flag = "--multiple" if args.multiple is not None else "--uniform"
+        raise SpectraInputError(f"{flag} is for --method width (its MLP widths)")
     floors = autoplan.parse_floors(args.min_rank, args.min_bits, args.keep_dense, args.preset)
     strategy = Strategy(args.allocate, args.alpha_e, args.owl_band)  # bad knobs: exit 2
     # loaded (streamed where it must be) only if a damage is scored on it
@@ -150,7 +153,8 @@ def _plan_auto_width(args) -> int:
         raise SpectraInputError("--target-bits with --method width: width sets parameters")
     model = open_model(args.model, args.device, args.dtype, args.offload)
     # an unsupported architecture or budget: refused before calibrating
-    width_auto.check(model, args.target_params, args.allocate)
+    multiple = width_auto.MULTIPLE if args.multiple is None else args.multiple
+    width_auto.check(model, args.target_params, args.allocate, multiple)
     grams = None
     if args.sensitivity != "none":
         found = calibration.latest(model)
@@ -165,10 +169,17 @@ def _plan_auto_width(args) -> int:
         except SpectraInputError:
             if args.allocate != "uniform":
                 raise
+    importance = None
+    if args.allocate == "loss" and grams is not None:  # the damage in loss units
+        from spectra.plan.sensitivity import importance_of
+
+        with progress_bar("output Fisher", unit="block") as progress:
+            importance = importance_of(model, grams, progress=progress)
     with progress_bar(f"width ({args.allocate})", unit="block") as progress:
         plan, facts = width_auto.width_plan(
-            model, args.target_params, args.allocate, grams, progress=progress
-        )
+            model, args.target_params, args.allocate, grams, multiple, progress,
+            importance, args.uniform,
+        )  # fmt: skip
     fmt = "json" if args.out.suffix.lower() == ".json" else "yaml"
     body = plans.dumps(plan, fmt)
     if fmt == "yaml":

@@ -160,6 +160,14 @@ def calibrated(
     )
     if not importance:
         return Calibrated(grams.hessians(), grams.tokens, None)
+    found = importance_of(model, grams, use_cache, progress, network)
+    return Calibrated(grams.hessians(), grams.tokens, found)
+
+
+def importance_of(model: Model, grams, use_cache: bool = True, progress=None, network=None):
+    """{module: (F, A)} (`output_fisher`) on the first IMPORTANCE_TOKENS tokens of the
+    calibration `grams` was computed on, cached beside it."""
+    spec_c = grams.settings
     n = max(1, min(spec_c.samples, IMPORTANCE_TOKENS // spec_c.seqlen))
     path = grams.folder / f"importance-v{IMPORTANCE_VERSION}-{n}.safetensors"
     found = _read_importance(path) if use_cache else None
@@ -174,7 +182,7 @@ def calibrated(
             }
             with cache.atomic_path(path) as tmp:
                 save_file(flat, str(tmp))
-    return Calibrated(grams.hessians(), grams.tokens, found)
+    return found
 
 
 def _read_importance(path):

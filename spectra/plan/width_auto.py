@@ -57,29 +57,42 @@ def widths(n: int, multiple: int) -> list[int]:
 
 
 def allocate_widths(model, target: float, how: str, grams=None, multiple: int = MULTIPLE,
-                    progress=None) -> tuple[dict[str, int], dict]:  # fmt: skip
+                    progress=None, importance=None,
+                    uniform: bool = False) -> tuple[dict[str, int], dict]:  # fmt: skip
     """({block name: MLP width}, facts) meeting `target` (fraction of linear parameters
     kept) by `how` (ALLOCATE); `grams`: the calibration, read a block at a time (loss
-    and erank)."""
+    and erank); `importance`: the modules' output loss weights (`output_fisher`), which
+    put loss's damage in loss units (None: the plain output error); `uniform`: then one
+    width in every block, the widest the budget allows (the allocation's own widths
+    kept in facts["proposed"])."""
     mlps, total, fixed, budget = check(model, target, how, multiple)
     t0 = time.perf_counter()
     facts: dict = {"allocate": how, "multiple": multiple}
     if how == "uniform":
-        common = sorted({w for b in mlps for w in widths(b["n"], multiple)})
-        fit = [w for w in common if sum(b["per"] * min(w, b["n"]) for b in mlps) <= budget]
-        chosen = {b["name"]: min(fit[-1], b["n"]) for b in mlps}
+        chosen = _uniform(mlps, budget, multiple)
     elif how == "erank":
         ranks = _eranks(mlps, grams, progress)
         facts["erank"] = {b["name"]: round(r, 1) for b, r in zip(mlps, ranks, strict=True)}
         chosen = _scaled(mlps, ranks, budget, multiple)
     else:
-        units = _loss_units(model, mlps, grams, multiple, progress)
+        units = _loss_units(model, mlps, grams, multiple, progress, importance)
+        facts["damage_kind"] = "loss (output Fisher)" if importance else "output error"
         picked = allocate(units, budget, "params")
         chosen = {u.names[0]: c.config for u, c in zip(units, picked, strict=True)}
         facts["damage"] = {u.names[0]: c.damage for u, c in zip(units, picked, strict=True)}
+    if uniform and how != "uniform":
+        facts["proposed"], chosen = chosen, _uniform(mlps, budget, multiple)
+    facts["uniform"] = uniform or how == "uniform"
     kept = fixed + sum(b["per"] * chosen[b["name"]] for b in mlps)
     facts.update(params_ratio=kept / total, seconds=round(time.perf_counter() - t0, 2))
     return chosen, facts
+
+
+def _uniform(mlps, budget: int, multiple: int) -> dict[str, int]:
+    """One width in every block: the widest multiple of `multiple` within the budget."""
+    common = sorted({w for b in mlps for w in widths(b["n"], multiple)})
+    fit = [w for w in common if sum(b["per"] * min(w, b["n"]) for b in mlps) <= budget]
+    return {b["name"]: min(fit[-1], b["n"]) for b in mlps}
 
 
 def check(model, target: float, how: str, multiple: int = MULTIPLE):
@@ -91,6 +104,8 @@ def check(model, target: float, how: str, multiple: int = MULTIPLE):
         )
     if not 0 < target <= 1:
         raise SpectraInputError(f"--target-params {target}: must be in (0, 1]")
+    if multiple < 1:
+        raise SpectraInputError(f"--multiple {multiple}: must be a whole number of neurons >= 1")
     mats = [m for m in model.matrices if m.role != "embed"]
     mlps = mlp_blocks(mats)
     total = sum(m.shape[0] * m.shape[1] for m in mats)
@@ -156,8 +171,11 @@ def _scaled(mlps, ranks, budget: int, multiple: int) -> dict[str, int]:
     return at(lo)
 
 
-def _loss_units(model, mlps, grams, multiple: int, progress) -> list[Unit]:
-    """One allocation unit per block: its widths, each with the greedy residual."""
+def _loss_units(model, mlps, grams, multiple: int, progress, importance=None) -> list[Unit]:
+    """One allocation unit per block: its widths, each with the greedy residual, each
+    output channel i of down_proj weighted by F_i, the mean squared gradient of the loss
+    with respect to it (`importance`), so the damage is the predicted loss increase,
+    0.5 sum_i F_i (E H E^T)_ii / rows, up to one factor for every block."""
     import torch
 
     from compressors.width import greedy_neurons
@@ -168,6 +186,9 @@ def _loss_units(model, mlps, grams, multiple: int, progress) -> list[Unit]:
         block = grams[_block_index(b["name"])]
         h = block[b["down"]][0]
         down = torch.from_numpy(model.matrix(b["down"]).read())
+        if importance is not None and b["down"] in importance:
+            f = importance[b["down"]][0].to(down.dtype).clamp_min(0)
+            down = down * f.sqrt()[:, None]
         gains: list[float] = []
         greedy_neurons(down, h, b["n"], gains)
         w = down.to(torch.float64)
@@ -184,13 +205,15 @@ def _loss_units(model, mlps, grams, multiple: int, progress) -> list[Unit]:
 
 
 def width_plan(model, target: float, how: str, grams=None, multiple: int = MULTIPLE,
-               progress=None):  # fmt: skip
+               progress=None, importance=None, uniform: bool = False):  # fmt: skip
     """(plan, facts): `allocate_widths` written as a plan of `layers` block entries
     (a block kept whole has none), on the calibration it was scored on."""
     from compressors.registry import make_config
     from spectra.plan.format import Plan
 
-    chosen, facts = allocate_widths(model, target, how, grams, multiple, progress)
+    chosen, facts = allocate_widths(
+        model, target, how, grams, multiple, progress, importance, uniform
+    )
     full = {b["name"]: b["n"] for b in mlp_blocks(model.matrices)}
     layers = {
         name: make_config("width", ffn=k, select="greedy" if grams is not None else "norm")
