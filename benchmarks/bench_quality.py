@@ -256,10 +256,12 @@ def width_plan(ratio: float, how: str) -> dict:
     from spectra.data import calibration
     from spectra.plan import format as plans
     from spectra.plan import width_auto
+    from spectra.plan.sensitivity import importance_of
 
     demo = open_model("demo")
     grams = calibration.calibrate(demo, calibration.CalibrationSpec(**CALIB))
-    plan, _ = width_auto.width_plan(demo, ratio, how, grams)
+    importance = importance_of(demo, grams) if how == "loss" else None  # as plan auto
+    plan, _ = width_auto.width_plan(demo, ratio, how, grams, importance=importance)
     return dict(plans.to_dict(plan), model="demo", calibration=CALIB)
 
 

@@ -115,7 +115,8 @@ def test_a_uniform_width_plan_exports_the_models_own_smaller_architecture(
 
 def test_per_block_widths_export_with_the_projects_modeling_file(family_dir, tmp_path, capsys):
     """A removed attention and a skipped block: OUT equals the narrowed model, the hf
-    export (its own modeling file) equals OUT, and formats that need one width refuse."""
+    export (its own modeling file), resident or streamed, equals OUT, and
+    compressed-tensors, which needs one width, refuses."""
     model, plan = family_dir("llama"), write_plan(tmp_path, PER_BLOCK)
     out = tmp_path / "out"
     assert main(["apply", plan, "--model", model, "-o", out]) == 0
@@ -140,9 +141,22 @@ def test_per_block_widths_export_with_the_projects_modeling_file(family_dir, tmp
     ]
     got = read_back(tmp_path, dest, remote=True)
     assert float((got["logits"] - want).abs().max() / want.abs().max()) < 1e-5
-    for fmt, off in (("compressed-tensors", "none"), ("hf", "disk")):
-        dest = tmp_path / f"{fmt}-{off}"
-        code = main(["export", out, "--format", fmt, "-o", dest, "--offload", off])
+    # streamed (a tensor at a time, the skipped block's names mapped): the same checkpoint
+    streamed = tmp_path / "hf-disk"
+    assert main(["export", out, "--format", "hf", "-o", streamed, "--offload", "disk"]) == 0
+    assert json.loads((streamed / "config.json").read_text()) == config
+    got = read_back(tmp_path, streamed, remote=True)
+    assert float((got["logits"] - want).abs().max() / want.abs().max()) < 1e-5
+    gguf = {}
+    for off in ("none", "disk"):  # llama.cpp's Deci blocks, resident or streamed: one file
+        dest = tmp_path / f"gguf-{off}"
+        args = ["export", out, "--format", "gguf", "--gguf-type", "F16", "--offload", off]
+        assert main([*args, "-o", dest]) == 0
+        gguf[off] = (dest / "model.gguf").read_bytes()
+    assert gguf["none"] == gguf["disk"]
+    for off in ("none", "disk"):
+        dest = tmp_path / f"ct-{off}"
+        code = main(["export", out, "--format", "compressed-tensors", "-o", dest, "--offload", off])
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and "width" in err[0], err
         assert not dest.exists()

@@ -112,15 +112,20 @@ class Streamed:
         self.modules = manifest["modules"]
         with init_empty_weights(include_buffers=False):
             self.dense = AutoModelForCausalLM.from_config(self.config)
-        if manifest.get("blocks"):  # width narrowed them
+        # width: skipped blocks out (the rest renumbered: `_old` names them in OUT), one
+        # width into the config, or the blocks' widths for a per-block export
+        self.blocks, self._renamed = None, None
+        if manifest.get("blocks"):
             from compressors import width_model
 
-            width_model.restructure(self.dense, manifest["blocks"])
-            if not width_model.plain_config(self.dense):
-                raise SpectraInputError(
-                    f"{out}: width left its blocks different (or skipped some): read it "
-                    "whole to export it (--offload none)"
-                )
+            recorded = manifest["blocks"]
+            width_model.restructure(self.dense, recorded)
+            prefix = blocks.layers_name(self.dense)
+            _, self.blocks = width_model.exported(self.dense, {})
+            kept = [i for i, b in enumerate(recorded) if b["ffn"] or b["kv_heads"]]
+            if len(kept) < len(recorded):
+                self._renamed = (re.compile(rf"^{re.escape(prefix)}\.(\d+)\."), prefix, kept)
+                self.modules = self._renumbered(manifest["modules"])
         self.dense.tie_weights()  # outside the context, as compressors.blocks' skeleton
         self.config = self.dense.config
         self.names = _distinct(self.dense)
@@ -128,6 +133,32 @@ class Streamed:
         self.dtype = self.dense.dtype
         layers = blocks.decoder_layers(self.dense)
         self.prefix = next(n for n, m in self.dense.named_modules() if m is layers)
+
+    def _old(self, name: str) -> str:
+        """`name` (of the export) as OUT's files name it."""
+        if self._renamed is None:
+            return name
+        pattern, prefix, kept = self._renamed
+        return pattern.sub(lambda m: f"{prefix}.{kept[int(m.group(1))]}.", name, count=1)
+
+    def _renumbered(self, modules: dict) -> dict:
+        """The manifest's modules by their export names (those of dropped blocks out)."""
+        pattern, prefix, kept = self._renamed
+        new = {}
+        for name in modules:
+            m = pattern.match(name)
+            if m is None:
+                new[name] = name
+            elif int(m.group(1)) in kept:
+                new[name] = f"{prefix}.{kept.index(int(m.group(1)))}.{name[m.end() :]}"
+        out = {}
+        for name, spec in modules.items():
+            if name in new:
+                spec = dict(spec)
+                if spec.get("shared_with"):
+                    spec["shared_with"] = new[spec["shared_with"]]
+                out[new[name]] = spec
+        return out
 
     def parts(self) -> list[list[str]]:
         """The names by block, and by module outside the blocks, in state-dict order."""
@@ -178,12 +209,12 @@ class Streamed:
         owner, _, attr = name.rpartition(".")
         spec = self.modules.get(owner)
         if spec is None:
-            ref = self.refs["dense"].get(name)
+            ref = self.refs["dense"].get(self._old(name))
             if ref is None:
                 raise SpectraInputError(f"{self.out}: corrupt compressed checkpoint (no {name})")
             return read_tensor(ref, self.dtype)
         if attr == "bias":
-            return read_tensor(self.refs["factors"][f"{owner}#bias"])
+            return read_tensor(self.refs["factors"][f"{self._old(owner)}#bias"])
         f = self.factorization(owner)
         w = f.member_dense(spec.get("member", 0))
         w = w.T if is_conv1d(self.module(owner)) else w  # GPT-2: (in, out)
