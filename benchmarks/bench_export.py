@@ -335,6 +335,39 @@ def _vs_dense(rows: dict) -> dict:
     return out
 
 
+def plot_methods(part: dict, path: Path) -> None:
+    """Each methods row against the dense model in the same engine: file bytes and
+    decode tokens/s, one panel each, a bar per engine."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    ratios = part.get("vs_dense") or _vs_dense(part["rows"])
+    names = list(ratios)
+    engines = (("transformers", "transformers (hf)"), ("llama_cpp", "llama.cpp (GGUF)"),
+               ("vllm", "vLLM"))  # fmt: skip
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), dpi=120, sharey=True)
+    y = np.arange(len(names))
+    panels = (("file_bytes", "file bytes / dense"), ("decode_tok_s", "decode tokens/s / dense"))
+    for ax, (key, title) in zip(axes, panels, strict=True):
+        for i, (eng, label) in enumerate(engines):
+            vals = [ratios[n][eng].get(key) or 0 for n in names]
+            ax.barh(y + (i - 1) * 0.27, vals, height=0.27, label=label)
+        ax.axvline(1.0, color="gray", lw=1, ls="--")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3, axis="x")
+    axes[0].set_yticks(y, names, fontsize=8)
+    axes[0].invert_yaxis()
+    axes[1].legend(fontsize=8, loc="lower right")
+    fig.suptitle("SmolLM2-135M exports in the engines (0: did not run there)", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    print(f"plot: {path}")
+
+
 ENGINE_TOKENS = 2048
 ENGINE_RUNS = {"llama.cpp": llama_cpp, "transformers": lowrank_hf, "vllm": vllm, "width": width,
                "methods": methods}  # fmt: skip
@@ -365,6 +398,7 @@ def main() -> None:
                         args.out.write_text(json.dumps(results, indent=2) + "\n")
 
                     done[name] = methods(work, limit, done.get(name) or {}, save)
+                    plot_methods(done[name], REPO / "docs/img/bench/export_methods.png")
                 else:
                     done[name] = ENGINE_RUNS[name](work, limit)
                 print(name, json.dumps(done[name], indent=2), flush=True)

@@ -407,9 +407,48 @@ def engines() -> str:
             f"{ratio('width-uniform-80', 'transformers', 'decode'):.2f}x.",
             table(["", "`spectra eval OUT`", "llama.cpp (GGUF Q8_0)", "transformers (hf)"], rows),
         ]
+    if "methods" in e:
+        parts += [methods_table(e["methods"])]
     if not parts:
         return "Not run yet: `python benchmarks/bench_export.py --engines`."
     return "\n\n".join([*parts, source("bench_export")])
+
+
+def methods_table(part: dict) -> str:
+    """bench_export --engines methods: every method at 50% and 80% in the three engines,
+    each cell the export's bytes, the engine's perplexity and decode tokens/s against the
+    dense model in the same engine."""
+    rows = part["rows"]
+    engines = (("transformers", "transformers (hf float16, run in float32)"),
+               ("llama_cpp", "llama.cpp (GGUF F16; GPTQ: Q4_0)"),
+               ("vllm", "vLLM (float32)"))  # fmt: skip
+
+    def cell(name: str, eng: str) -> str:
+        r = rows[name][eng]
+        if not r.get("ppl"):
+            return "did not run: " + (r.get("error") or "no result")
+        size = f"{r['file_bytes'] / 1e6:.0f} MB"
+        if name == "dense":
+            return f"{size}, ppl {ppl(r['ppl'])}, decode {r['decode_tok_s']:.1f} tok/s"
+        d = rows["dense"][eng]
+        return (f"{size} ({r['file_bytes'] / d['file_bytes']:.2f}x), ppl {ppl(r['ppl'])}, "
+                f"decode {r['decode_tok_s'] / d['decode_tok_s']:.2f}x")  # fmt: skip
+
+    body = [[f"`{n}`", ppl(r["spectra_eval_out_ppl"]), *(cell(n, eng) for eng, _ in engines)]
+            for n, r in rows.items()]  # fmt: skip
+    intro = (
+        "**Every method** (`--engines methods`) at bench_quality's 50% and 80% rows "
+        "(whitened where the method has it) and GPTQ W4 g32, beside the dense demo: "
+        "each OUT exported hf (float16; factorized modules kept compact) for "
+        "transformers, GGUF for llama.cpp (which has no factorized or sparse layout: "
+        "those modules are written dense, F16), and the plain checkpoint `apply --dense` "
+        "writes for vLLM (which runs no compact export; GPTQ as compressed-tensors "
+        "W4A16 g32). Ratios are against the dense model in the same engine; perplexity "
+        "on the first 2,048 evaluation tokens, beside `spectra eval OUT` on the same "
+        "windows. ![every method in the engines](img/bench/export_methods.png)"
+    )
+    head = ["", "`spectra eval OUT`", *(label for _, label in engines)]
+    return intro + "\n\n" + table(head, body)
 
 
 def small() -> str:
