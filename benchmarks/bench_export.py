@@ -295,16 +295,19 @@ def methods(work: Path, limit: list, prior: dict, save) -> dict:
                           "--gguf-embedding-type", emb, "-o", gg)  # fmt: skip
         row["gguf_stored"] = sorted({m["stored"] for m in summary["modules"]})
         row["llama_cpp"] = dict(checked(gg, "--max-tokens", limit[1]), gguf_type=kind)
-        if name.startswith("gptq"):
-            spectra("export", out, "--format", "compressed-tensors", "--dtype", "float32",
+        if name.startswith("gptq"):  # vLLM's 4-bit CPU kernel has no float32 path
+            spectra("export", out, "--format", "compressed-tensors", "--dtype", "bfloat16",
                     "-o", ct)  # fmt: skip
-            row["vllm"] = dict(checked(ct, "--engine", "vllm", "--max-tokens", limit[1]),
-                               loads="compressed-tensors W4A16 g32")  # fmt: skip
+            row["vllm"] = dict(checked(ct, "--engine", "vllm", "--dtype", "bfloat16",
+                                       "--max-tokens", limit[1]),
+                               loads="compressed-tensors W4A16 g32", dtype="bfloat16")  # fmt: skip
         else:
             plain = out / "dense" if (out / "dense").is_dir() else hf
-            row["vllm"] = dict(checked(plain, "--engine", "vllm", "--dtype", "float32",
-                                       "--max-tokens", limit[1]),
+            run = ["--engine", "vllm", "--max-tokens", limit[1], "--dtype"]
+            row["vllm"] = dict(checked(plain, *run, "float32"), dtype="float32",
                                loads="plain checkpoint (apply --dense)")  # fmt: skip
+            if name == "dense":  # the reference of the bfloat16 row above
+                row["vllm_bf16"] = dict(checked(plain, *run, "bfloat16"), dtype="bfloat16")
         for d in (out, hf, gg, ct):
             shutil.rmtree(d, ignore_errors=True)
         rows[name] = row
@@ -323,6 +326,8 @@ def _vs_dense(rows: dict) -> dict:
         out[name] = {}
         for engine in ("transformers", "llama_cpp", "vllm"):
             e, base = r[engine], d[engine]
+            if e.get("dtype") == "bfloat16" and "vllm_bf16" in d:  # the same dtype
+                base = d["vllm_bf16"]
             ratio = {
                 k: round(e[k] / base[k], 4) if e.get(k) and base.get(k) else None
                 for k in ("file_bytes", "peak_rss_gb", "prefill_tok_s", "decode_tok_s")
