@@ -204,8 +204,9 @@ def width(work: Path, limit: list) -> dict:
     """Width (issue 44) at 80% of the linear parameters (the demo's block parameters:
     its embedding is tied), allocated on the calibrated loss and uniform, unhealed: GGUF
     Q8_0 (embedding Q8_0) run by llama.cpp beside the dense model's Q8_0 GGUF, and hf
-    (float16) run by transformers in float32 beside the dense hf export: bytes, the
-    engines' perplexity, prefill and decode tokens/s."""
+    (float16) run by transformers and by vLLM (per-block widths: its DeciLM) in float32
+    beside the dense hf export: bytes, the engines' perplexity, prefill and decode
+    tokens/s."""
     dense = work / "dense" if (work / "dense").is_dir() else applied(work, "dense", [])
     outs = {"dense": dense}
     for how in ("loss", "uniform"):
@@ -225,6 +226,8 @@ def width(work: Path, limit: list) -> dict:
             transformers=checked(
                 hf, "--engine", "transformers", "--dtype", "float32", "--max-tokens", limit[1]
             ),  # fmt: skip
+            # the same hf directory: per-block widths are DeciLM's, which vLLM runs natively
+            vllm=checked(hf, "--engine", "vllm", "--dtype", "float32", "--max-tokens", limit[1]),
         )
         print("width", name, json.dumps(rows[name]), flush=True)
     d = rows["dense"]
@@ -239,7 +242,7 @@ def width(work: Path, limit: list) -> dict:
                 prefill=round(r[engine]["prefill_tok_s"] / d[engine]["prefill_tok_s"], 4),
                 ppl_vs_spectra_eval=round(r[engine]["ppl"] / r["spectra_eval_out_ppl"] - 1, 6),
             )
-            for engine in ("llama_cpp", "transformers")
+            for engine in ("llama_cpp", "transformers", "vllm")
         }
     return dict(rows=rows, vs_dense=ratios, targets=dict(bytes=0.85, llama_cpp_decode=1.1))
 

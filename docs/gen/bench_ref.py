@@ -383,7 +383,9 @@ def engines() -> str:
                     f"{row[eng]['file_bytes'] / 1e6:.1f} MB, ppl {ppl(row[eng]['ppl'])}, "
                     f"prefill {row[eng]['prefill_tok_s']:.0f}, "
                     f"decode {row[eng]['decode_tok_s']:.1f}"
-                    for eng in ("llama_cpp", "transformers")
+                    if row.get(eng, {}).get("ppl")
+                    else "not run"
+                    for eng in ("llama_cpp", "transformers", "vllm")
                 ),
             ]
             for name, row in r["rows"].items()
@@ -405,7 +407,8 @@ def engines() -> str:
             f"{ratio('width-uniform-80', 'llama_cpp', 'prefill'):.2f}x; transformers decode "
             f"{ratio('width-loss-80', 'transformers', 'decode'):.2f}x and "
             f"{ratio('width-uniform-80', 'transformers', 'decode'):.2f}x.",
-            table(["", "`spectra eval OUT`", "llama.cpp (GGUF Q8_0)", "transformers (hf)"], rows),
+            table(["", "`spectra eval OUT`", "llama.cpp (GGUF Q8_0)", "transformers (hf)",
+                   "vLLM (hf; per block: DeciLM)"], rows),  # fmt: skip
         ]
     if "methods" in e:
         parts += [methods_table(e["methods"])]
