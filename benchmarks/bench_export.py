@@ -387,6 +387,8 @@ def main() -> None:
     p.add_argument("--only", nargs="*", help="plan names")
     p.add_argument("--engines", nargs="*", choices=list(ENGINE_RUNS),
                    help="only the engine runs (all three without names)")  # fmt: skip
+    p.add_argument("--redo", nargs="*", default=[],
+                   help="--engines methods: rows measured again (the rest resume as saved)")  # fmt: skip
     p.add_argument("--out", type=Path, default=REPO / "benchmarks/results/bench_export.json")
     args = p.parse_args()
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}
@@ -405,7 +407,10 @@ def main() -> None:
                         done["methods"] = part
                         args.out.write_text(json.dumps(results, indent=2) + "\n")
 
-                    done[name] = methods(work, limit, done.get(name) or {}, save)
+                    prior = done.get(name) or {}
+                    for row in args.redo:
+                        prior.get("rows", {}).pop(row, None)
+                    done[name] = methods(work, limit, prior, save)
                     plot_methods(done[name], REPO / "docs/img/bench/export_methods.png")
                 else:
                     done[name] = ENGINE_RUNS[name](work, limit)
