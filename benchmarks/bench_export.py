@@ -387,8 +387,7 @@ def main() -> None:
     p.add_argument("--only", nargs="*", help="plan names")
     p.add_argument("--engines", nargs="*", choices=list(ENGINE_RUNS),
                    help="only the engine runs (all three without names)")  # fmt: skip
-    p.add_argument("--redo", nargs="*", default=[],
-                   help="--engines methods: rows measured again (the rest resume as saved)")  # fmt: skip
+    p.add_argument("--redo", nargs="*", default=[], help="--engines methods: rows run again")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks/results/bench_export.json")
     args = p.parse_args()
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}
