@@ -35,6 +35,7 @@ from spectra.plan.block_plan import blocks
 
 ALLOCATE = ("loss", "uniform", "erank")
 MULTIPLE = 32
+_UNITS: dict = {}  # the last model's loss units (its calibration, importance, multiple)
 
 
 def mlp_blocks(mats) -> list[dict]:
@@ -75,7 +76,11 @@ def allocate_widths(model, target: float, how: str, grams=None, multiple: int = 
         facts["erank"] = {b["name"]: round(r, 1) for b, r in zip(mlps, ranks, strict=True)}
         chosen = _scaled(mlps, ranks, budget, multiple)
     else:
-        units = _loss_units(model, mlps, grams, multiple, progress, importance)
+        key = (str(model), str(getattr(grams, "folder", id(grams))), multiple, importance is None)
+        if _UNITS.get("key") != key:  # one greedy run per block serves every budget
+            _UNITS.update(key=key, units=_loss_units(model, mlps, grams, multiple, progress,
+                                                     importance))  # fmt: skip
+        units = _UNITS["units"]
         facts["damage_kind"] = "loss (output Fisher)" if importance else "output error"
         picked = allocate(units, budget, "params")
         chosen = {u.names[0]: c.config for u, c in zip(units, picked, strict=True)}
