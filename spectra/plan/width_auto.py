@@ -4,16 +4,19 @@ budget (`--target-params`: the fraction of the linear parameters kept).
 Three ways to share the budget among blocks, each rounded to a multiple of
 `multiple` neurons (32: what GGUF's quantized row blocks need):
 
-- `loss` (the default): the least calibrated damage. A block's damage at k neurons is
-  the residual ||W_down (Z - P_S Z)^T||_F^2 left by the greedy choice of k neurons
-  with the refit (compressors.width.greedy_neurons): the error its MLP adds to the
-  residual stream, summed over the calibration tokens. One greedy run gives the whole
-  curve of a block; the convex-hull Lagrangian of spectra.plan.allocate shares the
-  budget. On the demo it does not beat uniform widths yet (unhealed perplexity 14.41,
-  16.58, 21.51 against uniform's 13.59, 14.64, 17.09 at 90, 80, 70%): each block's
-  output error is measured on the dense model's activations, without how much the
-  blocks after it amplify or absorb it. The residual relative to the MLP's whole output
-  was tried and did worse (16.99, 20.22, 23.55).
+- `loss` (the default): the least predicted loss increase. A block's damage at k
+  neurons is 0.5 sum_i F_i (E H E^T)_ii / rows, E = W_down - W_down' the error the
+  greedy choice of k neurons with the refit leaves (compressors.width.greedy_neurons
+  on down_proj with its output channels weighted by sqrt(F)), F_i the mean squared
+  gradient of the loss with respect to down_proj's output i (`output_fisher`, from
+  the calibration's first windows, cached beside it): the second-order loss increase
+  of that error, which says how much the rest of the network amplifies it. One greedy
+  run gives the whole curve of a block (kept for the next budget); the convex-hull
+  Lagrangian of spectra.plan.allocate shares the budget. On the demo (unhealed, whole
+  evaluation part) it beats uniform widths at 90% and 70% of the parameters (13.51 and
+  16.55 against 13.59 and 17.09) and not at 80% (14.81 against 14.64). Without F (each
+  block's plain output error, which ignores what comes after it) it was far worse:
+  14.41, 16.58, 21.51.
 - `uniform`: one width in every block.
 - `erank`: each block's width proportional to the effective rank of its intermediate
   activation spectrum (the singular values of Z, the square roots of H's
