@@ -246,7 +246,8 @@ def block_errors(w: dict, config, n_heads: int, h_down=None, h_in=None) -> dict:
                                               h_down, config.select)  # fmt: skip
             approx = torch.zeros_like(w["down"], dtype=new_down.dtype)
             approx[:, keep] = new_down
-            out["mlp"] = h_norm(w["down"] - approx, h_down) / h_norm(w["down"], h_down)
+            whole = h_norm(w["down"], h_down)
+            out["mlp"] = h_norm(w["down"] - approx, h_down) / whole if whole else 0.0
     if config.skip in ("attention", "block"):
         out["kv"] = 1.0
         return out

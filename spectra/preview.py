@@ -169,7 +169,11 @@ class Previewer(preview_width.WidthBlocks):
         current = self.current if current is None else current
         # a block narrowed by width is built whole (_width_changes); its modules wait
         modules, widths = preview_width.split(layers, self._prefix)
-        layers = {n: c for n, c in modules.items() if self.targets[n][0].block not in widths}
+        layers = {
+            n: c
+            for n, c in modules.items()
+            if n not in self.targets or self.targets[n][0].block not in widths
+        }  # an unknown name stays: resolve names it
         resolved = resolve(Plan(layers=layers), [t for t, _ in self.targets.values()], self.rank_of)
         entries = {e.name: e for e in resolved}
         changed = [

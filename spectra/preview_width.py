@@ -24,8 +24,10 @@ def split(layers: dict, prefix: str) -> tuple[dict, dict[int, object]]:
     modules, widths = {}, {}
     for name, config in layers.items():
         rest = name[len(prefix) + 1 :] if name.startswith(prefix + ".") else ""
-        if rest.isdigit():
+        if rest.isdigit() and getattr(config, "method", None) == "width":
             widths[int(rest)] = config
+        elif rest.isdigit() and config is None:
+            continue  # a block left whole
         else:
             modules[name] = config
     return modules, widths

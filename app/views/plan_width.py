@@ -38,16 +38,19 @@ def block_editor(spec: str, mats) -> None:
     current = dict(st.session_state.plan_layers.get(name) or {})
     tag = repr(sorted(current.items()))  # fresh widgets whenever the setting changes
     c = st.columns(4)
-    ffn = c[0].number_input("MLP neurons (ffn)", 1, full, int(current.get("ffn") or full),
+    # an imported plan's values outside what the widgets offer show as the nearest
+    start = min(max(int(current.get("ffn") or full), 1), full)
+    ffn = c[0].number_input("MLP neurons (ffn)", 1, full, start,
                             key=f"pw_ffn::{name}::{tag}")  # fmt: skip
     choices = [d for d in range(1, kv + 1) if kv % d == 0]
+    at = lambda options, value, default: options.index(value if value in options else default)  # noqa: E731
     kv_heads = c[1].selectbox("Key/value heads", choices,
-                              index=choices.index(current.get("kv_heads") or kv),
+                              index=at(choices, current.get("kv_heads"), kv),
                               key=f"pw_kv::{name}::{tag}")  # fmt: skip
-    skip = c[2].selectbox("Skip", SKIPS, index=SKIPS.index(current.get("skip", "none")),
+    skip = c[2].selectbox("Skip", SKIPS, index=at(SKIPS, current.get("skip"), "none"),
                           key=f"pw_skip::{name}::{tag}")  # fmt: skip
     select = c[3].selectbox("Neurons and heads chosen by", SELECTS,
-                            index=SELECTS.index(current.get("select", "greedy")),
+                            index=at(SELECTS, current.get("select"), "greedy"),
                             key=f"pw_select::{name}::{tag}",
                             help="greedy: on the calibration (computed when a preview needs "
                             "it), down_proj refit by least squares; norm: data-free, by "

@@ -25,7 +25,8 @@ def render(spec: str, calib_key: str, layout) -> None:
     st.subheader("MLP intermediate activations")
     layers = st.session_state.get("plan_layers") or {}
     planned = [b for b in blocks if (layers.get(b) or {}).get("method") == "width"]
-    if st.session_state.get("width_blocks") is None:
+    stored = st.session_state.get("width_blocks")
+    if stored is None or any(b not in blocks for b in stored):  # a first visit, another model
         st.session_state.width_blocks = planned[:4] or [blocks[len(blocks) // 2]]
     chosen = st.multiselect("Blocks", blocks, key="width_blocks")
     fig, rows, shown = go.Figure(), [], []

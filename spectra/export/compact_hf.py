@@ -127,7 +127,9 @@ def write(tmp: Path, src, dtype) -> tuple[list[dict], dict]:
 
     compact, dense = plan(src)
     blocks = getattr(src, "blocks", None)  # width's per-block widths
-    parts = [width_model.kept(part, blocks) for part in src.parts()]  # norms of removed out
+    # DeciLM's layout (pre-norm blocks): the norms of removed sublayers left out
+    deci = bool(blocks) and src.config.model_type in DECI_BASES
+    parts = [width_model.kept(part, blocks if deci else None) for part in src.parts()]
     named = {k for part in parts for k in part}
     tied = [f"{k}.weight" for k in compact if f"{k}.weight" not in named]  # a tied head
     if tied:
@@ -153,7 +155,6 @@ def write(tmp: Path, src, dtype) -> tuple[list[dict], dict]:
     write_index(tmp, weight_map, total)
     base = type(src.dense).__name__
     config = src.config
-    deci = blocks and config.model_type in DECI_BASES
     if compact or blocks:  # the project's modeling file builds them
         config.architectures = [f"Spectra{base}"]
         config.auto_map = {"AutoModelForCausalLM": f"{MODELING[:-3]}.Spectra{base}"}

@@ -115,16 +115,14 @@ def set_widths(model, blocks):
     for layer, want in zip(model.model.layers, blocks):
         ffn, kv = want["ffn"], want["kv_heads"]
         mlp, attn = layer.mlp, layer.self_attn
-        if ffn == 0:  # the norm before it goes too: the export has none
+        if ffn == 0:
             layer.mlp = Removed("mlp")
-            layer.post_attention_layernorm = nn.Identity()
         elif ffn != mlp.down_proj.in_features:
             mlp.gate_proj = narrowed(mlp.gate_proj, ffn, mlp.gate_proj.in_features)
             mlp.up_proj = narrowed(mlp.up_proj, ffn, mlp.up_proj.in_features)
             mlp.down_proj = narrowed(mlp.down_proj, mlp.down_proj.out_features, ffn)
         if kv == 0:
             layer.self_attn = Removed("attention")
-            layer.input_layernorm = nn.Identity()
         elif kv * attn.head_dim != attn.k_proj.out_features:
             attn.k_proj = narrowed(attn.k_proj, kv * attn.head_dim, attn.k_proj.in_features)
             attn.v_proj = narrowed(attn.v_proj, kv * attn.head_dim, attn.v_proj.in_features)
@@ -204,8 +202,23 @@ class SpectraDeciConfig({config}):
 
     def to_dict(self):
         out = super().to_dict()
-        out["block_configs"] = [b.to_dict() for b in self.block_configs]
+        blocks = getattr(self, "block_configs", None) or []
+        out["block_configs"] = [b.to_dict() if hasattr(b, "to_dict") else b for b in blocks]
         return out
+
+
+_base_widths = set_widths
+
+
+def set_widths(model, blocks):
+    """As above, and a removed sublayer's norm gone too (a pre-norm block: the norm
+    feeds only that sublayer; DeciLM's checkpoints have none there)."""
+    _base_widths(model, blocks)
+    for layer, want in zip(model.model.layers, blocks):
+        if want["ffn"] == 0:
+            layer.post_attention_layernorm = nn.Identity()
+        if want["kv_heads"] == 0:
+            layer.input_layernorm = nn.Identity()
 
 
 Spectra{base}.config_class = SpectraDeciConfig

@@ -79,8 +79,11 @@ def allocate_widths(model, target: float, how: str, grams=None, multiple: int = 
         facts["erank"] = {b["name"]: round(r, 1) for b, r in zip(mlps, ranks, strict=True)}
         chosen = _scaled(mlps, ranks, budget, multiple)
     else:
-        key = (str(model), str(getattr(grams, "folder", id(grams))), multiple, importance is None)
-        if _UNITS.get("key") != key:  # one greedy run per block serves every budget
+        # one greedy run per block serves every budget: kept for a cached calibration
+        # (its folder names the weights and the settings; the importance is its own)
+        folder = getattr(grams, "folder", None)
+        key = (str(model), str(folder), multiple, importance is None) if folder else None
+        if key is None or _UNITS.get("key") != key:
             _UNITS.update(key=key, units=_loss_units(model, mlps, grams, multiple, progress,
                                                      importance))  # fmt: skip
         units = _UNITS["units"]
@@ -88,8 +91,9 @@ def allocate_widths(model, target: float, how: str, grams=None, multiple: int = 
         picked = allocate(units, budget, "params")
         chosen = {u.names[0]: c.config for u, c in zip(units, picked, strict=True)}
         facts["damage"] = {u.names[0]: c.damage for u, c in zip(units, picked, strict=True)}
-    if uniform and how != "uniform":
+    if uniform and how != "uniform":  # the allocation's widths kept, its damage not
         facts["proposed"], chosen = chosen, _uniform(mlps, budget, multiple)
+        facts.pop("damage", None)
     facts["uniform"] = uniform or how == "uniform"
     kept = fixed + sum(b["per"] * chosen[b["name"]] for b in mlps)
     facts.update(params_ratio=kept / total, seconds=round(time.perf_counter() - t0, 2))

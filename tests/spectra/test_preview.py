@@ -355,3 +355,6 @@ def test_width_blocks_preview_as_apply_and_eval_score_them(family, family_dir):
     assert pv.preview({}, 128).ppl == pytest.approx(got.dense_ppl, rel=1e-6)
     back = pv.preview(layers, 128)  # both narrowed blocks kept: nothing rebuilt
     assert back.recompressed == 0 and back.ppl == pytest.approx(got.ppl, rel=1e-6)
+    unknown = {**layers, "model.layers.0.mlp.nope_proj": make_config("lowrank", rank=4)}
+    with pytest.raises(SpectraInputError, match="nope_proj"):  # one clear line, not a KeyError
+        pv.preview(unknown, 128)
