@@ -22,6 +22,7 @@ LAYERS = {
     "spectra.plan": 3,  # format, edit, candidates, allocate, auto, sensitivity
     "spectra.data": 3,  # perplexity, calibration, memory
     "spectra.preview": 3,
+    "spectra.preview_width": 3,
     "spectra.export": 3,  # compressed-tensors, gguf and hf exports of an apply output
     "spectra": 4,  # the package root (load_compressed) and __main__
     "spectra.cli": 4,

@@ -80,7 +80,7 @@ def block_editor(spec: str, mats) -> None:
         2 * hidden * n_heads * head_dim + 2 * hidden * head_dim * int(kv_heads)
     )  # fmt: skip
     e = st.columns([2, 2, 2, 4])
-    e[0].metric("Block parameters kept", f"{(mlp + attn) / before:.1%}")
+    e[0].metric("Block weights kept", f"{(mlp + attn) / before:.1%}")
     if len(wanted) == 1:
         e[1].metric("MLP output error", "0")
         e[2].metric("Key/value error", "0")

@@ -344,7 +344,7 @@ def test_a_blocks_width_is_edited_with_its_errors_and_previewed(on_bos_llama):
     assert at.session_state.plan_layers[block] == {"method": "width", "ffn": 48}
     got = {m.label: m.value for m in at.metric}
     # q, o 64x64, k, v 32x64 (2 of 4 heads of 16), the MLP 3 x 64 x 48 of 3 x 64 x 96
-    assert got["Block parameters kept"] == f"{(2 * 4096 + 2 * 2048 + 3 * 64 * 48) / 30720:.1%}"
+    assert got["Block weights kept"] == f"{(2 * 4096 + 2 * 2048 + 3 * 64 * 48) / 30720:.1%}"
     assert 0 < float(got["MLP output error"]) < 1 and got["Key/value error"] == "0.0000"
     assert float(got["Parameters kept"].rstrip("%")) < float(kept.rstrip("%"))
     tag = repr(sorted({"method": "width", "ffn": 48}.items()))
@@ -356,7 +356,7 @@ def test_a_blocks_width_is_edited_with_its_errors_and_previewed(on_bos_llama):
     }
     got = {m.label: m.value for m in at.metric}
     assert got["Key/value error"] == "1.0000"
-    assert got["Block parameters kept"] == f"{3 * 64 * 48 / 30720:.1%}"
+    assert got["Block weights kept"] == f"{3 * 64 * 48 / 30720:.1%}"
     at.button(key="preview_go").click().run()
     assert not at.exception, at.exception
     got = {m.label: m.value for m in at.metric}
