@@ -407,8 +407,16 @@ def engines() -> str:
             f"{ratio('width-uniform-80', 'llama_cpp', 'prefill'):.2f}x; transformers decode "
             f"{ratio('width-loss-80', 'transformers', 'decode'):.2f}x and "
             f"{ratio('width-uniform-80', 'transformers', 'decode'):.2f}x.",
-            table(["", "`spectra eval OUT`", "llama.cpp (GGUF Q8_0)", "transformers (hf)",
-                   "vLLM (hf; per block: DeciLM)"], rows),  # fmt: skip
+            table(
+                [
+                    "",
+                    "`spectra eval OUT`",
+                    "llama.cpp (GGUF Q8_0)",
+                    "transformers (hf)",
+                    "vLLM (hf; per block: DeciLM)",
+                ],
+                rows,
+            ),  # fmt: skip
         ]
     if "methods" in e:
         parts += [methods_table(e["methods"])]

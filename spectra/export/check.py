@@ -34,8 +34,8 @@ ENGINES = {  # name -> (virtual environment, script)
 }
 # an engine's error that means its build lacks a kernel, and what to say
 KERNELS = {
-    "cpu_gemm_wna16": "this vLLM CPU build has no 4-bit weight kernel (cpu_gemm_wna16: "
-    "AVX-512 builds only); export dense (hf) for it",
+    "cpu_gemm_wna16": "this vLLM CPU build's 4-bit weight kernel (cpu_gemm_wna16) has no "
+    "float32 path: run it in bfloat16 (--dtype bfloat16), or export dense (hf) for float32",
     "kernel that can implement the WNA16": "this vLLM CPU build has no weight-only "
     "quantized kernel (WNA16, 4- or 8-bit) for this CPU; export dense (hf) for it",
 }
