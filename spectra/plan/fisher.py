@@ -10,7 +10,8 @@ import contextlib
 import torch
 
 from compressors.apply import linear_targets
-from spectra.data import gradients
+from spectra.data import calibration, gradients
+from spectra.io import cache
 
 
 def fisher(model, windows, progress=None) -> dict[str, torch.Tensor]:
@@ -124,3 +125,37 @@ def output_fisher(model, windows, progress=None) -> dict[str, tuple[torch.Tensor
         gradients.backward_by_block(model, windows, Visitor(), progress)
     positions = windows.shape[0] * windows.shape[1]
     return {n: ((acc_f[n] / positions).float(), (acc_a[n] / positions).float()) for n in targets}
+
+
+def importance_of(model, grams, use_cache: bool = True, progress=None, network=None):
+    """{module: (F, A)} (`output_fisher`) on the first IMPORTANCE_TOKENS tokens of the
+    calibration `grams` was computed on, cached beside it."""
+    spec_c = grams.settings
+    n = max(1, min(spec_c.samples, IMPORTANCE_TOKENS // spec_c.seqlen))
+    path = grams.folder / f"importance-v{IMPORTANCE_VERSION}-{n}.safetensors"
+    found = _read_importance(path) if use_cache else None
+    if found is None:
+        windows = calibration.calibration_windows(model.tokenizer(), spec_c)[:n]
+        found = output_fisher(network if network is not None else model.shared(), windows, progress)
+        if use_cache:
+            from safetensors.torch import save_file
+
+            flat = {
+                f"{k}|{part}": t for k, (f, a) in found.items() for part, t in (("F", f), ("A", a))
+            }
+            with cache.atomic_path(path) as tmp:
+                save_file(flat, str(tmp))
+    return found
+
+
+def _read_importance(path):
+    if not path.is_file():
+        return None
+    try:
+        from safetensors.torch import load_file
+
+        flat = load_file(path)
+        names = {k.rpartition("|")[0] for k in flat}
+        return {n: (flat[f"{n}|F"].float(), flat[f"{n}|A"].float()) for n in names}
+    except Exception:  # a truncated or garbage file is a miss, recomputed
+        return None

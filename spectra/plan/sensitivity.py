@@ -40,7 +40,7 @@ from spectra.errors import SpectraInputError
 from spectra.io import cache
 from spectra.io.model import Model
 from spectra.plan.defaults import DEFAULT_PROBE
-from spectra.plan.fisher import IMPORTANCE_TOKENS, IMPORTANCE_VERSION, fisher, output_fisher
+from spectra.plan.fisher import fisher, importance_of, output_fisher  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)
@@ -162,40 +162,6 @@ def calibrated(
         return Calibrated(grams.hessians(), grams.tokens, None)
     found = importance_of(model, grams, use_cache, progress, network)
     return Calibrated(grams.hessians(), grams.tokens, found)
-
-
-def importance_of(model: Model, grams, use_cache: bool = True, progress=None, network=None):
-    """{module: (F, A)} (`output_fisher`) on the first IMPORTANCE_TOKENS tokens of the
-    calibration `grams` was computed on, cached beside it."""
-    spec_c = grams.settings
-    n = max(1, min(spec_c.samples, IMPORTANCE_TOKENS // spec_c.seqlen))
-    path = grams.folder / f"importance-v{IMPORTANCE_VERSION}-{n}.safetensors"
-    found = _read_importance(path) if use_cache else None
-    if found is None:
-        windows = calibration.calibration_windows(model.tokenizer(), spec_c)[:n]
-        found = output_fisher(network if network is not None else model.shared(), windows, progress)
-        if use_cache:
-            from safetensors.torch import save_file
-
-            flat = {
-                f"{k}|{part}": t for k, (f, a) in found.items() for part, t in (("F", f), ("A", a))
-            }
-            with cache.atomic_path(path) as tmp:
-                save_file(flat, str(tmp))
-    return found
-
-
-def _read_importance(path):
-    if not path.is_file():
-        return None
-    try:
-        from safetensors.torch import load_file
-
-        flat = load_file(path)
-        names = {k.rpartition("|")[0] for k in flat}
-        return {n: (flat[f"{n}|F"].float(), flat[f"{n}|A"].float()) for n in names}
-    except Exception:  # a truncated or garbage file is a miss, recomputed
-        return None
 
 
 def ppl_probe(model, windows, probe, progress=None, names=None) -> dict[str, dict]:
