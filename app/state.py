@@ -360,7 +360,7 @@ def block_error(spec: str, block: str, settings: tuple, calib_key: str | None = 
 
     config = make_config(**dict(settings))
     model = opened(spec)
-    mats = {m.role: m for m in model.matrices if m.name.startswith(block + ".")}
+    mats = _block_roles(spec, block)
     w = {
         r: torch.from_numpy(mats[r].read()).double()
         for r in ("gate", "up", "down", "q", "k", "v", "o")
@@ -378,10 +378,16 @@ def intermediate_spectrum(spec: str, calib_key: str, block: str) -> tuple | None
     rank, the MLP's neurons) on the calibration in `calib_key`; None without them."""
     from spectra.plan.width_auto import intermediate_spectrum as spectrum
 
-    down = next((m for m in opened(spec).matrices if m.name.startswith(block + ".")
-                 and m.role == "down"), None)  # fmt: skip
+    down = _block_roles(spec, block).get("down")
     grams = calibration_block(spec, calib_key, roles.block_of(block + ".mlp"))
     if down is None or grams is None or down.name not in grams:
         return None
     s, erank = spectrum(grams[down.name][0])
     return s, erank, down.shape[1]
+
+
+def _block_roles(spec: str, block: str) -> dict:
+    """{role: matrix} of one decoder block, grouped as plans group them."""
+    from spectra.plan.block_plan import blocks
+
+    return {m.role: m for m in blocks(opened(spec).matrices).get(block, [])}
