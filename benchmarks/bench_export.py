@@ -1,7 +1,8 @@
 """Exports of four demo plans: size on disk and perplexity as other engines load them.
 
     python benchmarks/bench_export.py [--max-tokens N] [--only NAME ...]
-    python benchmarks/bench_export.py --engines [llama.cpp transformers vllm width]
+    python benchmarks/bench_export.py --engines [llama.cpp transformers vllm width methods]
+        [--work DIR] [--redo ROW ...]
 
 Plans (every linear module of the blocks): RTN 4-bit g128 and GPTQ 4-bit g128 (both
 on compressed-tensors' symmetric grid, so that the export keeps 4 bits), Wanda 2:4,
@@ -200,51 +201,94 @@ def vllm(work: Path, limit: list) -> dict:
     return dict(rows=rows, targets=dict(ppl_vs_spectra_eval=0.01))
 
 
-def width(work: Path, limit: list) -> dict:
-    """Width (issue 44) at 80% of the linear parameters (the demo's block parameters:
-    its embedding is tied), allocated on the calibrated loss and uniform, unhealed: GGUF
-    Q8_0 (embedding Q8_0) run by llama.cpp beside the dense model's Q8_0 GGUF, and hf
-    (float16) run by transformers and by vLLM (per-block widths: its DeciLM) in float32
-    beside the dense hf export: bytes, the engines' perplexity, prefill and decode
-    tokens/s."""
-    dense = work / "dense" if (work / "dense").is_dir() else applied(work, "dense", [])
-    outs = {"dense": dense}
-    for how in ("loss", "uniform"):
-        plan = work / f"width-{how}-80.yaml"
-        spectra("plan", "auto", "demo", "--method", "width", "--allocate", how,
-                "--target-params", "0.8", "-o", plan)  # fmt: skip
-        outs[f"width-{how}-80"] = work / f"width-{how}-80"
-        spectra("apply", plan, "--model", "demo", "-o", outs[f"width-{how}-80"])
-    rows = {}
-    for name, out in outs.items():
-        gg, hf = work / f"{name}-gguf", work / f"{name}-hf"
-        spectra("export", out, "--format", "gguf", "--gguf-type", "Q8_0", "-o", gg)
-        spectra("export", out, "--format", "hf", "--dtype", "float16", "-o", hf)
-        rows[name] = dict(
+# width (issue 44): bench_quality's own plans (its calibration, the Fisher-weighted
+# allocation), the 80% rows first, then healed 96 steps, then 90% and 70%
+WIDTH_ROWS = ("dense", "width-loss-80%", "width-uniform-80%", "width-loss-80%+heal96",
+              "width-uniform-80%+heal96", "width-loss-90%", "width-uniform-90%",
+              "width-loss-70%", "width-uniform-70%")  # fmt: skip
+WIDTH_ENGINES = ("llama_cpp", "transformers", "vllm")
+
+
+def width(work: Path, limit: list, prior: dict, save) -> dict:
+    """Width (issue 44) at 90%, 80% and 70% of the linear parameters (the demo's block
+    parameters: its embedding is tied), allocated on the calibrated loss and uniform,
+    the 80% rows also healed 96 steps, beside the dense model. Two passes, each resumed
+    from what the JSON holds: every row is applied (`spectra apply`, healing included),
+    scored by `spectra eval OUT` (the engines' windows, and the whole evaluation part)
+    and exported (GGUF Q8_0 with the embedding in Q8_0; hf in float16); then, with
+    nothing else compressing beside them, llama.cpp runs the GGUF, transformers and
+    vLLM (per-block widths: its DeciLM, natively) the hf export in float32: bytes, the
+    engines' perplexity, prefill and decode tokens/s (the fastest of three runs)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from bench_quality import quality_plans
+
+    rows = {k: dict(v) for k, v in prior.get("rows", {}).items() if k in WIDTH_ROWS}
+    plans = None
+    for name in WIDTH_ROWS:  # pass 1: compress, heal, score, export
+        out = work / name.replace("%", "").replace("+", "-")
+        gg, hf = out.with_name(out.name + "-gguf"), out.with_name(out.name + "-hf")
+        if name in rows and all(e in rows[name] for e in WIDTH_ENGINES):
+            continue
+        if name in rows and gg.is_dir() and hf.is_dir():
+            continue
+        if plans is None:
+            plans = quality_plans(open_model("demo", "cpu", "float32", "none").load())
+            plans["dense"] = {"version": 1, "model": "demo", "rules": []}
+        plan = plans[name]() if callable(plans[name]) else plans[name]
+        (work / f"{out.name}.json").write_text(json.dumps(plan))
+        t0 = time.perf_counter()
+        spectra("apply", work / f"{out.name}.json", "--model", "demo", "-o", out)
+        row = dict(
+            apply_seconds=round(time.perf_counter() - t0, 1),
+            widths=(plan.get("allocation") or {}).get("widths"),
             spectra_eval_out_ppl=spectra("eval", out, "--no-baseline", *limit)["ppl"],
-            llama_cpp=checked(gg, "--max-tokens", limit[1]),
-            transformers=checked(
-                hf, "--engine", "transformers", "--dtype", "float32", "--max-tokens", limit[1]
-            ),  # fmt: skip
-            # the same hf directory: per-block widths are DeciLM's, which vLLM runs natively
-            vllm=checked(hf, "--engine", "vllm", "--dtype", "float32", "--max-tokens", limit[1]),
+            ppl_evaluation_part=spectra("eval", out, "--no-baseline")["ppl"],
         )
-        print("width", name, json.dumps(rows[name]), flush=True)
-    d = rows["dense"]
-    ratios = {}
+        for fmt, dest, flags in (("gguf", gg, ["--gguf-type", "Q8_0"]),
+                                 ("hf", hf, ["--dtype", "float16"])):  # fmt: skip
+            shutil.rmtree(dest, ignore_errors=True)
+            row[f"{fmt}_bytes"] = spectra("export", out, "--format", fmt, *flags, "-o", dest)[
+                "bytes"
+            ]
+        shutil.rmtree(out)
+        rows[name] = row
+        print("width built", name, json.dumps(row), flush=True)
+        save(dict(rows=rows))
+    for name in WIDTH_ROWS:  # pass 2: the engines, one at a time
+        row = rows[name]
+        stem = work / name.replace("%", "").replace("+", "-")
+        gg, hf = stem.with_name(stem.name + "-gguf"), stem.with_name(stem.name + "-hf")
+        for engine, dest, flags in (
+            ("llama_cpp", gg, []),
+            ("transformers", hf, ["--engine", "transformers", "--dtype", "float32"]),
+            # the same hf directory: per-block widths are DeciLM's, which vLLM runs natively
+            ("vllm", hf, ["--engine", "vllm", "--dtype", "float32"]),
+        ):
+            if engine not in row:
+                row[engine] = checked(dest, *flags, "--max-tokens", limit[1])
+                save(dict(rows=rows))
+        print("width", name, json.dumps(row), flush=True)
+    return dict(rows=rows, vs_dense=_width_vs_dense(rows),
+                targets=dict(bytes=0.85, llama_cpp_decode=1.1))  # fmt: skip
+
+
+def _width_vs_dense(rows: dict) -> dict:
+    """Each width row against the dense row in the same engine."""
+    d, out = rows["dense"], {}
     for name, r in rows.items():
         if name == "dense":
             continue
-        ratios[name] = {
+        out[name] = {
             engine: dict(
                 bytes=round(r[engine]["file_bytes"] / d[engine]["file_bytes"], 4),
                 decode=round(r[engine]["decode_tok_s"] / d[engine]["decode_tok_s"], 4),
                 prefill=round(r[engine]["prefill_tok_s"] / d[engine]["prefill_tok_s"], 4),
                 ppl_vs_spectra_eval=round(r[engine]["ppl"] / r["spectra_eval_out_ppl"] - 1, 6),
             )
-            for engine in ("llama_cpp", "transformers", "vllm")
+            for engine in WIDTH_ENGINES
+            if r.get(engine, {}).get("decode_tok_s") and d.get(engine, {}).get("decode_tok_s")
         }
-    return dict(rows=rows, vs_dense=ratios, targets=dict(bytes=0.85, llama_cpp_decode=1.1))
+    return out
 
 
 # one row per method of bench_quality (its best variant: whitened where it has one) at
@@ -387,12 +431,14 @@ def main() -> None:
     p.add_argument("--only", nargs="*", help="plan names")
     p.add_argument("--engines", nargs="*", choices=list(ENGINE_RUNS),
                    help="only the engine runs (all three without names)")  # fmt: skip
-    p.add_argument("--redo", nargs="*", default=[], help="--engines methods: rows run again")
+    p.add_argument("--redo", nargs="*", default=[], help="--engines methods/width: rows run again")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks/results/bench_export.json")
+    p.add_argument("--work", type=Path, help="a kept working folder (width resumes from it)")
     args = p.parse_args()
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}
     limit = ["--max-tokens", args.max_tokens] if args.max_tokens else []
-    work = Path(tempfile.mkdtemp(prefix="bench-export-"))
+    work = args.work or Path(tempfile.mkdtemp(prefix="bench-export-"))
+    work.mkdir(parents=True, exist_ok=True)
     try:
         if args.engines is not None:
             # the engines and `spectra eval OUT` score the same windows: the first
@@ -400,17 +446,18 @@ def main() -> None:
             limit = limit or ["--max-tokens", ENGINE_TOKENS]
             done = results.setdefault("engines", {})
             for name in args.engines or list(ENGINE_RUNS):
-                if name == "methods":  # hours: resumes from the rows already written
+                if name in ("methods", "width"):  # hours: resumes from the rows written
 
-                    def save(part, done=done):
-                        done["methods"] = part
+                    def save(part, done=done, name=name):
+                        done[name] = part
                         args.out.write_text(json.dumps(results, indent=2) + "\n")
 
                     prior = done.get(name) or {}
                     for row in args.redo:
                         prior.get("rows", {}).pop(row, None)
-                    done[name] = methods(work, limit, prior, save)
-                    plot_methods(done[name], REPO / "docs/img/bench/export_methods.png")
+                    done[name] = ENGINE_RUNS[name](work, limit, prior, save)
+                    if name == "methods":
+                        plot_methods(done[name], REPO / "docs/img/bench/export_methods.png")
                 else:
                     done[name] = ENGINE_RUNS[name](work, limit)
                 print(name, json.dumps(done[name], indent=2), flush=True)
@@ -462,7 +509,8 @@ def main() -> None:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(results, indent=2) + "\n")
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ evaluation split, `seqlen`-token windows up to `max_tokens`), passed to the engi
 token ids, so its perplexity is comparable with `spectra eval OUT`. Each row reports
 whether it loaded, the perplexity from the engine's own logits, the engine process's
 peak resident set (its ru_maxrss), the weight files' bytes, prefill tokens/s over the
-windows and greedy decode tokens/s at batch 1.
+windows and greedy decode tokens/s at batch 1 (the fastest of `repeats` runs of the
+same prompt: one run on a shared CPU is mostly noise).
 
 Environments: `make engines` creates `.venv-llamacpp` and `.venv-vllm` in the
 checkout (SPECTRA_ENGINES names another folder holding them); transformers runs in the
@@ -146,8 +147,11 @@ def serve_check(
     max_tokens: int = 2048,
     decode: int = 32,
     dtype: str | None = None,
+    repeats: int = 3,
 ) -> list[dict]:
     """The export's row, then the baseline's (a dense export loaded the same way)."""
+    if repeats < 1 or decode < 1:
+        raise SpectraInputError(f"--decode {decode} --repeats {repeats}: both must be >= 1")
     dirs = [Path(export_dir)] + ([Path(baseline)] if baseline else [])
     for d in dirs:
         if not d.is_dir():
@@ -160,6 +164,7 @@ def serve_check(
         windows=windows(dirs[0], corpus, seqlen, max_tokens),
         seqlen=seqlen,
         decode=decode,
+        repeats=repeats,
         threads=os.cpu_count() or 1,
         dtype=dtype,
     )

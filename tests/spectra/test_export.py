@@ -592,6 +592,8 @@ def test_serve_check_runs_the_export_in_its_engine(applied, tmp_path, capsys, cl
     assert missing.returncode == 2
     assert "llama.cpp: no engine environment at" in missing.stderr
     assert "run `make engines`" in missing.stderr
+    none = cli("serve-check", tmp_path / "hf", "--repeats", "0")
+    assert none.returncode == 2 and "--repeats 0: both must be >= 1" in none.stderr
 
 
 LLAMACPP = Path(__file__).resolve().parents[2] / ".venv-llamacpp" / ".spectra-engine"

@@ -21,6 +21,12 @@ def run(engine: str, body) -> int:
     return 0 if out.get("decoded") else 1
 
 
+def best_of(job: dict, decode) -> tuple[float, int]:
+    """The fastest (seconds, tokens) of `job["repeats"]` calls of `decode()`, each of
+    which times its own decoding: on a shared CPU a single run is mostly noise."""
+    return min(decode() for _ in range(max(1, job.get("repeats", 1))))
+
+
 def rss_gb() -> float | None:
     """This process's resident set now (Linux's /proc), in GB; None elsewhere."""
     try:
