@@ -7,6 +7,7 @@ import streamlit as st
 from app import state
 from app.views.plan_state import rebase
 from spectra.errors import SpectraInputError
+from spectra.plan import edit as pe
 from spectra.plan.block_plan import blocks, heads_of
 
 SKIPS = ("none", "attention", "mlp", "block")
@@ -72,15 +73,14 @@ def block_editor(spec: str, mats) -> None:
             layers.pop(name, None)
         rebase(layers)
         st.rerun()
-    hidden = roles["down"].shape[0]
-    head_dim = roles["k"].shape[0] // kv
-    before = sum(m.shape[0] * m.shape[1] for m in roles.values())
-    mlp = 0 if skip in ("mlp", "block") else 3 * hidden * int(ffn)
-    attn = 0 if skip in ("attention", "block") else (
-        2 * hidden * n_heads * head_dim + 2 * hidden * head_dim * int(kv_heads)
-    )  # fmt: skip
+    # the plan's own count (spectra.plan.edit.totals, as `plan show`): the width entry
+    # and what this block's modules carry beside it
+    mine = {k: v for k, v in st.session_state.plan_layers.items() if k.startswith(f"{name}.")}
+    if len(wanted) > 1:
+        mine[name] = wanted
+    kept = pe.totals(state.opened(spec), mine, list(roles.values()))["params_ratio"]
     e = st.columns([2, 2, 2, 4])
-    e[0].metric("Block weights kept", f"{(mlp + attn) / before:.1%}")
+    e[0].metric("Block weights kept", f"{kept:.1%}")
     if len(wanted) == 1:
         e[1].metric("MLP output error", "0")
         e[2].metric("Key/value error", "0")
