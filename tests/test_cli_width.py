@@ -22,6 +22,8 @@ UNIFORM = {
         {"targets": [r"re:.*(down|o)_proj"], "method": "quant", "bits": 4, "gptq": True},
     ]
 }
+DOWN_W4 = {"targets": [r"re:.*down_proj"], "method": "quant", "bits": 4, "group_size": 8,
+           "symmetric": True}  # fmt: skip
 PER_BLOCK = {
     "layers": {
         "model.layers.0": {"method": "width", "ffn": 24, "select": "norm", "skip": "attention"},
@@ -115,8 +117,8 @@ def test_a_uniform_width_plan_exports_the_models_own_smaller_architecture(
 
 def test_per_block_widths_export_with_the_projects_modeling_file(family_dir, tmp_path, capsys):
     """A removed attention and a skipped block: OUT equals the narrowed model, the hf
-    export (its own modeling file), resident or streamed, equals OUT, and
-    compressed-tensors, which needs one width, refuses."""
+    export (its own modeling file), resident or streamed, equals OUT, and so does
+    compressed-tensors (DeciLM's config, 4-bit codes on what width left)."""
     model, plan = family_dir("llama"), write_plan(tmp_path, PER_BLOCK)
     out = tmp_path / "out"
     assert main(["apply", plan, "--model", model, "-o", out]) == 0
@@ -154,12 +156,37 @@ def test_per_block_widths_export_with_the_projects_modeling_file(family_dir, tmp
         assert main([*args, "-o", dest]) == 0
         gguf[off] = (dest / "model.gguf").read_bytes()
     assert gguf["none"] == gguf["disk"]
+    # compressed-tensors: DeciLM's block_configs too, quant on what width left in 4 bits
+    quantized = dict(PER_BLOCK, rules=[*PER_BLOCK["rules"], DOWN_W4])
+    qout = tmp_path / "qout"
+    assert main(["apply", write_plan(tmp_path, quantized, "q.yaml"), "--model", model,
+                 "-o", qout]) == 0  # fmt: skip
+    want = ours(qout)
+    capsys.readouterr()
+    cts = {}
     for off in ("none", "disk"):
-        dest = tmp_path / f"ct-{off}"
-        code = main(["export", out, "--format", "compressed-tensors", "-o", dest, "--offload", off])
-        err = capsys.readouterr().err.strip().splitlines()
-        assert code == 2 and len(err) == 1 and "width" in err[0], err
-        assert not dest.exists()
+        cts[off] = tmp_path / f"ct-{off}"
+        args = ["export", qout, "--format", "compressed-tensors", "--offload", off, "--json"]
+        assert main([*args, "-o", cts[off]]) == 0
+        rows = json.loads(capsys.readouterr().out)["modules"]
+        assert {r["stored"] for r in rows if r["module"].endswith("down_proj")} == {
+            "pack-quantized int4"
+        }
+    config = json.loads((cts["none"] / "config.json").read_text())
+    assert json.loads((cts["disk"] / "config.json").read_text()) == config
+    assert config["architectures"] == ["DeciLMForCausalLM"]
+    assert config["block_configs"][0]["attention"]["no_op"] is True
+    assert config["quantization_config"]["format"] == "pack-quantized"
+    got = read_back(tmp_path, cts["disk"], remote=True)
+    assert float((got["logits"] - want).abs().max() / want.abs().max()) < 1e-4
+    gemma = tmp_path / "gemma-out"  # a base DeciLM does not cover: refused, nothing written
+    assert main(["apply", write_plan(tmp_path, PER_BLOCK), "--model", family_dir("gemma3"),
+                 "-o", gemma]) == 0  # fmt: skip
+    capsys.readouterr()
+    code = main(["export", gemma, "--format", "compressed-tensors", "-o", tmp_path / "ct-g"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "DeciLM's block_configs for" in err[0], err
+    assert not (tmp_path / "ct-g").exists()
 
 
 @pytest.mark.parametrize(

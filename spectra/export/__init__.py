@@ -70,12 +70,15 @@ def export(
     offload = model.offload
     src = sources.Streamed(out) if offload == "disk" else sources.Resident(*io.load(out))
     if getattr(src, "blocks", None) and fmt == "compressed-tensors":
-        raise SpectraInputError(
-            f"{out}: width left its blocks with different widths: --format hf (DeciLM's "
-            "block_configs, which vLLM and transformers run) and gguf (llama.cpp's Deci "
-            "blocks) write them; compressed-tensors needs one MLP width and key/value head "
-            "count in every block"
-        )
+        from spectra.io.remote_code import DECI_BASES
+
+        if src.config.model_type not in DECI_BASES:
+            raise SpectraInputError(
+                f"{out}: width left its blocks with different widths, which "
+                f"compressed-tensors writes as DeciLM's block_configs for "
+                f"{', '.join(DECI_BASES)} only, not {src.config.model_type}: --format hf "
+                "or gguf, or one width in every block (plan auto --uniform)"
+            )
     tokenizer = _tokenizer(out)
     torch_dtype = src.dtype if dtype == "auto" else getattr(torch, dtype)
     sizes = {}

@@ -153,8 +153,29 @@ def write(tmp: Path, src, dtype) -> tuple[list[dict], dict]:
         total += sum(_bytes(t) for t in state.values())
         del state
     write_index(tmp, weight_map, total)
+    write_config(tmp, src, dtype, compact, blocks)
+    if src.dense.can_generate() and src.dense.generation_config is not None:
+        src.dense.generation_config.save_pretrained(tmp)
+    rows = [
+        dict(module=k, stored=STORED[spec["kind"]](spec), reason=None, bytes=held[k])
+        for k, (spec, _) in compact.items()
+    ]
+    rows += [dict(module=k, stored="dense", reason=why, bytes=held[k]) for k, why in dense.items()]
+    by_kind: dict[str, int] = {}
+    for k, (spec, _) in compact.items():
+        by_kind[spec["kind"]] = by_kind.get(spec["kind"], 0) + held[k]
+    if dense:
+        by_kind["dense"] = sum(held[k] for k in dense)
+    return rows, dict(bytes_by_kind=by_kind)
+
+
+def write_config(tmp: Path, src, dtype, compact: dict, blocks: list[dict] | None) -> None:
+    """config.json into `tmp`, with the modeling file where the checkpoint needs it: the
+    project's architecture for compact modules or per-block widths (`auto_map`), made
+    DeciLM's for per-block widths of a base DeciLM covers (DECI_BASES)."""
     base = type(src.dense).__name__
     config = src.config
+    deci = bool(blocks) and config.model_type in DECI_BASES
     if compact or blocks:  # the project's modeling file builds them
         config.architectures = [f"Spectra{base}"]
         config.auto_map = {"AutoModelForCausalLM": f"{MODELING[:-3]}.Spectra{base}"}
@@ -170,19 +191,6 @@ def write(tmp: Path, src, dtype) -> tuple[list[dict], dict]:
     config.save_pretrained(tmp)
     if deci:
         _as_deci(tmp / "config.json", base, type(config).__name__, blocks)
-    if src.dense.can_generate() and src.dense.generation_config is not None:
-        src.dense.generation_config.save_pretrained(tmp)
-    rows = [
-        dict(module=k, stored=STORED[spec["kind"]](spec), reason=None, bytes=held[k])
-        for k, (spec, _) in compact.items()
-    ]
-    rows += [dict(module=k, stored="dense", reason=why, bytes=held[k]) for k, why in dense.items()]
-    by_kind: dict[str, int] = {}
-    for k, (spec, _) in compact.items():
-        by_kind[spec["kind"]] = by_kind.get(spec["kind"], 0) + held[k]
-    if dense:
-        by_kind["dense"] = sum(held[k] for k in dense)
-    return rows, dict(bytes_by_kind=by_kind)
 
 
 def _bytes(t: torch.Tensor) -> int:

@@ -123,6 +123,8 @@ def write(tmp: Path, src, tokenizer, dtype) -> list[dict]:
     from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
     from safetensors.torch import save_file
 
+    from compressors import width_model
+    from spectra.export import compact_hf
     from spectra.export.source import cast, shard_names, write_index
 
     rows, groups, width = [], defaultdict(list), {}
@@ -140,7 +142,8 @@ def write(tmp: Path, src, tokenizer, dtype) -> list[dict]:
         rows.append(dict(module=name, stored=stored, reason=note))
         fp16 += 2 * f.shape[0] * f.shape[1]
         del f
-    parts = src.parts()
+    blocks = getattr(src, "blocks", None)  # width's per-block widths: DeciLM's layout
+    parts = [width_model.kept(part, blocks) for part in src.parts()]
     files = shard_names(parts)
     weight_map, total, stored = {}, 0, 0
     for file, names in zip(files, parts, strict=True):
@@ -162,9 +165,12 @@ def write(tmp: Path, src, tokenizer, dtype) -> list[dict]:
                 stored += t.numel() * t.element_size()
         del state
     write_index(tmp, weight_map, total)
-    config = json.loads(src.config.to_json_string())
-    config["dtype"] = str(dtype).removeprefix("torch.")
-    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    if blocks:  # DeciLM's block_configs, with the modeling file transformers needs
+        compact_hf.write_config(tmp, src, dtype, {}, blocks)
+    else:
+        config = json.loads(src.config.to_json_string())
+        config["dtype"] = str(dtype).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     if groups:
         qc = QuantizationConfig(
             config_groups={
