@@ -69,7 +69,7 @@ def render() -> None:
     if upload is not None:
         try:
             try:
-                data = yaml.safe_load(upload.getvalue().decode())
+                data = plans.loads(upload.getvalue().decode())
             except (yaml.YAMLError, UnicodeDecodeError) as e:
                 raise SpectraInputError(f"{upload.name}: not YAML or JSON ({e})") from e
             imported = plans.parse(data)

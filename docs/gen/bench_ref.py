@@ -374,55 +374,70 @@ def engines() -> str:
             ),  # fmt: skip
         ]
     if "width" in e:
-        r = e["width"]
-        rows = [
-            [
-                f"`{name}`",
-                ppl(row["spectra_eval_out_ppl"]),
-                *(
-                    f"{row[eng]['file_bytes'] / 1e6:.1f} MB, ppl {ppl(row[eng]['ppl'])}, "
-                    f"prefill {row[eng]['prefill_tok_s']:.0f}, "
-                    f"decode {row[eng]['decode_tok_s']:.1f}"
-                    if row.get(eng, {}).get("ppl")
-                    else "not run"
-                    for eng in ("llama_cpp", "transformers", "vllm")
-                ),
-            ]
-            for name, row in r["rows"].items()
-        ]
-        ratio = lambda name, eng, k: r["vs_dense"][name][eng][k]  # noqa: E731
-        parts += [
-            "**width** (issue 44) at 80% of the linear parameters, unhealed, allocated "
-            "(`width-loss-80`: per-block widths, llama.cpp's Deci blocks) and uniform: GGUF "
-            "Q8_0 in llama.cpp and hf float16 in transformers (float32), beside the dense "
-            "demo exported the same ways (tokens/s on this 2-core CPU). llama.cpp: file "
-            f"{ratio('width-loss-80', 'llama_cpp', 'bytes'):.3f}x and "
-            f"{ratio('width-uniform-80', 'llama_cpp', 'bytes'):.3f}x (target "
-            f"<= {r['targets']['bytes']}), decode "
-            f"{ratio('width-loss-80', 'llama_cpp', 'decode'):.2f}x "
-            f"and {ratio('width-uniform-80', 'llama_cpp', 'decode'):.2f}x (target "
-            f">= {r['targets']['llama_cpp_decode']}: not met, a 135M model's decode step "
-            "is mostly per-token overhead and the tied 49,152-row head), prefill "
-            f"{ratio('width-loss-80', 'llama_cpp', 'prefill'):.2f}x and "
-            f"{ratio('width-uniform-80', 'llama_cpp', 'prefill'):.2f}x; transformers decode "
-            f"{ratio('width-loss-80', 'transformers', 'decode'):.2f}x and "
-            f"{ratio('width-uniform-80', 'transformers', 'decode'):.2f}x.",
-            table(
-                [
-                    "",
-                    "`spectra eval OUT`",
-                    "llama.cpp (GGUF Q8_0)",
-                    "transformers (hf)",
-                    "vLLM (hf; per block: DeciLM)",
-                ],
-                rows,
-            ),  # fmt: skip
-        ]
+        parts += [width_table(e["width"])]
     if "methods" in e:
         parts += [methods_table(e["methods"])]
     if not parts:
         return "Not run yet: `python benchmarks/bench_export.py --engines`."
     return "\n\n".join([*parts, source("bench_export")])
+
+
+def width_table(part: dict) -> str:
+    """bench_export --engines width: bench_quality's width rows in the three engines,
+    each cell against the dense model in the same engine, and the issue's targets."""
+    rows, vs = part["rows"], part.get("vs_dense", {})
+    engines = (("llama_cpp", "llama.cpp (GGUF Q8_0)"), ("transformers", "transformers (hf)"),
+               ("vllm", "vLLM (hf; per block: DeciLM)"))  # fmt: skip
+
+    def cell(name: str, eng: str) -> str:
+        r = rows[name].get(eng) or {}
+        if not r.get("ppl"):
+            return "did not run: " + (r.get("error") or "no result")
+        size = f"{r['file_bytes'] / 1e6:.0f} MB"
+        if name == "dense":
+            return (f"{size}, ppl {ppl(r['ppl'])}, prefill {r['prefill_tok_s']:.0f}, "
+                    f"decode {r['decode_tok_s']:.1f} tok/s")  # fmt: skip
+        v = vs[name][eng]
+        return (f"{size} ({v['bytes']:.2f}x), ppl {ppl(r['ppl'])}, prefill "
+                f"{v['prefill']:.2f}x, decode {v['decode']:.2f}x")  # fmt: skip
+
+    body = [
+        [f"`{n}`", ppl(r.get("ppl_evaluation_part")), ppl(r["spectra_eval_out_ppl"]),
+         *(cell(n, eng) for eng, _ in engines)]
+        for n, r in rows.items()
+    ]  # fmt: skip
+    head = ["", "whole evaluation part", "`spectra eval OUT`", *(lab for _, lab in engines)]
+    text = (
+        "**width** (issue 44; `--engines width`): bench_quality's width plans (its "
+        "calibration; `loss`: the Fisher-weighted allocation, per-block widths, which "
+        "llama.cpp runs as its Deci blocks and vLLM as its DeciLM) at 90%, 80% and 70% of "
+        "the linear parameters, the 80% rows also healed 96 steps (`spectra apply` of the "
+        "plan with its `heal:`), beside the dense demo: GGUF Q8_0 (embedding Q8_0) in "
+        "llama.cpp, hf float16 run in float32 by transformers and vLLM. Perplexity on "
+        "the whole evaluation part (bench_quality's figure) and on the engines' 2,048 "
+        "tokens; tokens/s on this 2-core CPU, decode the fastest of three 32-token runs, "
+        "against the dense model in the same engine."
+    )
+    target = "width-loss-80%+heal96"
+    got = vs.get(target, {}).get("llama_cpp")
+    if got:
+        ref = load("bench_heal_rows").get("lowrank-whiten-80%+heal96-lr1e-5", {}).get("ppl")
+        mine = rows[target].get("ppl_evaluation_part")
+        t = part["targets"]
+        text += (
+            f" Targets at `{target}`: file {got['bytes']:.3f}x the dense one "
+            f"(<= {t['bytes']}: {'met' if got['bytes'] <= t['bytes'] else 'missed'}), "
+            f"llama.cpp decode {got['decode']:.2f}x (>= {t['llama_cpp_decode']}: "
+            f"{'met' if got['decode'] >= t['llama_cpp_decode'] else 'missed'})"
+        )
+        if ref and mine:
+            text += (
+                f", perplexity {ppl(mine)} against whitened low rank's {ppl(ref)} at the "
+                f"same parameters and healing ({mine / ref:.2f}x; <= 1.15x: "
+                f"{'met' if mine <= 1.15 * ref else 'missed'})"
+            )
+        text += "."
+    return text + "\n\n" + table(head, body)
 
 
 def methods_table(part: dict) -> str:

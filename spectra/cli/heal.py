@@ -13,6 +13,7 @@ from spectra.data import heal
 from spectra.errors import SpectraInputError
 from spectra.io.devices import free_bytes
 from spectra.io.model import WORK_MARGIN, footprint
+from spectra.plan import format as plans
 
 
 def checkpoint_folder(out: Path) -> Path:
@@ -70,7 +71,7 @@ def cmd_heal(args) -> int:
     try:
         report = json.loads((src / "report.json").read_text())
         plan_text = (src / "plan.yaml").read_text()
-        plan_raw = yaml.safe_load(plan_text) or {}
+        plan_raw = plans.loads(plan_text) or {}
     except (OSError, ValueError, yaml.YAMLError) as e:
         raise SpectraInputError(f"{src}: unreadable report.json or plan.yaml ({e})") from e
     config = heal.parse(

@@ -100,11 +100,28 @@ class Entry:
         return DENSE_BITS * self.params_before
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML with YAML 1.2's floats: `1e-5` is a number, as it is in JSON (a YAML 1.1
+    float needs a point: PyYAML's own loader reads `1e-5`, and JSON's `1e-05`, as text)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def loads(text: str):
+    """A plan file's text (YAML or JSON) as plain data; yaml.YAMLError when it is neither."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader)
+
+
 def load(path: str | Path) -> Plan:
     """Read and validate a plan file (YAML or JSON)."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = loads(path.read_text())
     except OSError as e:
         raise PlanError(f"{path}: cannot read plan ({e.strerror})") from e
     except yaml.YAMLError as e:

@@ -42,6 +42,23 @@ def test_round_trip_through_yaml_and_json():
     assert plans.to_dict(plan)["rules"][0]["rank"] == 16
 
 
+def test_exponent_floats_read_as_numbers_in_json_and_yaml(tmp_path):
+    """JSON's 1e-05 and YAML's 1e-5 (text to PyYAML's YAML 1.1 loader) are numbers; a
+    quoted one stays text."""
+    heal = {"steps": 4, "lr": 1e-5}
+    (tmp_path / "p.json").write_text(json.dumps({**GOOD, "heal": heal}))
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(GOOD) + "heal:\n  steps: 4\n  lr: 1e-5\n")
+    for name in ("p.json", "p.yaml"):
+        assert plans.load(tmp_path / name).heal.lr == 1e-5
+    assert plans.loads("a: 2e3\nb: -1.5E-2\nc: 7\nd: 1e\ne: '1e-5'\n") == {
+        "a": 2000.0,
+        "b": -0.015,
+        "c": 7,
+        "d": "1e",
+        "e": "1e-5",
+    }
+
+
 def test_resolution_first_match_layers_win_and_costs(tiny_llama_dir):
     entries = {e.name: e for e in plans.resolve(plans.parse(GOOD), mats(tiny_llama_dir))}
     up1 = entries["model.layers.1.mlp.up_proj"]
