@@ -202,10 +202,10 @@ def vllm(work: Path, limit: list) -> dict:
 
 
 # width (issue 44): bench_quality's own plans (its calibration, the Fisher-weighted
-# allocation), the 80% rows first, then healed 96 steps, then 90% and 70%
-WIDTH_ROWS = ("dense", "width-loss-80%", "width-uniform-80%", "width-loss-80%+heal96",
-              "width-uniform-80%+heal96", "width-loss-90%", "width-uniform-90%",
-              "width-loss-70%", "width-uniform-70%")  # fmt: skip
+# allocation), the 80% rows first, uniform's healed row before the allocated one
+WIDTH_ROWS = ("dense", "width-loss-80%", "width-uniform-80%", "width-uniform-80%+heal96",
+              "width-uniform-90%", "width-uniform-70%", "width-loss-90%", "width-loss-70%",
+              "width-loss-80%+heal96")  # fmt: skip
 WIDTH_ENGINES = ("llama_cpp", "transformers", "vllm")
 
 
