@@ -223,8 +223,10 @@ def test_width_refuses_an_mlp_that_is_not_gated(family_dir, tmp_path, cli):
 
 def test_plan_auto_width_meets_the_budget_and_loss_beats_uniform(family_dir, tmp_path, capsys):
     """Each allocation keeps at most the target and plan show counts what it says; the
-    calibrated allocation's predicted damage (each block's greedy residual with down_proj's
-    output channels weighted by the loss's output Fisher) is at most uniform's; erank
+    calibrated allocation's damage (each block's greedy residual with down_proj's output
+    channels weighted by the loss's output Fisher, scaled to the KL that narrowing that
+    block alone to the uniform width measures, as apply narrows it) is at most
+    uniform's; erank
     orders widths as the blocks' effective ranks; `--uniform` rounds loss's widths to
     uniform's, `--multiple` sets the step."""
     from compressors.width import greedy_neurons
@@ -252,24 +254,50 @@ def test_plan_auto_width_meets_the_budget_and_loss_beats_uniform(family_dir, tmp
     model = open_model(model_dir)
     grams = calibration.cached(model, calibration.for_model(model, tokens=4096))
     importance = importance_of(model, grams)
-    assert plans["loss"]["allocation"]["damage_kind"] == "loss (output Fisher)"
+    got = plans["loss"]["allocation"]
+    assert got["damage_kind"] == "loss (output Fisher, anchored on measured KL)"
+    anchor = got["anchor"]
+    assert anchor["width"] == widths["uniform"] and anchor["windows"] == 4
 
-    def damage(chosen):  # the weighted greedy residual each block's chosen width leaves
-        total = 0.0
-        for name, k in chosen.items():
-            block = int(name.rsplit(".", 1)[1])
-            h = grams[block][f"{name}.mlp.down_proj"][0].double()
-            w = torch.from_numpy(model.matrix(f"{name}.mlp.down_proj").read()).double()
-            w = w * importance[f"{name}.mlp.down_proj"][0].double().sqrt()[:, None]
-            gains: list = []
-            greedy_neurons(w, h, k, gains)
-            total += float(torch.einsum("ij,jk,ik->", w, h, w)) - sum(gains)
-        return total
+    def residual(name, k):  # the weighted greedy residual k neurons of a block leave
+        block = int(name.rsplit(".", 1)[1])
+        h = grams[block][f"{name}.mlp.down_proj"][0].double()
+        w = torch.from_numpy(model.matrix(f"{name}.mlp.down_proj").read()).double()
+        w = w * importance[f"{name}.mlp.down_proj"][0].double().sqrt()[:, None]
+        gains: list = []
+        greedy_neurons(w, h, k, gains)
+        return float(torch.einsum("ij,jk,ik->", w, h, w)) - sum(gains)
+
+    for name, k in widths["uniform"].items():  # the prediction at the anchor
+        assert anchor["predicted"][name] == pytest.approx(residual(name, k), rel=1e-6)
+    scale = {n: anchor["kl"][n] / anchor["predicted"][n] for n in anchor["kl"]}
+
+    def damage(chosen):  # each block's residual, scaled to its measured KL
+        return sum(scale[n] * residual(n, k) for n, k in chosen.items())
 
     assert damage(widths["loss"]) <= damage(widths["uniform"]) * (1 + 1e-9)
-    assert sum(plans["loss"]["allocation"]["damage"].values()) == pytest.approx(
-        damage(widths["loss"]), rel=1e-6
-    )
+    assert sum(got["damage"].values()) == pytest.approx(damage(widths["loss"]), rel=1e-6)
+    # the anchor's KL is what `apply` of that one block's width does to the output
+    name, k = next(iter(widths["uniform"].items()))
+    layers = {name: {"method": "width", "ffn": k}}
+    one = {"calibration": plans["loss"]["calibration"], "layers": layers}
+    one = write_plan(tmp_path, one, "one.yaml")
+    assert main(["apply", one, "--model", model_dir, "-o", tmp_path / "one"]) == 0
+    from transformers import AutoModelForCausalLM
+
+    import spectra
+
+    narrowed = spectra.load_compressed(tmp_path / "one").eval()
+    dense = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    spec = calibration.CalibrationSpec(**plans["loss"]["calibration"])
+    windows = calibration.calibration_windows(model.tokenizer(), spec)[-4:]
+    with torch.no_grad():
+        kl = 0.0
+        for x in windows:
+            p = torch.log_softmax(dense(x[None]).logits[0].double(), -1)
+            q = torch.log_softmax(narrowed(x[None]).logits[0].double(), -1)
+            kl += float((p.exp() * (p - q)).sum(-1).mean()) / len(windows)
+    assert anchor["kl"][name] == pytest.approx(kl, rel=1e-3)
     out = tmp_path / "round.yaml"
     args = ["plan", "auto", model_dir, "--method", "width", "--target-params", "0.85"]
     assert main([*args, "--uniform", "--multiple", "16", "-o", out, "--json"]) == 0

@@ -10,13 +10,16 @@ Three ways to share the budget among blocks, each rounded to a multiple of
   on down_proj with its output channels weighted by sqrt(F)), F_i the mean squared
   gradient of the loss with respect to down_proj's output i (`output_fisher`, from
   the calibration's first windows, cached beside it): the second-order loss increase
-  of that error, which says how much the rest of the network amplifies it. One greedy
-  run gives the whole curve of a block (kept for the next budget); the convex-hull
-  Lagrangian of spectra.plan.allocate shares the budget. On the demo (unhealed, whole
-  evaluation part) it beats uniform widths at 90% and 70% of the parameters (13.51 and
-  16.55 against 13.59 and 17.09) and not at 80% (14.81 against 14.64). Without F (each
-  block's plain output error, which ignores what comes after it) it was far worse:
-  14.41, 16.58, 21.51.
+  of that error. One greedy run gives the whole curve of a block (kept for the next
+  budget). On a resident model each curve is then anchored (`anchor_kl`): scaled so
+  that at the budget's uniform width it equals the measured KL of the model with that
+  block alone narrowed (Puzzle's replace-one-block score, on the calibration's last
+  four windows); the convex-hull Lagrangian of spectra.plan.allocate shares the
+  budget. The second-order estimate alone put about twice as much damage on the first
+  blocks, relative to the last, as the measured KL did, and kept them too wide. On the
+  demo (unhealed, whole evaluation part) at 90 / 80 / 70% of the parameters: anchored
+  see docs/compressors/width.md; second order alone 13.51 / 14.81 / 16.55; uniform
+  13.59 / 14.64 / 17.09; each block's plain output error (no F) 14.41 / 16.58 / 21.51.
 - `uniform`: one width in every block.
 - `erank`: each block's width proportional to the effective rank of its intermediate
   activation spectrum (the singular values of Z, the square roots of H's
@@ -61,14 +64,15 @@ def widths(n: int, multiple: int) -> list[int]:
 
 
 def allocate_widths(model, target: float, how: str, grams=None, multiple: int = MULTIPLE,
-                    progress=None, importance=None,
-                    uniform: bool = False) -> tuple[dict[str, int], dict]:  # fmt: skip
+                    progress=None, importance=None, uniform: bool = False,
+                    anchor: bool = True) -> tuple[dict[str, int], dict]:  # fmt: skip
     """({block name: MLP width}, facts) meeting `target` (fraction of linear parameters
     kept) by `how` (ALLOCATE); `grams`: the calibration, read a block at a time (loss
     and erank); `importance`: the modules' output loss weights (`output_fisher`), which
     put loss's damage in loss units (None: the plain output error); `uniform`: then one
     width in every block, the widest the budget allows (the allocation's own widths
-    kept in facts["proposed"])."""
+    kept in facts["proposed"]); `anchor` (loss with importance, a resident model): each
+    block's curve scaled to its measured KL at the uniform width (`anchor_kl`)."""
     mlps, total, fixed, budget = check(model, target, how, multiple)
     t0 = time.perf_counter()
     facts: dict = {"allocate": how, "multiple": multiple}
@@ -84,10 +88,19 @@ def allocate_widths(model, target: float, how: str, grams=None, multiple: int = 
         folder = getattr(grams, "folder", None)
         key = (str(model), str(folder), multiple, importance is None) if folder else None
         if key is None or _UNITS.get("key") != key:
-            _UNITS.update(key=key, units=_loss_units(model, mlps, grams, multiple, progress,
-                                                     importance))  # fmt: skip
+            _UNITS.update(key=key, anchors={}, units=_loss_units(
+                model, mlps, grams, multiple, progress, importance))  # fmt: skip
         units = _UNITS["units"]
         facts["damage_kind"] = "loss (output Fisher)" if importance else "output error"
+        if anchor and importance is not None and getattr(model, "offload", "none") == "none":
+            at = _uniform(mlps, budget, multiple)
+            memo = _UNITS["anchors"]
+            if key is None or tuple(at.items()) not in memo:
+                memo[tuple(at.items())] = anchor_kl(model, mlps, units, grams, at, progress)
+            measured = memo[tuple(at.items())]
+            units = anchored(units, measured)
+            facts["damage_kind"] = "loss (output Fisher, anchored on measured KL)"
+            facts["anchor"] = measured
         picked = allocate(units, budget, "params")
         chosen = {u.names[0]: c.config for u, c in zip(units, picked, strict=True)}
         facts["damage"] = {u.names[0]: c.damage for u, c in zip(units, picked, strict=True)}
@@ -216,15 +229,88 @@ def _loss_units(model, mlps, grams, multiple: int, progress, importance=None) ->
     return units
 
 
+ANCHOR_WINDOWS = 4  # calibration windows (its last ones) the anchors' KL is measured on
+
+
+def anchor_kl(model, mlps, units, grams, at: dict[str, int], progress=None) -> dict:
+    """Each block's measured damage at its width in `at` (the uniform width of the
+    budget): the mean per-token KL(dense || the model with that block's MLP alone
+    narrowed as apply narrows it) on the calibration's last ANCHOR_WINDOWS windows (the
+    output Fisher reads its first ones), beside the second-order prediction there.
+    Puzzle's replace-one-block score: it measures what the second-order estimate
+    extrapolates, including how the rest of the network amplifies the error. The
+    shared model's block is changed for the measurement and restored."""
+    import torch
+
+    from compressors.blocks import decoder_layers
+    from compressors.registry import make_config
+    from compressors.width_model import MLP, shrink_block
+    from spectra.data import calibration
+
+    net = model.shared()
+    layers = decoder_layers(net)
+    device = next(net.parameters()).device
+    windows = calibration.calibration_windows(model.tokenizer(), grams.settings)
+    windows = [w[None].to(device) for w in windows[-ANCHOR_WINDOWS:]]
+
+    def logprobs(x):
+        return torch.log_softmax(net(x, use_cache=False).logits[0].float(), -1)
+
+    out: dict = {"width": at, "windows": len(windows), "kl": {}, "predicted": {}}
+    with torch.no_grad():
+        ref = [logprobs(x) for x in windows]
+        for i, (b, unit) in enumerate(zip(mlps, units, strict=True)):
+            k = at[b["name"]]
+            if k < b["n"]:
+                index = _block_index(b["name"])
+                mlp = layers[index].mlp
+                saved = {a: getattr(mlp, a) for a in MLP}
+                try:
+                    shrink_block(net, index, make_config("width", ffn=k), grams[index])
+                    kl = sum(
+                        float((p.exp() * (p - logprobs(x))).sum(-1).mean())
+                        for x, p in zip(windows, ref, strict=True)
+                    )
+                finally:
+                    for a, m in saved.items():
+                        setattr(mlp, a, m)
+                    layers[index].__dict__.pop("width_kept", None)
+                out["kl"][b["name"]] = kl / len(windows)
+                out["predicted"][b["name"]] = next(
+                    c.damage for c in unit.candidates if c.config == k
+                )
+            if progress:
+                progress(i + 1, len(mlps), f"{b['name']} (KL)")
+    return out
+
+
+def anchored(units, measured: dict) -> list[Unit]:
+    """`units` with each block's damage curve scaled by measured / predicted at its
+    anchor (the median scale where a block has none: kept whole, or nothing predicted)."""
+    scale = {
+        n: kl / measured["predicted"][n]
+        for n, kl in measured["kl"].items()
+        if measured["predicted"][n] > 0 and kl > 0
+    }
+    fallback = float(np.median(list(scale.values()))) if scale else 1.0
+    out = []
+    for u in units:
+        s = scale.get(u.names[0], fallback)
+        cands = [Candidate(c.config, c.params, c.bits, c.damage * s) for c in u.candidates]
+        out.append(Unit(u.names, cands, u.params_before, u.role))
+    return out
+
+
 def width_plan(model, target: float, how: str, grams=None, multiple: int = MULTIPLE,
-               progress=None, importance=None, uniform: bool = False):  # fmt: skip
+               progress=None, importance=None, uniform: bool = False,
+               anchor: bool = True):  # fmt: skip
     """(plan, facts): `allocate_widths` written as a plan of `layers` block entries
     (a block kept whole has none), on the calibration it was scored on."""
     from compressors.registry import make_config
     from spectra.plan.format import Plan
 
     chosen, facts = allocate_widths(
-        model, target, how, grams, multiple, progress, importance, uniform
+        model, target, how, grams, multiple, progress, importance, uniform, anchor
     )
     full = {b["name"]: b["n"] for b in mlp_blocks(model.matrices)}
     layers = {
