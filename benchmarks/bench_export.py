@@ -209,7 +209,7 @@ WIDTH_ROWS = ("dense", "width-loss-80%", "width-uniform-80%", "width-uniform-80%
 WIDTH_ENGINES = ("llama_cpp", "transformers", "vllm")
 
 
-def width(work: Path, limit: list, prior: dict, save) -> dict:
+def width(work: Path, limit: list, prior: dict, save, only=None) -> dict:
     """Width (issue 44) at 90%, 80% and 70% of the linear parameters (the demo's block
     parameters: its embedding is tied), allocated on the calibrated loss and uniform,
     the 80% rows also healed 96 steps, beside the dense model. Two passes, each resumed
@@ -224,7 +224,8 @@ def width(work: Path, limit: list, prior: dict, save) -> dict:
 
     rows = {k: dict(v) for k, v in prior.get("rows", {}).items() if k in WIDTH_ROWS}
     plans = None
-    for name in WIDTH_ROWS:  # pass 1: compress, heal, score, export
+    names = [n for n in WIDTH_ROWS if not only or n in only or n == "dense"]
+    for name in names:  # pass 1: compress, heal, score, export
         out = work / name.replace("%", "").replace("+", "-")
         gg, hf = out.with_name(out.name + "-gguf"), out.with_name(out.name + "-hf")
         if name in rows and all(e in rows[name] for e in WIDTH_ENGINES):
@@ -254,7 +255,7 @@ def width(work: Path, limit: list, prior: dict, save) -> dict:
         rows[name] = row
         print("width built", name, json.dumps(row), flush=True)
         save(dict(rows=rows))
-    for name in WIDTH_ROWS:  # pass 2: the engines, one at a time
+    for name in names:  # pass 2: the engines, one at a time
         row = rows[name]
         stem = work / name.replace("%", "").replace("+", "-")
         gg, hf = stem.with_name(stem.name + "-gguf"), stem.with_name(stem.name + "-hf")
@@ -428,7 +429,7 @@ ENGINE_RUNS = {"llama.cpp": llama_cpp, "transformers": lowrank_hf, "vllm": vllm,
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--max-tokens", type=int)
-    p.add_argument("--only", nargs="*", help="plan names")
+    p.add_argument("--only", nargs="*", help="plan names (--engines width: its rows)")
     p.add_argument("--engines", nargs="*", choices=list(ENGINE_RUNS),
                    help="only the engine runs (all three without names)")  # fmt: skip
     p.add_argument("--redo", nargs="*", default=[], help="--engines methods/width: rows run again")
@@ -455,7 +456,8 @@ def main() -> None:
                     prior = done.get(name) or {}
                     for row in args.redo:
                         prior.get("rows", {}).pop(row, None)
-                    done[name] = ENGINE_RUNS[name](work, limit, prior, save)
+                    only = {"only": args.only} if name == "width" else {}
+                    done[name] = ENGINE_RUNS[name](work, limit, prior, save, **only)
                     if name == "methods":
                         plot_methods(done[name], REPO / "docs/img/bench/export_methods.png")
                 else:
