@@ -18,7 +18,7 @@ Three ways to share the budget among blocks, each rounded to a multiple of
   budget. The second-order estimate alone put about twice as much damage on the first
   blocks, relative to the last, as the measured KL did, and kept them too wide. On the
   demo (unhealed, whole evaluation part) at 90 / 80 / 70% of the parameters: anchored
-  see docs/compressors/width.md; second order alone 13.51 / 14.81 / 16.55; uniform
+  13.45 / 14.52 / 16.32; second order alone 13.51 / 14.81 / 16.55; uniform
   13.59 / 14.64 / 17.09; each block's plain output error (no F) 14.41 / 16.58 / 21.51.
 - `uniform`: one width in every block.
 - `erank`: each block's width proportional to the effective rank of its intermediate
