@@ -78,7 +78,7 @@ GPTQ4_G32 = dict(method="quant", bits=4, group_size=32, symmetric=True, gptq=Tru
 
 
 CHECKED = ("loaded", "ppl", "peak_rss_gb", "file_bytes", "prefill_tok_s", "decode_tok_s",
-           "version", "error", "runtime_rss_gb", "weights_bytes")  # fmt: skip
+           "version", "error", "runtime_rss_gb", "weights_bytes", "note", "repacked")  # fmt: skip
 
 
 def applied(work: Path, name: str, rules: list) -> Path:

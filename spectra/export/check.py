@@ -111,6 +111,13 @@ def run(engine: str, export_dir: Path, job: dict, timeout: float = 3600) -> dict
         )  # fmt: skip
         got = json.loads((t / "result.json").read_text()) if (t / "result.json").is_file() else {}
         usage = json.loads((t / "rusage.json").read_text())
+    signal = -usage.get("rc", 0)  # the engine process's own end (the wrapper's is 0)
+    if not got and engine == "llama.cpp" and signal > 0 and job.get("repack", True):
+        # llama.cpp 0.3.36's repacked weight buffers (its AMX and AVX-512 int8 paths)
+        # crash on some CPUs for Q8_0: once more without them, and the row says so
+        again = run(engine, export_dir, dict(job, repack=False), timeout)
+        return dict(again, note=f"killed by signal {signal} with llama.cpp's "
+                                "repacked weight buffers; run without them")  # fmt: skip
     if not got:
         tail = (proc.stderr or proc.stdout).strip().splitlines()
         got = {"engine": engine, "loaded": False, "error": tail[-1] if tail else "no result"}

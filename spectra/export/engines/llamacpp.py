@@ -23,6 +23,18 @@ def check(job: dict, out: dict) -> None:
     import numpy as np
 
     out["version"] = llama_cpp.__version__
+    if not job.get("repack", True):  # Llama() takes no flag for it: its default params
+        import llama_cpp.llama as module
+
+        defaults = module.llama_cpp.llama_model_default_params
+
+        def plain():
+            params = defaults()
+            params.use_extra_bufts = False
+            return params
+
+        module.llama_cpp.llama_model_default_params = plain
+        out["repacked"] = False
     t0 = time.perf_counter()
     llm = llama_cpp.Llama(
         model_path=job["model"],
