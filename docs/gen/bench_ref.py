@@ -418,6 +418,18 @@ def width_table(part: dict) -> str:
         "tokens; tokens/s on this 2-core CPU, decode the fastest of three 32-token runs, "
         "against the dense model in the same engine."
     )
+    if any("repack" in (r.get("llama_cpp") or {}).get("note", "") for r in rows.values()):
+        text += (
+            " llama.cpp 0.3.36 crashed (signal 11) on this run's CPU (AVX-512 with AMX) "
+            "with its repacked Q8_0 weight buffers, so `serve-check` ran every GGUF, dense "
+            "included, without them."
+        )
+    if "vllm_first" in rows.get("dense", {}):
+        text += (
+            " vLLM's first run (the dense row) paid its kernels' warm-up: prefill "
+            f"{rows['dense']['vllm_first']['prefill_tok_s']:.0f} tokens/s; its row is a "
+            "second run."
+        )
     target = "width-loss-80%+heal96"
     got = vs.get(target, {}).get("llama_cpp")
     if got:
