@@ -306,6 +306,13 @@ def test_plan_auto_width_meets_the_budget_and_loss_beats_uniform(family_dir, tmp
     assert len(set(got["widths"].values())) == 1 and got["uniform"] and got["multiple"] == 16
     assert all(w % 16 == 0 or w == 96 for w in got["proposed"].values())
     assert next(iter(got["widths"].values())) >= next(iter(widths["uniform"].values()))
+    out = tmp_path / "plain.yaml"  # --no-anchor: the second-order curves alone
+    assert main([*args, "--no-anchor", "-o", out, "--json"]) == 0
+    plain = yaml.safe_load(out.read_text())["allocation"]
+    assert plain["damage_kind"] == "loss (output Fisher)" and "anchor" not in plain
+    assert sum(plain["damage"].values()) == pytest.approx(
+        sum(residual(n, k) for n, k in plain["widths"].items()), rel=1e-6
+    )
 
 
 def test_plan_auto_width_refuses_what_it_cannot_do(family_dir, tmp_path, cli):
@@ -324,6 +331,8 @@ def test_plan_auto_width_refuses_what_it_cannot_do(family_dir, tmp_path, cli):
     assert r.returncode == 2 and "gated MLP" in r.stderr
     r = cli("plan", "auto", family_dir("llama"), "--method", "lowrank", "--uniform", "-o", out)
     assert r.returncode == 2 and "--uniform is for --method width" in r.stderr and not out.exists()
+    r = cli("plan", "auto", family_dir("llama"), "--method", "prune", "--no-anchor", "-o", out)
+    assert r.returncode == 2 and "--no-anchor is for --method width" in r.stderr
 
 
 LLAMACPP = Path(__file__).resolve().parents[1] / ".venv-llamacpp" / ".spectra-engine"

@@ -274,6 +274,13 @@ def build_parser() -> argparse.ArgumentParser:
         "allows; the allocation's own widths are recorded beside it), so that the export "
         "is the checkpoint's own architecture, which every engine and format runs",
     )
+    auto.add_argument(
+        "--no-anchor",
+        action="store_true",
+        help="--method width --allocate loss: allocate on the second-order curves alone, "
+        "without measuring each block's KL at the uniform width (four forward passes of "
+        "the model per block; a model streamed from disk never measures it)",
+    )
     auto.add_argument("--keep-dense", help="full-match regex of modules left dense")
     auto.add_argument(
         "--min-rank",

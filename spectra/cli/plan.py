@@ -75,8 +75,9 @@ def cmd_plan_auto(args) -> int:
         args.target_params = DEFAULT_TARGET_PARAMS
     if args.method == "width":
         return _plan_auto_width(args)
-    if args.multiple is not None or args.uniform:
-        flag = "--multiple" if args.multiple is not None else "--uniform"
+    if args.multiple is not None or args.uniform or args.no_anchor:
+        given = (("--multiple", args.multiple is not None), ("--uniform", args.uniform))
+        flag = next((f for f, on in given if on), "--no-anchor")
         raise SpectraInputError(f"{flag} is for --method width (its MLP widths)")
     floors = autoplan.parse_floors(args.min_rank, args.min_bits, args.keep_dense, args.preset)
     strategy = Strategy(args.allocate, args.alpha_e, args.owl_band)  # bad knobs: exit 2
@@ -178,7 +179,7 @@ def _plan_auto_width(args) -> int:
     with progress_bar(f"width ({args.allocate})", unit="block") as progress:
         plan, facts = width_auto.width_plan(
             model, args.target_params, args.allocate, grams, multiple, progress,
-            importance, args.uniform,
+            importance, args.uniform, not args.no_anchor,
         )  # fmt: skip
     fmt = "json" if args.out.suffix.lower() == ".json" else "yaml"
     body = plans.dumps(plan, fmt)
